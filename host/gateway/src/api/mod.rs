@@ -1,0 +1,204 @@
+//! The local HTTP API (documented in `docs/local-api.md`).
+//!
+//! `GET /healthz` is open; everything under `/api/v1` needs the admin bearer token.
+//! Every error answer has the shape `{"error":{"code","message"}}`.
+
+mod auth;
+mod error;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use outpost_store::Store;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+pub(crate) use auth::{AdminToken, TokenOrigin};
+pub(crate) use error::ApiError;
+
+use crate::onboarding::OnboardingStatus;
+
+/// Connections served at once; more wait in the kernel's accept queue.
+const MAX_CONNECTIONS: usize = 256;
+/// A client must send its request headers within this time.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long open connections get to finish after shutdown begins.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the handlers need.
+#[derive(Debug)]
+pub(crate) struct ApiState {
+    pub(crate) store: Store,
+    pub(crate) admin: AdminToken,
+    pub(crate) health: Health,
+}
+
+/// The `/healthz` answer.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct Health {
+    pub(crate) status: &'static str,
+    pub(crate) version: &'static str,
+    pub(crate) gateway: GatewayInfo,
+    /// `offline` or `configured`.
+    pub(crate) uplink: &'static str,
+    pub(crate) onboarding: OnboardingStatus,
+}
+
+/// Who answers.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct GatewayInfo {
+    pub(crate) id: String,
+    pub(crate) name: String,
+}
+
+/// Binds the API address, turning the usual failures into advice.
+pub(crate) async fn bind(addr: SocketAddr, config_path: &Path) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.map_err(|err| {
+        let config = config_path.display();
+        let advice = match err.kind() {
+            std::io::ErrorKind::AddrInUse => format!(
+                "the address is already in use (another outpost, or another program, listens \
+                 there). Stop it, or set api.bind in {config} to a free address"
+            ),
+            std::io::ErrorKind::AddrNotAvailable => format!(
+                "{} is not an address of this machine; set api.bind in {config}",
+                addr.ip()
+            ),
+            std::io::ErrorKind::PermissionDenied => format!(
+                "ports below 1024 need privileges; set api.bind in {config} to a port above 1023"
+            ),
+            _ => format!("set api.bind in {config}"),
+        };
+        anyhow::anyhow!("cannot start the local API on {addr}: {err}. {advice}")
+    })
+}
+
+/// Serves until `shutdown` is cancelled, then lets open connections finish their current
+/// request (up to [`DRAIN_TIMEOUT`]) and returns.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    state: Arc<ApiState>,
+    shutdown: CancellationToken,
+) {
+    let graceful = GracefulShutdown::new();
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .keep_alive(true);
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+
+    loop {
+        let slot = tokio::select! {
+            () = shutdown.cancelled() => break,
+            slot = Arc::clone(&slots).acquire_owned() => slot.expect("the semaphore is never closed"),
+        };
+        let (stream, peer) = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // Out of file descriptors, or the peer gave up before accept: the
+                    // listener itself is fine. Pause so an fd shortage does not spin.
+                    tracing::warn!(error = %err, "accepting an API connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let state = Arc::clone(&state);
+        let service = service_fn(move |request| {
+            let state = Arc::clone(&state);
+            async move { Ok::<_, Infallible>(route(&state, request).await) }
+        });
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(err) = connection.await {
+                tracing::debug!(%peer, error = %err, "API connection ended with an error");
+            }
+            drop(slot);
+        });
+    }
+
+    drop(listener);
+    tokio::select! {
+        () = graceful.shutdown() => tracing::debug!("API connections drained"),
+        () = tokio::time::sleep(DRAIN_TIMEOUT) => {
+            tracing::warn!("API connections still open after {DRAIN_TIMEOUT:?}; closing them");
+        }
+    }
+}
+
+async fn route(state: &ApiState, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let result = match path.as_str() {
+        "/healthz" => match method {
+            Method::GET | Method::HEAD => Ok(json_response(StatusCode::OK, &state.health)),
+            _ => Err(ApiError::method_not_allowed(&method, "GET, HEAD")),
+        },
+        // Authentication comes before routing under /api/, so an unauthenticated caller
+        // learns nothing about which endpoints exist.
+        api if api.starts_with("/api/") => match state
+            .admin
+            .check(request.headers().get(header::AUTHORIZATION))
+        {
+            Err(err) => Err(err),
+            Ok(()) => match (api, &method) {
+                ("/api/v1/devices", &Method::GET) => list_devices(state).await,
+                ("/api/v1/devices", _) => Err(ApiError::method_not_allowed(&method, "GET")),
+                _ => Err(ApiError::not_found(api)),
+            },
+        },
+        other => Err(ApiError::not_found(other)),
+    };
+    let response = result.unwrap_or_else(ApiError::into_response);
+    tracing::debug!(%method, %path, status = response.status().as_u16(), "API request");
+    response
+}
+
+#[derive(Serialize)]
+struct DeviceList {
+    devices: Vec<outpost_store::Device>,
+}
+
+async fn list_devices(state: &ApiState) -> Result<Response<Full<Bytes>>, ApiError> {
+    let devices = state.store.list_devices().await.map_err(|err| {
+        tracing::error!(error = %err, "listing devices failed");
+        ApiError::internal(format!("the device list could not be read: {err}"))
+    })?;
+    Ok(json_response(StatusCode::OK, &DeviceList { devices }))
+}
+
+/// A JSON answer that no cache keeps.
+pub(crate) fn json_response(status: StatusCode, body: &impl Serialize) -> Response<Full<Bytes>> {
+    let bytes = serde_json::to_vec(body).unwrap_or_else(|err| {
+        format!(r#"{{"error":{{"code":"internal","message":"cannot encode the answer: {err}"}}}}"#)
+            .into_bytes()
+    });
+    let mut response = Response::new(Full::new(Bytes::from(bytes)));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,232 @@
+//! The API over real loopback connections, with a real hyper client.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::header::{self, HeaderMap};
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use outpost_store::{DeviceState, NewDevice, Store};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use super::*;
+
+const TOKEN: &str = "test-admin-token-0123456789";
+
+struct Running {
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+    server: tokio::task::JoinHandle<()>,
+    store: Store,
+    _dir: tempfile::TempDir,
+}
+
+async fn start() -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path().join("outpost.db")).await.unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let state = Arc::new(ApiState {
+        store: store.clone(),
+        admin: AdminToken::new(TOKEN).unwrap(),
+        health: Health {
+            status: "ok",
+            version: "test",
+            gateway: GatewayInfo {
+                id: "gw-test".into(),
+                name: "Test".into(),
+            },
+            uplink: "offline",
+            onboarding: OnboardingStatus::Disabled,
+        },
+    });
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(serve(listener, state, shutdown.clone()));
+    Running {
+        addr,
+        shutdown,
+        server,
+        store,
+        _dir: dir,
+    }
+}
+
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    json: serde_json::Value,
+}
+
+async fn request(addr: SocketAddr, method: Method, path: &str, auth: Option<&str>) -> Answer {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let mut builder = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(header::HOST, "localhost");
+    if let Some(auth) = auth {
+        builder = builder.header(header::AUTHORIZATION, auth);
+    }
+    let response = sender
+        .send_request(builder.body(Empty::<Bytes>::new()).unwrap())
+        .await
+        .unwrap();
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let json = if body.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_slice(&body).unwrap_or_else(|err| panic!("not JSON ({err}): {body:?}"))
+    };
+    Answer {
+        status,
+        headers,
+        json,
+    }
+}
+
+fn assert_error_shape(answer: &Answer, status: StatusCode, code: &str) {
+    assert_eq!(answer.status, status, "{}", answer.json);
+    assert_eq!(answer.json["error"]["code"], code, "{}", answer.json);
+    assert!(
+        answer.json["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{}",
+        answer.json
+    );
+    let keys: Vec<_> = answer.json["error"].as_object().unwrap().keys().collect();
+    assert_eq!(
+        keys,
+        ["code", "message"],
+        "unstable error shape: {}",
+        answer.json
+    );
+    assert_eq!(answer.headers[header::CONTENT_TYPE], "application/json");
+}
+
+#[tokio::test]
+async fn healthz_answers_without_a_token() {
+    let api = start().await;
+    let answer = request(api.addr, Method::GET, "/healthz", None).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.json["status"], "ok");
+    assert_eq!(answer.json["gateway"]["id"], "gw-test");
+    assert_eq!(answer.json["uplink"], "offline");
+    assert_eq!(answer.json["onboarding"]["state"], "disabled");
+}
+
+#[tokio::test]
+async fn devices_need_the_admin_token() {
+    let api = start().await;
+    let mut device = NewDevice::new("esp-0a1b2c", "thermostat", DeviceState::Claimed);
+    device.firmware_version = Some("1.4.2".into());
+    api.store.upsert_device(device).await.unwrap();
+
+    let none = request(api.addr, Method::GET, "/api/v1/devices", None).await;
+    assert_error_shape(&none, StatusCode::UNAUTHORIZED, "unauthorized");
+    assert_eq!(
+        none.headers[header::WWW_AUTHENTICATE],
+        "Bearer realm=\"outpost\""
+    );
+
+    let wrong = request(
+        api.addr,
+        Method::GET,
+        "/api/v1/devices",
+        Some("Bearer not-the-token-at-all"),
+    )
+    .await;
+    assert_error_shape(&wrong, StatusCode::UNAUTHORIZED, "unauthorized");
+
+    let scheme = request(
+        api.addr,
+        Method::GET,
+        "/api/v1/devices",
+        Some(&format!("Basic {TOKEN}")),
+    )
+    .await;
+    assert_error_shape(&scheme, StatusCode::UNAUTHORIZED, "unauthorized");
+
+    let right = request(
+        api.addr,
+        Method::GET,
+        "/api/v1/devices",
+        Some(&format!("Bearer {TOKEN}")),
+    )
+    .await;
+    assert_eq!(right.status, StatusCode::OK, "{}", right.json);
+    let devices = right.json["devices"].as_array().unwrap();
+    assert_eq!(devices.len(), 1);
+    assert_eq!(devices[0]["id"], "esp-0a1b2c");
+    assert_eq!(devices[0]["state"], "claimed");
+    assert_eq!(devices[0]["firmware_version"], "1.4.2");
+    assert_eq!(right.headers[header::CACHE_CONTROL], "no-store");
+}
+
+#[tokio::test]
+async fn unknown_paths_and_methods_get_the_error_shape() {
+    let api = start().await;
+    let auth = format!("Bearer {TOKEN}");
+    let missing = request(api.addr, Method::GET, "/api/v1/nothing", Some(&auth)).await;
+    assert_error_shape(&missing, StatusCode::NOT_FOUND, "not_found");
+
+    // Without a token, /api/ paths do not reveal whether they exist.
+    let hidden = request(api.addr, Method::GET, "/api/v1/nothing", None).await;
+    assert_error_shape(&hidden, StatusCode::UNAUTHORIZED, "unauthorized");
+
+    let outside = request(api.addr, Method::GET, "/index.php", None).await;
+    assert_error_shape(&outside, StatusCode::NOT_FOUND, "not_found");
+
+    let post = request(api.addr, Method::POST, "/api/v1/devices", Some(&auth)).await;
+    assert_error_shape(&post, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed");
+    assert_eq!(post.headers[header::ALLOW], "GET");
+
+    let delete = request(api.addr, Method::DELETE, "/healthz", None).await;
+    assert_error_shape(
+        &delete,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+    );
+}
+
+#[tokio::test]
+async fn a_store_failure_is_a_json_500() {
+    let api = start().await;
+    api.store.clone().close().await.unwrap();
+    let answer = request(
+        api.addr,
+        Method::GET,
+        "/api/v1/devices",
+        Some(&format!("Bearer {TOKEN}")),
+    )
+    .await;
+    assert_error_shape(&answer, StatusCode::INTERNAL_SERVER_ERROR, "internal");
+}
+
+#[tokio::test]
+async fn shutdown_stops_accepting_and_returns() {
+    let api = start().await;
+    assert_eq!(
+        request(api.addr, Method::GET, "/healthz", None)
+            .await
+            .status,
+        StatusCode::OK
+    );
+    api.shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), api.server)
+        .await
+        .expect("serve() did not return after shutdown")
+        .unwrap();
+    assert!(
+        TcpStream::connect(api.addr).await.is_err(),
+        "still accepting after shutdown"
+    );
+}

@@ -1,0 +1,190 @@
+//! The command line.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use outpost_store::{Device, Store};
+use serde::Serialize;
+
+use crate::config::{self, Config, LogFormat};
+use crate::{daemon, logging};
+
+/// Outpost: a site gateway for fleets of ESP32-class devices.
+#[derive(Debug, Parser)]
+#[command(name = "outpost", version, about, propagate_version = true)]
+pub(crate) struct Cli {
+    /// The config file.
+    #[arg(long, short, global = true, default_value = config::DEFAULT_PATH)]
+    config: PathBuf,
+
+    /// Log format for `run`, overriding log.format in the config.
+    #[arg(long, global = true, value_enum)]
+    log_format: Option<LogFormat>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gateway until SIGINT or SIGTERM.
+    Run,
+    /// Inspect the configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Inspect the devices the gateway knows.
+    #[command(subcommand)]
+    Devices(DevicesCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Check a config file and print the effective config, secrets redacted.
+    Check {
+        /// The file to check (default: the --config file).
+        file: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DevicesCommand {
+    /// List the devices in the lobby.
+    List {
+        /// Print JSON (the same shape as GET /api/v1/devices).
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Runs the parsed command.
+pub(crate) async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Run => {
+            let config = Config::load(&cli.config)?;
+            let format = cli.log_format.unwrap_or(config.log.format);
+            logging::init(format, config.log.level.as_str())?;
+            daemon::run(config, &cli.config).await?;
+        }
+        Command::Config(ConfigCommand::Check { file }) => {
+            let path = file.unwrap_or(cli.config);
+            let config = Config::load(&path)?;
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "# {}: OK. Effective configuration:\n", path.display())?;
+            out.write_all(config.to_redacted_toml().as_bytes())?;
+            for warning in &config.warnings {
+                eprintln!("warning: {warning}");
+            }
+        }
+        Command::Devices(DevicesCommand::List { json }) => {
+            let config = Config::load(&cli.config)?;
+            let devices = read_devices(&config.database_path()).await?;
+            let mut out = std::io::stdout().lock();
+            if json {
+                #[derive(Serialize)]
+                struct DeviceList<'a> {
+                    devices: &'a [Device],
+                }
+                serde_json::to_writer_pretty(&mut out, &DeviceList { devices: &devices })?;
+                writeln!(out)?;
+            } else {
+                write_device_table(&mut out, &devices)?;
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Reads the lobby. A gateway that never ran has no database yet: that is an empty
+/// lobby, and listing must not create one.
+async fn read_devices(database: &Path) -> anyhow::Result<Vec<Device>> {
+    if !database.exists() {
+        return Ok(Vec::new());
+    }
+    let store = Store::open(database).await?;
+    let devices = store.list_devices().await;
+    store.close().await?;
+    devices.with_context(|| format!("reading devices from {}", database.display()))
+}
+
+fn write_device_table(out: &mut impl Write, devices: &[Device]) -> std::io::Result<()> {
+    if devices.is_empty() {
+        return writeln!(out, "No devices yet.");
+    }
+    let header = ["ID", "TYPE", "STATE", "FIRMWARE", "LAST SEEN"];
+    let rows: Vec<[String; 5]> = devices
+        .iter()
+        .map(|d| {
+            [
+                d.id.clone(),
+                d.device_type.clone(),
+                d.state.to_string(),
+                d.firmware_version.clone().unwrap_or_else(|| "-".into()),
+                d.last_seen_at
+                    .map_or_else(|| "never".into(), |t| t.to_string()),
+            ]
+        })
+        .collect();
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut line = |cells: &[&str]| {
+        let text: Vec<String> = cells
+            .iter()
+            .zip(widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        writeln!(out, "{}", text.join("  ").trim_end())
+    };
+    line(&header)?;
+    for row in &rows {
+        line(&row.each_ref().map(String::as_str))?;
+    }
+    writeln!(out, "\n{} device(s)", devices.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use outpost_store::{DeviceState, Timestamp};
+
+    #[test]
+    fn device_table_aligns_columns() {
+        let device = |id: &str, fw: Option<&str>| Device {
+            id: id.into(),
+            device_type: "thermostat".into(),
+            manufacturer: None,
+            model: None,
+            compat: Default::default(),
+            firmware_version: fw.map(str::to_owned),
+            state: DeviceState::Claimed,
+            created_at: Timestamp::from_unix_millis(0),
+            updated_at: Timestamp::from_unix_millis(0),
+            last_seen_at: Some(Timestamp::from_unix_millis(1_700_000_000_000)),
+        };
+        let mut out = Vec::new();
+        write_device_table(
+            &mut out,
+            &[device("esp-long-name-1", Some("1.2.0")), device("e2", None)],
+        )
+        .unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("ID               TYPE"), "{text}");
+        assert!(
+            lines[1].starts_with("esp-long-name-1  thermostat  claimed  1.2.0"),
+            "{text}"
+        );
+        assert!(
+            lines[2].contains("e2               thermostat  claimed  -"),
+            "{text}"
+        );
+        assert!(lines[1].ends_with("2023-11-14T22:13:20.000Z"), "{text}");
+        assert!(text.ends_with("2 device(s)\n"), "{text}");
+    }
+}

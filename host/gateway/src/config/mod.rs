@@ -1,0 +1,459 @@
+//! `outpost.toml`: the one file a site operator edits.
+//!
+//! Every key has a default except the gateway id, unknown keys are errors, and every
+//! error names the file, line and column. Relative paths (the state directory, secret
+//! files, CA files) are taken from the directory of the config file, so a config and its
+//! neighbours can move together.
+
+mod secret;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroU64};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+pub(crate) use secret::Secret;
+
+/// Where `outpost` looks for its config when `--config` is not given.
+pub(crate) const DEFAULT_PATH: &str = "gateway-config/outpost.toml";
+
+/// The whole config, with defaults filled in and secrets resolved.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Config {
+    pub(crate) gateway: GatewaySection,
+    #[serde(default)]
+    pub(crate) api: ApiSection,
+    #[serde(default)]
+    pub(crate) log: LogSection,
+    #[serde(default)]
+    pub(crate) ble: BleSection,
+    /// Absent: the gateway runs offline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) uplink: Option<UplinkSection>,
+    #[serde(default)]
+    pub(crate) cache: CacheSection,
+    #[serde(default)]
+    pub(crate) handlers: HandlersSection,
+
+    /// Things the operator should know that are not errors (loose secret permissions).
+    #[serde(skip)]
+    pub(crate) warnings: Vec<String>,
+}
+
+/// `[gateway]`: who this gateway is and where it keeps its state.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct GatewaySection {
+    pub(crate) id: GatewayId,
+    #[serde(default = "default_name")]
+    pub(crate) name: String,
+    #[serde(default = "default_state_dir")]
+    pub(crate) state_dir: PathBuf,
+}
+
+/// `[api]`: the local HTTP API and dashboard.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ApiSection {
+    #[serde(default = "default_bind")]
+    pub(crate) bind: SocketAddr,
+    /// Absent: generated at first start into the state directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) admin_token: Option<Secret>,
+}
+
+/// `[log]`.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct LogSection {
+    #[serde(default)]
+    pub(crate) format: LogFormat,
+    #[serde(default = "default_log_level")]
+    pub(crate) level: LogLevel,
+}
+
+/// How log lines are written to stderr.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// `[ble]`: onboarding over Bluetooth LE.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BleSection {
+    #[serde(default = "yes")]
+    pub(crate) enabled: bool,
+    /// An adapter name such as `hci0`; absent: the first one found.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) adapter: Option<String>,
+    #[serde(default = "default_ble_sessions")]
+    pub(crate) max_concurrent_sessions: NonZeroU32,
+}
+
+/// `[uplink]`: the MQTT connection to the cloud.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct UplinkSection {
+    pub(crate) broker: BrokerUrl,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) ca_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) username: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) password: Option<Secret>,
+}
+
+/// `[cache]`: the firmware cache.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CacheSection {
+    #[serde(default = "default_cache_mib")]
+    pub(crate) max_size_mib: NonZeroU64,
+}
+
+/// `[handlers]`: limits for the vendor update handlers.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct HandlersSection {
+    #[serde(default = "default_handler_memory")]
+    pub(crate) memory_limit_mib: NonZeroU32,
+    #[serde(default = "default_handler_cpu")]
+    pub(crate) cpu_time_ms: NonZeroU32,
+    #[serde(default = "default_handler_instances")]
+    pub(crate) max_concurrent: NonZeroU32,
+}
+
+fn default_name() -> String {
+    "Outpost gateway".to_owned()
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("state")
+}
+fn default_bind() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+fn default_log_level() -> LogLevel {
+    LogLevel("info".to_owned())
+}
+fn yes() -> bool {
+    true
+}
+fn default_ble_sessions() -> NonZeroU32 {
+    NonZeroU32::new(4).expect("nonzero")
+}
+fn default_cache_mib() -> NonZeroU64 {
+    NonZeroU64::new(2048).expect("nonzero")
+}
+fn default_handler_memory() -> NonZeroU32 {
+    NonZeroU32::new(64).expect("nonzero")
+}
+fn default_handler_cpu() -> NonZeroU32 {
+    NonZeroU32::new(1000).expect("nonzero")
+}
+fn default_handler_instances() -> NonZeroU32 {
+    NonZeroU32::new(4).expect("nonzero")
+}
+
+impl Default for ApiSection {
+    fn default() -> Self {
+        Self {
+            bind: default_bind(),
+            admin_token: None,
+        }
+    }
+}
+impl Default for LogSection {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::default(),
+            level: default_log_level(),
+        }
+    }
+}
+impl Default for BleSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            adapter: None,
+            max_concurrent_sessions: default_ble_sessions(),
+        }
+    }
+}
+impl Default for CacheSection {
+    fn default() -> Self {
+        Self {
+            max_size_mib: default_cache_mib(),
+        }
+    }
+}
+impl Default for HandlersSection {
+    fn default() -> Self {
+        Self {
+            memory_limit_mib: default_handler_memory(),
+            cpu_time_ms: default_handler_cpu(),
+            max_concurrent: default_handler_instances(),
+        }
+    }
+}
+
+/// A gateway id: it appears in MQTT topics and certificate names, so it is limited to
+/// 1–64 ASCII letters, digits, `-`, `_` and `.`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub(crate) struct GatewayId(String);
+
+impl GatewayId {
+    pub(crate) fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for GatewayId {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let id = String::deserialize(deserializer)?;
+        let valid = (1..=64).contains(&id.len())
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        if !valid {
+            return Err(serde::de::Error::custom(format!(
+                "invalid gateway id {id:?}: use 1 to 64 ASCII letters, digits, '-', '_' or '.'"
+            )));
+        }
+        Ok(Self(id))
+    }
+}
+
+/// A tracing filter directive such as `info` or `outpost=debug,hyper=warn`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub(crate) struct LogLevel(String);
+
+impl LogLevel {
+    pub(crate) fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for LogLevel {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let level = String::deserialize(deserializer)?;
+        tracing_subscriber::EnvFilter::builder()
+            .parse(&level)
+            .map_err(|err| {
+                serde::de::Error::custom(format!("invalid log level {level:?}: {err}"))
+            })?;
+        Ok(Self(level))
+    }
+}
+
+/// `mqtt://host:port` or `mqtts://host:port` (TLS). The port defaults to 1883 / 8883.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(into = "String")]
+pub(crate) struct BrokerUrl {
+    pub(crate) tls: bool,
+    pub(crate) host: String,
+    pub(crate) port: u16,
+}
+
+impl From<BrokerUrl> for String {
+    fn from(url: BrokerUrl) -> Self {
+        url.to_string()
+    }
+}
+
+impl fmt::Display for BrokerUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = if self.tls { "mqtts" } else { "mqtt" };
+        if self.host.contains(':') {
+            write!(f, "{scheme}://[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{scheme}://{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl std::str::FromStr for BrokerUrl {
+    type Err = String;
+
+    fn from_str(url: &str) -> Result<Self, String> {
+        let bad = |why: &str| format!("invalid broker URL {url:?}: {why}");
+        let (tls, rest) = if let Some(rest) = url.strip_prefix("mqtts://") {
+            (true, rest)
+        } else if let Some(rest) = url.strip_prefix("mqtt://") {
+            (false, rest)
+        } else {
+            return Err(bad("it must start with mqtt:// or mqtts://"));
+        };
+        let authority = rest.strip_suffix('/').unwrap_or(rest);
+        if authority.contains(['/', '?', '#', '@']) {
+            return Err(bad(
+                "give only host and port; credentials go in username/password",
+            ));
+        }
+        let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
+            let (host, after) = bracketed
+                .split_once(']')
+                .ok_or_else(|| bad("unclosed '[' around an IPv6 address"))?;
+            (host, after.strip_prefix(':'))
+        } else {
+            match authority.rsplit_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (authority, None),
+            }
+        };
+        if host.is_empty() {
+            return Err(bad("the host is missing"));
+        }
+        let port = match port {
+            None => {
+                if tls {
+                    8883
+                } else {
+                    1883
+                }
+            }
+            Some(port) => port
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| bad("the port must be a number from 1 to 65535"))?,
+        };
+        Ok(Self {
+            tls,
+            host: host.to_owned(),
+            port,
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for BrokerUrl {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// A config that could not be loaded, with enough context to fix it.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file's content is wrong at a known place.
+    #[error("{}:{line}:{column}: {message}", path.display())]
+    At {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    /// The file's content is wrong, but the parser gave no place.
+    #[error("{}: {message}", path.display())]
+    Whole { path: PathBuf, message: String },
+}
+
+impl Config {
+    /// Reads, parses, validates and resolves the config at `path`.
+    pub(crate) fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses `text` as if read from `path`: relative paths are taken from its directory.
+    pub(crate) fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let located = |span: Option<Range<usize>>, message: String| match span {
+            Some(span) => {
+                let (line, column) = line_column(text, span.start);
+                ConfigError::At {
+                    path: path.to_path_buf(),
+                    line,
+                    column,
+                    message,
+                }
+            }
+            None => ConfigError::Whole {
+                path: path.to_path_buf(),
+                message,
+            },
+        };
+        let mut config: Self = toml::from_str(text)
+            .map_err(|err| located(err.span(), err.message().trim_end().to_owned()))?;
+
+        let dir = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        let base = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+        config.gateway.state_dir = base.join(&config.gateway.state_dir);
+        if let Some(uplink) = &mut config.uplink
+            && let Some(ca_file) = &mut uplink.ca_file
+        {
+            *ca_file = base.join(&*ca_file);
+        }
+
+        let mut warnings = Vec::new();
+        for secret in config.secrets_mut() {
+            let span = secret.span();
+            match secret.resolve(&base) {
+                Ok(warning) => warnings.extend(warning),
+                Err(message) => return Err(located(Some(span), message)),
+            }
+        }
+        config.warnings = warnings;
+        Ok(config)
+    }
+
+    fn secrets_mut(&mut self) -> impl Iterator<Item = &mut Secret> {
+        let uplink_password = self.uplink.as_mut().and_then(|u| u.password.as_mut());
+        self.api
+            .admin_token
+            .as_mut()
+            .into_iter()
+            .chain(uplink_password)
+    }
+
+    /// The effective config as TOML, secrets replaced by where they come from.
+    pub(crate) fn to_redacted_toml(&self) -> String {
+        let mut text = toml::to_string_pretty(self)
+            .unwrap_or_else(|err| format!("# the effective config could not be rendered: {err}\n"));
+        if self.uplink.is_none() {
+            text.push_str("\n# [uplink] is not configured: the gateway runs offline.\n");
+        }
+        text
+    }
+
+    /// Where the SQLite state database lives.
+    pub(crate) fn database_path(&self) -> PathBuf {
+        self.gateway.state_dir.join("outpost.db")
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (line, before[line_start..].chars().count() + 1)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,254 @@
+use std::path::{Path, PathBuf};
+
+use super::{Config, ConfigError, LogFormat};
+
+const MINIMAL: &str = "[gateway]\nid = \"gw-1\"\n";
+
+fn parse_in(dir: &Path, text: &str) -> Result<Config, ConfigError> {
+    let path = dir.join("outpost.toml");
+    std::fs::write(&path, text).unwrap();
+    Config::load(&path)
+}
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    let dir = tempfile::tempdir().unwrap();
+    parse_in(dir.path(), text)
+}
+
+/// Asserts the error points at `line:column` of the file and mentions `needle`.
+fn assert_at(err: &ConfigError, line: usize, column: usize, needle: &str) {
+    let message = err.to_string();
+    match err {
+        ConfigError::At {
+            line: l, column: c, ..
+        } => assert_eq!((*l, *c), (line, column), "wrong place in: {message}"),
+        other => panic!("expected a located error, got {other:?}"),
+    }
+    assert!(
+        message.contains(&format!("outpost.toml:{line}:{column}:")),
+        "no file:line:column in: {message}"
+    );
+    assert!(message.contains(needle), "{needle:?} not in: {message}");
+}
+
+fn shipped_config_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../gateway-config/outpost.toml")
+}
+
+#[test]
+fn the_shipped_config_loads_offline_with_defaults() {
+    let config = Config::load(&shipped_config_path()).unwrap();
+    assert_eq!(config.gateway.id.as_str(), "site-gateway-1");
+    assert_eq!(config.api.bind.to_string(), "127.0.0.1:8080");
+    assert!(
+        config.uplink.is_none(),
+        "the shipped config must run offline"
+    );
+    assert!(config.api.admin_token.is_none());
+    assert!(config.gateway.state_dir.is_absolute());
+    assert!(config.gateway.state_dir.ends_with("gateway-config/state"));
+    assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+}
+
+#[test]
+fn defaults_fill_every_section_but_the_gateway_id() {
+    let config = parse(MINIMAL).unwrap();
+    assert_eq!(config.gateway.name, "Outpost gateway");
+    assert_eq!(config.log.format, LogFormat::Text);
+    assert_eq!(config.log.level.as_str(), "info");
+    assert!(config.ble.enabled);
+    assert_eq!(config.handlers.memory_limit_mib.get(), 64);
+    assert_eq!(config.handlers.cpu_time_ms.get(), 1000);
+    assert_eq!(config.cache.max_size_mib.get(), 2048);
+}
+
+#[test]
+fn unknown_key_names_file_line_and_column() {
+    let err =
+        parse("[gateway]\nid = \"gw-1\"\n\n[api]\nbind = \"127.0.0.1:9\"\nbnid = 1\n").unwrap_err();
+    assert_at(&err, 6, 1, "unknown field `bnid`");
+}
+
+#[test]
+fn unknown_section_is_an_error() {
+    let err = parse("[gateway]\nid = \"gw-1\"\n[uplnik]\nbroker = \"mqtt://x\"\n").unwrap_err();
+    assert_at(&err, 3, 2, "unknown field `uplnik`");
+}
+
+#[test]
+fn wrong_type_names_the_line() {
+    let err = parse("[gateway]\nid = \"gw-1\"\n[api]\nbind = 8080\n").unwrap_err();
+    assert_at(&err, 4, 8, "invalid type");
+}
+
+#[test]
+fn syntax_error_names_the_line() {
+    let err = parse("[gateway]\nid = \"gw-1\n").unwrap_err();
+    assert!(matches!(err, ConfigError::At { line: 2, .. }), "{err}");
+}
+
+#[test]
+fn missing_gateway_id_is_an_error() {
+    let err = parse("[gateway]\nname = \"x\"\n").unwrap_err();
+    assert!(err.to_string().contains("missing field `id`"), "{err}");
+    assert!(err.to_string().contains("outpost.toml"), "{err}");
+}
+
+#[test]
+fn missing_file_names_the_path() {
+    let err = Config::load(Path::new("/nonexistent/outpost.toml")).unwrap_err();
+    assert!(matches!(err, ConfigError::Read { .. }), "{err:?}");
+    let message = err.to_string();
+    assert!(message.contains("/nonexistent/outpost.toml"), "{message}");
+    assert!(message.contains("No such file"), "{message}");
+}
+
+#[test]
+fn invalid_values_are_located() {
+    let cases = [
+        ("[gateway]\nid = \"gw/1\"\n", 2, "invalid gateway id"),
+        (
+            "[gateway]\nid = \"gw\"\n[log]\nlevel = \"info,[[[\"\n",
+            4,
+            "invalid log level",
+        ),
+        (
+            "[gateway]\nid = \"gw\"\n[uplink]\nbroker = \"http://x\"\n",
+            4,
+            "must start with mqtt:// or mqtts://",
+        ),
+        (
+            "[gateway]\nid = \"gw\"\n[uplink]\nbroker = \"mqtts://h:70000\"\n",
+            4,
+            "port must be a number",
+        ),
+        (
+            "[gateway]\nid = \"gw\"\n[handlers]\ncpu_time_ms = 0\n",
+            4,
+            "nonzero",
+        ),
+        (
+            "[gateway]\nid = \"gw\"\n[log]\nformat = \"xml\"\n",
+            4,
+            "unknown variant",
+        ),
+    ];
+    for (text, line, needle) in cases {
+        let err = parse(text).unwrap_err();
+        assert!(
+            matches!(err, ConfigError::At { line: l, .. } if l == line),
+            "expected line {line} for {text:?}, got: {err}"
+        );
+        assert!(err.to_string().contains(needle), "{needle:?} not in: {err}");
+    }
+}
+
+#[test]
+fn broker_urls_take_default_ports_and_ipv6() {
+    let url = |s: &str| s.parse::<super::BrokerUrl>().unwrap();
+    assert_eq!(url("mqtts://broker.example").port, 8883);
+    assert_eq!(url("mqtt://broker.example").port, 1883);
+    let v6 = url("mqtts://[::1]:18883");
+    assert_eq!((v6.host.as_str(), v6.port, v6.tls), ("::1", 18883, true));
+    assert_eq!(v6.to_string(), "mqtts://[::1]:18883");
+    assert!("mqtt://user:pw@host".parse::<super::BrokerUrl>().is_err());
+}
+
+#[test]
+fn secret_from_a_relative_file_is_resolved_and_never_shown() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("secrets")).unwrap();
+    let secret_path = dir.path().join("secrets/token");
+    std::fs::write(&secret_path, "s3cr3t-admin-token-value\n").unwrap();
+    std::fs::set_permissions(&secret_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    let config = parse_in(
+        dir.path(),
+        "[gateway]\nid = \"gw\"\n[api]\nadmin_token = { file = \"secrets/token\" }\n",
+    )
+    .unwrap();
+    let token = config.api.admin_token.as_ref().unwrap();
+    assert_eq!(token.expose(), "s3cr3t-admin-token-value");
+    assert!(config.warnings.is_empty(), "{:?}", config.warnings);
+
+    let shown = format!("{config:?}\n{}", config.to_redacted_toml());
+    assert!(!shown.contains("s3cr3t"), "secret leaked: {shown}");
+    assert!(shown.contains("<redacted: from file"), "{shown}");
+}
+
+#[test]
+fn world_readable_secret_file_warns() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let secret_path = dir.path().join("pw");
+    std::fs::write(&secret_path, "pw-value").unwrap();
+    std::fs::set_permissions(&secret_path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let config = parse_in(
+        dir.path(),
+        "[gateway]\nid = \"gw\"\n[uplink]\nbroker = \"mqtt://127.0.0.1\"\npassword = { file = \"pw\" }\n",
+    )
+    .unwrap();
+    assert_eq!(config.warnings.len(), 1, "{:?}", config.warnings);
+    assert!(
+        config.warnings[0].contains("chmod 600"),
+        "{:?}",
+        config.warnings
+    );
+}
+
+#[test]
+fn inline_secret_is_redacted_and_warns() {
+    let config =
+        parse("[gateway]\nid = \"gw\"\n[api]\nadmin_token = \"inline-token-0123456789\"\n")
+            .unwrap();
+    assert!(!config.to_redacted_toml().contains("inline-token"));
+    assert_eq!(config.warnings.len(), 1);
+}
+
+#[test]
+fn unresolvable_secrets_point_at_their_line() {
+    let err = parse(
+        "[gateway]\nid = \"gw\"\n[api]\nadmin_token = { env = \"OUTPOST_TEST_SURELY_UNSET_VAR\" }\n",
+    )
+    .unwrap_err();
+    assert_at(&err, 4, 15, "OUTPOST_TEST_SURELY_UNSET_VAR is not set");
+
+    let err =
+        parse("[gateway]\nid = \"gw\"\n[api]\nadmin_token = { file = \"nope\" }\n").unwrap_err();
+    assert_at(&err, 4, 15, "cannot read secret file");
+
+    let err = parse("[gateway]\nid = \"gw\"\n[api]\nadmin_token = { env = \"A\", file = \"b\" }\n")
+        .unwrap_err();
+    assert_at(&err, 4, 15, "exactly one of");
+
+    let err =
+        parse("[gateway]\nid = \"gw\"\n[api]\nadmin_token = { vault = \"x\" }\n").unwrap_err();
+    assert!(err.to_string().contains("unknown field `vault`"), "{err}");
+}
+
+#[test]
+fn relative_paths_follow_the_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = parse_in(
+        dir.path(),
+        "[gateway]\nid = \"gw\"\nstate_dir = \"var/state\"\n[uplink]\nbroker = \"mqtts://b\"\nca_file = \"ca.pem\"\n",
+    )
+    .unwrap();
+    assert_eq!(config.gateway.state_dir, dir.path().join("var/state"));
+    assert_eq!(
+        config.uplink.unwrap().ca_file.unwrap(),
+        dir.path().join("ca.pem")
+    );
+}
+
+#[test]
+fn redacted_toml_reparses_to_the_same_effective_config() {
+    let config = parse(MINIMAL).unwrap();
+    let text = config.to_redacted_toml();
+    let dir = tempfile::tempdir().unwrap();
+    let again = parse_in(dir.path(), &text).unwrap();
+    assert_eq!(again.gateway.state_dir, config.gateway.state_dir);
+    assert_eq!(again.api.bind, config.api.bind);
+    assert!(text.contains("runs offline"), "{text}");
+}

@@ -1,0 +1,214 @@
+//! `outpost run`: wires the gateway together and runs it until SIGINT or SIGTERM.
+
+use std::fs::{DirBuilder, File, OpenOptions, TryLockError};
+use std::io::Write;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use outpost_store::Store;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::api::{self, AdminToken, ApiState, GatewayInfo, Health, TokenOrigin};
+use crate::config::Config;
+use crate::onboarding::{self, OnboardingStatus};
+
+/// Runs the gateway. Returns once every task has stopped and the store is closed.
+pub(crate) async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
+    // Listen for signals first: one that arrives during start-up still stops us cleanly.
+    let mut sigterm = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+
+    for warning in &config.warnings {
+        tracing::warn!(config = %config_path.display(), "{warning}");
+    }
+    let state_dir = &config.gateway.state_dir;
+    let _lock = StateDirLock::acquire(state_dir)?;
+    let store = Store::open(config.database_path()).await?;
+
+    let started = start(&config, config_path, store.clone()).await;
+    let (tasks, shutdown) = match started {
+        Ok(running) => running,
+        Err(err) => {
+            store.close().await.context("closing the state database")?;
+            return Err(err);
+        }
+    };
+
+    let reason = tokio::select! {
+        _ = sigterm.recv() => "SIGTERM",
+        _ = sigint.recv() => "SIGINT",
+        () = shutdown.cancelled() => "a task stopped",
+    };
+    tracing::info!(reason, "shutting down");
+    shutdown.cancel();
+    tasks.close();
+    tasks.wait().await;
+    store.close().await.context("closing the state database")?;
+    tracing::info!("outpost stopped cleanly");
+    Ok(())
+}
+
+/// Starts every task; returns their tracker and the token that stops them.
+async fn start(
+    config: &Config,
+    config_path: &Path,
+    store: Store,
+) -> anyhow::Result<(TaskTracker, CancellationToken)> {
+    let admin = match &config.api.admin_token {
+        Some(secret) => {
+            let token = AdminToken::new(secret.expose()).map_err(|why| {
+                anyhow::anyhow!("api.admin_token in {}: {why}", config_path.display())
+            })?;
+            (token, TokenOrigin::Config)
+        }
+        None => AdminToken::load_or_generate(&config.gateway.state_dir)?,
+    };
+    let admin = match admin {
+        (token, TokenOrigin::Generated(path)) => {
+            announce_generated_token(&token, &path);
+            token
+        }
+        (token, origin) => {
+            tracing::debug!(?origin, "admin token loaded");
+            token
+        }
+    };
+
+    let listener = api::bind(config.api.bind, config_path).await?;
+    let addr = listener.local_addr()?;
+
+    let onboarding = onboarding::probe(&config.ble, Path::new(onboarding::SYSFS_BLUETOOTH));
+    match &onboarding {
+        OnboardingStatus::Disabled => {
+            tracing::info!("BLE onboarding is disabled (ble.enabled = false)")
+        }
+        OnboardingStatus::NoAdapter { reason } => tracing::warn!(
+            "{reason}: BLE onboarding is disabled. Set ble.enabled = false in {} to silence this",
+            config_path.display()
+        ),
+        OnboardingStatus::Ready { adapter } => tracing::info!(adapter, "BLE onboarding ready"),
+    }
+    let uplink = match &config.uplink {
+        None => {
+            tracing::info!(
+                "no [uplink] configured: running offline; messages for the cloud wait in the outbox"
+            );
+            "offline"
+        }
+        Some(uplink) => {
+            tracing::warn!(
+                broker = %uplink.broker,
+                "[uplink] is configured, but this build has no MQTT uplink yet: running offline; \
+                 messages for the cloud wait in the outbox"
+            );
+            "configured"
+        }
+    };
+
+    let state = Arc::new(ApiState {
+        store,
+        admin,
+        health: Health {
+            status: "ok",
+            version: env!("CARGO_PKG_VERSION"),
+            gateway: GatewayInfo {
+                id: config.gateway.id.as_str().to_owned(),
+                name: config.gateway.name.clone(),
+            },
+            uplink,
+            onboarding,
+        },
+    });
+
+    let tasks = TaskTracker::new();
+    let shutdown = CancellationToken::new();
+    let api_shutdown = shutdown.clone();
+    tasks.spawn(
+        async move {
+            api::serve(listener, state, api_shutdown.clone()).await;
+            // Whatever ended it, the gateway stops with its API.
+            api_shutdown.cancel();
+        }
+        .instrument(tracing::info_span!("task", name = "local-api")),
+    );
+    tracing::info!(
+        addr = %addr,
+        gateway = config.gateway.id.as_str(),
+        state_dir = %config.gateway.state_dir.display(),
+        "local API listening on http://{addr}"
+    );
+    Ok((tasks, shutdown))
+}
+
+/// Shows a newly generated token once, on stdout and outside the log, so it reaches the
+/// operator's terminal but not a log collector.
+#[allow(clippy::print_stdout)]
+fn announce_generated_token(token: &AdminToken, path: &Path) {
+    println!(
+        "Generated an admin API token and saved it to {} (mode 0600):\n\n    {}\n\n\
+         It is shown only this once; read it again from that file.",
+        path.display(),
+        token.reveal()
+    );
+    tracing::info!(path = %path.display(), "generated an admin API token (shown once on stdout)");
+}
+
+/// Creates the state directory (mode 0700) and holds an exclusive lock on it, so two
+/// gateways never share one state.
+#[derive(Debug)]
+struct StateDirLock {
+    _file: File,
+    path: PathBuf,
+}
+
+impl StateDirLock {
+    fn acquire(state_dir: &Path) -> anyhow::Result<Self> {
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(state_dir)
+            .with_context(|| {
+                format!("cannot create the state directory {}", state_dir.display())
+            })?;
+        let path = state_dir.join("outpost.lock");
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("cannot open the lock file {}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                anyhow::bail!(
+                    "another outpost (pid {}) is running with the state directory {}; stop it \
+                     first, or give this one its own gateway.state_dir",
+                    holder.trim(),
+                    state_dir.display()
+                );
+            }
+            Err(TryLockError::Error(err)) => {
+                return Err(err).with_context(|| format!("cannot lock {}", path.display()));
+            }
+        }
+        file.set_len(0)?;
+        write!(file, "{}", std::process::id())?;
+        Ok(Self { _file: file, path })
+    }
+}
+
+impl Drop for StateDirLock {
+    fn drop(&mut self) {
+        // The lock goes with the file handle; emptying the file just clears the stale pid.
+        if let Ok(file) = OpenOptions::new().write(true).open(&self.path) {
+            let _ = file.set_len(0);
+        }
+    }
+}
