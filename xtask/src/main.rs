@@ -1,1 +1,95 @@
-fn main() {}
+//! Project automation, run as `cargo xtask <command>`.
+//!
+//! `cargo xtask test` is the one command that runs the whole test suite on a fresh
+//! machine. It first prepares the external parts the tests use (each capability adds its
+//! own step to [`prepare`]), then runs `cargo test --workspace --locked`, passing on any
+//! arguments after `--`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+
+const USAGE: &str = "\
+usage: cargo xtask <command>
+
+commands:
+  test [-- <cargo test args>]   prepare the test parts, then run every test in the workspace
+  help                          show this text";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("test") => test(&args[1..]),
+        Some("help" | "-h" | "--help") => {
+            eprintln!("{USAGE}");
+            Ok(())
+        }
+        Some(other) => Err(anyhow::anyhow!("unknown command {other:?}\n\n{USAGE}")),
+        None => Err(anyhow::anyhow!("{USAGE}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn test(args: &[String]) -> anyhow::Result<()> {
+    let extra = match args.split_first() {
+        None => &[][..],
+        Some((sep, rest)) if sep == "--" => rest,
+        Some((other, _)) => bail!("unexpected argument {other:?}; pass cargo test arguments after --"),
+    };
+    let root = workspace_root();
+    let started = Instant::now();
+    prepare(&root)?;
+
+    step("cargo test --workspace --locked");
+    let status = Command::new(cargo())
+        .current_dir(&root)
+        .args(["test", "--workspace", "--locked"])
+        .args(extra)
+        .status()
+        .context("cannot run cargo test")?;
+    if !status.success() {
+        bail!("tests failed ({status})");
+    }
+    eprintln!("xtask: all tests passed in {:.0?}", started.elapsed());
+    Ok(())
+}
+
+/// Makes sure every external part the tests start is present, installing what is missing.
+///
+/// The foundation needs none beyond the Rust toolchain (SQLite is compiled in). Later
+/// capabilities add theirs here: Mosquitto for the uplink, the BlueZoo venv and a private
+/// D-Bus for BLE, the wasm32-wasip2 guests for the handler runtime.
+fn prepare(root: &Path) -> anyhow::Result<()> {
+    step("checking the toolchain");
+    let rustc = Command::new("rustc")
+        .current_dir(root)
+        .arg("--version")
+        .output()
+        .context("rustc not found: install Rust with rustup (https://rustup.rs)")?;
+    eprintln!("  {}", String::from_utf8_lossy(&rustc.stdout).trim());
+    Ok(())
+}
+
+fn step(what: &str) {
+    eprintln!("xtask: {what}");
+}
+
+/// The cargo that runs us, so the same toolchain builds the tests.
+fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned())
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_path_buf()
+}

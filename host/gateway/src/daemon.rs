@@ -85,7 +85,7 @@ async fn start(
     let onboarding = onboarding::probe(&config.ble, Path::new(onboarding::SYSFS_BLUETOOTH));
     match &onboarding {
         OnboardingStatus::Disabled => {
-            tracing::info!("BLE onboarding is disabled (ble.enabled = false)")
+            tracing::info!("BLE onboarding is disabled (ble.enabled = false)");
         }
         OnboardingStatus::NoAdapter { reason } => tracing::warn!(
             "{reason}: BLE onboarding is disabled. Set ble.enabled = false in {} to silence this",

@@ -1,0 +1,421 @@
+//! The `outpost` binary as an operator runs it: real processes, real signals, real
+//! sockets on loopback, a real SQLite file in a temp state directory.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use outpost_store::{DeviceState, NewDevice, Store};
+
+/// Generous: a cold debug binary on a loaded 2-core CI machine.
+const DEADLINE: Duration = Duration::from_secs(60);
+
+fn outpost() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_outpost"));
+    command.env_remove("RUST_LOG").stdin(Stdio::null());
+    command
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A temp directory holding `outpost.toml` with its state in `state/`.
+struct Site {
+    dir: tempfile::TempDir,
+}
+
+impl Site {
+    fn new(extra: &str) -> Self {
+        let site = Self {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        site.write_config(&format!(
+            "[gateway]\nid = \"gw-test\"\nstate_dir = \"state\"\n\n[api]\nbind = \"127.0.0.1:0\"\n{extra}"
+        ));
+        site
+    }
+
+    fn write_config(&self, text: &str) {
+        std::fs::write(self.config(), text).unwrap();
+    }
+
+    fn config(&self) -> PathBuf {
+        self.dir.path().join("outpost.toml")
+    }
+
+    fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    fn database(&self) -> PathBuf {
+        self.state().join("outpost.db")
+    }
+
+    fn run(&self) -> Gateway {
+        Gateway::spawn(&self.config(), &[])
+    }
+
+    fn command(&self, args: &[&str]) -> Output {
+        outpost()
+            .arg("--config")
+            .arg(self.config())
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+/// A running `outpost run`, its stderr read line by line on a thread.
+struct Gateway {
+    child: Child,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+    stdout: Option<JoinHandle<String>>,
+}
+
+impl Gateway {
+    fn spawn(config: &Path, env: &[(&str, &str)]) -> Self {
+        let mut child = outpost()
+            .envs(env.iter().copied())
+            .arg("--config")
+            .arg(config)
+            .args(["--log-format", "json", "run"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut stdout = child.stdout.take().unwrap();
+        let stdout = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = stdout.read_to_string(&mut text);
+            text
+        });
+        Self {
+            child,
+            lines,
+            seen: Vec::new(),
+            stdout: Some(stdout),
+        }
+    }
+
+    /// Waits for a log line matching `pred`; panics with everything seen if the process
+    /// ends or the deadline passes first.
+    fn wait_for_line(&mut self, what: &str, pred: impl Fn(&serde_json::Value, &str) -> bool) -> String {
+        let end = Instant::now() + DEADLINE;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    let json = serde_json::from_str(&line).unwrap_or(serde_json::Value::Null);
+                    if pred(&json, &line) {
+                        return line;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => panic!("no {what} within {DEADLINE:?}; stderr:\n{}", self.seen.join("\n")),
+                Err(RecvTimeoutError::Disconnected) => panic!("outpost ended before {what}; stderr:\n{}", self.seen.join("\n")),
+            }
+        }
+    }
+
+    /// Waits until the API listens and returns its address.
+    fn ready(&mut self) -> SocketAddr {
+        let line = self.wait_for_line("ready line", |json, _| {
+            json["message"].as_str().is_some_and(|m| m.starts_with("local API listening"))
+        });
+        let json: serde_json::Value = serde_json::from_str(&line).unwrap();
+        json["addr"].as_str().unwrap().parse().unwrap()
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.child.id()).unwrap();
+        #[allow(unsafe_code)]
+        // SAFETY: kill(2) with a pid we spawned and still own (not yet reaped).
+        let rc = unsafe { libc::kill(pid, signal) };
+        assert_eq!(rc, 0, "kill failed: {}", std::io::Error::last_os_error());
+    }
+
+    /// Waits for the process to exit; returns its status, all of stderr and stdout.
+    fn wait(mut self) -> (ExitStatus, String, String) {
+        let end = Instant::now() + DEADLINE;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            // Drain stderr meanwhile: it is also how we notice progress.
+            match self.lines.recv_timeout(Duration::from_millis(100)) {
+                Ok(line) => self.seen.push(line),
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {}
+            }
+            if Instant::now() > end {
+                let _ = self.child.kill();
+                panic!("outpost did not exit within {DEADLINE:?}; stderr:\n{}", self.seen.join("\n"));
+            }
+        };
+        self.seen.extend(self.lines.iter());
+        let stdout = self.stdout.take().unwrap().join().unwrap();
+        (status, self.seen.join("\n"), stdout)
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One HTTP/1.1 request over a plain socket; returns the status code and the JSON body.
+fn http_get(addr: SocketAddr, path: &str, token: Option<&str>) -> (u16, serde_json::Value) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("no header end");
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}")))
+}
+
+fn assert_clean_exit(status: ExitStatus, stderr: &str, site: &Site) {
+    assert!(status.success(), "exit {status:?}; stderr:\n{stderr}");
+    assert!(stderr.contains("outpost stopped cleanly"), "{stderr}");
+    assert!(site.database().exists());
+    assert!(
+        !site.state().join("outpost.db-wal").exists(),
+        "the store was not closed cleanly: WAL left behind"
+    );
+}
+
+#[test]
+fn run_serves_and_stops_cleanly_on_sigterm() {
+    let site = Site::new("");
+    let mut gateway = site.run();
+    let addr = gateway.ready();
+
+    let (status, health) = http_get(addr, "/healthz", None);
+    assert_eq!(status, 200, "{health}");
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["gateway"]["id"], "gw-test");
+    assert_eq!(health["uplink"], "offline");
+
+    let token_file = site.state().join("admin-token");
+    let token = std::fs::read_to_string(&token_file).unwrap();
+    let token = token.trim();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&token_file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "admin token file mode {mode:o}");
+    }
+    assert_eq!(http_get(addr, "/api/v1/devices", None).0, 401);
+    assert_eq!(http_get(addr, "/api/v1/devices", Some("wrong-token-0123456789")).0, 401);
+    let (status, body) = http_get(addr, "/api/v1/devices", Some(token));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["devices"], serde_json::json!([]));
+
+    gateway.signal(libc::SIGTERM);
+    let (status, stderr, stdout) = gateway.wait();
+    assert_clean_exit(status, &stderr, &site);
+    assert!(stderr.contains("\"reason\":\"SIGTERM\""), "{stderr}");
+    // Printed once, on stdout, and never into the log.
+    assert_eq!(stdout.matches(token).count(), 1, "stdout:\n{stdout}");
+    assert!(!stderr.contains(token), "token leaked into the log");
+}
+
+#[test]
+fn sigint_stops_cleanly_and_a_restart_keeps_state_and_token_quiet() {
+    let site = Site::new("");
+    let mut first = site.run();
+    first.ready();
+    first.signal(libc::SIGINT);
+    let (status, stderr, first_stdout) = first.wait();
+    assert_clean_exit(status, &stderr, &site);
+    assert!(stderr.contains("\"reason\":\"SIGINT\""), "{stderr}");
+    assert!(first_stdout.contains("Generated an admin API token"));
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let store = Store::open(site.database()).await.unwrap();
+        store
+            .upsert_device(NewDevice::new("esp-1", "thermostat", DeviceState::Claimed))
+            .await
+            .unwrap();
+        store.close().await.unwrap();
+    });
+
+    let mut second = site.run();
+    let addr = second.ready();
+    let token = std::fs::read_to_string(site.state().join("admin-token")).unwrap();
+    let (status, body) = http_get(addr, "/api/v1/devices", Some(token.trim()));
+    assert_eq!(status, 200);
+    assert_eq!(body["devices"][0]["id"], "esp-1");
+    second.signal(libc::SIGTERM);
+    let (status, stderr, stdout) = second.wait();
+    assert_clean_exit(status, &stderr, &site);
+    assert!(!stdout.contains(token.trim()), "token printed again on restart");
+}
+
+#[test]
+fn a_taken_port_is_a_clear_error() {
+    let holder = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = holder.local_addr().unwrap();
+    let site = Site::new("");
+    site.write_config(&format!(
+        "[gateway]\nid = \"gw-test\"\n[api]\nbind = \"{addr}\"\nadmin_token = \"configured-token-0123456789\"\n"
+    ));
+    let (status, stderr, _) = site.run().wait();
+    assert!(!status.success());
+    assert!(stderr.contains(&format!("cannot start the local API on {addr}")), "{stderr}");
+    assert!(stderr.contains("already in use"), "{stderr}");
+    assert!(stderr.contains("set api.bind in"), "{stderr}");
+    // The store was opened and must still have been closed cleanly.
+    assert!(!site.state().join("outpost.db-wal").exists());
+}
+
+#[test]
+fn two_gateways_cannot_share_a_state_directory() {
+    let site = Site::new("");
+    let mut first = site.run();
+    first.ready();
+    let (status, stderr, _) = site.run().wait();
+    assert!(!status.success());
+    assert!(stderr.contains("another outpost (pid"), "{stderr}");
+    first.signal(libc::SIGTERM);
+    let (status, stderr, _) = first.wait();
+    assert_clean_exit(status, &stderr, &site);
+}
+
+#[test]
+fn run_refuses_a_database_from_a_newer_outpost_and_leaves_it() {
+    let site = Site::new("");
+    std::fs::create_dir(site.state()).unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async { Store::open(site.database()).await.unwrap().close().await.unwrap() });
+    outpost_store::rusqlite::Connection::open(site.database())
+        .unwrap()
+        .pragma_update(None, "user_version", outpost_store::SCHEMA_VERSION + 5)
+        .unwrap();
+    let before = std::fs::read(site.database()).unwrap();
+
+    let (status, stderr, _) = site.run().wait();
+    assert!(!status.success());
+    assert!(stderr.contains("newer than the"), "{stderr}");
+    assert!(stderr.contains("left untouched"), "{stderr}");
+    assert_eq!(std::fs::read(site.database()).unwrap(), before);
+}
+
+#[test]
+fn run_with_a_missing_config_names_the_file() {
+    let output = outpost().args(["--config", "/nonexistent/site.toml", "run"]).output().unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("cannot read config file /nonexistent/site.toml"), "{stderr}");
+}
+
+#[test]
+fn config_check_accepts_the_shipped_config() {
+    let shipped = repo_root().join("gateway-config/outpost.toml");
+    let output = outpost().args(["config", "check"]).arg(&shipped).output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("id = \"site-gateway-1\""), "{stdout}");
+    assert!(stdout.contains("bind = \"127.0.0.1:8080\""), "{stdout}");
+    assert!(stdout.contains("runs offline"), "{stdout}");
+}
+
+#[test]
+fn config_check_names_file_and_line_of_an_unknown_key() {
+    let shipped = std::fs::read_to_string(repo_root().join("gateway-config/outpost.toml")).unwrap();
+    let site = Site::new("");
+    // Into [api], right after its bind line.
+    let mut lines: Vec<&str> = shipped.lines().collect();
+    let bind = lines.iter().position(|l| l.starts_with("bind = ")).unwrap();
+    lines.insert(bind + 1, "bnid = \"0.0.0.0:80\"");
+    site.write_config(&lines.join("\n"));
+
+    let output = outpost().args(["config", "check"]).arg(site.config()).output().unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let place = format!("{}:{}:1:", site.config().display(), bind + 2);
+    assert!(stderr.contains(&place), "expected {place} in: {stderr}");
+    assert!(stderr.contains("unknown field `bnid`"), "{stderr}");
+}
+
+#[test]
+fn config_check_redacts_secrets_from_the_environment() {
+    let site = Site::new("admin_token = { env = \"OUTPOST_TEST_ADMIN_TOKEN\" }\n");
+    let secret = "very-secret-admin-token-42";
+    let output = outpost()
+        .env("OUTPOST_TEST_ADMIN_TOKEN", secret)
+        .args(["config", "check"])
+        .arg(site.config())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("<redacted: from env OUTPOST_TEST_ADMIN_TOKEN>"), "{stdout}");
+    assert!(!stdout.contains(secret), "secret printed: {stdout}");
+
+    let output = outpost().args(["config", "check"]).arg(site.config()).output().unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("outpost.toml:7:15: environment variable OUTPOST_TEST_ADMIN_TOKEN is not set"), "{stderr}");
+}
+
+#[test]
+fn a_configured_token_is_used_and_never_logged() {
+    let site = Site::new("admin_token = { env = \"OUTPOST_TEST_ADMIN_TOKEN\" }\n");
+    let secret = "configured-admin-token-0123456789";
+    let mut child = Gateway::spawn(&site.config(), &[("OUTPOST_TEST_ADMIN_TOKEN", secret)]);
+    let addr = child.ready();
+    assert_eq!(http_get(addr, "/api/v1/devices", Some(secret)).0, 200);
+    assert!(!site.state().join("admin-token").exists(), "generated a token despite the config");
+    child.signal(libc::SIGTERM);
+    let (status, stderr, stdout) = child.wait();
+    assert_clean_exit(status, &stderr, &site);
+    assert!(!stderr.contains(secret) && !stdout.contains(secret));
+}
+
+#[test]
+fn devices_list_reads_the_lobby_without_creating_state() {
+    let site = Site::new("");
+    let output = site.command(&["devices", "list"]);
+    assert!(output.status.success());
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "No devices yet.\n");
+    assert!(!site.state().exists(), "listing created a state directory");
+
+    std::fs::create_dir(site.state()).unwrap();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let store = Store::open(site.database()).await.unwrap();
+        let mut device = NewDevice::new("esp-0a1b2c", "thermostat", DeviceState::Provisioned);
+        device.firmware_version = Some("1.4.2".into());
+        store.upsert_device(device).await.unwrap();
+        store.close().await.unwrap();
+    });
+
+    let output = site.command(&["devices", "list", "--json"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(json["devices"][0]["id"], "esp-0a1b2c");
+    assert_eq!(json["devices"][0]["state"], "provisioned");
+
+    let output = site.command(&["devices", "list"]);
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(table.contains("esp-0a1b2c  thermostat  provisioned  1.4.2     never"), "{table}");
+}
