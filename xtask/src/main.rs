@@ -42,7 +42,9 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     let extra = match args.split_first() {
         None => &[][..],
         Some((sep, rest)) if sep == "--" => rest,
-        Some((other, _)) => bail!("unexpected argument {other:?}; pass cargo test arguments after --"),
+        Some((other, _)) => {
+            bail!("unexpected argument {other:?}; pass cargo test arguments after --")
+        }
     };
     let root = workspace_root();
     let started = Instant::now();

@@ -114,7 +114,11 @@ impl Gateway {
 
     /// Waits for a log line matching `pred`; panics with everything seen if the process
     /// ends or the deadline passes first.
-    fn wait_for_line(&mut self, what: &str, pred: impl Fn(&serde_json::Value, &str) -> bool) -> String {
+    fn wait_for_line(
+        &mut self,
+        what: &str,
+        pred: impl Fn(&serde_json::Value, &str) -> bool,
+    ) -> String {
         let end = Instant::now() + DEADLINE;
         loop {
             let left = end.saturating_duration_since(Instant::now());
@@ -126,8 +130,14 @@ impl Gateway {
                         return line;
                     }
                 }
-                Err(RecvTimeoutError::Timeout) => panic!("no {what} within {DEADLINE:?}; stderr:\n{}", self.seen.join("\n")),
-                Err(RecvTimeoutError::Disconnected) => panic!("outpost ended before {what}; stderr:\n{}", self.seen.join("\n")),
+                Err(RecvTimeoutError::Timeout) => panic!(
+                    "no {what} within {DEADLINE:?}; stderr:\n{}",
+                    self.seen.join("\n")
+                ),
+                Err(RecvTimeoutError::Disconnected) => panic!(
+                    "outpost ended before {what}; stderr:\n{}",
+                    self.seen.join("\n")
+                ),
             }
         }
     }
@@ -135,7 +145,9 @@ impl Gateway {
     /// Waits until the API listens and returns its address.
     fn ready(&mut self) -> SocketAddr {
         let line = self.wait_for_line("ready line", |json, _| {
-            json["message"].as_str().is_some_and(|m| m.starts_with("local API listening"))
+            json["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("local API listening"))
         });
         let json: serde_json::Value = serde_json::from_str(&line).unwrap();
         json["addr"].as_str().unwrap().parse().unwrap()
@@ -163,7 +175,10 @@ impl Gateway {
             }
             if Instant::now() > end {
                 let _ = self.child.kill();
-                panic!("outpost did not exit within {DEADLINE:?}; stderr:\n{}", self.seen.join("\n"));
+                panic!(
+                    "outpost did not exit within {DEADLINE:?}; stderr:\n{}",
+                    self.seen.join("\n")
+                );
             }
         };
         self.seen.extend(self.lines.iter());
@@ -183,13 +198,22 @@ impl Drop for Gateway {
 fn http_get(addr: SocketAddr, path: &str, token: Option<&str>) -> (u16, serde_json::Value) {
     let mut stream = TcpStream::connect(addr).unwrap();
     stream.set_read_timeout(Some(DEADLINE)).unwrap();
-    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n").unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n"
+    )
+    .unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
     let (head, body) = response.split_once("\r\n\r\n").expect("no header end");
     let status = head.split(' ').nth(1).unwrap().parse().unwrap();
-    (status, serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}")))
+    (
+        status,
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}")),
+    )
 }
 
 fn assert_clean_exit(status: ExitStatus, stderr: &str, site: &Site) {
@@ -223,7 +247,10 @@ fn run_serves_and_stops_cleanly_on_sigterm() {
         assert_eq!(mode & 0o777, 0o600, "admin token file mode {mode:o}");
     }
     assert_eq!(http_get(addr, "/api/v1/devices", None).0, 401);
-    assert_eq!(http_get(addr, "/api/v1/devices", Some("wrong-token-0123456789")).0, 401);
+    assert_eq!(
+        http_get(addr, "/api/v1/devices", Some("wrong-token-0123456789")).0,
+        401
+    );
     let (status, body) = http_get(addr, "/api/v1/devices", Some(token));
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["devices"], serde_json::json!([]));
@@ -267,7 +294,10 @@ fn sigint_stops_cleanly_and_a_restart_keeps_state_and_token_quiet() {
     second.signal(libc::SIGTERM);
     let (status, stderr, stdout) = second.wait();
     assert_clean_exit(status, &stderr, &site);
-    assert!(!stdout.contains(token.trim()), "token printed again on restart");
+    assert!(
+        !stdout.contains(token.trim()),
+        "token printed again on restart"
+    );
 }
 
 #[test]
@@ -280,7 +310,10 @@ fn a_taken_port_is_a_clear_error() {
     ));
     let (status, stderr, _) = site.run().wait();
     assert!(!status.success());
-    assert!(stderr.contains(&format!("cannot start the local API on {addr}")), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot start the local API on {addr}")),
+        "{stderr}"
+    );
     assert!(stderr.contains("already in use"), "{stderr}");
     assert!(stderr.contains("set api.bind in"), "{stderr}");
     // The store was opened and must still have been closed cleanly.
@@ -305,7 +338,10 @@ fn run_refuses_a_database_from_a_newer_outpost_and_leaves_it() {
     let site = Site::new("");
     std::fs::create_dir(site.state()).unwrap();
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async { Store::open(site.database()).await.unwrap().close().await.unwrap() });
+    runtime.block_on(async {
+        let store = Store::open(site.database()).await.unwrap();
+        store.close().await.unwrap();
+    });
     outpost_store::rusqlite::Connection::open(site.database())
         .unwrap()
         .pragma_update(None, "user_version", outpost_store::SCHEMA_VERSION + 5)
@@ -321,18 +357,32 @@ fn run_refuses_a_database_from_a_newer_outpost_and_leaves_it() {
 
 #[test]
 fn run_with_a_missing_config_names_the_file() {
-    let output = outpost().args(["--config", "/nonexistent/site.toml", "run"]).output().unwrap();
+    let output = outpost()
+        .args(["--config", "/nonexistent/site.toml", "run"])
+        .output()
+        .unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("cannot read config file /nonexistent/site.toml"), "{stderr}");
+    assert!(
+        stderr.contains("cannot read config file /nonexistent/site.toml"),
+        "{stderr}"
+    );
 }
 
 #[test]
 fn config_check_accepts_the_shipped_config() {
     let shipped = repo_root().join("gateway-config/outpost.toml");
-    let output = outpost().args(["config", "check"]).arg(&shipped).output().unwrap();
+    let output = outpost()
+        .args(["config", "check"])
+        .arg(&shipped)
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert!(stdout.contains("id = \"site-gateway-1\""), "{stdout}");
     assert!(stdout.contains("bind = \"127.0.0.1:8080\""), "{stdout}");
     assert!(stdout.contains("runs offline"), "{stdout}");
@@ -348,7 +398,11 @@ fn config_check_names_file_and_line_of_an_unknown_key() {
     lines.insert(bind + 1, "bnid = \"0.0.0.0:80\"");
     site.write_config(&lines.join("\n"));
 
-    let output = outpost().args(["config", "check"]).arg(site.config()).output().unwrap();
+    let output = outpost()
+        .args(["config", "check"])
+        .arg(site.config())
+        .output()
+        .unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     let place = format!("{}:{}:1:", site.config().display(), bind + 2);
@@ -367,14 +421,30 @@ fn config_check_redacts_secrets_from_the_environment() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    assert!(stdout.contains("<redacted: from env OUTPOST_TEST_ADMIN_TOKEN>"), "{stdout}");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("<redacted: from env OUTPOST_TEST_ADMIN_TOKEN>"),
+        "{stdout}"
+    );
     assert!(!stdout.contains(secret), "secret printed: {stdout}");
 
-    let output = outpost().args(["config", "check"]).arg(site.config()).output().unwrap();
+    let output = outpost()
+        .args(["config", "check"])
+        .arg(site.config())
+        .output()
+        .unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("outpost.toml:7:15: environment variable OUTPOST_TEST_ADMIN_TOKEN is not set"), "{stderr}");
+    assert!(
+        stderr.contains(
+            "outpost.toml:7:15: environment variable OUTPOST_TEST_ADMIN_TOKEN is not set"
+        ),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -384,7 +454,10 @@ fn a_configured_token_is_used_and_never_logged() {
     let mut child = Gateway::spawn(&site.config(), &[("OUTPOST_TEST_ADMIN_TOKEN", secret)]);
     let addr = child.ready();
     assert_eq!(http_get(addr, "/api/v1/devices", Some(secret)).0, 200);
-    assert!(!site.state().join("admin-token").exists(), "generated a token despite the config");
+    assert!(
+        !site.state().join("admin-token").exists(),
+        "generated a token despite the config"
+    );
     child.signal(libc::SIGTERM);
     let (status, stderr, stdout) = child.wait();
     assert_clean_exit(status, &stderr, &site);
@@ -410,12 +483,19 @@ fn devices_list_reads_the_lobby_without_creating_state() {
     });
 
     let output = site.command(&["devices", "list", "--json"]);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let json: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(json["devices"][0]["id"], "esp-0a1b2c");
     assert_eq!(json["devices"][0]["state"], "provisioned");
 
     let output = site.command(&["devices", "list"]);
     let table = String::from_utf8_lossy(&output.stdout);
-    assert!(table.contains("esp-0a1b2c  thermostat  provisioned  1.4.2     never"), "{table}");
+    assert!(
+        table.contains("esp-0a1b2c  thermostat  provisioned  1.4.2     never"),
+        "{table}"
+    );
 }
