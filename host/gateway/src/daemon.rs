@@ -81,6 +81,13 @@ async fn start(
 
     let listener = api::bind(config.api.bind, config_path).await?;
     let addr = listener.local_addr()?;
+    if !addr.ip().is_loopback() {
+        tracing::warn!(
+            %addr,
+            "the local API listens beyond this machine over plain HTTP: the admin token crosses \
+             the network in the clear. Keep api.bind on 127.0.0.1 unless the site network is trusted"
+        );
+    }
 
     let onboarding = onboarding::probe(&config.ble, Path::new(onboarding::SYSFS_BLUETOOTH));
     match &onboarding {

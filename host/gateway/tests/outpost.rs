@@ -259,6 +259,15 @@ fn run_serves_and_stops_cleanly_on_sigterm() {
     let (status, stderr, stdout) = gateway.wait();
     assert_clean_exit(status, &stderr, &site);
     assert!(stderr.contains("\"reason\":\"SIGTERM\""), "{stderr}");
+    for line in stderr.lines() {
+        let json: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|err| {
+            panic!("--log-format json wrote a non-JSON line ({err}): {line}")
+        });
+        assert!(
+            json["level"].is_string() && json["timestamp"].is_string(),
+            "{line}"
+        );
+    }
     // Printed once, on stdout, and never into the log.
     assert_eq!(stdout.matches(token).count(), 1, "stdout:\n{stdout}");
     assert!(!stderr.contains(token), "token leaked into the log");
@@ -498,4 +507,40 @@ fn devices_list_reads_the_lobby_without_creating_state() {
         table.contains("esp-0a1b2c  thermostat  provisioned  1.4.2     never"),
         "{table}"
     );
+}
+
+#[test]
+fn after_kill_9_a_restart_recovers_state_and_the_lock() {
+    let site = Site::new("");
+    let mut first = site.run();
+    let addr = first.ready();
+    let token = std::fs::read_to_string(site.state().join("admin-token")).unwrap();
+    assert_eq!(http_get(addr, "/api/v1/devices", Some(token.trim())).0, 200);
+    first.signal(libc::SIGKILL);
+    let (status, _, _) = first.wait();
+    assert!(!status.success());
+
+    // Written by another process while the gateway is dead, then read by the new one.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let store = Store::open(site.database()).await.unwrap();
+        store
+            .upsert_device(NewDevice::new(
+                "esp-after-crash",
+                "valve",
+                DeviceState::Discovered,
+            ))
+            .await
+            .unwrap();
+        store.close().await.unwrap();
+    });
+
+    let mut second = site.run();
+    let addr = second.ready();
+    let (status, body) = http_get(addr, "/api/v1/devices", Some(token.trim()));
+    assert_eq!(status, 200);
+    assert_eq!(body["devices"][0]["id"], "esp-after-crash");
+    second.signal(libc::SIGTERM);
+    let (status, stderr, _) = second.wait();
+    assert_clean_exit(status, &stderr, &site);
 }

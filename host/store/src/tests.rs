@@ -372,3 +372,19 @@ async fn a_missing_directory_is_an_open_error_naming_the_path() {
     assert!(matches!(err, StoreError::Open { .. }), "{err}");
     assert!(err.to_string().contains("no-such-dir"), "{err}");
 }
+
+#[tokio::test]
+async fn calls_run_on_the_store_thread_not_the_runtime() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(db_path(&dir)).await.unwrap();
+    let caller = std::thread::current().id();
+    let (name, id) = store
+        .call(|_| {
+            let me = std::thread::current();
+            Ok((me.name().map(str::to_owned), me.id()))
+        })
+        .await
+        .unwrap();
+    assert_eq!(name.as_deref(), Some("outpost-store"));
+    assert_ne!(id, caller);
+}
