@@ -56,6 +56,27 @@ impl Site {
         self.state().join("outpost.db")
     }
 
+    /// Records devices in the site's store from this (test) process, as another
+    /// `outpost` command would, creating the database if needed.
+    fn seed(&self, devices: Vec<NewDevice>) {
+        std::fs::create_dir_all(self.state()).unwrap();
+        let database = self.database();
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async move {
+            let store = Store::open(database).await.unwrap();
+            for device in devices {
+                store.upsert_device(device).await.unwrap();
+            }
+            store.close().await.unwrap();
+        });
+    }
+
+    /// The generated admin token, as an operator reads it from the state directory.
+    fn admin_token(&self) -> String {
+        let text = std::fs::read_to_string(self.state().join("admin-token")).unwrap();
+        text.trim().to_owned()
+    }
+
     fn run(&self) -> Gateway {
         Gateway::spawn(&self.config(), &[])
     }
@@ -161,6 +182,14 @@ impl Gateway {
         assert_eq!(rc, 0, "kill failed: {}", std::io::Error::last_os_error());
     }
 
+    /// Sends `signal`, expects a clean exit, and returns stderr and stdout.
+    fn stop_cleanly(self, signal: libc::c_int, site: &Site) -> (String, String) {
+        self.signal(signal);
+        let (status, stderr, stdout) = self.wait();
+        assert_clean_exit(status, &stderr, site);
+        (stderr, stdout)
+    }
+
     /// Waits for the process to exit; returns its status, all of stderr and stdout.
     fn wait(mut self) -> (ExitStatus, String, String) {
         let end = Instant::now() + DEADLINE;
@@ -239,8 +268,7 @@ fn run_serves_and_stops_cleanly_on_sigterm() {
     assert_eq!(health["uplink"], "offline");
 
     let token_file = site.state().join("admin-token");
-    let token = std::fs::read_to_string(&token_file).unwrap();
-    let token = token.trim();
+    let token = &site.admin_token();
     {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&token_file).unwrap().permissions().mode();
@@ -255,9 +283,7 @@ fn run_serves_and_stops_cleanly_on_sigterm() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["devices"], serde_json::json!([]));
 
-    gateway.signal(libc::SIGTERM);
-    let (status, stderr, stdout) = gateway.wait();
-    assert_clean_exit(status, &stderr, &site);
+    let (stderr, stdout) = gateway.stop_cleanly(libc::SIGTERM, &site);
     assert!(stderr.contains("\"reason\":\"SIGTERM\""), "{stderr}");
     for line in stderr.lines() {
         let json: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|err| {
@@ -284,29 +310,20 @@ fn sigint_stops_cleanly_and_a_restart_keeps_state_and_token_quiet() {
     assert!(stderr.contains("\"reason\":\"SIGINT\""), "{stderr}");
     assert!(first_stdout.contains("Generated an admin API token"));
 
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async {
-        let store = Store::open(site.database()).await.unwrap();
-        store
-            .upsert_device(NewDevice::new("esp-1", "thermostat", DeviceState::Claimed))
-            .await
-            .unwrap();
-        store.close().await.unwrap();
-    });
+    site.seed(vec![NewDevice::new(
+        "esp-1",
+        "thermostat",
+        DeviceState::Claimed,
+    )]);
 
     let mut second = site.run();
     let addr = second.ready();
-    let token = std::fs::read_to_string(site.state().join("admin-token")).unwrap();
-    let (status, body) = http_get(addr, "/api/v1/devices", Some(token.trim()));
+    let token = site.admin_token();
+    let (status, body) = http_get(addr, "/api/v1/devices", Some(&token));
     assert_eq!(status, 200);
     assert_eq!(body["devices"][0]["id"], "esp-1");
-    second.signal(libc::SIGTERM);
-    let (status, stderr, stdout) = second.wait();
-    assert_clean_exit(status, &stderr, &site);
-    assert!(
-        !stdout.contains(token.trim()),
-        "token printed again on restart"
-    );
+    let (_, stdout) = second.stop_cleanly(libc::SIGTERM, &site);
+    assert!(!stdout.contains(&token), "token printed again on restart");
 }
 
 #[test]
@@ -337,20 +354,13 @@ fn two_gateways_cannot_share_a_state_directory() {
     let (status, stderr, _) = site.run().wait();
     assert!(!status.success());
     assert!(stderr.contains("another outpost (pid"), "{stderr}");
-    first.signal(libc::SIGTERM);
-    let (status, stderr, _) = first.wait();
-    assert_clean_exit(status, &stderr, &site);
+    let _ = first.stop_cleanly(libc::SIGTERM, &site);
 }
 
 #[test]
 fn run_refuses_a_database_from_a_newer_outpost_and_leaves_it() {
     let site = Site::new("");
-    std::fs::create_dir(site.state()).unwrap();
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async {
-        let store = Store::open(site.database()).await.unwrap();
-        store.close().await.unwrap();
-    });
+    site.seed(Vec::new());
     outpost_store::rusqlite::Connection::open(site.database())
         .unwrap()
         .pragma_update(None, "user_version", outpost_store::SCHEMA_VERSION + 5)
@@ -467,9 +477,7 @@ fn a_configured_token_is_used_and_never_logged() {
         !site.state().join("admin-token").exists(),
         "generated a token despite the config"
     );
-    child.signal(libc::SIGTERM);
-    let (status, stderr, stdout) = child.wait();
-    assert_clean_exit(status, &stderr, &site);
+    let (stderr, stdout) = child.stop_cleanly(libc::SIGTERM, &site);
     assert!(!stderr.contains(secret) && !stdout.contains(secret));
 }
 
@@ -481,15 +489,9 @@ fn devices_list_reads_the_lobby_without_creating_state() {
     assert_eq!(String::from_utf8_lossy(&output.stdout), "No devices yet.\n");
     assert!(!site.state().exists(), "listing created a state directory");
 
-    std::fs::create_dir(site.state()).unwrap();
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async {
-        let store = Store::open(site.database()).await.unwrap();
-        let mut device = NewDevice::new("esp-0a1b2c", "thermostat", DeviceState::Provisioned);
-        device.firmware_version = Some("1.4.2".into());
-        store.upsert_device(device).await.unwrap();
-        store.close().await.unwrap();
-    });
+    let mut device = NewDevice::new("esp-0a1b2c", "thermostat", DeviceState::Provisioned);
+    device.firmware_version = Some("1.4.2".into());
+    site.seed(vec![device]);
 
     let output = site.command(&["devices", "list", "--json"]);
     assert!(
@@ -514,33 +516,23 @@ fn after_kill_9_a_restart_recovers_state_and_the_lock() {
     let site = Site::new("");
     let mut first = site.run();
     let addr = first.ready();
-    let token = std::fs::read_to_string(site.state().join("admin-token")).unwrap();
-    assert_eq!(http_get(addr, "/api/v1/devices", Some(token.trim())).0, 200);
+    let token = site.admin_token();
+    assert_eq!(http_get(addr, "/api/v1/devices", Some(&token)).0, 200);
     first.signal(libc::SIGKILL);
     let (status, _, _) = first.wait();
     assert!(!status.success());
 
     // Written by another process while the gateway is dead, then read by the new one.
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async {
-        let store = Store::open(site.database()).await.unwrap();
-        store
-            .upsert_device(NewDevice::new(
-                "esp-after-crash",
-                "valve",
-                DeviceState::Discovered,
-            ))
-            .await
-            .unwrap();
-        store.close().await.unwrap();
-    });
+    site.seed(vec![NewDevice::new(
+        "esp-after-crash",
+        "valve",
+        DeviceState::Discovered,
+    )]);
 
     let mut second = site.run();
     let addr = second.ready();
-    let (status, body) = http_get(addr, "/api/v1/devices", Some(token.trim()));
+    let (status, body) = http_get(addr, "/api/v1/devices", Some(&token));
     assert_eq!(status, 200);
     assert_eq!(body["devices"][0]["id"], "esp-after-crash");
-    second.signal(libc::SIGTERM);
-    let (status, stderr, _) = second.wait();
-    assert_clean_exit(status, &stderr, &site);
+    let _ = second.stop_cleanly(libc::SIGTERM, &site);
 }
