@@ -66,9 +66,9 @@ fn test(args: &[String]) -> anyhow::Result<()> {
 
 /// Makes sure every external part the tests start is present, installing what is missing.
 ///
-/// The foundation needs none beyond the Rust toolchain (SQLite is compiled in). Later
-/// capabilities add theirs here: Mosquitto for the uplink, the BlueZoo venv and a private
-/// D-Bus for BLE, the wasm32-wasip2 guests for the handler runtime.
+/// SQLite is compiled in. The handler guests in `plugins/` are built by the test build
+/// (`tests/guests/build.rs`) and need the `wasm32-wasip2` standard library. Later
+/// capabilities add their parts here (Mosquitto, the BlueZoo venv and a private D-Bus).
 fn prepare(root: &Path) -> anyhow::Result<()> {
     step("checking the toolchain");
     let rustc = Command::new("rustc")
@@ -77,6 +77,35 @@ fn prepare(root: &Path) -> anyhow::Result<()> {
         .output()
         .context("rustc not found: install Rust with rustup (https://rustup.rs)")?;
     eprintln!("  {}", String::from_utf8_lossy(&rustc.stdout).trim());
+    ensure_rust_target(root, WASM_TARGET)
+}
+
+/// The target handler guests are built for.
+const WASM_TARGET: &str = "wasm32-wasip2";
+
+/// Installs a Rust target's standard library with rustup when it is missing.
+fn ensure_rust_target(root: &Path, target: &str) -> anyhow::Result<()> {
+    let sysroot = Command::new("rustc")
+        .current_dir(root)
+        .args(["--print", "sysroot"])
+        .output()
+        .context("cannot run rustc")?;
+    let sysroot = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim());
+    if sysroot.join("lib/rustlib").join(target).exists() {
+        eprintln!("  target {target}: installed");
+        return Ok(());
+    }
+    step(&format!("rustup target add {target}"));
+    let status = Command::new("rustup")
+        .current_dir(root)
+        .args(["target", "add", target])
+        .status()
+        .with_context(|| {
+            format!("the Rust target {target} is missing and rustup is not available to add it")
+        })?;
+    if !status.success() {
+        bail!("rustup target add {target} failed ({status}); the handler guests cannot be built");
+    }
     Ok(())
 }
 

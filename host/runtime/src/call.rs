@@ -1,0 +1,243 @@
+//! One call into a handler: a fresh `Store` with its limits, the deadlines, and the
+//! translation of whatever happened into a result or a [`CallError`].
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use wasmtime::component::HasSelf;
+use wasmtime::{Store, Trap, UpdateDeadline};
+use wasmtime_wasi::WasiCtxBuilder;
+
+use crate::bindings::exports::outpost::handler::handler::Guest;
+use crate::bindings::{UpdateHandler, UpdateHandlerPre};
+use crate::host::{CallScope, HostState, MemoryLimiter};
+use crate::output::BoundedOutput;
+use crate::{
+    CallError, Device, DeviceReport, HandlerInfo, Outcome, ReportVerdict, Runtime, Services, Step,
+    TrapKind, Update,
+};
+
+/// What to call.
+pub(crate) enum Request<'a> {
+    Describe,
+    Step(Step, &'a Device, &'a Update),
+    Report(&'a Device, &'a Update, &'a DeviceReport),
+}
+
+impl Request<'_> {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Describe => "describe",
+            Self::Step(step, ..) => step.name(),
+            Self::Report(..) => "interpret-report",
+        }
+    }
+
+    fn device_id(&self) -> &str {
+        match self {
+            Self::Describe => "-",
+            Self::Step(_, device, _) | Self::Report(device, ..) => &device.id,
+        }
+    }
+
+    fn files(&self) -> HashSet<String> {
+        match self {
+            Self::Describe => HashSet::new(),
+            Self::Step(_, _, update) | Self::Report(_, update, _) => {
+                update.files.iter().map(|f| f.file_id.clone()).collect()
+            }
+        }
+    }
+}
+
+/// What came back.
+pub(crate) enum Response {
+    Info(HandlerInfo),
+    Outcome(Outcome),
+    Verdict(ReportVerdict),
+}
+
+pub(crate) fn link(linker: &mut wasmtime::component::Linker<HostState>) -> wasmtime::Result<()> {
+    wasmtime_wasi::p2::add_to_linker_async(linker)?;
+    UpdateHandler::add_to_linker::<HostState, HasSelf<HostState>>(linker, |state| state)
+}
+
+impl Runtime {
+    pub(crate) async fn invoke(
+        &self,
+        handler_name: &str,
+        pre: &UpdateHandlerPre<HostState>,
+        services: &Services,
+        request: Request<'_>,
+    ) -> Result<Response, CallError> {
+        let config = &self.config;
+        let _slot = Arc::clone(&self.slots)
+            .acquire_owned()
+            .await
+            .map_err(|_| CallError::Host("the handler runtime is shutting down".into()))?;
+
+        let stdout = BoundedOutput::new(config.output_limit);
+        let stderr = BoundedOutput::new(config.output_limit);
+        // No preopens, no environment, no arguments, no network: the defaults, spelled out
+        // where they are not.
+        let wasi = WasiCtxBuilder::new()
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        let state = HostState {
+            wasi,
+            table: wasmtime::component::ResourceTable::new(),
+            limiter: MemoryLimiter {
+                limit: usize::try_from(config.memory_limit).unwrap_or(usize::MAX),
+                refused: None,
+            },
+            cpu_ticks: 0,
+            scope: CallScope {
+                handler: handler_name.to_owned(),
+                device_id: request.device_id().to_owned(),
+                files: request.files(),
+                services: services.clone(),
+                max_device_wait: config.max_device_wait,
+                log_lines_left: config.log_lines,
+                log_bytes_left: config.log_bytes,
+                log_dropped: 0,
+            },
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|state| &mut state.limiter);
+        // Each tick the guest runs costs one tick of its budget; between ticks it yields to
+        // the async runtime so the wall-clock timeout and other tasks get their turn.
+        let cpu_ticks =
+            (config.cpu_time.as_micros() / config.epoch_tick.as_micros().max(1)).max(1) as u64;
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |mut ctx| {
+            let used = &mut ctx.data_mut().cpu_ticks;
+            *used += 1;
+            Ok(if *used >= cpu_ticks {
+                UpdateDeadline::Interrupt
+            } else {
+                UpdateDeadline::Yield(1)
+            })
+        });
+
+        let name = request.name();
+        let run = async {
+            let instance = pre.instantiate_async(&mut store).await?;
+            call_export(instance.outpost_handler_handler(), &mut store, request).await
+        };
+        let outcome = tokio::time::timeout(config.wall_time, run).await;
+
+        let (stderr_text, stderr_dropped) = stderr.contents();
+        let (stdout_text, stdout_dropped) = stdout.contents();
+        let state = store.data();
+        let scope = &state.scope;
+        forward_output(scope, "stdout", &stdout_text, stdout_dropped);
+        forward_output(scope, "stderr", &stderr_text, stderr_dropped);
+        if scope.log_dropped > 0 {
+            tracing::warn!(
+                handler = %scope.handler,
+                device = %scope.device_id,
+                dropped = scope.log_dropped,
+                "the handler exceeded its log budget; lines were dropped"
+            );
+        }
+
+        let result = match outcome {
+            Err(_elapsed) => Err(CallError::WallClock {
+                limit: config.wall_time,
+                stderr: stderr_text,
+            }),
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(err)) => Err(classify(&err, state, stderr_text)),
+        };
+        match &result {
+            Ok(_) => tracing::debug!(
+                handler = handler_name,
+                call = name,
+                cpu_ticks = state.cpu_ticks,
+                "handler call done"
+            ),
+            Err(err) => tracing::warn!(
+                handler = handler_name,
+                device = %scope.device_id,
+                call = name,
+                error = %err,
+                "handler call failed"
+            ),
+        }
+        result
+    }
+}
+
+async fn call_export(
+    guest: &Guest,
+    store: &mut Store<HostState>,
+    request: Request<'_>,
+) -> wasmtime::Result<Response> {
+    Ok(match request {
+        Request::Describe => Response::Info(guest.call_describe(&mut *store).await?),
+        Request::Report(device, update, report) => Response::Verdict(
+            guest
+                .call_interpret_report(&mut *store, device, update, report)
+                .await?,
+        ),
+        Request::Step(step, device, update) => Response::Outcome(match step {
+            Step::IsInstalled => guest.call_is_installed(&mut *store, device, update).await?,
+            Step::Download => guest.call_download(&mut *store, device, update).await?,
+            Step::Install => guest.call_install(&mut *store, device, update).await?,
+            Step::Apply => guest.call_apply(&mut *store, device, update).await?,
+            Step::Cancel => guest.call_cancel(&mut *store, device, update).await?,
+            Step::Rollback => guest.call_rollback(&mut *store, device, update).await?,
+        }),
+    })
+}
+
+fn classify(err: &wasmtime::Error, state: &HostState, stderr: String) -> CallError {
+    let message = format!("{err:?}");
+    let kind = if state.limiter.refused.is_some() {
+        TrapKind::MemoryLimit
+    } else {
+        match err.downcast_ref::<Trap>() {
+            Some(Trap::Interrupt) => TrapKind::CpuDeadline,
+            Some(Trap::StackOverflow) => TrapKind::StackOverflow,
+            Some(Trap::UnreachableCodeReached) if stderr.contains("panicked") => TrapKind::Panic,
+            // Rust guests keep a shadow stack in linear memory; runaway recursion with
+            // large frames exhausts it before the wasm stack and lands out of bounds.
+            Some(trap) => TrapKind::Other(format!("{trap}")),
+            None if message.contains("handler state:") => {
+                return CallError::Host(format!("{err:#}"));
+            }
+            None => TrapKind::Other("error".into()),
+        }
+    };
+    CallError::Trap {
+        kind,
+        message,
+        stderr,
+    }
+}
+
+/// Hands the guest's output to the log, one event per line, with who wrote it.
+fn forward_output(scope: &CallScope, stream: &'static str, text: &str, dropped: u64) {
+    for line in text.lines().filter(|line| !line.trim().is_empty()) {
+        tracing::info!(
+            target: "outpost::handler",
+            handler = %scope.handler,
+            device = %scope.device_id,
+            stream,
+            "{line}"
+        );
+    }
+    if dropped > 0 {
+        tracing::warn!(
+            handler = %scope.handler,
+            device = %scope.device_id,
+            stream,
+            dropped_bytes = dropped,
+            "the handler wrote more than the output limit; the rest was dropped"
+        );
+    }
+}

@@ -1,0 +1,122 @@
+//! The one wasmtime `Engine` of a gateway: pooling allocator, epoch interruption, and only
+//! the wasm features a WASI Preview 2 handler needs.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+use crate::RuntimeError;
+
+/// Limits and sizes of the handler sandbox.
+#[derive(Clone, Debug)]
+pub struct RuntimeConfig {
+    /// Linear memory one call may use, in bytes (default 64 MiB).
+    pub memory_limit: u64,
+    /// Guest CPU time one call may use (default 1 s), measured in epoch ticks.
+    pub cpu_time: Duration,
+    /// Wall-clock time one call may take, including time parked in host calls such as a
+    /// device request (default 30 s).
+    pub wall_time: Duration,
+    /// The longest a handler may wait for one device reply (default 10 s).
+    pub max_device_wait: Duration,
+    /// Handler instances running at once; further calls wait (default 4).
+    pub max_instances: u32,
+    /// Bytes of stdout and of stderr kept per call (default 64 KiB each).
+    pub output_limit: usize,
+    /// Log lines a call may write through the log import (default 1000).
+    pub log_lines: u32,
+    /// Bytes of log messages and fields a call may write (default 256 KiB).
+    pub log_bytes: usize,
+    /// The epoch tick: the granularity of CPU accounting (default 10 ms).
+    pub epoch_tick: Duration,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            memory_limit: 64 << 20,
+            cpu_time: Duration::from_secs(1),
+            wall_time: Duration::from_secs(30),
+            max_device_wait: Duration::from_secs(10),
+            max_instances: 4,
+            output_limit: 64 << 10,
+            log_lines: 1000,
+            log_bytes: 256 << 10,
+            epoch_tick: Duration::from_millis(10),
+        }
+    }
+}
+
+/// The native stack a guest may use; deeper recursion traps with a stack overflow.
+const MAX_WASM_STACK: usize = 512 << 10;
+
+/// Pool slots per running instance: a Rust wasip2 component has several core instances
+/// (its module plus the canonical-ABI shims), each with its tables.
+const CORE_INSTANCES_PER_COMPONENT: u32 = 8;
+
+pub(crate) fn build_engine(config: &RuntimeConfig) -> Result<Engine, RuntimeError> {
+    let instances = config.max_instances.max(1);
+    let mut pool = PoolingAllocationConfig::default();
+    pool.total_component_instances(instances)
+        .total_core_instances(instances * CORE_INSTANCES_PER_COMPONENT)
+        .total_memories(instances * 2)
+        .total_tables(instances * CORE_INSTANCES_PER_COMPONENT)
+        .total_stacks(instances)
+        .max_memory_size(usize::try_from(config.memory_limit).unwrap_or(usize::MAX))
+        .max_memories_per_module(1)
+        .max_tables_per_module(2);
+
+    let mut wasm = Config::new();
+    wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
+        .epoch_interruption(true)
+        .max_wasm_stack(MAX_WASM_STACK)
+        .wasm_component_model(true)
+        // Handlers are plain WASI p2 components. Threads, GC, stack switching and the
+        // async component ABI are not even compiled in (see the crate's wasmtime features);
+        // of what is, turn off what they do not need.
+        .wasm_memory64(false)
+        .concurrency_support(false);
+    Engine::new(&wasm).map_err(|err| RuntimeError::Engine(format!("{err:#}")))
+}
+
+/// Advances the engine's epoch every tick on its own thread, for as long as the engine
+/// lives; dropping the ticker stops it.
+#[derive(Debug)]
+pub(crate) struct EpochTicker {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl EpochTicker {
+    pub(crate) fn start(engine: &Engine, tick: Duration) -> Result<Self, RuntimeError> {
+        let weak = engine.weak();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("outpost-epoch".into())
+            .spawn(move || {
+                while !stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::thread::sleep(tick);
+                    match weak.upgrade() {
+                        Some(engine) => engine.increment_epoch(),
+                        None => break,
+                    }
+                }
+            })
+            .map_err(|err| RuntimeError::Engine(format!("cannot start the epoch ticker: {err}")))?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

@@ -1,0 +1,259 @@
+//! The sandbox for vendor update handlers.
+//!
+//! A handler is a WASI Preview 2 component exporting the `outpost:handler@0.1.0` world
+//! (`wit/outpost-handler-0.1.0`). The gateway loads it once ([`Runtime::load`]: compile,
+//! check its imports and exports, pre-instantiate) and then calls it per device and step,
+//! each call in a fresh `Store` under hard limits:
+//!
+//! * **memory**: a per-call cap on linear memory (default 64 MiB), over a pooling
+//!   allocator sized for [`RuntimeConfig::max_instances`];
+//! * **CPU**: epoch interruption with a 10 ms tick; a call may run for
+//!   [`RuntimeConfig::cpu_time`] of guest execution, yielding to the async runtime each
+//!   tick, and is interrupted past it;
+//! * **wall clock**: an outer timeout that also covers time parked in host calls (a
+//!   device that never answers);
+//! * **stack**: deep recursion traps;
+//! * **capabilities**: no filesystem, no sockets, no environment; stdout and stderr are
+//!   captured into bounded buffers and forwarded to the log with the handler and device
+//!   ids; the log import has a per-call budget.
+//!
+//! A trap becomes a [`CallError`] carrying its [`TrapKind`] and the guest's stderr; the
+//! store is dropped and the next call starts clean.
+//!
+//! ```no_run
+//! # async fn demo(wasm: &[u8], services: outpost_runtime::Services, device: outpost_runtime::Device,
+//! #               update: outpost_runtime::Update) -> Result<(), Box<dyn std::error::Error>> {
+//! use outpost_runtime::{Runtime, RuntimeConfig, Step};
+//!
+//! let runtime = Runtime::new(RuntimeConfig::default())?;
+//! let handler = runtime.load("esp32-app", wasm)?;
+//! let outcome = runtime.step(&handler, &services, Step::IsInstalled, &device, &update).await?;
+//! println!("{} {}", outcome.result_code, outcome.details);
+//! # Ok(()) }
+//! ```
+
+mod bindings;
+mod call;
+mod engine;
+mod error;
+mod host;
+mod output;
+mod services;
+
+use std::sync::Arc;
+
+use tokio::sync::Semaphore;
+use wasmtime::Engine;
+use wasmtime::component::{Component, Linker};
+
+pub use bindings::outpost::handler::types::{
+    Artifact, Device, DeviceReport, HandlerInfo, Limits, Outcome, ReportVerdict, Update,
+};
+pub use engine::RuntimeConfig;
+pub use error::{CallError, LoadError, RuntimeError, TrapKind};
+pub use services::{
+    ArtifactSource, BoxFuture, ChannelError, DeviceChannel, MAX_KEY_LEN, MemoryState, ReadError,
+    Services, StateError, StateStore,
+};
+
+use bindings::UpdateHandlerPre;
+use call::{Request, Response};
+use host::HostState;
+
+/// The WIT package versions this runtime offers handlers.
+pub const WIT_VERSIONS: &[&str] = &["outpost:handler@0.1.0"];
+
+/// A handler step with an ADU-style outcome.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Step {
+    /// 9xx: is the update already on the device?
+    IsInstalled,
+    /// 5xx: prepare the files.
+    Download,
+    /// 6xx: install them.
+    Install,
+    /// 7xx: switch to the new version.
+    Apply,
+    /// 8xx: stop an update in progress.
+    Cancel,
+    /// 11xx: return to the previous version.
+    Rollback,
+}
+
+impl Step {
+    /// The export's WIT name.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::IsInstalled => "is-installed",
+            Self::Download => "download",
+            Self::Install => "install",
+            Self::Apply => "apply",
+            Self::Cancel => "cancel",
+            Self::Rollback => "rollback",
+        }
+    }
+}
+
+/// The handler host: one engine, one linker, a bound on instances running at once.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<HostState>,
+    config: RuntimeConfig,
+    slots: Arc<Semaphore>,
+    _ticker: engine::EpochTicker,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A loaded handler, ready to instantiate. Cheap to clone; calls in flight keep the
+/// version they started with when a new one replaces it.
+#[derive(Clone)]
+pub struct Handler {
+    name: Arc<str>,
+    pre: UpdateHandlerPre<HostState>,
+}
+
+impl std::fmt::Debug for Handler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handler")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Handler {
+    /// The name it was loaded under.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Runtime {
+    /// Sets up the engine, the epoch ticker and the linker with the host imports.
+    pub fn new(config: RuntimeConfig) -> Result<Self, RuntimeError> {
+        let engine = engine::build_engine(&config)?;
+        let ticker = engine::EpochTicker::start(&engine, config.epoch_tick)?;
+        let mut linker = Linker::new(&engine);
+        call::link(&mut linker).map_err(|err| RuntimeError::Linker(format!("{err:#}")))?;
+        Ok(Self {
+            slots: Arc::new(Semaphore::new(config.max_instances.max(1) as usize)),
+            engine,
+            linker,
+            config,
+            _ticker: ticker,
+        })
+    }
+
+    /// The limits in force.
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.config
+    }
+
+    /// The engine, for precompiling components.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Compiles `wasm` and checks that it is a component the gateway can run: that it
+    /// imports nothing the host does not provide and exports the handler interface.
+    pub fn load(&self, name: &str, wasm: &[u8]) -> Result<Handler, LoadError> {
+        check_header(wasm)?;
+        let component = Component::new(&self.engine, wasm)
+            .map_err(|err| LoadError::Invalid(format!("{err:#}")))?;
+        self.prepare(name, &component)
+    }
+
+    /// Pre-instantiates an already compiled component (see [`load`](Self::load)).
+    pub fn prepare(&self, name: &str, component: &Component) -> Result<Handler, LoadError> {
+        let pre = self
+            .linker
+            .instantiate_pre(component)
+            .map_err(|err| LoadError::UnsupportedImport(format!("{err:#}")))?;
+        let pre = UpdateHandlerPre::new(pre)
+            .map_err(|err| LoadError::WrongExports(format!("{err:#}")))?;
+        Ok(Handler {
+            name: name.into(),
+            pre,
+        })
+    }
+
+    /// Asks the handler to describe itself.
+    pub async fn describe(
+        &self,
+        handler: &Handler,
+        services: &Services,
+    ) -> Result<HandlerInfo, CallError> {
+        match self
+            .invoke(&handler.name, &handler.pre, services, Request::Describe)
+            .await?
+        {
+            Response::Info(info) => Ok(info),
+            _ => unreachable!("describe answers with handler info"),
+        }
+    }
+
+    /// Runs one step for `device` and `update`.
+    pub async fn step(
+        &self,
+        handler: &Handler,
+        services: &Services,
+        step: Step,
+        device: &Device,
+        update: &Update,
+    ) -> Result<Outcome, CallError> {
+        match self
+            .invoke(
+                &handler.name,
+                &handler.pre,
+                services,
+                Request::Step(step, device, update),
+            )
+            .await?
+        {
+            Response::Outcome(outcome) => Ok(outcome),
+            _ => unreachable!("a step answers with an outcome"),
+        }
+    }
+
+    /// Has the handler interpret a report from the device.
+    pub async fn interpret_report(
+        &self,
+        handler: &Handler,
+        services: &Services,
+        device: &Device,
+        update: &Update,
+        report: &DeviceReport,
+    ) -> Result<ReportVerdict, CallError> {
+        match self
+            .invoke(
+                &handler.name,
+                &handler.pre,
+                services,
+                Request::Report(device, update, report),
+            )
+            .await?
+        {
+            Response::Verdict(verdict) => Ok(verdict),
+            _ => unreachable!("interpret-report answers with a verdict"),
+        }
+    }
+}
+
+/// Tells a core module from a component before compiling, for a clearer error.
+fn check_header(wasm: &[u8]) -> Result<(), LoadError> {
+    const MAGIC: &[u8] = b"\0asm";
+    if wasm.len() < 8 || &wasm[..4] != MAGIC {
+        return Err(LoadError::NotWasm);
+    }
+    // Bytes 4..8: version 1 and layer 0 for a core module; layer 1 for a component.
+    match wasm[4..8] {
+        [1, 0, 0, 0] => Err(LoadError::CoreModule),
+        _ => Ok(()),
+    }
+}
