@@ -33,11 +33,14 @@
 //! ```
 
 mod bindings;
+mod cache;
 mod call;
 mod engine;
 mod error;
 mod host;
 mod output;
+pub mod package;
+mod registry;
 mod services;
 
 use std::sync::Arc;
@@ -49,8 +52,10 @@ use wasmtime::component::{Component, Linker};
 pub use bindings::outpost::handler::types::{
     Artifact, Device, DeviceReport, HandlerInfo, Limits, Outcome, ReportVerdict, Update,
 };
+pub use cache::CacheOutcome;
 pub use engine::RuntimeConfig;
 pub use error::{CallError, LoadError, RuntimeError, TrapKind};
+pub use registry::{HandlerRegistry, InstallError, InstalledHandler};
 pub use services::{
     ArtifactSource, BoxFuture, ChannelError, DeviceChannel, MAX_KEY_LEN, MemoryState, ReadError,
     Services, StateError, StateStore,
@@ -246,7 +251,7 @@ impl Runtime {
 }
 
 /// Tells a core module from a component before compiling, for a clearer error.
-fn check_header(wasm: &[u8]) -> Result<(), LoadError> {
+pub(crate) fn check_header(wasm: &[u8]) -> Result<(), LoadError> {
     const MAGIC: &[u8] = b"\0asm";
     if wasm.len() < 8 || &wasm[..4] != MAGIC {
         return Err(LoadError::NotWasm);

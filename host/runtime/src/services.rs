@@ -194,3 +194,73 @@ impl std::fmt::Debug for Services {
         f.debug_struct("Services").finish_non_exhaustive()
     }
 }
+
+/// Services that refuse everything: what a handler gets when it has no business reaching
+/// out (`describe` at install time).
+#[derive(Debug)]
+struct Closed;
+
+impl ArtifactSource for Closed {
+    fn read(
+        &self,
+        _file_id: &str,
+        _offset: u64,
+        _max_len: usize,
+    ) -> BoxFuture<'_, Result<Vec<u8>, ReadError>> {
+        Box::pin(async { Err(ReadError::Unavailable("no artifacts in this call".into())) })
+    }
+}
+
+impl DeviceChannel for Closed {
+    fn request<'a>(
+        &'a self,
+        _device_id: &'a str,
+        _command: &'a str,
+        _payload: &'a [u8],
+        _timeout: Duration,
+    ) -> BoxFuture<'a, Result<Vec<u8>, ChannelError>> {
+        Box::pin(async { Err(ChannelError::Disconnected) })
+    }
+
+    fn download_url(&self, _device_id: &str, _file_id: &str) -> Result<String, ChannelError> {
+        Err(ChannelError::Disconnected)
+    }
+}
+
+impl StateStore for Closed {
+    fn get<'a>(
+        &'a self,
+        _handler: &'a str,
+        _key: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Vec<u8>>, StateError>> {
+        Box::pin(async { Ok(None) })
+    }
+
+    fn set<'a>(
+        &'a self,
+        _handler: &'a str,
+        _key: &'a str,
+        _value: Vec<u8>,
+    ) -> BoxFuture<'a, Result<(), StateError>> {
+        Box::pin(async { Err(StateError::QuotaExceeded) })
+    }
+
+    fn delete<'a>(
+        &'a self,
+        _handler: &'a str,
+        _key: &'a str,
+    ) -> BoxFuture<'a, Result<(), StateError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+impl Services {
+    /// Services that refuse every request: no artifacts, no device, no state writes.
+    pub fn closed() -> Self {
+        Self {
+            artifacts: Arc::new(Closed),
+            devices: Arc::new(Closed),
+            state: Arc::new(Closed),
+        }
+    }
+}

@@ -4,78 +4,15 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use outpost_runtime::{
-    Artifact, ArtifactSource, BoxFuture, CallError, ChannelError, Device, DeviceChannel, Handler,
-    LoadError, MemoryState, ReadError, ReportVerdict, Runtime, RuntimeConfig, Services, Step,
+    Artifact, CallError, Device, Handler, LoadError, ReportVerdict, Runtime, RuntimeConfig, Step,
     TrapKind, Update,
 };
 
-fn hostile_wasm() -> &'static [u8] {
-    static WASM: OnceLock<Vec<u8>> = OnceLock::new();
-    WASM.get_or_init(|| {
-        std::fs::read(outpost_test_guests::HOSTILE)
-            .unwrap_or_else(|err| panic!("{}: {err}", outpost_test_guests::HOSTILE))
-    })
-}
-
-/// A device transport whose devices never answer a request.
-struct SilentDevices;
-
-impl DeviceChannel for SilentDevices {
-    fn request<'a>(
-        &'a self,
-        _device_id: &'a str,
-        _command: &'a str,
-        _payload: &'a [u8],
-        _timeout: Duration,
-    ) -> BoxFuture<'a, Result<Vec<u8>, ChannelError>> {
-        Box::pin(std::future::pending())
-    }
-
-    fn download_url(&self, device_id: &str, file_id: &str) -> Result<String, ChannelError> {
-        Ok(format!(
-            "http://127.0.0.1:8080/firmware/{file_id}?device={device_id}"
-        ))
-    }
-}
-
-/// Firmware files held in memory.
-struct Files(HashMap<String, Vec<u8>>);
-
-impl ArtifactSource for Files {
-    fn read(
-        &self,
-        file_id: &str,
-        offset: u64,
-        max_len: usize,
-    ) -> BoxFuture<'_, Result<Vec<u8>, ReadError>> {
-        let result = match self.0.get(file_id) {
-            None => Err(ReadError::Unavailable(format!("{file_id} is not cached"))),
-            Some(bytes) => match usize::try_from(offset) {
-                Ok(start) if start <= bytes.len() => {
-                    Ok(bytes[start..bytes.len().min(start + max_len)].to_vec())
-                }
-                _ => Err(ReadError::OutOfRange),
-            },
-        };
-        Box::pin(async move { result })
-    }
-}
-
-fn services_with(files: HashMap<String, Vec<u8>>, state_quota: usize) -> Services {
-    Services {
-        artifacts: Arc::new(Files(files)),
-        devices: Arc::new(SilentDevices),
-        state: MemoryState::new(state_quota),
-    }
-}
-
-fn services() -> Services {
-    services_with(HashMap::new(), 4096)
-}
+use crate::support::{hostile_wasm, services, services_with};
 
 fn device(id: &str) -> Device {
     Device {

@@ -1,0 +1,306 @@
+//! The installed handlers of a gateway: one per device type, kept in the state directory
+//! as the signed packages they came in, loaded again at every start.
+//!
+//! Installing is verify → compile → check `describe` → write → swap. Nothing on disk or in
+//! memory changes until every check has passed, and a call in flight keeps the handler
+//! version it started with: it holds its own `Arc`.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use crate::cache::{self, CacheOutcome};
+use crate::package::{Manifest, Package, PackageError, TrustedVendor, VerifiedPackage, sha256_hex};
+use crate::{CallError, Handler, HandlerInfo, LoadError, Runtime, Services};
+
+/// The package file inside a handler's directory.
+const PACKAGE_FILE: &str = "package.tar";
+/// The precompile cache, beside the handlers.
+const CACHE_DIR: &str = ".compiled";
+
+/// A handler that is installed and loaded.
+#[derive(Debug)]
+pub struct InstalledHandler {
+    /// What its package says.
+    pub manifest: Manifest,
+    /// The trusted vendor that signed it.
+    pub vendor: String,
+    /// The component's SHA-256.
+    pub component_sha256: String,
+    /// What it says about itself.
+    pub info: HandlerInfo,
+    /// Ready to call.
+    pub handler: Handler,
+}
+
+/// Why an install was refused. The installed set is unchanged.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    /// The package failed verification.
+    #[error(transparent)]
+    Package(#[from] PackageError),
+    /// The component cannot run here.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// `describe` failed.
+    #[error("the handler failed to describe itself: {0}")]
+    Describe(CallError),
+    /// `describe` contradicts the manifest.
+    #[error("the handler's describe contradicts its manifest: {0}")]
+    DescribeMismatch(String),
+    /// Another handler already serves one of its device types.
+    #[error("device type {device_type:?} is already served by handler {other:?}; remove it first")]
+    Conflict {
+        /// The contested device type.
+        device_type: String,
+        /// The handler that has it.
+        other: String,
+    },
+    /// The state directory could not be written.
+    #[error("cannot store the handler in {path}: {source}")]
+    Io {
+        /// Where.
+        path: PathBuf,
+        /// What failed.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The set of installed handlers.
+pub struct HandlerRegistry {
+    dir: PathBuf,
+    runtime: Arc<Runtime>,
+    trusted: Vec<TrustedVendor>,
+    installed: RwLock<BTreeMap<String, Arc<InstalledHandler>>>,
+}
+
+impl std::fmt::Debug for HandlerRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HandlerRegistry")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HandlerRegistry {
+    /// Loads every handler installed under `dir`. A package that no longer verifies (its
+    /// vendor key was withdrawn) or no longer loads is left on disk, skipped, and named in
+    /// the returned warnings.
+    pub async fn open(
+        dir: impl Into<PathBuf>,
+        runtime: Arc<Runtime>,
+        trusted: Vec<TrustedVendor>,
+    ) -> Result<(Self, Vec<String>), InstallError> {
+        let dir = dir.into();
+        std::fs::create_dir_all(&dir).map_err(|source| InstallError::Io {
+            path: dir.clone(),
+            source,
+        })?;
+        let registry = Self {
+            dir,
+            runtime,
+            trusted,
+            installed: RwLock::new(BTreeMap::new()),
+        };
+        let mut warnings = Vec::new();
+        let mut names: Vec<PathBuf> = std::fs::read_dir(&registry.dir)
+            .map_err(|source| InstallError::Io {
+                path: registry.dir.clone(),
+                source,
+            })?
+            .filter_map(Result::ok)
+            .map(|entry| entry.path())
+            .filter(|path| path.join(PACKAGE_FILE).is_file())
+            .collect();
+        names.sort();
+        for path in names {
+            let package_path = path.join(PACKAGE_FILE);
+            let loaded = match std::fs::read(&package_path) {
+                Ok(bytes) => registry.prepare(&bytes).await,
+                Err(source) => Err(InstallError::Io {
+                    path: package_path.clone(),
+                    source,
+                }),
+            };
+            match loaded {
+                Ok((installed, _)) => {
+                    registry
+                        .write_map()
+                        .insert(installed.manifest.name.clone(), Arc::new(installed));
+                }
+                Err(err) => {
+                    warnings.push(format!("handler in {} not loaded: {err}", path.display()));
+                }
+            }
+        }
+        Ok((registry, warnings))
+    }
+
+    /// Verifies, compiles and installs a package, replacing an installed handler of the same
+    /// name. Returns the new handler and what the compile cache did.
+    pub async fn install(
+        &self,
+        archive: &[u8],
+    ) -> Result<(Arc<InstalledHandler>, CacheOutcome), InstallError> {
+        let verified = Package::read(archive)?.verify(&self.trusted)?;
+        self.check_conflicts(verified.manifest())?;
+        let (installed, outcome) = self.load_verified(verified).await?;
+        let name = installed.manifest.name.clone();
+        self.write_package(&name, archive)?;
+        let installed = Arc::new(installed);
+        let previous = self
+            .write_map()
+            .insert(name.clone(), Arc::clone(&installed));
+        tracing::info!(
+            handler = %name,
+            version = %installed.manifest.version,
+            vendor = %installed.vendor,
+            replaced = previous.as_ref().map(|p| p.manifest.version.as_str()),
+            "handler installed"
+        );
+        Ok((installed, outcome))
+    }
+
+    /// Removes an installed handler. Calls in flight finish with the version they hold.
+    pub fn remove(&self, name: &str) -> Result<Arc<InstalledHandler>, InstallError> {
+        let removed = self
+            .write_map()
+            .remove(name)
+            .ok_or_else(|| InstallError::Io {
+                path: self.dir.join(name),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("no handler named {name:?} is installed"),
+                ),
+            })?;
+        let dir = self.dir.join(name);
+        std::fs::remove_dir_all(&dir).map_err(|source| InstallError::Io { path: dir, source })?;
+        Ok(removed)
+    }
+
+    /// Every installed handler, by name.
+    pub fn list(&self) -> Vec<Arc<InstalledHandler>> {
+        self.read_map().values().cloned().collect()
+    }
+
+    /// The handler for a device type.
+    pub fn for_device_type(&self, device_type: &str) -> Option<Arc<InstalledHandler>> {
+        self.read_map()
+            .values()
+            .find(|h| h.manifest.device_types.iter().any(|t| t == device_type))
+            .cloned()
+    }
+
+    /// The handler with this name.
+    pub fn get(&self, name: &str) -> Option<Arc<InstalledHandler>> {
+        self.read_map().get(name).cloned()
+    }
+
+    /// The runtime handlers run in.
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        &self.runtime
+    }
+
+    /// A handler of another name must not already serve one of the device types.
+    fn check_conflicts(&self, manifest: &Manifest) -> Result<(), InstallError> {
+        let map = self.read_map();
+        for device_type in &manifest.device_types {
+            if let Some(other) = map.values().find(|h| {
+                h.manifest.name != manifest.name && h.manifest.device_types.contains(device_type)
+            }) {
+                return Err(InstallError::Conflict {
+                    device_type: device_type.clone(),
+                    other: other.manifest.name.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Everything short of writing: verify, compile (through the cache), describe.
+    async fn prepare(
+        &self,
+        archive: &[u8],
+    ) -> Result<(InstalledHandler, CacheOutcome), InstallError> {
+        let verified = Package::read(archive)?.verify(&self.trusted)?;
+        self.load_verified(verified).await
+    }
+
+    async fn load_verified(
+        &self,
+        verified: VerifiedPackage,
+    ) -> Result<(InstalledHandler, CacheOutcome), InstallError> {
+        let manifest = verified.manifest().clone();
+        let wasm = verified.component();
+        crate::check_header(wasm)?;
+        let (component, outcome) =
+            cache::load(self.runtime.engine(), &self.dir.join(CACHE_DIR), wasm)?;
+        let handler = self.runtime.prepare(&manifest.name, &component)?;
+        let info = self
+            .runtime
+            .describe(&handler, &Services::closed())
+            .await
+            .map_err(InstallError::Describe)?;
+        if info.name != manifest.name {
+            return Err(InstallError::DescribeMismatch(format!(
+                "it calls itself {:?}, the manifest {:?}",
+                info.name, manifest.name
+            )));
+        }
+        if let Some(missing) = manifest
+            .device_types
+            .iter()
+            .find(|t| !info.device_types.contains(t))
+        {
+            return Err(InstallError::DescribeMismatch(format!(
+                "the manifest claims device type {missing:?}, which the handler does not handle"
+            )));
+        }
+        Ok((
+            InstalledHandler {
+                vendor: verified.vendor().to_owned(),
+                component_sha256: sha256_hex(wasm),
+                manifest,
+                info,
+                handler,
+            },
+            outcome,
+        ))
+    }
+
+    /// Writes the package atomically: a crash leaves the old one or the new one.
+    fn write_package(&self, name: &str, archive: &[u8]) -> Result<(), InstallError> {
+        let dir = self.dir.join(name);
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| InstallError::Io { path, source }
+        };
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let tmp = dir.join(format!("{PACKAGE_FILE}.tmp"));
+        let mut file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+        file.write_all(archive)
+            .and_then(|()| file.sync_all())
+            .map_err(io(&tmp))?;
+        let target = dir.join(PACKAGE_FILE);
+        std::fs::rename(&tmp, &target).map_err(io(&target))?;
+        std::fs::File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(&dir))
+    }
+
+    fn read_map(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<InstalledHandler>>> {
+        self.installed
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write_map(
+        &self,
+    ) -> std::sync::RwLockWriteGuard<'_, BTreeMap<String, Arc<InstalledHandler>>> {
+        self.installed
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
