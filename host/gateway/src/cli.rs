@@ -10,11 +10,12 @@ use outpost_store::{Device, Store};
 use serde::Serialize;
 
 use crate::config::{self, Config, LogFormat};
+use crate::handler_cmd::{self, HandlerCommand};
 use crate::{daemon, logging};
 
 /// Outpost: a site gateway for fleets of ESP32-class devices.
 #[derive(Debug, Parser)]
-#[command(name = "outpost", version, about, propagate_version = true)]
+#[command(name = "outpost", version, about)]
 pub(crate) struct Cli {
     /// The config file.
     #[arg(long, short, global = true, default_value = config::DEFAULT_PATH)]
@@ -38,6 +39,9 @@ enum Command {
     /// Inspect the devices the gateway knows.
     #[command(subcommand)]
     Devices(DevicesCommand),
+    /// Build, sign, verify and install vendor update handlers.
+    #[command(subcommand)]
+    Handler(HandlerCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -78,6 +82,7 @@ pub(crate) async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 eprintln!("warning: {warning}");
             }
         }
+        Command::Handler(command) => handler_cmd::run(command, &cli.config).await?,
         Command::Devices(DevicesCommand::List { json }) => {
             let config = Config::load(&cli.config)?;
             let devices = read_devices(&config.database_path()).await?;
@@ -152,6 +157,12 @@ fn write_device_table(out: &mut impl Write, devices: &[Device]) -> std::io::Resu
 mod tests {
     use super::*;
     use outpost_store::{DeviceState, Timestamp};
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
 
     #[test]
     fn device_table_aligns_columns() {

@@ -79,6 +79,21 @@ async fn start(
         }
     };
 
+    let (handlers, warnings) = crate::handler_cmd::open_registry(config).await?;
+    for warning in warnings {
+        tracing::warn!("{warning}");
+    }
+    let installed = handlers.list();
+    tracing::info!(
+        count = installed.len(),
+        handlers = %installed
+            .iter()
+            .map(|h| format!("{}@{}", h.manifest.name, h.manifest.version))
+            .collect::<Vec<_>>()
+            .join(","),
+        "update handlers loaded"
+    );
+
     let listener = api::bind(config.api.bind, config_path).await?;
     let addr = listener.local_addr()?;
     if !addr.ip().is_loopback() {

@@ -2,12 +2,14 @@
 //!
 //! `outpost run` starts the gateway on `gateway-config/outpost.toml` (or `--config FILE`);
 //! `outpost config check` validates a config and prints it with secrets redacted;
-//! `outpost devices list` reads the device lobby from the state database.
+//! `outpost devices list` reads the device lobby from the state database;
+//! `outpost handler …` builds, signs, verifies and installs vendor update handlers.
 
 mod api;
 mod cli;
 mod config;
 mod daemon;
+mod handler_cmd;
 mod logging;
 mod onboarding;
 

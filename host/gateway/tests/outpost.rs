@@ -536,3 +536,130 @@ fn after_kill_9_a_restart_recovers_state_and_the_lock() {
     assert_eq!(body["devices"][0]["id"], "esp-after-crash");
     let _ = second.stop_cleanly(libc::SIGTERM, &site);
 }
+
+fn stdout_of(output: &Output) -> String {
+    assert!(
+        output.status.success(),
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn a_vendor_packs_and_signs_a_handler_and_the_operator_installs_it() {
+    let site = Site::new("");
+    let key = site.dir.path().join("acme.key");
+    let package = site.dir.path().join("hostile.tar");
+
+    // Vendor side.
+    let keygen = stdout_of(&site.command(&["handler", "keygen", "--out", key.to_str().unwrap()]));
+    let public_key = keygen
+        .lines()
+        .find_map(|l| l.strip_prefix("Public key: "))
+        .expect("keygen prints the public key")
+        .to_owned();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    stdout_of(&site.command(&[
+        "handler",
+        "pack",
+        outpost_test_guests::HOSTILE,
+        "--name",
+        "hostile",
+        "--version",
+        "1.2.0",
+        "--vendor",
+        "acme",
+        "--device-type",
+        "hostile-device",
+        "--out",
+        package.to_str().unwrap(),
+    ]));
+    let unsigned = site.command(&["handler", "verify", package.to_str().unwrap()]);
+    assert!(!unsigned.status.success());
+    assert!(String::from_utf8_lossy(&unsigned.stderr).contains("not signed"));
+    stdout_of(&site.command(&[
+        "handler",
+        "sign",
+        package.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+    ]));
+
+    // Operator side: not trusted yet, then trusted.
+    let untrusted = site.command(&["handler", "install", package.to_str().unwrap()]);
+    assert!(!untrusted.status.success());
+    assert!(
+        String::from_utf8_lossy(&untrusted.stderr).contains("unknown key"),
+        "{}",
+        String::from_utf8_lossy(&untrusted.stderr)
+    );
+    site.write_config(&format!(
+        "[gateway]\nid = \"gw-test\"\nstate_dir = \"state\"\n\n[api]\nbind = \"127.0.0.1:0\"\n\n\
+         [[handlers.trusted_vendors]]\nname = \"acme\"\npublic_key = \"{public_key}\"\ndevice_types = [\"hostile-device\"]\n"
+    ));
+    let verified = stdout_of(&site.command(&["handler", "verify", package.to_str().unwrap()]));
+    assert!(
+        verified.starts_with("OK: hostile 1.2.0 by acme for hostile-device"),
+        "{verified}"
+    );
+
+    // A package altered after signing is refused, naming why.
+    let mut tampered = std::fs::read(&package).unwrap();
+    let at = tampered.windows(7).position(|w| w == b"\"1.2.0\"").unwrap();
+    tampered[at + 1] = b'9';
+    let tampered_path = site.dir.path().join("tampered.tar");
+    std::fs::write(&tampered_path, tampered).unwrap();
+    let refused = site.command(&["handler", "install", tampered_path.to_str().unwrap()]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("signature does not verify"));
+
+    let installed = stdout_of(&site.command(&["handler", "install", package.to_str().unwrap()]));
+    assert!(
+        installed.starts_with("Installed hostile 1.2.0 by acme"),
+        "{installed}"
+    );
+    let list: serde_json::Value =
+        serde_json::from_str(&stdout_of(&site.command(&["handler", "list", "--json"]))).unwrap();
+    assert_eq!(list["handlers"][0]["name"], "hostile");
+    assert_eq!(list["handlers"][0]["version"], "1.2.0");
+
+    // The gateway loads it at start.
+    let mut gateway = site.run();
+    let line = gateway.wait_for_line("handlers loaded", |json, _| {
+        json["message"] == "update handlers loaded"
+    });
+    assert!(
+        line.contains("\"count\":1") && line.contains("hostile@1.2.0"),
+        "{line}"
+    );
+    gateway.ready();
+    gateway.stop_cleanly(libc::SIGTERM, &site);
+
+    assert_eq!(
+        stdout_of(&site.command(&["handler", "remove", "hostile"])),
+        "Removed hostile 1.2.0\n"
+    );
+    assert_eq!(
+        stdout_of(&site.command(&["handler", "list"])),
+        "No handlers installed.\n"
+    );
+}
+
+#[test]
+fn a_malformed_trusted_key_in_the_config_names_its_line() {
+    let site = Site::new(
+        "\n[[handlers.trusted_vendors]]\nname = \"acme\"\npublic_key = \"ed25519:nothex\"\ndevice_types = [\"*\"]\n",
+    );
+    let output = site.command(&["config", "check"]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("outpost.toml:10:14:"), "{stderr}");
+    assert!(stderr.contains("64 hex digits"), "{stderr}");
+}

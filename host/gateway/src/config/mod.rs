@@ -121,7 +121,7 @@ pub(crate) struct CacheSection {
     pub(crate) max_size_mib: NonZeroU64,
 }
 
-/// `[handlers]`: limits for the vendor update handlers.
+/// `[handlers]`: limits for the vendor update handlers, and whose handlers to trust.
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct HandlersSection {
@@ -131,6 +131,63 @@ pub(crate) struct HandlersSection {
     pub(crate) cpu_time_ms: NonZeroU32,
     #[serde(default = "default_handler_instances")]
     pub(crate) max_concurrent: NonZeroU32,
+    /// Vendors whose signed packages may be installed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) trusted_vendors: Vec<TrustedVendorEntry>,
+}
+
+/// `[[handlers.trusted_vendors]]`: a vendor key and what it may sign for.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TrustedVendorEntry {
+    pub(crate) name: String,
+    pub(crate) public_key: PublicKey,
+    /// Device types the key may sign handlers for; `"*"` for any.
+    pub(crate) device_types: Vec<String>,
+}
+
+/// An ed25519 public key written `ed25519:<64 hex digits>`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(into = "String")]
+pub(crate) struct PublicKey(pub(crate) outpost_runtime::package::VerifyingKey);
+
+impl From<PublicKey> for String {
+    fn from(key: PublicKey) -> Self {
+        outpost_runtime::package::format_public_key(&key.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for PublicKey {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        outpost_runtime::package::parse_public_key(&text)
+            .map(Self)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl HandlersSection {
+    /// The runtime limits these settings give.
+    pub(crate) fn runtime_config(&self) -> outpost_runtime::RuntimeConfig {
+        outpost_runtime::RuntimeConfig {
+            memory_limit: u64::from(self.memory_limit_mib.get()) << 20,
+            cpu_time: std::time::Duration::from_millis(u64::from(self.cpu_time_ms.get())),
+            max_instances: self.max_concurrent.get(),
+            ..outpost_runtime::RuntimeConfig::default()
+        }
+    }
+
+    /// The trust store for package verification.
+    pub(crate) fn trusted(&self) -> Vec<outpost_runtime::package::TrustedVendor> {
+        self.trusted_vendors
+            .iter()
+            .map(|vendor| outpost_runtime::package::TrustedVendor {
+                name: vendor.name.clone(),
+                key: vendor.public_key.0,
+                device_types: vendor.device_types.clone(),
+            })
+            .collect()
+    }
 }
 
 fn default_name() -> String {
@@ -202,6 +259,7 @@ impl Default for HandlersSection {
             memory_limit_mib: default_handler_memory(),
             cpu_time_ms: default_handler_cpu(),
             max_concurrent: default_handler_instances(),
+            trusted_vendors: Vec::new(),
         }
     }
 }
@@ -439,6 +497,11 @@ impl Config {
             text.push_str("\n# [uplink] is not configured: the gateway runs offline.\n");
         }
         text
+    }
+
+    /// Where installed handler packages and their compiled code live.
+    pub(crate) fn handlers_dir(&self) -> PathBuf {
+        self.gateway.state_dir.join("handlers")
     }
 
     /// Where the SQLite state database lives.

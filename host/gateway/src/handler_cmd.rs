@@ -1,0 +1,288 @@
+//! `outpost handler …`: the vendor's tools (keygen, pack, sign) and the operator's
+//! (verify, install, list, remove).
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use outpost_runtime::package::{self, Manifest, Package, RequestedLimits};
+use outpost_runtime::{HandlerRegistry, Runtime};
+use serde::Serialize;
+
+use crate::config::Config;
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum HandlerCommand {
+    /// Create a vendor signing key (private key file, mode 0600) and print its public key.
+    Keygen {
+        /// Where to write the private key.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Pack a wasm32-wasip2 component into an (unsigned) handler package.
+    Pack(PackArgs),
+    /// Sign a package with a vendor key (in place unless --out is given).
+    Sign {
+        /// The package.
+        package: PathBuf,
+        /// The vendor's private key file.
+        #[arg(long)]
+        key: PathBuf,
+        /// Write the signed package here instead.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Check a package against this gateway's trusted vendors and runtime, without installing.
+    Verify {
+        /// The package.
+        package: PathBuf,
+    },
+    /// Verify, compile and install a package (replaces an installed handler of the same name).
+    Install {
+        /// The package.
+        package: PathBuf,
+    },
+    /// List the installed handlers.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an installed handler.
+    Remove {
+        /// The handler's name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct PackArgs {
+    /// The component (.wasm) built for wasm32-wasip2.
+    component: PathBuf,
+    /// Handler name (a-z 0-9 - _ .).
+    #[arg(long)]
+    name: String,
+    /// Handler version.
+    #[arg(long)]
+    version: String,
+    /// Vendor name, as the gateway's trust store knows it.
+    #[arg(long)]
+    vendor: String,
+    /// A device type the handler updates (repeat for more).
+    #[arg(long = "device-type", required = true)]
+    device_types: Vec<String>,
+    /// Memory the handler needs per call, MiB.
+    #[arg(long, default_value_t = 64)]
+    memory_mib: u32,
+    /// CPU time the handler needs per call, ms.
+    #[arg(long, default_value_t = 1000)]
+    cpu_ms: u32,
+    /// The WIT world version it was built against.
+    #[arg(long, default_value = "outpost:handler@0.1.0")]
+    wit: String,
+    /// Where to write the package.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[allow(clippy::print_stdout)]
+pub(crate) async fn run(command: HandlerCommand, config_path: &Path) -> anyhow::Result<()> {
+    match command {
+        HandlerCommand::Keygen { out } => {
+            let key = package::generate_key().map_err(anyhow::Error::msg)?;
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&out)
+                .with_context(|| {
+                    format!("cannot create {} (it must not exist yet)", out.display())
+                })?;
+            file.write_all(package::format_secret_key(&key).as_bytes())?;
+            file.sync_all()?;
+            let public = package::format_public_key(&key.verifying_key());
+            println!(
+                "Wrote the private key to {} (mode 0600). Keep it secret.",
+                out.display()
+            );
+            println!("Public key: {public}");
+            println!("\nGateways that trust this vendor add to outpost.toml:\n");
+            println!(
+                "[[handlers.trusted_vendors]]\nname = \"<vendor>\"\npublic_key = \"{public}\"\ndevice_types = [\"<device type>\"]"
+            );
+        }
+        HandlerCommand::Pack(args) => {
+            let component = std::fs::read(&args.component)
+                .with_context(|| format!("cannot read {}", args.component.display()))?;
+            let manifest = Manifest {
+                format: package::FORMAT,
+                name: args.name,
+                version: args.version,
+                vendor: args.vendor,
+                device_types: args.device_types,
+                wit: args.wit,
+                limits: RequestedLimits {
+                    memory_mib: args.memory_mib,
+                    cpu_ms: args.cpu_ms,
+                },
+                component: "handler.wasm".into(),
+                files: Default::default(),
+            };
+            let package = Package::build(manifest, component)?;
+            write_atomically(&args.out, &package.to_tar())?;
+            println!(
+                "Packed {} {} into {} (unsigned; sign it with `outpost handler sign`)",
+                package.manifest().name,
+                package.manifest().version,
+                args.out.display()
+            );
+        }
+        HandlerCommand::Sign {
+            package: path,
+            key,
+            out,
+        } => {
+            let key_text = std::fs::read_to_string(&key)
+                .with_context(|| format!("cannot read the key file {}", key.display()))?;
+            let key = package::parse_secret_key(&key_text)
+                .map_err(|why| anyhow::anyhow!("{}: {why}", key.display()))?;
+            let mut package = read_package(&path)?;
+            package.sign(&key);
+            let out = out.unwrap_or(path);
+            write_atomically(&out, &package.to_tar())?;
+            println!(
+                "Signed {} {} with {} into {}",
+                package.manifest().name,
+                package.manifest().version,
+                package::format_public_key(&key.verifying_key()),
+                out.display()
+            );
+        }
+        HandlerCommand::Verify { package: path } => {
+            let config = Config::load(config_path)?;
+            let verified = read_package(&path)?
+                .verify(&config.handlers.trusted())
+                .with_context(|| format!("{} was refused", path.display()))?;
+            let runtime = Runtime::new(config.handlers.runtime_config())?;
+            runtime
+                .load(&verified.manifest().name, verified.component())
+                .with_context(|| format!("{} cannot run on this gateway", path.display()))?;
+            let manifest = verified.manifest();
+            println!(
+                "OK: {} {} by {} for {}, built for {}",
+                manifest.name,
+                manifest.version,
+                verified.vendor(),
+                manifest.device_types.join(", "),
+                manifest.wit
+            );
+        }
+        HandlerCommand::Install { package: path } => {
+            let config = Config::load(config_path)?;
+            let registry = open_registry_cli(&config).await?;
+            let archive =
+                std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            let (installed, _) = registry
+                .install(&archive)
+                .await
+                .with_context(|| format!("{} was not installed", path.display()))?;
+            println!(
+                "Installed {} {} by {} for {}. A running gateway loads it at its next start.",
+                installed.manifest.name,
+                installed.manifest.version,
+                installed.vendor,
+                installed.manifest.device_types.join(", ")
+            );
+        }
+        HandlerCommand::List { json } => {
+            let config = Config::load(config_path)?;
+            let registry = open_registry_cli(&config).await?;
+            let handlers = registry.list();
+            if json {
+                #[derive(Serialize)]
+                struct Entry<'a> {
+                    name: &'a str,
+                    version: &'a str,
+                    vendor: &'a str,
+                    device_types: &'a [String],
+                    wit: &'a str,
+                    component_sha256: &'a str,
+                }
+                let entries: Vec<Entry<'_>> = handlers
+                    .iter()
+                    .map(|h| Entry {
+                        name: &h.manifest.name,
+                        version: &h.manifest.version,
+                        vendor: &h.vendor,
+                        device_types: &h.manifest.device_types,
+                        wit: &h.manifest.wit,
+                        component_sha256: &h.component_sha256,
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({ "handlers": entries }))?
+                );
+            } else if handlers.is_empty() {
+                println!("No handlers installed.");
+            } else {
+                for h in &handlers {
+                    println!(
+                        "{}  {}  by {}  for {}",
+                        h.manifest.name,
+                        h.manifest.version,
+                        h.vendor,
+                        h.manifest.device_types.join(", ")
+                    );
+                }
+            }
+        }
+        HandlerCommand::Remove { name } => {
+            let config = Config::load(config_path)?;
+            let registry = open_registry_cli(&config).await?;
+            let removed = registry.remove(&name)?;
+            println!(
+                "Removed {} {}",
+                removed.manifest.name, removed.manifest.version
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Opens the installed-handler registry of the config's state directory; the warnings
+/// name installed handlers that no longer load.
+pub(crate) async fn open_registry(
+    config: &Config,
+) -> anyhow::Result<(HandlerRegistry, Vec<String>)> {
+    let runtime = Arc::new(Runtime::new(config.handlers.runtime_config())?);
+    Ok(HandlerRegistry::open(config.handlers_dir(), runtime, config.handlers.trusted()).await?)
+}
+
+/// [`open_registry`] for the CLI: warnings go to stderr.
+async fn open_registry_cli(config: &Config) -> anyhow::Result<HandlerRegistry> {
+    let (registry, warnings) = open_registry(config).await?;
+    for warning in warnings {
+        eprintln!("warning: {warning}");
+    }
+    Ok(registry)
+}
+
+fn read_package(path: &Path) -> anyhow::Result<Package> {
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Package::read(std::io::BufReader::new(file))
+        .with_context(|| format!("{} was refused", path.display()))
+}
+
+fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut file =
+        std::fs::File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+}
