@@ -11,7 +11,10 @@ use std::process::Command;
 const TARGET: &str = "wasm32-wasip2";
 
 /// (constant name, file name of the built component)
-const GUESTS: &[(&str, &str)] = &[("HOSTILE", "hostile_handler.wasm")];
+const GUESTS: &[(&str, &str)] = &[
+    ("HOSTILE", "hostile_handler.wasm"),
+    ("ESP32_APP", "esp32_app.wasm"),
+];
 
 fn main() {
     let manifest_dir =

@@ -8,6 +8,14 @@ use outpost_runtime::{
     ArtifactSource, BoxFuture, ChannelError, DeviceChannel, MemoryState, ReadError, Services,
 };
 
+pub(crate) fn esp32_app_wasm() -> &'static [u8] {
+    static WASM: OnceLock<Vec<u8>> = OnceLock::new();
+    WASM.get_or_init(|| {
+        std::fs::read(outpost_test_guests::ESP32_APP)
+            .unwrap_or_else(|err| panic!("{}: {err}", outpost_test_guests::ESP32_APP))
+    })
+}
+
 pub(crate) fn hostile_wasm() -> &'static [u8] {
     static WASM: OnceLock<Vec<u8>> = OnceLock::new();
     WASM.get_or_init(|| {

@@ -1,0 +1,185 @@
+//! An update handler for ESP-IDF application images, as a device vendor would write one.
+//!
+//! Before anything is sent to a device it reads the image's own header from the firmware
+//! cache — the `esp_image_header_t` (magic 0xE9, chip id) and the `esp_app_desc_t` that
+//! follows the first segment header (version, project name) — and checks them against
+//! the device's properties `chip` and `project`. The device then fetches the image itself
+//! from the gateway's local URL (esp_https_ota, with Range resume) and reports progress.
+//!
+//! Device commands: `ota-begin` (payload: JSON with url, size, sha256, version),
+//! `ota-apply`, `ota-cancel`. Device reports: `progress` (ASCII percent), `done` (ASCII
+//! version now running), `failed` (ASCII reason).
+
+mod image;
+
+use outpost_handler_sdk::{
+    Device, DeviceReport, Handler, HandlerInfo, Limits, Outcome, ReportVerdict, Update, artifacts,
+    device_channel, extended_code, log,
+};
+
+use image::{AppImage, ImageError};
+
+/// Facility 1 (update handler), component 0x32 (esp32-app) in ADU's extended code layout.
+const fn code(value: u32) -> u32 {
+    extended_code(1, 0x32, value)
+}
+const NO_FILE: u32 = 1;
+const READ_FAILED: u32 = 2;
+const NOT_AN_IMAGE: u32 = 3;
+const WRONG_CHIP: u32 = 4;
+const WRONG_PROJECT: u32 = 5;
+const DEVICE_REFUSED: u32 = 6;
+const DEVICE_FAILED: u32 = 7;
+const WRONG_VERSION: u32 = 8;
+
+/// How long the device gets to answer a command, in milliseconds.
+const DEVICE_TIMEOUT_MS: u32 = 10_000;
+
+struct Esp32App;
+
+impl Handler for Esp32App {
+    fn describe() -> HandlerInfo {
+        HandlerInfo {
+            name: "esp32-app".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            device_types: vec!["esp32-app".into()],
+            requested_limits: Limits {
+                memory_mib: 16,
+                cpu_ms: 200,
+            },
+        }
+    }
+
+    fn is_installed(device: Device, update: Update) -> Outcome {
+        let image = match checked_image(&device, &update) {
+            Ok(image) => image,
+            Err(outcome) => return outcome,
+        };
+        if device.firmware_version.as_deref() == Some(image.version.as_str()) {
+            Outcome::success(900, format!("{} {} is installed", image.project, image.version))
+        } else {
+            Outcome::success(
+                901,
+                format!(
+                    "{} {} is not installed (device runs {})",
+                    image.project,
+                    image.version,
+                    device.firmware_version.as_deref().unwrap_or("an unknown version")
+                ),
+            )
+        }
+    }
+
+    fn download(device: Device, update: Update) -> Outcome {
+        let image = match checked_image(&device, &update) {
+            Ok(image) => image,
+            Err(outcome) => return outcome,
+        };
+        let file = &update.files[0];
+        let url = match device_channel::download_url(&file.file_id) {
+            Ok(url) => url,
+            Err(err) => return Outcome::failure(code(DEVICE_REFUSED), format!("no download URL: {err:?}")),
+        };
+        let begin = format!(
+            r#"{{"url":"{url}","size":{},"sha256":"{}","version":"{}"}}"#,
+            file.size, file.file_id, image.version
+        );
+        match device_channel::request("ota-begin", begin.as_bytes(), DEVICE_TIMEOUT_MS) {
+            Ok(_) => {
+                log::write(
+                    log::Level::Info,
+                    "device is downloading",
+                    &[("url".into(), url), ("version".into(), image.version.clone())],
+                );
+                Outcome::success(501, format!("device is downloading {}", image.version))
+            }
+            Err(err) => Outcome::failure(code(DEVICE_REFUSED), format!("ota-begin refused: {err:?}")),
+        }
+    }
+
+    fn install(_device: Device, _update: Update) -> Outcome {
+        // esp_https_ota writes the image to the passive slot while it downloads.
+        Outcome::success(600, "written to the passive slot while downloading")
+    }
+
+    fn apply(_device: Device, update: Update) -> Outcome {
+        match device_channel::request("ota-apply", update.version.as_bytes(), DEVICE_TIMEOUT_MS) {
+            Ok(_) => Outcome::success(700, format!("device is rebooting into {}", update.version)),
+            Err(err) => Outcome::failure(code(DEVICE_REFUSED), format!("ota-apply refused: {err:?}")),
+        }
+    }
+
+    fn cancel(_device: Device, _update: Update) -> Outcome {
+        match device_channel::request("ota-cancel", &[], DEVICE_TIMEOUT_MS) {
+            Ok(_) => Outcome::success(800, "download aborted"),
+            Err(err) => Outcome::success(801, format!("unable to cancel: {err:?}")),
+        }
+    }
+
+    fn interpret_report(_device: Device, update: Update, report: DeviceReport) -> ReportVerdict {
+        let text = String::from_utf8_lossy(&report.payload).trim().to_owned();
+        match report.kind.as_str() {
+            "progress" => ReportVerdict::InProgress(text.parse::<u8>().ok().filter(|p| *p <= 100)),
+            "done" if text == update.version => {
+                ReportVerdict::Finished(Outcome::success(700, format!("device runs {text}")))
+            }
+            "done" => ReportVerdict::Finished(Outcome::failure(
+                code(WRONG_VERSION),
+                format!("device runs {text}, expected {}", update.version),
+            )),
+            "failed" => ReportVerdict::Finished(Outcome::failure(code(DEVICE_FAILED), format!("device failed: {text}"))),
+            _ => ReportVerdict::Ignored,
+        }
+    }
+}
+
+/// Reads the image's headers and checks them against the device, or says why not.
+fn checked_image(device: &Device, update: &Update) -> Result<AppImage, Outcome> {
+    let Some(file) = update.files.first() else {
+        return Err(Outcome::failure(code(NO_FILE), "the update has no files"));
+    };
+    let mut head = Vec::with_capacity(image::HEAD_LEN);
+    while head.len() < image::HEAD_LEN {
+        let want = (image::HEAD_LEN - head.len()) as u32;
+        match artifacts::read(&file.file_id, head.len() as u64, want) {
+            Ok(chunk) if chunk.is_empty() => break,
+            Ok(chunk) => head.extend_from_slice(&chunk),
+            Err(err) => {
+                return Err(Outcome::failure(code(READ_FAILED), format!("cannot read {}: {err:?}", file.name)));
+            }
+        }
+    }
+    let image = AppImage::parse(&head).map_err(|err| {
+        let value = match err {
+            ImageError::WrongChip(_) => WRONG_CHIP,
+            _ => NOT_AN_IMAGE,
+        };
+        Outcome::failure(code(value), format!("{}: {err}", file.name))
+    })?;
+    let property = |key: &str| {
+        device
+            .properties
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    };
+    if let Some(chip) = property("chip")
+        && !chip.eq_ignore_ascii_case(image.chip)
+    {
+        return Err(Outcome::failure(
+            code(WRONG_CHIP),
+            format!("the image is for {}, the device is {chip}", image.chip),
+        ));
+    }
+    if let Some(project) = property("project")
+        && project != image.project
+    {
+        return Err(Outcome::failure(
+            code(WRONG_PROJECT),
+            format!("the image is project {:?}, the device runs {project:?}", image.project),
+        ));
+    }
+    Ok(image)
+}
+
+outpost_handler_sdk::register!(Esp32App);
