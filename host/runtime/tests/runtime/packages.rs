@@ -215,6 +215,17 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 /// Whether a refusal is the expected one.
 type Expected = fn(&InstallError) -> bool;
 
+fn not_a_regular_file(e: &InstallError) -> bool {
+    matches!(
+        e,
+        InstallError::Package(PackageError::NotARegularFile { .. })
+    )
+}
+
+fn unsafe_path(e: &InstallError) -> bool {
+    matches!(e, InstallError::Package(PackageError::UnsafePath(_)))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_bad_package_is_refused_and_the_installed_handler_is_untouched() {
     let dir = tempfile::tempdir().unwrap();
@@ -332,57 +343,37 @@ async fn every_bad_package_is_refused_and_the_installed_handler_is_untouched() {
         (
             "path traversal",
             good_plus(tar::EntryType::Regular, b"../../etc/cron.d/x", b"x", 1),
-            |e| matches!(e, InstallError::Package(PackageError::UnsafePath(_))),
+            unsafe_path,
         ),
         (
             "absolute path",
             good_plus(tar::EntryType::Regular, b"/etc/passwd", b"x", 1),
-            |e| matches!(e, InstallError::Package(PackageError::UnsafePath(_))),
+            unsafe_path,
         ),
         (
             "directory in a name",
             good_plus(tar::EntryType::Regular, b"lib/evil.so", b"x", 1),
-            |e| matches!(e, InstallError::Package(PackageError::UnsafePath(_))),
+            unsafe_path,
         ),
         (
             "symlink",
             good_plus(tar::EntryType::Symlink, b"link", b"", 0),
-            |e| {
-                matches!(
-                    e,
-                    InstallError::Package(PackageError::NotARegularFile { .. })
-                )
-            },
+            not_a_regular_file,
         ),
         (
             "hard link",
             good_plus(tar::EntryType::Link, b"hard", b"", 0),
-            |e| {
-                matches!(
-                    e,
-                    InstallError::Package(PackageError::NotARegularFile { .. })
-                )
-            },
+            not_a_regular_file,
         ),
         (
             "device file",
             good_plus(tar::EntryType::Char, b"null", b"", 0),
-            |e| {
-                matches!(
-                    e,
-                    InstallError::Package(PackageError::NotARegularFile { .. })
-                )
-            },
+            not_a_regular_file,
         ),
         (
             "directory",
             good_plus(tar::EntryType::Directory, b"dir", b"", 0),
-            |e| {
-                matches!(
-                    e,
-                    InstallError::Package(PackageError::NotARegularFile { .. })
-                )
-            },
+            not_a_regular_file,
         ),
         (
             "oversized entry",

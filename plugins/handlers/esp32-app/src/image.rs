@@ -33,10 +33,16 @@ impl fmt::Display for ImageError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::TooShort(len) => write!(f, "not an ESP app image: only {len} bytes"),
-            Self::BadMagic(byte) => write!(f, "not an ESP app image: magic byte {byte:#04x}, expected 0xe9"),
+            Self::BadMagic(byte) => write!(
+                f,
+                "not an ESP app image: magic byte {byte:#04x}, expected 0xe9"
+            ),
             Self::WrongChip(id) => write!(f, "unknown chip id {id:#06x}"),
             Self::NoAppDescriptor(magic) => {
-                write!(f, "not an ESP app image: app descriptor magic {magic:#010x}, expected 0xabcd5432")
+                write!(
+                    f,
+                    "not an ESP app image: app descriptor magic {magic:#010x}, expected 0xabcd5432"
+                )
             }
         }
     }

@@ -56,7 +56,10 @@ impl Handler for Esp32App {
             Err(outcome) => return outcome,
         };
         if device.firmware_version.as_deref() == Some(image.version.as_str()) {
-            Outcome::success(900, format!("{} {} is installed", image.project, image.version))
+            Outcome::success(
+                900,
+                format!("{} {} is installed", image.project, image.version),
+            )
         } else {
             Outcome::success(
                 901,
@@ -64,7 +67,10 @@ impl Handler for Esp32App {
                     "{} {} is not installed (device runs {})",
                     image.project,
                     image.version,
-                    device.firmware_version.as_deref().unwrap_or("an unknown version")
+                    device
+                        .firmware_version
+                        .as_deref()
+                        .unwrap_or("an unknown version")
                 ),
             )
         }
@@ -78,7 +84,9 @@ impl Handler for Esp32App {
         let file = &update.files[0];
         let url = match device_channel::download_url(&file.file_id) {
             Ok(url) => url,
-            Err(err) => return Outcome::failure(code(DEVICE_REFUSED), format!("no download URL: {err:?}")),
+            Err(err) => {
+                return Outcome::failure(code(DEVICE_REFUSED), format!("no download URL: {err:?}"));
+            }
         };
         let begin = format!(
             r#"{{"url":"{url}","size":{},"sha256":"{}","version":"{}"}}"#,
@@ -89,11 +97,16 @@ impl Handler for Esp32App {
                 log::write(
                     log::Level::Info,
                     "device is downloading",
-                    &[("url".into(), url), ("version".into(), image.version.clone())],
+                    &[
+                        ("url".into(), url),
+                        ("version".into(), image.version.clone()),
+                    ],
                 );
                 Outcome::success(501, format!("device is downloading {}", image.version))
             }
-            Err(err) => Outcome::failure(code(DEVICE_REFUSED), format!("ota-begin refused: {err:?}")),
+            Err(err) => {
+                Outcome::failure(code(DEVICE_REFUSED), format!("ota-begin refused: {err:?}"))
+            }
         }
     }
 
@@ -105,7 +118,9 @@ impl Handler for Esp32App {
     fn apply(_device: Device, update: Update) -> Outcome {
         match device_channel::request("ota-apply", update.version.as_bytes(), DEVICE_TIMEOUT_MS) {
             Ok(_) => Outcome::success(700, format!("device is rebooting into {}", update.version)),
-            Err(err) => Outcome::failure(code(DEVICE_REFUSED), format!("ota-apply refused: {err:?}")),
+            Err(err) => {
+                Outcome::failure(code(DEVICE_REFUSED), format!("ota-apply refused: {err:?}"))
+            }
         }
     }
 
@@ -127,7 +142,10 @@ impl Handler for Esp32App {
                 code(WRONG_VERSION),
                 format!("device runs {text}, expected {}", update.version),
             )),
-            "failed" => ReportVerdict::Finished(Outcome::failure(code(DEVICE_FAILED), format!("device failed: {text}"))),
+            "failed" => ReportVerdict::Finished(Outcome::failure(
+                code(DEVICE_FAILED),
+                format!("device failed: {text}"),
+            )),
             _ => ReportVerdict::Ignored,
         }
     }
@@ -145,7 +163,10 @@ fn checked_image(device: &Device, update: &Update) -> Result<AppImage, Outcome> 
             Ok(chunk) if chunk.is_empty() => break,
             Ok(chunk) => head.extend_from_slice(&chunk),
             Err(err) => {
-                return Err(Outcome::failure(code(READ_FAILED), format!("cannot read {}: {err:?}", file.name)));
+                return Err(Outcome::failure(
+                    code(READ_FAILED),
+                    format!("cannot read {}: {err:?}", file.name),
+                ));
             }
         }
     }
@@ -176,7 +197,10 @@ fn checked_image(device: &Device, update: &Update) -> Result<AppImage, Outcome> 
     {
         return Err(Outcome::failure(
             code(WRONG_PROJECT),
-            format!("the image is project {:?}, the device runs {project:?}", image.project),
+            format!(
+                "the image is project {:?}, the device runs {project:?}",
+                image.project
+            ),
         ));
     }
     Ok(image)

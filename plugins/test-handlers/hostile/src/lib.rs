@@ -130,7 +130,9 @@ fn read_artifact(update: &Update) -> Outcome {
         match artifacts::read(&file.file_id, offset, 1 << 20) {
             Ok(chunk) if chunk.is_empty() => break,
             Ok(chunk) => {
-                sum = chunk.iter().fold(sum, |s, b| s.wrapping_mul(31).wrapping_add(u64::from(*b)));
+                sum = chunk
+                    .iter()
+                    .fold(sum, |s, b| s.wrapping_mul(31).wrapping_add(u64::from(*b)));
                 offset += chunk.len() as u64;
             }
             Err(err) => return Outcome::failure(5, format!("{err:?} at {offset}")),

@@ -1,0 +1,155 @@
+//! Handler call latency and throughput.
+//!
+//! ```sh
+//! cargo run --release -p outpost-runtime --example handler-bench
+//! ```
+//!
+//! Measures what the gateway pays per handler call: a fresh `Store` with its limits and
+//! WASI context, instantiation from the pooling allocator via `InstancePre`, the
+//! `is-installed` call, and teardown. Then a sweep of 10,000 devices through the bounded
+//! instance pool. Targets (issue #3): median ≤ 10 µs, sweep < 0.3 s.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use outpost_runtime::{
+    ArtifactSource, BoxFuture, ChannelError, Device, DeviceChannel, MemoryState, ReadError,
+    Runtime, RuntimeConfig, Services, Step, Update,
+};
+
+const CALLS: usize = 5_000;
+const WARMUP: usize = 500;
+const SWEEP_DEVICES: usize = 10_000;
+
+struct Nothing;
+
+impl ArtifactSource for Nothing {
+    fn read(&self, _: &str, _: u64, _: usize) -> BoxFuture<'_, Result<Vec<u8>, ReadError>> {
+        Box::pin(async { Err(ReadError::OutOfRange) })
+    }
+}
+
+impl DeviceChannel for Nothing {
+    fn request<'a>(
+        &'a self,
+        _: &'a str,
+        _: &'a str,
+        _: &'a [u8],
+        _: Duration,
+    ) -> BoxFuture<'a, Result<Vec<u8>, ChannelError>> {
+        Box::pin(async { Err(ChannelError::Disconnected) })
+    }
+
+    fn download_url(&self, _: &str, _: &str) -> Result<String, ChannelError> {
+        Err(ChannelError::Disconnected)
+    }
+}
+
+fn device(id: String) -> Device {
+    Device {
+        id,
+        device_type: "hostile-device".into(),
+        properties: vec![
+            ("manufacturer".into(), "Contoso".into()),
+            ("model".into(), "T1".into()),
+        ],
+        firmware_version: Some("1.0.0".into()),
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let wasm = std::fs::read(outpost_test_guests::HOSTILE)
+        .expect("the hostile guest is built by the test build");
+    let config = RuntimeConfig::default();
+    let instances = config.max_instances;
+    let runtime = Arc::new(Runtime::new(config).expect("runtime"));
+    let started = Instant::now();
+    let handler = runtime.load("hostile", &wasm).expect("load");
+    let compile = started.elapsed();
+    let services = Services {
+        artifacts: Arc::new(Nothing),
+        devices: Arc::new(Nothing),
+        state: MemoryState::new(1024),
+    };
+    let update = Update {
+        provider: "contoso".into(),
+        name: "fw".into(),
+        version: "2.0.0".into(),
+        files: vec![],
+        handler_properties: "{}".into(),
+    };
+
+    let one = device("esp-bench".into());
+    for _ in 0..WARMUP {
+        runtime
+            .step(&handler, &services, Step::IsInstalled, &one, &update)
+            .await
+            .expect("call");
+    }
+    let mut samples = Vec::with_capacity(CALLS);
+    for _ in 0..CALLS {
+        let t = Instant::now();
+        let outcome = runtime
+            .step(&handler, &services, Step::IsInstalled, &one, &update)
+            .await
+            .expect("call");
+        samples.push(t.elapsed());
+        assert_eq!(outcome.result_code, 901);
+    }
+    samples.sort();
+
+    let devices: Vec<Device> = (0..SWEEP_DEVICES)
+        .map(|n| device(format!("esp-{n:05}")))
+        .collect();
+    let devices = Arc::new(devices);
+    let workers = instances as usize;
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..workers)
+        .map(|w| {
+            let (runtime, handler, services, update, devices) = (
+                Arc::clone(&runtime),
+                handler.clone(),
+                services.clone(),
+                update.clone(),
+                Arc::clone(&devices),
+            );
+            tokio::spawn(async move {
+                for device in devices.iter().skip(w).step_by(workers) {
+                    let outcome = runtime
+                        .step(&handler, &services, Step::IsInstalled, device, &update)
+                        .await
+                        .expect("call");
+                    assert_eq!(outcome.result_code, 901);
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("sweep task");
+    }
+    let sweep = started.elapsed();
+
+    println!(
+        "handler-bench: is-installed on the hostile test guest ({} KiB), pooling allocator + InstancePre,",
+        wasm.len() / 1024
+    );
+    println!("               a fresh Store, WASI context and limits per call");
+    println!("  compile (first load, no cache):  {compile:.2?}");
+    println!(
+        "  instantiate + call, {CALLS} calls:   median {:.1} µs   p90 {:.1} µs   p99 {:.1} µs   (target: median ≤ 10 µs)",
+        percentile(&samples, 0.5).as_secs_f64() * 1e6,
+        percentile(&samples, 0.9).as_secs_f64() * 1e6,
+        percentile(&samples, 0.99).as_secs_f64() * 1e6,
+    );
+    println!(
+        "  sweep of {SWEEP_DEVICES} devices, {workers} instances: {:.3} s ({:.0} calls/s)   (target: < 0.3 s)",
+        sweep.as_secs_f64(),
+        SWEEP_DEVICES as f64 / sweep.as_secs_f64()
+    );
+    println!("rerun: cargo run --release -p outpost-runtime --example handler-bench");
+}
