@@ -1,20 +1,37 @@
-//! Builds every guest in `plugins/` for `wasm32-wasip2` (release), into
-//! `<target>/wasm-guests`, and writes their paths as constants for `src/lib.rs`.
+//! Builds every guest in `plugins/` (release) and writes their paths as constants for
+//! `src/lib.rs`. The guests are a cargo workspace of their own with another target;
+//! building them here (as wasmtime's test-programs do) means `cargo test` always tests the
+//! current source and no compiled `.wasm` is ever committed.
 //!
-//! The guests are a cargo workspace of their own with another target; building them here
-//! (as wasmtime's test-programs do) means `cargo test` always tests the current source and
-//! no compiled `.wasm` is ever committed.
+//! Two toolchains, chosen automatically (or by `OUTPOST_GUEST_TOOLCHAIN=rustup|debian`):
+//!
+//! * **rustup** (what vendors use): the `wasm32-wasip2` target; rustc links a component
+//!   directly.
+//! * **debian** (for machines where rustup cannot fetch targets): Debian's `rustc-web`
+//!   builds the standard library for `wasm32-wasip1`, and the core module is turned into a
+//!   component here with `wit-component` and wasmtime 48's WASI Preview 1 reactor adapter.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const TARGET: &str = "wasm32-wasip2";
-
-/// (constant name, file name of the built component)
+/// (constant name, file name of the built guest)
 const GUESTS: &[(&str, &str)] = &[
     ("HOSTILE", "hostile_handler.wasm"),
     ("ESP32_APP", "esp32_app.wasm"),
 ];
+
+/// Debian's fallback toolchain: `apt-get install rustc-web cargo-web rust-web-src wasi-libc lld`.
+const DEBIAN_RUSTC: &str = "/usr/bin/rustc";
+const DEBIAN_CARGO: &str = "/usr/bin/cargo";
+const DEBIAN_STD_SRC: &str = "/usr/lib/rustlib/src/rust/library";
+const DEBIAN_WASI_LIBC: &str = "/usr/lib/wasm32-wasi";
+const DEBIAN_PACKAGES: &str = "rustc-web cargo-web rust-web-src wasi-libc lld";
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Toolchain {
+    Rustup,
+    Debian,
+}
 
 fn main() {
     let manifest_dir =
@@ -35,33 +52,108 @@ fn main() {
 
     println!("cargo:rerun-if-changed={}", plugins.display());
     println!("cargo:rerun-if-changed={}", root.join("wit").display());
+    println!("cargo:rerun-if-env-changed=OUTPOST_GUEST_TOOLCHAIN");
 
-    check_target_installed();
+    let built = match choose_toolchain() {
+        Toolchain::Rustup => build_with_rustup(&plugins, &target_dir),
+        Toolchain::Debian => {
+            let why = if std::env::var_os("OUTPOST_GUEST_TOOLCHAIN").is_some() {
+                "as OUTPOST_GUEST_TOOLCHAIN asks"
+            } else {
+                "the rustup target wasm32-wasip2 is not installed"
+            };
+            println!(
+                "cargo:warning=building the wasm guests with Debian's rustc-web (wasm32-wasip1 + adapter): {why}"
+            );
+            build_with_debian(&plugins, &target_dir.join("debian"))
+        }
+    };
 
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut build = Command::new(cargo);
-    build
-        .current_dir(&plugins)
-        .args([
-            "build",
-            "--release",
-            "--locked",
-            "--target",
-            TARGET,
-            "--target-dir",
-        ])
-        .arg(&target_dir);
-    // The outer build's settings are for the host target; none of them may leak in.
+    let mut consts = String::new();
+    for (name, file) in GUESTS {
+        let path = built.join(file);
+        assert!(path.exists(), "{} was not built", path.display());
+        consts.push_str(&format!(
+            "/// `{file}`, a component built from `plugins/`.\npub const {name}: &str = {:?};\n",
+            path.display().to_string()
+        ));
+    }
+    std::fs::write(out_dir.join("guests.rs"), consts).expect("write guests.rs");
+}
+
+fn choose_toolchain() -> Toolchain {
+    let rustup_ready = rustup_target_installed("wasm32-wasip2");
+    let debian_ready = [DEBIAN_RUSTC, DEBIAN_CARGO, DEBIAN_STD_SRC, DEBIAN_WASI_LIBC]
+        .iter()
+        .all(|p| Path::new(p).exists());
+    match std::env::var("OUTPOST_GUEST_TOOLCHAIN").as_deref() {
+        Ok("rustup") => {
+            assert!(
+                rustup_ready,
+                "OUTPOST_GUEST_TOOLCHAIN=rustup, but the target wasm32-wasip2 is not installed: run `rustup target add wasm32-wasip2`"
+            );
+            Toolchain::Rustup
+        }
+        Ok("debian") => {
+            assert!(
+                debian_ready,
+                "OUTPOST_GUEST_TOOLCHAIN=debian, but Debian's toolchain is incomplete: run `apt-get install {DEBIAN_PACKAGES}`"
+            );
+            Toolchain::Debian
+        }
+        Ok(other) => panic!("OUTPOST_GUEST_TOOLCHAIN={other:?}: use rustup or debian"),
+        Err(_) if rustup_ready => Toolchain::Rustup,
+        Err(_) if debian_ready => Toolchain::Debian,
+        Err(_) => panic!(
+            "cannot build the wasm guests in plugins/: the Rust target wasm32-wasip2 is not installed. \
+             Run `rustup target add wasm32-wasip2` (cargo xtask test does), or, where rustup cannot \
+             fetch targets, `apt-get install {DEBIAN_PACKAGES}`"
+        ),
+    }
+}
+
+fn rustup_target_installed(target: &str) -> bool {
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let Ok(sysroot) = Command::new(&rustc).args(["--print", "sysroot"]).output() else {
+        return false;
+    };
+    let sysroot = String::from_utf8_lossy(&sysroot.stdout).trim().to_owned();
+    Path::new(&sysroot)
+        .join("lib/rustlib")
+        .join(target)
+        .exists()
+}
+
+/// A cargo command for the guests, with none of the outer build's settings (they are for
+/// the host target).
+fn guest_cargo(program: &str, plugins: &Path) -> Command {
+    let mut build = Command::new(program);
+    build.current_dir(plugins);
     for (key, _) in std::env::vars_os() {
         let key = key.to_string_lossy();
         if key.starts_with("CARGO_") && key != "CARGO_HOME"
             || key == "RUSTFLAGS"
             || key == "RUSTC_WRAPPER"
+            || key == "RUSTC"
         {
             build.env_remove(&*key);
         }
     }
-    let status = build
+    build
+}
+
+fn build_with_rustup(plugins: &Path, target_dir: &Path) -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = guest_cargo(&cargo, plugins)
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "--target",
+            "wasm32-wasip2",
+            "--target-dir",
+        ])
+        .arg(target_dir)
         .status()
         .expect("cannot run cargo to build the wasm guests");
     assert!(
@@ -69,33 +161,51 @@ fn main() {
         "building the wasm guests in {} failed",
         plugins.display()
     );
-
-    let release = target_dir.join(TARGET).join("release");
-    let mut consts = String::new();
-    for (name, file) in GUESTS {
-        let path = release.join(file);
-        assert!(path.exists(), "{} was not built", path.display());
-        consts.push_str(&format!(
-            "/// `{file}`, built from `plugins/` for {TARGET}.\npub const {name}: &str = {:?};\n",
-            path.display().to_string()
-        ));
-    }
-    std::fs::write(out_dir.join("guests.rs"), consts).expect("write guests.rs");
+    target_dir.join("wasm32-wasip2/release")
 }
 
-/// Fails with the fix when the standard library for the target is missing.
-fn check_target_installed() {
-    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
-    let sysroot = Command::new(&rustc)
-        .args(["--print", "sysroot"])
-        .output()
-        .expect("cannot run rustc");
-    let sysroot = String::from_utf8_lossy(&sysroot.stdout).trim().to_owned();
-    let std_dir = Path::new(&sysroot).join("lib/rustlib").join(TARGET);
+fn build_with_debian(plugins: &Path, target_dir: &Path) -> PathBuf {
+    let status = guest_cargo(DEBIAN_CARGO, plugins)
+        .env("RUSTC", DEBIAN_RUSTC)
+        .env("RUSTC_BOOTSTRAP", "1")
+        .env(
+            "RUSTFLAGS",
+            format!("-C linker=wasm-ld -C link-self-contained=no -L native={DEBIAN_WASI_LIBC}"),
+        )
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "-Zbuild-std=std,panic_abort",
+            "--target",
+            "wasm32-wasip1",
+            "--target-dir",
+        ])
+        .arg(target_dir)
+        .status()
+        .expect("cannot run Debian's cargo to build the wasm guests");
     assert!(
-        std_dir.exists(),
-        "the Rust target {TARGET} is not installed ({} is missing). Run `rustup target add {TARGET}` \
-         or `cargo xtask test`, which installs it",
-        std_dir.display()
+        status.success(),
+        "building the wasm guests in {} with Debian's toolchain failed",
+        plugins.display()
     );
+
+    let modules = target_dir.join("wasm32-wasip1/release");
+    let components = target_dir.join("components");
+    std::fs::create_dir_all(&components).expect("create the components directory");
+    for (_, file) in GUESTS {
+        let core = std::fs::read(modules.join(file)).unwrap_or_else(|err| panic!("{file}: {err}"));
+        let component = wit_component::ComponentEncoder::default()
+            .module(&core)
+            .and_then(|encoder| {
+                encoder.validate(true).adapter(
+                    "wasi_snapshot_preview1",
+                    wasi_preview1_component_adapter_provider::WASI_SNAPSHOT_PREVIEW1_REACTOR_ADAPTER,
+                )
+            })
+            .and_then(|mut encoder| encoder.encode())
+            .unwrap_or_else(|err| panic!("turning {file} into a component failed: {err:#}"));
+        std::fs::write(components.join(file), component).expect("write the component");
+    }
+    components
 }
