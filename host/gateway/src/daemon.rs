@@ -17,6 +17,31 @@ use crate::api::{self, AdminToken, ApiState, GatewayInfo, Health, TokenOrigin};
 use crate::config::Config;
 use crate::onboarding::{self, OnboardingStatus};
 
+/// The file in the state directory that names the running gateway's API address.
+pub(crate) const API_ADDRESS_FILE: &str = "api-address";
+/// The lock file a running gateway holds.
+pub(crate) const LOCK_FILE: &str = "outpost.lock";
+
+/// The API address of the gateway running on `state_dir`, if one runs.
+pub(crate) fn running_gateway(state_dir: &Path) -> anyhow::Result<Option<std::net::SocketAddr>> {
+    let Ok(file) = File::open(state_dir.join(LOCK_FILE)) else {
+        return Ok(None);
+    };
+    match file.try_lock_shared() {
+        Ok(()) => return Ok(None),
+        Err(TryLockError::WouldBlock) => {}
+        Err(TryLockError::Error(err)) => return Err(err).context("checking for a running gateway"),
+    }
+    let path = state_dir.join(API_ADDRESS_FILE);
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("a gateway is running but {} cannot be read", path.display()))?;
+    let addr: std::net::SocketAddr = text
+        .trim()
+        .parse()
+        .with_context(|| format!("{} does not hold an address", path.display()))?;
+    Ok(Some(addr))
+}
+
 /// Runs the gateway. Returns once every task has stopped and the store is closed.
 pub(crate) async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
     // Listen for signals first: one that arrives during start-up still stops us cleanly.
@@ -83,6 +108,7 @@ async fn start(
     for warning in warnings {
         tracing::warn!("{warning}");
     }
+    let handlers = Arc::new(handlers);
     let installed = handlers.list();
     tracing::info!(
         count = installed.len(),
@@ -96,6 +122,10 @@ async fn start(
 
     let listener = api::bind(config.api.bind, config_path).await?;
     let addr = listener.local_addr()?;
+    // Where `outpost handler install` finds this gateway (its port may be ephemeral).
+    let address_file = config.gateway.state_dir.join(API_ADDRESS_FILE);
+    std::fs::write(&address_file, format!("{addr}\n"))
+        .with_context(|| format!("cannot write {}", address_file.display()))?;
     if !addr.ip().is_loopback() {
         tracing::warn!(
             %addr,
@@ -145,6 +175,7 @@ async fn start(
             uplink,
             onboarding,
         },
+        handlers,
     });
 
     let tasks = TaskTracker::new();
@@ -197,7 +228,7 @@ impl StateDirLock {
             .with_context(|| {
                 format!("cannot create the state directory {}", state_dir.display())
             })?;
-        let path = state_dir.join("outpost.lock");
+        let path = state_dir.join(LOCK_FILE);
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)

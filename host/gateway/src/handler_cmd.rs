@@ -6,13 +6,15 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::Context;
+use crate::api::handlers::HandlerSummary;
+use crate::api_client::{GatewayApi, error_message};
+use crate::config::Config;
+use crate::daemon::running_gateway;
+use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
+use hyper::{Method, StatusCode};
 use outpost_runtime::package::{self, Manifest, Package, RequestedLimits};
 use outpost_runtime::{HandlerRegistry, Runtime};
-use serde::Serialize;
-
-use crate::config::Config;
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum HandlerCommand {
@@ -182,46 +184,58 @@ pub(crate) async fn run(command: HandlerCommand, config_path: &Path) -> anyhow::
         }
         HandlerCommand::Install { package: path } => {
             let config = Config::load(config_path)?;
-            let registry = open_registry_cli(&config).await?;
             let archive =
                 std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
-            let (installed, _) = registry
-                .install(&archive)
-                .await
-                .with_context(|| format!("{} was not installed", path.display()))?;
-            println!(
-                "Installed {} {} by {} for {}. A running gateway loads it at its next start.",
-                installed.manifest.name,
-                installed.manifest.version,
-                installed.vendor,
-                installed.manifest.device_types.join(", ")
-            );
+            let summary = match running_gateway(&config.gateway.state_dir)? {
+                // A running gateway swaps it into its live registry.
+                Some(addr) => {
+                    let (status, json) = GatewayApi::new(&config, addr)?
+                        .send(Method::POST, "/api/v1/handlers", archive)
+                        .await?;
+                    if status != StatusCode::CREATED {
+                        bail!(
+                            "{} was not installed: {}",
+                            path.display(),
+                            error_message(&json)
+                        );
+                    }
+                    let handler = &json["handler"];
+                    let device_types: Vec<&str> = handler["device_types"]
+                        .as_array()
+                        .map(|types| types.iter().filter_map(|t| t.as_str()).collect())
+                        .unwrap_or_default();
+                    format!(
+                        "{} {} by {} for {} into the running gateway",
+                        handler["name"].as_str().unwrap_or("?"),
+                        handler["version"].as_str().unwrap_or("?"),
+                        handler["vendor"].as_str().unwrap_or("?"),
+                        device_types.join(", ")
+                    )
+                }
+                None => {
+                    let registry = open_registry_cli(&config).await?;
+                    let (installed, _) = registry
+                        .install(&archive)
+                        .await
+                        .with_context(|| format!("{} was not installed", path.display()))?;
+                    format!(
+                        "{} {} by {} for {}",
+                        installed.manifest.name,
+                        installed.manifest.version,
+                        installed.vendor,
+                        installed.manifest.device_types.join(", ")
+                    )
+                }
+            };
+            println!("Installed {summary}");
         }
         HandlerCommand::List { json } => {
             let config = Config::load(config_path)?;
             let registry = open_registry_cli(&config).await?;
             let handlers = registry.list();
             if json {
-                #[derive(Serialize)]
-                struct Entry<'a> {
-                    name: &'a str,
-                    version: &'a str,
-                    vendor: &'a str,
-                    device_types: &'a [String],
-                    wit: &'a str,
-                    component_sha256: &'a str,
-                }
-                let entries: Vec<Entry<'_>> = handlers
-                    .iter()
-                    .map(|h| Entry {
-                        name: &h.manifest.name,
-                        version: &h.manifest.version,
-                        vendor: &h.vendor,
-                        device_types: &h.manifest.device_types,
-                        wit: &h.manifest.wit,
-                        component_sha256: &h.component_sha256,
-                    })
-                    .collect();
+                let entries: Vec<HandlerSummary> =
+                    handlers.iter().map(|h| h.as_ref().into()).collect();
                 println!(
                     "{}",
                     serde_json::to_string_pretty(&serde_json::json!({ "handlers": entries }))?
@@ -242,12 +256,33 @@ pub(crate) async fn run(command: HandlerCommand, config_path: &Path) -> anyhow::
         }
         HandlerCommand::Remove { name } => {
             let config = Config::load(config_path)?;
-            let registry = open_registry_cli(&config).await?;
-            let removed = registry.remove(&name)?;
-            println!(
-                "Removed {} {}",
-                removed.manifest.name, removed.manifest.version
-            );
+            match running_gateway(&config.gateway.state_dir)? {
+                Some(addr) => {
+                    let (status, json) = GatewayApi::new(&config, addr)?
+                        .send(
+                            Method::DELETE,
+                            &format!("/api/v1/handlers/{name}"),
+                            Vec::new(),
+                        )
+                        .await?;
+                    if status != StatusCode::OK {
+                        bail!("{name} was not removed: {}", error_message(&json));
+                    }
+                    println!(
+                        "Removed {} {} from the running gateway",
+                        json["removed"]["name"].as_str().unwrap_or("?"),
+                        json["removed"]["version"].as_str().unwrap_or("?")
+                    );
+                }
+                None => {
+                    let registry = open_registry_cli(&config).await?;
+                    let removed = registry.remove(&name)?;
+                    println!(
+                        "Removed {} {}",
+                        removed.manifest.name, removed.manifest.version
+                    );
+                }
+            }
         }
     }
     Ok(())

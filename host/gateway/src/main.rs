@@ -6,6 +6,7 @@
 //! `outpost handler …` builds, signs, verifies and installs vendor update handlers.
 
 mod api;
+mod api_client;
 mod cli;
 mod config;
 mod daemon;

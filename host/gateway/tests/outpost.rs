@@ -548,6 +548,84 @@ fn stdout_of(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// Vendor side: a key, then the hostile guest packed and signed. Returns the package and
+/// the public key.
+fn vendor_package(site: &Site, version: &str) -> (PathBuf, String) {
+    let key = site.dir.path().join("acme.key");
+    let package = site.dir.path().join(format!("hostile-{version}.tar"));
+    let keygen = stdout_of(&site.command(&["handler", "keygen", "--out", key.to_str().unwrap()]));
+    let public_key = keygen
+        .lines()
+        .find_map(|l| l.strip_prefix("Public key: "))
+        .expect("keygen prints the public key")
+        .to_owned();
+    stdout_of(&site.command(&[
+        "handler",
+        "pack",
+        outpost_test_guests::HOSTILE,
+        "--name",
+        "hostile",
+        "--version",
+        version,
+        "--vendor",
+        "acme",
+        "--device-type",
+        "hostile-device",
+        "--out",
+        package.to_str().unwrap(),
+    ]));
+    stdout_of(&site.command(&[
+        "handler",
+        "sign",
+        package.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+    ]));
+    (package, public_key)
+}
+
+fn trust_acme(site: &Site, public_key: &str) {
+    site.write_config(&format!(
+        "[gateway]\nid = \"gw-test\"\nstate_dir = \"state\"\n\n[api]\nbind = \"127.0.0.1:0\"\n\n\
+         [[handlers.trusted_vendors]]\nname = \"acme\"\npublic_key = \"{public_key}\"\ndevice_types = [\"hostile-device\"]\n"
+    ));
+}
+
+#[test]
+fn installing_into_a_running_gateway_swaps_the_handler_live() {
+    let site = Site::new("");
+    let (package, public_key) = vendor_package(&site, "2.0.0");
+    trust_acme(&site, &public_key);
+    let mut gateway = site.run();
+    let addr = gateway.ready();
+    let token = site.admin_token();
+
+    let installed = stdout_of(&site.command(&["handler", "install", package.to_str().unwrap()]));
+    assert_eq!(
+        installed,
+        "Installed hostile 2.0.0 by acme for hostile-device into the running gateway\n"
+    );
+    gateway.wait_for_line("the live install", |json, _| {
+        json["message"] == "handler installed"
+    });
+    let (status, body) = http_get(addr, "/api/v1/handlers", Some(&token));
+    assert_eq!(status, 200);
+    assert_eq!(body["handlers"][0]["version"], "2.0.0");
+
+    // A refused package is refused by the running gateway, with its reason.
+    let bogus = site.dir.path().join("bogus.tar");
+    std::fs::write(&bogus, b"not a package").unwrap();
+    let refused = site.command(&["handler", "install", bogus.to_str().unwrap()]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("was not installed"));
+
+    let removed = stdout_of(&site.command(&["handler", "remove", "hostile"]));
+    assert_eq!(removed, "Removed hostile 2.0.0 from the running gateway\n");
+    let (_, body) = http_get(addr, "/api/v1/handlers", Some(&token));
+    assert_eq!(body["handlers"], serde_json::json!([]));
+    gateway.stop_cleanly(libc::SIGTERM, &site);
+}
+
 #[test]
 fn a_vendor_packs_and_signs_a_handler_and_the_operator_installs_it() {
     let site = Site::new("");

@@ -95,6 +95,7 @@ impl Runtime {
                 refused: None,
             },
             cpu_ticks: 0,
+            host_failure: None,
             scope: CallScope {
                 handler: handler_name.to_owned(),
                 device_id: request.device_id().to_owned(),
@@ -196,6 +197,9 @@ async fn call_export(
 }
 
 fn classify(err: &wasmtime::Error, state: &HostState, stderr: String) -> CallError {
+    if let Some(failure) = &state.host_failure {
+        return CallError::Host(failure.clone());
+    }
     let message = format!("{err:?}");
     let kind = if state.limiter.refused.is_some() {
         TrapKind::MemoryLimit
@@ -207,9 +211,6 @@ fn classify(err: &wasmtime::Error, state: &HostState, stderr: String) -> CallErr
             // Rust guests keep a shadow stack in linear memory; runaway recursion with
             // large frames exhausts it before the wasm stack and lands out of bounds.
             Some(trap) => TrapKind::Other(format!("{trap}")),
-            None if message.contains("handler state:") => {
-                return CallError::Host(format!("{err:#}"));
-            }
             None => TrapKind::Other("error".into()),
         }
     };

@@ -21,6 +21,8 @@ pub(crate) struct HostState {
     pub(crate) limiter: MemoryLimiter,
     /// Epoch ticks the guest has run for in this call.
     pub(crate) cpu_ticks: u64,
+    /// Set when a host service failed and the call was trapped because of it.
+    pub(crate) host_failure: Option<String>,
     pub(crate) scope: CallScope,
 }
 
@@ -198,13 +200,23 @@ impl device_channel::Host for HostState {
     }
 }
 
+impl HostState {
+    /// Records a failed host service and returns the error that traps the call: the guest
+    /// must not carry on as if a write had happened.
+    fn host_failed(&mut self, err: &services::StateError) -> wasmtime::Error {
+        let message = format!("handler state: {err}");
+        self.host_failure = Some(message.clone());
+        wasmtime::Error::msg(message)
+    }
+}
+
 impl state::Host for HostState {
     async fn get(&mut self, key: String) -> wasmtime::Result<Option<Vec<u8>>> {
         let store = std::sync::Arc::clone(&self.scope.services.state);
-        store
-            .get(&self.scope.handler, &key)
-            .await
-            .map_err(|err| wasmtime::format_err!("handler state: {err}"))
+        match store.get(&self.scope.handler, &key).await {
+            Ok(value) => Ok(value),
+            Err(err) => Err(self.host_failed(&err)),
+        }
     }
 
     async fn set(
@@ -217,18 +229,16 @@ impl state::Host for HostState {
             Ok(()) => Ok(Ok(())),
             Err(services::StateError::QuotaExceeded) => Ok(Err(state::StateError::QuotaExceeded)),
             Err(services::StateError::InvalidKey) => Ok(Err(state::StateError::InvalidKey)),
-            Err(err @ services::StateError::Backend(_)) => {
-                Err(wasmtime::format_err!("handler state: {err}"))
-            }
+            Err(err @ services::StateError::Backend(_)) => Err(self.host_failed(&err)),
         }
     }
 
     async fn delete(&mut self, key: String) -> wasmtime::Result<()> {
         let store = std::sync::Arc::clone(&self.scope.services.state);
-        store
-            .delete(&self.scope.handler, &key)
-            .await
-            .map_err(|err| wasmtime::format_err!("handler state: {err}"))
+        match store.delete(&self.scope.handler, &key).await {
+            Ok(()) => Ok(()),
+            Err(err) => Err(self.host_failed(&err)),
+        }
     }
 }
 

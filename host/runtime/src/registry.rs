@@ -57,6 +57,9 @@ pub enum InstallError {
         /// The handler that has it.
         other: String,
     },
+    /// No handler of that name is installed.
+    #[error("no handler named {0:?} is installed")]
+    NotInstalled(String),
     /// The state directory could not be written.
     #[error("cannot store the handler in {path}: {source}")]
     Io {
@@ -168,13 +171,7 @@ impl HandlerRegistry {
         let removed = self
             .write_map()
             .remove(name)
-            .ok_or_else(|| InstallError::Io {
-                path: self.dir.join(name),
-                source: std::io::Error::new(
-                    std::io::ErrorKind::NotFound,
-                    format!("no handler named {name:?} is installed"),
-                ),
-            })?;
+            .ok_or_else(|| InstallError::NotInstalled(name.to_owned()))?;
         let dir = self.dir.join(name);
         std::fs::remove_dir_all(&dir).map_err(|source| InstallError::Io { path: dir, source })?;
         Ok(removed)

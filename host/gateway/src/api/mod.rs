@@ -5,6 +5,7 @@
 
 mod auth;
 mod error;
+pub(crate) mod handlers;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -21,6 +22,7 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
+use outpost_runtime::HandlerRegistry;
 use outpost_store::Store;
 use serde::Serialize;
 use tokio::net::TcpListener;
@@ -45,6 +47,7 @@ pub(crate) struct ApiState {
     pub(crate) store: Store,
     pub(crate) admin: AdminToken,
     pub(crate) health: Health,
+    pub(crate) handlers: Arc<HandlerRegistry>,
 }
 
 /// The `/healthz` answer.
@@ -160,6 +163,19 @@ async fn route(state: &ApiState, request: Request<Incoming>) -> Response<Full<By
             Ok(()) => match (api, &method) {
                 ("/api/v1/devices", &Method::GET) => list_devices(state).await,
                 ("/api/v1/devices", _) => Err(ApiError::method_not_allowed(&method, "GET")),
+                ("/api/v1/handlers", &Method::GET) => Ok(handlers::list(state)),
+                ("/api/v1/handlers", &Method::POST) => handlers::install(state, request).await,
+                ("/api/v1/handlers", _) => Err(ApiError::method_not_allowed(&method, "GET, POST")),
+                (named, _) if named.starts_with("/api/v1/handlers/") => {
+                    let name = &named["/api/v1/handlers/".len()..];
+                    match method {
+                        Method::DELETE if !name.is_empty() && !name.contains('/') => {
+                            handlers::remove(state, name)
+                        }
+                        Method::DELETE => Err(ApiError::not_found(named)),
+                        _ => Err(ApiError::method_not_allowed(&method, "DELETE")),
+                    }
+                }
                 _ => Err(ApiError::not_found(api)),
             },
         },

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper::header::{self, HeaderMap};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -27,6 +27,11 @@ struct Running {
 async fn start() -> Running {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path().join("outpost.db")).await.unwrap();
+    let runtime =
+        Arc::new(outpost_runtime::Runtime::new(outpost_runtime::RuntimeConfig::default()).unwrap());
+    let (handlers, _) = HandlerRegistry::open(dir.path().join("handlers"), runtime, vec![])
+        .await
+        .unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let state = Arc::new(ApiState {
@@ -42,6 +47,7 @@ async fn start() -> Running {
             uplink: "offline",
             onboarding: OnboardingStatus::Disabled,
         },
+        handlers: Arc::new(handlers),
     });
     let shutdown = CancellationToken::new();
     let server = tokio::spawn(serve(listener, state, shutdown.clone()));
@@ -61,6 +67,16 @@ struct Answer {
 }
 
 async fn request(addr: SocketAddr, method: Method, path: &str, auth: Option<&str>) -> Answer {
+    request_with_body(addr, method, path, auth, Vec::new()).await
+}
+
+async fn request_with_body(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    auth: Option<&str>,
+    body: Vec<u8>,
+) -> Answer {
     let stream = TcpStream::connect(addr).await.unwrap();
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -74,7 +90,7 @@ async fn request(addr: SocketAddr, method: Method, path: &str, auth: Option<&str
         builder = builder.header(header::AUTHORIZATION, auth);
     }
     let response = sender
-        .send_request(builder.body(Empty::<Bytes>::new()).unwrap())
+        .send_request(builder.body(Full::new(Bytes::from(body))).unwrap())
         .await
         .unwrap();
     let status = response.status();
@@ -229,4 +245,47 @@ async fn shutdown_stops_accepting_and_returns() {
         TcpStream::connect(api.addr).await.is_err(),
         "still accepting after shutdown"
     );
+}
+
+#[tokio::test]
+async fn handlers_can_be_listed_and_bad_packages_are_refused() {
+    let api = start().await;
+    let auth = format!("Bearer {TOKEN}");
+    let list = request(api.addr, Method::GET, "/api/v1/handlers", Some(&auth)).await;
+    assert_eq!(list.status, StatusCode::OK);
+    assert_eq!(list.json["handlers"], serde_json::json!([]));
+
+    let garbage = request_with_body(
+        api.addr,
+        Method::POST,
+        "/api/v1/handlers",
+        Some(&auth),
+        b"definitely not a tar archive".repeat(40),
+    )
+    .await;
+    assert_error_shape(
+        &garbage,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "package_rejected",
+    );
+
+    let unknown = request(
+        api.addr,
+        Method::DELETE,
+        "/api/v1/handlers/nope",
+        Some(&auth),
+    )
+    .await;
+    assert_error_shape(&unknown, StatusCode::NOT_FOUND, "not_found");
+    let wrong = request(api.addr, Method::PUT, "/api/v1/handlers", Some(&auth)).await;
+    assert_error_shape(&wrong, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed");
+    let anonymous = request_with_body(
+        api.addr,
+        Method::POST,
+        "/api/v1/handlers",
+        None,
+        vec![0; 10],
+    )
+    .await;
+    assert_error_shape(&anonymous, StatusCode::UNAUTHORIZED, "unauthorized");
 }

@@ -396,3 +396,64 @@ fn loading_refuses_what_is_not_a_handler_component() {
         load(&truncated)
     );
 }
+
+/// A state backend whose disk has failed.
+struct BrokenState;
+
+impl outpost_runtime::StateStore for BrokenState {
+    fn get<'a>(
+        &'a self,
+        _: &'a str,
+        _: &'a str,
+    ) -> outpost_runtime::BoxFuture<'a, Result<Option<Vec<u8>>, outpost_runtime::StateError>> {
+        Box::pin(async { Ok(None) })
+    }
+
+    fn set<'a>(
+        &'a self,
+        _: &'a str,
+        _: &'a str,
+        _: Vec<u8>,
+    ) -> outpost_runtime::BoxFuture<'a, Result<(), outpost_runtime::StateError>> {
+        Box::pin(async {
+            Err(outpost_runtime::StateError::Backend(
+                "disk I/O error".into(),
+            ))
+        })
+    }
+
+    fn delete<'a>(
+        &'a self,
+        _: &'a str,
+        _: &'a str,
+    ) -> outpost_runtime::BoxFuture<'a, Result<(), outpost_runtime::StateError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_state_backend_fails_the_call_instead_of_losing_the_write() {
+    let (runtime, handler) = setup(RuntimeConfig::default());
+    let services = outpost_runtime::Services {
+        state: Arc::new(BrokenState),
+        ..services()
+    };
+    let err = runtime
+        .step(
+            &handler,
+            &services,
+            Step::IsInstalled,
+            &device("state:10"),
+            &update(vec![]),
+        )
+        .await
+        .unwrap_err();
+    match err {
+        CallError::Host(message) => assert_eq!(
+            message,
+            "handler state: state backend failed: disk I/O error"
+        ),
+        other => panic!("expected a host failure, got {other}"),
+    }
+    assert_still_answers(&runtime, &handler).await;
+}

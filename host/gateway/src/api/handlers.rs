@@ -1,0 +1,123 @@
+//! `/api/v1/handlers`: the running gateway's installed update handlers.
+//!
+//! Installing here swaps the handler in the live registry: calls in flight finish with the
+//! version they started with, and the next call gets the new one.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use outpost_runtime::{CacheOutcome, InstallError, InstalledHandler};
+use serde::Serialize;
+
+use super::{ApiError, ApiState, json_response};
+
+/// The largest package accepted in one request.
+pub(crate) const MAX_PACKAGE_BYTES: usize = 64 << 20;
+
+/// What the API and `outpost handler list --json` say about a handler.
+#[derive(Debug, Serialize)]
+pub(crate) struct HandlerSummary {
+    pub(crate) name: String,
+    pub(crate) version: String,
+    pub(crate) vendor: String,
+    pub(crate) device_types: Vec<String>,
+    pub(crate) wit: String,
+    pub(crate) component_sha256: String,
+}
+
+impl From<&InstalledHandler> for HandlerSummary {
+    fn from(h: &InstalledHandler) -> Self {
+        Self {
+            name: h.manifest.name.clone(),
+            version: h.manifest.version.clone(),
+            vendor: h.vendor.clone(),
+            device_types: h.manifest.device_types.clone(),
+            wit: h.manifest.wit.clone(),
+            component_sha256: h.component_sha256.clone(),
+        }
+    }
+}
+
+pub(crate) fn list(state: &ApiState) -> Response<Full<Bytes>> {
+    let handlers: Vec<HandlerSummary> = state
+        .handlers
+        .list()
+        .iter()
+        .map(|h| h.as_ref().into())
+        .collect();
+    json_response(StatusCode::OK, &serde_json::json!({ "handlers": handlers }))
+}
+
+pub(crate) async fn install(
+    state: &ApiState,
+    request: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let body = Limited::new(request.into_body(), MAX_PACKAGE_BYTES)
+        .collect()
+        .await
+        .map_err(|err| {
+            if err
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    format!("a handler package may be at most {MAX_PACKAGE_BYTES} bytes"),
+                )
+            } else {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    format!("reading the package failed: {err}"),
+                )
+            }
+        })?
+        .to_bytes();
+    let (installed, compiled) = state
+        .handlers
+        .install(&body)
+        .await
+        .map_err(|err| install_error(&err))?;
+    let compiled = match compiled {
+        CacheOutcome::Hit => "cached",
+        CacheOutcome::Compiled => "compiled",
+        CacheOutcome::Recompiled => "recompiled",
+    };
+    Ok(json_response(
+        StatusCode::CREATED,
+        &serde_json::json!({ "handler": HandlerSummary::from(installed.as_ref()), "compile": compiled }),
+    ))
+}
+
+pub(crate) fn remove(state: &ApiState, name: &str) -> Result<Response<Full<Bytes>>, ApiError> {
+    let removed = state
+        .handlers
+        .remove(name)
+        .map_err(|err| install_error(&err))?;
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::json!({ "removed": HandlerSummary::from(removed.as_ref()) }),
+    ))
+}
+
+fn install_error(err: &InstallError) -> ApiError {
+    let message = err.to_string();
+    match err {
+        InstallError::NotInstalled(_) => ApiError::new(StatusCode::NOT_FOUND, "not_found", message),
+        InstallError::Conflict { .. } => ApiError::new(StatusCode::CONFLICT, "conflict", message),
+        InstallError::Io { .. } => {
+            tracing::error!(error = %message, "storing a handler failed");
+            ApiError::internal(message)
+        }
+        InstallError::Package(_)
+        | InstallError::Load(_)
+        | InstallError::Describe(_)
+        | InstallError::DescribeMismatch(_) => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "package_rejected",
+            message,
+        ),
+    }
+}

@@ -1,0 +1,84 @@
+//! The CLI's way to a running gateway: one HTTP/1.1 request to its local API.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use anyhow::Context;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::header;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+
+use crate::api::{AdminToken, TokenOrigin};
+use crate::config::Config;
+
+/// A running gateway's API, with the admin token.
+pub(crate) struct GatewayApi {
+    addr: SocketAddr,
+    token: AdminToken,
+}
+
+impl GatewayApi {
+    /// The API of the gateway at `addr`, authenticated as the config says.
+    pub(crate) fn new(config: &Config, addr: SocketAddr) -> anyhow::Result<Self> {
+        let token = match &config.api.admin_token {
+            Some(secret) => AdminToken::new(secret.expose()).map_err(anyhow::Error::msg)?,
+            None => match AdminToken::load_or_generate(&config.gateway.state_dir)? {
+                (token, TokenOrigin::StateFile(_)) => token,
+                (_, _) => anyhow::bail!(
+                    "the running gateway has no admin token file in its state directory"
+                ),
+            },
+        };
+        // A gateway listening on every address is reached through loopback.
+        let ip = match addr.ip() {
+            IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            ip => ip,
+        };
+        Ok(Self {
+            addr: SocketAddr::new(ip, addr.port()),
+            token,
+        })
+    }
+
+    /// Sends one request and returns the status and the JSON answer.
+    pub(crate) async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Vec<u8>,
+    ) -> anyhow::Result<(StatusCode, serde_json::Value)> {
+        let stream = tokio::net::TcpStream::connect(self.addr)
+            .await
+            .with_context(|| format!("cannot reach the running gateway at {}", self.addr))?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(connection);
+        let request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, self.addr.to_string())
+            .header(
+                header::AUTHORIZATION,
+                format!("Bearer {}", self.token.reveal()),
+            )
+            .header(header::CONTENT_TYPE, "application/x-tar")
+            .body(Full::new(Bytes::from(body)))?;
+        let response = sender.send_request(request).await?;
+        let status = response.status();
+        let bytes = response.into_body().collect().await?.to_bytes();
+        let json = serde_json::from_slice(&bytes).with_context(|| {
+            format!("the gateway answered {status} with something that is not JSON")
+        })?;
+        Ok((status, json))
+    }
+}
+
+/// The `message` of an API error answer.
+pub(crate) fn error_message(json: &serde_json::Value) -> String {
+    json["error"]["message"]
+        .as_str()
+        .unwrap_or("the gateway gave no reason")
+        .to_owned()
+}
