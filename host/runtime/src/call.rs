@@ -8,13 +8,13 @@ use wasmtime::component::HasSelf;
 use wasmtime::{Store, Trap, UpdateDeadline};
 use wasmtime_wasi::WasiCtxBuilder;
 
+use crate::bindings::UpdateHandler;
 use crate::bindings::exports::outpost::handler::handler::Guest;
-use crate::bindings::{UpdateHandler, UpdateHandlerPre};
 use crate::host::{CallScope, HostState, MemoryLimiter};
 use crate::output::BoundedOutput;
 use crate::{
-    CallError, Device, DeviceReport, HandlerInfo, Outcome, ReportVerdict, Runtime, Services, Step,
-    TrapKind, Update,
+    CallError, Device, DeviceReport, Handler, HandlerInfo, Outcome, ReportVerdict, Runtime,
+    Services, Step, TrapKind, Update,
 };
 
 /// What to call.
@@ -65,12 +65,12 @@ pub(crate) fn link(linker: &mut wasmtime::component::Linker<HostState>) -> wasmt
 impl Runtime {
     pub(crate) async fn invoke(
         &self,
-        handler_name: &str,
-        pre: &UpdateHandlerPre<HostState>,
+        handler: &Handler,
         services: &Services,
         request: Request<'_>,
     ) -> Result<Response, CallError> {
         let config = &self.config;
+        let (handler_name, pre, limits) = (handler.name(), &handler.pre, handler.limits());
         let _slot = Arc::clone(&self.slots)
             .acquire_owned()
             .await
@@ -91,7 +91,7 @@ impl Runtime {
             wasi,
             table: wasmtime::component::ResourceTable::new(),
             limiter: MemoryLimiter {
-                limit: usize::try_from(config.memory_limit).unwrap_or(usize::MAX),
+                limit: usize::try_from(limits.memory).unwrap_or(usize::MAX),
                 refused: None,
             },
             cpu_ticks: 0,
@@ -112,7 +112,7 @@ impl Runtime {
         // Each tick the guest runs costs one tick of its budget; between ticks it yields to
         // the async runtime so the wall-clock timeout and other tasks get their turn.
         let cpu_ticks =
-            (config.cpu_time.as_micros() / config.epoch_tick.as_micros().max(1)).max(1) as u64;
+            (limits.cpu_time.as_micros() / config.epoch_tick.as_micros().max(1)).max(1) as u64;
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |mut ctx| {
             let used = &mut ctx.data_mut().cpu_ticks;

@@ -122,6 +122,16 @@ impl std::fmt::Debug for Runtime {
 pub struct Handler {
     name: Arc<str>,
     pre: UpdateHandlerPre<HostState>,
+    limits: CallLimits,
+}
+
+/// The limits one handler's calls run under.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CallLimits {
+    /// Linear memory per call, bytes.
+    pub memory: u64,
+    /// Guest CPU time per call.
+    pub cpu_time: std::time::Duration,
 }
 
 impl std::fmt::Debug for Handler {
@@ -136,6 +146,11 @@ impl Handler {
     /// The name it was loaded under.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The limits its calls run under.
+    pub fn limits(&self) -> CallLimits {
+        self.limits
     }
 }
 
@@ -185,7 +200,21 @@ impl Runtime {
         Ok(Handler {
             name: name.into(),
             pre,
+            limits: CallLimits {
+                memory: self.config.memory_limit,
+                cpu_time: self.config.cpu_time,
+            },
         })
+    }
+
+    /// The handler with the limits it asks for, each capped by this runtime's own: a
+    /// handler may ask for less than the gateway allows, never more.
+    pub fn with_requested_limits(&self, handler: Handler, memory_mib: u32, cpu_ms: u32) -> Handler {
+        let limits = CallLimits {
+            memory: (u64::from(memory_mib) << 20).min(self.config.memory_limit),
+            cpu_time: std::time::Duration::from_millis(u64::from(cpu_ms)).min(self.config.cpu_time),
+        };
+        Handler { limits, ..handler }
     }
 
     /// Asks the handler to describe itself.
@@ -194,10 +223,7 @@ impl Runtime {
         handler: &Handler,
         services: &Services,
     ) -> Result<HandlerInfo, CallError> {
-        match self
-            .invoke(&handler.name, &handler.pre, services, Request::Describe)
-            .await?
-        {
+        match self.invoke(handler, services, Request::Describe).await? {
             Response::Info(info) => Ok(info),
             _ => unreachable!("describe answers with handler info"),
         }
@@ -213,12 +239,7 @@ impl Runtime {
         update: &Update,
     ) -> Result<Outcome, CallError> {
         match self
-            .invoke(
-                &handler.name,
-                &handler.pre,
-                services,
-                Request::Step(step, device, update),
-            )
+            .invoke(handler, services, Request::Step(step, device, update))
             .await?
         {
             Response::Outcome(outcome) => Ok(outcome),
@@ -236,12 +257,7 @@ impl Runtime {
         report: &DeviceReport,
     ) -> Result<ReportVerdict, CallError> {
         match self
-            .invoke(
-                &handler.name,
-                &handler.pre,
-                services,
-                Request::Report(device, update, report),
-            )
+            .invoke(handler, services, Request::Report(device, update, report))
             .await?
         {
             Response::Verdict(verdict) => Ok(verdict),

@@ -235,6 +235,11 @@ impl HandlerRegistry {
         let (component, outcome) =
             cache::load(self.runtime.engine(), &self.dir.join(CACHE_DIR), wasm)?;
         let handler = self.runtime.prepare(&manifest.name, &component)?;
+        let handler = self.runtime.with_requested_limits(
+            handler,
+            manifest.limits.memory_mib,
+            manifest.limits.cpu_ms,
+        );
         let info = self
             .runtime
             .describe(&handler, &Services::closed())

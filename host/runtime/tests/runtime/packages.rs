@@ -537,3 +537,63 @@ async fn a_withdrawn_vendor_key_skips_the_handler_with_a_warning_and_keeps_its_f
     assert!(warnings[0].contains("unknown key"), "{warnings:?}");
     assert!(dir.path().join("hostile/package.tar").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_runs_under_the_limits_it_asks_for_capped_by_the_gateway() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = registry_in(dir.path()).await;
+    let mut modest = manifest("hostile", "0.1.0");
+    modest.limits = RequestedLimits {
+        memory_mib: 16,
+        cpu_ms: 200,
+    };
+    let (installed, _) = registry
+        .install(&signed(modest, hostile_wasm(), &acme_key()))
+        .await
+        .unwrap();
+    let limits = installed.handler.limits();
+    assert_eq!(limits.memory, 16 << 20);
+    assert_eq!(limits.cpu_time, std::time::Duration::from_millis(200));
+
+    let call = |id: &'static str| {
+        let (registry, handler) = (&registry, installed.handler.clone());
+        async move {
+            registry
+                .runtime()
+                .step(
+                    &handler,
+                    &services(),
+                    Step::IsInstalled,
+                    &device(id),
+                    &no_update(),
+                )
+                .await
+        }
+    };
+    let err = call("memory-bomb").await.unwrap_err();
+    assert!(err.to_string().contains("memory limit of 16 MiB"), "{err}");
+    let started = std::time::Instant::now();
+    let err = call("loop").await.unwrap_err();
+    assert_eq!(
+        err.trap_kind(),
+        Some(&outpost_runtime::TrapKind::CpuDeadline)
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
+
+    let mut greedy = manifest("hostile", "0.2.0");
+    greedy.limits = RequestedLimits {
+        memory_mib: 4096,
+        cpu_ms: 600_000,
+    };
+    let (installed, _) = registry
+        .install(&signed(greedy, hostile_wasm(), &acme_key()))
+        .await
+        .unwrap();
+    let caps = RuntimeConfig::default();
+    assert_eq!(installed.handler.limits().memory, caps.memory_limit);
+    assert_eq!(installed.handler.limits().cpu_time, caps.cpu_time);
+}
