@@ -12,38 +12,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use outpost_runtime::{
-    ArtifactSource, BoxFuture, ChannelError, Device, DeviceChannel, MemoryState, ReadError,
-    Runtime, RuntimeConfig, Services, Step, Update,
-};
+use outpost_runtime::{Device, Runtime, RuntimeConfig, Services, Step, Update};
 
 const CALLS: usize = 5_000;
 const WARMUP: usize = 500;
 const SWEEP_DEVICES: usize = 10_000;
-
-struct Nothing;
-
-impl ArtifactSource for Nothing {
-    fn read(&self, _: &str, _: u64, _: usize) -> BoxFuture<'_, Result<Vec<u8>, ReadError>> {
-        Box::pin(async { Err(ReadError::OutOfRange) })
-    }
-}
-
-impl DeviceChannel for Nothing {
-    fn request<'a>(
-        &'a self,
-        _: &'a str,
-        _: &'a str,
-        _: &'a [u8],
-        _: Duration,
-    ) -> BoxFuture<'a, Result<Vec<u8>, ChannelError>> {
-        Box::pin(async { Err(ChannelError::Disconnected) })
-    }
-
-    fn download_url(&self, _: &str, _: &str) -> Result<String, ChannelError> {
-        Err(ChannelError::Disconnected)
-    }
-}
 
 fn device(id: String) -> Device {
     Device {
@@ -71,11 +44,8 @@ async fn main() {
     let started = Instant::now();
     let handler = runtime.load("hostile", &wasm).expect("load");
     let compile = started.elapsed();
-    let services = Services {
-        artifacts: Arc::new(Nothing),
-        devices: Arc::new(Nothing),
-        state: MemoryState::new(1024),
-    };
+    // is-installed on these devices reaches for no service.
+    let services = Services::closed();
     let update = Update {
         provider: "contoso".into(),
         name: "fw".into(),

@@ -1,6 +1,7 @@
 //! Outpost's durable state: one SQLite file in the gateway's state directory.
 //!
-//! The store holds the device lobby, device groups and the cloud outbox. It is opened
+//! The store holds the device lobby, device groups, the cloud outbox and the update
+//! handlers' own key-value state. It is opened
 //! once per process and shared as a cheap-to-clone [`Store`] handle:
 //!
 //! * **Off the async runtime.** The SQLite connection lives on a dedicated thread; every
@@ -31,6 +32,7 @@
 mod devices;
 mod error;
 mod groups;
+mod handler_state;
 mod migrations;
 mod open;
 mod time;
@@ -39,6 +41,7 @@ mod worker;
 pub use devices::{Device, DeviceState, NewDevice};
 pub use error::StoreError;
 pub use groups::Group;
+pub use handler_state::StateWrite;
 pub use migrations::SCHEMA_VERSION;
 /// The SQLite binding, re-exported for [`Store::call`] closures.
 pub use rusqlite;

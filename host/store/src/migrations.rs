@@ -25,6 +25,10 @@ const MIGRATIONS: &[Migration] = &[
         version: 2,
         sql: include_str!("../migrations/0002_outbox.sql"),
     },
+    Migration {
+        version: 3,
+        sql: include_str!("../migrations/0003_handler_state.sql"),
+    },
 ];
 
 /// The schema version this build writes and the newest it can open.

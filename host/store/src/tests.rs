@@ -62,7 +62,13 @@ async fn migrates_from_empty_to_the_current_schema() {
     store.close().await.unwrap();
     assert_eq!(
         table_names(&path),
-        ["devices", "group_members", "groups", "outbox"]
+        [
+            "devices",
+            "group_members",
+            "groups",
+            "handler_state",
+            "outbox"
+        ]
     );
 }
 
@@ -81,7 +87,7 @@ async fn migrates_from_the_previous_schema_keeping_data() {
         conn.close().unwrap();
     }
     assert_eq!(user_version(&path), SCHEMA_VERSION - 1);
-    assert!(!table_names(&path).contains(&"outbox".to_owned()));
+    assert!(!table_names(&path).contains(&"handler_state".to_owned()));
 
     let store = Store::open(&path).await.unwrap();
     let device = store
@@ -103,8 +109,46 @@ async fn migrates_from_the_previous_schema_keeping_data() {
         .await
         .unwrap();
     assert_eq!(queued, 1);
+    assert_eq!(
+        store
+            .handler_state_set("h", "k", vec![1], 10)
+            .await
+            .unwrap(),
+        crate::StateWrite::Stored
+    );
     store.close().await.unwrap();
     assert_eq!(user_version(&path), SCHEMA_VERSION);
+}
+
+#[tokio::test]
+async fn migrates_from_the_first_schema_through_every_later_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    {
+        let conn = open_at(&path, 1).unwrap();
+        conn.execute(
+            "INSERT INTO devices (id, device_type, state, created_at, updated_at) \
+             VALUES ('esp-old', 'valve', 'provisioned', 5, 6)",
+            [],
+        )
+        .unwrap();
+        conn.close().unwrap();
+    }
+    assert_eq!(user_version(&path), 1);
+    let store = Store::open(&path).await.unwrap();
+    assert_eq!(store.list_devices().await.unwrap()[0].id, "esp-old");
+    store.close().await.unwrap();
+    assert_eq!(user_version(&path), SCHEMA_VERSION);
+    assert_eq!(
+        table_names(&path),
+        [
+            "devices",
+            "group_members",
+            "groups",
+            "handler_state",
+            "outbox"
+        ]
+    );
 }
 
 #[tokio::test]
@@ -387,4 +431,75 @@ async fn calls_run_on_the_store_thread_not_the_runtime() {
         .unwrap();
     assert_eq!(name.as_deref(), Some("outpost-store"));
     assert_ne!(id, caller);
+}
+
+#[tokio::test]
+async fn handler_state_is_per_handler_within_quota_and_survives_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    let store = Store::open(&path).await.unwrap();
+    use crate::StateWrite::{QuotaExceeded, Stored};
+    assert_eq!(
+        store
+            .handler_state_set("esp32-app", "last", vec![1; 90], 100)
+            .await
+            .unwrap(),
+        Stored
+    );
+    // Replacing a value counts only the new one.
+    assert_eq!(
+        store
+            .handler_state_set("esp32-app", "last", vec![2; 96], 100)
+            .await
+            .unwrap(),
+        Stored
+    );
+    assert_eq!(
+        store
+            .handler_state_set("esp32-app", "more", vec![0; 1], 100)
+            .await
+            .unwrap(),
+        QuotaExceeded
+    );
+    assert_eq!(
+        store
+            .handler_state_set("other", "last", vec![3; 96], 100)
+            .await
+            .unwrap(),
+        Stored
+    );
+    store.close().await.unwrap();
+
+    let store = Store::open(&path).await.unwrap();
+    assert_eq!(
+        store.handler_state_get("esp32-app", "last").await.unwrap(),
+        Some(vec![2; 96])
+    );
+    assert_eq!(
+        store.handler_state_get("esp32-app", "more").await.unwrap(),
+        None
+    );
+    assert_eq!(
+        store.handler_state_get("other", "last").await.unwrap(),
+        Some(vec![3; 96])
+    );
+    store
+        .handler_state_delete("esp32-app", "last")
+        .await
+        .unwrap();
+    store
+        .handler_state_delete("esp32-app", "never-set")
+        .await
+        .unwrap();
+    assert_eq!(
+        store.handler_state_get("esp32-app", "last").await.unwrap(),
+        None
+    );
+    assert_eq!(
+        store
+            .handler_state_set("esp32-app", "more", vec![0; 1], 100)
+            .await
+            .unwrap(),
+        Stored
+    );
 }
