@@ -9,7 +9,7 @@ use hyper::header;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 
-use crate::api::{AdminToken, TokenOrigin};
+use crate::api::AdminToken;
 use crate::config::Config;
 
 /// A running gateway's API, with the admin token.
@@ -23,12 +23,7 @@ impl GatewayApi {
     pub(crate) fn new(config: &Config, addr: SocketAddr) -> anyhow::Result<Self> {
         let token = match &config.api.admin_token {
             Some(secret) => AdminToken::new(secret.expose()).map_err(anyhow::Error::msg)?,
-            None => match AdminToken::load_or_generate(&config.gateway.state_dir)? {
-                (token, TokenOrigin::StateFile(_)) => token,
-                (_, _) => anyhow::bail!(
-                    "the running gateway has no admin token file in its state directory"
-                ),
-            },
+            None => AdminToken::load(&config.gateway.state_dir)?,
         };
         // A gateway listening on every address is reached through loopback.
         let ip = match addr.ip() {

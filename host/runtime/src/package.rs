@@ -392,14 +392,7 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 
 /// Parses a public key written as `ed25519:<64 hex digits>`.
 pub fn parse_public_key(text: &str) -> Result<VerifyingKey, String> {
-    let hex_key = text
-        .trim()
-        .strip_prefix("ed25519:")
-        .ok_or_else(|| "a public key looks like ed25519:<64 hex digits>".to_owned())?;
-    let bytes: [u8; 32] = hex::decode(hex_key)
-        .ok()
-        .and_then(|b| b.try_into().ok())
-        .ok_or_else(|| "a public key has 64 hex digits after ed25519:".to_owned())?;
+    let bytes = prefixed_key(text, "ed25519:", "a public key")?;
     VerifyingKey::from_bytes(&bytes).map_err(|err| format!("not a valid ed25519 public key: {err}"))
 }
 
@@ -422,15 +415,20 @@ pub fn format_secret_key(key: &SigningKey) -> String {
 
 /// Parses a private key file.
 pub fn parse_secret_key(text: &str) -> Result<SigningKey, String> {
+    let bytes = prefixed_key(text, "ed25519-secret:", "a signing key")?;
+    Ok(SigningKey::from_bytes(&bytes))
+}
+
+/// The 32 bytes of `<prefix><64 hex digits>`.
+fn prefixed_key(text: &str, prefix: &str, what: &str) -> Result<[u8; 32], String> {
     let hex_key = text
         .trim()
-        .strip_prefix("ed25519-secret:")
-        .ok_or_else(|| "not an Outpost signing key file (ed25519-secret:<hex>)".to_owned())?;
-    let bytes: [u8; 32] = hex::decode(hex_key)
+        .strip_prefix(prefix)
+        .ok_or_else(|| format!("{what} looks like {prefix}<64 hex digits>"))?;
+    hex::decode(hex_key)
         .ok()
         .and_then(|b| b.try_into().ok())
-        .ok_or_else(|| "a signing key has 64 hex digits".to_owned())?;
-    Ok(SigningKey::from_bytes(&bytes))
+        .ok_or_else(|| format!("{what} has 64 hex digits after {prefix}"))
 }
 
 fn parse_signature(bytes: &[u8]) -> Result<(VerifyingKey, Signature), PackageError> {

@@ -151,7 +151,14 @@ impl HandlerRegistry {
         self.check_conflicts(verified.manifest())?;
         let (installed, outcome) = self.load_verified(verified).await?;
         let name = installed.manifest.name.clone();
-        self.write_package(&name, archive)?;
+        // fsync can take a while on an SD card: off the async workers too.
+        let (dir, bytes) = (self.dir.join(&name), archive.to_vec());
+        tokio::task::spawn_blocking(move || write_package(&dir, &bytes))
+            .await
+            .map_err(|err| InstallError::Io {
+                path: self.dir.join(&name),
+                source: std::io::Error::other(err.to_string()),
+            })??;
         let installed = Arc::new(installed);
         let previous = self
             .write_map()
@@ -231,9 +238,18 @@ impl HandlerRegistry {
     ) -> Result<(InstalledHandler, CacheOutcome), InstallError> {
         let manifest = verified.manifest().clone();
         let wasm = verified.component();
-        crate::check_header(wasm)?;
-        let (component, outcome) =
-            cache::load(self.runtime.engine(), &self.dir.join(CACHE_DIR), wasm)?;
+        // Compiling takes up to a second of CPU: keep it off the async workers.
+        let (engine, cache_dir, owned) = (
+            self.runtime.engine().clone(),
+            self.dir.join(CACHE_DIR),
+            wasm.to_vec(),
+        );
+        let (component, outcome) = tokio::task::spawn_blocking(move || {
+            crate::check_header(&owned)?;
+            cache::load(&engine, &cache_dir, &owned)
+        })
+        .await
+        .map_err(|err| LoadError::Invalid(format!("compiling the component failed: {err}")))??;
         let handler = self.runtime.prepare(&manifest.name, &component)?;
         let handler = self.runtime.with_requested_limits(
             handler,
@@ -272,26 +288,6 @@ impl HandlerRegistry {
         ))
     }
 
-    /// Writes the package atomically: a crash leaves the old one or the new one.
-    fn write_package(&self, name: &str, archive: &[u8]) -> Result<(), InstallError> {
-        let dir = self.dir.join(name);
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| InstallError::Io { path, source }
-        };
-        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-        let tmp = dir.join(format!("{PACKAGE_FILE}.tmp"));
-        let mut file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
-        file.write_all(archive)
-            .and_then(|()| file.sync_all())
-            .map_err(io(&tmp))?;
-        let target = dir.join(PACKAGE_FILE);
-        std::fs::rename(&tmp, &target).map_err(io(&target))?;
-        std::fs::File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io(&dir))
-    }
-
     fn read_map(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<InstalledHandler>>> {
         self.installed
             .read()
@@ -305,4 +301,23 @@ impl HandlerRegistry {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+}
+
+/// Writes the package atomically: a crash leaves the old one or the new one.
+fn write_package(dir: &Path, archive: &[u8]) -> Result<(), InstallError> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| InstallError::Io { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let tmp = dir.join(format!("{PACKAGE_FILE}.tmp"));
+    let mut file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+    file.write_all(archive)
+        .and_then(|()| file.sync_all())
+        .map_err(io(&tmp))?;
+    let target = dir.join(PACKAGE_FILE);
+    std::fs::rename(&tmp, &target).map_err(io(&target))?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))
 }

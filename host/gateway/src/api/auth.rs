@@ -73,26 +73,36 @@ impl AdminToken {
                 Ok((token, TokenOrigin::Generated(path)))
             }
             Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {
-                let text = std::fs::read_to_string(&path)
-                    .with_context(|| format!("cannot read the admin token {}", path.display()))?;
-                let token = Self::new(&text).map_err(|why| {
-                    anyhow::anyhow!(
-                        "{}: {why}. Delete the file to have a new token generated",
-                        path.display()
-                    )
-                })?;
-                let mode = std::fs::metadata(&path)?.permissions().mode();
-                if mode & 0o077 != 0 {
-                    tracing::warn!(
-                        path = %path.display(),
-                        "the admin token file can be read by other users; run: chmod 600 {}",
-                        path.display()
-                    );
-                }
-                Ok((token, TokenOrigin::StateFile(path)))
+                Ok((Self::read(&path)?, TokenOrigin::StateFile(path)))
             }
             Err(err) => Err(err).with_context(|| format!("cannot create {}", path.display())),
         }
+    }
+
+    /// Reads `<state_dir>/admin-token` without ever creating it (for clients of a running
+    /// gateway, which must not change its state directory).
+    pub(crate) fn load(state_dir: &Path) -> anyhow::Result<Self> {
+        Self::read(&state_dir.join(TOKEN_FILE))
+    }
+
+    fn read(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the admin token {}", path.display()))?;
+        let token = Self::new(&text).map_err(|why| {
+            anyhow::anyhow!(
+                "{}: {why}. Delete the file to have a new token generated",
+                path.display()
+            )
+        })?;
+        let mode = std::fs::metadata(path)?.permissions().mode();
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                path = %path.display(),
+                "the admin token file can be read by other users; run: chmod 600 {}",
+                path.display()
+            );
+        }
+        Ok(token)
     }
 
     /// The value, to show once after generating it.
@@ -152,6 +162,22 @@ mod tests {
         let (second, origin) = AdminToken::load_or_generate(dir.path()).unwrap();
         assert_eq!(origin, TokenOrigin::StateFile(path));
         assert_eq!(second.reveal(), first.reveal());
+    }
+
+    #[test]
+    fn load_never_creates_a_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = AdminToken::load(dir.path()).unwrap_err();
+        assert!(
+            err.to_string().contains("cannot read the admin token"),
+            "{err}"
+        );
+        assert!(!dir.path().join(TOKEN_FILE).exists());
+        let (generated, _) = AdminToken::load_or_generate(dir.path()).unwrap();
+        assert_eq!(
+            AdminToken::load(dir.path()).unwrap().reveal(),
+            generated.reveal()
+        );
     }
 
     #[test]
