@@ -29,6 +29,10 @@ const MIGRATIONS: &[Migration] = &[
         version: 3,
         sql: include_str!("../migrations/0003_handler_state.sql"),
     },
+    Migration {
+        version: 4,
+        sql: include_str!("../migrations/0004_firmware.sql"),
+    },
 ];
 
 /// The schema version this build writes and the newest it can open.

@@ -64,10 +64,16 @@ async fn migrates_from_empty_to_the_current_schema() {
         table_names(&path),
         [
             "devices",
+            "firmware_blobs",
+            "firmware_downloads",
+            "firmware_pins",
+            "firmware_served",
             "group_members",
             "groups",
             "handler_state",
-            "outbox"
+            "manifest_files",
+            "outbox",
+            "update_manifests"
         ]
     );
 }
@@ -87,7 +93,7 @@ async fn migrates_from_the_previous_schema_keeping_data() {
         conn.close().unwrap();
     }
     assert_eq!(user_version(&path), SCHEMA_VERSION - 1);
-    assert!(!table_names(&path).contains(&"handler_state".to_owned()));
+    assert!(!table_names(&path).contains(&"firmware_blobs".to_owned()));
 
     let store = Store::open(&path).await.unwrap();
     let device = store
@@ -143,10 +149,16 @@ async fn migrates_from_the_first_schema_through_every_later_one() {
         table_names(&path),
         [
             "devices",
+            "firmware_blobs",
+            "firmware_downloads",
+            "firmware_pins",
+            "firmware_served",
             "group_members",
             "groups",
             "handler_state",
-            "outbox"
+            "manifest_files",
+            "outbox",
+            "update_manifests"
         ]
     );
 }
