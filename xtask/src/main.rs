@@ -16,12 +16,15 @@ usage: cargo xtask <command>
 
 commands:
   test [-- <cargo test args>]   prepare the test parts, then run every test in the workspace
+  bench-cache [-- <bench args>] firmware fan-out against nginx with wrk (installs both if
+                                missing); bench args: --duration S --rounds N --cold N
   help                          show this text";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("test") => test(&args[1..]),
+        Some("bench-cache") => bench_cache(&args[1..]),
         Some("help" | "-h" | "--help") => {
             eprintln!("{USAGE}");
             Ok(())
@@ -61,6 +64,46 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         bail!("tests failed ({status})");
     }
     eprintln!("xtask: all tests passed in {:.0?}", started.elapsed());
+    Ok(())
+}
+
+/// The firmware fan-out benchmark: nginx and wrk from Debian, then the release example.
+fn bench_cache(args: &[String]) -> anyhow::Result<()> {
+    let extra = match args.split_first() {
+        None => &[][..],
+        Some((sep, rest)) if sep == "--" => rest,
+        Some((other, _)) => bail!("unexpected argument {other:?}; pass bench arguments after --"),
+    };
+    let missing: Vec<&str> = ["nginx", "wrk"]
+        .into_iter()
+        .filter(|tool| {
+            !["/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+                .iter()
+                .any(|dir| Path::new(dir).join(tool).is_file())
+        })
+        .collect();
+    if !missing.is_empty() {
+        apt_install(&missing.join(" "))?;
+    }
+    step("cargo run --release -p outpost-cache --example fanout-bench");
+    let status = Command::new(cargo())
+        .current_dir(workspace_root())
+        .args([
+            "run",
+            "--release",
+            "--locked",
+            "-p",
+            "outpost-cache",
+            "--example",
+            "fanout-bench",
+            "--",
+        ])
+        .args(extra)
+        .status()
+        .context("cannot run cargo")?;
+    if !status.success() {
+        bail!("the benchmark failed ({status})");
+    }
     Ok(())
 }
 
