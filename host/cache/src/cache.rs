@@ -238,8 +238,9 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
 
 impl FirmwareCache {
     /// Opens the cache under `config.root`, recovering from whatever a crash left:
-    /// temporary files are deleted, index rows without a matching file are dropped,
-    /// files without a row are deleted, and downloads that were in progress resume.
+    /// temporary files are deleted, index rows without a matching file are dropped and
+    /// files without a row are deleted. Partial downloads are kept for
+    /// [`FirmwareCache::resume_pending`].
     pub async fn open(store: Store, config: CacheConfig) -> Result<Self, CacheError> {
         let upstream = Upstream::new(config.fetch.clone())?;
         let root = config.root.clone();
@@ -290,7 +291,6 @@ impl FirmwareCache {
                 tasks: TaskTracker::new(),
             }),
         };
-        cache.resume_pending().await?;
         Ok(cache)
     }
 
@@ -299,8 +299,9 @@ impl FirmwareCache {
         &self.inner.config
     }
 
-    /// Restarts the downloads a previous run left unfinished, if a manifest still names them.
-    async fn resume_pending(&self) -> Result<(), CacheError> {
+    /// Restarts, in the background, the downloads a previous run left unfinished, if a
+    /// manifest still names them. The daemon calls this once at start; the CLI does not.
+    pub async fn resume_pending(&self) -> Result<(), CacheError> {
         let pending: Vec<String> = self
             .inner
             .store

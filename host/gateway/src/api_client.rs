@@ -37,11 +37,26 @@ impl GatewayApi {
         })
     }
 
-    /// Sends one request and returns the status and the JSON answer.
+    /// Sends one request with a handler package (or nothing) and returns the status and
+    /// the JSON answer.
     pub(crate) async fn send(
         &self,
         method: Method,
         path: &str,
+        body: Vec<u8>,
+    ) -> anyhow::Result<(StatusCode, serde_json::Value)> {
+        self.request(method, path, "application/x-tar", &[], body)
+            .await
+    }
+
+    /// Sends one request with the given content type and extra headers and returns the
+    /// status and the JSON answer.
+    pub(crate) async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: &str,
+        headers: &[(&str, &str)],
         body: Vec<u8>,
     ) -> anyhow::Result<(StatusCode, serde_json::Value)> {
         let stream = tokio::net::TcpStream::connect(self.addr)
@@ -50,7 +65,7 @@ impl GatewayApi {
         let (mut sender, connection) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(connection);
-        let request = Request::builder()
+        let mut request = Request::builder()
             .method(method)
             .uri(path)
             .header(header::HOST, self.addr.to_string())
@@ -58,8 +73,11 @@ impl GatewayApi {
                 header::AUTHORIZATION,
                 format!("Bearer {}", self.token.reveal()),
             )
-            .header(header::CONTENT_TYPE, "application/x-tar")
-            .body(Full::new(Bytes::from(body)))?;
+            .header(header::CONTENT_TYPE, content_type);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let request = request.body(Full::new(Bytes::from(body)))?;
         let response = sender.send_request(request).await?;
         let status = response.status();
         let bytes = response.into_body().collect().await?.to_bytes();

@@ -10,6 +10,7 @@ use outpost_store::{Device, Store};
 use serde::Serialize;
 
 use crate::config::{self, Config, LogFormat};
+use crate::firmware_cmd::{self, FirmwareCommand};
 use crate::handler_cmd::{self, HandlerCommand};
 use crate::{daemon, logging};
 
@@ -42,6 +43,9 @@ enum Command {
     /// Build, sign, verify and install vendor update handlers.
     #[command(subcommand)]
     Handler(HandlerCommand),
+    /// The firmware cache: import, list, remove; signed update manifests.
+    #[command(subcommand)]
+    Firmware(FirmwareCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -83,6 +87,7 @@ pub(crate) async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Handler(command) => handler_cmd::run(command, &cli.config).await?,
+        Command::Firmware(command) => firmware_cmd::run(command, &cli.config).await?,
         Command::Devices(DevicesCommand::List { json }) => {
             let config = Config::load(&cli.config)?;
             let devices = read_devices(&config.database_path()).await?;

@@ -55,10 +55,26 @@ pub(crate) async fn run(config: Config, config_path: &Path) -> anyhow::Result<()
     let _lock = StateDirLock::acquire(state_dir)?;
     let store = Store::open(config.database_path()).await?;
 
-    let started = start(&config, config_path, store.clone()).await;
+    let firmware = match outpost_cache::FirmwareCache::open(
+        store.clone(),
+        config.cache.cache_config(&config.firmware_dir()),
+    )
+    .await
+    {
+        Ok(cache) => cache,
+        Err(err) => {
+            store.close().await.context("closing the state database")?;
+            return Err(err).context("cannot open the firmware cache");
+        }
+    };
+    let started = start(&config, config_path, store.clone(), firmware.clone()).await;
     let (tasks, shutdown) = match started {
         Ok(running) => running,
         Err(err) => {
+            firmware
+                .shutdown()
+                .await
+                .context("stopping the firmware cache")?;
             store.close().await.context("closing the state database")?;
             return Err(err);
         }
@@ -73,6 +89,11 @@ pub(crate) async fn run(config: Config, config_path: &Path) -> anyhow::Result<()
     shutdown.cancel();
     tasks.close();
     tasks.wait().await;
+    // Downloads stop here; their partial files resume at the next start.
+    firmware
+        .shutdown()
+        .await
+        .context("stopping the firmware cache")?;
     store.close().await.context("closing the state database")?;
     tracing::info!("outpost stopped cleanly");
     Ok(())
@@ -83,6 +104,7 @@ async fn start(
     config: &Config,
     config_path: &Path,
     store: Store,
+    firmware: outpost_cache::FirmwareCache,
 ) -> anyhow::Result<(TaskTracker, CancellationToken)> {
     let admin = match &config.api.admin_token {
         Some(secret) => {
@@ -162,6 +184,9 @@ async fn start(
         }
     };
 
+    let firmware_listener = bind_firmware(config.cache.bind, config_path).await?;
+    let firmware_addr = firmware_listener.local_addr()?;
+    firmware.resume_pending().await?;
     let state = Arc::new(ApiState {
         store,
         admin,
@@ -174,8 +199,10 @@ async fn start(
             },
             uplink,
             onboarding,
+            firmware_url: format!("http://{firmware_addr}"),
         },
         handlers,
+        firmware: firmware.clone(),
     });
 
     let tasks = TaskTracker::new();
@@ -189,6 +216,44 @@ async fn start(
         }
         .instrument(tracing::info_span!("task", name = "local-api")),
     );
+    let server_config = config.cache.server_config();
+    let firmware_shutdown = shutdown.clone();
+    let served = firmware.clone();
+    tasks.spawn(
+        async move {
+            outpost_cache::server::serve(
+                served,
+                firmware_listener,
+                server_config,
+                firmware_shutdown.clone(),
+                std::time::Duration::from_secs(5),
+            )
+            .await;
+            firmware_shutdown.cancel();
+        }
+        .instrument(tracing::info_span!("task", name = "firmware-server")),
+    );
+    // Bytes served per device reach the store in batches, not per request.
+    let accounting_shutdown = shutdown.clone();
+    tasks.spawn(
+        async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    () = accounting_shutdown.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                if let Err(error) = firmware.flush_accounting().await {
+                    tracing::warn!(%error, "recording firmware bytes served failed");
+                }
+            }
+        }
+        .instrument(tracing::info_span!("task", name = "firmware-accounting")),
+    );
+    tracing::info!(
+        addr = %firmware_addr,
+        "firmware server listening on http://{firmware_addr}/firmware/{{sha256}}"
+    );
     tracing::info!(
         addr = %addr,
         gateway = config.gateway.id.as_str(),
@@ -196,6 +261,26 @@ async fn start(
         "local API listening on http://{addr}"
     );
     Ok((tasks, shutdown))
+}
+
+/// Binds the firmware server's address, with advice for the usual failures.
+async fn bind_firmware(
+    addr: std::net::SocketAddr,
+    config_path: &Path,
+) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|err| {
+        let config = config_path.display();
+        let advice = match err.kind() {
+            std::io::ErrorKind::AddrInUse => format!(
+                "the address is already in use; stop the other program or set cache.bind in {config}"
+            ),
+            std::io::ErrorKind::PermissionDenied => format!(
+                "ports below 1024 need privileges; set cache.bind in {config} to a port above 1023"
+            ),
+            _ => format!("set cache.bind in {config}"),
+        };
+        anyhow::anyhow!("cannot start the firmware server on {addr}: {err}. {advice}")
+    })
 }
 
 /// Shows a newly generated token once, on stdout and outside the log, so it reaches the

@@ -10,6 +10,7 @@ mod api_client;
 mod cli;
 mod config;
 mod daemon;
+mod firmware_cmd;
 mod handler_cmd;
 mod logging;
 mod onboarding;

@@ -35,7 +35,7 @@ impl Site {
             dir: tempfile::tempdir().unwrap(),
         };
         site.write_config(&format!(
-            "[gateway]\nid = \"gw-test\"\nstate_dir = \"state\"\n\n[api]\nbind = \"127.0.0.1:0\"\n{extra}"
+            "[gateway]\nid = \"gw-test\"\nstate_dir = \"state\"\n\n[cache]\nbind = \"127.0.0.1:0\"\n\n[api]\nbind = \"127.0.0.1:0\"\n{extra}"
         ));
         site
     }
@@ -460,7 +460,7 @@ fn config_check_redacts_secrets_from_the_environment() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         stderr.contains(
-            "outpost.toml:7:15: environment variable OUTPOST_TEST_ADMIN_TOKEN is not set"
+            "outpost.toml:10:15: environment variable OUTPOST_TEST_ADMIN_TOKEN is not set"
         ),
         "{stderr}"
     );
@@ -586,7 +586,7 @@ fn vendor_package(site: &Site, version: &str) -> (PathBuf, String) {
 
 fn trust_acme(site: &Site, public_key: &str) {
     site.write_config(&format!(
-        "[gateway]\nid = \"gw-test\"\nstate_dir = \"state\"\n\n[api]\nbind = \"127.0.0.1:0\"\n\n\
+        "[gateway]\nid = \"gw-test\"\nstate_dir = \"state\"\n\n[cache]\nbind = \"127.0.0.1:0\"\n\n[api]\nbind = \"127.0.0.1:0\"\n\n\
          [[handlers.trusted_vendors]]\nname = \"acme\"\npublic_key = \"{public_key}\"\ndevice_types = [\"hostile-device\"]\n"
     ));
 }
@@ -679,7 +679,7 @@ fn a_vendor_packs_and_signs_a_handler_and_the_operator_installs_it() {
         String::from_utf8_lossy(&untrusted.stderr)
     );
     site.write_config(&format!(
-        "[gateway]\nid = \"gw-test\"\nstate_dir = \"state\"\n\n[api]\nbind = \"127.0.0.1:0\"\n\n\
+        "[gateway]\nid = \"gw-test\"\nstate_dir = \"state\"\n\n[cache]\nbind = \"127.0.0.1:0\"\n\n[api]\nbind = \"127.0.0.1:0\"\n\n\
          [[handlers.trusted_vendors]]\nname = \"acme\"\npublic_key = \"{public_key}\"\ndevice_types = [\"hostile-device\"]\n"
     ));
     let verified = stdout_of(&site.command(&["handler", "verify", package.to_str().unwrap()]));
@@ -738,6 +738,6 @@ fn a_malformed_trusted_key_in_the_config_names_its_line() {
     let output = site.command(&["config", "check"]);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("outpost.toml:10:14:"), "{stderr}");
+    assert!(stderr.contains("outpost.toml:13:14:"), "{stderr}");
     assert!(stderr.contains("64 hex digits"), "{stderr}");
 }

@@ -368,9 +368,11 @@ impl Site {
     }
 
     pub(crate) async fn cache(&self) -> FirmwareCache {
-        FirmwareCache::open(self.store.clone(), self.config.clone())
+        let cache = FirmwareCache::open(self.store.clone(), self.config.clone())
             .await
-            .unwrap()
+            .unwrap();
+        cache.resume_pending().await.unwrap();
+        cache
     }
 
     pub(crate) fn root(&self) -> &Path {

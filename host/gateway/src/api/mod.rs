@@ -5,6 +5,7 @@
 
 mod auth;
 mod error;
+pub(crate) mod firmware;
 pub(crate) mod handlers;
 
 use std::convert::Infallible;
@@ -48,6 +49,7 @@ pub(crate) struct ApiState {
     pub(crate) admin: AdminToken,
     pub(crate) health: Health,
     pub(crate) handlers: Arc<HandlerRegistry>,
+    pub(crate) firmware: outpost_cache::FirmwareCache,
 }
 
 /// The `/healthz` answer.
@@ -59,6 +61,8 @@ pub(crate) struct Health {
     /// `offline` or `configured`.
     pub(crate) uplink: &'static str,
     pub(crate) onboarding: OnboardingStatus,
+    /// Where devices download firmware.
+    pub(crate) firmware_url: String,
 }
 
 /// Who answers.
@@ -166,6 +170,23 @@ async fn route(state: &ApiState, request: Request<Incoming>) -> Response<Full<By
                 ("/api/v1/handlers", &Method::GET) => Ok(handlers::list(state)),
                 ("/api/v1/handlers", &Method::POST) => handlers::install(state, request).await,
                 ("/api/v1/handlers", _) => Err(ApiError::method_not_allowed(&method, "GET, POST")),
+                ("/api/v1/firmware", &Method::GET) => firmware::list(state).await,
+                ("/api/v1/firmware", &Method::POST) => firmware::import(state, request).await,
+                ("/api/v1/firmware", _) => Err(ApiError::method_not_allowed(&method, "GET, POST")),
+                ("/api/v1/firmware/manifests", &Method::GET) => firmware::manifests(state).await,
+                ("/api/v1/firmware/manifests", &Method::POST) => {
+                    firmware::add_manifest(state, request).await
+                }
+                ("/api/v1/firmware/manifests", _) => {
+                    Err(ApiError::method_not_allowed(&method, "GET, POST"))
+                }
+                (named, _) if named.starts_with("/api/v1/firmware/") => {
+                    let name = &named["/api/v1/firmware/".len()..];
+                    match method {
+                        Method::DELETE => firmware::remove(state, name).await,
+                        _ => Err(ApiError::method_not_allowed(&method, "DELETE")),
+                    }
+                }
                 (named, _) if named.starts_with("/api/v1/handlers/") => {
                     let name = &named["/api/v1/handlers/".len()..];
                     match method {

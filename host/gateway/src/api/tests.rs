@@ -32,6 +32,12 @@ async fn start() -> Running {
     let (handlers, _) = HandlerRegistry::open(dir.path().join("handlers"), runtime, vec![])
         .await
         .unwrap();
+    let firmware = outpost_cache::FirmwareCache::open(
+        store.clone(),
+        crate::config::CacheSection::default().cache_config(&dir.path().join("firmware")),
+    )
+    .await
+    .unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let state = Arc::new(ApiState {
@@ -46,8 +52,10 @@ async fn start() -> Running {
             },
             uplink: "offline",
             onboarding: OnboardingStatus::Disabled,
+            firmware_url: "http://127.0.0.1:8070".into(),
         },
         handlers: Arc::new(handlers),
+        firmware,
     });
     let shutdown = CancellationToken::new();
     let server = tokio::spawn(serve(listener, state, shutdown.clone()));

@@ -113,12 +113,72 @@ pub(crate) struct UplinkSection {
     pub(crate) password: Option<Secret>,
 }
 
-/// `[cache]`: the firmware cache.
+/// `[cache]`: the firmware cache and its fan-out server.
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CacheSection {
+    /// Disk budget for cached firmware.
     #[serde(default = "default_cache_mib")]
     pub(crate) max_size_mib: NonZeroU64,
+    /// Memory for blobs held in RAM while they are served.
+    #[serde(default = "default_cache_memory_mib")]
+    pub(crate) memory_mib: u64,
+    /// Where devices download firmware (`GET /firmware/{sha256}`).
+    #[serde(default = "default_firmware_bind")]
+    pub(crate) bind: SocketAddr,
+    /// Device connections served at once.
+    #[serde(default = "default_firmware_connections")]
+    pub(crate) max_connections: NonZeroU32,
+    /// Attempts per upstream download before the error is reported.
+    #[serde(default = "default_download_attempts")]
+    pub(crate) download_attempts: NonZeroU32,
+    /// Extra CA certificates (PEM) for HTTPS firmware origins, beside the system's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) ca_file: Option<PathBuf>,
+    /// Keys whose signed update manifests this gateway accepts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) trusted_signers: Vec<TrustedSignerEntry>,
+}
+
+/// `[[cache.trusted_signers]]`: a key allowed to sign update manifests.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct TrustedSignerEntry {
+    /// The name manifests give as their JWS `kid`.
+    pub(crate) name: String,
+    pub(crate) public_key: PublicKey,
+}
+
+impl CacheSection {
+    /// The cache settings these give, with the cache in `root`.
+    pub(crate) fn cache_config(&self, root: &Path) -> outpost_cache::CacheConfig {
+        outpost_cache::CacheConfig {
+            root: root.to_path_buf(),
+            max_bytes: self.max_size_mib.get() << 20,
+            memory_bytes: self.memory_mib << 20,
+            trusted_signers: self
+                .trusted_signers
+                .iter()
+                .map(|s| outpost_cache::manifest::TrustedSigner {
+                    name: s.name.clone(),
+                    key: s.public_key.0,
+                })
+                .collect(),
+            fetch: outpost_cache::FetchConfig {
+                attempts: self.download_attempts.get(),
+                ca_file: self.ca_file.clone(),
+                ..outpost_cache::FetchConfig::default()
+            },
+        }
+    }
+
+    /// The fan-out server settings.
+    pub(crate) fn server_config(&self) -> outpost_cache::server::ServerConfig {
+        outpost_cache::server::ServerConfig {
+            max_connections: usize::try_from(self.max_connections.get()).unwrap_or(usize::MAX),
+            ..outpost_cache::server::ServerConfig::default()
+        }
+    }
 }
 
 /// `[handlers]`: limits for the vendor update handlers, and whose handlers to trust.
@@ -211,6 +271,18 @@ fn default_ble_sessions() -> NonZeroU32 {
 fn default_cache_mib() -> NonZeroU64 {
     NonZeroU64::new(2048).expect("nonzero")
 }
+fn default_cache_memory_mib() -> u64 {
+    64
+}
+fn default_firmware_bind() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 8070))
+}
+fn default_firmware_connections() -> NonZeroU32 {
+    NonZeroU32::new(512).expect("nonzero")
+}
+fn default_download_attempts() -> NonZeroU32 {
+    NonZeroU32::new(5).expect("nonzero")
+}
 fn default_handler_memory() -> NonZeroU32 {
     NonZeroU32::new(64).expect("nonzero")
 }
@@ -250,6 +322,12 @@ impl Default for CacheSection {
     fn default() -> Self {
         Self {
             max_size_mib: default_cache_mib(),
+            memory_mib: default_cache_memory_mib(),
+            bind: default_firmware_bind(),
+            max_connections: default_firmware_connections(),
+            download_attempts: default_download_attempts(),
+            ca_file: None,
+            trusted_signers: Vec::new(),
         }
     }
 }
@@ -467,6 +545,9 @@ impl Config {
         {
             *ca_file = base.join(&*ca_file);
         }
+        if let Some(ca_file) = &mut config.cache.ca_file {
+            *ca_file = base.join(&*ca_file);
+        }
 
         let mut warnings = Vec::new();
         for secret in config.secrets_mut() {
@@ -502,6 +583,11 @@ impl Config {
     /// Where installed handler packages and their compiled code live.
     pub(crate) fn handlers_dir(&self) -> PathBuf {
         self.gateway.state_dir.join("handlers")
+    }
+
+    /// Where cached firmware lives.
+    pub(crate) fn firmware_dir(&self) -> PathBuf {
+        self.gateway.state_dir.join("firmware")
     }
 
     /// Where the SQLite state database lives.

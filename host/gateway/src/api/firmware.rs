@@ -1,0 +1,245 @@
+//! `/api/v1/firmware`: the firmware cache — what it holds, operator imports and removals,
+//! and the signed update manifests that say what may be downloaded.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+use outpost_cache::{CacheError, Sha256};
+use serde::Serialize;
+
+use super::{ApiError, ApiState, json_response};
+
+/// The largest signed manifest accepted.
+const MAX_MANIFEST_BYTES: usize = outpost_cache::manifest::MAX_JWS_BYTES;
+
+/// A manifest as the API shows it.
+#[derive(Debug, Serialize)]
+pub(crate) struct ManifestSummary {
+    pub(crate) update_id: String,
+    pub(crate) signer: String,
+    pub(crate) files: Vec<ManifestFileSummary>,
+}
+
+/// One file of a manifest.
+#[derive(Debug, Serialize)]
+pub(crate) struct ManifestFileSummary {
+    pub(crate) file_name: String,
+    pub(crate) sha256: Sha256,
+    pub(crate) size: u64,
+    pub(crate) url: Option<String>,
+}
+
+impl From<&outpost_cache::manifest::VerifiedManifest> for ManifestSummary {
+    fn from(m: &outpost_cache::manifest::VerifiedManifest) -> Self {
+        Self {
+            update_id: m.manifest.update_id.to_string(),
+            signer: m.signer.clone(),
+            files: m
+                .manifest
+                .files
+                .iter()
+                .map(|f| ManifestFileSummary {
+                    file_name: f.file_name.clone(),
+                    sha256: f.sha256,
+                    size: f.size_in_bytes,
+                    url: f.url.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// `GET /api/v1/firmware`.
+pub(crate) async fn list(state: &ApiState) -> Result<Response<Full<Bytes>>, ApiError> {
+    let cache = &state.firmware;
+    let blobs = cache.list().await.map_err(|e| cache_error(&e))?;
+    let pending = cache.pending().await.map_err(|e| cache_error(&e))?;
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::json!({
+            "blobs": blobs,
+            "downloads": pending,
+            "used_bytes": cache.used_bytes(),
+            "budget_bytes": cache.config().max_bytes,
+        }),
+    ))
+}
+
+/// `POST /api/v1/firmware`: the body is the file; `X-Outpost-File-Name` names it.
+pub(crate) async fn import(
+    state: &ApiState,
+    request: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let name = request
+        .headers()
+        .get("x-outpost-file-name")
+        .and_then(|v| v.to_str().ok())
+        .filter(|n| !n.is_empty() && !n.contains(['/', '\\']) && n.len() <= 255)
+        .unwrap_or("upload.bin")
+        .to_owned();
+    let limit = state.firmware.config().max_bytes;
+    let tmp_dir = state.firmware.config().root.join("tmp");
+    let mut random = [0u8; 8];
+    getrandom::fill(&mut random).map_err(|e| ApiError::internal(e.to_string()))?;
+    // The cache records the file name it was imported from.
+    let upload_dir = tmp_dir.join(format!("upload-{}", hex_of(&random)));
+    let upload = upload_dir.join(&name);
+    let result = receive(request.into_body(), &upload_dir, &upload, limit).await;
+    let imported = match result {
+        Ok(()) => state
+            .firmware
+            .import(&upload)
+            .await
+            .map_err(|e| cache_error(&e)),
+        Err(error) => Err(error),
+    };
+    let _ = tokio::fs::remove_dir_all(&upload_dir).await;
+    Ok(json_response(
+        StatusCode::CREATED,
+        &serde_json::json!({ "blob": imported? }),
+    ))
+}
+
+fn hex_of(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Streams a request body into `path`, refusing more than `limit` bytes.
+async fn receive(
+    mut body: Incoming,
+    dir: &std::path::Path,
+    path: &std::path::Path,
+    limit: u64,
+) -> Result<(), ApiError> {
+    use tokio::io::AsyncWriteExt as _;
+    let io = |e: std::io::Error| {
+        let disk_full = e.raw_os_error() == Some(28);
+        let message = format!("storing the upload failed: {e}");
+        if disk_full {
+            ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "disk_full", message)
+        } else {
+            ApiError::internal(message)
+        }
+    };
+    tokio::fs::create_dir_all(dir).await.map_err(io)?;
+    let mut file = tokio::fs::File::create(path).await.map_err(io)?;
+    let mut received = 0u64;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("reading the upload failed: {e}"),
+            )
+        })?;
+        if let Ok(data) = frame.into_data() {
+            received += data.len() as u64;
+            if received > limit {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    format!("the upload is larger than the cache's budget of {limit} bytes"),
+                ));
+            }
+            file.write_all(&data).await.map_err(io)?;
+        }
+    }
+    file.flush().await.map_err(io)?;
+    Ok(())
+}
+
+/// `DELETE /api/v1/firmware/{sha256}`.
+pub(crate) async fn remove(
+    state: &ApiState,
+    name: &str,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let sha256: Sha256 = name.parse().map_err(|e: outpost_cache::BadSha256| {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string())
+    })?;
+    state
+        .firmware
+        .remove(sha256)
+        .await
+        .map_err(|e| cache_error(&e))?;
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::json!({ "removed": sha256 }),
+    ))
+}
+
+/// `GET /api/v1/firmware/manifests`.
+pub(crate) async fn manifests(state: &ApiState) -> Result<Response<Full<Bytes>>, ApiError> {
+    let manifests = state
+        .firmware
+        .manifests()
+        .await
+        .map_err(|e| cache_error(&e))?;
+    let list: Vec<ManifestSummary> = manifests.iter().map(Into::into).collect();
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::json!({ "manifests": list }),
+    ))
+}
+
+/// `POST /api/v1/firmware/manifests`: the body is the JWS; its files start downloading.
+pub(crate) async fn add_manifest(
+    state: &ApiState,
+    request: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let body = Limited::new(request.into_body(), MAX_MANIFEST_BYTES)
+        .collect()
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("a signed manifest may be at most {MAX_MANIFEST_BYTES} bytes"),
+            )
+        })?
+        .to_bytes();
+    let text = std::str::from_utf8(&body).map_err(|_| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "manifest_rejected",
+            "the manifest is not UTF-8 text",
+        )
+    })?;
+    let verified = state
+        .firmware
+        .add_manifest(text)
+        .await
+        .map_err(|e| cache_error(&e))?;
+    for file in verified.manifest.files.iter().filter(|f| f.url.is_some()) {
+        state.firmware.prefetch(file.sha256);
+    }
+    Ok(json_response(
+        StatusCode::ACCEPTED,
+        &serde_json::json!({ "manifest": ManifestSummary::from(&verified) }),
+    ))
+}
+
+fn cache_error(error: &CacheError) -> ApiError {
+    let message = error.to_string();
+    match error {
+        CacheError::Manifest(_) | CacheError::Signature(_) => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "manifest_rejected",
+            message,
+        ),
+        CacheError::NotCached(_) | CacheError::NotNamed(_) => {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
+        }
+        CacheError::Pinned { .. } => ApiError::new(StatusCode::CONFLICT, "pinned", message),
+        CacheError::Full { .. } => {
+            ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "cache_full", message)
+        }
+        error if error.is_disk_full() => {
+            ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "disk_full", message)
+        }
+        _ => {
+            tracing::error!(error = %message, "firmware cache operation failed");
+            ApiError::internal(message)
+        }
+    }
+}
