@@ -1,6 +1,7 @@
 //! `outpost firmware …`: the operator's view of the firmware cache (import, list,
 //! remove, manifests) and the fleet's manifest signing tool.
 
+use std::os::unix::fs::DirBuilderExt as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -77,6 +78,16 @@ pub(crate) async fn run(command: FirmwareCommand, config_path: &Path) -> anyhow:
     match running_gateway(&config.gateway.state_dir)? {
         Some(addr) => online(command, &GatewayApi::new(&config, addr)?).await,
         None => {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&config.gateway.state_dir)
+                .with_context(|| {
+                    format!(
+                        "cannot create the state directory {}",
+                        config.gateway.state_dir.display()
+                    )
+                })?;
             let store = Store::open(config.database_path()).await?;
             let cache = FirmwareCache::open(
                 store.clone(),

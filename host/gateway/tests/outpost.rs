@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 
 use outpost_store::{DeviceState, NewDevice, Store};
 
+#[path = "outpost/firmware.rs"]
+mod firmware;
+
 /// Generous: a cold debug binary on a loaded 2-core CI machine.
 const DEADLINE: Duration = Duration::from_secs(60);
 
