@@ -113,7 +113,9 @@ impl Upstream {
                     source: std::io::Error::other(e.to_string()),
                 }
             })?;
+            let mut found = 0;
             for cert in certs {
+                found += 1;
                 let cert = cert.map_err(|e| CacheError::Io {
                     action: "reading CA file",
                     path: path.clone(),
@@ -124,6 +126,13 @@ impl Upstream {
                     path: path.clone(),
                     source: std::io::Error::other(e.to_string()),
                 })?;
+            }
+            if found == 0 {
+                return Err(CacheError::Io {
+                    action: "reading CA file",
+                    path: path.clone(),
+                    source: std::io::Error::other("it holds no PEM certificate"),
+                });
             }
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());

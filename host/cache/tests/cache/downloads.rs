@@ -312,3 +312,120 @@ async fn recovery_drops_leftovers_of_a_crash() {
         bytes
     );
 }
+
+/// An HTTPS origin with a certificate from a private CA; returns its URL base and the CA (PEM).
+async fn tls_origin(bytes: bytes::Bytes) -> (String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&leaf_key, &issuer)
+        .unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            rustls_pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (acceptor, bytes) = (acceptor.clone(), bytes.clone());
+            tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(move |_request| {
+                    let body = http_body_util::Full::new(bytes.clone());
+                    async move { Ok::<_, std::convert::Infallible>(http::Response::new(body)) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (format!("https://{addr}"), ca_cert.pem())
+}
+
+#[tokio::test]
+async fn https_origins_are_verified_against_the_configured_ca() {
+    let bytes = artifact(300_000, 12);
+    let sha = Sha256::digest(&bytes);
+    let (base, ca_pem) = tls_origin(bytes.clone()).await;
+    let url = format!("{base}/fw.bin");
+
+    // Without the private CA the origin's certificate is not trusted: nothing is fetched.
+    let site = Site::new().await;
+    let cache = site.cache().await;
+    cache
+        .add_manifest(&sign(&manifest("tls", &[("fw.bin", &bytes, Some(&url))])))
+        .await
+        .unwrap();
+    let error = cache.ensure(sha).await.unwrap_err().to_string();
+    assert!(
+        error.contains("certificate") || error.contains("UnknownIssuer"),
+        "{error}"
+    );
+    assert!(site.files_in("blobs").is_empty());
+
+    // With it, the download goes through.
+    let mut site = Site::new().await;
+    let ca_file = site.dir.path().join("origin-ca.pem");
+    std::fs::write(&ca_file, ca_pem).unwrap();
+    site.config.fetch.ca_file = Some(ca_file);
+    let cache = site.cache().await;
+    cache
+        .add_manifest(&sign(&manifest("tls", &[("fw.bin", &bytes, Some(&url))])))
+        .await
+        .unwrap();
+    assert_eq!(cache.ensure(sha).await.unwrap().read_all().unwrap(), bytes);
+
+    // A CA file that is not PEM is a clear error at open.
+    let mut site = Site::new().await;
+    let junk = site.dir.path().join("junk.pem");
+    std::fs::write(&junk, "not a certificate").unwrap();
+    site.config.fetch.ca_file = Some(junk.clone());
+    let error = FirmwareCache::open(site.store.clone(), site.config.clone())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains(&junk.display().to_string()), "{error}");
+}
+
+#[tokio::test]
+async fn a_silent_origin_times_out_and_the_next_attempt_resumes() {
+    let origin = Origin::start().await;
+    let mut site = Site::new().await;
+    site.config.fetch.idle_timeout = Duration::from_millis(300);
+    let (cache, bytes, sha) = named(&site, &origin, MIB, 13).await;
+    // Goes silent after 256 KiB and never continues; the next request is served.
+    origin.script([Behaviour::HoldAfter(256 * 1024)]);
+    assert_eq!(cache.ensure(sha).await.unwrap().read_all().unwrap(), bytes);
+    let seen = origin.seen();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[1].0.as_deref(), Some("bytes=262144-"));
+    let pending_error = site
+        .store
+        .call(|conn| {
+            Ok(
+                conn.query_row("SELECT count(*) FROM firmware_downloads", [], |r| {
+                    r.get::<_, i64>(0)
+                })?,
+            )
+        })
+        .await
+        .unwrap();
+    assert_eq!(pending_error, 0);
+}
