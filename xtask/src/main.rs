@@ -109,7 +109,9 @@ fn bench_cache(args: &[String]) -> anyhow::Result<()> {
 
 /// Makes sure every external part the tests start is present, installing what is missing.
 ///
-/// SQLite is compiled in. The handler guests in `plugins/` are built by the test build
+/// SQLite is compiled in. The firmware cache's full-disk test mounts a small tmpfs in a
+/// private mount namespace with `unshare` (util-linux, on every Debian system) and needs
+/// root, as CI runs. The handler guests in `plugins/` are built by the test build
 /// (`tests/guests/build.rs`) and need the `wasm32-wasip2` standard library. Later
 /// capabilities add their parts here (Mosquitto, the BlueZoo venv and a private D-Bus).
 fn prepare(root: &Path) -> anyhow::Result<()> {
