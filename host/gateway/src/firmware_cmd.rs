@@ -33,6 +33,22 @@ pub(crate) enum FirmwareCommand {
         /// Its sha256.
         sha256: Sha256,
     },
+    /// Keep a file from eviction (deployments pin their files; operators may too).
+    Pin {
+        /// Its sha256 (it need not be cached yet).
+        sha256: Sha256,
+        /// Who holds the pin.
+        #[arg(long, default_value = "operator")]
+        holder: String,
+    },
+    /// Remove a pin.
+    Unpin {
+        /// Its sha256.
+        sha256: Sha256,
+        /// Whose pin.
+        #[arg(long, default_value = "operator")]
+        holder: String,
+    },
     /// Signed update manifests: what the gateway may download.
     #[command(subcommand)]
     Manifest(ManifestCommand),
@@ -135,9 +151,19 @@ fn sign(path: &Path, key: &Path, kid: &str, out: Option<&Path>) -> anyhow::Resul
     Ok(())
 }
 
+enum Kind {
+    Pin,
+    Other,
+}
+
 /// Through the running gateway's API.
 #[allow(clippy::print_stdout)]
 async fn online(command: FirmwareCommand, api: &GatewayApi) -> anyhow::Result<()> {
+    let command_kind = if matches!(command, FirmwareCommand::Pin { .. }) {
+        Kind::Pin
+    } else {
+        Kind::Other
+    };
     match command {
         FirmwareCommand::Import { file } => {
             let bytes =
@@ -205,6 +231,26 @@ async fn online(command: FirmwareCommand, api: &GatewayApi) -> anyhow::Result<()
             }
             println!("Removed {sha256} from the running gateway");
         }
+        FirmwareCommand::Pin { sha256, holder } | FirmwareCommand::Unpin { sha256, holder } => {
+            let pin = matches!(command_kind, Kind::Pin);
+            let (status, json) = api
+                .request(
+                    if pin { Method::PUT } else { Method::DELETE },
+                    &format!("/api/v1/firmware/{sha256}/pins/{holder}"),
+                    "application/json",
+                    &[],
+                    Vec::new(),
+                )
+                .await?;
+            if status != StatusCode::OK {
+                let done = if pin { "pinned" } else { "unpinned" };
+                bail!("{sha256} was not {done}: {}", error_message(&json));
+            }
+            println!(
+                "{} {sha256} for {holder}",
+                if pin { "Pinned" } else { "Unpinned" }
+            );
+        }
         FirmwareCommand::Manifest(ManifestCommand::Add { file }) => {
             let jws =
                 std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
@@ -264,6 +310,14 @@ async fn offline(command: FirmwareCommand, cache: &FirmwareCache) -> anyhow::Res
         FirmwareCommand::Remove { sha256 } => {
             cache.remove(sha256).await?;
             println!("Removed {sha256}");
+        }
+        FirmwareCommand::Pin { sha256, holder } => {
+            cache.pin(sha256, &holder).await?;
+            println!("Pinned {sha256} for {holder}");
+        }
+        FirmwareCommand::Unpin { sha256, holder } => {
+            cache.unpin(sha256, &holder).await?;
+            println!("Unpinned {sha256} for {holder}");
         }
         FirmwareCommand::Manifest(ManifestCommand::Add { file }) => {
             let jws = std::fs::read_to_string(&file)

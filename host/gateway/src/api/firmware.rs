@@ -149,14 +149,71 @@ async fn receive(
     Ok(())
 }
 
+fn parse_sha(name: &str) -> Result<Sha256, ApiError> {
+    name.parse().map_err(|e: outpost_cache::BadSha256| {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string())
+    })
+}
+
+/// A pin holder: 1-128 characters, no `/` and no control characters.
+fn parse_holder(holder: &str) -> Result<&str, ApiError> {
+    if holder.is_empty()
+        || holder.len() > 128
+        || holder.contains('/')
+        || holder.chars().any(char::is_control)
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("a pin holder is 1-128 characters without '/': {holder:?}"),
+        ));
+    }
+    Ok(holder)
+}
+
+/// `PUT /api/v1/firmware/{sha256}/pins/{holder}`: keeps the file from eviction (it need
+/// not be cached yet).
+pub(crate) async fn pin(
+    state: &ApiState,
+    sha: &str,
+    holder: &str,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let (sha256, holder) = (parse_sha(sha)?, parse_holder(holder)?);
+    state
+        .firmware
+        .pin(sha256, holder)
+        .await
+        .map_err(|e| cache_error(&e))?;
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::json!({ "pinned": sha256, "holder": holder }),
+    ))
+}
+
+/// `DELETE /api/v1/firmware/{sha256}/pins/{holder}`.
+pub(crate) async fn unpin(
+    state: &ApiState,
+    sha: &str,
+    holder: &str,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let (sha256, holder) = (parse_sha(sha)?, parse_holder(holder)?);
+    state
+        .firmware
+        .unpin(sha256, holder)
+        .await
+        .map_err(|e| cache_error(&e))?;
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::json!({ "unpinned": sha256, "holder": holder }),
+    ))
+}
+
 /// `DELETE /api/v1/firmware/{sha256}`.
 pub(crate) async fn remove(
     state: &ApiState,
     name: &str,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
-    let sha256: Sha256 = name.parse().map_err(|e: outpost_cache::BadSha256| {
-        ApiError::new(StatusCode::NOT_FOUND, "not_found", e.to_string())
-    })?;
+    let sha256 = parse_sha(name)?;
     state
         .firmware
         .remove(sha256)

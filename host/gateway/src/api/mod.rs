@@ -181,10 +181,17 @@ async fn route(state: &ApiState, request: Request<Incoming>) -> Response<Full<By
                     Err(ApiError::method_not_allowed(&method, "GET, POST"))
                 }
                 (named, _) if named.starts_with("/api/v1/firmware/") => {
-                    let name = &named["/api/v1/firmware/".len()..];
-                    match method {
-                        Method::DELETE => firmware::remove(state, name).await,
-                        _ => Err(ApiError::method_not_allowed(&method, "DELETE")),
+                    let rest = &named["/api/v1/firmware/".len()..];
+                    match (rest.split_once("/pins/"), &method) {
+                        (Some((sha, holder)), &Method::PUT) => {
+                            firmware::pin(state, sha, holder).await
+                        }
+                        (Some((sha, holder)), &Method::DELETE) => {
+                            firmware::unpin(state, sha, holder).await
+                        }
+                        (Some(_), _) => Err(ApiError::method_not_allowed(&method, "PUT, DELETE")),
+                        (None, &Method::DELETE) => firmware::remove(state, rest).await,
+                        (None, _) => Err(ApiError::method_not_allowed(&method, "DELETE")),
                     }
                 }
                 (named, _) if named.starts_with("/api/v1/handlers/") => {

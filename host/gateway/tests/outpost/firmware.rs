@@ -293,6 +293,14 @@ fn operator_import_list_remove_and_a_refused_manifest() {
     );
     let _ = key;
 
+    // Pinned, it cannot be removed; the error names who holds it.
+    let pinned = stdout_of(&site.command(&["firmware", "pin", &sha, "--holder", "deployment:7"]));
+    assert!(pinned.contains("Pinned"), "{pinned}");
+    let refused = site.command(&["firmware", "remove", &sha]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("pinned by [\"deployment:7\"]"), "{stderr}");
+    stdout_of(&site.command(&["firmware", "unpin", &sha, "--holder", "deployment:7"]));
     let removed = stdout_of(&site.command(&["firmware", "remove", &sha]));
     assert!(removed.contains("Removed"), "{removed}");
     let (status, _, _) = fetch(firmware, &format!("/firmware/{sha}"), "");
