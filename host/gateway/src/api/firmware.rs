@@ -171,40 +171,25 @@ fn parse_holder(holder: &str) -> Result<&str, ApiError> {
     Ok(holder)
 }
 
-/// `PUT /api/v1/firmware/{sha256}/pins/{holder}`: keeps the file from eviction (it need
-/// not be cached yet).
-pub(crate) async fn pin(
+/// `PUT` (`pin = true`) or `DELETE /api/v1/firmware/{sha256}/pins/{holder}`: keeps the
+/// file from eviction (it need not be cached yet), or lets it go.
+pub(crate) async fn set_pin(
     state: &ApiState,
     sha: &str,
     holder: &str,
+    pin: bool,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let (sha256, holder) = (parse_sha(sha)?, parse_holder(holder)?);
-    state
-        .firmware
-        .pin(sha256, holder)
-        .await
-        .map_err(|e| cache_error(&e))?;
+    let done = if pin {
+        state.firmware.pin(sha256, holder).await
+    } else {
+        state.firmware.unpin(sha256, holder).await
+    };
+    done.map_err(|e| cache_error(&e))?;
+    let key = if pin { "pinned" } else { "unpinned" };
     Ok(json_response(
         StatusCode::OK,
-        &serde_json::json!({ "pinned": sha256, "holder": holder }),
-    ))
-}
-
-/// `DELETE /api/v1/firmware/{sha256}/pins/{holder}`.
-pub(crate) async fn unpin(
-    state: &ApiState,
-    sha: &str,
-    holder: &str,
-) -> Result<Response<Full<Bytes>>, ApiError> {
-    let (sha256, holder) = (parse_sha(sha)?, parse_holder(holder)?);
-    state
-        .firmware
-        .unpin(sha256, holder)
-        .await
-        .map_err(|e| cache_error(&e))?;
-    Ok(json_response(
-        StatusCode::OK,
-        &serde_json::json!({ "unpinned": sha256, "holder": holder }),
+        &serde_json::json!({ key: sha256, "holder": holder }),
     ))
 }
 

@@ -184,10 +184,10 @@ async fn route(state: &ApiState, request: Request<Incoming>) -> Response<Full<By
                     let rest = &named["/api/v1/firmware/".len()..];
                     match (rest.split_once("/pins/"), &method) {
                         (Some((sha, holder)), &Method::PUT) => {
-                            firmware::pin(state, sha, holder).await
+                            firmware::set_pin(state, sha, holder, true).await
                         }
                         (Some((sha, holder)), &Method::DELETE) => {
-                            firmware::unpin(state, sha, holder).await
+                            firmware::set_pin(state, sha, holder, false).await
                         }
                         (Some(_), _) => Err(ApiError::method_not_allowed(&method, "PUT, DELETE")),
                         (None, &Method::DELETE) => firmware::remove(state, rest).await,
