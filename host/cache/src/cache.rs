@@ -1200,7 +1200,12 @@ fn recover(
     let tmp = root.join("tmp");
     for entry in std::fs::read_dir(&tmp).map_err(CacheError::io("listing", &tmp))? {
         let entry = entry.map_err(CacheError::io("listing", &tmp))?;
-        let _ = std::fs::remove_file(entry.path());
+        // Uploads in progress through the API are folders; imports are files.
+        let _ = if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            std::fs::remove_dir_all(entry.path())
+        } else {
+            std::fs::remove_file(entry.path())
+        };
     }
     let mut index = HashMap::new();
     let mut stale = Vec::new();

@@ -270,6 +270,8 @@ async fn recovery_drops_leftovers_of_a_crash() {
     // What a crash can leave: a half-written import, a renamed file with no row, a
     // partial download nobody asked for, and a row whose file is gone.
     std::fs::write(site.root().join("tmp").join("import-1234"), b"half").unwrap();
+    std::fs::create_dir_all(site.root().join("tmp/upload-99")).unwrap();
+    std::fs::write(site.root().join("tmp/upload-99/fw.bin"), b"half an upload").unwrap();
     let orphan = Sha256::digest(b"orphan");
     std::fs::write(site.root().join("blobs").join(orphan.to_hex()), b"orphan").unwrap();
     std::fs::write(

@@ -274,9 +274,31 @@ fn operator_import_list_remove_and_a_refused_manifest() {
         (status, body.as_slice()),
         (206, &bytes[bytes.len() - 100..])
     );
+    // Online: uploaded through the running gateway's API, then served at once.
+    let second = site.dir.path().join("vendor-1.3.bin");
+    let second_bytes = artifact(300_000, 5);
+    std::fs::write(&second, &second_bytes).unwrap();
+    let uploaded = stdout_of(&site.command(&["firmware", "import", second.to_str().unwrap()]));
+    assert!(uploaded.contains("into the running gateway"), "{uploaded}");
+    let (status, _, body) = fetch(
+        firmware,
+        &format!("/firmware/{}", sha256_hex(&second_bytes)),
+        "",
+    );
+    assert_eq!((status, body), (200, second_bytes));
+    assert!(
+        std::fs::read_dir(site.state().join("firmware/tmp"))
+            .unwrap()
+            .next()
+            .is_none()
+    );
     let listed = stdout_of(&site.command(&["firmware", "list"]));
     assert!(
         listed.contains(&sha) && listed.contains("import") && listed.contains("vendor-1.2.bin"),
+        "{listed}"
+    );
+    assert!(
+        listed.starts_with("2 file(s)") && listed.contains("vendor-1.3.bin"),
         "{listed}"
     );
 
