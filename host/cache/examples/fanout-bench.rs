@@ -175,35 +175,53 @@ fn wrk(url: &str, duration: u64) -> Result<WrkResult, Error> {
     })
 }
 
+/// A cache in `dir` served on a free loopback port.
+async fn serve_cache(
+    dir: &Path,
+    memory_bytes: u64,
+    trusted_signers: Vec<TrustedSigner>,
+    max_connections: usize,
+) -> Result<(FirmwareCache, SocketAddr), Error> {
+    std::fs::create_dir_all(dir)?;
+    let store = Store::open(dir.join("outpost.db")).await?;
+    let config = CacheConfig {
+        root: dir.join("firmware"),
+        max_bytes: 1 << 30,
+        memory_bytes,
+        trusted_signers,
+        fetch: FetchConfig::default(),
+    };
+    let cache = FirmwareCache::open(store, config).await?;
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let config = ServerConfig {
+        max_connections,
+        ..ServerConfig::default()
+    };
+    tokio::spawn(server::serve(
+        cache.clone(),
+        listener,
+        config,
+        CancellationToken::new(),
+        Duration::from_secs(1),
+    ));
+    Ok((cache, addr))
+}
+
+/// A served cache holding `file`.
 async fn start_outpost(
     dir: &Path,
     file: &Path,
     memory_bytes: u64,
 ) -> Result<(SocketAddr, Sha256), Error> {
-    std::fs::create_dir_all(dir)?;
-    let store = Store::open(dir.join("outpost.db")).await?;
-    let cache = FirmwareCache::open(
-        store,
-        CacheConfig {
-            root: dir.join("firmware"),
-            max_bytes: 1 << 30,
-            memory_bytes,
-            trusted_signers: Vec::new(),
-            fetch: FetchConfig::default(),
-        },
+    let (cache, addr) = serve_cache(
+        dir,
+        memory_bytes,
+        Vec::new(),
+        ServerConfig::default().max_connections,
     )
     .await?;
-    let sha = cache.import(file).await?.sha256;
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(server::serve(
-        cache,
-        listener,
-        ServerConfig::default(),
-        CancellationToken::new(),
-        Duration::from_secs(1),
-    ));
-    Ok((addr, sha))
+    Ok((addr, cache.import(file).await?.sha256))
 }
 
 fn median(values: &mut [f64]) -> f64 {
@@ -376,39 +394,20 @@ async fn cold(args: &Args, scratch: &Path) -> Result<(), Error> {
         }],
         created_date_time: None,
     };
-    let dir = scratch.join("cold");
-    std::fs::create_dir_all(&dir)?;
-    let store = Store::open(dir.join("outpost.db")).await?;
-    let cache = FirmwareCache::open(
-        store,
-        CacheConfig {
-            root: dir.join("firmware"),
-            max_bytes: 1 << 30,
-            memory_bytes: 64 << 20,
-            trusted_signers: vec![TrustedSigner {
-                name: "bench".into(),
-                key: key.verifying_key(),
-            }],
-            fetch: FetchConfig::default(),
-        },
+    let signer = TrustedSigner {
+        name: "bench".into(),
+        key: key.verifying_key(),
+    };
+    let (cache, addr) = serve_cache(
+        &scratch.join("cold"),
+        64 << 20,
+        vec![signer],
+        args.cold + 16,
     )
     .await?;
     cache
         .add_manifest(&manifest::sign(&manifest, &key, "bench")?)
         .await?;
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let config = ServerConfig {
-        max_connections: args.cold + 16,
-        ..ServerConfig::default()
-    };
-    tokio::spawn(server::serve(
-        cache.clone(),
-        listener,
-        config,
-        CancellationToken::new(),
-        Duration::from_secs(1),
-    ));
     let url = format!("http://{addr}/firmware/{sha}");
     let started = Instant::now();
     let tasks: Vec<_> = (0..args.cold)

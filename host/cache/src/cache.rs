@@ -2,10 +2,9 @@
 //! eviction and the hot set kept in memory for serving.
 
 use std::collections::{HashMap, HashSet};
-use std::io::Read as _;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
 use bytes::Bytes;
 use outpost_store::rusqlite::{OptionalExtension as _, params};
@@ -108,7 +107,7 @@ pub struct Served {
 #[derive(Clone, Debug)]
 enum Flight {
     Running,
-    Done(Result<(), Arc<CacheError>>),
+    Done(Result<(), CacheError>),
 }
 
 #[derive(Default)]
@@ -123,7 +122,6 @@ struct State {
     verified: HashSet<Sha256>,
     /// Blobs held in memory, with a use counter for LRU.
     hot: HashMap<Sha256, (Bytes, u64)>,
-    hot_bytes: u64,
     tick: u64,
     /// Bytes promised to downloads and imports in progress.
     reserved: u64,
@@ -425,13 +423,10 @@ impl FirmwareCache {
                     break result.clone();
                 }
                 if flight.changed().await.is_err() {
-                    break Err(Arc::new(CacheError::ShuttingDown));
+                    break Err(CacheError::ShuttingDown);
                 }
             };
-            match outcome {
-                Ok(()) => {}
-                Err(error) => return Err(clone_error(&error)),
-            }
+            outcome?;
         }
     }
 
@@ -459,7 +454,7 @@ impl FirmwareCache {
                 tracing::warn!(%sha256, %error, "firmware download failed");
             }
             lock(&cache.inner.state).flights.remove(&sha256);
-            tx.send_replace(Flight::Done(result.map_err(Arc::new)));
+            tx.send_replace(Flight::Done(result));
         });
         Ok(rx)
     }
@@ -533,7 +528,8 @@ impl FirmwareCache {
                 .await;
             let detail = match result {
                 Ok(()) => {
-                    self.commit_download(sha256, size, &url, &partial).await?;
+                    self.commit(sha256, size, &partial, BlobSource::Manifest, url.clone())
+                        .await?;
                     tracing::info!(%sha256, size, url, attempts = attempt, "firmware cached");
                     return Ok(());
                 }
@@ -591,21 +587,23 @@ impl FirmwareCache {
         Ok(())
     }
 
-    /// Moves a verified partial file into place and records the blob.
-    async fn commit_download(
+    /// Moves a verified file into place and records the blob (clearing any unfinished
+    /// download of it). The one way a blob enters the cache.
+    async fn commit(
         &self,
         sha256: Sha256,
         size: u64,
-        url: &str,
-        partial: &Path,
+        from: &Path,
+        source: BlobSource,
+        origin: String,
     ) -> Result<(), CacheError> {
         let target = self.blob_path(sha256);
         let blobs = self.inner.config.root.join("blobs");
-        let from = partial.to_path_buf();
+        let from = from.to_path_buf();
         tokio::task::spawn_blocking(move || place(&from, &target, &blobs))
             .await
             .map_err(|e| CacheError::task(&e))??;
-        let (hex, url) = (sha256.to_hex(), url.to_owned());
+        let hex = sha256.to_hex();
         self.inner
             .store
             .call(move |conn| {
@@ -613,8 +611,8 @@ impl FirmwareCache {
                 let tx = conn.transaction()?;
                 tx.execute(
                     "INSERT OR REPLACE INTO firmware_blobs (sha256, size, source, origin, added_at, last_access) \
-                     VALUES (?1, ?2, 'manifest', ?3, ?4, ?4)",
-                    params![hex, i64::try_from(size).unwrap_or(i64::MAX), url, now],
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
+                    params![hex, i64::try_from(size).unwrap_or(i64::MAX), source.as_str(), origin, now],
                 )?;
                 tx.execute("DELETE FROM firmware_downloads WHERE sha256 = ?1", [&hex])?;
                 tx.commit()?;
@@ -636,50 +634,83 @@ impl FirmwareCache {
             .map_err(CacheError::io("reading", &source))?
             .len();
         let _reservation = self.reserve(size).await?;
-        let tmp_dir = self.inner.config.root.join("tmp");
-        let (sha256, tmp) = {
-            let source = source.clone();
-            tokio::task::spawn_blocking(move || copy_hashed(&source, &tmp_dir))
+        let tmp = self.staging_path()?;
+        let (sha256, staged) = {
+            let (source, tmp) = (source.clone(), tmp.clone());
+            tokio::task::spawn_blocking(move || copy_hashed(&source, &tmp))
                 .await
                 .map_err(|e| CacheError::task(&e))??
         };
-        if lock(&self.inner.state).index.contains_key(&sha256) {
-            let _ = std::fs::remove_file(&tmp);
-        } else {
-            let target = self.blob_path(sha256);
-            let blobs = self.inner.config.root.join("blobs");
-            let placed = tokio::task::spawn_blocking({
-                let tmp = tmp.clone();
-                move || place(&tmp, &target, &blobs)
+        let origin = source.file_name().map_or_else(
+            || source.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        self.adopt(sha256, size, &staged, origin).await
+    }
+
+    /// A fresh path in the cache's staging folder, for a caller that writes a file there
+    /// and hands it to [`FirmwareCache::import_staged`] (an upload, say). Staged files
+    /// left by a crash are deleted at the next open.
+    pub fn staging_path(&self) -> Result<PathBuf, CacheError> {
+        let tmp = self.inner.config.root.join("tmp");
+        let mut name = [0u8; 8];
+        getrandom::fill(&mut name).map_err(|e| CacheError::other("naming a file in", &tmp, e))?;
+        Ok(tmp.join(format!("import-{}", hex::encode(name))))
+    }
+
+    /// Imports a file already written to a [`FirmwareCache::staging_path`]: hashed and
+    /// renamed into place without another copy. The cache owns the file from here on
+    /// and deletes it if it is not kept. `origin` is the name it is recorded under.
+    pub async fn import_staged(
+        &self,
+        staged: &Path,
+        origin: String,
+    ) -> Result<BlobInfo, CacheError> {
+        let result = async {
+            let size = tokio::fs::metadata(staged)
+                .await
+                .map_err(CacheError::io("reading", staged))?
+                .len();
+            let _reservation = self.reserve(size).await?;
+            let path = staged.to_path_buf();
+            let sha256 = tokio::task::spawn_blocking(move || {
+                let mut file =
+                    std::fs::File::open(&path).map_err(CacheError::io("opening", &path))?;
+                file.sync_all().map_err(CacheError::io("syncing", &path))?;
+                hash_stream(&mut file, &path, |_| Ok(()))
             })
             .await
-            .map_err(|e| CacheError::task(&e))?;
-            if let Err(error) = placed {
-                let _ = std::fs::remove_file(&tmp);
-                return Err(error);
-            }
-            let hex = sha256.to_hex();
-            let origin = source.file_name().map_or_else(
-                || source.display().to_string(),
-                |n| n.to_string_lossy().into_owned(),
-            );
-            self.inner
-                .store
-                .call(move |conn| {
-                    let now = Timestamp::now().unix_millis();
-                    conn.execute(
-                        "INSERT OR REPLACE INTO firmware_blobs (sha256, size, source, origin, added_at, last_access) \
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
-                        params![hex, i64::try_from(size).unwrap_or(i64::MAX), BlobSource::Import.as_str(), origin, now],
-                    )?;
-                    Ok(())
-                })
-                .await?;
-            let mut state = lock(&self.inner.state);
-            state.index.insert(sha256, size);
-            state.verified.insert(sha256);
+            .map_err(|e| CacheError::task(&e))??;
+            self.adopt(sha256, size, staged, origin).await
         }
-        tracing::info!(%sha256, size, file = %source.display(), "firmware imported");
+        .await;
+        if result.is_err() {
+            let _ = tokio::fs::remove_file(staged).await;
+        }
+        result
+    }
+
+    /// Keeps a hashed, fsynced staged file as an imported blob (or drops it when the
+    /// blob is already cached).
+    async fn adopt(
+        &self,
+        sha256: Sha256,
+        size: u64,
+        staged: &Path,
+        origin: String,
+    ) -> Result<BlobInfo, CacheError> {
+        let kept = if lock(&self.inner.state).index.contains_key(&sha256) {
+            let _ = tokio::fs::remove_file(staged).await;
+            Ok(())
+        } else {
+            self.commit(sha256, size, staged, BlobSource::Import, origin.clone())
+                .await
+        };
+        if let Err(error) = kept {
+            let _ = tokio::fs::remove_file(staged).await;
+            return Err(error);
+        }
+        tracing::info!(%sha256, size, origin, "firmware imported");
         self.info(sha256)
             .await?
             .ok_or(CacheError::NotCached(sha256))
@@ -737,10 +768,11 @@ impl FirmwareCache {
         state.verified.insert(sha256);
         if let BlobBody::Memory(bytes) = &body {
             let tick = state.tick;
-            if state.hot.insert(sha256, (bytes.clone(), tick)).is_none() {
-                state.hot_bytes += size;
-            }
-            while state.hot_bytes > self.inner.config.memory_bytes {
+            state.hot.insert(sha256, (bytes.clone(), tick));
+            // The hot set is a handful of firmware images: summing it is cheap.
+            while state.hot.values().map(|(b, _)| b.len() as u64).sum::<u64>()
+                > self.inner.config.memory_bytes
+            {
                 let Some(coldest) = state
                     .hot
                     .iter()
@@ -750,9 +782,7 @@ impl FirmwareCache {
                 else {
                     break;
                 };
-                if let Some((bytes, _)) = state.hot.remove(&coldest) {
-                    state.hot_bytes -= bytes.len() as u64;
-                }
+                state.hot.remove(&coldest);
             }
         }
         drop(state);
@@ -770,9 +800,7 @@ impl FirmwareCache {
             let mut state = lock(&self.inner.state);
             state.index.remove(&sha256);
             state.verified.remove(&sha256);
-            if let Some((bytes, _)) = state.hot.remove(&sha256) {
-                state.hot_bytes -= bytes.len() as u64;
-            }
+            state.hot.remove(&sha256);
         }
         let hex = sha256.to_hex();
         self.inner
@@ -1003,20 +1031,29 @@ impl FirmwareCache {
                 Ok(rows)
             })
             .await?;
-        Ok(rows
+        let rows: Vec<_> = rows
             .into_iter()
             .filter_map(|(sha, url, attempts, last_error)| {
                 let sha256: Sha256 = sha.parse().ok()?;
-                let have = std::fs::metadata(self.partial_path(sha256)).map_or(0, |m| m.len());
-                Some(PendingDownload {
-                    sha256,
-                    url,
-                    have,
-                    attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
-                    last_error,
-                })
+                Some((sha256, self.partial_path(sha256), url, attempts, last_error))
             })
-            .collect())
+            .collect();
+        // File sizes are read off the async workers.
+        tokio::task::spawn_blocking(move || {
+            rows.into_iter()
+                .map(
+                    |(sha256, partial, url, attempts, last_error)| PendingDownload {
+                        sha256,
+                        url,
+                        have: std::fs::metadata(partial).map_or(0, |m| m.len()),
+                        attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
+                        last_error,
+                    },
+                )
+                .collect()
+        })
+        .await
+        .map_err(|e| CacheError::task(&e))
     }
 
     /// Bytes served per client, for one blob or all.
@@ -1079,47 +1116,6 @@ impl FirmwareCache {
             .root
             .join("partial")
             .join(format!("{sha256}.part"))
-    }
-}
-
-fn clone_error(error: &CacheError) -> CacheError {
-    match error {
-        CacheError::NotNamed(sha) => CacheError::NotNamed(*sha),
-        CacheError::NotCached(sha) => CacheError::NotCached(*sha),
-        CacheError::Full {
-            needed,
-            budget,
-            unevictable,
-        } => CacheError::Full {
-            needed: *needed,
-            budget: *budget,
-            unevictable: *unevictable,
-        },
-        CacheError::Upstream {
-            sha256,
-            url,
-            attempts,
-            detail,
-        } => CacheError::Upstream {
-            sha256: *sha256,
-            url: url.clone(),
-            attempts: *attempts,
-            detail: detail.clone(),
-        },
-        CacheError::Io {
-            action,
-            path,
-            source,
-        } => CacheError::Io {
-            action,
-            path: path.clone(),
-            source: std::io::Error::new(source.kind(), source.to_string()),
-        },
-        CacheError::ShuttingDown => CacheError::ShuttingDown,
-        other => CacheError::Verification {
-            sha256: Sha256::from_bytes([0; 32]),
-            detail: other.to_string(),
-        },
     }
 }
 
@@ -1200,7 +1196,7 @@ fn recover(
     let tmp = root.join("tmp");
     for entry in std::fs::read_dir(&tmp).map_err(CacheError::io("listing", &tmp))? {
         let entry = entry.map_err(CacheError::io("listing", &tmp))?;
-        // Uploads in progress through the API are folders; imports are files.
+        // Everything staged here was unfinished: files, or folders left by hand.
         let _ = if entry.file_type().is_ok_and(|t| t.is_dir()) {
             std::fs::remove_dir_all(entry.path())
         } else {
@@ -1268,44 +1264,52 @@ fn place(from: &Path, to: &Path, dir: &Path) -> Result<(), CacheError> {
         .map_err(CacheError::io("syncing", dir))
 }
 
-/// Copies `source` into a new file in `tmp_dir`, hashing as it goes; returns the hash and the copy.
-fn copy_hashed(source: &Path, tmp_dir: &Path) -> Result<(Sha256, PathBuf), CacheError> {
+/// Copies `source` to the new file `tmp`, hashing as it goes, and fsyncs the copy;
+/// returns the hash and the copy. The copy is deleted on failure.
+fn copy_hashed(source: &Path, tmp: &Path) -> Result<(Sha256, PathBuf), CacheError> {
     use std::io::Write as _;
     let mut input = std::fs::File::open(source).map_err(CacheError::io("opening", source))?;
-    let mut name = [0u8; 8];
-    getrandom::fill(&mut name).map_err(|e| {
-        CacheError::io("naming a temporary file in", tmp_dir)(std::io::Error::other(e.to_string()))
-    })?;
-    let tmp = tmp_dir.join(format!("import-{}", hex::encode(name)));
     let result = (|| {
         let mut output = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
-            .open(&tmp)
-            .map_err(CacheError::io("creating", &tmp))?;
-        let mut hasher = sha2::Sha256::new();
-        let mut buf = vec![0u8; 256 * 1024];
-        loop {
-            let n = input
-                .read(&mut buf)
-                .map_err(CacheError::io("reading", source))?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
+            .open(tmp)
+            .map_err(CacheError::io("creating", tmp))?;
+        let sha = hash_stream(&mut input, source, |chunk| {
             output
-                .write_all(&buf[..n])
-                .map_err(CacheError::io("writing", &tmp))?;
-        }
-        output.sync_all().map_err(CacheError::io("syncing", &tmp))?;
-        Ok(Sha256::from_bytes(hasher.finalize().into()))
+                .write_all(chunk)
+                .map_err(CacheError::io("writing", tmp))
+        })?;
+        output.sync_all().map_err(CacheError::io("syncing", tmp))?;
+        Ok(sha)
     })();
     match result {
-        Ok(sha) => Ok((sha, tmp)),
+        Ok(sha) => Ok((sha, tmp.to_path_buf())),
         Err(error) => {
-            let _ = std::fs::remove_file(&tmp);
+            let _ = std::fs::remove_file(tmp);
             Err(error)
         }
+    }
+}
+
+/// Reads `input` (named `path` in errors) to its end in 256 KiB chunks, passing each
+/// chunk to `each`; returns the sha256 of everything read.
+pub(crate) fn hash_stream(
+    input: &mut impl Read,
+    path: &Path,
+    mut each: impl FnMut(&[u8]) -> Result<(), CacheError>,
+) -> Result<Sha256, CacheError> {
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = input
+            .read(&mut buf)
+            .map_err(CacheError::io("reading", path))?;
+        if n == 0 {
+            return Ok(Sha256::from_bytes(hasher.finalize().into()));
+        }
+        hasher.update(&buf[..n]);
+        each(&buf[..n])?;
     }
 }
 
@@ -1342,26 +1346,18 @@ fn load(
     if verified && !keep_in_memory {
         return Ok(BlobBody::File(Arc::new(file)));
     }
-    let mut hasher = sha2::Sha256::new();
-    let mut data = if keep_in_memory {
-        Vec::with_capacity(usize::try_from(size).unwrap_or(0))
+    let mut data = Vec::with_capacity(if keep_in_memory {
+        usize::try_from(size).unwrap_or(0)
     } else {
-        Vec::new()
-    };
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = file
-            .read(&mut buf)
-            .map_err(|e| Loaded::Io(CacheError::io("reading", path)(e)))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
+        0
+    });
+    let got = hash_stream(&mut file, path, |chunk| {
         if keep_in_memory {
-            data.extend_from_slice(&buf[..n]);
+            data.extend_from_slice(chunk);
         }
-    }
-    let got = Sha256::from_bytes(hasher.finalize().into());
+        Ok(())
+    })
+    .map_err(Loaded::Io)?;
     if got != sha256 {
         return Err(Loaded::Corrupt(format!("its bytes hash to {got}")));
     }
@@ -1371,6 +1367,3 @@ fn load(
         BlobBody::File(Arc::new(file))
     })
 }
-
-/// How long the server may wait for a cold artifact before answering 503.
-pub(crate) const COLD_WAIT: Duration = Duration::from_secs(600);

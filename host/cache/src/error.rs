@@ -1,11 +1,13 @@
 //! The cache's one error type.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use crate::Sha256;
 
-/// What went wrong in the firmware cache.
-#[derive(Debug, thiserror::Error)]
+/// What went wrong in the firmware cache. Cheap to clone: every caller waiting on one
+/// download gets the same error.
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum CacheError {
     /// A manifest was refused before anything was fetched; the reason says why.
     #[error("update manifest refused: {0}")]
@@ -78,16 +80,22 @@ pub enum CacheError {
         path: PathBuf,
         /// The operating system's error.
         #[source]
-        source: std::io::Error,
+        source: Arc<std::io::Error>,
     },
 
     /// The state database failed.
     #[error(transparent)]
-    Store(#[from] outpost_store::StoreError),
+    Store(Arc<outpost_store::StoreError>),
 
     /// The cache is shutting down.
     #[error("the firmware cache is shutting down")]
     ShuttingDown,
+}
+
+impl From<outpost_store::StoreError> for CacheError {
+    fn from(error: outpost_store::StoreError) -> Self {
+        Self::Store(Arc::new(error))
+    }
 }
 
 impl CacheError {
@@ -99,17 +107,22 @@ impl CacheError {
         move |source| Self::Io {
             action,
             path,
-            source,
+            source: Arc::new(source),
         }
+    }
+
+    /// A [`CacheError::Io`] whose cause is not an operating-system error.
+    pub(crate) fn other(
+        action: &'static str,
+        path: impl Into<PathBuf>,
+        message: impl std::fmt::Display,
+    ) -> Self {
+        Self::io(action, path)(std::io::Error::other(message.to_string()))
     }
 
     /// A blocking file task that panicked or was cancelled.
     pub(crate) fn task(error: &tokio::task::JoinError) -> Self {
-        Self::Io {
-            action: "running a file task for",
-            path: PathBuf::from("the firmware cache"),
-            source: std::io::Error::other(error.to_string()),
-        }
+        Self::other("running a file task for", "the firmware cache", error)
     }
 
     /// True when the error comes from the disk being full.

@@ -106,43 +106,24 @@ impl Upstream {
         }
         if let Some(path) = &config.ca_file {
             use rustls_pki_types::pem::PemObject as _;
-            let certs = rustls_pki_types::CertificateDer::pem_file_iter(path).map_err(|e| {
-                CacheError::Io {
-                    action: "reading CA file",
-                    path: path.clone(),
-                    source: std::io::Error::other(e.to_string()),
-                }
-            })?;
+            let reading = |e: &dyn std::fmt::Display| CacheError::other("reading CA file", path, e);
             let mut found = 0;
-            for cert in certs {
+            for cert in
+                rustls_pki_types::CertificateDer::pem_file_iter(path).map_err(|e| reading(&e))?
+            {
                 found += 1;
-                let cert = cert.map_err(|e| CacheError::Io {
-                    action: "reading CA file",
-                    path: path.clone(),
-                    source: std::io::Error::other(e.to_string()),
-                })?;
-                roots.add(cert).map_err(|e| CacheError::Io {
-                    action: "adding CA certificate from",
-                    path: path.clone(),
-                    source: std::io::Error::other(e.to_string()),
-                })?;
+                roots
+                    .add(cert.map_err(|e| reading(&e))?)
+                    .map_err(|e| CacheError::other("adding a CA certificate from", path, e))?;
             }
             if found == 0 {
-                return Err(CacheError::Io {
-                    action: "reading CA file",
-                    path: path.clone(),
-                    source: std::io::Error::other("it holds no PEM certificate"),
-                });
+                return Err(reading(&"it holds no PEM certificate"));
             }
         }
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let tls = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(|e| CacheError::Io {
-                action: "setting up TLS for",
-                path: PathBuf::from("firmware downloads"),
-                source: std::io::Error::other(e.to_string()),
-            })?
+            .map_err(|e| CacheError::other("setting up TLS for", "firmware downloads", e))?
             .with_root_certificates(roots)
             .with_no_client_auth();
         let mut http = HttpConnector::new();

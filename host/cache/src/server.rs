@@ -34,7 +34,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::cache::{BlobBody, COLD_WAIT};
+use crate::cache::BlobBody;
 use crate::range::{self, RangeRequest};
 use crate::{Blob, CacheError, FirmwareCache, Sha256};
 
@@ -55,6 +55,9 @@ impl Default for ServerConfig {
         }
     }
 }
+
+/// How long a request may wait for a cold artifact's download before it gets 503.
+const COLD_WAIT: Duration = Duration::from_secs(600);
 
 /// Positioned reads of this size serve blobs that are not held in memory.
 const FILE_CHUNK: u64 = 512 * 1024;

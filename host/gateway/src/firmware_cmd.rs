@@ -151,19 +151,11 @@ fn sign(path: &Path, key: &Path, kid: &str, out: Option<&Path>) -> anyhow::Resul
     Ok(())
 }
 
-enum Kind {
-    Pin,
-    Other,
-}
-
 /// Through the running gateway's API.
 #[allow(clippy::print_stdout)]
 async fn online(command: FirmwareCommand, api: &GatewayApi) -> anyhow::Result<()> {
-    let command_kind = if matches!(command, FirmwareCommand::Pin { .. }) {
-        Kind::Pin
-    } else {
-        Kind::Other
-    };
+    // Pin and unpin share one arm below.
+    let pin = matches!(command, FirmwareCommand::Pin { .. });
     match command {
         FirmwareCommand::Import { file } => {
             let bytes =
@@ -232,7 +224,6 @@ async fn online(command: FirmwareCommand, api: &GatewayApi) -> anyhow::Result<()
             println!("Removed {sha256} from the running gateway");
         }
         FirmwareCommand::Pin { sha256, holder } | FirmwareCommand::Unpin { sha256, holder } => {
-            let pin = matches!(command_kind, Kind::Pin);
             let (status, json) = api
                 .request(
                     if pin { Method::PUT } else { Method::DELETE },

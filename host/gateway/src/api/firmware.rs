@@ -79,39 +79,25 @@ pub(crate) async fn import(
         .unwrap_or("upload.bin")
         .to_owned();
     let limit = state.firmware.config().max_bytes;
-    let tmp_dir = state.firmware.config().root.join("tmp");
-    let mut random = [0u8; 8];
-    getrandom::fill(&mut random).map_err(|e| ApiError::internal(e.to_string()))?;
-    // The cache records the file name it was imported from.
-    let upload_dir = tmp_dir.join(format!("upload-{}", hex_of(&random)));
-    let upload = upload_dir.join(&name);
-    let result = receive(request.into_body(), &upload_dir, &upload, limit).await;
-    let imported = match result {
-        Ok(()) => state
-            .firmware
-            .import(&upload)
-            .await
-            .map_err(|e| cache_error(&e)),
-        Err(error) => Err(error),
-    };
-    let _ = tokio::fs::remove_dir_all(&upload_dir).await;
+    // Written straight into the cache's staging folder and adopted there: no second copy.
+    let staged = state.firmware.staging_path().map_err(|e| cache_error(&e))?;
+    if let Err(error) = receive(request.into_body(), &staged, limit).await {
+        let _ = tokio::fs::remove_file(&staged).await;
+        return Err(error);
+    }
+    let blob = state
+        .firmware
+        .import_staged(&staged, name)
+        .await
+        .map_err(|e| cache_error(&e))?;
     Ok(json_response(
         StatusCode::CREATED,
-        &serde_json::json!({ "blob": imported? }),
+        &serde_json::json!({ "blob": blob }),
     ))
 }
 
-fn hex_of(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// Streams a request body into `path`, refusing more than `limit` bytes.
-async fn receive(
-    mut body: Incoming,
-    dir: &std::path::Path,
-    path: &std::path::Path,
-    limit: u64,
-) -> Result<(), ApiError> {
+async fn receive(mut body: Incoming, path: &std::path::Path, limit: u64) -> Result<(), ApiError> {
     use tokio::io::AsyncWriteExt as _;
     let io = |e: std::io::Error| {
         let disk_full = e.raw_os_error() == Some(28);
@@ -122,7 +108,6 @@ async fn receive(
             ApiError::internal(message)
         }
     };
-    tokio::fs::create_dir_all(dir).await.map_err(io)?;
     let mut file = tokio::fs::File::create(path).await.map_err(io)?;
     let mut received = 0u64;
     while let Some(frame) = body.frame().await {
