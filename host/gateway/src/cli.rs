@@ -12,6 +12,7 @@ use serde::Serialize;
 use crate::config::{self, Config, LogFormat};
 use crate::firmware_cmd::{self, FirmwareCommand};
 use crate::handler_cmd::{self, HandlerCommand};
+use crate::onboard_cmd::{self, OnboardCommand};
 use crate::{daemon, logging};
 
 /// Outpost: a site gateway for fleets of ESP32-class devices.
@@ -46,6 +47,9 @@ enum Command {
     /// The firmware cache: import, list, remove; signed update manifests.
     #[command(subcommand)]
     Firmware(FirmwareCommand),
+    /// Onboard ESP devices: import a manifest, run, list; make a claiming CA.
+    #[command(subcommand)]
+    Onboard(OnboardCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -88,6 +92,11 @@ pub(crate) async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Handler(command) => handler_cmd::run(command, &cli.config).await?,
         Command::Firmware(command) => firmware_cmd::run(command, &cli.config).await?,
+        Command::Onboard(command) => {
+            if !onboard_cmd::run(command, &cli.config).await? {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
         Command::Devices(DevicesCommand::List { json }) => {
             let config = Config::load(&cli.config)?;
             let devices = read_devices(&config.database_path()).await?;

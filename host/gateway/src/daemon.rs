@@ -156,7 +156,7 @@ async fn start(
         );
     }
 
-    let onboarding = onboarding::probe(&config.ble, Path::new(onboarding::SYSFS_BLUETOOTH));
+    let onboarding = onboarding::probe(&config.ble).await;
     match &onboarding {
         OnboardingStatus::Disabled => {
             tracing::info!("BLE onboarding is disabled (ble.enabled = false)");
@@ -187,7 +187,12 @@ async fn start(
     let firmware_listener = bind_firmware(config.cache.bind, config_path).await?;
     let firmware_addr = firmware_listener.local_addr()?;
     firmware.resume_pending().await?;
+    let onboarder = Arc::new(
+        crate::onboard::Onboarder::new(&config, store.clone())
+            .context("onboarding settings ([onboarding] in the config)")?,
+    );
     let state = Arc::new(ApiState {
+        onboarder,
         store,
         admin,
         health: Health {

@@ -3,7 +3,8 @@
 //! `outpost run` starts the gateway on `gateway-config/outpost.toml` (or `--config FILE`);
 //! `outpost config check` validates a config and prints it with secrets redacted;
 //! `outpost devices list` reads the device lobby from the state database;
-//! `outpost handler …` builds, signs, verifies and installs vendor update handlers.
+//! `outpost handler …` builds, signs, verifies and installs vendor update handlers;
+//! `outpost onboard …` imports a device manifest and onboards the devices.
 
 mod api;
 mod api_client;
@@ -13,6 +14,8 @@ mod daemon;
 mod firmware_cmd;
 mod handler_cmd;
 mod logging;
+mod onboard;
+mod onboard_cmd;
 mod onboarding;
 
 use std::process::ExitCode;

@@ -1,16 +1,14 @@
-//! Whether BLE onboarding can run on this machine.
-//!
-//! The check reads the kernel's Bluetooth class directory: a Linux host with a usable
-//! controller lists it there as `hciN`. Onboarding itself talks to BlueZ over D-Bus.
+//! Whether BLE onboarding can run on this machine: BlueZ is asked over D-Bus (the system
+//! bus, or `DBUS_SYSTEM_BUS_ADDRESS`) for the configured adapter, as onboarding will.
 
-use std::path::Path;
+use std::time::Duration;
 
 use serde::Serialize;
 
 use crate::config::BleSection;
 
-/// Where the kernel lists Bluetooth controllers.
-pub(crate) const SYSFS_BLUETOOTH: &str = "/sys/class/bluetooth";
+/// How long the start-up probe waits for BlueZ.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// What onboarding can do, as reported by `/healthz`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -18,7 +16,7 @@ pub(crate) const SYSFS_BLUETOOTH: &str = "/sys/class/bluetooth";
 pub(crate) enum OnboardingStatus {
     /// `ble.enabled = false`.
     Disabled,
-    /// Enabled, but the machine has no (or not the configured) adapter.
+    /// Enabled, but BlueZ has no (or not the configured) adapter, or is not reachable.
     NoAdapter {
         /// What was looked for and not found.
         reason: String,
@@ -30,42 +28,21 @@ pub(crate) enum OnboardingStatus {
     },
 }
 
-/// Looks for the adapter `ble` asks for under `sysfs` (normally [`SYSFS_BLUETOOTH`]).
-pub(crate) fn probe(ble: &BleSection, sysfs: &Path) -> OnboardingStatus {
+/// Asks BlueZ for the adapter `ble` names (or any).
+pub(crate) async fn probe(ble: &BleSection) -> OnboardingStatus {
     if !ble.enabled {
         return OnboardingStatus::Disabled;
     }
-    let mut adapters: Vec<String> = std::fs::read_dir(sysfs)
-        .map(|entries| {
-            entries
-                .filter_map(Result::ok)
-                .filter_map(|entry| entry.file_name().into_string().ok())
-                // hciN:M entries are connections, not controllers.
-                .filter(|name| name.starts_with("hci") && !name.contains(':'))
-                .collect()
-        })
-        .unwrap_or_default();
-    adapters.sort();
-    match &ble.adapter {
-        Some(wanted) if adapters.contains(wanted) => OnboardingStatus::Ready {
-            adapter: wanted.clone(),
+    let open = outpost_ble::central::Central::open(ble.adapter.as_deref(), Default::default());
+    match tokio::time::timeout(PROBE_TIMEOUT, open).await {
+        Ok(Ok(central)) => OnboardingStatus::Ready {
+            adapter: central.name().to_owned(),
         },
-        Some(wanted) => OnboardingStatus::NoAdapter {
-            reason: format!(
-                "Bluetooth adapter {wanted} not found in {} (found: {})",
-                sysfs.display(),
-                if adapters.is_empty() {
-                    "none".to_owned()
-                } else {
-                    adapters.join(", ")
-                }
-            ),
+        Ok(Err(err)) => OnboardingStatus::NoAdapter {
+            reason: err.to_string(),
         },
-        None => match adapters.into_iter().next() {
-            Some(adapter) => OnboardingStatus::Ready { adapter },
-            None => OnboardingStatus::NoAdapter {
-                reason: format!("no Bluetooth adapter found in {}", sysfs.display()),
-            },
+        Err(_) => OnboardingStatus::NoAdapter {
+            reason: format!("BlueZ did not answer within {PROBE_TIMEOUT:?}"),
         },
     }
 }
@@ -74,55 +51,12 @@ pub(crate) fn probe(ble: &BleSection, sysfs: &Path) -> OnboardingStatus {
 mod tests {
     use super::*;
 
-    fn ble(enabled: bool, adapter: Option<&str>) -> BleSection {
-        BleSection {
-            enabled,
-            adapter: adapter.map(str::to_owned),
+    #[tokio::test]
+    async fn a_disabled_section_is_not_probed() {
+        let ble = BleSection {
+            enabled: false,
             ..BleSection::default()
-        }
-    }
-
-    #[test]
-    fn reports_disabled_missing_and_present_adapters() {
-        let sysfs = tempfile::tempdir().unwrap();
-        assert_eq!(
-            probe(&ble(false, None), sysfs.path()),
-            OnboardingStatus::Disabled
-        );
-        assert!(matches!(
-            probe(&ble(true, None), sysfs.path()),
-            OnboardingStatus::NoAdapter { .. }
-        ));
-
-        for name in ["hci1", "hci0", "hci0:64"] {
-            std::fs::create_dir(sysfs.path().join(name)).unwrap();
-        }
-        assert_eq!(
-            probe(&ble(true, None), sysfs.path()),
-            OnboardingStatus::Ready {
-                adapter: "hci0".into()
-            }
-        );
-        assert_eq!(
-            probe(&ble(true, Some("hci1")), sysfs.path()),
-            OnboardingStatus::Ready {
-                adapter: "hci1".into()
-            }
-        );
-        match probe(&ble(true, Some("hci7")), sysfs.path()) {
-            OnboardingStatus::NoAdapter { reason } => {
-                assert!(
-                    reason.contains("hci7") && reason.contains("hci0, hci1"),
-                    "{reason}"
-                );
-            }
-            other => panic!("expected NoAdapter, got {other:?}"),
-        }
-    }
-
-    #[test]
-    fn a_missing_sysfs_directory_means_no_adapter() {
-        let status = probe(&ble(true, None), Path::new("/nonexistent/bluetooth"));
-        assert!(matches!(status, OnboardingStatus::NoAdapter { .. }));
+        };
+        assert_eq!(probe(&ble).await, OnboardingStatus::Disabled);
     }
 }

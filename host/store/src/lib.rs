@@ -34,6 +34,7 @@ mod error;
 mod groups;
 mod handler_state;
 mod migrations;
+mod onboarding;
 mod open;
 mod time;
 mod worker;
@@ -43,6 +44,7 @@ pub use error::StoreError;
 pub use groups::Group;
 pub use handler_state::StateWrite;
 pub use migrations::SCHEMA_VERSION;
+pub use onboarding::{Claim, OnboardingTarget};
 /// The SQLite binding, re-exported for [`Store::call`] closures.
 pub use rusqlite;
 pub use time::Timestamp;

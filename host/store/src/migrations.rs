@@ -33,6 +33,10 @@ const MIGRATIONS: &[Migration] = &[
         version: 4,
         sql: include_str!("../migrations/0004_firmware.sql"),
     },
+    Migration {
+        version: 5,
+        sql: include_str!("../migrations/0005_onboarding.sql"),
+    },
 ];
 
 /// The schema version this build writes and the newest it can open.

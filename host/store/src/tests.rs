@@ -63,6 +63,7 @@ async fn migrates_from_empty_to_the_current_schema() {
     assert_eq!(
         table_names(&path),
         [
+            "claims",
             "devices",
             "firmware_blobs",
             "firmware_downloads",
@@ -72,6 +73,7 @@ async fn migrates_from_empty_to_the_current_schema() {
             "groups",
             "handler_state",
             "manifest_files",
+            "onboarding_targets",
             "outbox",
             "update_manifests"
         ]
@@ -93,7 +95,7 @@ async fn migrates_from_the_previous_schema_keeping_data() {
         conn.close().unwrap();
     }
     assert_eq!(user_version(&path), SCHEMA_VERSION - 1);
-    assert!(!table_names(&path).contains(&"firmware_blobs".to_owned()));
+    assert!(!table_names(&path).contains(&"onboarding_targets".to_owned()));
 
     let store = Store::open(&path).await.unwrap();
     let device = store
@@ -148,6 +150,7 @@ async fn migrates_from_the_first_schema_through_every_later_one() {
     assert_eq!(
         table_names(&path),
         [
+            "claims",
             "devices",
             "firmware_blobs",
             "firmware_downloads",
@@ -157,6 +160,7 @@ async fn migrates_from_the_first_schema_through_every_later_one() {
             "groups",
             "handler_state",
             "manifest_files",
+            "onboarding_targets",
             "outbox",
             "update_manifests"
         ]

@@ -7,6 +7,7 @@ mod auth;
 mod error;
 pub(crate) mod firmware;
 pub(crate) mod handlers;
+mod onboarding;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -45,6 +46,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// What the handlers need.
 #[derive(Debug)]
 pub(crate) struct ApiState {
+    pub(crate) onboarder: Arc<crate::onboard::Onboarder>,
     pub(crate) store: Store,
     pub(crate) admin: AdminToken,
     pub(crate) health: Health,
@@ -167,6 +169,23 @@ async fn route(state: &ApiState, request: Request<Incoming>) -> Response<Full<By
             Ok(()) => match (api, &method) {
                 ("/api/v1/devices", &Method::GET) => list_devices(state).await,
                 ("/api/v1/devices", _) => Err(ApiError::method_not_allowed(&method, "GET")),
+                ("/api/v1/onboarding/targets", &Method::GET) => onboarding::targets(state).await,
+                ("/api/v1/onboarding/targets", &Method::POST) => {
+                    onboarding::import(state, request).await
+                }
+                ("/api/v1/onboarding/targets", _) => {
+                    Err(ApiError::method_not_allowed(&method, "GET, POST"))
+                }
+                ("/api/v1/onboarding/runs", &Method::POST) => {
+                    onboarding::start(state, request).await
+                }
+                ("/api/v1/onboarding/runs", _) => {
+                    Err(ApiError::method_not_allowed(&method, "POST"))
+                }
+                (run, &Method::GET) if run.starts_with("/api/v1/onboarding/runs/") => {
+                    onboarding::run(state, &run["/api/v1/onboarding/runs/".len()..])
+                }
+                ("/api/v1/claims", &Method::GET) => onboarding::claims(state).await,
                 ("/api/v1/handlers", &Method::GET) => Ok(handlers::list(state)),
                 ("/api/v1/handlers", &Method::POST) => handlers::install(state, request).await,
                 ("/api/v1/handlers", _) => Err(ApiError::method_not_allowed(&method, "GET, POST")),

@@ -40,7 +40,13 @@ async fn start() -> Running {
     .unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let config = crate::config::Config::parse(
+        "[gateway]\nid = \"gw-test\"\n",
+        &dir.path().join("outpost.toml"),
+    )
+    .unwrap();
     let state = Arc::new(ApiState {
+        onboarder: Arc::new(crate::onboard::Onboarder::new(&config, store.clone()).unwrap()),
         store: store.clone(),
         admin: AdminToken::new(TOKEN).unwrap(),
         health: Health {

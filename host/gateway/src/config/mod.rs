@@ -37,6 +37,8 @@ pub(crate) struct Config {
     #[serde(default)]
     pub(crate) cache: CacheSection,
     #[serde(default)]
+    pub(crate) onboarding: OnboardingSection,
+    #[serde(default)]
     pub(crate) handlers: HandlersSection,
 
     /// Things the operator should know that are not errors (loose secret permissions).
@@ -111,6 +113,93 @@ pub(crate) struct UplinkSection {
     pub(crate) username: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) password: Option<Secret>,
+}
+
+/// `[onboarding]`: what onboarding gives devices and how long it waits for them.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct OnboardingSection {
+    /// Site networks, tried in order: a device that fails to join one (wrong passphrase,
+    /// AP not found) is reset and given the next, without a factory reset.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) wifi: Vec<WifiNetwork>,
+    /// Ask each device for a Wi-Fi scan first (logged; shows whether it sees the site AP).
+    #[serde(default = "yes")]
+    pub(crate) scan: bool,
+    /// How often a joining device is asked for its Wi-Fi state, in milliseconds.
+    #[serde(default = "default_status_poll_ms")]
+    pub(crate) status_poll_ms: NonZeroU32,
+    /// How long a device may take to join the network, in seconds.
+    #[serde(default = "default_join_timeout_secs")]
+    pub(crate) join_timeout_secs: NonZeroU32,
+    /// One request/response with a device, in seconds.
+    #[serde(default = "default_request_timeout_secs")]
+    pub(crate) request_timeout_secs: NonZeroU32,
+    /// Connecting to a device (BLE connect + GATT discovery, or TCP), in seconds.
+    #[serde(default = "default_connect_timeout_secs")]
+    pub(crate) connect_timeout_secs: NonZeroU32,
+    /// How long a BLE scan looks for the devices of a run, in seconds.
+    #[serde(default = "default_scan_timeout_secs")]
+    pub(crate) scan_timeout_secs: NonZeroU32,
+    /// Offline claiming: a local CA signs the CSRs of devices that offer assisted
+    /// claiming. Absent (and no uplink): such devices are provisioned but not claimed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) claim: Option<ClaimSection>,
+}
+
+/// `[[onboarding.wifi]]`: a site network.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct WifiNetwork {
+    pub(crate) ssid: String,
+    pub(crate) passphrase: Secret,
+}
+
+/// `[onboarding.claim]`: the local claiming CA.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ClaimSection {
+    /// The CA certificate (PEM).
+    pub(crate) ca_cert: PathBuf,
+    /// Its private key (PEM; best from a file of mode 0600).
+    pub(crate) ca_key: Secret,
+    /// Validity of the device certificates it signs, in days.
+    #[serde(default = "default_claim_days")]
+    pub(crate) valid_days: NonZeroU32,
+}
+
+impl Default for OnboardingSection {
+    fn default() -> Self {
+        Self {
+            wifi: Vec::new(),
+            scan: true,
+            status_poll_ms: default_status_poll_ms(),
+            join_timeout_secs: default_join_timeout_secs(),
+            request_timeout_secs: default_request_timeout_secs(),
+            connect_timeout_secs: default_connect_timeout_secs(),
+            scan_timeout_secs: default_scan_timeout_secs(),
+            claim: None,
+        }
+    }
+}
+
+fn default_status_poll_ms() -> NonZeroU32 {
+    NonZeroU32::new(500).expect("non-zero")
+}
+fn default_join_timeout_secs() -> NonZeroU32 {
+    NonZeroU32::new(60).expect("non-zero")
+}
+fn default_request_timeout_secs() -> NonZeroU32 {
+    NonZeroU32::new(10).expect("non-zero")
+}
+fn default_connect_timeout_secs() -> NonZeroU32 {
+    NonZeroU32::new(20).expect("non-zero")
+}
+fn default_scan_timeout_secs() -> NonZeroU32 {
+    NonZeroU32::new(15).expect("non-zero")
+}
+fn default_claim_days() -> NonZeroU32 {
+    NonZeroU32::new(3650).expect("non-zero")
 }
 
 /// `[cache]`: the firmware cache and its fan-out server.
@@ -548,6 +637,23 @@ impl Config {
         if let Some(ca_file) = &mut config.cache.ca_file {
             *ca_file = base.join(&*ca_file);
         }
+        if let Some(claim) = &mut config.onboarding.claim {
+            claim.ca_cert = base.join(&claim.ca_cert);
+        }
+        if let Some(network) = config
+            .onboarding
+            .wifi
+            .iter()
+            .find(|n| n.ssid.is_empty() || n.ssid.len() > outpost_protocomm::wifi::MAX_SSID)
+        {
+            return Err(located(
+                None,
+                format!(
+                    "onboarding.wifi: SSID {:?} must be 1 to 32 bytes",
+                    network.ssid
+                ),
+            ));
+        }
 
         let mut warnings = Vec::new();
         for secret in config.secrets_mut() {
@@ -563,11 +669,15 @@ impl Config {
 
     fn secrets_mut(&mut self) -> impl Iterator<Item = &mut Secret> {
         let uplink_password = self.uplink.as_mut().and_then(|u| u.password.as_mut());
+        let claim_key = self.onboarding.claim.as_mut().map(|c| &mut c.ca_key);
+        let wifi = self.onboarding.wifi.iter_mut().map(|n| &mut n.passphrase);
         self.api
             .admin_token
             .as_mut()
             .into_iter()
             .chain(uplink_password)
+            .chain(claim_key)
+            .chain(wifi)
     }
 
     /// The effective config as TOML, secrets replaced by where they come from.

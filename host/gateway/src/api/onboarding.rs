@@ -1,0 +1,113 @@
+//! `/api/v1/onboarding/…` and `/api/v1/claims`.
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Request, Response, StatusCode};
+
+use super::{ApiError, ApiState, json_response};
+use crate::onboard::RunRequest;
+
+/// Largest manifest accepted (a few thousand devices).
+const MAX_MANIFEST: usize = 4 << 20;
+
+async fn body(request: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
+    Ok(Limited::new(request.into_body(), limit)
+        .collect()
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("the body may be at most {limit} bytes"),
+            )
+        })?
+        .to_bytes())
+}
+
+fn store_error(err: &outpost_store::StoreError) -> ApiError {
+    ApiError::internal(format!("the state database failed: {err}"))
+}
+
+/// `GET /api/v1/onboarding/targets`: the imported manifest (no secrets) with each
+/// device's last attempt.
+pub(super) async fn targets(state: &ApiState) -> Result<Response<Full<Bytes>>, ApiError> {
+    let targets = state
+        .store
+        .onboarding_targets()
+        .await
+        .map_err(|e| store_error(&e))?;
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::json!({ "targets": targets }),
+    ))
+}
+
+/// `POST /api/v1/onboarding/targets`: imports a manifest (JSON or CSV), all or nothing.
+pub(super) async fn import(
+    state: &ApiState,
+    request: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let bytes = body(request, MAX_MANIFEST).await?;
+    let imported = state.onboarder.import(&bytes).await.map_err(|message| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "manifest_rejected",
+            message,
+        )
+    })?;
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::json!({ "imported": imported }),
+    ))
+}
+
+/// `POST /api/v1/onboarding/runs`: starts onboarding; answers 202 with the run.
+pub(super) async fn start(
+    state: &ApiState,
+    request: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let bytes = body(request, 64 << 10).await?;
+    let run_request: RunRequest = if bytes.is_empty() {
+        RunRequest::default()
+    } else {
+        serde_json::from_slice(&bytes).map_err(|err| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("the body must be {{\"devices\": [names], \"all\": bool}}: {err}"),
+            )
+        })?
+    };
+    let run = state
+        .onboarder
+        .start(run_request)
+        .await
+        .map_err(|message| ApiError::new(StatusCode::CONFLICT, "cannot_onboard", message))?;
+    Ok(json_response(StatusCode::ACCEPTED, &run.view()))
+}
+
+/// `GET /api/v1/onboarding/runs/{id}`: a run's progress.
+pub(super) fn run(state: &ApiState, id: &str) -> Result<Response<Full<Bytes>>, ApiError> {
+    let path = format!("/api/v1/onboarding/runs/{id}");
+    let run = id
+        .parse()
+        .ok()
+        .and_then(|id| state.onboarder.run(id))
+        .ok_or_else(|| ApiError::not_found(&path))?;
+    Ok(json_response(StatusCode::OK, &run.view()))
+}
+
+/// `GET /api/v1/claims`: certificates obtained by claiming, and whether the cloud has
+/// been told.
+pub(super) async fn claims(state: &ApiState) -> Result<Response<Full<Bytes>>, ApiError> {
+    let claims = state
+        .store
+        .claims(false)
+        .await
+        .map_err(|e| store_error(&e))?;
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::json!({ "claims": claims }),
+    ))
+}

@@ -1,0 +1,190 @@
+//! Claiming authorities: who turns a device's CSR into a certificate.
+//!
+//! Offline sites use a local CA from the config. The cloud uplink adds its own variant
+//! (relaying `initiate`/`verify` to the fleet backend); the onboarding flow only sees
+//! [`Authority`].
+
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use outpost_protocomm::claim::{CsrDocument, InitiateResponse, StartInfo, VerifyResponse};
+use rcgen::{CertificateSigningRequestParams, Issuer, KeyPair};
+
+/// A claiming authority.
+pub(crate) enum Authority {
+    /// A CA whose key is on this gateway.
+    Local(LocalCa),
+}
+
+impl Authority {
+    /// The name recorded with each claim.
+    pub(crate) fn name(&self) -> String {
+        match self {
+            Self::Local(ca) => format!("local-ca:{}", ca.subject),
+        }
+    }
+
+    /// `claim/initiate`: the node id for a device.
+    pub(crate) fn initiate(&self, start: &StartInfo) -> anyhow::Result<InitiateResponse> {
+        let mac = start.mac_addr.to_ascii_lowercase();
+        if mac.len() != 12 || !mac.bytes().all(|b| b.is_ascii_hexdigit()) {
+            bail!(
+                "the device sent a MAC address that is not 12 hex digits: {:?}",
+                start.mac_addr
+            );
+        }
+        match self {
+            Self::Local(_) => Ok(InitiateResponse {
+                node_id: format!("node-{mac}"),
+            }),
+        }
+    }
+
+    /// `claim/verify`: a certificate for the CSR, which must name `node_id`.
+    pub(crate) fn verify(
+        &self,
+        node_id: &str,
+        csr: &CsrDocument,
+    ) -> anyhow::Result<VerifyResponse> {
+        match self {
+            Self::Local(ca) => ca.sign(node_id, &csr.csr),
+        }
+    }
+}
+
+/// A local CA (certificate + key, PEM).
+pub(crate) struct LocalCa {
+    subject: String,
+    cert_pem: String,
+    key: KeyPair,
+    valid_days: u32,
+}
+
+impl LocalCa {
+    /// Loads the CA; errors name the file.
+    pub(crate) fn load(cert: &Path, key_pem: &str, valid_days: u32) -> anyhow::Result<Self> {
+        let cert_pem = std::fs::read_to_string(cert).with_context(|| {
+            format!("cannot read the claiming CA certificate {}", cert.display())
+        })?;
+        let key =
+            KeyPair::from_pem(key_pem).context("the claiming CA key is not a PEM private key")?;
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, &key)
+            .with_context(|| format!("{} is not a PEM CA certificate", cert.display()))?;
+        drop(issuer);
+        let subject = subject_cn(&cert_pem).unwrap_or_else(|| "claiming CA".into());
+        Ok(Self {
+            subject,
+            cert_pem,
+            key,
+            valid_days,
+        })
+    }
+
+    fn sign(&self, node_id: &str, csr_pem: &str) -> anyhow::Result<VerifyResponse> {
+        let mut params = CertificateSigningRequestParams::from_pem(csr_pem)
+            .context("the device's CSR does not parse or its signature is wrong")?;
+        let cn = match params
+            .params
+            .distinguished_name
+            .get(&rcgen::DnType::CommonName)
+        {
+            Some(rcgen::DnValue::Utf8String(s)) => Some(s.clone()),
+            Some(rcgen::DnValue::PrintableString(p)) => Some(p.as_str().to_owned()),
+            _ => None,
+        };
+        if cn.as_deref() != Some(node_id) {
+            bail!("the CSR names {cn:?}, not the node id {node_id:?} it was given");
+        }
+        let now = std::time::SystemTime::now();
+        params.params.not_before = now.into();
+        params.params.not_after =
+            (now + std::time::Duration::from_secs(u64::from(self.valid_days) * 86_400)).into();
+        let mut serial = [0u8; 16];
+        getrandom::fill(&mut serial).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+        serial[0] &= 0x7f;
+        params.params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+        params.params.is_ca = rcgen::IsCa::ExplicitNoCa;
+        params.params.use_authority_key_identifier_extension = true;
+        let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &self.key)?;
+        let cert = params
+            .signed_by(&issuer)
+            .context("signing the device certificate failed")?;
+        Ok(VerifyResponse {
+            certificate: cert.pem(),
+            mqtt_host: None,
+        })
+    }
+}
+
+fn subject_cn(cert_pem: &str) -> Option<String> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).ok()?;
+    let cert = pem.parse_x509().ok()?;
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()?
+        .as_str()
+        .ok()?
+        .to_owned();
+    Some(cn)
+}
+
+/// The certificate must carry the CSR's public key: an authority that answers with
+/// another key's certificate would leave the device unable to use it.
+pub(crate) fn certificate_matches_csr(certificate: &str, csr_pem: &str) -> anyhow::Result<()> {
+    let (_, cert_pem) = x509_parser::pem::parse_x509_pem(certificate.as_bytes())
+        .map_err(|e| anyhow::anyhow!("the certificate is not PEM: {e}"))?;
+    let cert = cert_pem
+        .parse_x509()
+        .map_err(|e| anyhow::anyhow!("the certificate does not parse: {e}"))?;
+    let (_, csr_block) = x509_parser::pem::parse_x509_pem(csr_pem.as_bytes())
+        .map_err(|e| anyhow::anyhow!("the CSR is not PEM: {e}"))?;
+    use x509_parser::prelude::FromDer as _;
+    let (_, csr) =
+        x509_parser::certification_request::X509CertificationRequest::from_der(&csr_block.contents)
+            .map_err(|e| anyhow::anyhow!("the CSR does not parse: {e}"))?;
+    if cert.public_key().raw != csr.certification_request_info.subject_pki.raw {
+        bail!("the certificate does not match the CSR's key");
+    }
+    Ok(())
+}
+
+/// Creates a claiming CA (P-256) in `dir`: `claim-ca.pem` and `claim-ca.key` (0600).
+pub(crate) fn create_ca(
+    dir: &Path,
+    name: &str,
+) -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf)> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let key = KeyPair::generate()?;
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    let now = std::time::SystemTime::now();
+    params.not_before = now.into();
+    params.not_after = (now + std::time::Duration::from_secs(20 * 365 * 86_400)).into();
+    let cert = params.self_signed(&key)?;
+    let cert_path = dir.join("claim-ca.pem");
+    let key_path = dir.join("claim-ca.key");
+    for path in [&cert_path, &key_path] {
+        if path.exists() {
+            bail!("{} exists; not overwriting a CA", path.display());
+        }
+    }
+    std::fs::write(&cert_path, cert.pem())?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&key_path)?;
+    file.write_all(key.serialize_pem().as_bytes())?;
+    Ok((cert_path, key_path))
+}

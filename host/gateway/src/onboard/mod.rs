@@ -1,0 +1,677 @@
+//! Onboarding: from an imported manifest to provisioned (and claimed) devices in the
+//! lobby, many devices at once.
+//!
+//! A run resolves its devices (one BLE scan for all BLE devices; SoftAP devices by
+//! address), then onboards each on its own task, at most `ble.max_concurrent_sessions`
+//! at a time (BLE connection attempts are serialised per adapter by the central):
+//! proto-ver → session → optional Wi-Fi scan → assisted claiming when the device offers
+//! it and an authority is configured → Wi-Fi config, apply, status until connected or
+//! failed (on failure: control reset, then the next configured network) → lobby state.
+
+pub(crate) mod authority;
+pub(crate) mod manifest;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+use outpost_ble::central::{Advert, Central};
+use outpost_ble::softap::HttpLink;
+use outpost_ble::{Link, ProvClient, Timeouts};
+use outpost_protocomm::wifi::WifiStatus;
+use outpost_protocomm::{ClientCredentials, SecurityVersion};
+use outpost_store::{DeviceState, NewDevice, OnboardingTarget, Store};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+use tracing::Instrument as _;
+
+use crate::config::Config;
+use authority::{Authority, LocalCa};
+
+/// Runs kept in memory for the API to show.
+const KEEP_RUNS: usize = 20;
+
+/// A site network handed to devices.
+struct Network {
+    ssid: String,
+    passphrase: String,
+}
+
+/// What a run needs from the config.
+struct Settings {
+    ble_enabled: bool,
+    adapter: Option<String>,
+    max_sessions: usize,
+    networks: Vec<Network>,
+    scan: bool,
+    status_poll: Duration,
+    join_timeout: Duration,
+    scan_timeout: Duration,
+    timeouts: Timeouts,
+}
+
+/// The onboarding service of a running gateway.
+pub(crate) struct Onboarder {
+    store: Store,
+    settings: Settings,
+    authority: Option<Authority>,
+    central: tokio::sync::Mutex<Option<Central>>,
+    runs: Mutex<Vec<Arc<Run>>>,
+    next_run: AtomicU64,
+}
+
+impl std::fmt::Debug for Onboarder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Onboarder")
+            .field("networks", &self.settings.networks.len())
+            .field("claiming", &self.authority.as_ref().map(Authority::name))
+            .finish_non_exhaustive()
+    }
+}
+
+/// What `POST /api/v1/onboarding/runs` takes.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RunRequest {
+    /// Only these devices (names from the manifest); empty: every device not yet onboarded.
+    #[serde(default)]
+    pub(crate) devices: Vec<String>,
+    /// Also devices already provisioned or claimed.
+    #[serde(default)]
+    pub(crate) all: bool,
+}
+
+/// One device's progress in a run.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct DeviceProgress {
+    pub(crate) name: String,
+    pub(crate) transport: String,
+    /// The current (or last) step.
+    pub(crate) step: &'static str,
+    pub(crate) done: bool,
+    /// `provisioned`, `claimed` or `failed` when done.
+    pub(crate) outcome: Option<DeviceState>,
+    pub(crate) error: Option<String>,
+    /// Node id from claiming.
+    pub(crate) node_id: Option<String>,
+    /// Networks tried.
+    pub(crate) wifi_attempts: u32,
+    /// Time in the session's cryptography (handshake and records), milliseconds.
+    pub(crate) crypto_ms: f64,
+    /// Wall time of this device's onboarding, milliseconds.
+    pub(crate) elapsed_ms: f64,
+}
+
+/// A run and its devices.
+pub(crate) struct Run {
+    id: u64,
+    started: Instant,
+    finished_ms: Mutex<Option<f64>>,
+    done: AtomicBool,
+    devices: Mutex<Vec<DeviceProgress>>,
+}
+
+/// What the API shows of a run.
+#[derive(Debug, Serialize)]
+pub(crate) struct RunView {
+    pub(crate) id: u64,
+    pub(crate) done: bool,
+    pub(crate) elapsed_ms: f64,
+    pub(crate) succeeded: usize,
+    pub(crate) failed: usize,
+    pub(crate) devices: Vec<DeviceProgress>,
+}
+
+impl Run {
+    fn update(&self, index: usize, f: impl FnOnce(&mut DeviceProgress)) {
+        f(&mut self.devices.lock().expect("run lock")[index]);
+    }
+
+    fn step(&self, index: usize, step: &'static str) {
+        self.update(index, |d| d.step = step);
+    }
+
+    pub(crate) fn view(&self) -> RunView {
+        let devices = self.devices.lock().expect("run lock").clone();
+        let elapsed_ms = self
+            .finished_ms
+            .lock()
+            .expect("run lock")
+            .unwrap_or_else(|| ms(self.started.elapsed()));
+        RunView {
+            id: self.id,
+            done: self.done.load(Ordering::Acquire),
+            elapsed_ms,
+            succeeded: devices
+                .iter()
+                .filter(|d| d.done && d.outcome != Some(DeviceState::Failed))
+                .count(),
+            failed: devices
+                .iter()
+                .filter(|d| d.outcome == Some(DeviceState::Failed))
+                .count(),
+            devices,
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// How a resolved device is reached.
+enum Route {
+    Ble(Advert),
+    Http(SocketAddr),
+}
+
+impl Onboarder {
+    /// Reads the onboarding settings; a configured claiming CA must load.
+    pub(crate) fn new(config: &Config, store: Store) -> anyhow::Result<Self> {
+        let onboarding = &config.onboarding;
+        let authority = match &onboarding.claim {
+            Some(claim) => Some(Authority::Local(LocalCa::load(
+                &claim.ca_cert,
+                claim.ca_key.expose(),
+                claim.valid_days.get(),
+            )?)),
+            None => None,
+        };
+        Ok(Self {
+            store,
+            settings: Settings {
+                ble_enabled: config.ble.enabled,
+                adapter: config.ble.adapter.clone(),
+                max_sessions: config.ble.max_concurrent_sessions.get() as usize,
+                networks: onboarding
+                    .wifi
+                    .iter()
+                    .map(|n| Network {
+                        ssid: n.ssid.clone(),
+                        passphrase: n.passphrase.expose().to_owned(),
+                    })
+                    .collect(),
+                scan: onboarding.scan,
+                status_poll: Duration::from_millis(u64::from(onboarding.status_poll_ms.get())),
+                join_timeout: Duration::from_secs(u64::from(onboarding.join_timeout_secs.get())),
+                scan_timeout: Duration::from_secs(u64::from(onboarding.scan_timeout_secs.get())),
+                timeouts: Timeouts {
+                    request: Duration::from_secs(u64::from(onboarding.request_timeout_secs.get())),
+                    connect: Duration::from_secs(u64::from(onboarding.connect_timeout_secs.get())),
+                },
+            },
+            authority,
+            central: tokio::sync::Mutex::new(None),
+            runs: Mutex::new(Vec::new()),
+            next_run: AtomicU64::new(1),
+        })
+    }
+
+    /// A run by id.
+    pub(crate) fn run(&self, id: u64) -> Option<Arc<Run>> {
+        self.runs
+            .lock()
+            .expect("runs lock")
+            .iter()
+            .find(|r| r.id == id)
+            .cloned()
+    }
+
+    /// Imports a manifest into the store (all or nothing).
+    pub(crate) async fn import(&self, bytes: &[u8]) -> Result<usize, String> {
+        let targets = manifest::parse(bytes)?;
+        let count = self
+            .store
+            .import_onboarding_targets(targets.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        for target in targets {
+            if self
+                .store
+                .device(&target.name)
+                .await
+                .ok()
+                .flatten()
+                .is_none()
+            {
+                let _ = self
+                    .store
+                    .upsert_device(NewDevice::new(
+                        target.name,
+                        target.device_type,
+                        DeviceState::Discovered,
+                    ))
+                    .await;
+            }
+        }
+        Ok(count)
+    }
+
+    /// Starts a run; returns at once with its id.
+    pub(crate) async fn start(self: &Arc<Self>, request: RunRequest) -> Result<Arc<Run>, String> {
+        if self.settings.networks.is_empty() {
+            return Err(
+                "no site Wi-Fi is configured: add an [[onboarding.wifi]] network \
+                        (ssid, passphrase) to the config"
+                    .into(),
+            );
+        }
+        let all_targets = self
+            .store
+            .onboarding_targets()
+            .await
+            .map_err(|e| e.to_string())?;
+        let targets: Vec<OnboardingTarget> = if request.devices.is_empty() {
+            let mut out = Vec::new();
+            for target in all_targets {
+                let state = self
+                    .store
+                    .device(&target.name)
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(|d| d.state);
+                if request.all
+                    || !matches!(state, Some(DeviceState::Provisioned | DeviceState::Claimed))
+                {
+                    out.push(target);
+                }
+            }
+            out
+        } else {
+            let mut by_name: HashMap<String, OnboardingTarget> = all_targets
+                .into_iter()
+                .map(|t| (t.name.clone(), t))
+                .collect();
+            let mut out = Vec::new();
+            for name in &request.devices {
+                out.push(by_name.remove(name).ok_or_else(|| {
+                    format!("{name} is not in the imported manifest (outpost onboard import FILE)")
+                })?);
+            }
+            out
+        };
+        if targets.is_empty() {
+            return Err("nothing to onboard: every imported device is provisioned \
+                        (use all to redo them)"
+                .into());
+        }
+        let run = Arc::new(Run {
+            id: self.next_run.fetch_add(1, Ordering::Relaxed),
+            started: Instant::now(),
+            finished_ms: Mutex::new(None),
+            done: AtomicBool::new(false),
+            devices: Mutex::new(
+                targets
+                    .iter()
+                    .map(|t| DeviceProgress {
+                        name: t.name.clone(),
+                        transport: t.transport.clone(),
+                        step: "queued",
+                        done: false,
+                        outcome: None,
+                        error: None,
+                        node_id: None,
+                        wifi_attempts: 0,
+                        crypto_ms: 0.0,
+                        elapsed_ms: 0.0,
+                    })
+                    .collect(),
+            ),
+        });
+        {
+            let mut runs = self.runs.lock().expect("runs lock");
+            runs.push(run.clone());
+            if runs.len() > KEEP_RUNS {
+                runs.remove(0);
+            }
+        }
+        let this = self.clone();
+        let task_run = run.clone();
+        tokio::spawn(
+            async move { this.execute(task_run, targets).await }
+                .instrument(tracing::info_span!("onboarding_run", run = run.id)),
+        );
+        Ok(run)
+    }
+
+    async fn central(&self) -> anyhow::Result<Central> {
+        let mut slot = self.central.lock().await;
+        if let Some(central) = &*slot {
+            return Ok(central.clone());
+        }
+        let central = Central::open(self.settings.adapter.as_deref(), self.settings.timeouts)
+            .await
+            .context("cannot use Bluetooth (BlueZ on the system D-Bus)")?;
+        *slot = Some(central.clone());
+        Ok(central)
+    }
+
+    async fn execute(self: Arc<Self>, run: Arc<Run>, targets: Vec<OnboardingTarget>) {
+        let routes = self.resolve(&run, &targets).await;
+        let slots = Arc::new(Semaphore::new(self.settings.max_sessions));
+        let mut tasks = tokio::task::JoinSet::new();
+        for (index, (target, route)) in targets.into_iter().zip(routes).enumerate() {
+            let route = match route {
+                Ok(route) => route,
+                Err(err) => {
+                    self.finish(&run, index, &target, Err(err), Instant::now())
+                        .await;
+                    continue;
+                }
+            };
+            let this = self.clone();
+            let run = run.clone();
+            let slots = slots.clone();
+            let span = tracing::info_span!("onboard", device = %target.name);
+            tasks.spawn(
+                async move {
+                    let _slot = slots.acquire_owned().await.expect("never closed");
+                    let started = Instant::now();
+                    let result = this.onboard(&run, index, &target, route).await;
+                    this.finish(&run, index, &target, result, started).await;
+                }
+                .instrument(span),
+            );
+        }
+        while tasks.join_next().await.is_some() {}
+        *run.finished_ms.lock().expect("run lock") = Some(ms(run.started.elapsed()));
+        run.done.store(true, Ordering::Release);
+        let view = run.view();
+        tracing::info!(
+            succeeded = view.succeeded,
+            failed = view.failed,
+            elapsed_ms = view.elapsed_ms,
+            "onboarding run finished"
+        );
+    }
+
+    /// Finds every device: one BLE scan for all BLE targets, SoftAP by address.
+    async fn resolve(&self, run: &Run, targets: &[OnboardingTarget]) -> Vec<anyhow::Result<Route>> {
+        let ble_keys: Vec<String> = targets
+            .iter()
+            .filter(|t| t.transport == "ble")
+            .map(|t| t.mac.clone().unwrap_or_else(|| t.name.clone()))
+            .collect();
+        let adverts: anyhow::Result<Vec<Advert>> = if ble_keys.is_empty() {
+            Ok(Vec::new())
+        } else if !self.settings.ble_enabled {
+            Err(anyhow!(
+                "BLE onboarding is disabled in the config (ble.enabled)"
+            ))
+        } else {
+            for (index, t) in targets.iter().enumerate() {
+                if t.transport == "ble" {
+                    run.step(index, "scanning");
+                }
+            }
+            match self.central().await {
+                Ok(central) => central
+                    .scan(
+                        &ble_keys,
+                        self.settings.scan_timeout,
+                        Duration::from_millis(300),
+                    )
+                    .await
+                    .context("BLE scan failed"),
+                Err(err) => Err(err),
+            }
+        };
+        targets
+            .iter()
+            .map(|t| match t.transport.as_str() {
+                "softap" => t
+                    .address
+                    .as_deref()
+                    .unwrap_or_default()
+                    .parse()
+                    .map(Route::Http)
+                    .map_err(|_| anyhow!("address {:?} is not host:port", t.address)),
+                _ => {
+                    let adverts = adverts.as_ref().map_err(|e| anyhow!("{e:#}"))?;
+                    let key = t.mac.clone().unwrap_or_else(|| t.name.clone());
+                    let found: Vec<&Advert> = adverts.iter().filter(|a| a.matches(&key)).collect();
+                    match found.as_slice() {
+                        [one] => Ok(Route::Ble((*one).clone())),
+                        [] => Err(anyhow!(
+                            "not found: no device advertised {key} during a {:?} scan",
+                            self.settings.scan_timeout
+                        )),
+                        many => Err(anyhow!(
+                            "duplicate name: {} devices advertise {key} ({}); put their MAC \
+                             addresses in the manifest to tell them apart",
+                            many.len(),
+                            many.iter()
+                                .map(|a| a.address.to_string())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )),
+                    }
+                }
+            })
+            .collect()
+    }
+
+    async fn finish(
+        &self,
+        run: &Run,
+        index: usize,
+        target: &OnboardingTarget,
+        result: anyhow::Result<DeviceState>,
+        started: Instant,
+    ) {
+        let (state, error) = match result {
+            Ok(state) => (state, None),
+            Err(err) => (DeviceState::Failed, Some(format!("{err:#}"))),
+        };
+        match &error {
+            None => tracing::info!(state = %state, "device onboarded"),
+            Some(err) => tracing::warn!(error = %err, "onboarding failed"),
+        }
+        let _ = self
+            .store
+            .upsert_device(NewDevice::new(&target.name, &target.device_type, state))
+            .await;
+        let _ = self
+            .store
+            .record_onboarding_attempt(&target.name, error.clone())
+            .await;
+        run.update(index, |d| {
+            d.done = true;
+            d.outcome = Some(state);
+            d.step = if error.is_some() { "failed" } else { "done" };
+            d.error = error;
+            d.elapsed_ms = ms(started.elapsed());
+        });
+    }
+
+    async fn onboard(
+        &self,
+        run: &Run,
+        index: usize,
+        target: &OnboardingTarget,
+        route: Route,
+    ) -> anyhow::Result<DeviceState> {
+        let _ = self
+            .store
+            .upsert_device(NewDevice::new(
+                &target.name,
+                &target.device_type,
+                DeviceState::Provisioning,
+            ))
+            .await;
+        run.step(index, "connecting");
+        let link = match route {
+            Route::Ble(advert) => Link::Ble(self.central().await?.connect(&advert).await?),
+            Route::Http(addr) => Link::Http(HttpLink::new(addr, self.settings.timeouts)),
+        };
+        let mut client = ProvClient::new(link);
+        let result = self.session(run, index, target, &mut client).await;
+        run.update(index, |d| d.crypto_ms = ms(client.crypto_time()));
+        client.close().await;
+        result
+    }
+
+    async fn session(
+        &self,
+        run: &Run,
+        index: usize,
+        target: &OnboardingTarget,
+        client: &mut ProvClient,
+    ) -> anyhow::Result<DeviceState> {
+        run.step(index, "version");
+        let version = client.version().await.context("reading proto-ver")?;
+        let security = version.security()?;
+        let wanted = SecurityVersion::try_from(target.security).map_err(anyhow::Error::msg)?;
+        if security != wanted {
+            bail!(
+                "the manifest says Security {} but the device runs Security {}",
+                wanted.number(),
+                security.number()
+            );
+        }
+        let credentials = match security {
+            SecurityVersion::Sec0 => ClientCredentials::Sec0,
+            SecurityVersion::Sec1 => ClientCredentials::Sec1 {
+                pop: target.pop.clone().unwrap_or_default().into_bytes(),
+            },
+            SecurityVersion::Sec2 => ClientCredentials::Sec2 {
+                username: target.username.clone().unwrap_or_default().into_bytes(),
+                password: target.password.clone().unwrap_or_default().into_bytes(),
+                patch_ver: version.patch_ver(),
+            },
+        };
+        run.step(index, "session");
+        client.establish(credentials).await?;
+        tracing::debug!("session established");
+
+        if self.settings.scan && version.has_prov_cap("wifi_scan") {
+            run.step(index, "wifi scan");
+            let networks = client.scan().await.context("Wi-Fi scan")?;
+            let sees = |ssid: &str| networks.iter().any(|n| n.ssid == ssid);
+            tracing::debug!(
+                networks = networks.len(),
+                sees_site = self.settings.networks.iter().any(|n| sees(&n.ssid)),
+                "Wi-Fi scan"
+            );
+        }
+
+        let mut claimed = false;
+        if version.can_claim() {
+            if let Some(authority) = &self.authority {
+                run.step(index, "claiming");
+                let node_id = self
+                    .claim(client, authority, target)
+                    .await
+                    .context("claiming")?;
+                run.update(index, |d| d.node_id = Some(node_id));
+                claimed = true;
+            } else {
+                tracing::info!(
+                    "the device offers claiming, but no claiming authority is configured"
+                );
+            }
+        }
+
+        self.join_wifi(run, index, client).await?;
+        Ok(if claimed {
+            DeviceState::Claimed
+        } else {
+            DeviceState::Provisioned
+        })
+    }
+
+    async fn claim(
+        &self,
+        client: &mut ProvClient,
+        authority: &Authority,
+        target: &OnboardingTarget,
+    ) -> anyhow::Result<String> {
+        let start = client.claim_start().await?;
+        let initiate = authority.initiate(&start)?;
+        let csr = client.claim_csr(&initiate).await?;
+        let verified = authority
+            .verify(&initiate.node_id, &csr.parsed)
+            .and_then(|v| {
+                authority::certificate_matches_csr(&v.certificate, &csr.parsed.csr)?;
+                Ok(v)
+            });
+        let verify = match verified {
+            Ok(v) => v,
+            Err(err) => {
+                let _ = client.claim_abort().await;
+                return Err(err);
+            }
+        };
+        client.claim_verify(&verify).await?;
+        self.store
+            .record_claim(
+                &target.name,
+                &initiate.node_id,
+                &verify.certificate,
+                &authority.name(),
+            )
+            .await?;
+        tracing::info!(node_id = %initiate.node_id, "claimed");
+        Ok(initiate.node_id)
+    }
+
+    async fn join_wifi(
+        &self,
+        run: &Run,
+        index: usize,
+        client: &mut ProvClient,
+    ) -> anyhow::Result<()> {
+        // A device left in the failed state by an earlier attempt is reset first.
+        let mut needs_reset = matches!(client.wifi_status().await?, WifiStatus::Failed { .. });
+        let mut failures = Vec::new();
+        for network in &self.settings.networks {
+            run.update(index, |d| {
+                d.wifi_attempts += 1;
+                d.step = "wifi config";
+            });
+            if needs_reset {
+                client
+                    .reset_wifi()
+                    .await
+                    .context("resetting the failed Wi-Fi attempt")?;
+            }
+            client
+                .configure_wifi(network.ssid.as_bytes(), network.passphrase.as_bytes())
+                .await
+                .context("sending Wi-Fi credentials")?;
+            run.step(index, "joining");
+            let deadline = Instant::now() + self.settings.join_timeout;
+            let status = loop {
+                match client.wifi_status().await? {
+                    WifiStatus::Connected { ip4, .. } => {
+                        tracing::info!(ssid = %network.ssid, %ip4, "joined the site network");
+                        return Ok(());
+                    }
+                    WifiStatus::Failed { reason } => break reason,
+                    WifiStatus::Connecting { .. } | WifiStatus::Disconnected => {}
+                }
+                if Instant::now() >= deadline {
+                    bail!(
+                        "the device did not join {} within {:?}",
+                        network.ssid,
+                        self.settings.join_timeout
+                    );
+                }
+                tokio::time::sleep(self.settings.status_poll).await;
+            };
+            let reason =
+                status.map_or_else(|| "failed (no reason given)".to_owned(), |r| r.to_string());
+            tracing::warn!(ssid = %network.ssid, %reason, "Wi-Fi join failed");
+            failures.push(format!("{}: {reason}", network.ssid));
+            needs_reset = true;
+        }
+        bail!(
+            "Wi-Fi failed on every configured network ({})",
+            failures.join("; ")
+        )
+    }
+}

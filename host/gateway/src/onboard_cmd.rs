@@ -1,0 +1,253 @@
+//! `outpost onboard …`: import a device manifest, onboard the devices with progress
+//! bars, list them; make a local claiming CA.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Subcommand;
+use hyper::{Method, StatusCode};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+
+use crate::api_client::{GatewayApi, error_message};
+use crate::config::Config;
+use crate::daemon::running_gateway;
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum OnboardCommand {
+    /// Import a device manifest (JSON or CSV; see docs/onboarding.md). All or nothing.
+    Import {
+        /// The manifest file.
+        file: PathBuf,
+    },
+    /// Onboard the imported devices that are not yet provisioned, in parallel.
+    Run {
+        /// Only these devices (repeatable).
+        #[arg(long = "device")]
+        devices: Vec<String>,
+        /// Also redo devices already provisioned or claimed.
+        #[arg(long)]
+        all: bool,
+        /// Start the run and print its id without waiting.
+        #[arg(long)]
+        no_wait: bool,
+        /// Print the final report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the imported devices and how their last attempt went.
+    List,
+    /// Create a local claiming CA for offline sites (claim-ca.pem, claim-ca.key).
+    CaInit {
+        /// Where to write it.
+        dir: PathBuf,
+        /// Its common name.
+        #[arg(long, default_value = "Outpost site claiming CA")]
+        name: String,
+    },
+}
+
+/// Runs an onboarding command; all but `ca-init` go through the running gateway.
+#[allow(clippy::print_stdout)]
+pub(crate) async fn run(command: OnboardCommand, config_path: &Path) -> anyhow::Result<bool> {
+    if let OnboardCommand::CaInit { dir, name } = &command {
+        let (cert, key) = crate::onboard::authority::create_ca(dir, name)?;
+        println!(
+            "Created {} and {} (mode 0600). Configure them with:\n\n[onboarding.claim]\nca_cert = \"{}\"\nca_key = {{ file = \"{}\" }}",
+            cert.display(),
+            key.display(),
+            cert.display(),
+            key.display()
+        );
+        return Ok(true);
+    }
+    let config = Config::load(config_path)?;
+    let Some(addr) = running_gateway(&config.gateway.state_dir)? else {
+        bail!(
+            "no gateway is running on {}: start it with `outpost run` (onboarding needs the \
+             gateway's Bluetooth and state)",
+            config.gateway.state_dir.display()
+        );
+    };
+    let api = GatewayApi::new(&config, addr)?;
+    match command {
+        OnboardCommand::Import { file } => {
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let (status, json) = api
+                .request(
+                    Method::POST,
+                    "/api/v1/onboarding/targets",
+                    "application/octet-stream",
+                    &[],
+                    bytes,
+                )
+                .await?;
+            if status != StatusCode::OK {
+                bail!("{} was refused: {}", file.display(), error_message(&json));
+            }
+            println!(
+                "Imported {} devices from {}",
+                json["imported"],
+                file.display()
+            );
+            Ok(true)
+        }
+        OnboardCommand::List => {
+            let (status, json) = api
+                .request(
+                    Method::GET,
+                    "/api/v1/onboarding/targets",
+                    "application/json",
+                    &[],
+                    Vec::new(),
+                )
+                .await?;
+            if status != StatusCode::OK {
+                bail!("{}", error_message(&json));
+            }
+            println!(
+                "{:<24} {:<8} {:<4} {:<20} LAST ERROR",
+                "NAME", "VIA", "SEC", "TYPE"
+            );
+            for t in json["targets"].as_array().into_iter().flatten() {
+                println!(
+                    "{:<24} {:<8} {:<4} {:<20} {}",
+                    t["name"].as_str().unwrap_or("?"),
+                    t["transport"].as_str().unwrap_or("?"),
+                    t["security"],
+                    t["device_type"].as_str().unwrap_or("?"),
+                    t["last_error"].as_str().unwrap_or("-"),
+                );
+            }
+            Ok(true)
+        }
+        OnboardCommand::Run {
+            devices,
+            all,
+            no_wait,
+            json,
+        } => {
+            let body = serde_json::to_vec(&serde_json::json!({ "devices": devices, "all": all }))?;
+            let (status, started) = api
+                .request(
+                    Method::POST,
+                    "/api/v1/onboarding/runs",
+                    "application/json",
+                    &[],
+                    body,
+                )
+                .await?;
+            if status != StatusCode::ACCEPTED {
+                bail!("onboarding did not start: {}", error_message(&started));
+            }
+            let id = started["id"].as_u64().unwrap_or_default();
+            if no_wait {
+                println!("Started onboarding run {id}");
+                return Ok(true);
+            }
+            let report = follow(&api, id, !json).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print_report(&report);
+            }
+            Ok(report["failed"].as_u64() == Some(0))
+        }
+        OnboardCommand::CaInit { .. } => unreachable!("handled above"),
+    }
+}
+
+/// Polls the run, drawing a bar per device, until it is done.
+async fn follow(api: &GatewayApi, id: u64, bars: bool) -> anyhow::Result<serde_json::Value> {
+    let multi = MultiProgress::new();
+    if !bars {
+        multi.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let style = ProgressStyle::with_template("{prefix:24} [{bar:20}] {msg}")
+        .expect("valid template")
+        .progress_chars("=> ");
+    let mut device_bars: Vec<ProgressBar> = Vec::new();
+    loop {
+        let (status, run) = api
+            .request(
+                Method::GET,
+                &format!("/api/v1/onboarding/runs/{id}"),
+                "application/json",
+                &[],
+                Vec::new(),
+            )
+            .await?;
+        if status != StatusCode::OK {
+            bail!("run {id}: {}", error_message(&run));
+        }
+        let devices = run["devices"].as_array().cloned().unwrap_or_default();
+        while device_bars.len() < devices.len() {
+            let bar = multi.add(ProgressBar::new(STEPS.len() as u64));
+            bar.set_style(style.clone());
+            device_bars.push(bar);
+        }
+        for (bar, device) in device_bars.iter().zip(&devices) {
+            let step = device["step"].as_str().unwrap_or("?");
+            bar.set_prefix(device["name"].as_str().unwrap_or("?").to_owned());
+            let position = STEPS.iter().position(|s| *s == step).unwrap_or(0) as u64;
+            bar.set_position(if device["done"] == true {
+                STEPS.len() as u64
+            } else {
+                position
+            });
+            bar.set_message(match device["error"].as_str() {
+                Some(err) => format!("failed: {err}"),
+                None => step.to_owned(),
+            });
+        }
+        if run["done"] == true {
+            for bar in &device_bars {
+                bar.finish();
+            }
+            return Ok(run);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The steps a device goes through, in order (for the bars).
+const STEPS: [&str; 10] = [
+    "queued",
+    "scanning",
+    "connecting",
+    "version",
+    "session",
+    "wifi scan",
+    "claiming",
+    "wifi config",
+    "joining",
+    "done",
+];
+
+#[allow(clippy::print_stdout)]
+fn print_report(run: &serde_json::Value) {
+    println!();
+    for device in run["devices"].as_array().into_iter().flatten() {
+        let name = device["name"].as_str().unwrap_or("?");
+        match device["error"].as_str() {
+            Some(err) => println!("✗ {name}: {err}"),
+            None => println!(
+                "✓ {name}: {} in {:.0} ms (crypto {:.1} ms){}",
+                device["outcome"].as_str().unwrap_or("?"),
+                device["elapsed_ms"].as_f64().unwrap_or_default(),
+                device["crypto_ms"].as_f64().unwrap_or_default(),
+                device["node_id"]
+                    .as_str()
+                    .map(|n| format!(", node {n}"))
+                    .unwrap_or_default()
+            ),
+        }
+    }
+    println!(
+        "\n{} onboarded, {} failed, {:.1} s",
+        run["succeeded"],
+        run["failed"],
+        run["elapsed_ms"].as_f64().unwrap_or_default() / 1000.0
+    );
+}
