@@ -18,6 +18,8 @@ commands:
   test [-- <cargo test args>]   prepare the test parts, then run every test in the workspace
   bench-cache [-- <bench args>] firmware fan-out against nginx with wrk (installs both if
                                 missing); bench args: --duration S --rounds N --cold N
+  bench-onboard [-- --devices N] onboard N simulated devices (Security 2 + Wi-Fi + claim)
+                                over BlueZoo with the release gateway (default 100)
   help                          show this text";
 
 fn main() -> ExitCode {
@@ -25,6 +27,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("test") => test(&args[1..]),
         Some("bench-cache") => bench_cache(&args[1..]),
+        Some("bench-onboard") => bench_onboard(&args[1..]),
         Some("help" | "-h" | "--help") => {
             eprintln!("{USAGE}");
             Ok(())
@@ -122,7 +125,211 @@ fn prepare(root: &Path) -> anyhow::Result<()> {
         .output()
         .context("rustc not found: install Rust with rustup (https://rustup.rs)")?;
     eprintln!("  {}", String::from_utf8_lossy(&rustc.stdout).trim());
-    ensure_rust_target(root, WASM_TARGET)
+    ensure_rust_target(root, WASM_TARGET)?;
+    ensure_bluezoo(root)?;
+    step("cargo build -p esp-sim (the onboarding tests run the simulator binary)");
+    let status = Command::new(cargo())
+        .current_dir(root)
+        .args(["build", "--locked", "-p", "esp-sim"])
+        .status()
+        .context("cannot run cargo build")?;
+    if !status.success() {
+        bail!("building esp-sim failed ({status})");
+    }
+    Ok(())
+}
+
+/// The pinned BlueZoo (an emulated BlueZ on D-Bus) for the BLE tests.
+const BLUEZOO: &str = "bluezoo==1.0.2";
+
+/// Makes `target/tools/bluezoo`, a Python venv with BlueZoo, unless it is there.
+fn ensure_bluezoo(root: &Path) -> anyhow::Result<PathBuf> {
+    let venv = root.join("target/tools/bluezoo");
+    let launcher = venv.join("bin/bluezoo");
+    if launcher.exists() {
+        eprintln!("  {BLUEZOO}: installed");
+        return Ok(launcher);
+    }
+    step(&format!(
+        "python3 -m venv target/tools/bluezoo && pip install {BLUEZOO}"
+    ));
+    let ok = |cmd: &mut Command| cmd.status().is_ok_and(|s| s.success());
+    if !ok(Command::new("python3").args(["-m", "venv"]).arg(&venv)) {
+        bail!("python3 -m venv failed: install python3 and python3-venv (Debian)");
+    }
+    if !ok(Command::new(venv.join("bin/pip")).args(["install", "-q", BLUEZOO])) {
+        bail!("pip install {BLUEZOO} failed (needs PyPI)");
+    }
+    Ok(launcher)
+}
+
+/// The onboarding benchmark: N simulated devices (Security 2 + Wi-Fi + claim) over
+/// BlueZoo, onboarded by the release `outpost` through its CLI.
+fn bench_onboard(args: &[String]) -> anyhow::Result<()> {
+    let mut devices = 100usize;
+    let mut rest = args.iter();
+    while let Some(arg) = rest.next() {
+        match arg.as_str() {
+            "--" => {}
+            "--devices" => {
+                devices = rest
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .context("--devices takes a number")?;
+            }
+            other => bail!("unknown bench argument {other:?} (--devices N)"),
+        }
+    }
+    let root = workspace_root();
+    let bluezoo = ensure_bluezoo(&root)?;
+    step("cargo build --release -p outpost-gateway -p esp-sim");
+    let status = Command::new(cargo())
+        .current_dir(&root)
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "-p",
+            "outpost-gateway",
+            "-p",
+            "esp-sim",
+        ])
+        .status()?;
+    if !status.success() {
+        bail!("release build failed");
+    }
+    let bin = root.join("target/release");
+    let dir = root.join("target/bench-onboard");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let outpost = |args: &[&str]| {
+        Command::new(bin.join("outpost"))
+            .arg("--config")
+            .arg(dir.join("outpost.toml"))
+            .args(args)
+            .output()
+    };
+    std::fs::write(dir.join("wifi"), "correct horse battery")?;
+    std::fs::write(
+        dir.join("outpost.toml"),
+        "[gateway]\nid = \"bench\"\nstate_dir = \"state\"\n[api]\nbind = \"127.0.0.1:0\"\n\
+         [cache]\nbind = \"127.0.0.1:0\"\n[ble]\nadapter = \"hci0\"\nmax_concurrent_sessions = 32\n\
+         [onboarding]\nstatus_poll_ms = 100\nscan = true\nscan_timeout_secs = 30\n\
+         [[onboarding.wifi]]\nssid = \"outpost-site\"\npassphrase = { file = \"wifi\" }\n\
+         [onboarding.claim]\nca_cert = \"ca/claim-ca.pem\"\nca_key = { file = \"ca/claim-ca.key\" }\n",
+    )?;
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(dir.join("wifi"), std::fs::Permissions::from_mode(0o600))?;
+    let ca = outpost(&[
+        "onboard",
+        "ca-init",
+        dir.join("ca").to_str().unwrap_or("ca"),
+    ])?;
+    if !ca.status.success() {
+        bail!("ca-init failed: {}", String::from_utf8_lossy(&ca.stderr));
+    }
+    step(&format!(
+        "esp-sim --emulate --ble {devices} --claim --security 2"
+    ));
+    let mut sim = Command::new(bin.join("esp-sim"))
+        .args([
+            "--emulate",
+            "--claim",
+            "--security",
+            "2",
+            "--connect-delay-ms",
+            "200",
+        ])
+        .args(["--ble", &devices.to_string()])
+        .arg("--manifest")
+        .arg(dir.join("fleet.json"))
+        .arg("--work-dir")
+        .arg(dir.join("bus"))
+        .env("OUTPOST_BLUEZOO", &bluezoo)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let mut bus = None;
+    let stdout = sim.stdout.take().context("no stdout")?;
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+    for line in lines.by_ref() {
+        let line = line?;
+        let json: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if json["event"] == "bus" {
+            bus = json["dbus_system_bus_address"].as_str().map(str::to_owned);
+        }
+        if json["event"] == "ready" {
+            break;
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    let bus = bus.context("esp-sim printed no bus address")?;
+    let mut gateway = Command::new(bin.join("outpost"))
+        .arg("--config")
+        .arg(dir.join("outpost.toml"))
+        .arg("run")
+        .env("DBUS_SYSTEM_BUS_ADDRESS", &bus)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("outpost.log"))?)
+        .spawn()?;
+    let result = (|| -> anyhow::Result<serde_json::Value> {
+        let deadline = Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let import = outpost(&[
+                "onboard",
+                "import",
+                dir.join("fleet.json").to_str().unwrap_or(""),
+            ])?;
+            if import.status.success() {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("import failed: {}", String::from_utf8_lossy(&import.stderr));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        step(&format!("outpost onboard run ({devices} devices)"));
+        let run = outpost(&["onboard", "run", "--json"])?;
+        serde_json::from_slice(&run.stdout)
+            .with_context(|| format!("no report: {}", String::from_utf8_lossy(&run.stderr)))
+    })();
+    let _ = gateway.kill();
+    let _ = gateway.wait();
+    let _ = Command::new("kill").arg(sim.id().to_string()).status();
+    let _ = sim.wait();
+    let report = result?;
+    let list = report["devices"].as_array().cloned().unwrap_or_default();
+    let mut crypto: Vec<f64> = list
+        .iter()
+        .filter_map(|d| d["crypto_ms"].as_f64())
+        .collect();
+    crypto.sort_by(f64::total_cmp);
+    let median = crypto.get(crypto.len() / 2).copied().unwrap_or_default();
+    let mean = crypto.iter().sum::<f64>() / crypto.len().max(1) as f64;
+    let total_s = report["elapsed_ms"].as_f64().unwrap_or_default() / 1000.0;
+    // perf-anchors.md §4: esp_prov spends at least ~10 s per device in fixed sleeps
+    // (5 s scan + 5 s before each status poll), one device at a time.
+    let esp_prov_floor_s = 10.0 * devices as f64;
+    println!(
+        "\nonboarding benchmark: {devices} devices, Security 2 + Wi-Fi + claim, BLE over BlueZoo"
+    );
+    println!(
+        "  onboarded {} / failed {}",
+        report["succeeded"], report["failed"]
+    );
+    println!("  total: {total_s:.2} s (goal < 20 s for 100)");
+    println!(
+        "  per-device crypto (gateway side: SRP + GCM): median {median:.1} ms, mean {mean:.1} ms"
+    );
+    println!(
+        "  vs esp_prov's fixed-sleep floor ({esp_prov_floor_s:.0} s for {devices} devices one by one): {:.0}x faster",
+        esp_prov_floor_s / total_s.max(0.001)
+    );
+    println!("  rerun: cargo xtask bench-onboard -- --devices {devices}");
+    if report["failed"].as_u64() != Some(0) {
+        bail!("some devices failed; see target/bench-onboard/outpost.log");
+    }
+    Ok(())
 }
 
 /// The target handler guests are built for.

@@ -299,13 +299,6 @@ impl BleLink {
                 during: endpoint.to_owned(),
                 detail: err.to_string(),
             })?;
-        if response.len() > self.max_payload() {
-            return Err(Error::TooLarge {
-                endpoint: format!("{endpoint} (response)"),
-                len: response.len(),
-                limit: self.max_payload(),
-            });
-        }
         Ok(response)
     }
 

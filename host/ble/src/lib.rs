@@ -38,10 +38,18 @@ impl Link {
                 limit,
             });
         }
-        match self {
+        let response = match self {
             Self::Ble(link) => link.exchange(endpoint, request).await,
             Self::Http(link) => link.exchange(endpoint, request).await,
+        }?;
+        if response.len() > limit {
+            return Err(Error::TooLarge {
+                endpoint: format!("{endpoint} (the device's answer)"),
+                len: response.len(),
+                limit,
+            });
         }
+        Ok(response)
     }
 
     /// The largest request (and response) the transport carries.

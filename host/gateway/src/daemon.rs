@@ -188,7 +188,7 @@ async fn start(
     let firmware_addr = firmware_listener.local_addr()?;
     firmware.resume_pending().await?;
     let onboarder = Arc::new(
-        crate::onboard::Onboarder::new(&config, store.clone())
+        crate::onboard::Onboarder::new(config, store.clone())
             .context("onboarding settings ([onboarding] in the config)")?,
     );
     let state = Arc::new(ApiState {

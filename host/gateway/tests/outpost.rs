@@ -13,6 +13,8 @@ use outpost_store::{DeviceState, NewDevice, Store};
 
 #[path = "outpost/firmware.rs"]
 mod firmware;
+#[path = "outpost/onboarding.rs"]
+mod onboarding;
 
 /// Generous: a cold debug binary on a loaded 2-core CI machine.
 const DEADLINE: Duration = Duration::from_secs(60);

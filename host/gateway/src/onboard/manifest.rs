@@ -8,6 +8,9 @@ use std::net::SocketAddr;
 use outpost_store::OnboardingTarget;
 use serde::Deserialize;
 
+/// An entry with where it stood ("entry 3", "line 4"), or why it did not parse.
+type Placed = (String, Result<Entry, String>);
+
 /// One manifest entry as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -35,26 +38,25 @@ enum JsonManifest {
 pub(crate) fn parse(bytes: &[u8]) -> Result<Vec<OnboardingTarget>, String> {
     let text = std::str::from_utf8(bytes).map_err(|_| "the manifest is not UTF-8 text")?;
     let trimmed = text.trim_start();
-    let entries: Vec<(String, Result<Entry, String>)> =
-        if trimmed.starts_with('{') || trimmed.starts_with('[') {
-            let manifest: JsonManifest = serde_json::from_str(text)
-                .map_err(|e| format!("the manifest is not valid JSON: {e}"))?;
-            let values = match manifest {
-                JsonManifest::Wrapped { devices } | JsonManifest::Bare(devices) => devices,
-            };
-            values
-                .into_iter()
-                .enumerate()
-                .map(|(i, v)| {
-                    (
-                        format!("entry {}", i + 1),
-                        serde_json::from_value(v).map_err(|e| e.to_string()),
-                    )
-                })
-                .collect()
-        } else {
-            parse_csv(text)?
+    let entries: Vec<Placed> = if trimmed.starts_with('{') || trimmed.starts_with('[') {
+        let manifest: JsonManifest = serde_json::from_str(text)
+            .map_err(|e| format!("the manifest is not valid JSON: {e}"))?;
+        let values = match manifest {
+            JsonManifest::Wrapped { devices } | JsonManifest::Bare(devices) => devices,
         };
+        values
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| {
+                (
+                    format!("entry {}", i + 1),
+                    serde_json::from_value(v).map_err(|e| e.to_string()),
+                )
+            })
+            .collect()
+    } else {
+        parse_csv(text)?
+    };
     if entries.is_empty() {
         return Err("the manifest lists no devices".into());
     }
@@ -145,7 +147,7 @@ fn validate(entry: Entry) -> Result<OnboardingTarget, String> {
 
 /// CSV: a header line naming the columns (any order), then one device per line. No
 /// quoting: values may not contain commas.
-fn parse_csv(text: &str) -> Result<Vec<(String, Result<Entry, String>)>, String> {
+fn parse_csv(text: &str) -> Result<Vec<Placed>, String> {
     let mut lines = text
         .lines()
         .enumerate()

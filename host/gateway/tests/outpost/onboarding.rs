@@ -1,0 +1,473 @@
+//! Onboarding over real parts: the `esp-sim` fleet simulator (protocomm device role) on
+//! SoftAP HTTP and on BLE through a private D-Bus + BlueZoo, and the gateway's btleplug
+//! central. BlueZoo comes from the venv `cargo xtask test` makes (or `OUTPOST_BLUEZOO`);
+//! a missing part fails the test, it never skips.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::time::Instant;
+
+use super::{DEADLINE, Gateway, Site, http_get, repo_root, stdout_of};
+
+fn esp_sim_binary() -> PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_outpost")).with_file_name("esp-sim");
+    assert!(
+        path.exists(),
+        "{} is missing: build it with `cargo build -p esp-sim` (cargo xtask test does)",
+        path.display()
+    );
+    path
+}
+
+fn bluezoo() -> PathBuf {
+    let path = std::env::var_os("OUTPOST_BLUEZOO")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/tools/bluezoo/bin/bluezoo"));
+    assert!(
+        path.exists(),
+        "BlueZoo is missing at {}: `cargo xtask test` installs it (python3 -m venv \
+         target/tools/bluezoo && target/tools/bluezoo/bin/pip install bluezoo==1.0.2)",
+        path.display()
+    );
+    path
+}
+
+/// A running simulator and the events it printed.
+struct Sim {
+    child: Child,
+    events: Receiver<serde_json::Value>,
+    seen: Vec<serde_json::Value>,
+    bus: Option<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl Sim {
+    fn start(args: &[&str], manifest: &Path) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = Command::new(esp_sim_binary())
+            .args(args)
+            .arg("--manifest")
+            .arg(manifest)
+            .arg("--work-dir")
+            .arg(dir.path().join("bus"))
+            .env("OUTPOST_BLUEZOO", bluezoo())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        let (tx, events) = mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(json) = serde_json::from_str(&line)
+                    && tx.send(json).is_err()
+                {
+                    break;
+                }
+            }
+        });
+        let mut sim = Self {
+            child,
+            events,
+            seen: Vec::new(),
+            bus: None,
+            _dir: dir,
+        };
+        sim.wait_for("ready", |_| true);
+        sim.bus = sim
+            .seen
+            .iter()
+            .find(|e| e["event"] == "bus")
+            .map(|e| e["dbus_system_bus_address"].as_str().unwrap().to_owned());
+        sim
+    }
+
+    fn wait_for(
+        &mut self,
+        event: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let end = Instant::now() + DEADLINE;
+        if let Some(found) = self.seen.iter().find(|e| e["event"] == event && pred(e)) {
+            return found.clone();
+        }
+        loop {
+            match self
+                .events
+                .recv_timeout(end.saturating_duration_since(Instant::now()))
+            {
+                Ok(json) => {
+                    self.seen.push(json.clone());
+                    if json["event"] == event && pred(&json) {
+                        return json;
+                    }
+                }
+                Err(_) => panic!("esp-sim: no {event} event; saw {:?}", self.seen),
+            }
+        }
+    }
+
+    /// Everything printed so far (after the gateway finished a run).
+    fn drain(&mut self) -> &[serde_json::Value] {
+        while let Ok(json) = self.events.try_recv() {
+            self.seen.push(json);
+        }
+        &self.seen
+    }
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        // SIGTERM lets the emulation stop BlueZoo and the private bus.
+        let pid = libc::pid_t::try_from(self.child.id()).unwrap();
+        #[allow(unsafe_code)]
+        // SAFETY: kill(2) on a child we spawned and have not reaped.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+        let end = Instant::now() + DEADLINE;
+        while Instant::now() < end {
+            if self.child.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A site with two networks (the first has a wrong passphrase) and a claiming CA.
+fn onboarding_site(ap_passphrase: &str) -> Site {
+    let site = Site::new(
+        "\n[ble]\nadapter = \"hci0\"\nmax_concurrent_sessions = 8\n\n\
+         [onboarding]\nstatus_poll_ms = 50\nscan_timeout_secs = 20\n\n\
+         [[onboarding.wifi]]\nssid = \"outpost-site\"\npassphrase = { file = \"wifi-old\" }\n\n\
+         [[onboarding.wifi]]\nssid = \"outpost-site\"\npassphrase = { file = \"wifi-new\" }\n\n\
+         [onboarding.claim]\nca_cert = \"ca/claim-ca.pem\"\nca_key = { file = \"ca/claim-ca.key\" }\n",
+    );
+    for (file, passphrase) in [
+        ("wifi-old", "last year's passphrase"),
+        ("wifi-new", ap_passphrase),
+    ] {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(site.dir.path().join(file))
+            .unwrap()
+            .write_all(passphrase.as_bytes())
+            .unwrap();
+    }
+    let out = site.command(&[
+        "onboard",
+        "ca-init",
+        site.dir.path().join("ca").to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    site
+}
+
+fn start_gateway(site: &Site, bus: Option<&str>) -> (Gateway, std::net::SocketAddr) {
+    let mut env: Vec<(&str, &str)> = Vec::new();
+    if let Some(bus) = bus {
+        env.push(("DBUS_SYSTEM_BUS_ADDRESS", bus));
+    }
+    let mut gateway = Gateway::spawn(&site.config(), &env);
+    let addr = gateway.ready();
+    (gateway, addr)
+}
+
+fn run_json(site: &Site) -> serde_json::Value {
+    let out = site.command(&["onboard", "run", "--json"]);
+    // A run with failures exits non-zero; its JSON report is still printed.
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!(
+            "onboard run printed no JSON; stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+#[test]
+fn ble_and_softap_devices_are_onboarded_in_parallel_and_claimed() {
+    let site = onboarding_site("correct horse battery");
+    let manifest = site.dir.path().join("fleet.json");
+    let mut sim = Sim::start(
+        &[
+            "--emulate",
+            "--ble",
+            "4",
+            "--softap",
+            "2",
+            "--claim",
+            "--security",
+            "2",
+        ],
+        &manifest,
+    );
+    let (gateway, addr) = start_gateway(&site, sim.bus.as_deref());
+    let (_, health) = http_get(addr, "/healthz", None);
+    assert_eq!(health["onboarding"]["state"], "ready", "{health}");
+    assert_eq!(health["onboarding"]["adapter"], "hci0");
+
+    let out = site.command(&["onboard", "import", manifest.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout_of(&out).contains("Imported 6 devices"));
+
+    let report = run_json(&site);
+    assert_eq!(report["failed"], 0, "{report:#}");
+    assert_eq!(report["succeeded"], 6);
+    let devices = report["devices"].as_array().unwrap();
+    assert_eq!(
+        devices.iter().filter(|d| d["transport"] == "ble").count(),
+        4
+    );
+    for device in devices {
+        assert_eq!(device["outcome"], "claimed", "{device}");
+        // the first network's passphrase is wrong: each device was reset and joined the second
+        assert_eq!(device["wifi_attempts"], 2, "{device}");
+        assert!(
+            device["node_id"]
+                .as_str()
+                .unwrap()
+                .starts_with("node-240ac45e")
+        );
+    }
+    // In parallel: the run took less than the sum of the devices' times.
+    let sum: f64 = devices
+        .iter()
+        .map(|d| d["elapsed_ms"].as_f64().unwrap())
+        .sum();
+    assert!(report["elapsed_ms"].as_f64().unwrap() < sum, "{report:#}");
+
+    // The devices themselves accepted the certificates and joined.
+    for device in devices {
+        let name = device["name"].as_str().unwrap().to_owned();
+        sim.wait_for("claimed", |e| e["device"] == name.as_str());
+        sim.wait_for("wifi", |e| {
+            e["device"] == name.as_str() && e["state"] == "connected"
+        });
+    }
+    let token = site.admin_token();
+    let (status, claims) = http_get(addr, "/api/v1/claims", Some(&token));
+    assert_eq!(status, 200);
+    let claims = claims["claims"].as_array().unwrap();
+    assert_eq!(claims.len(), 6);
+    assert!(
+        claims.iter().all(|c| c["reported_at"].is_null()),
+        "claims wait for the uplink"
+    );
+    let (_, lobby) = http_get(addr, "/api/v1/devices", Some(&token));
+    assert!(
+        lobby["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["state"] == "claimed")
+    );
+    // Nothing left to do: a second run refuses.
+    let again = site.command(&["onboard", "run"]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("nothing to onboard"));
+    drop(gateway);
+}
+
+#[test]
+fn bad_credentials_garbage_oversized_and_dropped_links_fail_clearly() {
+    let site = onboarding_site("correct horse battery");
+    // Security 1 devices over SoftAP: 0 gets a wrong PoP, 1 answers garbage, 2 drops
+    // the link after the session, 3 answers proto-ver with more than 4096 bytes.
+    let sec1 = site.dir.path().join("sec1.json");
+    let _sim1 = Sim::start(
+        &[
+            "--softap",
+            "4",
+            "--security",
+            "1",
+            "--fault",
+            "1=garbage",
+            "--fault",
+            "2=drop-after-session",
+            "--fault",
+            "3=oversized",
+        ],
+        &sec1,
+    );
+    // Security 2: 0 gets a wrong SRP password; 1 cannot see the site AP.
+    let sec2 = site.dir.path().join("sec2.json");
+    let _sim2 = Sim::start(
+        &[
+            "--softap",
+            "2",
+            "--security",
+            "2",
+            "--first-index",
+            "10",
+            "--ap-ssid",
+            "elsewhere",
+        ],
+        &sec2,
+    );
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&sec1).unwrap()).unwrap();
+    let second: serde_json::Value = serde_json::from_slice(&std::fs::read(&sec2).unwrap()).unwrap();
+    manifest["devices"][0]["pop"] = "not-the-pop".into();
+    let mut wrong_password = second["devices"][0].clone();
+    wrong_password["password"] = "guess".into();
+    let devices = manifest["devices"].as_array_mut().unwrap();
+    devices.push(wrong_password);
+    devices.push(second["devices"][1].clone());
+    let path = site.dir.path().join("all.json");
+    std::fs::write(&path, serde_json::to_vec(&manifest).unwrap()).unwrap();
+
+    let (gateway, addr) = start_gateway(&site, None);
+    // A broken manifest is refused whole, naming the entry.
+    let broken = site.dir.path().join("broken.csv");
+    std::fs::write(&broken, "name,security,device_type\nPROV_1,2,light\n").unwrap();
+    let out = site.command(&["onboard", "import", broken.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("line 2: security 2 needs a username"));
+
+    let out = site.command(&["onboard", "import", path.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = run_json(&site);
+    assert_eq!(report["failed"], 6, "{report:#}");
+    let error_of = |name: &serde_json::Value| {
+        report["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| &d["name"] == name)
+            .unwrap()["error"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let expect = [
+        (
+            &manifest["devices"][0]["name"],
+            "proof of possession rejected",
+        ),
+        (&manifest["devices"][1]["name"], "malformed SessionData"),
+        (&manifest["devices"][2]["name"], "dropped the link"),
+        (
+            &manifest["devices"][3]["name"],
+            "transport carries at most 4096",
+        ),
+        (
+            &manifest["devices"][4]["name"],
+            "proof of possession rejected",
+        ),
+        (&manifest["devices"][5]["name"], "access point not found"),
+    ];
+    for (name, needle) in expect {
+        let error = error_of(name);
+        assert!(
+            error.contains(needle),
+            "{name}: {error:?} should say {needle:?}"
+        );
+    }
+    // Nothing was marked onboarded; every attempt is recorded with its reason.
+    let token = site.admin_token();
+    let (_, lobby) = http_get(addr, "/api/v1/devices", Some(&token));
+    assert!(
+        lobby["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["state"] == "failed"),
+        "{lobby}"
+    );
+    let (_, targets) = http_get(addr, "/api/v1/onboarding/targets", Some(&token));
+    assert!(
+        targets["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["last_error"].is_string())
+    );
+    let (_, claims) = http_get(addr, "/api/v1/claims", Some(&token));
+    assert!(claims["claims"].as_array().unwrap().is_empty());
+    drop(gateway);
+}
+
+#[test]
+fn duplicate_ble_names_and_a_device_dropping_mid_session_over_ble() {
+    let site = onboarding_site("correct horse battery");
+    let manifest = site.dir.path().join("fleet.json");
+    let mut sim = Sim::start(
+        &[
+            "--emulate",
+            "--ble",
+            "3",
+            "--rename",
+            "1=PROV_5E0000",
+            "--fault",
+            "2=drop-after-session",
+        ],
+        &manifest,
+    );
+    let (gateway, _addr) = start_gateway(&site, sim.bus.as_deref());
+    // The manifest the simulator wrote names PROV_5E0000 twice: refused whole.
+    let out = site.command(&["onboard", "import", manifest.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("duplicate device name"));
+    // Keep one entry per name: the scan then sees two devices advertising it.
+    let mut json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    let devices = json["devices"].as_array_mut().unwrap();
+    devices.remove(1);
+    for device in devices.iter_mut() {
+        device.as_object_mut().unwrap().remove("mac");
+    }
+    std::fs::write(&manifest, serde_json::to_vec(&json).unwrap()).unwrap();
+    let out = site.command(&["onboard", "import", manifest.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = run_json(&site);
+    assert_eq!(report["failed"], 2, "{report:#}");
+    let devices = report["devices"].as_array().unwrap();
+    let duplicate = devices.iter().find(|d| d["name"] == "PROV_5E0000").unwrap();
+    assert!(
+        duplicate["error"]
+            .as_str()
+            .unwrap()
+            .contains("duplicate name: 2 devices"),
+        "{duplicate}"
+    );
+    let dropped = devices.iter().find(|d| d["name"] == "PROV_5E0002").unwrap();
+    assert!(
+        dropped["error"]
+            .as_str()
+            .unwrap()
+            .contains("dropped the link"),
+        "{dropped}"
+    );
+    assert!(
+        sim.drain()
+            .iter()
+            .any(|e| e["event"] == "session" && e["device"] == "PROV_5E0002")
+    );
+    drop(gateway);
+}
