@@ -171,6 +171,7 @@ fn supervise(args: &Args) -> anyhow::Result<()> {
         .env("DBUS_SYSTEM_BUS_ADDRESS", &emulation.address)
         .spawn()
         .context("cannot start the simulator on the emulated bus")?;
+    let child_pid = child.id().to_string();
     // Stop when told to (SIGTERM/SIGINT) or when the simulator ends.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -198,10 +199,10 @@ fn supervise(args: &Args) -> anyhow::Result<()> {
             code
         }
         None => {
-            // Our child is in its own wait; signal the whole process group politely.
-            let pid = std::process::id();
-            let _ = std::process::Command::new("pkill")
-                .args(["-TERM", "-P", &pid.to_string()])
+            // Pass the stop on to the simulator (its wait runs on another thread); the
+            // bus and BlueZoo are stopped when `emulation` drops.
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &child_pid])
                 .status();
             0
         }

@@ -55,8 +55,7 @@ impl Authority {
 /// A local CA (certificate + key, PEM).
 pub(crate) struct LocalCa {
     subject: String,
-    cert_pem: String,
-    key: KeyPair,
+    issuer: Issuer<'static, KeyPair>,
     valid_days: u32,
 }
 
@@ -68,14 +67,12 @@ impl LocalCa {
         })?;
         let key =
             KeyPair::from_pem(key_pem).context("the claiming CA key is not a PEM private key")?;
-        let issuer = Issuer::from_ca_cert_pem(&cert_pem, &key)
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)
             .with_context(|| format!("{} is not a PEM CA certificate", cert.display()))?;
-        drop(issuer);
         let subject = subject_cn(&cert_pem).unwrap_or_else(|| "claiming CA".into());
         Ok(Self {
             subject,
-            cert_pem,
-            key,
+            issuer,
             valid_days,
         })
     }
@@ -105,9 +102,8 @@ impl LocalCa {
         params.params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
         params.params.is_ca = rcgen::IsCa::ExplicitNoCa;
         params.params.use_authority_key_identifier_extension = true;
-        let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, &self.key)?;
         let cert = params
-            .signed_by(&issuer)
+            .signed_by(&self.issuer)
             .context("signing the device certificate failed")?;
         Ok(VerifyResponse {
             certificate: cert.pem(),
