@@ -37,6 +37,10 @@ const MIGRATIONS: &[Migration] = &[
         version: 5,
         sql: include_str!("../migrations/0005_onboarding.sql"),
     },
+    Migration {
+        version: 6,
+        sql: include_str!("../migrations/0006_uplink.sql"),
+    },
 ];
 
 /// The schema version this build writes and the newest it can open.

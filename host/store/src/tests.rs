@@ -64,6 +64,8 @@ async fn migrates_from_empty_to_the_current_schema() {
         table_names(&path),
         [
             "claims",
+            "desired_state",
+            "device_credentials",
             "devices",
             "firmware_blobs",
             "firmware_downloads",
@@ -72,10 +74,13 @@ async fn migrates_from_empty_to_the_current_schema() {
             "group_members",
             "groups",
             "handler_state",
+            "inbound_deployments",
             "manifest_files",
             "onboarding_targets",
             "outbox",
-            "update_manifests"
+            "outbox_counters",
+            "update_manifests",
+            "uplink_assignment"
         ]
     );
 }
@@ -95,7 +100,7 @@ async fn migrates_from_the_previous_schema_keeping_data() {
         conn.close().unwrap();
     }
     assert_eq!(user_version(&path), SCHEMA_VERSION - 1);
-    assert!(!table_names(&path).contains(&"onboarding_targets".to_owned()));
+    assert!(!table_names(&path).contains(&"uplink_assignment".to_owned()));
 
     let store = Store::open(&path).await.unwrap();
     let device = store
@@ -151,6 +156,8 @@ async fn migrates_from_the_first_schema_through_every_later_one() {
         table_names(&path),
         [
             "claims",
+            "desired_state",
+            "device_credentials",
             "devices",
             "firmware_blobs",
             "firmware_downloads",
@@ -159,10 +166,13 @@ async fn migrates_from_the_first_schema_through_every_later_one() {
             "group_members",
             "groups",
             "handler_state",
+            "inbound_deployments",
             "manifest_files",
             "onboarding_targets",
             "outbox",
-            "update_manifests"
+            "outbox_counters",
+            "update_manifests",
+            "uplink_assignment"
         ]
     );
 }

@@ -1,0 +1,32 @@
+//! Outpost's cloud uplink.
+//!
+//! * [`contract`]: the MQTT contract with the fleet backend (topics, QoS, schemas);
+//!   `docs/cloud-contract.md` is its prose.
+//! * [`outbox`]: the durable store-and-forward queue every message for the cloud goes
+//!   through (SQLite, group commit, priorities, TTL, bounds).
+//! * [`Uplink`]: the rumqttc session that drains the outbox with QoS 1, deletes only what
+//!   the broker acknowledged, reconnects with backoff and jitter, stops on refused
+//!   credentials, and registers DPS-style with reprovisioning policies.
+//! * [`sas`]: SAS-style HMAC-SHA256 registration tokens.
+
+pub mod backoff;
+pub mod contract;
+pub mod outbox;
+mod registration;
+pub mod sas;
+mod session;
+pub mod settings;
+
+pub use outbox::{Message, Outbox, OutboxError, OutboxLimits, OutboxStats, Priority};
+pub use registration::RegistrationError;
+pub use session::{ClaimError, LinkState, Uplink, UplinkStatus};
+pub use settings::{
+    BrokerAddr, Credentials, Endpoint, RegistrationSettings, TlsSettings, UplinkSettings,
+};
+
+/// Unix milliseconds now.
+pub(crate) fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}

@@ -1,0 +1,589 @@
+//! The durable outbox: every message for the cloud is committed to SQLite before anyone
+//! is told "accepted", and deleted only after the broker's QoS 1 acknowledgement.
+//!
+//! * **Group commit.** Writers hand their messages to one writer task, which commits
+//!   everything that queued up while the previous commit ran in a single transaction, so
+//!   the fsync per commit does not cap throughput.
+//! * **Bounded.** By message count and payload bytes. Telemetry is refused at the limit
+//!   with [`OutboxError::Full`] and counted; control and state messages (registrations,
+//!   claims, results) may use a reserve of a tenth beyond it, so a telemetry flood never
+//!   crowds out a deployment result.
+//! * **Time to live.** Each message expires (default 7200 s, as Azure IoT Edge); expired
+//!   messages are deleted and counted, never sent.
+//! * **Priorities.** [`Priority::Control`] before [`Priority::State`] before
+//!   [`Priority::Telemetry`]; in order of writing within a class.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use outpost_store::rusqlite::params;
+use outpost_store::{Store, StoreError};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::now_millis;
+
+/// How much of the limits control and state messages may use beyond them.
+const RESERVE_DIVISOR: u64 = 10;
+/// The most messages one commit takes.
+const BATCH: usize = 4096;
+/// How often expired messages are swept (also while the uplink is down).
+const SWEEP_EVERY: Duration = Duration::from_millis(500);
+
+/// Delivery class; lower goes first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Priority {
+    /// Registrations, claims, command results.
+    Control = 0,
+    /// Lobby events, reported state, deployment results.
+    State = 1,
+    /// Device telemetry.
+    Telemetry = 2,
+}
+
+impl Priority {
+    /// All classes, in delivery order.
+    pub const ALL: [Priority; 3] = [Priority::Control, Priority::State, Priority::Telemetry];
+
+    fn from_i64(value: i64) -> Self {
+        match value {
+            0 => Self::Control,
+            1 => Self::State,
+            _ => Self::Telemetry,
+        }
+    }
+
+    /// The class's name in stats and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Control => "control",
+            Self::State => "state",
+            Self::Telemetry => "telemetry",
+        }
+    }
+}
+
+/// The outbox's bounds.
+#[derive(Clone, Copy, Debug)]
+pub struct OutboxLimits {
+    /// Messages held at most (telemetry; control and state get a tenth more).
+    pub max_messages: u64,
+    /// Payload bytes held at most (likewise).
+    pub max_bytes: u64,
+    /// Time to live of a message that names none.
+    pub default_ttl: Duration,
+}
+
+impl Default for OutboxLimits {
+    fn default() -> Self {
+        Self {
+            max_messages: 1_000_000,
+            max_bytes: 512 * 1024 * 1024,
+            default_ttl: Duration::from_secs(7200),
+        }
+    }
+}
+
+/// A message to queue.
+#[derive(Clone, Debug)]
+pub struct Message {
+    /// Unique id (also inside the payload) so the cloud can de-duplicate.
+    pub message_id: String,
+    /// The MQTT topic.
+    pub topic: String,
+    /// The payload (JSON per the contract).
+    pub payload: Vec<u8>,
+    /// Its class.
+    pub priority: Priority,
+    /// Publish retained.
+    pub retain: bool,
+    /// Time to live; `None` takes the default.
+    pub ttl: Option<Duration>,
+}
+
+/// A queued message, as the publisher takes it.
+#[derive(Clone, Debug)]
+pub struct Queued {
+    /// Position in the outbox (the acknowledgement names it).
+    pub seq: i64,
+    /// The MQTT topic.
+    pub topic: String,
+    /// The payload.
+    pub payload: Bytes,
+    /// Publish retained.
+    pub retain: bool,
+    /// Its class.
+    pub priority: Priority,
+}
+
+/// What the outbox holds and has done.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct OutboxStats {
+    /// Messages waiting.
+    pub queued: u64,
+    /// Their payload bytes.
+    pub bytes: u64,
+    /// Messages refused because the outbox was full (since the database was created).
+    pub refused: u64,
+    /// Messages dropped because their time to live ran out.
+    pub expired: u64,
+    /// Messages acknowledged by the broker.
+    pub delivered: u64,
+    /// The message limit.
+    pub max_messages: u64,
+    /// The byte limit.
+    pub max_bytes: u64,
+}
+
+/// Why a message was not queued.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    /// The outbox is at its limit; nothing was queued.
+    #[error(
+        "the outbox is full ({queued} messages, {bytes} bytes queued; limits {max_messages} \
+         messages, {max_bytes} bytes): the message was refused and counted. It drains when \
+         the uplink delivers; raise uplink.outbox limits if this is normal for the site"
+    )]
+    Full {
+        /// Messages queued.
+        queued: u64,
+        /// Bytes queued.
+        bytes: u64,
+        /// The message limit.
+        max_messages: u64,
+        /// The byte limit.
+        max_bytes: u64,
+    },
+    /// One payload is larger than the contract allows.
+    #[error("a {size}-byte payload is larger than the {max} bytes the cloud contract allows")]
+    TooLarge {
+        /// The payload size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The database failed; nothing was queued.
+    #[error("the outbox could not write to the state database: {0}")]
+    Store(#[from] StoreError),
+    /// The outbox was shut down.
+    #[error("the outbox is shut down")]
+    Closed,
+}
+
+struct Write {
+    messages: Vec<Message>,
+    bytes: u64,
+    done: oneshot::Sender<Result<(), OutboxError>>,
+}
+
+#[derive(Default)]
+struct Usage {
+    messages: u64,
+    bytes: u64,
+}
+
+struct Inner {
+    store: Store,
+    limits: OutboxLimits,
+    usage: Mutex<Usage>,
+    writes: mpsc::Sender<Write>,
+    ready: Notify,
+    refused_unsaved: AtomicU64,
+    refused: AtomicU64,
+    expired: AtomicU64,
+    delivered: AtomicU64,
+}
+
+/// The outbox handle; clones share one writer.
+#[derive(Clone)]
+pub struct Outbox {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox")
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+impl Outbox {
+    /// Opens the outbox on `store` and starts its writer, which runs until `shutdown`
+    /// (then commits what it was handed and ends). Await the returned handle before
+    /// closing the store.
+    pub async fn open(
+        store: Store,
+        limits: OutboxLimits,
+        shutdown: CancellationToken,
+    ) -> Result<(Self, tokio::task::JoinHandle<()>), StoreError> {
+        let (messages, bytes, refused, expired, delivered) = store
+            .call(|conn| {
+                let (messages, bytes): (i64, i64) = conn.query_row(
+                    "SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox",
+                    [],
+                    |row| Ok((row.get(0)?, row.get(1)?)),
+                )?;
+                let counter = |name: &str| -> Result<i64, StoreError> {
+                    Ok(conn.query_row(
+                        "SELECT value FROM outbox_counters WHERE name = ?1",
+                        [name],
+                        |row| row.get(0),
+                    )?)
+                };
+                Ok((
+                    messages,
+                    bytes,
+                    counter("refused")?,
+                    counter("expired")?,
+                    counter("delivered")?,
+                ))
+            })
+            .await?;
+        let (writes, inbox) = mpsc::channel(BATCH * 4);
+        let inner = Arc::new(Inner {
+            store,
+            limits,
+            usage: Mutex::new(Usage {
+                messages: to_u64(messages),
+                bytes: to_u64(bytes),
+            }),
+            writes,
+            ready: Notify::new(),
+            refused_unsaved: AtomicU64::new(0),
+            refused: AtomicU64::new(to_u64(refused)),
+            expired: AtomicU64::new(to_u64(expired)),
+            delivered: AtomicU64::new(to_u64(delivered)),
+        });
+        let writer = tokio::spawn(writer(Arc::clone(&inner), inbox, shutdown));
+        Ok((Self { inner }, writer))
+    }
+
+    /// Queues one message durably: returns once it is committed.
+    pub async fn enqueue(&self, message: Message) -> Result<(), OutboxError> {
+        self.enqueue_all(vec![message]).await
+    }
+
+    /// Queues several messages durably, all or none.
+    pub async fn enqueue_all(&self, messages: Vec<Message>) -> Result<(), OutboxError> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        for message in &messages {
+            if message.payload.len() > crate::contract::MAX_PAYLOAD {
+                return Err(OutboxError::TooLarge {
+                    size: message.payload.len(),
+                    max: crate::contract::MAX_PAYLOAD,
+                });
+            }
+        }
+        let count = messages.len() as u64;
+        let bytes: u64 = messages.iter().map(|m| m.payload.len() as u64).sum();
+        let reserve_allowed = messages.iter().all(|m| m.priority != Priority::Telemetry);
+        self.reserve(count, bytes, reserve_allowed)?;
+        let (done, answer) = oneshot::channel();
+        let sent = self
+            .inner
+            .writes
+            .send(Write {
+                messages,
+                bytes,
+                done,
+            })
+            .await;
+        if sent.is_err() {
+            self.release(count, bytes);
+            return Err(OutboxError::Closed);
+        }
+        answer.await.map_err(|_| OutboxError::Closed)?
+    }
+
+    fn reserve(&self, count: u64, bytes: u64, reserve_allowed: bool) -> Result<(), OutboxError> {
+        let limits = &self.inner.limits;
+        let (max_messages, max_bytes) = if reserve_allowed {
+            (
+                limits.max_messages + limits.max_messages / RESERVE_DIVISOR,
+                limits.max_bytes + limits.max_bytes / RESERVE_DIVISOR,
+            )
+        } else {
+            (limits.max_messages, limits.max_bytes)
+        };
+        let mut usage = self.inner.usage.lock().expect("outbox usage lock");
+        if usage.messages + count > max_messages || usage.bytes + bytes > max_bytes {
+            let full = OutboxError::Full {
+                queued: usage.messages,
+                bytes: usage.bytes,
+                max_messages: limits.max_messages,
+                max_bytes: limits.max_bytes,
+            };
+            drop(usage);
+            self.inner.refused.fetch_add(count, Ordering::Relaxed);
+            self.inner
+                .refused_unsaved
+                .fetch_add(count, Ordering::Relaxed);
+            return Err(full);
+        }
+        usage.messages += count;
+        usage.bytes += bytes;
+        Ok(())
+    }
+
+    fn release(&self, count: u64, bytes: u64) {
+        self.inner.release(count, bytes);
+    }
+
+    /// Waits until something new was committed since the last call (or returns at once
+    /// if that happened already).
+    pub async fn committed(&self) {
+        self.inner.ready.notified().await;
+    }
+
+    /// Up to `limit` unexpired messages in delivery order, starting after `after[class]`
+    /// in each class (the publisher's cursors; all zero after a reconnect).
+    pub async fn fetch(&self, after: [i64; 3], limit: usize) -> Result<Vec<Queued>, StoreError> {
+        self.inner
+            .store
+            .call(move |conn| {
+                let now = now_millis();
+                let mut out = Vec::new();
+                let mut stmt = conn.prepare_cached(
+                    "SELECT seq, topic, payload, retain, priority FROM outbox \
+                     WHERE priority = ?1 AND seq > ?2 AND expires_at > ?3 ORDER BY seq LIMIT ?4",
+                )?;
+                for class in Priority::ALL {
+                    let want = limit - out.len();
+                    if want == 0 {
+                        break;
+                    }
+                    let mut rows = stmt.query(params![
+                        class as i64,
+                        after[class as usize],
+                        now,
+                        want as i64
+                    ])?;
+                    while let Some(row) = rows.next()? {
+                        out.push(Queued {
+                            seq: row.get(0)?,
+                            topic: row.get(1)?,
+                            payload: Bytes::from(row.get::<_, Vec<u8>>(2)?),
+                            retain: row.get::<_, i64>(3)? != 0,
+                            priority: Priority::from_i64(row.get(4)?),
+                        });
+                    }
+                }
+                Ok(out)
+            })
+            .await
+    }
+
+    /// Deletes acknowledged messages (unknown or already expired seqs are ignored).
+    pub async fn ack(&self, seqs: Vec<i64>) -> Result<(), StoreError> {
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        let (count, bytes) = self
+            .inner
+            .store
+            .call(move |conn| {
+                let tx = conn.transaction()?;
+                let (mut count, mut bytes) = (0u64, 0u64);
+                {
+                    let mut stmt = tx.prepare_cached(
+                        "DELETE FROM outbox WHERE seq = ?1 RETURNING length(payload)",
+                    )?;
+                    for seq in seqs {
+                        let mut rows = stmt.query([seq])?;
+                        if let Some(row) = rows.next()? {
+                            count += 1;
+                            bytes += to_u64(row.get::<_, i64>(0)?);
+                        }
+                    }
+                    bump(&tx, "delivered", count)?;
+                }
+                tx.commit()?;
+                Ok((count, bytes))
+            })
+            .await?;
+        self.inner.release(count, bytes);
+        self.inner.delivered.fetch_add(count, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The current figures.
+    pub fn stats(&self) -> OutboxStats {
+        let usage = self.inner.usage.lock().expect("outbox usage lock");
+        OutboxStats {
+            queued: usage.messages,
+            bytes: usage.bytes,
+            refused: self.inner.refused.load(Ordering::Relaxed),
+            expired: self.inner.expired.load(Ordering::Relaxed),
+            delivered: self.inner.delivered.load(Ordering::Relaxed),
+            max_messages: self.inner.limits.max_messages,
+            max_bytes: self.inner.limits.max_bytes,
+        }
+    }
+
+    /// The store the outbox writes to.
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+}
+
+impl Inner {
+    fn release(&self, count: u64, bytes: u64) {
+        let mut usage = self.usage.lock().expect("outbox usage lock");
+        usage.messages = usage.messages.saturating_sub(count);
+        usage.bytes = usage.bytes.saturating_sub(bytes);
+    }
+}
+
+async fn writer(inner: Arc<Inner>, mut inbox: mpsc::Receiver<Write>, shutdown: CancellationToken) {
+    let mut sweep = tokio::time::interval(SWEEP_EVERY);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut batch = Vec::with_capacity(BATCH);
+    loop {
+        tokio::select! {
+            biased;
+            received = inbox.recv_many(&mut batch, BATCH) => {
+                if received == 0 {
+                    break;
+                }
+                commit(&inner, std::mem::take(&mut batch)).await;
+            }
+            _ = sweep.tick() => housekeeping(&inner).await,
+            () = shutdown.cancelled() => {
+                // Commit what was already handed over, then stop taking more.
+                inbox.close();
+                while inbox.recv_many(&mut batch, BATCH).await > 0 {
+                    commit(&inner, std::mem::take(&mut batch)).await;
+                }
+                housekeeping(&inner).await;
+                break;
+            }
+        }
+    }
+}
+
+async fn commit(inner: &Arc<Inner>, writes: Vec<Write>) {
+    let refused = inner.refused_unsaved.swap(0, Ordering::Relaxed);
+    let rows: Vec<Vec<Message>> = writes.iter().map(|w| w.messages.clone()).collect();
+    let default_ttl = inner.limits.default_ttl;
+    let result = inner
+        .store
+        .call(move |conn| {
+            let now = now_millis();
+            let tx = conn.transaction()?;
+            let mut duplicates = (0u64, 0u64);
+            {
+                let mut stmt = tx.prepare_cached(
+                    "INSERT INTO outbox (message_id, topic, payload, qos, priority, created_at, \
+                     expires_at, retain) VALUES (?1, ?2, ?3, 1, ?4, ?5, ?6, ?7) \
+                     ON CONFLICT (message_id) DO NOTHING",
+                )?;
+                for message in rows.iter().flatten() {
+                    let ttl = message.ttl.unwrap_or(default_ttl);
+                    let expires =
+                        now.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX));
+                    let inserted = stmt.execute(params![
+                        message.message_id,
+                        message.topic,
+                        message.payload,
+                        message.priority as i64,
+                        now,
+                        expires,
+                        i64::from(message.retain),
+                    ])?;
+                    if inserted == 0 {
+                        duplicates.0 += 1;
+                        duplicates.1 += message.payload.len() as u64;
+                    }
+                }
+                bump(&tx, "refused", refused)?;
+            }
+            tx.commit()?;
+            Ok(duplicates)
+        })
+        .await;
+    match result {
+        Ok((duplicate_count, duplicate_bytes)) => {
+            if duplicate_count > 0 {
+                // A message id already queued: the earlier copy stands; give back the room.
+                inner.release(duplicate_count, duplicate_bytes);
+            }
+            for write in writes {
+                let _ = write.done.send(Ok(()));
+            }
+            inner.ready.notify_one();
+        }
+        Err(err) => {
+            inner.refused_unsaved.fetch_add(refused, Ordering::Relaxed);
+            tracing::error!(error = %err, "the outbox could not commit");
+            let text = err.to_string();
+            for write in writes {
+                inner.release(write.messages.len() as u64, write.bytes);
+                let _ = write
+                    .done
+                    .send(Err(OutboxError::Store(StoreError::Panicked(text.clone()))));
+            }
+        }
+    }
+}
+
+/// Deletes expired messages and saves the refused count.
+async fn housekeeping(inner: &Arc<Inner>) {
+    let refused = inner.refused_unsaved.swap(0, Ordering::Relaxed);
+    let result = inner
+        .store
+        .call(move |conn| {
+            let tx = conn.transaction()?;
+            let (mut count, mut bytes) = (0u64, 0u64);
+            {
+                let mut stmt = tx.prepare_cached(
+                    "DELETE FROM outbox WHERE expires_at <= ?1 RETURNING length(payload)",
+                )?;
+                let mut rows = stmt.query([now_millis()])?;
+                while let Some(row) = rows.next()? {
+                    count += 1;
+                    bytes += to_u64(row.get::<_, i64>(0)?);
+                }
+            }
+            bump(&tx, "expired", count)?;
+            bump(&tx, "refused", refused)?;
+            tx.commit()?;
+            Ok((count, bytes))
+        })
+        .await;
+    match result {
+        Ok((count, bytes)) => {
+            if count > 0 {
+                inner.release(count, bytes);
+                inner.expired.fetch_add(count, Ordering::Relaxed);
+                tracing::warn!(
+                    count,
+                    "outbox messages expired undelivered (time to live ran out)"
+                );
+            }
+        }
+        Err(err) => {
+            inner.refused_unsaved.fetch_add(refused, Ordering::Relaxed);
+            tracing::warn!(error = %err, "outbox housekeeping failed");
+        }
+    }
+}
+
+fn bump(conn: &outpost_store::rusqlite::Connection, name: &str, by: u64) -> Result<(), StoreError> {
+    if by > 0 {
+        conn.prepare_cached("UPDATE outbox_counters SET value = value + ?2 WHERE name = ?1")?
+            .execute(params![name, i64::try_from(by).unwrap_or(i64::MAX)])?;
+    }
+    Ok(())
+}
+
+fn to_u64(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests;

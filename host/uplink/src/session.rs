@@ -1,0 +1,963 @@
+//! The uplink task: register if needed, connect, drain the outbox, take what the cloud
+//! sends, and reconnect with backoff when the broker goes away.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use outpost_store::Store;
+use outpost_store::rusqlite::{OptionalExtension, params};
+use rumqttc::{
+    AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, Incoming, LastWill,
+    MqttOptions, Outgoing, QoS, TlsConfiguration, Transport,
+};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
+use crate::contract::{self, Assignment, DesiredState, schema, topics};
+use crate::now_millis;
+use crate::outbox::{Message, Outbox, Priority};
+use crate::registration::{self, RegistrationError};
+use crate::settings::{BrokerAddr, Credentials, Endpoint, UplinkSettings, rustls_config};
+
+/// A publish that is not an outbox row (status, online): acknowledged but not deleted.
+const UNTRACKED: i64 = -1;
+
+/// What the uplink is doing.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LinkState {
+    /// Not started yet.
+    #[default]
+    Starting,
+    /// Asking the registration service for an assignment.
+    Registering,
+    /// Connecting (or waiting to reconnect).
+    Connecting,
+    /// Connected; the outbox drains.
+    Connected,
+    /// Stopped for good until the config changes (credentials refused).
+    Stopped,
+}
+
+/// The uplink's state for `/api/v1/uplink` and `outpost uplink status`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct UplinkStatus {
+    /// What it is doing.
+    pub state: LinkState,
+    /// The broker it talks to (or tries to).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broker: Option<String>,
+    /// Connection attempts since start.
+    pub connect_attempts: u64,
+    /// Successful connections since start.
+    pub connections: u64,
+    /// Registrations since start.
+    pub registrations: u64,
+    /// Unix milliseconds since connected.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connected_since: Option<i64>,
+    /// The last error, in words.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// The current assignment's substatus (registration only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub substatus: Option<String>,
+    /// The gateway's desired-state version.
+    pub desired_version: u64,
+    /// The gateway's desired state.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub desired: Option<serde_json::Value>,
+}
+
+/// Why a cloud claim failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClaimError {
+    /// Not connected: the caller may fall back to a local CA.
+    #[error("the cloud uplink is not connected")]
+    Offline,
+    /// No answer in time.
+    #[error("the cloud did not answer the claim request within {0:?}")]
+    Timeout(Duration),
+    /// The cloud refused.
+    #[error("the cloud refused the claim ({status}): {error}")]
+    Refused {
+        /// Its status.
+        status: u16,
+        /// Its reason.
+        error: String,
+    },
+    /// The request could not be queued.
+    #[error(transparent)]
+    Outbox(#[from] crate::outbox::OutboxError),
+}
+
+struct Shared {
+    settings: UplinkSettings,
+    outbox: Outbox,
+    status: watch::Sender<UplinkStatus>,
+    claims: Mutex<HashMap<String, oneshot::Sender<contract::ClaimResponse>>>,
+}
+
+/// A handle on the running uplink.
+#[derive(Clone)]
+pub struct Uplink {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Uplink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Uplink")
+            .field("status", &self.status())
+            .finish()
+    }
+}
+
+impl Uplink {
+    /// Starts the uplink task; it runs until `shutdown`, then publishes `offline` if it
+    /// can and disconnects.
+    pub fn spawn(
+        settings: UplinkSettings,
+        outbox: Outbox,
+        shutdown: CancellationToken,
+    ) -> (Self, tokio::task::JoinHandle<()>) {
+        let (status, _) = watch::channel(UplinkStatus::default());
+        let shared = Arc::new(Shared {
+            settings,
+            outbox,
+            status,
+            claims: Mutex::new(HashMap::new()),
+        });
+        let task = tokio::spawn(run(Arc::clone(&shared), shutdown));
+        (Self { shared }, task)
+    }
+
+    /// The current status.
+    pub fn status(&self) -> UplinkStatus {
+        self.shared.status.borrow().clone()
+    }
+
+    /// Status changes, for waiting on a state.
+    pub fn watch(&self) -> watch::Receiver<UplinkStatus> {
+        self.shared.status.subscribe()
+    }
+
+    /// The gateway id used in topics.
+    pub fn gateway_id(&self) -> &str {
+        &self.shared.settings.gateway_id
+    }
+
+    /// Asks the cloud to sign a device's CSR; returns the certificate (PEM).
+    pub async fn claim(
+        &self,
+        device_id: &str,
+        node_id: &str,
+        csr_pem: &str,
+        timeout: Duration,
+    ) -> Result<String, ClaimError> {
+        if self.status().state != LinkState::Connected {
+            return Err(ClaimError::Offline);
+        }
+        let rid = contract::message_id();
+        let (answer_tx, answer) = oneshot::channel();
+        self.shared
+            .claims
+            .lock()
+            .expect("claims lock")
+            .insert(rid.clone(), answer_tx);
+        let gateway = &self.shared.settings.gateway_id;
+        let request = contract::ClaimRequest {
+            schema: schema::CLAIM_REQUEST.into(),
+            message_id: rid.clone(),
+            rid: rid.clone(),
+            device_id: device_id.into(),
+            node_id: node_id.into(),
+            csr: csr_pem.into(),
+        };
+        let queued = self
+            .shared
+            .outbox
+            .enqueue(Message {
+                message_id: rid.clone(),
+                topic: topics::claim_request(gateway, &rid),
+                payload: serde_json::to_vec(&request).expect("serialisable"),
+                priority: Priority::Control,
+                retain: false,
+                ttl: Some(timeout),
+            })
+            .await;
+        if let Err(err) = queued {
+            self.shared.claims.lock().expect("claims lock").remove(&rid);
+            return Err(err.into());
+        }
+        let response = match tokio::time::timeout(timeout, answer).await {
+            Ok(Ok(response)) => response,
+            _ => {
+                self.shared.claims.lock().expect("claims lock").remove(&rid);
+                return Err(ClaimError::Timeout(timeout));
+            }
+        };
+        match (response.status, response.certificate) {
+            (200, Some(certificate)) => Ok(certificate),
+            (status, _) => Err(ClaimError::Refused {
+                status,
+                error: response.error.unwrap_or_else(|| "no reason given".into()),
+            }),
+        }
+    }
+}
+
+fn set_status(shared: &Shared, change: impl FnOnce(&mut UplinkStatus)) {
+    shared.status.send_modify(change);
+}
+
+/// How one connection ended.
+enum Ended {
+    Shutdown,
+    /// The broker refused the credentials.
+    AuthRefused(String),
+    /// The broker could not be reached for longer than `reregister_after`.
+    Unreachable(String),
+    /// A configuration problem no retry fixes.
+    Fatal(String),
+}
+
+async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let store = shared.outbox.store().clone();
+    if let Err(err) = load_desired(&shared, &store).await {
+        tracing::warn!(error = %err, "cannot read the stored desired state");
+    }
+    let gateway = shared.settings.gateway_id.clone();
+    let fatal = loop {
+        let (broker, credentials, client_id, fresh) = match &shared.settings.endpoint {
+            Endpoint::Fixed {
+                broker,
+                credentials,
+            } => (broker.clone(), credentials.clone(), gateway.clone(), false),
+            Endpoint::Registration(registration_settings) => {
+                let cached = match cached_assignment(&store).await {
+                    Ok(cached) => cached,
+                    Err(err) => {
+                        tracing::warn!(error = %err, "the cached assignment is unreadable; registering again");
+                        None
+                    }
+                };
+                let (assignment, fresh) = match cached {
+                    Some(assignment) => (assignment, false),
+                    None => {
+                        set_status(&shared, |s| s.state = LinkState::Registering);
+                        let registered = tokio::select! {
+                            () = shutdown.cancelled() => break None,
+                            registered = registration::register(
+                                registration_settings,
+                                &shared.settings,
+                                &gateway,
+                            ) => registered,
+                        };
+                        match registered {
+                            Ok(assignment) => {
+                                set_status(&shared, |s| s.registrations += 1);
+                                (assignment, true)
+                            }
+                            Err(RegistrationError::Refused(why)) => break Some(why),
+                            Err(RegistrationError::Fatal(why)) => break Some(why),
+                        }
+                    }
+                };
+                let broker = match BrokerAddr::parse(&assignment.broker) {
+                    Ok(broker) => broker,
+                    Err(err) => {
+                        tracing::warn!(error = %err, "the assignment names an unusable broker; registering again");
+                        let _ = forget_assignment(&store).await;
+                        continue;
+                    }
+                };
+                if fresh && let Err(err) = apply_assignment(&shared, &store, &assignment).await {
+                    tracing::error!(error = %err, "cannot record the new assignment");
+                }
+                set_status(&shared, |s| {
+                    s.substatus = Some(assignment.substatus.clone());
+                });
+                (
+                    broker,
+                    Credentials {
+                        username: assignment.username.clone(),
+                        password: assignment.password.clone(),
+                    },
+                    assignment.device_id.clone(),
+                    fresh,
+                )
+            }
+        };
+        let _ = fresh;
+        match connect_and_pump(&shared, &broker, &credentials, &client_id, &shutdown).await {
+            Ended::Shutdown => break None,
+            Ended::Fatal(why) => break Some(why),
+            Ended::AuthRefused(why) => match &shared.settings.endpoint {
+                Endpoint::Fixed { .. } => break Some(why),
+                Endpoint::Registration(_) => {
+                    tracing::warn!(reason = %why, "the assigned broker refused our credentials; registering again");
+                    let _ = forget_assignment(&store).await;
+                }
+            },
+            Ended::Unreachable(why) => {
+                tracing::warn!(reason = %why, "the assigned broker stayed unreachable; registering again");
+                let _ = forget_assignment(&store).await;
+            }
+        }
+    };
+    if let Some(why) = fatal {
+        tracing::error!("uplink stopped: {why}");
+        set_status(&shared, |s| {
+            s.state = LinkState::Stopped;
+            s.connected_since = None;
+            s.last_error = Some(why);
+        });
+    }
+}
+
+fn mqtt_options(
+    shared: &Shared,
+    broker: &BrokerAddr,
+    credentials: &Credentials,
+    client_id: &str,
+) -> Result<MqttOptions, String> {
+    let settings = &shared.settings;
+    let mut options = MqttOptions::new(client_id, broker.host.clone(), broker.port);
+    options.set_keep_alive(settings.keepalive);
+    // A persistent session: the broker keeps our subscriptions (and what the cloud sends
+    // to them) while we are away.
+    options.set_clean_session(false);
+    let window = u16::try_from(settings.window.clamp(1, 60_000)).unwrap_or(512);
+    options.set_inflight(window.saturating_add(8));
+    options.set_max_packet_size(contract::MAX_PAYLOAD + 4096, contract::MAX_PAYLOAD + 4096);
+    options.set_request_channel_capacity(settings.window + 64);
+    if let Some(username) = &credentials.username {
+        options.set_credentials(
+            username.clone(),
+            credentials.password.clone().unwrap_or_default(),
+        );
+    } else if credentials.password.is_some() {
+        options.set_credentials("", credentials.password.clone().unwrap_or_default());
+    }
+    options.set_last_will(LastWill::new(
+        topics::status(&settings.gateway_id),
+        status_payload(shared, "offline", 0),
+        QoS::AtLeastOnce,
+        true,
+    ));
+    if broker.tls {
+        let config = rustls_config(&settings.tls)?;
+        options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(config)));
+    }
+    Ok(options)
+}
+
+fn status_payload(shared: &Shared, state: &str, since: i64) -> Vec<u8> {
+    serde_json::to_vec(&contract::GatewayStatus {
+        schema: schema::STATUS.into(),
+        gateway_id: shared.settings.gateway_id.clone(),
+        state: state.into(),
+        version: shared.settings.version.clone(),
+        since,
+    })
+    .expect("serialisable")
+}
+
+async fn connect_and_pump(
+    shared: &Arc<Shared>,
+    broker: &BrokerAddr,
+    credentials: &Credentials,
+    client_id: &str,
+    shutdown: &CancellationToken,
+) -> Ended {
+    let options = match mqtt_options(shared, broker, credentials, client_id) {
+        Ok(options) => options,
+        Err(why) => return Ended::Fatal(format!("uplink TLS settings: {why}")),
+    };
+    let registration = matches!(shared.settings.endpoint, Endpoint::Registration(_));
+    let mut backoff = Backoff::new(shared.settings.backoff_min, shared.settings.backoff_max);
+    let mut failing_since: Option<Instant> = None;
+    set_status(shared, |s| s.broker = Some(broker.to_string()));
+    loop {
+        set_status(shared, |s| {
+            s.state = LinkState::Connecting;
+            s.connect_attempts += 1;
+        });
+        let (client, mut events) = AsyncClient::new(options.clone(), shared.settings.window + 64);
+        let connected = tokio::select! {
+            () = shutdown.cancelled() => return Ended::Shutdown,
+            first = events.poll() => first,
+        };
+        let why = match connected {
+            Ok(Event::Incoming(Incoming::ConnAck(_))) => {
+                backoff.reset();
+                failing_since = None;
+                let since = now_millis();
+                set_status(shared, |s| {
+                    s.state = LinkState::Connected;
+                    s.connections += 1;
+                    s.connected_since = Some(since);
+                    s.last_error = None;
+                });
+                tracing::info!(broker = %broker, "uplink connected");
+                let ended = pump(shared, &client, &mut events, since, shutdown).await;
+                set_status(shared, |s| s.connected_since = None);
+                match ended {
+                    Ok(()) => return Ended::Shutdown,
+                    Err(why) => why,
+                }
+            }
+            Ok(other) => format!("the broker answered CONNECT with {other:?}"),
+            Err(ConnectionError::ConnectionRefused(code)) => match code {
+                ConnectReturnCode::BadUserNamePassword | ConnectReturnCode::NotAuthorized => {
+                    let why = format!(
+                        "the broker {broker} refused the credentials ({code:?}); not retrying. \
+                         Fix uplink.username/password (or the assignment) and restart"
+                    );
+                    set_status(shared, |s| s.last_error = Some(why.clone()));
+                    return Ended::AuthRefused(why);
+                }
+                ConnectReturnCode::BadClientId | ConnectReturnCode::RefusedProtocolVersion => {
+                    return Ended::Fatal(format!(
+                        "the broker {broker} refused the connection ({code:?}); not retrying"
+                    ));
+                }
+                other => format!("the broker {broker} refused the connection ({other:?})"),
+            },
+            Err(err) => format!("cannot reach {broker}: {err}"),
+        };
+        tracing::warn!(reason = %why, "uplink down");
+        set_status(shared, |s| {
+            s.state = LinkState::Connecting;
+            s.last_error = Some(why.clone());
+        });
+        let since = *failing_since.get_or_insert_with(Instant::now);
+        if registration && since.elapsed() >= shared.settings.reregister_after {
+            return Ended::Unreachable(why);
+        }
+        let delay = backoff.next_delay();
+        tokio::select! {
+            () = shutdown.cancelled() => return Ended::Shutdown,
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// Runs one connection: drains the outbox, dispatches what arrives. `Ok` on shutdown,
+/// `Err(why)` when the connection broke.
+async fn pump(
+    shared: &Arc<Shared>,
+    client: &AsyncClient,
+    events: &mut EventLoop,
+    since: i64,
+    shutdown: &CancellationToken,
+) -> Result<(), String> {
+    let gateway = shared.settings.gateway_id.clone();
+    let outbox = &shared.outbox;
+    let window = shared.settings.window.max(1);
+    // Every QoS 1 publish we hand to rumqttc gets its packet id in an Outgoing::Publish
+    // event, in the order handed over: `handed` holds the outbox seqs in that order,
+    // `in_flight` maps packet ids to seqs until the PUBACK.
+    let mut handed: VecDeque<i64> = VecDeque::new();
+    let mut in_flight: HashMap<u16, i64> = HashMap::new();
+    let mut cursors = [0i64; 3];
+    let mut exhausted = false;
+
+    let (acks_tx, acks) = mpsc::unbounded_channel::<i64>();
+    let acker = tokio::spawn(acker(outbox.clone(), acks));
+    let result = async {
+        for filter in topics::gateway_subscriptions(&gateway) {
+            client
+                .subscribe(filter, QoS::AtLeastOnce)
+                .await
+                .map_err(|e| format!("subscribe: {e}"))?;
+        }
+        publish_direct(client, &mut handed, topics::status(&gateway), status_payload(shared, "online", since), true)
+            .await?;
+        queue_after_connect(shared).await;
+        loop {
+            let room = window.saturating_sub(in_flight.len() + handed.len());
+            if !exhausted && room >= window.min(64) {
+                let batch = outbox
+                    .fetch(cursors, room)
+                    .await
+                    .map_err(|e| format!("reading the outbox: {e}"))?;
+                if batch.len() < room {
+                    exhausted = true;
+                }
+                for message in batch {
+                    let class = message.priority as usize;
+                    cursors[class] = cursors[class].max(message.seq);
+                    handed.push_back(message.seq);
+                    client
+                        .publish_bytes(message.topic, QoS::AtLeastOnce, message.retain, message.payload)
+                        .await
+                        .map_err(|e| format!("publish: {e}"))?;
+                }
+                continue;
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => {
+                    let _ = publish_direct(client, &mut handed, topics::status(&gateway), status_payload(shared, "offline", now_millis()), true).await;
+                    let _ = client.disconnect().await;
+                    // Let the offline status and the DISCONNECT go out (bounded).
+                    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                        loop {
+                            match events.poll().await {
+                                Ok(Event::Incoming(Incoming::PubAck(ack))) => {
+                                    if let Some(seq) = in_flight.remove(&ack.pkid) && seq != UNTRACKED {
+                                        let _ = acks_tx.send(seq);
+                                    }
+                                }
+                                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                                    if let Some(seq) = handed.pop_front() { in_flight.insert(pkid, seq); }
+                                }
+                                Ok(_) => {}
+                                Err(_) => break,
+                            }
+                        }
+                    }).await;
+                    return Ok(());
+                }
+                () = outbox.committed(), if exhausted => exhausted = false,
+                event = events.poll() => match event {
+                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                        if let Some(seq) = handed.pop_front() {
+                            in_flight.insert(pkid, seq);
+                        }
+                    }
+                    Ok(Event::Outgoing(Outgoing::AwaitAck(pkid))) => {
+                        return Err(format!("packet id {pkid} reused before its acknowledgement; reconnecting"));
+                    }
+                    Ok(Event::Incoming(Incoming::PubAck(ack))) => {
+                        if let Some(seq) = in_flight.remove(&ack.pkid) && seq != UNTRACKED {
+                            let _ = acks_tx.send(seq);
+                        }
+                    }
+                    Ok(Event::Incoming(Incoming::Publish(publish))) => {
+                        inbound(shared, &publish.topic, &publish.payload).await;
+                    }
+                    Ok(Event::Incoming(Incoming::Disconnect)) => {
+                        return Err("the broker closed the session".to_owned());
+                    }
+                    Ok(_) => {}
+                    Err(err) => return Err(format!("connection lost: {err}")),
+                },
+            }
+        }
+    }
+    .await;
+    drop(acks_tx);
+    let _ = acker.await;
+    result
+}
+
+async fn publish_direct(
+    client: &AsyncClient,
+    handed: &mut VecDeque<i64>,
+    topic: String,
+    payload: Vec<u8>,
+    retain: bool,
+) -> Result<(), String> {
+    handed.push_back(UNTRACKED);
+    client
+        .publish(topic, QoS::AtLeastOnce, retain, payload)
+        .await
+        .map_err(|e| format!("publish: {e}"))
+}
+
+/// Deletes acknowledged messages in batches.
+async fn acker(outbox: Outbox, mut acks: mpsc::UnboundedReceiver<i64>) {
+    let mut batch = Vec::with_capacity(4096);
+    while acks.recv_many(&mut batch, 4096).await > 0 {
+        if let Err(err) = outbox.ack(std::mem::take(&mut batch)).await {
+            // They stay queued and go again: at least once.
+            tracing::warn!(error = %err, "cannot delete acknowledged messages");
+        }
+    }
+}
+
+/// After each connect: the gateway's reported state, and claims made offline.
+async fn queue_after_connect(shared: &Arc<Shared>) {
+    if let Err(err) = queue_reported(shared).await {
+        tracing::warn!(error = %err, "cannot queue the reported state");
+    }
+    let store = shared.outbox.store().clone();
+    let gateway = &shared.settings.gateway_id;
+    match store.claims(true).await {
+        Ok(claims) => {
+            for claim in claims {
+                let id = contract::message_id();
+                let report = contract::ClaimReport {
+                    schema: schema::CLAIM_REPORT.into(),
+                    message_id: id.clone(),
+                    device_id: claim.device_id.clone(),
+                    node_id: claim.node_id.clone(),
+                    certificate: claim.certificate.clone(),
+                    authority: claim.authority.clone(),
+                    claimed_at: claim.claimed_at.unix_millis(),
+                };
+                let queued = shared
+                    .outbox
+                    .enqueue(Message {
+                        message_id: id,
+                        topic: topics::claim_report(gateway, &claim.device_id),
+                        payload: serde_json::to_vec(&report).expect("serialisable"),
+                        priority: Priority::State,
+                        retain: false,
+                        ttl: None,
+                    })
+                    .await;
+                // Queued is as good as sent: the outbox delivers it.
+                match queued {
+                    Ok(()) => {
+                        let _ = store.mark_claim_reported(&claim.device_id).await;
+                    }
+                    Err(err) => {
+                        tracing::warn!(error = %err, device = %claim.device_id, "cannot queue a claim report");
+                    }
+                }
+            }
+        }
+        Err(err) => tracing::warn!(error = %err, "cannot read unreported claims"),
+    }
+}
+
+async fn queue_reported(shared: &Arc<Shared>) -> Result<(), String> {
+    let store = shared.outbox.store().clone();
+    let devices = store.list_devices().await.map_err(|e| e.to_string())?.len() as u64;
+    let status = shared.status.borrow().clone();
+    let id = contract::message_id();
+    let reported = contract::GatewayReported {
+        schema: schema::GATEWAY_REPORTED.into(),
+        message_id: id.clone(),
+        gateway_id: shared.settings.gateway_id.clone(),
+        version: shared.settings.version.clone(),
+        desired_version: status.desired_version,
+        devices,
+        substatus: status.substatus.clone(),
+        at: now_millis(),
+    };
+    shared
+        .outbox
+        .enqueue(Message {
+            message_id: id,
+            topic: topics::gateway_reported(&shared.settings.gateway_id),
+            payload: serde_json::to_vec(&reported).expect("serialisable"),
+            priority: Priority::State,
+            retain: true,
+            ttl: None,
+        })
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// What the cloud sent us.
+async fn inbound(shared: &Arc<Shared>, topic: &str, payload: &[u8]) {
+    let gateway = &shared.settings.gateway_id;
+    let prefix = format!("{}/gw/{gateway}/", contract::ROOT);
+    let Some(rest) = topic.strip_prefix(&prefix) else {
+        tracing::warn!(topic, "ignoring a message on a topic outside our namespace");
+        return;
+    };
+    let parts: Vec<&str> = rest.split('/').collect();
+    match parts.as_slice() {
+        ["desired", target] => match serde_json::from_slice::<DesiredState>(payload) {
+            Ok(desired) => {
+                if let Err(err) = store_desired(shared, target, &desired).await {
+                    tracing::warn!(error = %err, target, "cannot store desired state");
+                }
+            }
+            Err(err) => tracing::warn!(topic, error = %err, "ignoring malformed desired state"),
+        },
+        ["commands", rid] => command(shared, rid, payload).await,
+        ["deployments", id] => match serde_json::from_slice::<contract::Deployment>(payload) {
+            Ok(deployment) if contract::valid_id(id) && deployment.deployment_id == *id => {
+                let store = shared.outbox.store().clone();
+                let (id, body) = (
+                    (*id).to_owned(),
+                    String::from_utf8_lossy(payload).into_owned(),
+                );
+                let stored = store
+                    .call(move |conn| {
+                        conn.execute(
+                            "INSERT INTO inbound_deployments (id, body, received_at) VALUES (?1, ?2, ?3) \
+                             ON CONFLICT (id) DO UPDATE SET body = excluded.body, received_at = excluded.received_at",
+                            params![id, body, now_millis()],
+                        )?;
+                        Ok(())
+                    })
+                    .await;
+                match stored {
+                    Ok(()) => {
+                        tracing::info!(deployment = %deployment.deployment_id, "deployment received");
+                    }
+                    Err(err) => tracing::warn!(error = %err, "cannot store a deployment"),
+                }
+            }
+            Ok(_) => tracing::warn!(
+                topic,
+                "ignoring a deployment whose id does not match its topic"
+            ),
+            Err(err) => tracing::warn!(topic, error = %err, "ignoring a malformed deployment"),
+        },
+        ["claims", rid, "res"] => {
+            match serde_json::from_slice::<contract::ClaimResponse>(payload) {
+                Ok(response) => {
+                    let waiting = shared.claims.lock().expect("claims lock").remove(*rid);
+                    match waiting {
+                        Some(answer) => {
+                            let _ = answer.send(response);
+                        }
+                        None => tracing::debug!(
+                            rid,
+                            "a claim response nobody waits for (timed out or redelivered)"
+                        ),
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(topic, error = %err, "ignoring a malformed claim response");
+                }
+            }
+        }
+        _ => tracing::warn!(topic, "ignoring a message on an unknown topic"),
+    }
+}
+
+async fn command(shared: &Arc<Shared>, rid: &str, payload: &[u8]) {
+    if !contract::valid_id(rid) {
+        tracing::warn!(rid, "ignoring a command with an unusable request id");
+        return;
+    }
+    let (status, body) = match serde_json::from_slice::<contract::Command>(payload) {
+        Err(err) => (
+            400,
+            serde_json::json!({ "error": format!("malformed command: {err}") }),
+        ),
+        Ok(cmd) => match cmd.name.as_str() {
+            "ping" => (200, serde_json::json!({ "pong": now_millis() })),
+            "report-state" => match queue_reported(shared).await {
+                Ok(()) => (200, serde_json::json!({ "queued": true })),
+                Err(err) => (500, serde_json::json!({ "error": err })),
+            },
+            "outbox-stats" => (
+                200,
+                serde_json::to_value(shared.outbox.stats()).expect("serialisable"),
+            ),
+            other => (
+                404,
+                serde_json::json!({ "error": format!("unknown command {other:?}") }),
+            ),
+        },
+    };
+    let id = contract::message_id();
+    let result = contract::CommandResult {
+        schema: schema::COMMAND_RESULT.into(),
+        message_id: id.clone(),
+        rid: rid.into(),
+        status,
+        body,
+    };
+    let queued = shared
+        .outbox
+        .enqueue(Message {
+            message_id: id,
+            topic: topics::command_result(&shared.settings.gateway_id, rid),
+            payload: serde_json::to_vec(&result).expect("serialisable"),
+            priority: Priority::Control,
+            retain: false,
+            ttl: None,
+        })
+        .await;
+    if let Err(err) = queued {
+        tracing::warn!(error = %err, rid, "cannot queue a command result");
+    }
+}
+
+async fn store_desired(
+    shared: &Arc<Shared>,
+    target: &str,
+    desired: &DesiredState,
+) -> Result<(), String> {
+    if !contract::valid_id(target) {
+        return Err(format!("{target:?} is not a valid target"));
+    }
+    let store = shared.outbox.store().clone();
+    let (target_owned, version, body) = (
+        target.to_owned(),
+        i64::try_from(desired.version).map_err(|_| "version too large".to_owned())?,
+        desired.body.to_string(),
+    );
+    let newer = store
+        .call(move |conn| {
+            let changed = conn.execute(
+                "INSERT INTO desired_state (target, version, body, received_at) VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT (target) DO UPDATE SET version = excluded.version, body = excluded.body, \
+                 received_at = excluded.received_at WHERE excluded.version > desired_state.version",
+                params![target_owned, version, body, now_millis()],
+            )?;
+            Ok(changed > 0)
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    if newer && target == "gateway" {
+        set_status(shared, |s| {
+            s.desired_version = desired.version;
+            s.desired = Some(desired.body.clone());
+        });
+        tracing::info!(version = desired.version, "new desired state");
+        queue_reported(shared).await?;
+    }
+    Ok(())
+}
+
+async fn load_desired(shared: &Arc<Shared>, store: &Store) -> Result<(), String> {
+    let found = store
+        .call(|conn| {
+            Ok(conn
+                .query_row(
+                    "SELECT version, body FROM desired_state WHERE target = 'gateway'",
+                    [],
+                    |row| Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?)),
+                )
+                .optional()?)
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    if let Some((version, body)) = found {
+        let body: serde_json::Value = serde_json::from_str(&body).map_err(|e| e.to_string())?;
+        set_status(shared, |s| {
+            s.desired_version = u64::try_from(version).unwrap_or(0);
+            s.desired = Some(body);
+        });
+    }
+    Ok(())
+}
+
+async fn cached_assignment(store: &Store) -> Result<Option<Assignment>, String> {
+    let text = store
+        .call(|conn| {
+            Ok(conn
+                .query_row(
+                    "SELECT assignment FROM uplink_assignment WHERE id = 1",
+                    [],
+                    |row| row.get::<_, String>(0),
+                )
+                .optional()?)
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    text.map(|text| serde_json::from_str(&text).map_err(|e| e.to_string()))
+        .transpose()
+}
+
+async fn forget_assignment(store: &Store) -> Result<(), String> {
+    store
+        .call(|conn| {
+            conn.execute("DELETE FROM uplink_assignment", [])?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Records a new assignment and applies its reprovisioning outcome:
+/// * `deviceDataReset`: the desired state of the gateway and every device is dropped and
+///   the enrollment's initial state applied;
+/// * `deviceDataMigrated` (and a first assignment): local state is kept;
+///
+/// and in every case the lobby is announced again on the (possibly new) broker, and the
+/// outbox keeps every queued message: it drains to wherever the gateway now belongs.
+async fn apply_assignment(
+    shared: &Arc<Shared>,
+    store: &Store,
+    assignment: &Assignment,
+) -> Result<(), String> {
+    let text = serde_json::to_string(assignment).expect("serialisable");
+    let reset = assignment.substatus == "deviceDataReset";
+    let initial = assignment.initial_state.clone();
+    let applied = store
+        .call(move |conn| {
+            let tx = conn.transaction()?;
+            tx.execute(
+                "INSERT INTO uplink_assignment (id, assignment, registered_at) VALUES (1, ?1, ?2) \
+                 ON CONFLICT (id) DO UPDATE SET assignment = excluded.assignment, registered_at = excluded.registered_at",
+                params![text, now_millis()],
+            )?;
+            if reset {
+                tx.execute("DELETE FROM desired_state", [])?;
+            }
+            let mut applied = None;
+            if let Some(initial) = initial {
+                let have: Option<i64> = tx
+                    .query_row("SELECT version FROM desired_state WHERE target = 'gateway'", [], |r| r.get(0))
+                    .optional()?;
+                if have.is_none() {
+                    tx.execute(
+                        "INSERT INTO desired_state (target, version, body, received_at) VALUES ('gateway', ?1, ?2, ?3)",
+                        params![i64::try_from(initial.version).unwrap_or(0), initial.body.to_string(), now_millis()],
+                    )?;
+                    applied = Some(initial);
+                }
+            }
+            tx.commit()?;
+            Ok(applied)
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    tracing::info!(
+        broker = %assignment.broker,
+        substatus = %assignment.substatus,
+        policy = ?assignment.policy,
+        "registered: assignment recorded"
+    );
+    if reset {
+        set_status(shared, |s| {
+            s.desired_version = 0;
+            s.desired = None;
+        });
+    }
+    if let Some(initial) = applied {
+        set_status(shared, |s| {
+            s.desired_version = initial.version;
+            s.desired = Some(initial.body.clone());
+        });
+    }
+    announce_lobby(shared, store).await
+}
+
+/// Queues a lobby event for every device (after a (re)assignment).
+async fn announce_lobby(shared: &Arc<Shared>, store: &Store) -> Result<(), String> {
+    let devices = store.list_devices().await.map_err(|e| e.to_string())?;
+    let gateway = &shared.settings.gateway_id;
+    let messages = devices
+        .iter()
+        .map(|device| {
+            let id = contract::message_id();
+            let event = contract::LobbyEvent {
+                schema: schema::LOBBY.into(),
+                message_id: id.clone(),
+                device_id: device.id.clone(),
+                device_type: device.device_type.clone(),
+                state: device.state.to_string(),
+                at: now_millis(),
+            };
+            Message {
+                message_id: id,
+                topic: topics::lobby(gateway, &device.id),
+                payload: serde_json::to_vec(&event).expect("serialisable"),
+                priority: Priority::State,
+                retain: false,
+                ttl: None,
+            }
+        })
+        .collect();
+    shared
+        .outbox
+        .enqueue_all(messages)
+        .await
+        .map_err(|e| e.to_string())
+}

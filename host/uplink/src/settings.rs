@@ -1,0 +1,262 @@
+//! What the uplink needs to know: where to connect, as whom, and how patiently.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A broker address from `mqtt://host[:1883]` or `mqtts://host[:8883]`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BrokerAddr {
+    /// TLS (`mqtts`).
+    pub tls: bool,
+    /// Host name or address.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+}
+
+impl BrokerAddr {
+    /// Parses `mqtt://host[:port]` or `mqtts://host[:port]`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (tls, rest) = if let Some(rest) = text.strip_prefix("mqtts://") {
+            (true, rest)
+        } else if let Some(rest) = text.strip_prefix("mqtt://") {
+            (false, rest)
+        } else {
+            return Err(format!(
+                "{text:?} is not a broker URL: use mqtts://host[:port] (TLS) or mqtt://host[:port]"
+            ));
+        };
+        let rest = rest.trim_end_matches('/');
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((host, port)) if !host.ends_with(']') || host.starts_with('[') => {
+                let port: u16 = port
+                    .parse()
+                    .map_err(|_| format!("{text:?}: {port:?} is not a port number"))?;
+                (host.trim_start_matches('[').trim_end_matches(']'), port)
+            }
+            _ => (rest, if tls { 8883 } else { 1883 }),
+        };
+        if host.is_empty() || host.contains('/') {
+            return Err(format!("{text:?} has no host name"));
+        }
+        Ok(Self {
+            tls,
+            host: host.to_owned(),
+            port,
+        })
+    }
+}
+
+impl std::fmt::Display for BrokerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let scheme = if self.tls { "mqtts" } else { "mqtt" };
+        if self.host.contains(':') {
+            write!(f, "{scheme}://[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{scheme}://{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// MQTT username and password (or token).
+#[derive(Clone, Default)]
+pub struct Credentials {
+    /// The username.
+    pub username: Option<String>,
+    /// The password or token.
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// How the gateway finds its broker.
+#[derive(Clone, Debug)]
+pub enum Endpoint {
+    /// A broker given in the config.
+    Fixed {
+        /// The broker.
+        broker: BrokerAddr,
+        /// Its credentials.
+        credentials: Credentials,
+    },
+    /// DPS-style: register with an enrollment, then connect where assigned.
+    Registration(RegistrationSettings),
+}
+
+/// The registration service and the gateway's enrollment.
+#[derive(Clone)]
+pub struct RegistrationSettings {
+    /// The broker the registration service listens on.
+    pub broker: BrokerAddr,
+    /// Credentials on that broker, if it wants any.
+    pub credentials: Credentials,
+    /// The id scope (`{scope}/registrations/{id}` in the token).
+    pub scope: String,
+    /// The registration id.
+    pub registration_id: String,
+    /// The enrollment's symmetric key, base64.
+    pub key: String,
+}
+
+impl std::fmt::Debug for RegistrationSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistrationSettings")
+            .field("broker", &self.broker)
+            .field("credentials", &self.credentials)
+            .field("scope", &self.scope)
+            .field("registration_id", &self.registration_id)
+            .field("key", &"<redacted>")
+            .finish()
+    }
+}
+
+/// TLS material.
+#[derive(Clone, Default)]
+pub struct TlsSettings {
+    /// A CA bundle (PEM) to trust instead of the system's.
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate chain (PEM) for mutual TLS.
+    pub client_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    pub client_key: Option<String>,
+}
+
+impl std::fmt::Debug for TlsSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsSettings")
+            .field("ca_file", &self.ca_file)
+            .field("client_cert", &self.client_cert)
+            .field(
+                "client_key",
+                &self.client_key.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
+}
+
+/// Everything the uplink runs on.
+#[derive(Clone, Debug)]
+pub struct UplinkSettings {
+    /// The gateway id: the identity in every topic.
+    pub gateway_id: String,
+    /// The software version, reported in status.
+    pub version: String,
+    /// Where to connect.
+    pub endpoint: Endpoint,
+    /// TLS material for `mqtts` brokers.
+    pub tls: TlsSettings,
+    /// MQTT keepalive.
+    pub keepalive: Duration,
+    /// First reconnect delay (doubles with jitter up to `backoff_max`).
+    pub backoff_min: Duration,
+    /// Longest reconnect delay.
+    pub backoff_max: Duration,
+    /// With registration: how long the cached assignment may stay unreachable before the
+    /// gateway registers again.
+    pub reregister_after: Duration,
+    /// Messages in flight (sent, not yet acknowledged) at most.
+    pub window: usize,
+}
+
+impl UplinkSettings {
+    /// Settings with the defaults for everything but the identity and endpoint.
+    pub fn new(gateway_id: impl Into<String>, endpoint: Endpoint) -> Self {
+        Self {
+            gateway_id: gateway_id.into(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            endpoint,
+            tls: TlsSettings::default(),
+            keepalive: Duration::from_secs(30),
+            backoff_min: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+            reregister_after: Duration::from_secs(300),
+            window: 512,
+        }
+    }
+}
+
+/// Builds the rustls client config: the CA file or the system store, and the client
+/// certificate if given.
+pub(crate) fn rustls_config(tls: &TlsSettings) -> Result<Arc<rustls::ClientConfig>, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+    let mut roots = rustls::RootCertStore::empty();
+    if let Some(path) = &tls.ca_file {
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+            .map_err(|err| format!("cannot read the CA file {}: {err}", path.display()))?
+            .collect::<Result<_, _>>()
+            .map_err(|err| format!("the CA file {} is not PEM: {err}", path.display()))?;
+        if certs.is_empty() {
+            return Err(format!(
+                "the CA file {} holds no certificate",
+                path.display()
+            ));
+        }
+        for cert in certs {
+            roots
+                .add(cert)
+                .map_err(|err| format!("a certificate in {} is unusable: {err}", path.display()))?;
+        }
+    } else {
+        let found = rustls_native_certs::load_native_certs();
+        for cert in found.certs {
+            let _ = roots.add(cert);
+        }
+        if roots.is_empty() {
+            return Err("no system CA certificates found; set uplink.ca_file".to_owned());
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|err| format!("TLS set-up failed: {err}"))?
+        .with_root_certificates(roots);
+    let config = match (&tls.client_cert, &tls.client_key) {
+        (Some(cert_path), Some(key_pem)) => {
+            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_path)
+                .map_err(|err| format!("cannot read {}: {err}", cert_path.display()))?
+                .collect::<Result<_, _>>()
+                .map_err(|err| format!("{} is not PEM: {err}", cert_path.display()))?;
+            let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+                .map_err(|err| format!("the client key is not a PEM private key: {err}"))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|err| format!("the client certificate and key do not fit: {err}"))?
+        }
+        (None, None) => builder.with_no_client_auth(),
+        _ => {
+            return Err("a client certificate needs its key, and a key its certificate".to_owned());
+        }
+    };
+    Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_urls() {
+        let b = BrokerAddr::parse("mqtts://broker.example:8884").unwrap();
+        assert!(b.tls && b.host == "broker.example" && b.port == 8884);
+        assert_eq!(BrokerAddr::parse("mqtt://127.0.0.1").unwrap().port, 1883);
+        assert_eq!(BrokerAddr::parse("mqtts://h").unwrap().port, 8883);
+        assert_eq!(BrokerAddr::parse("mqtt://[::1]:1884").unwrap().host, "::1");
+        assert_eq!(
+            BrokerAddr::parse("mqtt://[::1]:1884").unwrap().to_string(),
+            "mqtt://[::1]:1884"
+        );
+        for bad in ["http://h", "mqtt://", "mqtt://h:70000", "mqtt://h:x"] {
+            assert!(BrokerAddr::parse(bad).is_err(), "{bad}");
+        }
+    }
+}
