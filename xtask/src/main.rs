@@ -127,14 +127,16 @@ fn prepare(root: &Path) -> anyhow::Result<()> {
     eprintln!("  {}", String::from_utf8_lossy(&rustc.stdout).trim());
     ensure_rust_target(root, WASM_TARGET)?;
     ensure_bluezoo(root)?;
-    step("cargo build -p esp-sim (the onboarding tests run the simulator binary)");
+    step(
+        "cargo build -p esp-sim -p cloud-sim (the onboarding and uplink tests run these binaries)",
+    );
     let status = Command::new(cargo())
         .current_dir(root)
-        .args(["build", "--locked", "-p", "esp-sim"])
+        .args(["build", "--locked", "-p", "esp-sim", "-p", "cloud-sim"])
         .status()
         .context("cannot run cargo build")?;
     if !status.success() {
-        bail!("building esp-sim failed ({status})");
+        bail!("building esp-sim and cloud-sim failed ({status})");
     }
     Ok(())
 }

@@ -1,1 +1,620 @@
-fn main() {}
+//! `cloud-sim`: a reference fleet backend that speaks Outpost's cloud contract
+//! (docs/cloud-contract.md) over any MQTT broker.
+//!
+//! * **Registration service** on `--registration`: checks each request's SAS token against
+//!   the enrollment's key, assigns a hub, and applies the enrollment's reprovisioning
+//!   policy when the operator moved it (`reassign`): `migrate` copies the gateway's desired
+//!   state to the new hub, `reset` starts it from the initial state, `never` keeps the
+//!   first hub. Faults for retry tests: `--throttle N` (429 with retry-after),
+//!   `--server-errors N` (500).
+//! * **Hubs** (`--hub name=mqtt://…`): a persistent subscriber per hub records everything
+//!   gateways send (status, lobby, telemetry, reported state, results, claims) and signs
+//!   claim requests with its CA (`--wrong-claim-key` signs a different key, to test that
+//!   gateways catch it).
+//! * **Operator commands** as JSON lines on stdin: `reassign`, `desired`, `deploy`,
+//!   `command`. **Events** as JSON lines on stdout, for tests and demos.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use outpost_uplink::contract::{self, Assignment, DesiredState, ReprovisionPolicy, schema, topics};
+use outpost_uplink::{BrokerAddr, sas};
+use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
+use serde_json::json;
+use tokio::io::AsyncBufReadExt;
+
+#[derive(Debug, Parser)]
+#[command(name = "cloud-sim", about = "Outpost's reference cloud over MQTT")]
+struct Args {
+    /// The broker the registration service listens on.
+    #[arg(long)]
+    registration: Option<String>,
+    /// A hub: `name=mqtt://host:port` (repeat for several).
+    #[arg(long = "hub", value_name = "NAME=URL")]
+    hubs: Vec<String>,
+    /// An enrollment: `registrationId:base64key:hub[:migrate|reset|never]` (repeatable).
+    #[arg(long = "enrollment", value_name = "ID:KEY:HUB[:POLICY]")]
+    enrollments: Vec<String>,
+    /// The id scope of the enrollments.
+    #[arg(long, default_value = "outpost")]
+    scope: String,
+    /// The initial desired state (JSON body, version 1) of every enrollment.
+    #[arg(long, default_value = r#"{"telemetryIntervalSecs":60}"#)]
+    initial_desired: String,
+    /// Answer the first N registration requests with 429 (retry-after 1 s).
+    #[arg(long, default_value_t = 0)]
+    throttle: u32,
+    /// Answer the first N registration requests with 500.
+    #[arg(long, default_value_t = 0)]
+    server_errors: u32,
+    /// Sign claims for a fresh key instead of the CSR's (a faulty cloud).
+    #[arg(long)]
+    wrong_claim_key: bool,
+    /// Do not print an event per telemetry message (count them in `stats` instead).
+    #[arg(long)]
+    quiet_telemetry: bool,
+}
+
+struct Enrollment {
+    key: String,
+    policy: ReprovisionPolicy,
+    /// Where the operator wants it.
+    hub: String,
+    /// Where it was last assigned.
+    assigned: Option<String>,
+}
+
+struct Cloud {
+    args: Args,
+    hubs: HashMap<String, (BrokerAddr, AsyncClient)>,
+    enrollments: Mutex<HashMap<String, Enrollment>>,
+    /// Desired state per gateway, per hub (the "twin" each hub holds).
+    desired: Mutex<HashMap<(String, String), DesiredState>>,
+    faults: Mutex<(u32, u32)>,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    telemetry: Mutex<u64>,
+}
+
+fn emit(event: &serde_json::Value) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{event}");
+    let _ = out.flush();
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let mut hubs = HashMap::new();
+    let mut loops = Vec::new();
+    for spec in &args.hubs {
+        let (name, url) = spec
+            .split_once('=')
+            .with_context(|| format!("--hub {spec:?}: use name=mqtt://host:port"))?;
+        let addr = BrokerAddr::parse(url).map_err(anyhow::Error::msg)?;
+        let (client, events) = connect(&format!("cloud-sim-{name}"), &addr, false);
+        hubs.insert(name.to_owned(), (addr, client));
+        loops.push((name.to_owned(), events));
+    }
+    let mut enrollments = HashMap::new();
+    for spec in &args.enrollments {
+        let parts: Vec<&str> = spec.split(':').collect();
+        let (id, key, hub, policy) = match parts.as_slice() {
+            [id, key, hub] => (*id, *key, *hub, ReprovisionPolicy::Migrate),
+            [id, key, hub, policy] => (*id, *key, *hub, parse_policy(policy)?),
+            _ => bail!("--enrollment {spec:?}: use id:key:hub[:policy]"),
+        };
+        if !hubs.contains_key(hub) {
+            bail!("--enrollment {spec:?}: no hub named {hub:?}");
+        }
+        enrollments.insert(
+            id.to_owned(),
+            Enrollment {
+                key: key.to_owned(),
+                policy,
+                hub: hub.to_owned(),
+                assigned: None,
+            },
+        );
+    }
+    let _: serde_json::Value =
+        serde_json::from_str(&args.initial_desired).context("--initial-desired is not JSON")?;
+    let ca_key = rcgen::KeyPair::generate()?;
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "cloud-sim claiming CA");
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key)?;
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_cert.pem(), ca_key)?;
+
+    let registration = match &args.registration {
+        Some(url) => {
+            let addr = BrokerAddr::parse(url).map_err(anyhow::Error::msg)?;
+            Some(connect("cloud-sim-registration", &addr, true))
+        }
+        None => None,
+    };
+    let cloud = Arc::new(Cloud {
+        faults: Mutex::new((args.throttle, args.server_errors)),
+        args,
+        hubs,
+        enrollments: Mutex::new(enrollments),
+        desired: Mutex::new(HashMap::new()),
+        issuer,
+        telemetry: Mutex::new(0),
+    });
+
+    let mut ready = Vec::new();
+    for (name, events) in loops {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        ready.push(rx);
+        tokio::spawn(hub_loop(Arc::clone(&cloud), name, events, tx));
+    }
+    if let Some((client, events)) = registration {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        ready.push(rx);
+        tokio::spawn(registration_loop(Arc::clone(&cloud), client, events, tx));
+    }
+    for rx in ready {
+        rx.await
+            .context("a broker connection ended before it was ready")?;
+    }
+    emit(&json!({ "event": "ready" }));
+
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+            line = lines.next_line() => match line? {
+                None => {
+                    // stdin closed: keep serving until a signal.
+                    terminate.recv().await;
+                    break;
+                }
+                Some(line) if line.trim().is_empty() => {}
+                Some(line) => {
+                    if let Err(err) = operator(&cloud, &line).await {
+                        emit(&json!({ "event": "error", "message": format!("{err:#}") }));
+                    }
+                }
+            },
+        }
+    }
+    Ok(())
+}
+
+fn parse_policy(text: &str) -> anyhow::Result<ReprovisionPolicy> {
+    Ok(match text {
+        "migrate" => ReprovisionPolicy::Migrate,
+        "reset" => ReprovisionPolicy::Reset,
+        "never" => ReprovisionPolicy::Never,
+        other => bail!("unknown reprovisioning policy {other:?}: migrate, reset or never"),
+    })
+}
+
+fn connect(client_id: &str, addr: &BrokerAddr, clean: bool) -> (AsyncClient, rumqttc::EventLoop) {
+    let mut options = MqttOptions::new(client_id, addr.host.clone(), addr.port);
+    options.set_keep_alive(Duration::from_secs(10));
+    options.set_clean_session(clean);
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    options.set_inflight(1000);
+    AsyncClient::new(options, 10_000)
+}
+
+async fn hub_loop(
+    cloud: Arc<Cloud>,
+    hub: String,
+    mut events: rumqttc::EventLoop,
+    ready: tokio::sync::oneshot::Sender<()>,
+) {
+    let mut ready = Some(ready);
+    let client = cloud.hubs[&hub].1.clone();
+    loop {
+        match events.poll().await {
+            Ok(Event::Incoming(Incoming::ConnAck(_))) => {
+                let _ = client
+                    .subscribe(format!("{}/gw/+/#", contract::ROOT), QoS::AtLeastOnce)
+                    .await;
+            }
+            Ok(Event::Incoming(Incoming::SubAck(_))) => {
+                if let Some(ready) = ready.take() {
+                    let _ = ready.send(());
+                }
+            }
+            Ok(Event::Incoming(Incoming::Publish(publish))) => {
+                on_hub_message(
+                    &cloud,
+                    &hub,
+                    &publish.topic,
+                    &publish.payload,
+                    publish.retain,
+                )
+                .await;
+            }
+            Ok(_) => {}
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+async fn on_hub_message(
+    cloud: &Arc<Cloud>,
+    hub: &str,
+    topic: &str,
+    payload: &[u8],
+    retained: bool,
+) {
+    let Some(rest) = topic.strip_prefix(&format!("{}/gw/", contract::ROOT)) else {
+        return;
+    };
+    let parts: Vec<&str> = rest.split('/').collect();
+    let gateway = parts[0];
+    let kind = match &parts[1..] {
+        ["status"] => "status",
+        ["reported"] => "gateway-reported",
+        ["lobby", _] => "lobby",
+        ["telemetry", _] => "telemetry",
+        ["reported", _] => "device-reported",
+        ["commands", _, "result"] => "command-result",
+        ["results", _, _] => "result",
+        ["claims", rid, "req"] => {
+            sign_claim(cloud, hub, gateway, rid, payload).await;
+            "claim-request"
+        }
+        ["claimed", _] => "claim-report",
+        // What we publish ourselves comes back on the wildcard: skip it.
+        _ => return,
+    };
+    let body: serde_json::Value =
+        serde_json::from_slice(payload).unwrap_or(serde_json::Value::Null);
+    if kind == "telemetry" && cloud.args.quiet_telemetry {
+        *cloud.telemetry.lock().expect("lock") += 1;
+        return;
+    }
+    emit(&json!({
+        "event": "message",
+        "hub": hub,
+        "gateway": gateway,
+        "kind": kind,
+        "topic": topic,
+        "retained": retained,
+        "messageId": body.get("messageId"),
+        "deviceId": body.get("deviceId"),
+        "body": body,
+    }));
+}
+
+async fn sign_claim(cloud: &Arc<Cloud>, hub: &str, gateway: &str, rid: &str, payload: &[u8]) {
+    let answer = match serde_json::from_slice::<contract::ClaimRequest>(payload) {
+        Err(err) => (400, None, Some(format!("malformed claim request: {err}"))),
+        Ok(request) => match sign_csr(cloud, &request) {
+            Ok(cert) => (200, Some(cert), None),
+            Err(err) => (400, None, Some(format!("{err:#}"))),
+        },
+    };
+    let response = contract::ClaimResponse {
+        schema: schema::CLAIM_RESPONSE.into(),
+        rid: rid.into(),
+        status: answer.0,
+        certificate: answer.1,
+        error: answer.2,
+    };
+    emit(
+        &json!({ "event": "claim", "hub": hub, "gateway": gateway, "rid": rid, "status": response.status }),
+    );
+    let client = &cloud.hubs[hub].1;
+    let _ = client
+        .publish(
+            topics::claim_response(gateway, rid),
+            QoS::AtLeastOnce,
+            false,
+            serde_json::to_vec(&response).expect("serialisable"),
+        )
+        .await;
+}
+
+fn sign_csr(cloud: &Cloud, request: &contract::ClaimRequest) -> anyhow::Result<String> {
+    let mut csr = rcgen::CertificateSigningRequestParams::from_pem(&request.csr)
+        .context("the CSR does not parse or its signature is wrong")?;
+    let now = std::time::SystemTime::now();
+    csr.params.not_before = now.into();
+    csr.params.not_after = (now + Duration::from_secs(365 * 86_400)).into();
+    csr.params.is_ca = rcgen::IsCa::ExplicitNoCa;
+    if cloud.args.wrong_claim_key {
+        let other = rcgen::KeyPair::generate()?;
+        return Ok(csr.params.signed_by(&other, &cloud.issuer)?.pem());
+    }
+    Ok(csr.signed_by(&cloud.issuer)?.pem())
+}
+
+async fn registration_loop(
+    cloud: Arc<Cloud>,
+    client: AsyncClient,
+    mut events: rumqttc::EventLoop,
+    ready: tokio::sync::oneshot::Sender<()>,
+) {
+    let mut ready = Some(ready);
+    loop {
+        match events.poll().await {
+            Ok(Event::Incoming(Incoming::ConnAck(_))) => {
+                let _ = client
+                    .subscribe(
+                        format!("{}/register/+/req", contract::ROOT),
+                        QoS::AtLeastOnce,
+                    )
+                    .await;
+            }
+            Ok(Event::Incoming(Incoming::SubAck(_))) => {
+                if let Some(ready) = ready.take() {
+                    let _ = ready.send(());
+                }
+            }
+            Ok(Event::Incoming(Incoming::Publish(publish))) => {
+                let Ok(request) =
+                    serde_json::from_slice::<contract::RegistrationRequest>(&publish.payload)
+                else {
+                    emit(&json!({ "event": "registration", "status": 400, "error": "malformed" }));
+                    continue;
+                };
+                let response = register(&cloud, &request).await;
+                emit(&json!({
+                    "event": "registration",
+                    "registrationId": request.registration_id,
+                    "status": response.status,
+                    "broker": response.assignment.as_ref().map(|a| a.broker.clone()),
+                    "substatus": response.assignment.as_ref().map(|a| a.substatus.clone()),
+                    "at": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0),
+                }));
+                let _ = client
+                    .publish(
+                        topics::registration_response(&request.registration_id),
+                        QoS::AtLeastOnce,
+                        false,
+                        serde_json::to_vec(&response).expect("serialisable"),
+                    )
+                    .await;
+            }
+            Ok(_) => {}
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+async fn register(
+    cloud: &Arc<Cloud>,
+    request: &contract::RegistrationRequest,
+) -> contract::RegistrationResponse {
+    let answer = |status: u16,
+                  retry_after: Option<u64>,
+                  error: Option<String>,
+                  assignment: Option<Assignment>| {
+        contract::RegistrationResponse {
+            schema: schema::REGISTRATION_RESPONSE.into(),
+            rid: request.rid.clone(),
+            status,
+            retry_after,
+            error,
+            assignment,
+        }
+    };
+    {
+        let mut faults = cloud.faults.lock().expect("lock");
+        if faults.0 > 0 {
+            faults.0 -= 1;
+            return answer(429, Some(1), Some("throttled".into()), None);
+        }
+        if faults.1 > 0 {
+            faults.1 -= 1;
+            return answer(500, None, Some("internal error (injected)".into()), None);
+        }
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let initial = DesiredState {
+        schema: schema::DESIRED.into(),
+        version: 1,
+        body: serde_json::from_str(&cloud.args.initial_desired).unwrap_or_default(),
+    };
+    let (hub, substatus, copy_from, publish_initial) = {
+        let mut enrollments = cloud.enrollments.lock().expect("lock");
+        let Some(enrollment) = enrollments.get_mut(&request.registration_id) else {
+            return answer(401, None, Some("no such enrollment".into()), None);
+        };
+        if let Err(err) = sas::verify(
+            &request.sas,
+            &enrollment.key,
+            &cloud.args.scope,
+            &request.registration_id,
+            now,
+        ) {
+            return answer(401, None, Some(err.to_string()), None);
+        }
+        match (&enrollment.assigned, enrollment.policy) {
+            (None, _) => {
+                enrollment.assigned = Some(enrollment.hub.clone());
+                (enrollment.hub.clone(), "initialAssignment", None, true)
+            }
+            (Some(old), _) if *old == enrollment.hub => {
+                (old.clone(), "initialAssignment", None, false)
+            }
+            (Some(old), ReprovisionPolicy::Never) => {
+                (old.clone(), "initialAssignment", None, false)
+            }
+            (Some(old), ReprovisionPolicy::Migrate) => {
+                let old = old.clone();
+                enrollment.assigned = Some(enrollment.hub.clone());
+                (
+                    enrollment.hub.clone(),
+                    "deviceDataMigrated",
+                    Some(old),
+                    false,
+                )
+            }
+            (Some(_), ReprovisionPolicy::Reset) => {
+                enrollment.assigned = Some(enrollment.hub.clone());
+                (enrollment.hub.clone(), "deviceDataReset", None, true)
+            }
+        }
+    };
+    let gateway = request.registration_id.clone();
+    // The new hub's twin: migrated from the old hub, or the initial state.
+    let twin = match copy_from {
+        Some(old) => cloud
+            .desired
+            .lock()
+            .expect("lock")
+            .get(&(old, gateway.clone()))
+            .cloned(),
+        None if publish_initial => Some(initial.clone()),
+        None => None,
+    };
+    if let Some(twin) = &twin {
+        cloud
+            .desired
+            .lock()
+            .expect("lock")
+            .insert((hub.clone(), gateway.clone()), twin.clone());
+        publish_desired(cloud, &hub, &gateway, twin).await;
+    }
+    let policy = cloud.enrollments.lock().expect("lock")[&gateway].policy;
+    answer(
+        200,
+        None,
+        None,
+        Some(Assignment {
+            broker: cloud.hubs[&hub].0.to_string(),
+            device_id: gateway.clone(),
+            username: None,
+            password: None,
+            substatus: substatus.into(),
+            policy,
+            initial_state: publish_initial.then_some(initial),
+        }),
+    )
+}
+
+async fn publish_desired(cloud: &Cloud, hub: &str, gateway: &str, desired: &DesiredState) {
+    let _ = cloud.hubs[hub]
+        .1
+        .publish(
+            topics::desired(gateway, "gateway"),
+            QoS::AtLeastOnce,
+            true,
+            serde_json::to_vec(desired).expect("serialisable"),
+        )
+        .await;
+}
+
+/// The gateway's current hub: its assignment, or the only hub.
+fn hub_of(cloud: &Cloud, gateway: &str) -> anyhow::Result<String> {
+    if let Some(e) = cloud.enrollments.lock().expect("lock").get(gateway)
+        && let Some(hub) = &e.assigned
+    {
+        return Ok(hub.clone());
+    }
+    if cloud.hubs.len() == 1 {
+        return Ok(cloud.hubs.keys().next().expect("one").clone());
+    }
+    bail!("gateway {gateway:?} has no assignment and there are several hubs; name one with \"hub\"")
+}
+
+async fn operator(cloud: &Arc<Cloud>, line: &str) -> anyhow::Result<()> {
+    let command: serde_json::Value = serde_json::from_str(line).context("not JSON")?;
+    let text = |name: &str| -> anyhow::Result<String> {
+        command[name]
+            .as_str()
+            .map(str::to_owned)
+            .with_context(|| format!("{name:?} missing"))
+    };
+    let gateway_hub = |gateway: &str| -> anyhow::Result<String> {
+        match command["hub"].as_str() {
+            Some(hub) => Ok(hub.to_owned()),
+            None => hub_of(cloud, gateway),
+        }
+    };
+    match text("cmd")?.as_str() {
+        "reassign" => {
+            let id = text("registrationId")?;
+            let hub = text("hub")?;
+            if !cloud.hubs.contains_key(&hub) {
+                bail!("no hub {hub:?}");
+            }
+            cloud
+                .enrollments
+                .lock()
+                .expect("lock")
+                .get_mut(&id)
+                .with_context(|| format!("no enrollment {id:?}"))?
+                .hub = hub.clone();
+            emit(&json!({ "event": "reassigned", "registrationId": id, "hub": hub }));
+        }
+        "desired" => {
+            let gateway = text("gateway")?;
+            let hub = gateway_hub(&gateway)?;
+            let desired = DesiredState {
+                schema: schema::DESIRED.into(),
+                version: command["version"].as_u64().context("\"version\" missing")?,
+                body: command["body"].clone(),
+            };
+            cloud
+                .desired
+                .lock()
+                .expect("lock")
+                .insert((hub.clone(), gateway.clone()), desired.clone());
+            publish_desired(cloud, &hub, &gateway, &desired).await;
+            emit(
+                &json!({ "event": "desired-published", "gateway": gateway, "hub": hub, "version": desired.version }),
+            );
+        }
+        "deploy" => {
+            let gateway = text("gateway")?;
+            let hub = gateway_hub(&gateway)?;
+            let id = text("deploymentId")?;
+            let deployment = contract::Deployment {
+                schema: schema::DEPLOYMENT.into(),
+                deployment_id: id.clone(),
+                manifest: text("manifest")?,
+                rollout: command["rollout"].clone(),
+            };
+            cloud.hubs[&hub]
+                .1
+                .publish(
+                    topics::deployment(&gateway, &id),
+                    QoS::AtLeastOnce,
+                    false,
+                    serde_json::to_vec(&deployment)?,
+                )
+                .await?;
+            emit(
+                &json!({ "event": "deployment-published", "gateway": gateway, "hub": hub, "deploymentId": id }),
+            );
+        }
+        "command" => {
+            let gateway = text("gateway")?;
+            let hub = gateway_hub(&gateway)?;
+            let rid = text("rid")?;
+            let body = json!({ "schema": schema::COMMAND, "name": text("name")?, "args": command["args"] });
+            cloud.hubs[&hub]
+                .1
+                .publish(
+                    topics::command(&gateway, &rid),
+                    QoS::AtLeastOnce,
+                    false,
+                    serde_json::to_vec(&body)?,
+                )
+                .await?;
+        }
+        "stats" => {
+            emit(&json!({ "event": "stats", "telemetry": *cloud.telemetry.lock().expect("lock") }));
+        }
+        other => bail!("unknown command {other:?}: reassign, desired, deploy, command, stats"),
+    }
+    Ok(())
+}

@@ -50,6 +50,9 @@ enum Command {
     /// Onboard ESP devices: import a manifest, run, list; make a claiming CA.
     #[command(subcommand)]
     Onboard(OnboardCommand),
+    /// The cloud uplink: link state, outbox.
+    #[command(subcommand)]
+    Uplink(UplinkCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -66,6 +69,22 @@ enum DevicesCommand {
     /// List the devices in the lobby.
     List {
         /// Print JSON (the same shape as GET /api/v1/devices).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Issue a device's credential for the local device API (shown once; replaces the
+    /// previous one). Needs the running gateway.
+    Credential {
+        /// The device id.
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum UplinkCommand {
+    /// The link state and the outbox figures of the running gateway.
+    Status {
+        /// Print JSON (the same shape as GET /api/v1/uplink).
         #[arg(long)]
         json: bool,
     },
@@ -97,6 +116,52 @@ pub(crate) async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::FAILURE);
             }
         }
+        Command::Devices(DevicesCommand::Credential { id }) => {
+            let answer = gateway_call(
+                &cli.config,
+                hyper::Method::POST,
+                &format!("/api/v1/devices/{id}/credential"),
+            )
+            .await?;
+            println!(
+                "Device token for {id} (shown once; send it as Authorization: Bearer <token>):\n\n    {}",
+                answer["token"].as_str().unwrap_or_default()
+            );
+        }
+        Command::Uplink(UplinkCommand::Status { json }) => {
+            let answer = gateway_call(&cli.config, hyper::Method::GET, "/api/v1/uplink").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&answer)?);
+            } else {
+                let outbox = &answer["outbox"];
+                if answer["configured"].as_bool() == Some(true) {
+                    let link = &answer["link"];
+                    println!(
+                        "uplink:   {} {}",
+                        link["state"].as_str().unwrap_or("?"),
+                        link["broker"].as_str().unwrap_or("")
+                    );
+                    if let Some(error) = link["last_error"].as_str() {
+                        println!("error:    {error}");
+                    }
+                    println!(
+                        "attempts: {} connects, {} connections, {} registrations",
+                        link["connect_attempts"], link["connections"], link["registrations"]
+                    );
+                } else {
+                    println!("uplink:   not configured (offline site)");
+                }
+                println!(
+                    "outbox:   {} queued ({} bytes) of {} max; {} delivered, {} expired, {} refused",
+                    outbox["queued"],
+                    outbox["bytes"],
+                    outbox["max_messages"],
+                    outbox["delivered"],
+                    outbox["expired"],
+                    outbox["refused"]
+                );
+            }
+        }
         Command::Devices(DevicesCommand::List { json }) => {
             let config = Config::load(&cli.config)?;
             let devices = read_devices(&config.database_path()).await?;
@@ -114,6 +179,29 @@ pub(crate) async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One call to the running gateway's API; an error answer becomes an error.
+async fn gateway_call(
+    config_path: &Path,
+    method: hyper::Method,
+    path: &str,
+) -> anyhow::Result<serde_json::Value> {
+    let config = Config::load(config_path)?;
+    let addr = daemon::running_gateway(&config.gateway.state_dir)?.ok_or_else(|| {
+        anyhow::anyhow!(
+            "no gateway is running with the state directory {}; start it with `outpost run`",
+            config.gateway.state_dir.display()
+        )
+    })?;
+    let api = crate::api_client::GatewayApi::new(&config, addr)?;
+    let (status, answer) = api
+        .request(method, path, "application/json", &[], Vec::new())
+        .await?;
+    if !status.is_success() {
+        anyhow::bail!("{}", crate::api_client::error_message(&answer));
+    }
+    Ok(answer)
 }
 
 /// Reads the lobby. A gateway that never ran has no database yet: that is an empty

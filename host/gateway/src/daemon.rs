@@ -67,10 +67,39 @@ pub(crate) async fn run(config: Config, config_path: &Path) -> anyhow::Result<()
             return Err(err).context("cannot open the firmware cache");
         }
     };
-    let started = start(&config, config_path, store.clone(), firmware.clone()).await;
+    // The outbox's writer stops after every other task, so nothing queued during
+    // shutdown is lost; it is closed before the store.
+    let outbox_shutdown = CancellationToken::new();
+    let (outbox, outbox_writer) = match outpost_uplink::Outbox::open(
+        store.clone(),
+        crate::uplink::outbox_limits(&config),
+        outbox_shutdown.clone(),
+    )
+    .await
+    {
+        Ok(opened) => opened,
+        Err(err) => {
+            firmware
+                .shutdown()
+                .await
+                .context("stopping the firmware cache")?;
+            store.close().await.context("closing the state database")?;
+            return Err(err).context("cannot open the outbox");
+        }
+    };
+    let started = start(
+        &config,
+        config_path,
+        store.clone(),
+        firmware.clone(),
+        outbox,
+    )
+    .await;
     let (tasks, shutdown) = match started {
         Ok(running) => running,
         Err(err) => {
+            outbox_shutdown.cancel();
+            let _ = outbox_writer.await;
             firmware
                 .shutdown()
                 .await
@@ -89,6 +118,10 @@ pub(crate) async fn run(config: Config, config_path: &Path) -> anyhow::Result<()
     shutdown.cancel();
     tasks.close();
     tasks.wait().await;
+    outbox_shutdown.cancel();
+    if let Err(err) = outbox_writer.await {
+        tracing::error!(error = %err, "the outbox writer failed");
+    }
     // Downloads stop here; their partial files resume at the next start.
     firmware
         .shutdown()
@@ -105,7 +138,10 @@ async fn start(
     config_path: &Path,
     store: Store,
     firmware: outpost_cache::FirmwareCache,
+    outbox: outpost_uplink::Outbox,
 ) -> anyhow::Result<(TaskTracker, CancellationToken)> {
+    let tasks = TaskTracker::new();
+    let shutdown = CancellationToken::new();
     let admin = match &config.api.admin_token {
         Some(secret) => {
             let token = AdminToken::new(secret.expose()).map_err(|why| {
@@ -167,20 +203,29 @@ async fn start(
         ),
         OnboardingStatus::Ready { adapter } => tracing::info!(adapter, "BLE onboarding ready"),
     }
+    let stats = outbox.stats();
     let uplink = match &config.uplink {
         None => {
             tracing::info!(
+                queued = stats.queued,
                 "no [uplink] configured: running offline; messages for the cloud wait in the outbox"
             );
-            "offline"
+            None
         }
-        Some(uplink) => {
-            tracing::warn!(
-                broker = %uplink.broker,
-                "[uplink] is configured, but this build has no MQTT uplink yet: running offline; \
-                 messages for the cloud wait in the outbox"
+        Some(section) => {
+            let settings = crate::uplink::settings(config, section);
+            tracing::info!(endpoint = ?settings.endpoint, queued = stats.queued, "starting the uplink");
+            let (uplink, task) =
+                outpost_uplink::Uplink::spawn(settings, outbox.clone(), shutdown.clone());
+            tasks.spawn(
+                async move {
+                    if let Err(err) = task.await {
+                        tracing::error!(error = %err, "the uplink task failed");
+                    }
+                }
+                .instrument(tracing::info_span!("task", name = "uplink")),
             );
-            "configured"
+            Some(uplink)
         }
     };
 
@@ -188,7 +233,7 @@ async fn start(
     let firmware_addr = firmware_listener.local_addr()?;
     firmware.resume_pending().await?;
     let onboarder = Arc::new(
-        crate::onboard::Onboarder::new(config, store.clone())
+        crate::onboard::Onboarder::new(config, store.clone(), uplink.clone())
             .context("onboarding settings ([onboarding] in the config)")?,
     );
     let state = Arc::new(ApiState {
@@ -202,16 +247,20 @@ async fn start(
                 id: config.gateway.id.as_str().to_owned(),
                 name: config.gateway.name.clone(),
             },
-            uplink,
+            uplink: if uplink.is_some() {
+                "configured"
+            } else {
+                "offline"
+            },
             onboarding,
             firmware_url: format!("http://{firmware_addr}"),
         },
         handlers,
         firmware: firmware.clone(),
+        outbox,
+        uplink,
+        device_tokens: api::uplink::DeviceTokens::default(),
     });
-
-    let tasks = TaskTracker::new();
-    let shutdown = CancellationToken::new();
     let api_shutdown = shutdown.clone();
     tasks.spawn(
         async move {

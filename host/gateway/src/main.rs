@@ -17,6 +17,7 @@ mod logging;
 mod onboard;
 mod onboard_cmd;
 mod onboarding;
+mod uplink;
 
 use std::process::ExitCode;
 

@@ -15,6 +15,8 @@ use outpost_store::{DeviceState, NewDevice, Store};
 mod firmware;
 #[path = "outpost/onboarding.rs"]
 mod onboarding;
+#[path = "outpost/uplink.rs"]
+mod uplink;
 
 /// Generous: a cold debug binary on a loaded 2-core CI machine.
 const DEADLINE: Duration = Duration::from_secs(60);

@@ -407,7 +407,7 @@ async fn connect_and_pump(
                 set_status(shared, |s| s.connected_since = None);
                 match ended {
                     Ok(()) => return Ended::Shutdown,
-                    Err(why) => why,
+                    Err(why) => format!("{broker}: {why}"),
                 }
             }
             Ok(other) => format!("the broker answered CONNECT with {other:?}"),

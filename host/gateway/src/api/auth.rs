@@ -138,7 +138,7 @@ impl AdminToken {
 }
 
 /// 32 random bytes from the OS, hex-encoded.
-fn random_token() -> anyhow::Result<String> {
+pub(crate) fn random_token() -> anyhow::Result<String> {
     let mut bytes = [0u8; 32];
     getrandom::fill(&mut bytes)
         .map_err(|err| anyhow::anyhow!("the OS random number generator failed: {err}"))?;

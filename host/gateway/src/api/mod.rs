@@ -8,6 +8,7 @@ mod error;
 pub(crate) mod firmware;
 pub(crate) mod handlers;
 mod onboarding;
+pub(crate) mod uplink;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -52,6 +53,9 @@ pub(crate) struct ApiState {
     pub(crate) health: Health,
     pub(crate) handlers: Arc<HandlerRegistry>,
     pub(crate) firmware: outpost_cache::FirmwareCache,
+    pub(crate) outbox: outpost_uplink::Outbox,
+    pub(crate) uplink: Option<outpost_uplink::Uplink>,
+    pub(crate) device_tokens: uplink::DeviceTokens,
 }
 
 /// The `/healthz` answer.
@@ -60,7 +64,8 @@ pub(crate) struct Health {
     pub(crate) status: &'static str,
     pub(crate) version: &'static str,
     pub(crate) gateway: GatewayInfo,
-    /// `offline` or `configured`.
+    /// `offline` (no uplink configured) or `configured`; the link state is in
+    /// `/api/v1/uplink`.
     pub(crate) uplink: &'static str,
     pub(crate) onboarding: OnboardingStatus,
     /// Where devices download firmware.
@@ -159,6 +164,15 @@ async fn route(state: &ApiState, request: Request<Incoming>) -> Response<Full<By
             Method::GET | Method::HEAD => Ok(json_response(StatusCode::OK, &state.health)),
             _ => Err(ApiError::method_not_allowed(&method, "GET, HEAD")),
         },
+        // Devices authenticate with their own token, on their own endpoint only.
+        device if device_endpoint(device).is_some() => {
+            let (id, what) = device_endpoint(device).expect("matched");
+            match (what, &method) {
+                ("telemetry", &Method::POST) => uplink::telemetry(state, id, request).await,
+                ("telemetry", _) => Err(ApiError::method_not_allowed(&method, "POST")),
+                _ => Err(ApiError::not_found(device)),
+            }
+        }
         // Authentication comes before routing under /api/, so an unauthenticated caller
         // learns nothing about which endpoints exist.
         api if api.starts_with("/api/") => match state
@@ -186,6 +200,16 @@ async fn route(state: &ApiState, request: Request<Incoming>) -> Response<Full<By
                     onboarding::run(state, &run["/api/v1/onboarding/runs/".len()..])
                 }
                 ("/api/v1/claims", &Method::GET) => onboarding::claims(state).await,
+                ("/api/v1/uplink", &Method::GET) => Ok(uplink::status(state)),
+                ("/api/v1/uplink", _) => Err(ApiError::method_not_allowed(&method, "GET")),
+                (credential, &Method::POST)
+                    if credential.starts_with("/api/v1/devices/")
+                        && credential.ends_with("/credential") =>
+                {
+                    let id = &credential
+                        ["/api/v1/devices/".len()..credential.len() - "/credential".len()];
+                    uplink::credential(state, id).await
+                }
                 ("/api/v1/handlers", &Method::GET) => Ok(handlers::list(state)),
                 ("/api/v1/handlers", &Method::POST) => handlers::install(state, request).await,
                 ("/api/v1/handlers", _) => Err(ApiError::method_not_allowed(&method, "GET, POST")),
@@ -231,6 +255,13 @@ async fn route(state: &ApiState, request: Request<Incoming>) -> Response<Full<By
     let response = result.unwrap_or_else(ApiError::into_response);
     tracing::debug!(%method, %path, status = response.status().as_u16(), "API request");
     response
+}
+
+/// `/api/v1/devices/{id}/telemetry` → `(id, "telemetry")`.
+fn device_endpoint(path: &str) -> Option<(&str, &str)> {
+    let rest = path.strip_prefix("/api/v1/devices/")?;
+    let (id, what) = rest.split_once('/')?;
+    (what == "telemetry" && !id.is_empty()).then_some((id, what))
 }
 
 #[derive(Serialize)]

@@ -11,7 +11,7 @@ use crate::onboard::RunRequest;
 /// Largest manifest accepted (a few thousand devices).
 const MAX_MANIFEST: usize = 4 << 20;
 
-async fn body(request: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
+pub(crate) async fn body(request: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
     Ok(Limited::new(request.into_body(), limit)
         .collect()
         .await

@@ -45,8 +45,15 @@ async fn start() -> Running {
         &dir.path().join("outpost.toml"),
     )
     .unwrap();
+    let (outbox, _writer) = outpost_uplink::Outbox::open(
+        store.clone(),
+        outpost_uplink::OutboxLimits::default(),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
     let state = Arc::new(ApiState {
-        onboarder: Arc::new(crate::onboard::Onboarder::new(&config, store.clone()).unwrap()),
+        onboarder: Arc::new(crate::onboard::Onboarder::new(&config, store.clone(), None).unwrap()),
         store: store.clone(),
         admin: AdminToken::new(TOKEN).unwrap(),
         health: Health {
@@ -62,6 +69,9 @@ async fn start() -> Running {
         },
         handlers: Arc::new(handlers),
         firmware,
+        outbox,
+        uplink: None,
+        device_tokens: uplink::DeviceTokens::default(),
     });
     let shutdown = CancellationToken::new();
     let server = tokio::spawn(serve(listener, state, shutdown.clone()));

@@ -35,6 +35,8 @@ pub(crate) struct Config {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) uplink: Option<UplinkSection>,
     #[serde(default)]
+    pub(crate) outbox: OutboxSection,
+    #[serde(default)]
     pub(crate) cache: CacheSection,
     #[serde(default)]
     pub(crate) onboarding: OnboardingSection,
@@ -106,13 +108,108 @@ pub(crate) struct BleSection {
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct UplinkSection {
-    pub(crate) broker: BrokerUrl,
+    /// A fixed broker; absent when `[uplink.registration]` assigns one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) broker: Option<BrokerUrl>,
+    /// A CA bundle (PEM) to trust for `mqtts` instead of the system store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) ca_file: Option<PathBuf>,
+    /// A client certificate (PEM) for mutual TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) client_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) client_key: Option<Secret>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) username: Option<String>,
+    /// Password or token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) password: Option<Secret>,
+    #[serde(default = "default_keepalive_secs")]
+    pub(crate) keepalive_secs: NonZeroU32,
+    /// First reconnect delay; doubles with jitter up to `backoff_max_ms`.
+    #[serde(default = "default_backoff_min_ms")]
+    pub(crate) backoff_min_ms: NonZeroU32,
+    #[serde(default = "default_backoff_max_ms")]
+    pub(crate) backoff_max_ms: NonZeroU32,
+    /// With registration: how long the cached assignment may stay unreachable before
+    /// the gateway registers again.
+    #[serde(default = "default_reregister_after_secs")]
+    pub(crate) reregister_after_secs: NonZeroU32,
+    /// Messages sent but not yet acknowledged, at most.
+    #[serde(default = "default_window")]
+    pub(crate) window: NonZeroU32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) registration: Option<RegistrationSection>,
+}
+
+/// `[uplink.registration]`: DPS-style registration with an enrollment.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RegistrationSection {
+    /// The broker the registration service listens on.
+    pub(crate) broker: BrokerUrl,
+    /// The id scope of the enrollment.
+    pub(crate) scope: String,
+    /// The registration id; absent: the gateway id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) registration_id: Option<String>,
+    /// The enrollment's symmetric key (base64).
+    pub(crate) key: Secret,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) username: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) password: Option<Secret>,
+}
+
+/// `[outbox]`: the durable queue of messages for the cloud (also offline).
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct OutboxSection {
+    /// Messages held at most; telemetry beyond is refused (and counted).
+    #[serde(default = "default_outbox_messages")]
+    pub(crate) max_messages: NonZeroU64,
+    /// Payload bytes held at most, in MiB.
+    #[serde(default = "default_outbox_mib")]
+    pub(crate) max_size_mib: NonZeroU64,
+    /// Time to live of a queued message, in seconds (Azure IoT Edge's default: 7200).
+    #[serde(default = "default_outbox_ttl")]
+    pub(crate) ttl_secs: NonZeroU64,
+}
+
+impl Default for OutboxSection {
+    fn default() -> Self {
+        Self {
+            max_messages: default_outbox_messages(),
+            max_size_mib: default_outbox_mib(),
+            ttl_secs: default_outbox_ttl(),
+        }
+    }
+}
+
+fn default_keepalive_secs() -> NonZeroU32 {
+    NonZeroU32::new(30).expect("non-zero")
+}
+fn default_backoff_min_ms() -> NonZeroU32 {
+    NonZeroU32::new(1000).expect("non-zero")
+}
+fn default_backoff_max_ms() -> NonZeroU32 {
+    NonZeroU32::new(60_000).expect("non-zero")
+}
+fn default_reregister_after_secs() -> NonZeroU32 {
+    NonZeroU32::new(300).expect("non-zero")
+}
+fn default_window() -> NonZeroU32 {
+    NonZeroU32::new(512).expect("non-zero")
+}
+fn default_outbox_messages() -> NonZeroU64 {
+    NonZeroU64::new(1_000_000).expect("non-zero")
+}
+fn default_outbox_mib() -> NonZeroU64 {
+    NonZeroU64::new(512).expect("non-zero")
+}
+fn default_outbox_ttl() -> NonZeroU64 {
+    NonZeroU64::new(7200).expect("non-zero")
 }
 
 /// `[onboarding]`: what onboarding gives devices and how long it waits for them.
@@ -629,10 +726,36 @@ impl Config {
         };
         let base = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
         config.gateway.state_dir = base.join(&config.gateway.state_dir);
-        if let Some(uplink) = &mut config.uplink
-            && let Some(ca_file) = &mut uplink.ca_file
-        {
-            *ca_file = base.join(&*ca_file);
+        if let Some(uplink) = &mut config.uplink {
+            if let Some(ca_file) = &mut uplink.ca_file {
+                *ca_file = base.join(&*ca_file);
+            }
+            if let Some(cert) = &mut uplink.client_cert {
+                *cert = base.join(&*cert);
+            }
+            if uplink.broker.is_none() && uplink.registration.is_none() {
+                return Err(located(
+                    None,
+                    "[uplink] needs a broker, or an [uplink.registration] that assigns one".into(),
+                ));
+            }
+            if uplink.client_cert.is_some() != uplink.client_key.is_some() {
+                return Err(located(
+                    None,
+                    "uplink.client_cert and uplink.client_key go together".into(),
+                ));
+            }
+            if let Some(registration) = &uplink.registration
+                && let Some(id) = &registration.registration_id
+                && !outpost_uplink::contract::valid_id(id)
+            {
+                return Err(located(
+                    None,
+                    format!(
+                        "uplink.registration.registration_id {id:?}: use 1-128 of A-Z a-z 0-9 . _ : -"
+                    ),
+                ));
+            }
         }
         if let Some(ca_file) = &mut config.cache.ca_file {
             *ca_file = base.join(&*ca_file);
@@ -668,14 +791,22 @@ impl Config {
     }
 
     fn secrets_mut(&mut self) -> impl Iterator<Item = &mut Secret> {
-        let uplink_password = self.uplink.as_mut().and_then(|u| u.password.as_mut());
+        let mut uplink_secrets: Vec<&mut Secret> = Vec::new();
+        if let Some(uplink) = self.uplink.as_mut() {
+            uplink_secrets.extend(uplink.password.as_mut());
+            uplink_secrets.extend(uplink.client_key.as_mut());
+            if let Some(registration) = uplink.registration.as_mut() {
+                uplink_secrets.push(&mut registration.key);
+                uplink_secrets.extend(registration.password.as_mut());
+            }
+        }
         let claim_key = self.onboarding.claim.as_mut().map(|c| &mut c.ca_key);
         let wifi = self.onboarding.wifi.iter_mut().map(|n| &mut n.passphrase);
         self.api
             .admin_token
             .as_mut()
             .into_iter()
-            .chain(uplink_password)
+            .chain(uplink_secrets)
             .chain(claim_key)
             .chain(wifi)
     }

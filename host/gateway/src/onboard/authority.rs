@@ -10,17 +10,42 @@ use anyhow::{Context, bail};
 use outpost_protocomm::claim::{CsrDocument, InitiateResponse, StartInfo, VerifyResponse};
 use rcgen::{CertificateSigningRequestParams, Issuer, KeyPair};
 
+/// How long the cloud has to sign a CSR.
+const CLOUD_CLAIM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// A claiming authority.
 pub(crate) enum Authority {
     /// A CA whose key is on this gateway.
     Local(LocalCa),
+    /// The fleet backend, through the uplink; the local CA (if any) signs while offline
+    /// and those claims are reported when the uplink returns.
+    Cloud {
+        /// The uplink.
+        uplink: outpost_uplink::Uplink,
+        /// The offline fallback.
+        fallback: Option<LocalCa>,
+    },
+}
+
+/// A signed certificate and who signed it.
+pub(crate) struct Signed {
+    /// What goes back to the device.
+    pub(crate) response: VerifyResponse,
+    /// The authority's name, recorded with the claim.
+    pub(crate) authority: String,
+    /// The cloud already knows (it signed): nothing to report later.
+    pub(crate) reported: bool,
 }
 
 impl Authority {
-    /// The name recorded with each claim.
+    /// The name shown in status.
     pub(crate) fn name(&self) -> String {
         match self {
-            Self::Local(ca) => format!("local-ca:{}", ca.subject),
+            Self::Local(ca) => ca.name(),
+            Self::Cloud { fallback: None, .. } => "cloud".into(),
+            Self::Cloud {
+                fallback: Some(ca), ..
+            } => format!("cloud (offline: {})", ca.name()),
         }
     }
 
@@ -33,21 +58,55 @@ impl Authority {
                 start.mac_addr
             );
         }
-        match self {
-            Self::Local(_) => Ok(InitiateResponse {
-                node_id: format!("node-{mac}"),
-            }),
-        }
+        Ok(InitiateResponse {
+            node_id: format!("node-{mac}"),
+        })
     }
 
     /// `claim/verify`: a certificate for the CSR, which must name `node_id`.
-    pub(crate) fn verify(
+    pub(crate) async fn verify(
         &self,
+        device_id: &str,
         node_id: &str,
         csr: &CsrDocument,
-    ) -> anyhow::Result<VerifyResponse> {
+    ) -> anyhow::Result<Signed> {
+        let local = |ca: &LocalCa| -> anyhow::Result<Signed> {
+            Ok(Signed {
+                response: ca.sign(node_id, &csr.csr)?,
+                authority: ca.name(),
+                reported: false,
+            })
+        };
         match self {
-            Self::Local(ca) => ca.sign(node_id, &csr.csr),
+            Self::Local(ca) => local(ca),
+            Self::Cloud { uplink, fallback } => {
+                match uplink
+                    .claim(device_id, node_id, &csr.csr, CLOUD_CLAIM_TIMEOUT)
+                    .await
+                {
+                    Ok(certificate) => Ok(Signed {
+                        response: VerifyResponse {
+                            certificate,
+                            mqtt_host: None,
+                        },
+                        authority: "cloud".into(),
+                        reported: true,
+                    }),
+                    Err(outpost_uplink::ClaimError::Offline) => match fallback {
+                        Some(ca) => {
+                            tracing::info!(
+                                "the uplink is offline: the local CA signs; the claim is reported when it returns"
+                            );
+                            local(ca)
+                        }
+                        None => bail!(
+                            "the cloud uplink is offline and no local claiming CA is configured \
+                             ([onboarding.claim]); try again when the uplink is connected"
+                        ),
+                    },
+                    Err(err) => Err(anyhow::Error::new(err).context("the cloud claim failed")),
+                }
+            }
         }
     }
 }
@@ -60,6 +119,10 @@ pub(crate) struct LocalCa {
 }
 
 impl LocalCa {
+    fn name(&self) -> String {
+        format!("local-ca:{}", self.subject)
+    }
+
     /// Loads the CA; errors name the file.
     pub(crate) fn load(cert: &Path, key_pem: &str, valid_days: u32) -> anyhow::Result<Self> {
         let cert_pem = std::fs::read_to_string(cert).with_context(|| {

@@ -170,15 +170,26 @@ enum Route {
 
 impl Onboarder {
     /// Reads the onboarding settings; a configured claiming CA must load.
-    pub(crate) fn new(config: &Config, store: Store) -> anyhow::Result<Self> {
+    pub(crate) fn new(
+        config: &Config,
+        store: Store,
+        uplink: Option<outpost_uplink::Uplink>,
+    ) -> anyhow::Result<Self> {
         let onboarding = &config.onboarding;
-        let authority = match &onboarding.claim {
-            Some(claim) => Some(Authority::Local(LocalCa::load(
+        let local = match &onboarding.claim {
+            Some(claim) => Some(LocalCa::load(
                 &claim.ca_cert,
                 claim.ca_key.expose(),
                 claim.valid_days.get(),
-            )?)),
+            )?),
             None => None,
+        };
+        let authority = match uplink {
+            Some(uplink) => Some(Authority::Cloud {
+                uplink,
+                fallback: local,
+            }),
+            None => local.map(Authority::Local),
         };
         Ok(Self {
             store,
@@ -594,27 +605,31 @@ impl Onboarder {
         let initiate = authority.initiate(&start)?;
         let csr = client.claim_csr(&initiate).await?;
         let verified = authority
-            .verify(&initiate.node_id, &csr.parsed)
+            .verify(&target.name, &initiate.node_id, &csr.parsed)
+            .await
             .and_then(|v| {
-                authority::certificate_matches_csr(&v.certificate, &csr.parsed.csr)?;
+                authority::certificate_matches_csr(&v.response.certificate, &csr.parsed.csr)?;
                 Ok(v)
             });
-        let verify = match verified {
+        let signed = match verified {
             Ok(v) => v,
             Err(err) => {
                 let _ = client.claim_abort().await;
                 return Err(err);
             }
         };
-        client.claim_verify(&verify).await?;
+        client.claim_verify(&signed.response).await?;
         self.store
             .record_claim(
                 &target.name,
                 &initiate.node_id,
-                &verify.certificate,
-                &authority.name(),
+                &signed.response.certificate,
+                &signed.authority,
             )
             .await?;
+        if signed.reported {
+            self.store.mark_claim_reported(&target.name).await?;
+        }
         tracing::info!(node_id = %initiate.node_id, "claimed");
         Ok(initiate.node_id)
     }

@@ -1,0 +1,70 @@
+//! From `[uplink]` and `[outbox]` in the config to the uplink crate's settings.
+
+use std::time::Duration;
+
+use outpost_uplink::{
+    BrokerAddr, Credentials, Endpoint, OutboxLimits, RegistrationSettings, TlsSettings,
+    UplinkSettings,
+};
+
+use crate::config::{BrokerUrl, Config, UplinkSection};
+
+fn broker(url: &BrokerUrl) -> BrokerAddr {
+    BrokerAddr {
+        tls: url.tls,
+        host: url.host.clone(),
+        port: url.port,
+    }
+}
+
+/// The outbox bounds from `[outbox]`.
+pub(crate) fn outbox_limits(config: &Config) -> OutboxLimits {
+    OutboxLimits {
+        max_messages: config.outbox.max_messages.get(),
+        max_bytes: config.outbox.max_size_mib.get().saturating_mul(1024 * 1024),
+        default_ttl: Duration::from_secs(config.outbox.ttl_secs.get()),
+    }
+}
+
+/// The uplink settings, when `[uplink]` is configured.
+pub(crate) fn settings(config: &Config, uplink: &UplinkSection) -> UplinkSettings {
+    let gateway = config.gateway.id.as_str().to_owned();
+    let endpoint = match (&uplink.registration, &uplink.broker) {
+        (Some(registration), _) => Endpoint::Registration(RegistrationSettings {
+            broker: broker(&registration.broker),
+            credentials: Credentials {
+                username: registration.username.clone(),
+                password: registration
+                    .password
+                    .as_ref()
+                    .map(|p| p.expose().to_owned()),
+            },
+            scope: registration.scope.clone(),
+            registration_id: registration
+                .registration_id
+                .clone()
+                .unwrap_or_else(|| gateway.clone()),
+            key: registration.key.expose().to_owned(),
+        }),
+        (None, Some(url)) => Endpoint::Fixed {
+            broker: broker(url),
+            credentials: Credentials {
+                username: uplink.username.clone(),
+                password: uplink.password.as_ref().map(|p| p.expose().to_owned()),
+            },
+        },
+        (None, None) => unreachable!("the config parser requires a broker or a registration"),
+    };
+    let mut settings = UplinkSettings::new(gateway, endpoint);
+    settings.tls = TlsSettings {
+        ca_file: uplink.ca_file.clone(),
+        client_cert: uplink.client_cert.clone(),
+        client_key: uplink.client_key.as_ref().map(|k| k.expose().to_owned()),
+    };
+    settings.keepalive = Duration::from_secs(u64::from(uplink.keepalive_secs.get()));
+    settings.backoff_min = Duration::from_millis(u64::from(uplink.backoff_min_ms.get()));
+    settings.backoff_max = Duration::from_millis(u64::from(uplink.backoff_max_ms.get()));
+    settings.reregister_after = Duration::from_secs(u64::from(uplink.reregister_after_secs.get()));
+    settings.window = uplink.window.get() as usize;
+    settings
+}

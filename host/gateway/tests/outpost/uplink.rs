@@ -1,0 +1,775 @@
+//! The cloud uplink against a real Mosquitto (Debian package, started per test on a free
+//! loopback port) and the reference cloud (`cloud-sim`).
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::time::{Duration, Instant};
+
+use outpost_store::{DeviceState, NewDevice};
+
+use super::{DEADLINE, Gateway, Site, http_get};
+
+const KEY: &str = "c2VjcmV0LWVucm9sbG1lbnQta2V5LTMyLWJ5dGVzISE=";
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A Mosquitto on 127.0.0.1:`port`, persistent across its own restarts.
+struct Mosquitto {
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Mosquitto {
+    fn start(extra: &str) -> Self {
+        Self::start_on(free_port(), extra)
+    }
+
+    fn start_on(port: u16, extra: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut broker = Self {
+            port,
+            dir,
+            child: None,
+        };
+        std::fs::write(
+            broker.dir.path().join("mosquitto.conf"),
+            format!(
+                "listener {} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n\
+                 max_queued_messages 1000000\nmax_inflight_messages 0\nuser root\nlog_dest stderr\nlog_type error\n{extra}",
+                broker.port,
+                broker.dir.path().display()
+            ),
+        )
+        .unwrap();
+        broker.resume();
+        broker
+    }
+
+    /// A broker's address for configs.
+    fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// (Re)starts the broker on its port and waits until it accepts connections.
+    fn resume(&mut self) {
+        let binary = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("mosquitto is not installed: apt-get install mosquitto (.ci/run does)");
+        let child = Command::new(binary)
+            .arg("-c")
+            .arg(self.dir.path().join("mosquitto.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let end = Instant::now() + DEADLINE;
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < end,
+                "mosquitto did not listen on {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM (it saves its persistence file) and wait.
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(&child, libc::SIGTERM);
+            child.wait().unwrap();
+        }
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn signal(child: &Child, signal: libc::c_int) {
+    let pid = libc::pid_t::try_from(child.id()).unwrap();
+    #[allow(unsafe_code)]
+    // SAFETY: kill(2) on a child we spawned and have not reaped.
+    unsafe {
+        libc::kill(pid, signal);
+    }
+}
+
+fn cloud_sim_binary() -> PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_outpost")).with_file_name("cloud-sim");
+    assert!(
+        path.exists(),
+        "{} is missing: build it with `cargo build -p cloud-sim` (cargo xtask test does)",
+        path.display()
+    );
+    path
+}
+
+/// The reference cloud, with its JSON events.
+struct Cloud {
+    child: Child,
+    stdin: ChildStdin,
+    events: Receiver<serde_json::Value>,
+    seen: Vec<serde_json::Value>,
+}
+
+impl Cloud {
+    fn start(args: &[String]) -> Self {
+        let mut child = Command::new(cloud_sim_binary())
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, events) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(json) = serde_json::from_str(&line)
+                    && tx.send(json).is_err()
+                {
+                    break;
+                }
+            }
+        });
+        let mut cloud = Self {
+            child,
+            stdin,
+            events,
+            seen: Vec::new(),
+        };
+        cloud.wait_for("ready", |_| true);
+        cloud
+    }
+
+    fn send(&mut self, command: &serde_json::Value) {
+        writeln!(self.stdin, "{command}").unwrap();
+        self.stdin.flush().unwrap();
+    }
+
+    /// Waits for an event (also one seen before) matching `pred`.
+    fn wait_for(
+        &mut self,
+        event: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        if let Some(found) = self.seen.iter().find(|e| e["event"] == event && pred(e)) {
+            return found.clone();
+        }
+        let end = Instant::now() + DEADLINE;
+        loop {
+            match self
+                .events
+                .recv_timeout(end.saturating_duration_since(Instant::now()))
+            {
+                Ok(json) => {
+                    self.seen.push(json.clone());
+                    if json["event"] == event && pred(&json) {
+                        return json;
+                    }
+                }
+                Err(_) => panic!(
+                    "cloud-sim: no {event} event; saw {}",
+                    serde_json::to_string_pretty(&self.seen).unwrap()
+                ),
+            }
+        }
+    }
+
+    /// Waits until `n` messages of `kind` were seen; returns them in arrival order.
+    fn messages(&mut self, kind: &str, n: usize) -> Vec<serde_json::Value> {
+        let count = |seen: &[serde_json::Value]| {
+            seen.iter()
+                .filter(|e| e["event"] == "message" && e["kind"] == kind)
+                .count()
+        };
+        let end = Instant::now() + DEADLINE * 2;
+        while count(&self.seen) < n {
+            match self
+                .events
+                .recv_timeout(end.saturating_duration_since(Instant::now()))
+            {
+                Ok(json) => self.seen.push(json),
+                Err(_) => panic!(
+                    "cloud-sim saw {} {kind} messages, not {n}",
+                    count(&self.seen)
+                ),
+            }
+        }
+        self.seen
+            .iter()
+            .filter(|e| e["event"] == "message" && e["kind"] == kind)
+            .cloned()
+            .collect()
+    }
+}
+
+impl Drop for Cloud {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn uplink_site(uplink: &str, outbox: &str) -> Site {
+    let site = Site::new(&format!(
+        "[ble]\nenabled = false\n\n[uplink]\nbackoff_min_ms = 100\nbackoff_max_ms = 400\n{uplink}\n\n[outbox]\n{outbox}\n"
+    ));
+    site.seed(vec![NewDevice::new(
+        "esp-1",
+        "thermostat",
+        DeviceState::Claimed,
+    )]);
+    site
+}
+
+/// Polls `/api/v1/uplink` until `pred` holds.
+fn wait_uplink(
+    addr: SocketAddr,
+    token: &str,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let end = Instant::now() + DEADLINE;
+    loop {
+        let (status, json) = http_get(addr, "/api/v1/uplink", Some(token));
+        assert_eq!(status, 200, "{json}");
+        if pred(&json) {
+            return json;
+        }
+        assert!(Instant::now() < end, "uplink never {what}: {json}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: &str,
+) -> (u16, serde_json::Value) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("no header end");
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (
+        status,
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+/// A device token for esp-1.
+fn device_token(addr: SocketAddr, admin: &str) -> String {
+    let (status, json) = http(addr, "POST", "/api/v1/devices/esp-1/credential", admin, "");
+    assert_eq!(status, 201, "{json}");
+    json["token"].as_str().unwrap().to_owned()
+}
+
+/// Posts `n` telemetry records for esp-1 in batches; returns their message ids.
+fn post_telemetry(addr: SocketAddr, token: &str, n: usize, tag: &str) -> Vec<String> {
+    let mut ids = Vec::new();
+    let mut sent = 0;
+    while sent < n {
+        let batch = (n - sent).min(100);
+        let records: Vec<serde_json::Value> = (0..batch)
+            .map(|i| serde_json::json!({ "tag": tag, "seq": sent + i, "temperature": 21.5 }))
+            .collect();
+        let (status, json) = http(
+            addr,
+            "POST",
+            "/api/v1/devices/esp-1/telemetry",
+            token,
+            &serde_json::Value::from(records).to_string(),
+        );
+        assert_eq!(status, 202, "{json}");
+        ids.extend(
+            json["messageIds"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap().to_owned()),
+        );
+        sent += batch;
+    }
+    ids
+}
+
+#[test]
+fn a_broker_outage_queues_then_delivers_everything_priorities_first() {
+    let mut broker = Mosquitto::start("");
+    let mut cloud = Cloud::start(&[format!("--hub=a={}", broker.url())]);
+    let site = uplink_site(&format!("broker = \"{}\"", broker.url()), "");
+    let mut gateway = Gateway::spawn(&site.config(), &[]);
+    let addr = gateway.ready();
+    let admin = site.admin_token();
+    wait_uplink(addr, &admin, "connected", |j| {
+        j["link"]["state"] == "connected"
+    });
+    // The documented topics: retained online status, reported state.
+    let status = cloud.wait_for("message", |e| {
+        e["kind"] == "status" && e["body"]["state"] == "online"
+    });
+    assert_eq!(status["topic"], "outpost/v1/gw/gw-test/status");
+    cloud.wait_for("message", |e| e["kind"] == "gateway-reported");
+
+    // Bad input: no token, a wrong token, malformed JSON, an oversized record.
+    let (code, json) = http(
+        addr,
+        "POST",
+        "/api/v1/devices/esp-1/telemetry",
+        "nope",
+        "{}",
+    );
+    assert_eq!(code, 401, "{json}");
+    let token = device_token(addr, &admin);
+    let (code, json) = http(
+        addr,
+        "POST",
+        "/api/v1/devices/esp-1/telemetry",
+        &token,
+        "{not json",
+    );
+    assert_eq!(
+        (code, json["error"]["code"].as_str()),
+        (400, Some("malformed_telemetry"))
+    );
+    let big = serde_json::json!({ "blob": "x".repeat(20_000) }).to_string();
+    let (code, _) = http(
+        addr,
+        "POST",
+        "/api/v1/devices/esp-1/telemetry",
+        &token,
+        &big,
+    );
+    assert_eq!(code, 413);
+    let (code, _) = http(
+        addr,
+        "POST",
+        "/api/v1/devices/esp-2/telemetry",
+        &token,
+        "{}",
+    );
+    assert_eq!(code, 401, "a token is for its own device only");
+
+    let first = post_telemetry(addr, &token, 5, "before");
+    let seen = cloud.messages("telemetry", 5);
+    assert_eq!(
+        seen.iter()
+            .map(|e| e["messageId"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>(),
+        first
+    );
+    assert_eq!(seen[0]["topic"], "outpost/v1/gw/gw-test/telemetry/esp-1");
+
+    // The broker goes away mid-stream: messages queue.
+    broker.stop();
+    wait_uplink(addr, &admin, "down", |j| j["link"]["state"] == "connecting");
+    let queued = post_telemetry(addr, &token, 300, "during");
+    // A claim made offline (a State-class report) waits too.
+    let state = site.state();
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(async move {
+            let store = outpost_store::Store::open(state.join("outpost.db"))
+                .await
+                .unwrap();
+            store
+                .record_claim(
+                    "esp-1",
+                    "node-1",
+                    "-----BEGIN CERTIFICATE-----",
+                    "local-ca:test",
+                )
+                .await
+                .unwrap();
+            store.close().await.unwrap();
+        });
+    let stats = wait_uplink(addr, &admin, "queued", |j| {
+        j["outbox"]["queued"].as_u64() >= Some(300)
+    });
+    assert!(
+        stats["link"]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("127.0.0.1"),
+        "{stats}"
+    );
+
+    broker.resume();
+    let all = cloud.messages("telemetry", 305);
+    let ids: HashSet<&str> = all
+        .iter()
+        .map(|e| e["messageId"].as_str().unwrap())
+        .collect();
+    for id in &queued {
+        assert!(ids.contains(id.as_str()), "lost {id}");
+    }
+    // Priorities: after the reconnect the reported state and the claim report went
+    // before the telemetry queued during the outage.
+    let position = |pred: &dyn Fn(&serde_json::Value) -> bool| {
+        cloud
+            .seen
+            .iter()
+            .position(|e| e["event"] == "message" && pred(e))
+            .unwrap()
+    };
+    let first_queued = position(&|e| e["messageId"] == queued[0].as_str());
+    let claim = position(&|e| e["kind"] == "claim-report");
+    assert!(
+        claim < first_queued,
+        "the claim report came after queued telemetry"
+    );
+    let reported_after = cloud.seen[..first_queued]
+        .iter()
+        .filter(|e| e["kind"] == "gateway-reported")
+        .count();
+    assert_eq!(
+        reported_after, 2,
+        "one reported state per connection, both before the queued telemetry"
+    );
+    let stats = wait_uplink(addr, &admin, "drained", |j| j["outbox"]["queued"] == 0);
+    assert!(
+        stats["outbox"]["delivered"].as_u64() >= Some(305),
+        "{stats}"
+    );
+    gateway.stop_cleanly(libc::SIGTERM, &site);
+}
+
+#[test]
+fn kill_9_with_10000_queued_then_restart_delivers_all() {
+    let port = free_port();
+    let site = uplink_site(&format!("broker = \"mqtt://127.0.0.1:{port}\""), "");
+    let mut gateway = Gateway::spawn(&site.config(), &[]);
+    let addr = gateway.ready();
+    let admin = site.admin_token();
+    let token = device_token(addr, &admin);
+    let ids = post_telemetry(addr, &token, 10_000, "killed");
+    wait_uplink(addr, &admin, "holding 10000", |j| {
+        j["outbox"]["queued"].as_u64() >= Some(10_000)
+    });
+    gateway.signal(libc::SIGKILL);
+    let _ = gateway.wait();
+
+    // Now the broker (on the configured port) and the cloud appear; the gateway restarts.
+    let broker = Mosquitto::start_on(port, "");
+    let mut cloud = Cloud::start(&[format!("--hub=a={}", broker.url())]);
+    let mut gateway = Gateway::spawn(&site.config(), &[]);
+    let addr = gateway.ready();
+    let all = cloud.messages("telemetry", 10_000);
+    let got: HashSet<&str> = all
+        .iter()
+        .map(|e| e["messageId"].as_str().unwrap())
+        .collect();
+    let missing: Vec<&String> = ids.iter().filter(|id| !got.contains(id.as_str())).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of 10000 lost, e.g. {:?}",
+        missing.len(),
+        missing.first()
+    );
+    wait_uplink(addr, &admin, "drained", |j| j["outbox"]["queued"] == 0);
+    gateway.stop_cleanly(libc::SIGTERM, &site);
+}
+
+#[test]
+fn expired_messages_are_dropped_and_counted_and_a_full_outbox_refuses_telemetry() {
+    let port = free_port();
+    let site = uplink_site(
+        &format!("broker = \"mqtt://127.0.0.1:{port}\""),
+        "ttl_secs = 1\nmax_messages = 30\n",
+    );
+    let mut gateway = Gateway::spawn(&site.config(), &[]);
+    let addr = gateway.ready();
+    let admin = site.admin_token();
+    let token = device_token(addr, &admin);
+
+    // Full: 30 fit; the 31st is refused with 507 and counted; nothing queued is dropped.
+    post_telemetry(addr, &token, 30, "fills");
+    let (code, json) = http(
+        addr,
+        "POST",
+        "/api/v1/devices/esp-1/telemetry",
+        &token,
+        r#"{"one":"more"}"#,
+    );
+    assert_eq!(code, 507, "{json}");
+    assert_eq!(json["error"]["code"], "outbox_full");
+    assert!(
+        json["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("the outbox is full"),
+        "{json}"
+    );
+    let stats = wait_uplink(addr, &admin, "counted", |j| j["outbox"]["refused"] == 1);
+    assert_eq!(stats["outbox"]["queued"], 30);
+
+    // TTL: a second later they expire, are counted, and are never sent.
+    wait_uplink(addr, &admin, "expired", |j| {
+        j["outbox"]["expired"] == 30 && j["outbox"]["queued"] == 0
+    });
+    let broker = Mosquitto::start_on(port, "");
+    let mut cloud = Cloud::start(&[format!("--hub=a={}", broker.url())]);
+    wait_uplink(addr, &admin, "connected", |j| {
+        j["link"]["state"] == "connected"
+    });
+    let fresh = post_telemetry(addr, &token, 1, "fresh");
+    let seen = cloud.messages("telemetry", 1);
+    assert_eq!(
+        seen[0]["messageId"].as_str().unwrap(),
+        fresh[0],
+        "an expired message was sent"
+    );
+    gateway.stop_cleanly(libc::SIGTERM, &site);
+}
+
+#[test]
+fn refused_credentials_stop_the_uplink_without_retrying() {
+    let dir = tempfile::tempdir().unwrap();
+    let passwords = dir.path().join("passwd");
+    let made = Command::new("mosquitto_passwd")
+        .args(["-b", "-c"])
+        .arg(&passwords)
+        .args(["gw-test", "right-password"])
+        .status()
+        .expect("mosquitto_passwd (Debian mosquitto) is not installed");
+    assert!(made.success());
+    let broker = Mosquitto::start(&format!(
+        "password_file {}\nallow_anonymous false\n",
+        passwords.display()
+    ));
+    // allow_anonymous appears twice; Mosquitto takes the last per listener.
+    let site = uplink_site(
+        &format!(
+            "broker = \"{}\"\nusername = \"gw-test\"\npassword = {{ env = \"MQTT_PASSWORD\" }}",
+            broker.url()
+        ),
+        "",
+    );
+    let mut gateway = Gateway::spawn(&site.config(), &[("MQTT_PASSWORD", "wrong-password")]);
+    let addr = gateway.ready();
+    let admin = site.admin_token();
+    let status = wait_uplink(addr, &admin, "stopped", |j| j["link"]["state"] == "stopped");
+    let error = status["link"]["last_error"].as_str().unwrap();
+    assert!(
+        error.contains("refused the credentials") && error.contains("not retrying"),
+        "{error}"
+    );
+    assert_eq!(status["link"]["connect_attempts"], 1);
+    // Messages still queue for when the operator fixes the password.
+    let token = device_token(addr, &admin);
+    post_telemetry(addr, &token, 3, "kept");
+    let status = wait_uplink(addr, &admin, "queued", |j| {
+        j["outbox"]["queued"].as_u64() >= Some(3)
+    });
+    assert_eq!(status["link"]["connect_attempts"], 1, "it retried");
+    let (stderr, _) = gateway.stop_cleanly(libc::SIGTERM, &site);
+    assert_eq!(
+        stderr.matches("uplink stopped: the broker").count(),
+        1,
+        "{stderr}"
+    );
+}
+
+fn registration_site(registration: &Mosquitto) -> Site {
+    uplink_site(
+        &format!(
+            "reregister_after_secs = 1\n\n[uplink.registration]\nbroker = \"{}\"\nscope = \"outpost\"\nkey = {{ env = \"ENROLLMENT_KEY\" }}\n",
+            registration.url()
+        ),
+        "",
+    )
+}
+
+#[test]
+fn reprovisioning_to_a_second_broker_under_each_policy() {
+    let registration = Mosquitto::start("");
+    for policy in ["migrate", "reset", "never"] {
+        let mut hub_a = Mosquitto::start("");
+        let hub_b = Mosquitto::start("");
+        // Retry discipline rides along: a 500 first (migrate), a 429 first (reset).
+        let mut args = vec![
+            format!("--registration={}", registration.url()),
+            format!("--hub=a={}", hub_a.url()),
+            format!("--hub=b={}", hub_b.url()),
+            format!("--enrollment=gw-test:{KEY}:a:{policy}"),
+        ];
+        match policy {
+            "migrate" => args.push("--server-errors=1".into()),
+            "reset" => args.push("--throttle=1".into()),
+            _ => {}
+        }
+        let mut cloud = Cloud::start(&args);
+        let site = registration_site(&registration);
+        let mut gateway = Gateway::spawn(&site.config(), &[("ENROLLMENT_KEY", KEY)]);
+        let addr = gateway.ready();
+        let admin = site.admin_token();
+        let first = wait_uplink(addr, &admin, "connected to a", |j| {
+            j["link"]["state"] == "connected" && j["link"]["broker"] == hub_a.url().as_str()
+        });
+        assert_eq!(first["link"]["substatus"], "initialAssignment", "{first}");
+        assert_eq!(
+            first["link"]["desired_version"], 1,
+            "the initial state applies: {first}"
+        );
+        cloud.wait_for("registration", |e| e["status"] == 200);
+        let regs: Vec<serde_json::Value> = cloud
+            .seen
+            .iter()
+            .filter(|e| e["event"] == "registration")
+            .cloned()
+            .collect();
+        let last_at = regs.last().unwrap()["at"].as_u64().unwrap();
+        match policy {
+            "migrate" => {
+                assert_eq!(regs[0]["status"], 500);
+                let gap = regs[1]["at"].as_u64().unwrap() - regs[0]["at"].as_u64().unwrap();
+                assert!(gap >= 5000, "retried a 500 after {gap} ms (< 5 s)");
+            }
+            "reset" => {
+                assert_eq!(regs[0]["status"], 429);
+                let gap = regs[1]["at"].as_u64().unwrap() - regs[0]["at"].as_u64().unwrap();
+                assert!(
+                    gap >= 1000,
+                    "retried a 429 after {gap} ms, before its retry-after"
+                );
+            }
+            _ => assert_eq!(regs[0]["status"], 200),
+        }
+        cloud.wait_for("message", |e| {
+            e["hub"] == "a" && e["kind"] == "lobby" && e["deviceId"] == "esp-1"
+        });
+        cloud.send(&serde_json::json!({ "cmd": "desired", "gateway": "gw-test", "version": 2, "body": { "telemetryIntervalSecs": 5 } }));
+        wait_uplink(addr, &admin, "desired v2", |j| {
+            j["link"]["desired_version"] == 2
+        });
+
+        // The operator moves the enrollment; hub a goes away.
+        cloud.send(
+            &serde_json::json!({ "cmd": "reassign", "registrationId": "gw-test", "hub": "b" }),
+        );
+        cloud.wait_for("reassigned", |_| true);
+        hub_a.stop();
+        let token = device_token(addr, &admin);
+        let during = post_telemetry(addr, &token, 3, policy);
+        match policy {
+            "never" => {
+                // It registers again, is told to stay on a, and waits for a.
+                cloud.wait_for("registration", |e| {
+                    e["status"] == 200
+                        && e["substatus"] == "initialAssignment"
+                        && e["broker"] == hub_a.url().as_str()
+                        && e["at"].as_u64() > Some(last_at)
+                });
+                hub_a.resume();
+                wait_uplink(addr, &admin, "back on a", |j| {
+                    j["link"]["state"] == "connected" && j["link"]["broker"] == hub_a.url().as_str()
+                });
+                let seen = cloud.messages("telemetry", 3);
+                assert!(seen.iter().all(|e| e["hub"] == "a"));
+                assert_eq!(
+                    wait_uplink(addr, &admin, "", |_| true)["link"]["desired_version"],
+                    2
+                );
+            }
+            _ => {
+                let moved = wait_uplink(addr, &admin, "connected to b", |j| {
+                    j["link"]["state"] == "connected" && j["link"]["broker"] == hub_b.url().as_str()
+                });
+                let seen = cloud.messages("telemetry", 3);
+                assert!(
+                    seen.iter().all(|e| e["hub"] == "b"),
+                    "queued telemetry follows the gateway"
+                );
+                let got: Vec<&str> = seen
+                    .iter()
+                    .map(|e| e["messageId"].as_str().unwrap())
+                    .collect();
+                assert_eq!(got, during.iter().map(String::as_str).collect::<Vec<_>>());
+                // The devices are announced on the new hub.
+                cloud.wait_for("message", |e| {
+                    e["hub"] == "b" && e["kind"] == "lobby" && e["deviceId"] == "esp-1"
+                });
+                if policy == "migrate" {
+                    assert_eq!(moved["link"]["substatus"], "deviceDataMigrated");
+                    let kept = wait_uplink(addr, &admin, "v2 kept", |j| {
+                        j["link"]["desired_version"] == 2
+                    });
+                    assert_eq!(kept["link"]["desired"]["telemetryIntervalSecs"], 5);
+                } else {
+                    assert_eq!(moved["link"]["substatus"], "deviceDataReset");
+                    let reset =
+                        wait_uplink(addr, &admin, "reset", |j| j["link"]["desired_version"] == 1);
+                    assert_eq!(reset["link"]["desired"]["telemetryIntervalSecs"], 60);
+                }
+            }
+        }
+        gateway.stop_cleanly(libc::SIGTERM, &site);
+    }
+}
+
+#[test]
+fn a_wrong_enrollment_key_is_refused_once_and_not_retried() {
+    let registration = Mosquitto::start("");
+    let hub = Mosquitto::start("");
+    let mut cloud = Cloud::start(&[
+        format!("--registration={}", registration.url()),
+        format!("--hub=a={}", hub.url()),
+        format!("--enrollment=gw-test:{KEY}:a"),
+    ]);
+    let site = registration_site(&registration);
+    let wrong = "d3Jvbmcta2V5LWZvci10aGlzLWVucm9sbG1lbnQhISE=";
+    let mut gateway = Gateway::spawn(&site.config(), &[("ENROLLMENT_KEY", wrong)]);
+    let addr = gateway.ready();
+    let admin = site.admin_token();
+    let status = wait_uplink(addr, &admin, "stopped", |j| j["link"]["state"] == "stopped");
+    let error = status["link"]["last_error"].as_str().unwrap();
+    assert!(
+        error.contains("refused (401)") && error.contains("not retrying"),
+        "{error}"
+    );
+    cloud.wait_for("registration", |e| e["status"] == 401);
+    assert_eq!(status["link"]["registrations"], 0);
+    gateway.stop_cleanly(libc::SIGTERM, &site);
+    // After the gateway stopped, the cloud had seen exactly one attempt.
+    while let Ok(e) = cloud.events.try_recv() {
+        cloud.seen.push(e);
+    }
+    assert_eq!(
+        cloud
+            .seen
+            .iter()
+            .filter(|e| e["event"] == "registration")
+            .count(),
+        1
+    );
+}
