@@ -20,6 +20,8 @@ commands:
                                 missing); bench args: --duration S --rounds N --cold N
   bench-onboard [-- --devices N] onboard N simulated devices (Security 2 + Wi-Fi + claim)
                                 over BlueZoo with the release gateway (default 100)
+  bench-uplink [-- --messages N --connections C] telemetry through the gateway (API ->
+                                outbox -> Mosquitto QoS1) next to raw Mosquitto QoS1
   help                          show this text";
 
 fn main() -> ExitCode {
@@ -28,6 +30,7 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         Some("bench-cache") => bench_cache(&args[1..]),
         Some("bench-onboard") => bench_onboard(&args[1..]),
+        Some("bench-uplink") => bench_uplink(&args[1..]),
         Some("help" | "-h" | "--help") => {
             eprintln!("{USAGE}");
             Ok(())
@@ -167,6 +170,57 @@ fn ensure_bluezoo(root: &Path) -> anyhow::Result<PathBuf> {
 
 /// The onboarding benchmark: N simulated devices (Security 2 + Wi-Fi + claim) over
 /// BlueZoo, onboarded by the release `outpost` through its CLI.
+/// The uplink benchmark: the release gateway and the bench example against a local
+/// Mosquitto (Debian package, installed here if missing).
+fn bench_uplink(args: &[String]) -> anyhow::Result<()> {
+    let root = workspace_root();
+    if Command::new("mosquitto").arg("-h").output().is_err() {
+        step("installing mosquitto (Debian package)");
+        let status = Command::new("apt-get")
+            .args([
+                "install",
+                "-y",
+                "-qq",
+                "--no-install-recommends",
+                "mosquitto",
+            ])
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()?;
+        if !status.success() {
+            bail!("apt-get install mosquitto failed ({status}); install it and rerun");
+        }
+    }
+    step("cargo build --release -p outpost-gateway --bin outpost --example uplink-bench");
+    let status = Command::new(cargo())
+        .current_dir(&root)
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "-p",
+            "outpost-gateway",
+            "--bin",
+            "outpost",
+            "--example",
+            "uplink-bench",
+        ])
+        .status()?;
+    if !status.success() {
+        bail!("the release build failed ({status})");
+    }
+    let bench_args: Vec<&String> = args.iter().skip_while(|a| *a == "--").collect();
+    let status = Command::new(root.join("target/release/examples/uplink-bench"))
+        .current_dir(&root)
+        .arg("--outpost")
+        .arg(root.join("target/release/outpost"))
+        .args(bench_args)
+        .status()?;
+    if !status.success() {
+        bail!("the benchmark failed ({status})");
+    }
+    Ok(())
+}
+
 fn bench_onboard(args: &[String]) -> anyhow::Result<()> {
     let mut devices = 100usize;
     let mut rest = args.iter();

@@ -1,0 +1,322 @@
+//! Telemetry throughput through the gateway, next to raw Mosquitto, in one run.
+//!
+//! Run with `cargo xtask bench-uplink` (release build), or directly:
+//! `cargo run --release -p outpost-gateway --example uplink-bench -- --outpost target/release/outpost`.
+//!
+//! 1. **Raw**: a rumqttc publisher sends N QoS 1 messages to a local Mosquitto and a
+//!    QoS 1 subscriber receives them; messages/s from first publish to last receipt.
+//! 2. **Gateway**: `outpost run` with the uplink on the same broker; C keep-alive HTTP
+//!    connections POST one telemetry record each per request (local API → durable outbox
+//!    → Mosquitto QoS 1 → the subscriber). Messages/s, and p50/p99 latency from the POST
+//!    to the subscriber's receipt.
+//!
+//! Prints both and the ratio (goal: ≥ 20,000 msg/s durable and ≥ 0.5× raw).
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+struct Args {
+    outpost: PathBuf,
+    messages: usize,
+    connections: usize,
+}
+
+fn args() -> Result<Args, Error> {
+    let mut args = Args {
+        outpost: PathBuf::from("target/release/outpost"),
+        messages: 200_000,
+        connections: 64,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let value = it.next().ok_or(format!("{arg} needs a value"))?;
+        match arg.as_str() {
+            "--outpost" => args.outpost = value.into(),
+            "--messages" => args.messages = value.parse()?,
+            "--connections" => args.connections = value.parse()?,
+            other => return Err(format!("unknown argument {other}").into()),
+        }
+    }
+    Ok(args)
+}
+
+fn free_port() -> Result<u16, Error> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+struct Killed(Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A subscriber that counts `n` messages on `filter`; returns (first, last) receipt times
+/// and the latencies taken from each payload's `"t"` (microseconds since the epoch).
+async fn subscriber(
+    port: u16,
+    filter: &str,
+    ready: tokio::sync::oneshot::Sender<()>,
+    n: usize,
+) -> Result<(Instant, Vec<u64>), Error> {
+    let mut options = MqttOptions::new(format!("bench-sub-{}", micros()), "127.0.0.1", port);
+    options.set_keep_alive(Duration::from_secs(30));
+    options.set_inflight(1000);
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut events) = AsyncClient::new(options, 1000);
+    client.subscribe(filter, QoS::AtLeastOnce).await?;
+    let mut ready = Some(ready);
+    let mut latencies = Vec::with_capacity(n);
+    loop {
+        match events.poll().await? {
+            Event::Incoming(Incoming::SubAck(_)) => {
+                if let Some(r) = ready.take() {
+                    let _ = r.send(());
+                }
+            }
+            Event::Incoming(Incoming::Publish(p)) => {
+                let now = micros();
+                let t = find_t(&p.payload);
+                latencies.push(now.saturating_sub(t));
+                if latencies.len() == n {
+                    return Ok((Instant::now(), latencies));
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The `"t":` number in a payload (raw messages are just the number).
+fn find_t(payload: &[u8]) -> u64 {
+    let text = std::str::from_utf8(payload).unwrap_or("");
+    let digits = match text.find("\"t\":") {
+        Some(at) => &text[at + 4..],
+        None => text,
+    };
+    digits
+        .trim_start()
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .unwrap_or(0)
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index] as f64 / 1000.0
+}
+
+async fn raw(port: u16, n: usize) -> Result<f64, Error> {
+    let (ready_tx, ready) = tokio::sync::oneshot::channel();
+    let sub = tokio::spawn(async move { subscriber(port, "raw/#", ready_tx, n).await });
+    ready.await?;
+    let mut options = MqttOptions::new("bench-pub", "127.0.0.1", port);
+    options.set_inflight(512);
+    let (client, mut events) = AsyncClient::new(options, 1024);
+    let start = Instant::now();
+    let publisher = tokio::spawn(async move {
+        for _ in 0..n {
+            if client
+                .publish("raw/t", QoS::AtLeastOnce, false, micros().to_string())
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let pump = tokio::spawn(async move {
+        loop {
+            if events.poll().await.is_err() {
+                break;
+            }
+        }
+    });
+    let (end, _) = sub.await??;
+    publisher.await?;
+    pump.abort();
+    Ok(n as f64 / (end - start).as_secs_f64())
+}
+
+async fn post_loop(
+    addr: SocketAddr,
+    token: Arc<String>,
+    next: Arc<AtomicUsize>,
+    n: usize,
+) -> Result<(), Error> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    while next.fetch_add(1, Ordering::Relaxed) < n {
+        let body = format!(r#"{{"t":{},"temperature":21.5}}"#, micros());
+        let request = hyper::Request::post("/api/v1/devices/esp-bench/telemetry")
+            .header("host", addr.to_string())
+            .header("authorization", format!("Bearer {token}"))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))?;
+        sender.ready().await?;
+        let response = sender.send_request(request).await?;
+        let status = response.status();
+        let bytes = response.into_body().collect().await?.to_bytes();
+        if status != 202 {
+            return Err(format!(
+                "telemetry answered {status}: {}",
+                String::from_utf8_lossy(&bytes)
+            )
+            .into());
+        }
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    let args = args()?;
+    let dir = tempfile::tempdir()?;
+    let port = free_port()?;
+    std::fs::write(
+        dir.path().join("mosquitto.conf"),
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 1000000\nmax_inflight_messages 0\nuser root\n"
+        ),
+    )?;
+    let _broker = Killed(
+        Command::new("mosquitto")
+            .arg("-c")
+            .arg(dir.path().join("mosquitto.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("mosquitto: {e} (apt-get install mosquitto)"))?,
+    );
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let version = Command::new("mosquitto").arg("-h").output()?;
+    let version = String::from_utf8_lossy(&version.stdout)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_owned();
+    println!(
+        "uplink bench: {} messages, {} HTTP connections, {version}",
+        args.messages, args.connections
+    );
+
+    let raw_rate = raw(port, args.messages).await?;
+    println!("  raw Mosquitto QoS1 pub -> sub:            {raw_rate:>10.0} msg/s");
+
+    // The gateway, with a device and its token in the store before it starts.
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state)?;
+    {
+        let store = outpost_store::Store::open(state.join("outpost.db")).await?;
+        store
+            .upsert_device(outpost_store::NewDevice::new(
+                "esp-bench",
+                "thermostat",
+                outpost_store::DeviceState::Claimed,
+            ))
+            .await?;
+        store.close().await?;
+    }
+    let api_port = free_port()?;
+    std::fs::write(
+        dir.path().join("outpost.toml"),
+        format!(
+            "[gateway]\nid = \"gw-bench\"\nstate_dir = \"state\"\n[api]\nbind = \"127.0.0.1:{api_port}\"\nadmin_token = \"bench-admin-token-0123456789abcdef\"\n[cache]\nbind = \"127.0.0.1:0\"\n[ble]\nenabled = false\n[log]\nlevel = \"warn\"\n[uplink]\nbroker = \"mqtt://127.0.0.1:{port}\"\n"
+        ),
+    )?;
+    let _gateway = Killed(
+        Command::new(&args.outpost)
+            .arg("--config")
+            .arg(dir.path().join("outpost.toml"))
+            .arg("run")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("{}: {e}", args.outpost.display()))?,
+    );
+    let addr: SocketAddr = format!("127.0.0.1:{api_port}").parse()?;
+    let token = loop {
+        if let Ok(stream) = tokio::net::TcpStream::connect(addr).await {
+            let (mut sender, connection) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+            tokio::spawn(connection);
+            let request = hyper::Request::post("/api/v1/devices/esp-bench/credential")
+                .header("host", addr.to_string())
+                .header("authorization", "Bearer bench-admin-token-0123456789abcdef")
+                .body(Full::new(Bytes::new()))?;
+            let response = sender.send_request(request).await?;
+            let bytes = response.into_body().collect().await?.to_bytes();
+            let json: serde_json::Value = serde_json::from_slice(&bytes)?;
+            break json["token"].as_str().ok_or("no token")?.to_owned();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let (ready_tx, ready) = tokio::sync::oneshot::channel();
+    let n = args.messages;
+    let sub = tokio::spawn(async move {
+        subscriber(port, "outpost/v1/gw/gw-bench/telemetry/#", ready_tx, n).await
+    });
+    ready.await?;
+    let token = Arc::new(token);
+    let next = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut posters = Vec::new();
+    for _ in 0..args.connections {
+        posters.push(tokio::spawn(post_loop(
+            addr,
+            Arc::clone(&token),
+            Arc::clone(&next),
+            n,
+        )));
+    }
+    for poster in posters {
+        poster.await??;
+    }
+    let accepted = start.elapsed();
+    let (end, mut latencies) = sub.await??;
+    let rate = n as f64 / (end - start).as_secs_f64();
+    latencies.sort_unstable();
+    println!(
+        "  gateway: POST -> outbox (durable) -> QoS1: {rate:>10.0} msg/s  (accepted in {:.2} s; latency p50 {:.1} ms, p99 {:.1} ms)",
+        accepted.as_secs_f64(),
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99),
+    );
+    println!(
+        "  ratio gateway / raw: {:.2}x   (goal >= 0.5x and >= 20,000 msg/s)",
+        rate / raw_rate
+    );
+    println!(
+        "  rerun: cargo xtask bench-uplink -- --messages {n} --connections {}",
+        args.connections
+    );
+    Ok(())
+}
