@@ -231,11 +231,11 @@ async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
     }
     let gateway = shared.settings.gateway_id.clone();
     let fatal = loop {
-        let (broker, credentials, client_id, fresh) = match &shared.settings.endpoint {
+        let (broker, credentials, client_id) = match &shared.settings.endpoint {
             Endpoint::Fixed {
                 broker,
                 credentials,
-            } => (broker.clone(), credentials.clone(), gateway.clone(), false),
+            } => (broker.clone(), credentials.clone(), gateway.clone()),
             Endpoint::Registration(registration_settings) => {
                 let cached = match cached_assignment(&store).await {
                     Ok(cached) => cached,
@@ -287,11 +287,9 @@ async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
                         password: assignment.password.clone(),
                     },
                     assignment.device_id.clone(),
-                    fresh,
                 )
             }
         };
-        let _ = fresh;
         match connect_and_pump(&shared, &broker, &credentials, &client_id, &shutdown).await {
             Ended::Shutdown => break None,
             Ended::Fatal(why) => break Some(why),
@@ -505,37 +503,16 @@ async fn pump(
                     let _ = client.disconnect().await;
                     // Let the offline status and the DISCONNECT go out (bounded).
                     let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                        loop {
-                            match events.poll().await {
-                                Ok(Event::Incoming(Incoming::PubAck(ack))) => {
-                                    if let Some(seq) = in_flight.remove(&ack.pkid) && seq != UNTRACKED {
-                                        let _ = acks_tx.send(seq);
-                                    }
-                                }
-                                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                                    if let Some(seq) = handed.pop_front() { in_flight.insert(pkid, seq); }
-                                }
-                                Ok(_) => {}
-                                Err(_) => break,
-                            }
+                        while let Ok(event) = events.poll().await {
+                            track(&event, &mut handed, &mut in_flight, &acks_tx);
                         }
                     }).await;
                     return Ok(());
                 }
                 () = outbox.committed(), if exhausted => exhausted = false,
                 event = events.poll() => match event {
-                    Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                        if let Some(seq) = handed.pop_front() {
-                            in_flight.insert(pkid, seq);
-                        }
-                    }
                     Ok(Event::Outgoing(Outgoing::AwaitAck(pkid))) => {
                         return Err(format!("packet id {pkid} reused before its acknowledgement; reconnecting"));
-                    }
-                    Ok(Event::Incoming(Incoming::PubAck(ack))) => {
-                        if let Some(seq) = in_flight.remove(&ack.pkid) && seq != UNTRACKED {
-                            let _ = acks_tx.send(seq);
-                        }
                     }
                     Ok(Event::Incoming(Incoming::Publish(publish))) => {
                         inbound(shared, &publish.topic, &publish.payload).await;
@@ -543,7 +520,7 @@ async fn pump(
                     Ok(Event::Incoming(Incoming::Disconnect)) => {
                         return Err("the broker closed the session".to_owned());
                     }
-                    Ok(_) => {}
+                    Ok(event) => track(&event, &mut handed, &mut in_flight, &acks_tx),
                     Err(err) => return Err(format!("connection lost: {err}")),
                 },
             }
@@ -553,6 +530,31 @@ async fn pump(
     drop(acks_tx);
     let _ = acker.await;
     result
+}
+
+/// Packet-id bookkeeping: a new publish takes the next handed seq; a PUBACK releases its
+/// seq for deletion (status publishes are untracked).
+fn track(
+    event: &Event,
+    handed: &mut VecDeque<i64>,
+    in_flight: &mut HashMap<u16, i64>,
+    acks: &mpsc::UnboundedSender<i64>,
+) {
+    match event {
+        Event::Outgoing(Outgoing::Publish(pkid)) => {
+            if let Some(seq) = handed.pop_front() {
+                in_flight.insert(*pkid, seq);
+            }
+        }
+        Event::Incoming(Incoming::PubAck(ack)) => {
+            if let Some(seq) = in_flight.remove(&ack.pkid)
+                && seq != UNTRACKED
+            {
+                let _ = acks.send(seq);
+            }
+        }
+        _ => {}
+    }
 }
 
 async fn publish_direct(
