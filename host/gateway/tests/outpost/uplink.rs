@@ -196,31 +196,41 @@ impl Cloud {
         }
     }
 
-    /// Waits until `n` messages of `kind` were seen; returns them in arrival order.
+    /// Waits until `n` distinct messages (by message id) of `kind` were seen; returns
+    /// the first copy of each in arrival order. Delivery is at-least-once: a message in
+    /// flight when the broker went away is published again, and a duplicate must not
+    /// stand in for a message that has not arrived yet.
     fn messages(&mut self, kind: &str, n: usize) -> Vec<serde_json::Value> {
-        let count = |seen: &[serde_json::Value]| {
-            seen.iter()
-                .filter(|e| e["event"] == "message" && e["kind"] == kind)
-                .count()
+        let mut ids = HashSet::new();
+        let mut found = Vec::new();
+        let mut take = |e: &serde_json::Value, found: &mut Vec<serde_json::Value>| {
+            if e["event"] == "message"
+                && e["kind"] == kind
+                && ids.insert(e["messageId"].as_str().unwrap_or_default().to_owned())
+            {
+                found.push(e.clone());
+            }
         };
+        for e in &self.seen {
+            take(e, &mut found);
+        }
         let end = Instant::now() + DEADLINE * 2;
-        while count(&self.seen) < n {
+        while found.len() < n {
             match self
                 .events
                 .recv_timeout(end.saturating_duration_since(Instant::now()))
             {
-                Ok(json) => self.seen.push(json),
+                Ok(json) => {
+                    take(&json, &mut found);
+                    self.seen.push(json);
+                }
                 Err(_) => panic!(
-                    "cloud-sim saw {} {kind} messages, not {n}",
-                    count(&self.seen)
+                    "cloud-sim saw {} distinct {kind} messages, not {n}",
+                    found.len()
                 ),
             }
         }
-        self.seen
-            .iter()
-            .filter(|e| e["event"] == "message" && e["kind"] == kind)
-            .cloned()
-            .collect()
+        found
     }
 }
 
