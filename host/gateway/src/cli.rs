@@ -13,6 +13,7 @@ use crate::config::{self, Config, LogFormat};
 use crate::firmware_cmd::{self, FirmwareCommand};
 use crate::handler_cmd::{self, HandlerCommand};
 use crate::onboard_cmd::{self, OnboardCommand};
+use crate::rollout_cmd::{self, RolloutCommand};
 use crate::{daemon, logging};
 
 /// Outpost: a site gateway for fleets of ESP32-class devices.
@@ -53,6 +54,9 @@ enum Command {
     /// The cloud uplink: link state, outbox.
     #[command(subcommand)]
     Uplink(UplinkCommand),
+    /// Rollouts: create (offline sites), list, follow, pause, resume, cancel, retry.
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -111,6 +115,7 @@ pub(crate) async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Handler(command) => handler_cmd::run(command, &cli.config).await?,
         Command::Firmware(command) => firmware_cmd::run(command, &cli.config).await?,
+        Command::Rollout(command) => rollout_cmd::run(command, &cli.config).await?,
         Command::Onboard(command) => {
             if !onboard_cmd::run(command, &cli.config).await? {
                 return Ok(ExitCode::FAILURE);

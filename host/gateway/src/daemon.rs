@@ -236,6 +236,24 @@ async fn start(
         crate::onboard::Onboarder::new(config, store.clone(), uplink.clone())
             .context("onboarding settings ([onboarding] in the config)")?,
     );
+    let rollouts = crate::rollout::Rollouts::new(
+        store.clone(),
+        firmware.clone(),
+        Arc::clone(&handlers),
+        outbox.clone(),
+        crate::rollout::Mailbox::new(
+            config.cache.public_url(firmware_addr),
+            url_key(&config.gateway.state_dir)?,
+        ),
+        config.gateway.id.as_str().to_owned(),
+    );
+    let engine = rollouts.clone();
+    let engine_shutdown = shutdown.clone();
+    tasks.spawn(
+        engine
+            .run(engine_shutdown)
+            .instrument(tracing::info_span!("task", name = "rollouts")),
+    );
     let state = Arc::new(ApiState {
         onboarder,
         store,
@@ -260,6 +278,7 @@ async fn start(
         outbox,
         uplink,
         device_tokens: api::uplink::DeviceTokens::default(),
+        rollouts,
     });
     let api_shutdown = shutdown.clone();
     tasks.spawn(
@@ -315,6 +334,35 @@ async fn start(
         "local API listening on http://{addr}"
     );
     Ok((tasks, shutdown))
+}
+
+/// The key that signs firmware download URLs for devices (`url.key` in the state
+/// directory, 32 random bytes, mode 0600), created on first use.
+fn url_key(state_dir: &Path) -> anyhow::Result<[u8; 32]> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = state_dir.join("url.key");
+    match std::fs::read(&path) {
+        Ok(bytes) => <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| {
+            anyhow::anyhow!(
+                "{} does not hold a 32-byte key; delete it and a new one is made",
+                path.display()
+            )
+        }),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            let mut key = [0u8; 32];
+            getrandom::fill(&mut key).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+            let mut file = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .with_context(|| format!("cannot create {}", path.display()))?;
+            file.write_all(&key)?;
+            file.sync_all()?;
+            Ok(key)
+        }
+        Err(err) => Err(err).with_context(|| format!("cannot read {}", path.display())),
+    }
 }
 
 /// Binds the firmware server's address, with advice for the usual failures.

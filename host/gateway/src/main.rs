@@ -17,6 +17,8 @@ mod logging;
 mod onboard;
 mod onboard_cmd;
 mod onboarding;
+mod rollout;
+mod rollout_cmd;
 mod uplink;
 
 use std::process::ExitCode;

@@ -41,6 +41,10 @@ const MIGRATIONS: &[Migration] = &[
         version: 6,
         sql: include_str!("../migrations/0006_uplink.sql"),
     },
+    Migration {
+        version: 7,
+        sql: include_str!("../migrations/0007_rollouts.sql"),
+    },
 ];
 
 /// The schema version this build writes and the newest it can open.

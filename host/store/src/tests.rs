@@ -79,6 +79,8 @@ async fn migrates_from_empty_to_the_current_schema() {
             "onboarding_targets",
             "outbox",
             "outbox_counters",
+            "rollout_devices",
+            "rollouts",
             "update_manifests",
             "uplink_assignment"
         ]
@@ -100,7 +102,7 @@ async fn migrates_from_the_previous_schema_keeping_data() {
         conn.close().unwrap();
     }
     assert_eq!(user_version(&path), SCHEMA_VERSION - 1);
-    assert!(!table_names(&path).contains(&"uplink_assignment".to_owned()));
+    assert!(!table_names(&path).contains(&"rollouts".to_owned()));
 
     let store = Store::open(&path).await.unwrap();
     let device = store
@@ -122,6 +124,18 @@ async fn migrates_from_the_previous_schema_keeping_data() {
         .await
         .unwrap();
     assert_eq!(queued, 1);
+    // The uplink's deployments (schema 6) gain the outcome column.
+    store
+        .call(|conn| {
+            conn.execute(
+                "INSERT INTO inbound_deployments (id, body, received_at, outcome) \
+                 VALUES ('d1', '{}', 1, 'accepted')",
+                [],
+            )?;
+            Ok(())
+        })
+        .await
+        .unwrap();
     assert_eq!(
         store
             .handler_state_set("h", "k", vec![1], 10)
@@ -171,6 +185,8 @@ async fn migrates_from_the_first_schema_through_every_later_one() {
             "onboarding_targets",
             "outbox",
             "outbox_counters",
+            "rollout_devices",
+            "rollouts",
             "update_manifests",
             "uplink_assignment"
         ]

@@ -71,6 +71,10 @@ pub mod topics {
     pub fn result(gateway: &str, deployment: &str, device: &str) -> String {
         format!("{ROOT}/gw/{gateway}/results/{deployment}/{device}")
     }
+    /// A rollout's progress: state, wave and counts (retained, QoS 1).
+    pub fn rollout(gateway: &str, deployment: &str) -> String {
+        format!("{ROOT}/gw/{gateway}/rollouts/{deployment}")
+    }
     /// A claim request: a device's CSR to be signed (gateway → cloud, QoS 1).
     pub fn claim_request(gateway: &str, rid: &str) -> String {
         format!("{ROOT}/gw/{gateway}/claims/{rid}/req")
@@ -130,6 +134,8 @@ pub mod schema {
     pub const DEPLOYMENT: &str = "outpost.deployment/1";
     /// [`super::DeploymentResult`].
     pub const RESULT: &str = "outpost.result/1";
+    /// [`super::RolloutStatus`].
+    pub const ROLLOUT: &str = "outpost.rollout/1";
     /// [`super::ClaimRequest`].
     pub const CLAIM_REQUEST: &str = "outpost.claim-request/1";
     /// [`super::ClaimResponse`].
@@ -442,6 +448,34 @@ pub struct DeploymentResult {
     pub device_id: String,
     /// The agent state after the attempt, with per-step results.
     pub agent: AgentState,
+    /// Unix milliseconds.
+    pub at: i64,
+}
+
+/// `rollouts/{deployment}` (retained): where a rollout stands. Published on every change
+/// of state or wave, and when it ends.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutStatus {
+    /// [`schema::ROLLOUT`].
+    pub schema: String,
+    /// De-duplication id.
+    pub message_id: String,
+    /// The deployment.
+    pub deployment_id: String,
+    /// `{provider}/{name}/{version}`.
+    pub update_id: String,
+    /// `scheduled`, `running`, `paused`, `stopped`, `cancelled` or `finished`.
+    pub state: String,
+    /// Why it paused or stopped, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The wave in progress (0-based) and how many there are.
+    pub wave: u32,
+    /// Number of waves.
+    pub waves: u32,
+    /// Devices by status: pending, running, succeeded, failed, cancelled, skipped.
+    pub counts: std::collections::BTreeMap<String, u64>,
     /// Unix milliseconds.
     pub at: i64,
 }

@@ -4,10 +4,12 @@
 //! Every error answer has the shape `{"error":{"code","message"}}`.
 
 mod auth;
+mod dashboard;
 mod error;
 pub(crate) mod firmware;
 pub(crate) mod handlers;
 mod onboarding;
+mod rollouts;
 pub(crate) mod uplink;
 
 use std::convert::Infallible;
@@ -56,6 +58,7 @@ pub(crate) struct ApiState {
     pub(crate) outbox: outpost_uplink::Outbox,
     pub(crate) uplink: Option<outpost_uplink::Uplink>,
     pub(crate) device_tokens: uplink::DeviceTokens,
+    pub(crate) rollouts: crate::rollout::Rollouts,
 }
 
 /// The `/healthz` answer.
@@ -160,6 +163,10 @@ async fn route(state: &ApiState, request: Request<Incoming>) -> Response<Full<By
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     let result = match path.as_str() {
+        "/" | "/dashboard" => match method {
+            Method::GET | Method::HEAD => Ok(dashboard::page()),
+            _ => Err(ApiError::method_not_allowed(&method, "GET, HEAD")),
+        },
         "/healthz" => match method {
             Method::GET | Method::HEAD => Ok(json_response(StatusCode::OK, &state.health)),
             _ => Err(ApiError::method_not_allowed(&method, "GET, HEAD")),
@@ -170,7 +177,7 @@ async fn route(state: &ApiState, request: Request<Incoming>) -> Response<Full<By
             match (what, &method) {
                 ("telemetry", &Method::POST) => uplink::telemetry(state, id, request).await,
                 ("telemetry", _) => Err(ApiError::method_not_allowed(&method, "POST")),
-                _ => Err(ApiError::not_found(device)),
+                _ => rollouts::device(state, id, what, request).await,
             }
         }
         // Authentication comes before routing under /api/, so an unauthenticated caller
@@ -200,6 +207,12 @@ async fn route(state: &ApiState, request: Request<Incoming>) -> Response<Full<By
                     onboarding::run(state, &run["/api/v1/onboarding/runs/".len()..])
                 }
                 ("/api/v1/claims", &Method::GET) => onboarding::claims(state).await,
+                ("/api/v1/rollouts", &Method::GET) => rollouts::list(state).await,
+                ("/api/v1/rollouts", &Method::POST) => rollouts::create(state, request).await,
+                ("/api/v1/rollouts", _) => Err(ApiError::method_not_allowed(&method, "GET, POST")),
+                (one, _) if one.starts_with("/api/v1/rollouts/") => {
+                    rollouts::one(state, &one["/api/v1/rollouts/".len()..], &method).await
+                }
                 ("/api/v1/uplink", &Method::GET) => Ok(uplink::status(state)),
                 ("/api/v1/uplink", _) => Err(ApiError::method_not_allowed(&method, "GET")),
                 (credential, &Method::POST)
@@ -257,11 +270,15 @@ async fn route(state: &ApiState, request: Request<Incoming>) -> Response<Full<By
     response
 }
 
-/// `/api/v1/devices/{id}/telemetry` → `(id, "telemetry")`.
+/// The endpoints a device calls with its own token: `/api/v1/devices/{id}/telemetry`
+/// → `(id, "telemetry")`, and likewise `register`, `next`, `reports` and
+/// `commands/{n}/reply`.
 fn device_endpoint(path: &str) -> Option<(&str, &str)> {
     let rest = path.strip_prefix("/api/v1/devices/")?;
     let (id, what) = rest.split_once('/')?;
-    (what == "telemetry" && !id.is_empty()).then_some((id, what))
+    let device = matches!(what, "telemetry" | "register" | "next" | "reports")
+        || (what.starts_with("commands/") && what.ends_with("/reply"));
+    (device && !id.is_empty()).then_some((id, what))
 }
 
 #[derive(Serialize)]

@@ -52,6 +52,15 @@ async fn start() -> Running {
     )
     .await
     .unwrap();
+    let handlers = Arc::new(handlers);
+    let rollouts = crate::rollout::Rollouts::new(
+        store.clone(),
+        firmware.clone(),
+        Arc::clone(&handlers),
+        outbox.clone(),
+        crate::rollout::Mailbox::new("http://127.0.0.1:8070".into(), [9; 32]),
+        "gw-test".into(),
+    );
     let state = Arc::new(ApiState {
         onboarder: Arc::new(crate::onboard::Onboarder::new(&config, store.clone(), None).unwrap()),
         store: store.clone(),
@@ -67,11 +76,12 @@ async fn start() -> Running {
             onboarding: OnboardingStatus::Disabled,
             firmware_url: "http://127.0.0.1:8070".into(),
         },
-        handlers: Arc::new(handlers),
+        handlers,
         firmware,
         outbox,
         uplink: None,
         device_tokens: uplink::DeviceTokens::default(),
+        rollouts,
     });
     let shutdown = CancellationToken::new();
     let server = tokio::spawn(serve(listener, state, shutdown.clone()));

@@ -30,7 +30,8 @@ pub(crate) struct DeviceTokens {
 }
 
 impl DeviceTokens {
-    async fn check(
+    /// Checks the bearer token `header` against `device_id`'s credential.
+    pub(crate) async fn check(
         &self,
         state: &ApiState,
         device_id: &str,

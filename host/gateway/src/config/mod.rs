@@ -321,6 +321,10 @@ pub(crate) struct CacheSection {
     /// Extra CA certificates (PEM) for HTTPS firmware origins, beside the system's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) ca_file: Option<PathBuf>,
+    /// The base URL devices download from (`http://192.168.4.1:8070`); default: the
+    /// bound address (loopback when `bind` is unspecified).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) public_url: Option<String>,
     /// Keys whose signed update manifests this gateway accepts.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(crate) trusted_signers: Vec<TrustedSignerEntry>,
@@ -336,6 +340,15 @@ pub(crate) struct TrustedSignerEntry {
 }
 
 impl CacheSection {
+    /// The base URL devices download firmware from, given the bound address.
+    pub(crate) fn public_url(&self, bound: SocketAddr) -> String {
+        match &self.public_url {
+            Some(url) => url.trim_end_matches('/').to_owned(),
+            None if bound.ip().is_unspecified() => format!("http://127.0.0.1:{}", bound.port()),
+            None => format!("http://{bound}"),
+        }
+    }
+
     /// The cache settings these give, with the cache in `root`.
     pub(crate) fn cache_config(&self, root: &Path) -> outpost_cache::CacheConfig {
         outpost_cache::CacheConfig {
@@ -513,6 +526,7 @@ impl Default for CacheSection {
             max_connections: default_firmware_connections(),
             download_attempts: default_download_attempts(),
             ca_file: None,
+            public_url: None,
             trusted_signers: Vec::new(),
         }
     }

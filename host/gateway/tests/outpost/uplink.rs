@@ -458,10 +458,13 @@ fn a_broker_outage_queues_then_delivers_everything_priorities_first() {
         claim < first_queued,
         "the claim report came after queued telemetry"
     );
+    // Distinct ids: the cloud's own reconnect gets the retained copy once more.
     let reported_after = cloud.seen[..first_queued]
         .iter()
         .filter(|e| e["kind"] == "gateway-reported")
-        .count();
+        .map(|e| e["messageId"].as_str().unwrap_or_default())
+        .collect::<HashSet<_>>()
+        .len();
     assert_eq!(
         reported_after, 2,
         "one reported state per connection, both before the queued telemetry"

@@ -1,0 +1,309 @@
+//! Rollouts for the operator (admin token) and the device side of updates (device token):
+//! register, next command, replies, reports.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header;
+use hyper::{Request, Response, StatusCode};
+use outpost_store::NewDevice;
+use serde::{Deserialize, Serialize};
+
+use super::{ApiError, ApiState, json_response};
+use crate::rollout::{Origin, RolloutError, RolloutSpec};
+
+/// A device waits at most this long for its next command.
+const MAX_WAIT: Duration = Duration::from_secs(30);
+/// Request bodies on these endpoints.
+const MAX_BODY: usize = 512 * 1024;
+
+fn rollout_error(err: RolloutError) -> ApiError {
+    match err {
+        RolloutError::Invalid(m) => ApiError::new(StatusCode::BAD_REQUEST, "invalid_rollout", m),
+        RolloutError::NotFound(id) => ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_rollout",
+            format!("no rollout {id:?}"),
+        ),
+        RolloutError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "rollout_conflict", m),
+        RolloutError::Internal(m) => ApiError::internal(m),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct CreateRollout {
+    #[serde(default)]
+    id: Option<String>,
+    /// The signed manifest (JWS).
+    manifest: String,
+    #[serde(default)]
+    rollout: Option<RolloutSpec>,
+}
+
+fn malformed(what: &str, err: impl std::fmt::Display) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "malformed_request",
+        format!("{what}: {err}"),
+    )
+}
+
+/// `POST /api/v1/rollouts`: a local rollout (offline sites).
+pub(crate) async fn create(
+    state: &ApiState,
+    request: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let body = super::onboarding::body(request, MAX_BODY).await?;
+    let create: CreateRollout =
+        serde_json::from_slice(&body).map_err(|e| malformed("a rollout", e))?;
+    let view = state
+        .rollouts
+        .create(
+            create.id,
+            Origin::Local,
+            create.manifest.trim(),
+            create.rollout.unwrap_or_default(),
+        )
+        .await
+        .map_err(rollout_error)?;
+    Ok(json_response(StatusCode::CREATED, &view))
+}
+
+#[derive(Serialize)]
+struct List {
+    rollouts: Vec<crate::rollout::RolloutView>,
+}
+
+/// `GET /api/v1/rollouts`.
+pub(crate) async fn list(state: &ApiState) -> Result<Response<Full<Bytes>>, ApiError> {
+    let rollouts = state.rollouts.list().await.map_err(rollout_error)?;
+    Ok(json_response(StatusCode::OK, &List { rollouts }))
+}
+
+/// `GET /api/v1/rollouts/{id}` and `POST /api/v1/rollouts/{id}/{action}`.
+pub(crate) async fn one(
+    state: &ApiState,
+    rest: &str,
+    method: &hyper::Method,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let (id, action) = match rest.split_once('/') {
+        Some((id, action)) => (id, Some(action)),
+        None => (rest, None),
+    };
+    let rollouts = &state.rollouts;
+    let view = match (action, method) {
+        (None, &hyper::Method::GET) => rollouts.view(id, true).await,
+        (None, _) => return Err(ApiError::method_not_allowed(method, "GET")),
+        (Some(action), &hyper::Method::POST) => match action {
+            "pause" => rollouts.pause(id).await,
+            "resume" => rollouts.resume(id).await,
+            "cancel" => rollouts.cancel(id).await,
+            "retry" => rollouts.retry(id).await,
+            _ => return Err(ApiError::not_found(&format!("/api/v1/rollouts/{rest}"))),
+        },
+        (Some(_), _) => return Err(ApiError::method_not_allowed(method, "POST")),
+    }
+    .map_err(rollout_error)?;
+    Ok(json_response(StatusCode::OK, &view))
+}
+
+/// `…/devices/{id}/register` body: what the device says about itself.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Register {
+    #[serde(default)]
+    manufacturer: Option<String>,
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    firmware_version: Option<String>,
+    /// Further compatibility properties (chip, project, site, …).
+    #[serde(default)]
+    properties: BTreeMap<String, String>,
+}
+
+/// The device endpoints under `/api/v1/devices/{id}/…` other than telemetry, after the
+/// device token was checked.
+pub(crate) async fn device(
+    state: &ApiState,
+    device_id: &str,
+    what: &str,
+    request: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    state
+        .device_tokens
+        .check(
+            state,
+            device_id,
+            request.headers().get(header::AUTHORIZATION),
+        )
+        .await?;
+    let method = request.method().clone();
+    match (what, &method) {
+        ("register", &hyper::Method::POST) => register(state, device_id, request).await,
+        ("next", &hyper::Method::GET) => next(state, device_id, request.uri().query()).await,
+        ("reports", &hyper::Method::POST) => report(state, device_id, request).await,
+        (reply, &hyper::Method::POST)
+            if reply.starts_with("commands/") && reply.ends_with("/reply") =>
+        {
+            let number = &reply["commands/".len()..reply.len() - "/reply".len()];
+            let number: u64 = number.parse().map_err(|_| {
+                ApiError::not_found(&format!("/api/v1/devices/{device_id}/{reply}"))
+            })?;
+            command_reply(state, device_id, number, request).await
+        }
+        ("register" | "reports", _) => Err(ApiError::method_not_allowed(&method, "POST")),
+        ("next", _) => Err(ApiError::method_not_allowed(&method, "GET")),
+        _ => Err(ApiError::not_found(&format!(
+            "/api/v1/devices/{device_id}/{what}"
+        ))),
+    }
+}
+
+async fn register(
+    state: &ApiState,
+    device_id: &str,
+    request: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let body = super::onboarding::body(request, MAX_BODY).await?;
+    let register: Register =
+        serde_json::from_slice(&body).map_err(|e| malformed("a registration", e))?;
+    let store_error = |e: outpost_store::StoreError| {
+        ApiError::internal(format!("the state database failed: {e}"))
+    };
+    let known = state
+        .store
+        .device(device_id)
+        .await
+        .map_err(store_error)?
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "unknown_device",
+                format!("no device {device_id:?} in the lobby"),
+            )
+        })?;
+    let mut compat = known.compat.clone();
+    compat.extend(register.properties);
+    let device = state
+        .store
+        .upsert_device(NewDevice {
+            id: known.id.clone(),
+            device_type: known.device_type.clone(),
+            manufacturer: register.manufacturer.or(known.manufacturer),
+            model: register.model.or(known.model),
+            compat,
+            firmware_version: register.firmware_version.or(known.firmware_version),
+            state: known.state,
+        })
+        .await
+        .map_err(|e| match e {
+            outpost_store::StoreError::InvalidInput { .. } => malformed("a registration", e),
+            other => store_error(other),
+        })?;
+    state
+        .store
+        .touch_device(device_id)
+        .await
+        .map_err(store_error)?;
+    Ok(json_response(StatusCode::OK, &device))
+}
+
+async fn next(
+    state: &ApiState,
+    device_id: &str,
+    query: Option<&str>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let wait = query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(k, _)| *k == "wait")
+        .map(|(_, v)| {
+            v.parse::<u64>()
+                .map_err(|_| malformed("wait", format!("{v:?} is not a number of seconds")))
+        })
+        .transpose()?
+        .map_or(Duration::ZERO, Duration::from_secs)
+        .min(MAX_WAIT);
+    let _ = state.store.touch_device(device_id).await;
+    match state.rollouts.mailbox().next(device_id, wait).await {
+        Some(pending) => Ok(json_response(StatusCode::OK, &pending)),
+        None => {
+            let mut response = Response::new(Full::new(Bytes::new()));
+            *response.status_mut() = StatusCode::NO_CONTENT;
+            Ok(response)
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Reply {
+    ok: bool,
+    #[serde(default)]
+    payload: Option<String>,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+async fn command_reply(
+    state: &ApiState,
+    device_id: &str,
+    number: u64,
+    request: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let body = super::onboarding::body(request, MAX_BODY).await?;
+    let reply: Reply = serde_json::from_slice(&body).map_err(|e| malformed("a reply", e))?;
+    let answer = if reply.ok {
+        Ok(reply.payload.unwrap_or_default().into_bytes())
+    } else {
+        Err(reply.error.unwrap_or_else(|| "refused".into()))
+    };
+    if state.rollouts.mailbox().reply(device_id, number, answer) {
+        Ok(json_response(
+            StatusCode::OK,
+            &serde_json::json!({"delivered": true}),
+        ))
+    } else {
+        Err(ApiError::new(
+            StatusCode::GONE,
+            "command_gone",
+            format!(
+                "command {number} is not waiting for {device_id}'s answer (it timed out or was withdrawn)"
+            ),
+        ))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeviceReportBody {
+    kind: String,
+    #[serde(default)]
+    payload: String,
+}
+
+async fn report(
+    state: &ApiState,
+    device_id: &str,
+    request: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let body = super::onboarding::body(request, MAX_BODY).await?;
+    let report: DeviceReportBody =
+        serde_json::from_slice(&body).map_err(|e| malformed("a report", e))?;
+    if report.kind.is_empty() || report.kind.len() > 64 {
+        return Err(malformed("a report", "kind must be 1-64 characters"));
+    }
+    let delivered = state
+        .rollouts
+        .report(device_id, report.kind, report.payload.into_bytes());
+    Ok(json_response(
+        StatusCode::ACCEPTED,
+        &serde_json::json!({ "delivered": delivered }),
+    ))
+}

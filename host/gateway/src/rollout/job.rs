@@ -1,0 +1,568 @@
+//! One device's update: its handler's steps, the device's reports, the rollback window,
+//! and the ADU-shaped result.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use outpost_cache::manifest::VerifiedManifest;
+use outpost_runtime::{
+    Artifact, CallError, Device, DeviceReport, InstalledHandler, Outcome, ReportVerdict, Services,
+    Step, Update,
+};
+use outpost_store::rusqlite::params;
+use outpost_uplink::contract::{self, schema, topics};
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::services::{StoreState, UpdateFiles};
+use super::{Report, RolloutSpec, Rollouts, now_millis};
+
+/// ADU agent states.
+const IDLE: i32 = 0;
+const IN_PROGRESS: i32 = 6;
+const FAILED: i32 = 255;
+/// ADU workflow action applyDeployment.
+const APPLY_DEPLOYMENT: i32 = 3;
+
+/// An update in flight on one device.
+pub(crate) struct Job {
+    pub(crate) rollouts: Rollouts,
+    pub(crate) rollout: String,
+    pub(crate) device: String,
+    pub(crate) manifest: Arc<VerifiedManifest>,
+    pub(crate) spec: RolloutSpec,
+    pub(crate) reports: mpsc::UnboundedReceiver<Report>,
+    pub(crate) cancel: CancellationToken,
+}
+
+/// How it ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Status {
+    Succeeded,
+    Skipped,
+    Failed,
+    Cancelled,
+}
+
+impl Status {
+    const fn as_str(self) -> &'static str {
+        match self {
+            Self::Succeeded => "succeeded",
+            Self::Skipped => "skipped",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// One handler step as recorded.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Phase {
+    step: &'static str,
+    result_code: i32,
+    extended_result_code: u32,
+    details: String,
+}
+
+/// What the store keeps per device: ADU's lastInstallResult and the steps behind it.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Recorded {
+    last_install_result: contract::InstallResult,
+    phases: Vec<Phase>,
+}
+
+/// The context every step needs.
+struct Ctx {
+    handler: Arc<InstalledHandler>,
+    services: Services,
+    device: Device,
+    update: Update,
+    /// Index of the manifest step this handler runs.
+    step_index: usize,
+}
+
+/// A failure that ends the update with this outcome.
+struct Stop(Status, Outcome);
+
+fn outcome(code: i32, extended: u32, details: impl Into<String>) -> Outcome {
+    Outcome {
+        result_code: code,
+        extended_code: extended,
+        details: details.into(),
+    }
+}
+
+/// Extended codes of the gateway itself (facility 2, component 0x01).
+const fn gateway_code(value: u32) -> u32 {
+    (2 << 28) | (0x01 << 20) | value
+}
+const NO_HANDLER: u32 = 1;
+const HANDLER_TRAPPED: u32 = 2;
+const DOWNLOAD_TIMEOUT: u32 = 3;
+const ROLLBACK_WINDOW: u32 = 4;
+const NO_DEVICE: u32 = 5;
+
+impl Job {
+    pub(crate) async fn run(mut self) {
+        let rollouts = self.rollouts.clone();
+        let device = self.device.clone();
+        let mut phases = Vec::new();
+        let (status, last) = match self.prepare().await {
+            Err(stop) => (stop.0, stop.1),
+            Ok(ctx) => {
+                self.publish_reported(&ctx, IN_PROGRESS, None).await;
+                match self.drive(&ctx, &mut phases).await {
+                    Ok((status, last)) | Err(Stop(status, last)) => {
+                        let result = self
+                            .finish(status, &last, &phases, ctx.step_index, Some(&ctx))
+                            .await;
+                        let state = if matches!(status, Status::Succeeded | Status::Skipped) {
+                            IDLE
+                        } else {
+                            FAILED
+                        };
+                        self.publish_reported(&ctx, state, Some(result)).await;
+                        rollouts.job_ended(&device);
+                        return;
+                    }
+                }
+            }
+        };
+        self.finish(status, &last, &phases, 0, None).await;
+        rollouts.job_ended(&device);
+    }
+
+    /// Finds the device, its handler and the manifest step; marks the device running.
+    async fn prepare(&mut self) -> Result<Ctx, Stop> {
+        let inner = &self.rollouts.inner;
+        let id = self.device.clone();
+        let rollout = self.rollout.clone();
+        let _ = inner
+            .store
+            .call(move |conn| {
+                conn.execute(
+                    "UPDATE rollout_devices SET status = 'running', attempts = attempts + 1, \
+                     started_at = ?3, finished_at = NULL, step = 'is-installed', updated_at = ?3 \
+                     WHERE rollout_id = ?1 AND device_id = ?2",
+                    params![rollout, id, now_millis()],
+                )?;
+                Ok(())
+            })
+            .await;
+        let fail = |code: u32, details: String| {
+            Stop(Status::Failed, outcome(0, gateway_code(code), details))
+        };
+        let device = match inner.store.device(&self.device).await {
+            Ok(Some(device)) => device,
+            Ok(None) => {
+                return Err(fail(
+                    NO_DEVICE,
+                    format!("device {} is no longer known", self.device),
+                ));
+            }
+            Err(err) => return Err(fail(NO_DEVICE, format!("the store failed: {err}"))),
+        };
+        let Some(handler) = inner.handlers.for_device_type(&device.device_type) else {
+            return Err(fail(
+                NO_HANDLER,
+                format!(
+                    "no handler is installed for device type {}",
+                    device.device_type
+                ),
+            ));
+        };
+        let manifest = &self.manifest.manifest;
+        let Some((step_index, step)) = manifest
+            .steps
+            .iter()
+            .enumerate()
+            .find(|(_, s)| s.handler == handler.manifest.name)
+        else {
+            return Err(fail(
+                NO_HANDLER,
+                format!(
+                    "the manifest has no step for handler {} (device type {})",
+                    handler.manifest.name, device.device_type
+                ),
+            ));
+        };
+        let files: Vec<Artifact> = step
+            .files
+            .iter()
+            .filter_map(|id| manifest.files.iter().find(|f| &f.id == id))
+            .map(|f| Artifact {
+                file_id: f.sha256.to_hex(),
+                name: f.file_name.clone(),
+                size: f.size_in_bytes,
+            })
+            .collect();
+        let update = Update {
+            provider: manifest.update_id.provider.clone(),
+            name: manifest.update_id.name.clone(),
+            version: manifest.update_id.version.clone(),
+            handler_properties: serde_json::Value::Object(step.handler_properties.clone())
+                .to_string(),
+            files: files.clone(),
+        };
+        let mut properties: Vec<(String, String)> = Vec::new();
+        if let Some(m) = &device.manufacturer {
+            properties.push(("manufacturer".into(), m.clone()));
+        }
+        if let Some(m) = &device.model {
+            properties.push(("model".into(), m.clone()));
+        }
+        properties.extend(device.compat.iter().map(|(k, v)| (k.clone(), v.clone())));
+        let services = Services {
+            artifacts: Arc::new(UpdateFiles {
+                cache: inner.firmware.clone(),
+                files: files
+                    .iter()
+                    .map(|f| f.file_id.clone())
+                    .collect::<HashSet<_>>(),
+            }),
+            devices: inner.mailbox.clone(),
+            state: Arc::new(StoreState(inner.store.clone())),
+        };
+        Ok(Ctx {
+            handler,
+            services,
+            device: Device {
+                id: device.id.clone(),
+                device_type: device.device_type.clone(),
+                properties,
+                firmware_version: device.firmware_version.clone(),
+            },
+            update,
+            step_index,
+        })
+    }
+
+    /// Runs the steps. Ok is a finished update (succeeded or skipped).
+    async fn drive(
+        &mut self,
+        ctx: &Ctx,
+        phases: &mut Vec<Phase>,
+    ) -> Result<(Status, Outcome), Stop> {
+        let installed = self.step(ctx, Step::IsInstalled, phases).await?;
+        if installed.result_code == 900 {
+            return Ok((Status::Skipped, installed));
+        }
+        let download = self.step(ctx, Step::Download, phases).await?;
+        match download.result_code {
+            503 => return Ok((Status::Skipped, download)),
+            501 => {
+                let window = Duration::from_secs(self.spec.download_timeout_secs);
+                if let Some(finished) = self.await_device(ctx, window, true).await? {
+                    return Ok((Status::Succeeded, finished));
+                }
+            }
+            _ => {}
+        }
+        self.step(ctx, Step::Install, phases).await?;
+        let applied = self.step(ctx, Step::Apply, phases).await?;
+        let window = Duration::from_secs(self.spec.rollback_window_secs);
+        self.set_step("verify", None).await;
+        match self.await_device(ctx, window, false).await? {
+            Some(finished) => Ok((Status::Succeeded, finished)),
+            None => Err(Stop(Status::Failed, applied)),
+        }
+    }
+
+    /// One handler call; a failure outcome or a trapped call stops the update.
+    async fn step(
+        &mut self,
+        ctx: &Ctx,
+        step: Step,
+        phases: &mut Vec<Phase>,
+    ) -> Result<Outcome, Stop> {
+        if self.cancel.is_cancelled() {
+            return Err(self.cancelled(ctx).await);
+        }
+        self.set_step(step.name(), None).await;
+        let runtime = self.rollouts.inner.handlers.runtime();
+        let call = runtime.step(
+            &ctx.handler.handler,
+            &ctx.services,
+            step,
+            &ctx.device,
+            &ctx.update,
+        );
+        let result = tokio::select! {
+            result = call => result,
+            () = self.cancel.cancelled() => return Err(self.cancelled(ctx).await),
+        };
+        let outcome = result.unwrap_or_else(|err: CallError| {
+            outcome(
+                0,
+                gateway_code(HANDLER_TRAPPED),
+                format!("the handler failed: {err}"),
+            )
+        });
+        tracing::info!(step = step.name(), code = outcome.result_code, details = %outcome.details, "handler step");
+        phases.push(Phase {
+            step: step.name(),
+            result_code: outcome.result_code,
+            extended_result_code: outcome.extended_code,
+            details: outcome.details.clone(),
+        });
+        if outcome.result_code <= 0 {
+            return Err(Stop(Status::Failed, outcome));
+        }
+        Ok(outcome)
+    }
+
+    /// Waits for the device's reports through the handler. During the download
+    /// (`downloading`), 100 % means go on (`Ok(None)`); a finished verdict ends the
+    /// update either way. After apply, only a finished verdict ends it; silence until
+    /// the window closes is a failure.
+    async fn await_device(
+        &mut self,
+        ctx: &Ctx,
+        window: Duration,
+        downloading: bool,
+    ) -> Result<Option<Outcome>, Stop> {
+        let deadline = tokio::time::Instant::now() + window;
+        loop {
+            let report = tokio::select! {
+                report = self.reports.recv() => report,
+                () = tokio::time::sleep_until(deadline) => None,
+                () = self.cancel.cancelled() => return Err(self.cancelled(ctx).await),
+            };
+            let Some(report) = report else {
+                let (code, details) = if downloading {
+                    (
+                        DOWNLOAD_TIMEOUT,
+                        format!(
+                            "the device did not finish downloading within {} s",
+                            window.as_secs()
+                        ),
+                    )
+                } else {
+                    (
+                        ROLLBACK_WINDOW,
+                        format!(
+                            "the device did not come back with {} within the {} s rollback window",
+                            ctx.update.version,
+                            window.as_secs()
+                        ),
+                    )
+                };
+                return Err(Stop(
+                    Status::Failed,
+                    outcome(0, gateway_code(code), details),
+                ));
+            };
+            let verdict = self
+                .rollouts
+                .inner
+                .handlers
+                .runtime()
+                .interpret_report(
+                    &ctx.handler.handler,
+                    &ctx.services,
+                    &ctx.device,
+                    &ctx.update,
+                    &DeviceReport {
+                        kind: report.kind,
+                        payload: report.payload,
+                    },
+                )
+                .await
+                .map_err(|err| {
+                    Stop(
+                        Status::Failed,
+                        outcome(
+                            0,
+                            gateway_code(HANDLER_TRAPPED),
+                            format!("the handler failed: {err}"),
+                        ),
+                    )
+                })?;
+            match verdict {
+                ReportVerdict::Ignored => {}
+                ReportVerdict::InProgress(progress) => {
+                    self.set_step(if downloading { "download" } else { "verify" }, progress)
+                        .await;
+                    if downloading && progress == Some(100) {
+                        return Ok(None);
+                    }
+                }
+                ReportVerdict::Finished(done) if done.result_code > 0 => return Ok(Some(done)),
+                ReportVerdict::Finished(failed) => return Err(Stop(Status::Failed, failed)),
+            }
+        }
+    }
+
+    /// The handler's cancel step, then the cancelled stop.
+    async fn cancelled(&self, ctx: &Ctx) -> Stop {
+        let runtime = self.rollouts.inner.handlers.runtime();
+        let answer = runtime
+            .step(
+                &ctx.handler.handler,
+                &ctx.services,
+                Step::Cancel,
+                &ctx.device,
+                &ctx.update,
+            )
+            .await;
+        let details = match answer {
+            Ok(o) => format!("cancelled: {}", o.details),
+            Err(err) => format!("cancelled; the handler's cancel failed: {err}"),
+        };
+        Stop(Status::Cancelled, outcome(-1, 0, details))
+    }
+
+    async fn set_step(&self, step: &str, progress: Option<u8>) {
+        let (rollout, device, step) = (self.rollout.clone(), self.device.clone(), step.to_owned());
+        let _ = self
+            .rollouts
+            .inner
+            .store
+            .call(move |conn| {
+                conn.execute(
+                    "UPDATE rollout_devices SET step = ?3, progress = COALESCE(?4, progress), updated_at = ?5 \
+                     WHERE rollout_id = ?1 AND device_id = ?2",
+                    params![rollout, device, step, progress, now_millis()],
+                )?;
+                Ok(())
+            })
+            .await;
+    }
+
+    /// Records the end, queues the result for the cloud, returns the install result.
+    async fn finish(
+        &self,
+        status: Status,
+        last: &Outcome,
+        phases: &[Phase],
+        step_index: usize,
+        ctx: Option<&Ctx>,
+    ) -> contract::InstallResult {
+        let code = if status == Status::Succeeded && last.result_code < 700 {
+            700
+        } else {
+            last.result_code
+        };
+        let result = contract::InstallResult {
+            result_code: code,
+            extended_result_code: last.extended_code as i32,
+            result_details: last.details.clone(),
+            step_results: BTreeMap::from([(
+                format!("step_{step_index}"),
+                contract::StepResult {
+                    result_code: code,
+                    extended_result_code: last.extended_code as i32,
+                    result_details: last.details.clone(),
+                },
+            )]),
+        };
+        let recorded = serde_json::to_string(&Recorded {
+            last_install_result: result.clone(),
+            phases: phases.to_vec(),
+        })
+        .expect("serialisable");
+        let (rollout, device) = (self.rollout.clone(), self.device.clone());
+        let now = now_millis();
+        if let Err(err) = self
+            .rollouts
+            .inner
+            .store
+            .call(move |conn| {
+                conn.execute(
+                    "UPDATE rollout_devices SET status = ?3, result = ?4, finished_at = ?5, updated_at = ?5 \
+                     WHERE rollout_id = ?1 AND device_id = ?2",
+                    params![rollout, device, status.as_str(), recorded, now],
+                )?;
+                Ok(())
+            })
+            .await
+        {
+            tracing::error!(error = %err, "cannot record the device's result");
+        }
+        tracing::info!(status = status.as_str(), code, details = %last.details, "device update ended");
+        if contract::valid_id(&self.device) {
+            let agent = self.agent(
+                ctx,
+                if matches!(status, Status::Succeeded | Status::Skipped) {
+                    IDLE
+                } else {
+                    FAILED
+                },
+                Some(result.clone()),
+                status,
+            );
+            let body = contract::DeploymentResult {
+                schema: schema::RESULT.into(),
+                message_id: contract::message_id(),
+                deployment_id: self.rollout.clone(),
+                device_id: self.device.clone(),
+                agent,
+                at: now,
+            };
+            let topic = topics::result(&self.rollouts.inner.gateway, &self.rollout, &self.device);
+            self.rollouts.enqueue(topic, &body, false).await;
+        }
+        result
+    }
+
+    fn agent(
+        &self,
+        ctx: Option<&Ctx>,
+        state: i32,
+        last: Option<contract::InstallResult>,
+        status: Status,
+    ) -> contract::AgentState {
+        let manifest = &self.manifest.manifest;
+        contract::AgentState {
+            device_properties: ctx
+                .map(|c| {
+                    c.device
+                        .properties
+                        .iter()
+                        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            compat_property_names: "manufacturer,model".into(),
+            last_install_result: last,
+            state,
+            workflow: Some(contract::Workflow {
+                action: APPLY_DEPLOYMENT,
+                id: self.rollout.clone(),
+                retry_timestamp: None,
+            }),
+            installed_update_id: matches!(status, Status::Succeeded | Status::Skipped)
+                .then(|| manifest.update_id.to_string()),
+        }
+    }
+
+    /// The device's reported state (retained), ADU-style.
+    async fn publish_reported(&self, ctx: &Ctx, state: i32, last: Option<contract::InstallResult>) {
+        if !contract::valid_id(&self.device) {
+            return;
+        }
+        let status = if state == IDLE {
+            Status::Succeeded
+        } else {
+            Status::Failed
+        };
+        let mut agent = self.agent(Some(ctx), state, last, status);
+        if state == IN_PROGRESS {
+            agent.installed_update_id = None;
+        }
+        let body = contract::DeviceReported {
+            schema: schema::DEVICE_REPORTED.into(),
+            message_id: contract::message_id(),
+            device_id: self.device.clone(),
+            agent,
+            desired_version: 0,
+            at: now_millis(),
+        };
+        let topic = topics::device_reported(&self.rollouts.inner.gateway, &self.device);
+        self.rollouts.enqueue(topic, &body, true).await;
+    }
+}

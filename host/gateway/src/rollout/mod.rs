@@ -1,0 +1,974 @@
+//! Rollouts: deployments carried out device by device, wave by wave.
+//!
+//! A rollout is a signed update manifest plus [`RolloutSpec`] settings. It comes from the
+//! cloud (`deployments/{id}` over the uplink) or is created locally (`outpost rollout
+//! create`, for offline sites). Its targeted devices and their waves are fixed when it is
+//! created. The engine then, on every wake-up:
+//!
+//! * starts the devices of the current wave (all at once for `immediate`, `maxParallel`
+//!   inside the maintenance window for `batch`);
+//! * stops the whole rollout when failures cross the error threshold (hawkBit's
+//!   emergency stop), cancelling the devices in flight;
+//! * moves to the next wave when the current one is done and enough of it succeeded, or
+//!   pauses for the operator when not.
+//!
+//! Each device runs through its handler (chosen by device type): is-installed, download,
+//! install, apply, and then the device must come back with the new version within the
+//! rollback window. Results are ADU-shaped, kept in the store and queued for the cloud
+//! through the outbox (`results/…`, `reported/…`, `rollouts/…`).
+
+pub(crate) mod job;
+pub(crate) mod services;
+pub(crate) mod spec;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use outpost_cache::FirmwareCache;
+use outpost_cache::manifest::VerifiedManifest;
+use outpost_runtime::HandlerRegistry;
+use outpost_store::rusqlite::{OptionalExtension, params};
+use outpost_store::{Device, Store};
+use outpost_uplink::contract::{self, schema, topics};
+use outpost_uplink::{Message, Outbox, Priority};
+use serde::Serialize;
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub(crate) use services::Mailbox;
+pub(crate) use spec::RolloutSpec;
+
+/// How often the engine looks again without being woken.
+const TICK: Duration = Duration::from_secs(1);
+
+/// Unix milliseconds now.
+pub(crate) fn now_millis() -> i64 {
+    outpost_store::Timestamp::now().unix_millis()
+}
+
+/// Where a rollout came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Origin {
+    /// A deployment over the uplink.
+    Cloud,
+    /// `outpost rollout create` or the local API.
+    Local,
+}
+
+impl Origin {
+    const fn as_str(self) -> &'static str {
+        match self {
+            Self::Cloud => "cloud",
+            Self::Local => "local",
+        }
+    }
+}
+
+/// Why an operator's request was refused.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RolloutError {
+    /// The request is wrong; the text says how.
+    #[error("{0}")]
+    Invalid(String),
+    /// No rollout with that id.
+    #[error("no rollout {0:?}")]
+    NotFound(String),
+    /// The rollout is not in a state that allows it.
+    #[error("{0}")]
+    Conflict(String),
+    /// The store or cache failed.
+    #[error("{0}")]
+    Internal(String),
+}
+
+fn internal(err: impl std::fmt::Display) -> RolloutError {
+    RolloutError::Internal(err.to_string())
+}
+
+/// A rollout as the API and CLI show it.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct RolloutView {
+    pub(crate) id: String,
+    pub(crate) origin: String,
+    pub(crate) update_id: String,
+    pub(crate) state: String,
+    pub(crate) reason: Option<String>,
+    /// The wave in progress, 0-based.
+    pub(crate) wave: u32,
+    pub(crate) waves: u32,
+    pub(crate) spec: serde_json::Value,
+    pub(crate) counts: BTreeMap<String, u64>,
+    /// Per wave: devices and how many succeeded/failed.
+    pub(crate) wave_counts: Vec<BTreeMap<String, u64>>,
+    pub(crate) created_at: i64,
+    pub(crate) updated_at: i64,
+    pub(crate) finished_at: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) devices: Option<Vec<DeviceProgress>>,
+}
+
+/// One targeted device's progress.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct DeviceProgress {
+    pub(crate) device_id: String,
+    pub(crate) wave: u32,
+    pub(crate) status: String,
+    pub(crate) step: Option<String>,
+    pub(crate) progress: Option<u8>,
+    pub(crate) result: Option<serde_json::Value>,
+    pub(crate) attempts: u32,
+    pub(crate) started_at: Option<i64>,
+    pub(crate) finished_at: Option<i64>,
+}
+
+const STATUSES: [&str; 6] = [
+    "pending",
+    "running",
+    "succeeded",
+    "failed",
+    "cancelled",
+    "skipped",
+];
+
+/// A device report on its way to the update it concerns.
+#[derive(Debug)]
+pub(crate) struct Report {
+    pub(crate) kind: String,
+    pub(crate) payload: Vec<u8>,
+}
+
+/// An update in flight on one device.
+#[derive(Debug)]
+struct Running {
+    rollout: String,
+    reports: mpsc::UnboundedSender<Report>,
+    cancel: CancellationToken,
+}
+
+/// The rollout engine. Cheap to clone.
+#[derive(Clone, Debug)]
+pub(crate) struct Rollouts {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) store: Store,
+    pub(crate) firmware: FirmwareCache,
+    pub(crate) handlers: Arc<HandlerRegistry>,
+    pub(crate) outbox: Outbox,
+    pub(crate) mailbox: Arc<Mailbox>,
+    pub(crate) gateway: String,
+    wake: Notify,
+    running: Mutex<HashMap<String, Running>>,
+    jobs: TaskTracker,
+}
+
+impl Rollouts {
+    /// The engine; call [`run`](Self::run) to drive it.
+    pub(crate) fn new(
+        store: Store,
+        firmware: FirmwareCache,
+        handlers: Arc<HandlerRegistry>,
+        outbox: Outbox,
+        mailbox: Arc<Mailbox>,
+        gateway: String,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                store,
+                firmware,
+                handlers,
+                outbox,
+                mailbox,
+                gateway,
+                wake: Notify::new(),
+                running: Mutex::new(HashMap::new()),
+                jobs: TaskTracker::new(),
+            }),
+        }
+    }
+
+    /// The device mailbox handlers talk through.
+    pub(crate) fn mailbox(&self) -> &Arc<Mailbox> {
+        &self.inner.mailbox
+    }
+
+    fn running(&self) -> MutexGuard<'_, HashMap<String, Running>> {
+        self.inner
+            .running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Drives every rollout until `shutdown`; then cancels nothing (devices in flight
+    /// are picked up again at the next start) and waits for the jobs to wind down.
+    pub(crate) async fn run(self, shutdown: CancellationToken) {
+        // Devices that were mid-update when the gateway stopped start over (is-installed
+        // first, so a device that finished meanwhile is recognised).
+        if let Err(err) = self
+            .inner
+            .store
+            .call(|conn| {
+                conn.execute(
+                    "UPDATE rollout_devices SET status = 'pending', step = NULL, progress = NULL \
+                     WHERE status = 'running'",
+                    [],
+                )?;
+                Ok(())
+            })
+            .await
+        {
+            tracing::error!(error = %err, "cannot recover rollouts");
+            return;
+        }
+        loop {
+            if let Err(err) = self.ingest_deployments().await {
+                tracing::warn!(error = %err, "reading deployments from the cloud failed");
+            }
+            match self.active().await {
+                Ok(ids) => {
+                    for id in ids {
+                        if let Err(err) = self.advance(&id, &shutdown).await {
+                            tracing::warn!(rollout = %id, error = %err, "advancing a rollout failed");
+                        }
+                    }
+                }
+                Err(err) => tracing::warn!(error = %err, "listing rollouts failed"),
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = self.inner.wake.notified() => {}
+                () = tokio::time::sleep(TICK) => {}
+            }
+        }
+        for job in self.running().values() {
+            job.cancel.cancel();
+        }
+        self.inner.jobs.close();
+        self.inner.jobs.wait().await;
+    }
+
+    /// Wakes the engine (after a change it should act on).
+    pub(crate) fn wake(&self) {
+        self.inner.wake.notify_one();
+    }
+
+    async fn active(&self) -> Result<Vec<String>, RolloutError> {
+        self.inner
+            .store
+            .call(|conn| {
+                let mut stmt = conn.prepare_cached(
+                    "SELECT id FROM rollouts WHERE state IN ('scheduled', 'running') ORDER BY created_at",
+                )?;
+                let ids = stmt
+                    .query_map([], |row| row.get(0))?
+                    .collect::<Result<Vec<String>, _>>()?;
+                Ok(ids)
+            })
+            .await
+            .map_err(internal)
+    }
+
+    /// Turns deployments the uplink stored into rollouts (or records why not).
+    async fn ingest_deployments(&self) -> Result<(), RolloutError> {
+        let inbound: Vec<(String, String)> = self
+            .inner
+            .store
+            .call(|conn| {
+                let mut stmt = conn.prepare_cached(
+                    "SELECT id, body FROM inbound_deployments WHERE outcome IS NULL ORDER BY received_at",
+                )?;
+                let rows = stmt
+                    .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(rows)
+            })
+            .await
+            .map_err(internal)?;
+        for (id, body) in inbound {
+            let outcome = match serde_json::from_str::<contract::Deployment>(&body) {
+                Err(err) => Err(RolloutError::Invalid(format!(
+                    "malformed deployment: {err}"
+                ))),
+                Ok(deployment) => {
+                    let spec = if deployment.rollout.is_null() {
+                        Ok(RolloutSpec::default())
+                    } else {
+                        serde_json::from_value::<RolloutSpec>(deployment.rollout.clone())
+                            .map_err(|err| RolloutError::Invalid(format!("rollout: {err}")))
+                    };
+                    match spec {
+                        Ok(spec) => self
+                            .create(Some(id.clone()), Origin::Cloud, &deployment.manifest, spec)
+                            .await
+                            .map(drop),
+                        Err(err) => Err(err),
+                    }
+                }
+            };
+            let recorded = match &outcome {
+                Ok(()) => "accepted".to_owned(),
+                Err(err) => {
+                    tracing::warn!(deployment = %id, error = %err, "deployment refused");
+                    self.publish_refusal(&id, &err.to_string()).await;
+                    format!("refused: {err}")
+                }
+            };
+            let id2 = id.clone();
+            self.inner
+                .store
+                .call(move |conn| {
+                    conn.execute(
+                        "UPDATE inbound_deployments SET outcome = ?2 WHERE id = ?1",
+                        params![id2, recorded],
+                    )?;
+                    Ok(())
+                })
+                .await
+                .map_err(internal)?;
+        }
+        Ok(())
+    }
+
+    /// Creates a rollout: verifies the manifest, pins its files, fixes the devices and
+    /// their waves. `id` defaults to a fresh one.
+    pub(crate) async fn create(
+        &self,
+        id: Option<String>,
+        origin: Origin,
+        jws: &str,
+        spec: RolloutSpec,
+    ) -> Result<RolloutView, RolloutError> {
+        spec.validate().map_err(RolloutError::Invalid)?;
+        let id = id.unwrap_or_else(|| format!("local-{}", contract::message_id()));
+        if !contract::valid_id(&id) {
+            return Err(RolloutError::Invalid(format!(
+                "rollout id {id:?} must be 1-128 characters of A-Z a-z 0-9 . _ : -"
+            )));
+        }
+        if self.view(&id, false).await.is_ok() {
+            return Err(RolloutError::Conflict(format!(
+                "a rollout {id:?} already exists"
+            )));
+        }
+        let verified = self
+            .inner
+            .firmware
+            .add_manifest(jws)
+            .await
+            .map_err(|err| RolloutError::Invalid(format!("the manifest was refused: {err}")))?;
+        let manifest = &verified.manifest;
+        let step_handlers: HashSet<&str> =
+            manifest.steps.iter().map(|s| s.handler.as_str()).collect();
+        let group_members = match &spec.target.group {
+            None => None,
+            Some(group) => Some(
+                self.inner
+                    .store
+                    .list_groups()
+                    .await
+                    .map_err(internal)?
+                    .into_iter()
+                    .find(|g| &g.id == group)
+                    .ok_or_else(|| RolloutError::Invalid(format!("no device group {group:?}")))?
+                    .members
+                    .into_iter()
+                    .collect::<HashSet<_>>(),
+            ),
+        };
+        let mut targeted: Vec<Device> = self
+            .inner
+            .store
+            .list_devices()
+            .await
+            .map_err(internal)?
+            .into_iter()
+            .filter(|d| d.state != outpost_store::DeviceState::Retired)
+            .filter(|d| spec.target.matches(d))
+            .filter(|d| group_members.as_ref().is_none_or(|m| m.contains(&d.id)))
+            .filter(|d| compatible(&verified, d))
+            .filter(|d| {
+                self.inner
+                    .handlers
+                    .for_device_type(&d.device_type)
+                    .is_some_and(|h| step_handlers.contains(h.manifest.name.as_str()))
+            })
+            .collect();
+        if targeted.is_empty() {
+            return Err(RolloutError::Invalid(format!(
+                "no device matches: {} needs a device compatible with {} whose type has an \
+                 installed handler among [{}] and that the target selects",
+                manifest.update_id,
+                serde_json::to_string(&manifest.compatibility).unwrap_or_default(),
+                step_handlers.into_iter().collect::<Vec<_>>().join(", ")
+            )));
+        }
+        targeted.sort_by(|a, b| a.id.cmp(&b.id));
+        for file in &manifest.files {
+            self.inner
+                .firmware
+                .pin(file.sha256, &pin_holder(&id))
+                .await
+                .map_err(|err| RolloutError::Invalid(format!("file {}: {err}", file.id)))?;
+            self.inner.firmware.prefetch(file.sha256);
+        }
+        let now = now_millis();
+        let state = match spec.start_millis() {
+            Some(start) if start > now => "scheduled",
+            _ => "running",
+        };
+        let total = targeted.len();
+        let rows: Vec<(String, u32)> = targeted
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (d.id.clone(), spec.wave_of(i, total)))
+            .collect();
+        let spec_json = serde_json::to_string(&spec).expect("serialisable");
+        let (id2, jws2, update_id) = (id.clone(), jws.to_owned(), manifest.update_id.to_string());
+        self.inner
+            .store
+            .call(move |conn| {
+                let tx = conn.transaction()?;
+                tx.execute(
+                    "INSERT INTO rollouts (id, origin, manifest, update_id, spec, state, wave, created_at, updated_at) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7, ?7)",
+                    params![id2, origin.as_str(), jws2, update_id, spec_json, state, now],
+                )?;
+                for (device, wave) in rows {
+                    tx.execute(
+                        "INSERT INTO rollout_devices (rollout_id, device_id, wave, status, updated_at) \
+                         VALUES (?1, ?2, ?3, 'pending', ?4)",
+                        params![id2, device, wave, now],
+                    )?;
+                }
+                tx.commit()?;
+                Ok(())
+            })
+            .await
+            .map_err(internal)?;
+        tracing::info!(rollout = %id, update = %manifest.update_id, devices = total, state, "rollout created");
+        self.publish_status(&id).await;
+        self.wake();
+        self.view(&id, false).await
+    }
+
+    /// One step of the engine for rollout `id`.
+    async fn advance(&self, id: &str, shutdown: &CancellationToken) -> Result<(), RolloutError> {
+        let view = self.view(id, true).await?;
+        let spec: RolloutSpec = serde_json::from_value(view.spec.clone()).map_err(internal)?;
+        let devices = view.devices.unwrap_or_default();
+        if view.state == "scheduled" {
+            if spec
+                .start_millis()
+                .is_none_or(|start| start <= now_millis())
+            {
+                self.set_state(id, "running", None, None).await?;
+            }
+            return Ok(());
+        }
+        let total = devices.len() as u64;
+        let failed = view.counts.get("failed").copied().unwrap_or(0);
+        if let Some(threshold) = spec.error_threshold
+            && threshold.crossed(failed, total)
+        {
+            let reason = format!(
+                "error threshold crossed: {failed} of {total} devices failed (threshold: {threshold})"
+            );
+            tracing::warn!(rollout = %id, %reason, "rollout stopped");
+            self.cancel_devices(id).await?;
+            self.set_state(id, "stopped", Some(reason), None).await?;
+            return Ok(());
+        }
+        let wave = view.wave;
+        let in_wave: Vec<&DeviceProgress> = devices.iter().filter(|d| d.wave == wave).collect();
+        let done = in_wave
+            .iter()
+            .all(|d| !matches!(d.status.as_str(), "pending" | "running"));
+        if done {
+            let ok = in_wave
+                .iter()
+                .filter(|d| matches!(d.status.as_str(), "succeeded" | "skipped"))
+                .count() as u64;
+            let n = in_wave.len() as u64;
+            let pct = if n == 0 { 100 } else { ok * 100 / n };
+            if pct < u64::from(spec.success_threshold) {
+                let reason = format!(
+                    "wave {} of {}: {ok} of {n} devices succeeded ({pct}%), below the {}% \
+                     success threshold; resume to go on, or retry the failed devices",
+                    wave + 1,
+                    view.waves,
+                    spec.success_threshold
+                );
+                self.set_state(id, "paused", Some(reason), None).await?;
+            } else {
+                self.next_wave(id, wave, view.waves).await?;
+            }
+            return Ok(());
+        }
+        if spec.priority == spec::RolloutPriority::Batch
+            && let Some(window) = &spec.window
+            && !window
+                .is_open(jiff_cron::jiff::Timestamp::now())
+                .unwrap_or(false)
+        {
+            return Ok(());
+        }
+        let limit = match spec.priority {
+            spec::RolloutPriority::Immediate => usize::MAX,
+            spec::RolloutPriority::Batch => spec.max_parallel as usize,
+        };
+        let mut running = in_wave.iter().filter(|d| d.status == "running").count();
+        let manifest = Arc::new(self.manifest_of(id).await?);
+        for device in in_wave.iter().filter(|d| d.status == "pending") {
+            if running >= limit || shutdown.is_cancelled() {
+                break;
+            }
+            if self.start_device(id, &device.device_id, &manifest, &spec) {
+                running += 1;
+            }
+        }
+        Ok(())
+    }
+
+    async fn next_wave(&self, id: &str, wave: u32, waves: u32) -> Result<(), RolloutError> {
+        if wave + 1 >= waves {
+            self.set_state(id, "finished", None, None).await?;
+            self.unpin(id).await;
+            tracing::info!(rollout = %id, "rollout finished");
+        } else {
+            tracing::info!(rollout = %id, wave = wave + 2, "next wave");
+            self.set_state(id, "running", None, Some(wave + 1)).await?;
+        }
+        self.wake();
+        Ok(())
+    }
+
+    async fn manifest_of(&self, id: &str) -> Result<VerifiedManifest, RolloutError> {
+        let id2 = id.to_owned();
+        let jws: String = self
+            .inner
+            .store
+            .call(move |conn| {
+                Ok(
+                    conn.query_row("SELECT manifest FROM rollouts WHERE id = ?1", [id2], |r| {
+                        r.get(0)
+                    })?,
+                )
+            })
+            .await
+            .map_err(internal)?;
+        // Verified again as read back: the store is not trusted with signatures.
+        self.inner
+            .firmware
+            .add_manifest(&jws)
+            .await
+            .map_err(|err| RolloutError::Internal(format!("the stored manifest: {err}")))
+    }
+
+    /// Starts the update of one device unless it already has one in flight.
+    fn start_device(
+        &self,
+        rollout: &str,
+        device: &str,
+        manifest: &Arc<VerifiedManifest>,
+        spec: &RolloutSpec,
+    ) -> bool {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let cancel = CancellationToken::new();
+        {
+            let mut running = self.running();
+            if running.contains_key(device) {
+                return false;
+            }
+            running.insert(
+                device.to_owned(),
+                Running {
+                    rollout: rollout.to_owned(),
+                    reports: tx,
+                    cancel: cancel.clone(),
+                },
+            );
+        }
+        let job = job::Job {
+            rollouts: self.clone(),
+            rollout: rollout.to_owned(),
+            device: device.to_owned(),
+            manifest: Arc::clone(manifest),
+            spec: spec.clone(),
+            reports: rx,
+            cancel,
+        };
+        let span = tracing::info_span!("update", rollout = %rollout, device = %device);
+        self.inner
+            .jobs
+            .spawn(tracing::Instrument::instrument(job.run(), span));
+        true
+    }
+
+    /// Called by a job when it ends.
+    fn job_ended(&self, device: &str) {
+        self.running().remove(device);
+        self.wake();
+    }
+
+    /// Hands a device's report to the update in flight on it. False when none is.
+    pub(crate) fn report(&self, device: &str, kind: String, payload: Vec<u8>) -> bool {
+        self.running()
+            .get(device)
+            .is_some_and(|job| job.reports.send(Report { kind, payload }).is_ok())
+    }
+
+    /// Pauses a running or scheduled rollout: no device starts; those in flight finish.
+    pub(crate) async fn pause(&self, id: &str) -> Result<RolloutView, RolloutError> {
+        let view = self.view(id, false).await?;
+        if !matches!(view.state.as_str(), "running" | "scheduled") {
+            return Err(RolloutError::Conflict(format!(
+                "rollout {id} is {}; only a running or scheduled rollout can be paused",
+                view.state
+            )));
+        }
+        self.set_state(id, "paused", Some("paused by the operator".into()), None)
+            .await?;
+        self.view(id, false).await
+    }
+
+    /// Resumes a paused rollout. A wave that paused below its success threshold is
+    /// accepted as it is and the next one starts.
+    pub(crate) async fn resume(&self, id: &str) -> Result<RolloutView, RolloutError> {
+        let view = self.view(id, true).await?;
+        if view.state != "paused" {
+            return Err(RolloutError::Conflict(format!(
+                "rollout {id} is {}; only a paused rollout can be resumed",
+                view.state
+            )));
+        }
+        let wave_done =
+            view.devices.as_deref().unwrap_or_default().iter().all(|d| {
+                d.wave != view.wave || !matches!(d.status.as_str(), "pending" | "running")
+            });
+        if wave_done {
+            self.next_wave(id, view.wave, view.waves).await?;
+        } else {
+            self.set_state(id, "running", None, None).await?;
+        }
+        self.wake();
+        self.view(id, false).await
+    }
+
+    /// Cancels a rollout: devices in flight are cancelled through their handler, pending
+    /// ones never start, and the files are unpinned.
+    pub(crate) async fn cancel(&self, id: &str) -> Result<RolloutView, RolloutError> {
+        let view = self.view(id, false).await?;
+        if matches!(view.state.as_str(), "cancelled" | "finished") {
+            return Err(RolloutError::Conflict(format!(
+                "rollout {id} is already {}",
+                view.state
+            )));
+        }
+        self.cancel_devices(id).await?;
+        self.set_state(
+            id,
+            "cancelled",
+            Some("cancelled by the operator".into()),
+            None,
+        )
+        .await?;
+        self.unpin(id).await;
+        self.view(id, false).await
+    }
+
+    /// Puts the failed devices back in line and runs the rollout again.
+    pub(crate) async fn retry(&self, id: &str) -> Result<RolloutView, RolloutError> {
+        let view = self.view(id, false).await?;
+        if matches!(view.state.as_str(), "cancelled") {
+            return Err(RolloutError::Conflict(format!(
+                "rollout {id} was cancelled"
+            )));
+        }
+        if view.counts.get("failed").copied().unwrap_or(0) == 0 {
+            return Err(RolloutError::Conflict(format!(
+                "rollout {id} has no failed devices"
+            )));
+        }
+        let id2 = id.to_owned();
+        // The retried devices form the current wave again, so thresholds apply to them.
+        let first_failed_wave: u32 = self
+            .inner
+            .store
+            .call(move |conn| {
+                let tx = conn.transaction()?;
+                let wave: u32 = tx.query_row(
+                    "SELECT MIN(wave) FROM rollout_devices WHERE rollout_id = ?1 AND status = 'failed'",
+                    [&id2],
+                    |r| r.get(0),
+                )?;
+                tx.execute(
+                    "UPDATE rollout_devices SET status = 'pending', step = NULL, progress = NULL, \
+                     finished_at = NULL, updated_at = ?2 WHERE rollout_id = ?1 AND status = 'failed'",
+                    params![id2, now_millis()],
+                )?;
+                tx.commit()?;
+                Ok(wave)
+            })
+            .await
+            .map_err(internal)?;
+        for file in self.manifest_of(id).await?.manifest.files {
+            let _ = self.inner.firmware.pin(file.sha256, &pin_holder(id)).await;
+        }
+        self.set_state(id, "running", None, Some(first_failed_wave.min(view.wave)))
+            .await?;
+        self.wake();
+        self.view(id, false).await
+    }
+
+    async fn cancel_devices(&self, id: &str) -> Result<(), RolloutError> {
+        for job in self.running().values().filter(|j| j.rollout == id) {
+            job.cancel.cancel();
+        }
+        let id2 = id.to_owned();
+        self.inner
+            .store
+            .call(move |conn| {
+                conn.execute(
+                    "UPDATE rollout_devices SET status = 'cancelled', updated_at = ?2 \
+                     WHERE rollout_id = ?1 AND status = 'pending'",
+                    params![id2, now_millis()],
+                )?;
+                Ok(())
+            })
+            .await
+            .map_err(internal)
+    }
+
+    async fn unpin(&self, id: &str) {
+        if let Ok(manifest) = self.manifest_of(id).await {
+            for file in manifest.manifest.files {
+                if let Err(err) = self
+                    .inner
+                    .firmware
+                    .unpin(file.sha256, &pin_holder(id))
+                    .await
+                {
+                    tracing::warn!(rollout = %id, error = %err, "unpinning failed");
+                }
+            }
+        }
+    }
+
+    async fn set_state(
+        &self,
+        id: &str,
+        state: &'static str,
+        reason: Option<String>,
+        wave: Option<u32>,
+    ) -> Result<(), RolloutError> {
+        let id2 = id.to_owned();
+        let ends = matches!(state, "finished" | "cancelled" | "stopped");
+        self.inner
+            .store
+            .call(move |conn| {
+                let now = now_millis();
+                conn.execute(
+                    "UPDATE rollouts SET state = ?2, reason = ?3, wave = COALESCE(?4, wave), \
+                     updated_at = ?5, finished_at = CASE WHEN ?6 THEN ?5 ELSE NULL END WHERE id = ?1",
+                    params![id2, state, reason, wave, now, ends],
+                )?;
+                Ok(())
+            })
+            .await
+            .map_err(internal)?;
+        self.publish_status(id).await;
+        Ok(())
+    }
+
+    /// Every rollout, newest first, without per-device detail.
+    pub(crate) async fn list(&self) -> Result<Vec<RolloutView>, RolloutError> {
+        let ids: Vec<String> = self
+            .inner
+            .store
+            .call(|conn| {
+                let mut stmt =
+                    conn.prepare_cached("SELECT id FROM rollouts ORDER BY created_at DESC")?;
+                let ids = stmt
+                    .query_map([], |row| row.get(0))?
+                    .collect::<Result<Vec<String>, _>>()?;
+                Ok(ids)
+            })
+            .await
+            .map_err(internal)?;
+        let mut views = Vec::with_capacity(ids.len());
+        for id in ids {
+            views.push(self.view(&id, false).await?);
+        }
+        Ok(views)
+    }
+
+    /// One rollout, with its devices when `devices` is set.
+    pub(crate) async fn view(&self, id: &str, devices: bool) -> Result<RolloutView, RolloutError> {
+        let id2 = id.to_owned();
+        let found = self
+            .inner
+            .store
+            .call(move |conn| {
+                let head = conn
+                    .query_row(
+                        "SELECT origin, update_id, spec, state, reason, wave, created_at, updated_at, finished_at \
+                         FROM rollouts WHERE id = ?1",
+                        [&id2],
+                        |r| {
+                            Ok((
+                                r.get::<_, String>(0)?,
+                                r.get::<_, String>(1)?,
+                                r.get::<_, String>(2)?,
+                                r.get::<_, String>(3)?,
+                                r.get::<_, Option<String>>(4)?,
+                                r.get::<_, u32>(5)?,
+                                r.get::<_, i64>(6)?,
+                                r.get::<_, i64>(7)?,
+                                r.get::<_, Option<i64>>(8)?,
+                            ))
+                        },
+                    )
+                    .optional()?;
+                let Some(head) = head else { return Ok(None) };
+                let mut stmt = conn.prepare_cached(
+                    "SELECT device_id, wave, status, step, progress, result, attempts, started_at, finished_at \
+                     FROM rollout_devices WHERE rollout_id = ?1 ORDER BY wave, device_id",
+                )?;
+                let rows = stmt
+                    .query_map([&id2], |r| {
+                        Ok(DeviceProgress {
+                            device_id: r.get(0)?,
+                            wave: r.get(1)?,
+                            status: r.get(2)?,
+                            step: r.get(3)?,
+                            progress: r.get(4)?,
+                            result: r
+                                .get::<_, Option<String>>(5)?
+                                .and_then(|s| serde_json::from_str(&s).ok()),
+                            attempts: r.get(6)?,
+                            started_at: r.get(7)?,
+                            finished_at: r.get(8)?,
+                        })
+                    })?
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(Some((head, rows)))
+            })
+            .await
+            .map_err(internal)?;
+        let Some((
+            (origin, update_id, spec, state, reason, wave, created, updated, finished),
+            rows,
+        )) = found
+        else {
+            return Err(RolloutError::NotFound(id.to_owned()));
+        };
+        let spec: serde_json::Value = serde_json::from_str(&spec).map_err(internal)?;
+        let waves = spec["waves"].as_array().map_or(1, Vec::len) as u32;
+        let mut counts: BTreeMap<String, u64> =
+            STATUSES.iter().map(|s| ((*s).to_owned(), 0)).collect();
+        let mut wave_counts: Vec<BTreeMap<String, u64>> = (0..waves)
+            .map(|_| {
+                STATUSES
+                    .iter()
+                    .map(|s| ((*s).to_owned(), 0))
+                    .chain([("devices".to_owned(), 0)])
+                    .collect()
+            })
+            .collect();
+        for row in &rows {
+            *counts.entry(row.status.clone()).or_default() += 1;
+            if let Some(w) = wave_counts.get_mut(row.wave as usize) {
+                *w.entry(row.status.clone()).or_default() += 1;
+                *w.entry("devices".into()).or_default() += 1;
+            }
+        }
+        Ok(RolloutView {
+            id: id.to_owned(),
+            origin,
+            update_id,
+            state,
+            reason,
+            wave,
+            waves,
+            spec,
+            counts,
+            wave_counts,
+            created_at: created,
+            updated_at: updated,
+            finished_at: finished,
+            devices: devices.then_some(rows),
+        })
+    }
+
+    /// Queues the rollout's status for the cloud (retained).
+    async fn publish_status(&self, id: &str) {
+        let Ok(view) = self.view(id, false).await else {
+            return;
+        };
+        let status = contract::RolloutStatus {
+            schema: schema::ROLLOUT.into(),
+            message_id: contract::message_id(),
+            deployment_id: view.id.clone(),
+            update_id: view.update_id.clone(),
+            state: view.state.clone(),
+            reason: view.reason.clone(),
+            wave: view.wave,
+            waves: view.waves,
+            counts: view.counts.clone(),
+            at: now_millis(),
+        };
+        self.enqueue(topics::rollout(&self.inner.gateway, id), &status, true)
+            .await;
+    }
+
+    async fn publish_refusal(&self, id: &str, reason: &str) {
+        let status = contract::RolloutStatus {
+            schema: schema::ROLLOUT.into(),
+            message_id: contract::message_id(),
+            deployment_id: id.to_owned(),
+            update_id: String::new(),
+            state: "refused".into(),
+            reason: Some(reason.to_owned()),
+            wave: 0,
+            waves: 0,
+            counts: BTreeMap::new(),
+            at: now_millis(),
+        };
+        self.enqueue(topics::rollout(&self.inner.gateway, id), &status, true)
+            .await;
+    }
+
+    /// Queues a State-class message; a full outbox is logged (State has its reserve).
+    async fn enqueue(&self, topic: String, body: &impl Serialize, retain: bool) {
+        let message_id = contract::message_id();
+        let message = Message {
+            message_id,
+            topic,
+            payload: serde_json::to_vec(body).expect("serialisable"),
+            priority: Priority::State,
+            retain,
+            ttl: None,
+        };
+        if let Err(err) = self.inner.outbox.enqueue(message).await {
+            tracing::warn!(error = %err, "cannot queue a rollout message for the cloud");
+        }
+    }
+}
+
+fn pin_holder(rollout: &str) -> String {
+    format!("deployment:{rollout}")
+}
+
+/// Whether the device matches one of the manifest's compatibility entries.
+fn compatible(manifest: &VerifiedManifest, device: &Device) -> bool {
+    manifest.manifest.compatibility.iter().any(|entry| {
+        entry.iter().all(|(key, value)| match key.as_str() {
+            "deviceType" => device.device_type == *value,
+            _ => spec::property(device, key) == Some(value.as_str()),
+        })
+    })
+}

@@ -1,0 +1,378 @@
+//! What a handler's imports reach during a rollout: the firmware cache (`artifacts`),
+//! the device mailbox (`device-channel`) and the store (`state`).
+//!
+//! Devices pull: a device long-polls `GET /api/v1/devices/{id}/next` and gets the next
+//! command a handler sent it (asvin's "next rollout"), then answers it with
+//! `POST …/commands/{n}/reply`. A handler's `request` waits for that answer.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use hmac::{Hmac, Mac};
+use outpost_cache::{BlobBody, FirmwareCache, Sha256};
+use outpost_runtime::{
+    ArtifactSource, BoxFuture, ChannelError, DeviceChannel, ReadError, StateError, StateStore,
+};
+use outpost_store::{StateWrite, Store};
+use serde::Serialize;
+use tokio::sync::{Notify, oneshot};
+
+/// Bytes of keys and values each handler may keep.
+pub(crate) const STATE_QUOTA: u64 = 64 * 1024;
+/// A device that has not polled for this long is treated as disconnected.
+const PRESENCE: Duration = Duration::from_secs(60);
+/// Download URLs stay valid this long.
+const URL_LIFETIME: Duration = Duration::from_secs(3600);
+
+/// A command waiting for its device.
+#[derive(Clone, Debug, Serialize)]
+pub(crate) struct Pending {
+    /// Its number, for the reply.
+    pub(crate) id: u64,
+    /// The handler's command name (`ota-begin`, …).
+    pub(crate) command: String,
+    /// The payload as text when it is UTF-8 (as the handlers we know send JSON).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) payload: Option<String>,
+    /// The payload in base64, always.
+    pub(crate) payload_base64: String,
+}
+
+#[derive(Default)]
+struct Slot {
+    queue: VecDeque<Pending>,
+    replies: HashMap<u64, oneshot::Sender<Result<Vec<u8>, ChannelError>>>,
+    notify: Arc<Notify>,
+    last_poll: Option<Instant>,
+    polling: usize,
+}
+
+/// Commands from handlers to devices, and the devices' replies.
+pub(crate) struct Mailbox {
+    slots: Mutex<HashMap<String, Slot>>,
+    next_id: AtomicU64,
+    firmware_url: String,
+    url_key: [u8; 32],
+}
+
+impl std::fmt::Debug for Mailbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mailbox").finish_non_exhaustive()
+    }
+}
+
+impl Mailbox {
+    /// A mailbox whose download URLs point at `firmware_url`, signed with `url_key`.
+    pub(crate) fn new(firmware_url: String, url_key: [u8; 32]) -> Arc<Self> {
+        Arc::new(Self {
+            slots: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            firmware_url,
+            url_key,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Slot>> {
+        self.slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The next command for `device`, waiting up to `wait` for one.
+    pub(crate) async fn next(&self, device: &str, wait: Duration) -> Option<Pending> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let notify = {
+            let mut slots = self.lock();
+            let slot = slots.entry(device.to_owned()).or_default();
+            slot.polling += 1;
+            slot.last_poll = Some(Instant::now());
+            Arc::clone(&slot.notify)
+        };
+        let found = loop {
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(pending) = self
+                .lock()
+                .get_mut(device)
+                .and_then(|slot| slot.queue.pop_front())
+            {
+                break Some(pending);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                break None;
+            }
+        };
+        let mut slots = self.lock();
+        if let Some(slot) = slots.get_mut(device) {
+            slot.polling -= 1;
+            slot.last_poll = Some(Instant::now());
+        }
+        found
+    }
+
+    /// Delivers a device's answer to command `id`; false when nobody waits for it.
+    pub(crate) fn reply(&self, device: &str, id: u64, answer: Result<Vec<u8>, String>) -> bool {
+        let sender = self
+            .lock()
+            .get_mut(device)
+            .and_then(|slot| slot.replies.remove(&id));
+        match sender {
+            Some(sender) => sender.send(answer.map_err(ChannelError::Rejected)).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Whether `device` polled recently or is polling now.
+    pub(crate) fn present(&self, device: &str) -> bool {
+        self.lock().get(device).is_some_and(|slot| {
+            slot.polling > 0 || slot.last_poll.is_some_and(|at| at.elapsed() < PRESENCE)
+        })
+    }
+
+    /// The signature of a download URL (HMAC-SHA256 over sha, device and expiry).
+    fn signature(&self, sha256: &str, device: &str, expires: i64) -> String {
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(&self.url_key).expect("any key size");
+        mac.update(format!("{sha256}\n{device}\n{expires}").as_bytes());
+        hex_lower(&mac.finalize().into_bytes())
+    }
+}
+
+fn hex_lower(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl DeviceChannel for Mailbox {
+    fn request<'a>(
+        &'a self,
+        device_id: &'a str,
+        command: &'a str,
+        payload: &'a [u8],
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<Vec<u8>, ChannelError>> {
+        Box::pin(async move {
+            if !self.present(device_id) {
+                return Err(ChannelError::Disconnected);
+            }
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let (tx, rx) = oneshot::channel();
+            {
+                use base64::Engine as _;
+                let mut slots = self.lock();
+                let slot = slots.entry(device_id.to_owned()).or_default();
+                slot.queue.push_back(Pending {
+                    id,
+                    command: command.to_owned(),
+                    payload: std::str::from_utf8(payload).ok().map(str::to_owned),
+                    payload_base64: base64::engine::general_purpose::STANDARD.encode(payload),
+                });
+                slot.replies.insert(id, tx);
+                slot.notify.notify_waiters();
+            }
+            let answer = tokio::time::timeout(timeout, rx).await;
+            // Whatever happened, the command is no longer wanted.
+            if let Some(slot) = self.lock().get_mut(device_id) {
+                slot.queue.retain(|p| p.id != id);
+                slot.replies.remove(&id);
+            }
+            match answer {
+                Ok(Ok(result)) => result,
+                Ok(Err(_)) => Err(ChannelError::Disconnected),
+                Err(_) => Err(ChannelError::Timeout),
+            }
+        })
+    }
+
+    fn download_url(&self, device_id: &str, file_id: &str) -> Result<String, ChannelError> {
+        let expires = crate::rollout::now_millis() + URL_LIFETIME.as_millis() as i64;
+        let sig = self.signature(file_id, device_id, expires);
+        Ok(format!(
+            "{}/firmware/{file_id}?device={device_id}&expires={expires}&sig={sig}",
+            self.firmware_url
+        ))
+    }
+}
+
+/// The handler's view of the cache: the files of the update in hand, nothing else.
+pub(crate) struct UpdateFiles {
+    pub(crate) cache: FirmwareCache,
+    pub(crate) files: HashSet<String>,
+}
+
+impl ArtifactSource for UpdateFiles {
+    fn read(
+        &self,
+        file_id: &str,
+        offset: u64,
+        max_len: usize,
+    ) -> BoxFuture<'_, Result<Vec<u8>, ReadError>> {
+        let allowed = self.files.contains(file_id);
+        let sha = file_id.parse::<Sha256>();
+        let file_id = file_id.to_owned();
+        Box::pin(async move {
+            let sha = match (allowed, sha) {
+                (true, Ok(sha)) => sha,
+                _ => {
+                    return Err(ReadError::Unavailable(format!(
+                        "{file_id} is not in the update"
+                    )));
+                }
+            };
+            let blob = self
+                .cache
+                .ensure(sha)
+                .await
+                .map_err(|err| ReadError::Unavailable(err.to_string()))?;
+            if offset > blob.size() {
+                return Err(ReadError::OutOfRange);
+            }
+            let len = (blob.size() - offset).min(max_len as u64) as usize;
+            match blob.body().clone() {
+                BlobBody::Memory(bytes) => {
+                    Ok(bytes[offset as usize..offset as usize + len].to_vec())
+                }
+                BlobBody::File(file) => tokio::task::spawn_blocking(move || {
+                    let mut out = vec![0u8; len];
+                    std::os::unix::fs::FileExt::read_exact_at(file.as_ref(), &mut out, offset)
+                        .map(|()| out)
+                })
+                .await
+                .map_err(|err| ReadError::Unavailable(err.to_string()))?
+                .map_err(|err| ReadError::Unavailable(err.to_string())),
+            }
+        })
+    }
+}
+
+/// Handler state in the gateway's SQLite store, within [`STATE_QUOTA`] per handler.
+pub(crate) struct StoreState(pub(crate) Store);
+
+impl StateStore for StoreState {
+    fn get<'a>(
+        &'a self,
+        handler: &'a str,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Vec<u8>>, StateError>> {
+        Box::pin(async move {
+            self.0
+                .handler_state_get(handler, key)
+                .await
+                .map_err(|err| StateError::Backend(err.to_string()))
+        })
+    }
+
+    fn set<'a>(
+        &'a self,
+        handler: &'a str,
+        key: &'a str,
+        value: Vec<u8>,
+    ) -> BoxFuture<'a, Result<(), StateError>> {
+        Box::pin(async move {
+            if key.is_empty() || key.len() > outpost_runtime::MAX_KEY_LEN {
+                return Err(StateError::InvalidKey);
+            }
+            match self
+                .0
+                .handler_state_set(handler, key, value, STATE_QUOTA)
+                .await
+            {
+                Ok(StateWrite::Stored) => Ok(()),
+                Ok(StateWrite::QuotaExceeded) => Err(StateError::QuotaExceeded),
+                Err(err) => Err(StateError::Backend(err.to_string())),
+            }
+        })
+    }
+
+    fn delete<'a>(
+        &'a self,
+        handler: &'a str,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<(), StateError>> {
+        Box::pin(async move {
+            self.0
+                .handler_state_delete(handler, key)
+                .await
+                .map_err(|err| StateError::Backend(err.to_string()))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_command_reaches_a_polling_device_and_its_reply_comes_back() {
+        let mailbox = Mailbox::new("http://127.0.0.1:8070".into(), [7; 32]);
+        // Nobody has polled: the device is not there.
+        assert_eq!(
+            mailbox
+                .request("esp-1", "ota-apply", b"1.1", Duration::from_secs(1))
+                .await,
+            Err(ChannelError::Disconnected)
+        );
+        let poller = {
+            let mailbox = Arc::clone(&mailbox);
+            tokio::spawn(async move { mailbox.next("esp-1", Duration::from_secs(30)).await })
+        };
+        while !mailbox.present("esp-1") {
+            tokio::task::yield_now().await;
+        }
+        let request = {
+            let mailbox = Arc::clone(&mailbox);
+            tokio::spawn(async move {
+                mailbox
+                    .request("esp-1", "ota-apply", b"1.1", Duration::from_secs(30))
+                    .await
+            })
+        };
+        let pending = poller.await.unwrap().expect("the poll gets the command");
+        assert_eq!(pending.command, "ota-apply");
+        assert_eq!(pending.payload.as_deref(), Some("1.1"));
+        assert!(
+            !mailbox.reply("esp-2", pending.id, Ok(vec![])),
+            "another device's id"
+        );
+        assert!(mailbox.reply("esp-1", pending.id, Ok(b"ok".to_vec())));
+        assert_eq!(request.await.unwrap(), Ok(b"ok".to_vec()));
+        // A refusal comes back as one; a late reply finds nobody.
+        assert!(!mailbox.reply("esp-1", pending.id, Ok(vec![])));
+    }
+
+    #[tokio::test]
+    async fn an_unanswered_command_times_out_and_is_withdrawn() {
+        let mailbox = Mailbox::new("http://gw".into(), [1; 32]);
+        assert!(
+            mailbox
+                .next("esp-1", Duration::from_millis(1))
+                .await
+                .is_none()
+        );
+        let answer = mailbox
+            .request("esp-1", "ota-begin", b"{}", Duration::from_millis(20))
+            .await;
+        assert_eq!(answer, Err(ChannelError::Timeout));
+        assert!(
+            mailbox
+                .next("esp-1", Duration::from_millis(1))
+                .await
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn download_urls_are_signed_per_device_and_file() {
+        let mailbox = Mailbox::new("http://gw:8070".into(), [3; 32]);
+        let sha = "a".repeat(64);
+        let url = mailbox.download_url("esp-1", &sha).unwrap();
+        assert!(url.starts_with(&format!(
+            "http://gw:8070/firmware/{sha}?device=esp-1&expires="
+        )));
+        let other = mailbox.download_url("esp-2", &sha).unwrap();
+        let sig = |u: &str| u.rsplit_once("sig=").unwrap().1.to_owned();
+        assert_ne!(sig(&url), sig(&other));
+        assert_eq!(sig(&url).len(), 64);
+    }
+}
