@@ -18,6 +18,7 @@ use std::process::Command;
 const GUESTS: &[(&str, &str)] = &[
     ("HOSTILE", "hostile_handler.wasm"),
     ("ESP32_APP", "esp32_app.wasm"),
+    ("ZIGBEE_OTA", "zigbee_ota.wasm"),
 ];
 
 /// Debian's fallback toolchain: `apt-get install rustc-web cargo-web rust-web-src wasi-libc lld`.

@@ -262,6 +262,7 @@ async fn on_hub_message(
         ["reported", _] => "device-reported",
         ["commands", _, "result"] => "command-result",
         ["results", _, _] => "result",
+        ["rollouts", _] => "rollout",
         ["claims", rid, "req"] => {
             sign_claim(cloud, hub, gateway, rid, payload).await;
             "claim-request"

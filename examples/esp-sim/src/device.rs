@@ -20,6 +20,10 @@ use serde::Serialize;
 
 use crate::events::emit;
 
+/// The Outpost agent's custom endpoint: the gateway hands over the device API
+/// credential here.
+const AGENT_ENDPOINT: &str = "outpost-agent";
+
 /// How a device misbehaves, for the bad-input tests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -53,6 +57,8 @@ pub(crate) struct Identity {
     pub(crate) patch_ver: u32,
     pub(crate) claim: bool,
     pub(crate) fault: Option<Fault>,
+    /// Runs the Outpost update agent once it has its credential.
+    pub(crate) agent: Option<crate::agent::AgentProfile>,
 }
 
 impl Identity {
@@ -102,6 +108,7 @@ struct State {
     wifi: Wifi,
     claim: Claim,
     gone: bool,
+    agent_started: bool,
 }
 
 /// A simulated device.
@@ -164,6 +171,15 @@ impl SimDevice {
         } else {
             None
         };
+        if identity.agent.is_some() {
+            version.apps.insert(
+                "outpost".into(),
+                AppInfo {
+                    ver: "1.0".into(),
+                    cap: vec!["agent".into()],
+                },
+            );
+        }
         Ok(Self {
             identity,
             ap,
@@ -173,8 +189,32 @@ impl SimDevice {
                 wifi: Wifi::Idle,
                 claim: Claim::KeyGenerated,
                 gone: false,
+                agent_started: false,
             }),
         })
+    }
+
+    /// `outpost-agent`: takes the device API credential and starts the update agent.
+    fn agent(&self, started: &mut bool, plain: &[u8]) -> Result<Vec<u8>, Error> {
+        let Some(profile) = &self.identity.agent else {
+            return Err(Error::Invalid {
+                what: "endpoint",
+                detail: format!("{AGENT_ENDPOINT} is not served"),
+            });
+        };
+        let credential: crate::agent::Credential =
+            serde_json::from_slice(plain).map_err(|err| Error::Invalid {
+                what: "agent credential",
+                detail: err.to_string(),
+            })?;
+        emit(
+            &serde_json::json!({"event": "credential", "device": self.identity.name, "api": credential.api}),
+        );
+        if !*started {
+            *started = true;
+            crate::agent::start(credential, profile.clone());
+        }
+        Ok(br#"{"status":"ok"}"#.to_vec())
     }
 
     /// A new connection or HTTP session: the protocomm session starts over.
@@ -210,8 +250,10 @@ impl SimDevice {
         let name = &self.identity.name;
         let wifi = &mut state.wifi;
         let claim_state = &mut state.claim;
+        let agent_started = &mut state.agent_started;
         let mut app = |endpoint: &str, plain: &[u8]| -> Result<Vec<u8>, Error> {
             match endpoint {
+                AGENT_ENDPOINT => self.agent(agent_started, plain),
                 CONFIG_ENDPOINT => self.config(wifi, plain),
                 SCAN_ENDPOINT => Ok(self.scan(plain)?),
                 CTRL_ENDPOINT => Ok(ctrl(wifi, plain)?),

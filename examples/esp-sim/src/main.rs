@@ -15,6 +15,7 @@
 //! Events (ready, sessions, Wi-Fi results, claims, dropped links) are JSON lines on
 //! stdout.
 
+mod agent;
 mod ble;
 mod device;
 mod emulate;
@@ -105,6 +106,48 @@ struct Args {
     /// Write the onboarding manifest (JSON) for `outpost onboard import` here.
     #[arg(long)]
     manifest: Option<PathBuf>,
+    /// Run the Outpost update agent: offer the `outpost-agent` endpoint, and once the
+    /// gateway hands over a credential, register and take update commands.
+    #[arg(long)]
+    agent: bool,
+    /// The firmware version the devices run.
+    #[arg(long, default_value = "1.0.0")]
+    firmware_version: String,
+    /// The chip they report (the esp32-app handler checks images against it).
+    #[arg(long, default_value = "esp32c3")]
+    chip: String,
+    /// The ESP-IDF project they run.
+    #[arg(long, default_value = "outpost-light")]
+    project: String,
+    /// Their manufacturer property.
+    #[arg(long, default_value = "Espressif")]
+    manufacturer: String,
+    /// Their model property (default: the device type).
+    #[arg(long)]
+    model: Option<String>,
+    /// A further property the agent reports, KEY=VALUE (repeatable), e.g.
+    /// manufacturer_code=0x131b for Zigbee devices.
+    #[arg(long = "property", value_parser = parse_property)]
+    properties: Vec<(String, String)>,
+    /// How long a reboot into new firmware takes, in milliseconds.
+    #[arg(long, default_value_t = 300)]
+    reboot_ms: u64,
+    /// Make device INDEX fail its update: INDEX=refuse|download-fails|never-returns|wrong-version.
+    #[arg(long, value_parser = parse_update_fault)]
+    update_fault: Vec<(usize, agent::UpdateFault)>,
+}
+
+fn parse_property(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| "expected KEY=VALUE".to_owned())
+}
+
+fn parse_update_fault(s: &str) -> Result<(usize, agent::UpdateFault), String> {
+    let (index, mode) = s.split_once('=').ok_or("expected INDEX=MODE")?;
+    let index = index.parse().map_err(|_| format!("bad index {index:?}"))?;
+    let mode = <agent::UpdateFault as clap::ValueEnum>::from_str(mode, true)?;
+    Ok((index, mode))
 }
 
 fn parse_fault(s: &str) -> Result<(usize, Fault), String> {
@@ -259,6 +302,23 @@ fn identities(args: &Args) -> anyhow::Result<Vec<Identity>> {
             patch_ver: args.patch_ver,
             claim: args.claim,
             fault: args.fault.iter().find(|(at, _)| *at == i).map(|(_, f)| *f),
+            agent: args.agent.then(|| agent::AgentProfile {
+                manufacturer: args.manufacturer.clone(),
+                model: args
+                    .model
+                    .clone()
+                    .unwrap_or_else(|| args.device_type.clone()),
+                chip: args.chip.clone(),
+                project: args.project.clone(),
+                properties: args.properties.clone(),
+                firmware_version: args.firmware_version.clone(),
+                reboot: Duration::from_millis(args.reboot_ms),
+                fault: args
+                    .update_fault
+                    .iter()
+                    .find(|(at, _)| *at == i)
+                    .map(|(_, f)| *f),
+            }),
         });
     }
     Ok(out)

@@ -236,6 +236,10 @@ async fn start(
         crate::onboard::Onboarder::new(config, store.clone(), uplink.clone())
             .context("onboarding settings ([onboarding] in the config)")?,
     );
+    onboarder.set_device_api(match &config.api.public_url {
+        Some(url) => url.trim_end_matches('/').to_owned(),
+        None => format!("http://{addr}"),
+    });
     let rollouts = crate::rollout::Rollouts::new(
         store.clone(),
         firmware.clone(),

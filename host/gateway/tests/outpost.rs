@@ -15,6 +15,8 @@ use outpost_store::{DeviceState, NewDevice, Store};
 mod firmware;
 #[path = "outpost/onboarding.rs"]
 mod onboarding;
+#[path = "outpost/rollouts.rs"]
+mod rollouts;
 #[path = "outpost/uplink.rs"]
 mod uplink;
 

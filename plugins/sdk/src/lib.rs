@@ -49,6 +49,102 @@ pub use bindings::outpost::handler::types::{
 };
 pub use bindings::outpost::handler::{artifacts, clock, device_channel, log, state};
 
+/// The device protocol of the Outpost agent on ESP devices (esp_https_ota style): the
+/// device downloads from the gateway's local URL itself and reports back.
+///
+/// Commands: `ota-begin` (JSON: url, size, sha256, version, plus handler extras),
+/// `ota-apply` (the version), `ota-cancel`. Reports: `progress` (ASCII percent), `done`
+/// (ASCII version now running), `failed` (ASCII reason).
+pub mod ota {
+    use super::{Artifact, DeviceReport, Outcome, ReportVerdict, device_channel, log};
+
+    /// How long the device gets to answer a command, in milliseconds.
+    pub const DEVICE_TIMEOUT_MS: u32 = 10_000;
+
+    /// Hands the device a download URL for `file` (`ota-begin`): 501 while it downloads,
+    /// or a failure with extended code `refused`. `extra` is appended to the JSON object
+    /// (`,"imageType":66`), empty for none.
+    pub fn begin(file: &Artifact, version: &str, extra: &str, refused: u32) -> Outcome {
+        let url = match device_channel::download_url(&file.file_id) {
+            Ok(url) => url,
+            Err(err) => return Outcome::failure(refused, format!("no download URL: {err:?}")),
+        };
+        let begin = format!(
+            r#"{{"url":"{url}","size":{},"sha256":"{}","version":"{version}"{extra}}}"#,
+            file.size, file.file_id
+        );
+        match device_channel::request("ota-begin", begin.as_bytes(), DEVICE_TIMEOUT_MS) {
+            Ok(_) => {
+                log::write(
+                    log::Level::Info,
+                    "device is downloading",
+                    &[("url".into(), url), ("version".into(), version.into())],
+                );
+                Outcome::success(501, format!("device is downloading {version}"))
+            }
+            Err(err) => Outcome::failure(refused, format!("ota-begin refused: {err:?}")),
+        }
+    }
+
+    /// Has the device boot into what it downloaded (`ota-apply`): 700, or a failure with
+    /// extended code `refused`.
+    pub fn apply(version: &str, refused: u32) -> Outcome {
+        match device_channel::request("ota-apply", version.as_bytes(), DEVICE_TIMEOUT_MS) {
+            Ok(_) => Outcome::success(700, format!("device is rebooting into {version}")),
+            Err(err) => Outcome::failure(refused, format!("ota-apply refused: {err:?}")),
+        }
+    }
+
+    /// Stops a download (`ota-cancel`): 800 cancelled, 801 unable to cancel.
+    pub fn cancel() -> Outcome {
+        match device_channel::request("ota-cancel", &[], DEVICE_TIMEOUT_MS) {
+            Ok(_) => Outcome::success(800, "download aborted"),
+            Err(err) => Outcome::success(801, format!("unable to cancel: {err:?}")),
+        }
+    }
+
+    /// Interprets a report. A `done` with another version than `expected` fails with
+    /// `wrong_version`; `failed` fails with `device_failed` (both extended codes).
+    pub fn verdict(
+        report: &DeviceReport,
+        expected: &str,
+        wrong_version: u32,
+        device_failed: u32,
+    ) -> ReportVerdict {
+        let text = String::from_utf8_lossy(&report.payload).trim().to_owned();
+        match report.kind.as_str() {
+            "progress" => ReportVerdict::InProgress(text.parse::<u8>().ok().filter(|p| *p <= 100)),
+            "done" if text == expected => {
+                ReportVerdict::Finished(Outcome::success(700, format!("device runs {text}")))
+            }
+            "done" => ReportVerdict::Finished(Outcome::failure(
+                wrong_version,
+                format!("device runs {text}, expected {expected}"),
+            )),
+            "failed" => ReportVerdict::Finished(Outcome::failure(
+                device_failed,
+                format!("device failed: {text}"),
+            )),
+            _ => ReportVerdict::Ignored,
+        }
+    }
+}
+
+/// Reads the first `len` bytes of `file_id` from the gateway's firmware cache (fewer
+/// when the file is shorter), in reads the host allows.
+pub fn read_head(file_id: &str, len: usize) -> Result<Vec<u8>, artifacts::ReadError> {
+    let mut head = Vec::with_capacity(len);
+    while head.len() < len {
+        let want = (len - head.len()).min(64 * 1024) as u32;
+        let chunk = artifacts::read(file_id, head.len() as u64, want)?;
+        if chunk.is_empty() {
+            break;
+        }
+        head.extend_from_slice(&chunk);
+    }
+    Ok(head)
+}
+
 /// ADU's extended result code layout: facility (4 bits) | component (8 bits) | value (20 bits).
 pub const fn extended_code(facility: u8, component: u8, value: u32) -> u32 {
     ((facility as u32 & 0xF) << 28) | ((component as u32) << 20) | (value & 0xF_FFFF)

@@ -55,9 +55,11 @@ impl DeviceTokens {
             .expect("token lock")
             .get(device_id)
             .copied();
+        // A cached hash that does not match may be stale (a credential replaced by
+        // onboarding): the store decides.
         let expected = match cached {
-            Some(hash) => Some(hash),
-            None => {
+            Some(hash) if bool::from(hash.ct_eq(&digest)) => Some(hash),
+            _ => {
                 let id = device_id.to_owned();
                 let loaded = state
                     .store
@@ -241,14 +243,31 @@ pub(crate) async fn credential(
             format!("no device {device_id:?} in the lobby; onboard it first"),
         ));
     }
+    let token = store_credential(&state.store, device_id)
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(json_response(
+        StatusCode::CREATED,
+        &Credential {
+            device_id: device_id.to_owned(),
+            token,
+        },
+    ))
+}
+
+/// A new token for `device_id`, its hash stored (replacing any earlier one). The
+/// caller shows the token once.
+pub(crate) async fn store_credential(
+    store: &outpost_store::Store,
+    device_id: &str,
+) -> Result<String, String> {
     let token = format!(
         "opd_{}",
-        super::auth::random_token().map_err(|e| ApiError::internal(e.to_string()))?
+        super::auth::random_token().map_err(|e| e.to_string())?
     );
     let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
     let id = device_id.to_owned();
-    state
-        .store
+    store
         .call(move |conn| {
             conn.execute(
                 "INSERT INTO device_credentials (device_id, token_sha256, created_at) VALUES (?1, ?2, ?3) \
@@ -259,20 +278,8 @@ pub(crate) async fn credential(
             Ok(())
         })
         .await
-        .map_err(|e| ApiError::internal(format!("the state database failed: {e}")))?;
-    state
-        .device_tokens
-        .known
-        .write()
-        .expect("token lock")
-        .insert(device_id.to_owned(), hash);
-    Ok(json_response(
-        StatusCode::CREATED,
-        &Credential {
-            device_id: device_id.to_owned(),
-            token,
-        },
-    ))
+        .map_err(|e| format!("the state database failed: {e}"))?;
+    Ok(token)
 }
 
 #[derive(Serialize)]

@@ -68,6 +68,10 @@ pub(crate) struct ApiSection {
     /// Absent: generated at first start into the state directory.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) admin_token: Option<Secret>,
+    /// The base URL devices reach the device API at (handed to them at onboarding);
+    /// default: the bound address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) public_url: Option<String>,
 }
 
 /// `[log]`.
@@ -497,6 +501,7 @@ impl Default for ApiSection {
         Self {
             bind: default_bind(),
             admin_token: None,
+            public_url: None,
         }
     }
 }

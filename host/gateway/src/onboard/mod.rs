@@ -56,6 +56,8 @@ struct Settings {
 /// The onboarding service of a running gateway.
 pub(crate) struct Onboarder {
     store: Store,
+    /// The device API's base URL handed to devices that run the Outpost agent.
+    device_api: std::sync::OnceLock<String>,
     settings: Settings,
     authority: Option<Authority>,
     central: tokio::sync::Mutex<Option<Central>>,
@@ -158,6 +160,9 @@ impl Run {
     }
 }
 
+/// The custom protocomm endpoint a device running the Outpost agent serves.
+pub(crate) const AGENT_ENDPOINT: &str = "outpost-agent";
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -192,6 +197,7 @@ impl Onboarder {
             None => local.map(Authority::Local),
         };
         Ok(Self {
+            device_api: std::sync::OnceLock::new(),
             store,
             settings: Settings {
                 ble_enabled: config.ble.enabled,
@@ -482,10 +488,7 @@ impl Onboarder {
             None => tracing::info!(state = %state, "device onboarded"),
             Some(err) => tracing::warn!(error = %err, "onboarding failed"),
         }
-        let _ = self
-            .store
-            .upsert_device(NewDevice::new(&target.name, &target.device_type, state))
-            .await;
+        self.record_state(target, state).await;
         let _ = self
             .store
             .record_onboarding_attempt(&target.name, error.clone())
@@ -506,14 +509,7 @@ impl Onboarder {
         target: &OnboardingTarget,
         route: Route,
     ) -> anyhow::Result<DeviceState> {
-        let _ = self
-            .store
-            .upsert_device(NewDevice::new(
-                &target.name,
-                &target.device_type,
-                DeviceState::Provisioning,
-            ))
-            .await;
+        self.record_state(target, DeviceState::Provisioning).await;
         run.step(index, "connecting");
         let link = match route {
             Route::Ble(advert) => Link::Ble(self.central().await?.connect(&advert).await?),
@@ -587,12 +583,76 @@ impl Onboarder {
             }
         }
 
+        if version
+            .apps
+            .get("outpost")
+            .is_some_and(|app| app.cap.iter().any(|c| c == "agent"))
+        {
+            run.step(index, "credential");
+            self.hand_over_credential(client, target).await?;
+        }
+
         self.join_wifi(run, index, client).await?;
         Ok(if claimed {
             DeviceState::Claimed
         } else {
             DeviceState::Provisioned
         })
+    }
+
+    /// Records where a device stands, keeping what it reported about itself (an agent
+    /// device registers its properties while onboarding is still under way).
+    async fn record_state(&self, target: &OnboardingTarget, state: DeviceState) {
+        let result = match self.store.device(&target.name).await {
+            Ok(Some(known)) if known.device_type == target.device_type => {
+                self.store.set_device_state(&target.name, state).await
+            }
+            _ => self
+                .store
+                .upsert_device(NewDevice::new(&target.name, &target.device_type, state))
+                .await
+                .map(drop),
+        };
+        if let Err(err) = result {
+            tracing::warn!(error = %err, "cannot record the device's state");
+        }
+    }
+
+    /// Sets the device API URL handed to agent devices (once, at start).
+    pub(crate) fn set_device_api(&self, url: String) {
+        let _ = self.device_api.set(url);
+    }
+
+    /// Hands a device that runs the Outpost agent (`outpost.cap` has `agent`) its
+    /// credential for the local device API, over the secured session.
+    async fn hand_over_credential(
+        &self,
+        client: &mut ProvClient,
+        target: &OnboardingTarget,
+    ) -> anyhow::Result<()> {
+        let api = self
+            .device_api
+            .get()
+            .context("the device API address is not known yet")?;
+        let token = crate::api::uplink::store_credential(&self.store, &target.name)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let message = serde_json::json!({
+            "api": api,
+            "deviceId": target.name,
+            "token": token,
+        });
+        let answer = client
+            .request(AGENT_ENDPOINT, message.to_string().as_bytes())
+            .await
+            .context("handing over the device credential")?;
+        let answer: serde_json::Value = serde_json::from_slice(&answer)
+            .context("the device answered the credential with something that is not JSON")?;
+        if answer["status"] != "ok" {
+            bail!("the device refused its credential: {answer}");
+        }
+        tracing::info!("device credential handed over");
+        Ok(())
     }
 
     async fn claim(

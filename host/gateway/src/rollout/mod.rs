@@ -493,7 +493,7 @@ impl Rollouts {
                 .filter(|d| matches!(d.status.as_str(), "succeeded" | "skipped"))
                 .count() as u64;
             let n = in_wave.len() as u64;
-            let pct = if n == 0 { 100 } else { ok * 100 / n };
+            let pct = (ok * 100).checked_div(n).unwrap_or(100);
             if pct < u64::from(spec.success_threshold) {
                 let reason = format!(
                     "wave {} of {}: {ok} of {n} devices succeeded ({pct}%), below the {}% \

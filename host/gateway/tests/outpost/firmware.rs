@@ -13,7 +13,7 @@ fn artifact(len: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest as _;
     hex::encode(sha2::Sha256::digest(bytes))
 }
@@ -91,7 +91,7 @@ impl Origin {
 }
 
 /// A raw GET; returns the status, the head and the body bytes.
-fn fetch(addr: SocketAddr, path: &str, extra: &str) -> (u16, String, Vec<u8>) {
+pub(crate) fn fetch(addr: SocketAddr, path: &str, extra: &str) -> (u16, String, Vec<u8>) {
     let mut stream = TcpStream::connect(addr).unwrap();
     stream.set_read_timeout(Some(DEADLINE)).unwrap();
     write!(
@@ -112,7 +112,7 @@ fn fetch(addr: SocketAddr, path: &str, extra: &str) -> (u16, String, Vec<u8>) {
 
 impl Gateway {
     /// Waits for the firmware server and the API; returns (API, firmware) addresses.
-    fn ready_with_firmware(&mut self) -> (SocketAddr, SocketAddr) {
+    pub(crate) fn ready_with_firmware(&mut self) -> (SocketAddr, SocketAddr) {
         let line = self.wait_for_line("firmware server line", |json, _| {
             json["message"]
                 .as_str()

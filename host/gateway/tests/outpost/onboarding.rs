@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use super::{DEADLINE, Gateway, Site, http_get, repo_root, stdout_of};
 
-fn esp_sim_binary() -> PathBuf {
+pub(crate) fn esp_sim_binary() -> PathBuf {
     let path = Path::new(env!("CARGO_BIN_EXE_outpost")).with_file_name("esp-sim");
     assert!(
         path.exists(),
@@ -35,7 +35,7 @@ fn bluezoo() -> PathBuf {
 }
 
 /// A running simulator and the events it printed.
-struct Sim {
+pub(crate) struct Sim {
     child: Child,
     events: Receiver<serde_json::Value>,
     seen: Vec<serde_json::Value>,
@@ -44,7 +44,7 @@ struct Sim {
 }
 
 impl Sim {
-    fn start(args: &[&str], manifest: &Path) -> Self {
+    pub(crate) fn start(args: &[&str], manifest: &Path) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut child = Command::new(esp_sim_binary())
             .args(args)
@@ -85,7 +85,7 @@ impl Sim {
         sim
     }
 
-    fn wait_for(
+    pub(crate) fn wait_for(
         &mut self,
         event: &str,
         pred: impl Fn(&serde_json::Value) -> bool,
@@ -111,7 +111,7 @@ impl Sim {
     }
 
     /// Everything printed so far (after the gateway finished a run).
-    fn drain(&mut self) -> &[serde_json::Value] {
+    pub(crate) fn drain(&mut self) -> &[serde_json::Value] {
         while let Ok(json) = self.events.try_recv() {
             self.seen.push(json);
         }
@@ -187,7 +187,7 @@ fn start_gateway(site: &Site, bus: Option<&str>) -> (Gateway, std::net::SocketAd
     (gateway, addr)
 }
 
-fn run_json(site: &Site) -> serde_json::Value {
+pub(crate) fn run_json(site: &Site) -> serde_json::Value {
     let out = site.command(&["onboard", "run", "--json"]);
     // A run with failures exits non-zero; its JSON report is still printed.
     serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {

@@ -15,7 +15,7 @@ use super::{DEADLINE, Gateway, Site, http_get};
 
 const KEY: &str = "c2VjcmV0LWVucm9sbG1lbnQta2V5LTMyLWJ5dGVzISE=";
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -24,18 +24,18 @@ fn free_port() -> u16 {
 }
 
 /// A Mosquitto on 127.0.0.1:`port`, persistent across its own restarts.
-struct Mosquitto {
+pub(crate) struct Mosquitto {
     port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
 }
 
 impl Mosquitto {
-    fn start(extra: &str) -> Self {
+    pub(crate) fn start(extra: &str) -> Self {
         Self::start_on(free_port(), extra)
     }
 
-    fn start_on(port: u16, extra: &str) -> Self {
+    pub(crate) fn start_on(port: u16, extra: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut broker = Self {
             port,
@@ -57,7 +57,7 @@ impl Mosquitto {
     }
 
     /// A broker's address for configs.
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.port)
     }
 
@@ -124,15 +124,15 @@ fn cloud_sim_binary() -> PathBuf {
 }
 
 /// The reference cloud, with its JSON events.
-struct Cloud {
+pub(crate) struct Cloud {
     child: Child,
     stdin: ChildStdin,
     events: Receiver<serde_json::Value>,
-    seen: Vec<serde_json::Value>,
+    pub(crate) seen: Vec<serde_json::Value>,
 }
 
 impl Cloud {
-    fn start(args: &[String]) -> Self {
+    pub(crate) fn start(args: &[String]) -> Self {
         let mut child = Command::new(cloud_sim_binary())
             .args(args)
             .stdin(Stdio::piped())
@@ -162,13 +162,13 @@ impl Cloud {
         cloud
     }
 
-    fn send(&mut self, command: &serde_json::Value) {
+    pub(crate) fn send(&mut self, command: &serde_json::Value) {
         writeln!(self.stdin, "{command}").unwrap();
         self.stdin.flush().unwrap();
     }
 
     /// Waits for an event (also one seen before) matching `pred`.
-    fn wait_for(
+    pub(crate) fn wait_for(
         &mut self,
         event: &str,
         pred: impl Fn(&serde_json::Value) -> bool,
@@ -200,7 +200,7 @@ impl Cloud {
     /// the first copy of each in arrival order. Delivery is at-least-once: a message in
     /// flight when the broker went away is published again, and a duplicate must not
     /// stand in for a message that has not arrived yet.
-    fn messages(&mut self, kind: &str, n: usize) -> Vec<serde_json::Value> {
+    pub(crate) fn messages(&mut self, kind: &str, n: usize) -> Vec<serde_json::Value> {
         let mut ids = HashSet::new();
         let mut found = Vec::new();
         let mut take = |e: &serde_json::Value, found: &mut Vec<serde_json::Value>| {
@@ -272,7 +272,7 @@ fn wait_uplink(
     }
 }
 
-fn http(
+pub(crate) fn http(
     addr: SocketAddr,
     method: &str,
     path: &str,

@@ -13,8 +13,8 @@
 mod image;
 
 use outpost_handler_sdk::{
-    Device, DeviceReport, Handler, HandlerInfo, Limits, Outcome, ReportVerdict, Update, artifacts,
-    device_channel, extended_code, log,
+    Device, DeviceReport, Handler, HandlerInfo, Limits, Outcome, ReportVerdict, Update,
+    extended_code, ota, read_head,
 };
 
 use image::{AppImage, ImageError};
@@ -31,9 +31,6 @@ const WRONG_PROJECT: u32 = 5;
 const DEVICE_REFUSED: u32 = 6;
 const DEVICE_FAILED: u32 = 7;
 const WRONG_VERSION: u32 = 8;
-
-/// How long the device gets to answer a command, in milliseconds.
-const DEVICE_TIMEOUT_MS: u32 = 10_000;
 
 struct Esp32App;
 
@@ -77,36 +74,9 @@ impl Handler for Esp32App {
     }
 
     fn download(device: Device, update: Update) -> Outcome {
-        let image = match checked_image(&device, &update) {
-            Ok(image) => image,
-            Err(outcome) => return outcome,
-        };
-        let file = &update.files[0];
-        let url = match device_channel::download_url(&file.file_id) {
-            Ok(url) => url,
-            Err(err) => {
-                return Outcome::failure(code(DEVICE_REFUSED), format!("no download URL: {err:?}"));
-            }
-        };
-        let begin = format!(
-            r#"{{"url":"{url}","size":{},"sha256":"{}","version":"{}"}}"#,
-            file.size, file.file_id, image.version
-        );
-        match device_channel::request("ota-begin", begin.as_bytes(), DEVICE_TIMEOUT_MS) {
-            Ok(_) => {
-                log::write(
-                    log::Level::Info,
-                    "device is downloading",
-                    &[
-                        ("url".into(), url),
-                        ("version".into(), image.version.clone()),
-                    ],
-                );
-                Outcome::success(501, format!("device is downloading {}", image.version))
-            }
-            Err(err) => {
-                Outcome::failure(code(DEVICE_REFUSED), format!("ota-begin refused: {err:?}"))
-            }
+        match checked_image(&device, &update) {
+            Ok(image) => ota::begin(&update.files[0], &image.version, "", code(DEVICE_REFUSED)),
+            Err(outcome) => outcome,
         }
     }
 
@@ -116,38 +86,20 @@ impl Handler for Esp32App {
     }
 
     fn apply(_device: Device, update: Update) -> Outcome {
-        match device_channel::request("ota-apply", update.version.as_bytes(), DEVICE_TIMEOUT_MS) {
-            Ok(_) => Outcome::success(700, format!("device is rebooting into {}", update.version)),
-            Err(err) => {
-                Outcome::failure(code(DEVICE_REFUSED), format!("ota-apply refused: {err:?}"))
-            }
-        }
+        ota::apply(&update.version, code(DEVICE_REFUSED))
     }
 
     fn cancel(_device: Device, _update: Update) -> Outcome {
-        match device_channel::request("ota-cancel", &[], DEVICE_TIMEOUT_MS) {
-            Ok(_) => Outcome::success(800, "download aborted"),
-            Err(err) => Outcome::success(801, format!("unable to cancel: {err:?}")),
-        }
+        ota::cancel()
     }
 
     fn interpret_report(_device: Device, update: Update, report: DeviceReport) -> ReportVerdict {
-        let text = String::from_utf8_lossy(&report.payload).trim().to_owned();
-        match report.kind.as_str() {
-            "progress" => ReportVerdict::InProgress(text.parse::<u8>().ok().filter(|p| *p <= 100)),
-            "done" if text == update.version => {
-                ReportVerdict::Finished(Outcome::success(700, format!("device runs {text}")))
-            }
-            "done" => ReportVerdict::Finished(Outcome::failure(
-                code(WRONG_VERSION),
-                format!("device runs {text}, expected {}", update.version),
-            )),
-            "failed" => ReportVerdict::Finished(Outcome::failure(
-                code(DEVICE_FAILED),
-                format!("device failed: {text}"),
-            )),
-            _ => ReportVerdict::Ignored,
-        }
+        ota::verdict(
+            &report,
+            &update.version,
+            code(WRONG_VERSION),
+            code(DEVICE_FAILED),
+        )
     }
 }
 
@@ -156,20 +108,12 @@ fn checked_image(device: &Device, update: &Update) -> Result<AppImage, Outcome> 
     let Some(file) = update.files.first() else {
         return Err(Outcome::failure(code(NO_FILE), "the update has no files"));
     };
-    let mut head = Vec::with_capacity(image::HEAD_LEN);
-    while head.len() < image::HEAD_LEN {
-        let want = (image::HEAD_LEN - head.len()) as u32;
-        match artifacts::read(&file.file_id, head.len() as u64, want) {
-            Ok(chunk) if chunk.is_empty() => break,
-            Ok(chunk) => head.extend_from_slice(&chunk),
-            Err(err) => {
-                return Err(Outcome::failure(
-                    code(READ_FAILED),
-                    format!("cannot read {}: {err:?}", file.name),
-                ));
-            }
-        }
-    }
+    let head = read_head(&file.file_id, image::HEAD_LEN).map_err(|err| {
+        Outcome::failure(
+            code(READ_FAILED),
+            format!("cannot read {}: {err:?}", file.name),
+        )
+    })?;
     let image = AppImage::parse(&head).map_err(|err| {
         let value = match err {
             ImageError::WrongChip(_) => WRONG_CHIP,

@@ -1,0 +1,608 @@
+//! Rollouts end to end over real parts: Mosquitto, cloud-sim, the `outpost` binary with
+//! two signed handlers (esp32-app and zigbee-ota, built from plugins/), and esp-sim
+//! devices onboarded over SoftAP that run the Outpost agent and download from the
+//! gateway's firmware cache.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::firmware::sha256_hex;
+use super::onboarding::Sim;
+use super::uplink::{Cloud, Mosquitto};
+use super::{DEADLINE, Gateway, Site, http_get, stdout_of};
+
+const KIB: usize = 1024;
+
+/// An ESP-IDF app image: `esp_image_header_t` for `chip_id`, one segment header, then an
+/// `esp_app_desc_t` with `version` and `project`, padded to `len` bytes.
+fn esp_app_image(chip_id: u16, version: &str, project: &str, len: usize) -> Vec<u8> {
+    let mut image = vec![0u8; len];
+    image[0] = 0xE9;
+    image[1] = 1; // one segment
+    image[12..14].copy_from_slice(&chip_id.to_le_bytes());
+    image[24 + 4..24 + 8].copy_from_slice(&((len - 32) as u32).to_le_bytes());
+    let desc = 32;
+    image[desc..desc + 4].copy_from_slice(&0xABCD_5432u32.to_le_bytes());
+    image[desc + 16..desc + 16 + version.len()].copy_from_slice(version.as_bytes());
+    image[desc + 48..desc + 48 + project.len()].copy_from_slice(project.as_bytes());
+    for (i, byte) in image.iter_mut().enumerate().skip(desc + 256) {
+        *byte = (i * 7 % 251) as u8;
+    }
+    image
+}
+
+/// A Zigbee OTA upgrade file (ZCL §11.4): the 56-byte header, then a body.
+fn zigbee_ota_file(manufacturer: u16, image_type: u16, version: u32, len: usize) -> Vec<u8> {
+    let mut file = vec![0u8; len];
+    file[0..4].copy_from_slice(&0x0BEE_F11Eu32.to_le_bytes());
+    file[4..6].copy_from_slice(&0x0100u16.to_le_bytes());
+    file[6..8].copy_from_slice(&56u16.to_le_bytes());
+    file[10..12].copy_from_slice(&manufacturer.to_le_bytes());
+    file[12..14].copy_from_slice(&image_type.to_le_bytes());
+    file[14..18].copy_from_slice(&version.to_le_bytes());
+    file[18..20].copy_from_slice(&2u16.to_le_bytes());
+    file[20..34].copy_from_slice(b"outpost sensor");
+    file[52..56].copy_from_slice(&(len as u32).to_le_bytes());
+    for (i, byte) in file.iter_mut().enumerate().skip(56) {
+        *byte = (i * 13 % 241) as u8;
+    }
+    file
+}
+
+/// A firmware origin on loopback that counts the GETs per path.
+struct CountingOrigin {
+    addr: SocketAddr,
+    gets: Arc<Mutex<HashMap<String, usize>>>,
+}
+
+impl CountingOrigin {
+    fn start(files: Vec<(&'static str, Vec<u8>)>) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let gets = Arc::new(Mutex::new(HashMap::new()));
+        let counted = Arc::clone(&gets);
+        let files: HashMap<String, Vec<u8>> =
+            files.into_iter().map(|(p, b)| (p.to_owned(), b)).collect();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut first = String::new();
+                let _ = reader.read_line(&mut first);
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                }
+                let path = first.split(' ').nth(1).unwrap_or("").to_owned();
+                *counted.lock().unwrap().entry(path.clone()).or_insert(0) += 1;
+                match files.get(&path) {
+                    Some(bytes) => {
+                        let _ = write!(
+                            stream,
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                            bytes.len()
+                        );
+                        let _ = stream.write_all(bytes);
+                    }
+                    None => {
+                        let _ = stream.write_all(
+                            b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                        );
+                    }
+                }
+            }
+        });
+        Self { addr, gets }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    fn gets(&self, path: &str) -> usize {
+        self.gets.lock().unwrap().get(path).copied().unwrap_or(0)
+    }
+}
+
+/// The two update files and their manifest entries.
+struct Release {
+    app: Vec<u8>,
+    zigbee: Vec<u8>,
+}
+
+impl Release {
+    fn new() -> Self {
+        Self {
+            app: esp_app_image(0x0005, "2.0.0", "outpost-light", 256 * KIB),
+            zigbee: zigbee_ota_file(0x131B, 0x0042, 0x0200_0000, 192 * KIB),
+        }
+    }
+
+    /// The manifest JSON: one step per handler; files with URLs when `origin` is given.
+    fn manifest(&self, origin: Option<&CountingOrigin>) -> serde_json::Value {
+        let file = |id: &str, name: &str, bytes: &[u8], path: &str| {
+            let mut f = serde_json::json!({
+                "id": id, "fileName": name, "sizeInBytes": bytes.len(), "sha256": sha256_hex(bytes),
+            });
+            if let Some(origin) = origin {
+                f["url"] = serde_json::json!(origin.url(path));
+            }
+            f
+        };
+        serde_json::json!({
+            "manifestVersion": 1,
+            "updateId": {"provider": "Outpost", "name": "site-fleet", "version": "2.0.0"},
+            "compatibility": [
+                {"manufacturer": "Espressif", "model": "esp32-app"},
+                {"manufacturer": "Espressif", "model": "zigbee-sensor"}
+            ],
+            "steps": [
+                {"handler": "esp32-app", "files": ["app"]},
+                {"handler": "zigbee-ota", "files": ["zb"]}
+            ],
+            "files": [
+                file("app", "light-2.0.0.bin", &self.app, "/light-2.0.0.bin"),
+                file("zb", "sensor-2.0.0.ota", &self.zigbee, "/sensor-2.0.0.ota"),
+            ],
+        })
+    }
+}
+
+/// Public key from `handler keygen` output.
+fn keygen(site: &Site, name: &str) -> (PathBuf, String) {
+    let key = site.dir.path().join(format!("{name}.key"));
+    let out = stdout_of(&site.command(&["handler", "keygen", "--out", key.to_str().unwrap()]));
+    let public = out
+        .lines()
+        .find_map(|l| l.strip_prefix("Public key: "))
+        .expect("keygen prints the public key")
+        .trim()
+        .to_owned();
+    (key, public)
+}
+
+/// A site with a vendor and a fleet key trusted, Wi-Fi for onboarding, and `uplink`.
+struct FleetSite {
+    site: Site,
+    vendor_key: PathBuf,
+    fleet_key: PathBuf,
+}
+
+impl FleetSite {
+    fn new(uplink: &str) -> Self {
+        let site = Site::new("");
+        let (vendor_key, vendor) = keygen(&site, "vendor");
+        let (fleet_key, fleet) = keygen(&site, "fleet");
+        std::fs::write(site.dir.path().join("wifi"), "correct horse battery").unwrap();
+        site.write_config(&format!(
+            "[gateway]\nid = \"gw-test\"\nstate_dir = \"state\"\n\n[api]\nbind = \"127.0.0.1:0\"\n\n\
+             [cache]\nbind = \"127.0.0.1:0\"\n\n\
+             [[cache.trusted_signers]]\nname = \"fleet\"\npublic_key = \"{fleet}\"\n\n\
+             [handlers]\nmax_concurrent = 16\n\n\
+             [[handlers.trusted_vendors]]\nname = \"outpost-demo\"\npublic_key = \"{vendor}\"\n\
+             device_types = [\"esp32-app\", \"zigbee-sensor\"]\n\n\
+             [ble]\nenabled = false\n\n\
+             [onboarding]\nstatus_poll_ms = 50\n\n\
+             [[onboarding.wifi]]\nssid = \"outpost-site\"\npassphrase = {{ file = \"wifi\" }}\n\n\
+             {uplink}\n"
+        ));
+        Self {
+            site,
+            vendor_key,
+            fleet_key,
+        }
+    }
+
+    /// Packs, signs and installs both handlers into the running gateway.
+    fn install_handlers(&self) {
+        for (wasm, name, device_type) in [
+            (outpost_test_guests::ESP32_APP, "esp32-app", "esp32-app"),
+            (
+                outpost_test_guests::ZIGBEE_OTA,
+                "zigbee-ota",
+                "zigbee-sensor",
+            ),
+        ] {
+            let package = self.site.dir.path().join(format!("{name}.tar"));
+            for args in [
+                vec![
+                    "handler",
+                    "pack",
+                    wasm,
+                    "--name",
+                    name,
+                    "--version",
+                    "1.0.0",
+                    "--vendor",
+                    "outpost-demo",
+                    "--device-type",
+                    device_type,
+                    "--out",
+                    package.to_str().unwrap(),
+                ],
+                vec![
+                    "handler",
+                    "sign",
+                    package.to_str().unwrap(),
+                    "--key",
+                    self.vendor_key.to_str().unwrap(),
+                ],
+                vec!["handler", "install", package.to_str().unwrap()],
+            ] {
+                let out = self.site.command(&args);
+                assert!(
+                    out.status.success(),
+                    "{args:?}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+    }
+
+    /// Signs the manifest with the fleet key; returns the JWS file.
+    fn sign(&self, manifest: &serde_json::Value) -> PathBuf {
+        let json = self.site.dir.path().join("release.json");
+        std::fs::write(&json, manifest.to_string()).unwrap();
+        let jws = self.site.dir.path().join("release.jws");
+        let out = self.site.command(&[
+            "firmware",
+            "manifest",
+            "sign",
+            json.to_str().unwrap(),
+            "--key",
+            self.fleet_key.to_str().unwrap(),
+            "--kid",
+            "fleet",
+            "--out",
+            jws.to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        jws
+    }
+}
+
+/// Two simulators (esp32-app lights, Zigbee sensors), all onboarded over SoftAP;
+/// returns them once every agent has registered.
+fn onboard_fleet(
+    fleet: &FleetSite,
+    lights: usize,
+    sensors: usize,
+    light_faults: &[&str],
+) -> (Sim, Sim) {
+    let dir = fleet.site.dir.path();
+    let light_manifest = dir.join("lights.json");
+    let sensor_manifest = dir.join("sensors.json");
+    let lights_n = lights.to_string();
+    let mut light_args = vec![
+        "--softap",
+        &lights_n,
+        "--security",
+        "1",
+        "--pop",
+        "abcd1234",
+        "--agent",
+        "--device-type",
+        "esp32-app",
+        "--chip",
+        "esp32c3",
+        "--project",
+        "outpost-light",
+        "--reboot-ms",
+        "200",
+        "--connect-delay-ms",
+        "20",
+    ];
+    for fault in light_faults {
+        light_args.push("--update-fault");
+        light_args.push(fault);
+    }
+    let lights_sim = Sim::start(&light_args, &light_manifest);
+    let sensors_n = sensors.to_string();
+    let sensors_sim = Sim::start(
+        &[
+            "--softap",
+            &sensors_n,
+            "--first-index",
+            "256",
+            "--security",
+            "2",
+            "--pop",
+            "abcd1234",
+            "--agent",
+            "--device-type",
+            "zigbee-sensor",
+            "--chip",
+            "esp32h2",
+            "--project",
+            "outpost-sensor",
+            "--property",
+            "manufacturer_code=0x131b",
+            "--property",
+            "image_type=0x0042",
+            "--reboot-ms",
+            "200",
+            "--connect-delay-ms",
+            "20",
+        ],
+        &sensor_manifest,
+    );
+    for manifest in [&light_manifest, &sensor_manifest] {
+        let out = fleet
+            .site
+            .command(&["onboard", "import", manifest.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let report = super::onboarding::run_json(&fleet.site);
+    let onboarded = report["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["outcome"] == "provisioned" || d["outcome"] == "claimed")
+        .count();
+    assert_eq!(onboarded, lights + sensors, "{report}");
+    let (mut lights_sim, mut sensors_sim) = (lights_sim, sensors_sim);
+    for (sim, n) in [(&mut lights_sim, lights), (&mut sensors_sim, sensors)] {
+        let end = Instant::now() + DEADLINE;
+        while sim
+            .drain()
+            .iter()
+            .filter(|e| e["event"] == "agent_ready")
+            .count()
+            < n
+        {
+            assert!(
+                Instant::now() < end,
+                "agents did not register: {:?}",
+                sim.drain()
+            );
+            sim.wait_for("agent_ready", |_| true);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    (lights_sim, sensors_sim)
+}
+
+/// Polls the rollout until `pred` holds.
+fn wait_rollout(
+    addr: SocketAddr,
+    token: &str,
+    id: &str,
+    what: &str,
+    deadline: Duration,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let end = Instant::now() + deadline;
+    loop {
+        let (status, json) = http_get(addr, &format!("/api/v1/rollouts/{id}"), Some(token));
+        if status == 200 && pred(&json) {
+            return json;
+        }
+        assert!(
+            Instant::now() < end,
+            "rollout {id} never {what}: {status} {json}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn by_status<'a>(view: &'a serde_json::Value, status: &str) -> Vec<&'a serde_json::Value> {
+    view["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["status"] == status)
+        .collect()
+}
+
+#[test]
+fn a_cloud_deployment_rolls_out_in_waves_and_stops_at_the_error_threshold() {
+    let broker = Mosquitto::start("");
+    let mut cloud = Cloud::start(&[format!("--hub=a={}", broker.url())]);
+    let release = Release::new();
+    let origin = CountingOrigin::start(vec![
+        ("/light-2.0.0.bin", release.app.clone()),
+        ("/sensor-2.0.0.ota", release.zigbee.clone()),
+    ]);
+    let fleet = FleetSite::new(&format!(
+        "[uplink]\nbroker = \"{}\"\nbackoff_min_ms = 100\nbackoff_max_ms = 400\n",
+        broker.url()
+    ));
+    let mut gateway = Gateway::spawn(&fleet.site.config(), &[]);
+    let addr = gateway.ready();
+    let admin = fleet.site.admin_token();
+    fleet.install_handlers();
+
+    // 30 lights and 20 sensors. Sorted by id the lights come first: wave 1 holds 5
+    // devices (10 %), wave 2 the next 20 (to 50 %), wave 3 the last 25: lights 25-29
+    // and every sensor. Four lights of wave 3 fail, each in its own way.
+    let (mut lights, _sensors) = onboard_fleet(
+        &fleet,
+        30,
+        20,
+        &[
+            "25=refuse",
+            "26=download-fails",
+            "27=wrong-version",
+            "28=never-returns",
+        ],
+    );
+
+    let jws = std::fs::read_to_string(fleet.sign(&release.manifest(Some(&origin)))).unwrap();
+    cloud.send(&serde_json::json!({
+        "cmd": "deploy",
+        "gateway": "gw-test",
+        "deploymentId": "dep-1",
+        "manifest": jws.trim(),
+        "rollout": {
+            "waves": [10, 50, 100],
+            "successThreshold": 100,
+            "errorThreshold": {"count": 4},
+            "priority": "immediate",
+            "rollbackWindowSecs": 3
+        },
+    }));
+
+    // The cloud hears at once that the deployment became a running rollout.
+    let accepted = cloud.wait_for("message", |e| e["kind"] == "rollout");
+    assert_eq!(accepted["body"]["state"], "running", "{accepted}");
+    let stopped = wait_rollout(addr, &admin, "dep-1", "stopped", DEADLINE * 3, |v| {
+        v["state"] == "stopped"
+    });
+    assert_eq!(stopped["origin"], "cloud");
+    assert!(
+        stopped["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("error threshold crossed: 4 of 50 devices failed"),
+        "{stopped}"
+    );
+    // Waves 1 and 2 went through whole before wave 3 started.
+    let waves = stopped["wave_counts"].as_array().unwrap();
+    assert_eq!(
+        (waves[0]["devices"].as_u64(), waves[0]["succeeded"].as_u64()),
+        (Some(5), Some(5))
+    );
+    assert_eq!(
+        (waves[1]["devices"].as_u64(), waves[1]["succeeded"].as_u64()),
+        (Some(20), Some(20))
+    );
+    assert_eq!(stopped["wave"], 2);
+    // The four failures, each with the reason its handler or the gateway gave.
+    let failed = by_status(&stopped, "failed");
+    assert_eq!(failed.len(), 4, "{stopped}");
+    let names: Vec<String> = lights.wait_for("ready", |_| true)["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["name"].as_str().unwrap().to_owned())
+        .collect();
+    let reason = |index: usize| {
+        let id = &names[index];
+        let device = failed
+            .iter()
+            .find(|d| d["device_id"] == id.as_str())
+            .unwrap_or_else(|| panic!("{id} did not fail: {stopped}"));
+        device["result"]["lastInstallResult"]["resultDetails"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert!(reason(25).contains("battery too low"), "{}", reason(25));
+    assert!(reason(26).contains("flash write error"), "{}", reason(26));
+    assert!(
+        reason(27).contains("device runs 1.0.0, expected 2.0.0"),
+        "{}",
+        reason(27)
+    );
+    assert!(reason(28).contains("rollback window"), "{}", reason(28));
+    // Nothing is left running; devices not finished when it stopped were cancelled.
+    let end = Instant::now() + DEADLINE;
+    let settled = loop {
+        let (_, view) = http_get(addr, "/api/v1/rollouts/dep-1", Some(&admin));
+        if view["counts"]["running"] == 0 {
+            break view;
+        }
+        assert!(Instant::now() < end, "devices still running: {view}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let succeeded = settled["counts"]["succeeded"].as_u64().unwrap();
+    let cancelled = settled["counts"]["cancelled"].as_u64().unwrap();
+    assert_eq!(succeeded + cancelled + 4, 50, "{settled}");
+    assert!(succeeded >= 25);
+
+    // One upstream download per artifact, for all those devices.
+    assert_eq!(origin.gets("/light-2.0.0.bin"), 1);
+    assert_eq!(origin.gets("/sensor-2.0.0.ota"), 1);
+    // …served locally to every device that downloaded (the byte counts are flushed
+    // every 5 s): at least the 25 successful devices of waves 1 and 2.
+    let end = Instant::now() + DEADLINE;
+    loop {
+        let (_, files) = http_get(addr, "/api/v1/firmware", Some(&admin));
+        let served: u64 = files["blobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|b| b["bytes_served"].as_u64())
+            .sum();
+        if served >= 25 * release.zigbee.len() as u64 {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "only {served} bytes served locally: {files}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // The cloud saw a result per finished device, with ADU-style agent state.
+    let results = cloud.messages("result", (succeeded + 4) as usize);
+    let failed_result = results
+        .iter()
+        .find(|r| r["body"]["agent"]["lastInstallResult"]["resultCode"] == 0)
+        .expect("a failure reached the cloud");
+    assert_eq!(failed_result["body"]["agent"]["state"], 255);
+    assert_eq!(failed_result["body"]["deploymentId"], "dep-1");
+    let ok_result = results
+        .iter()
+        .find(|r| r["body"]["agent"]["lastInstallResult"]["resultCode"] == 700)
+        .expect("a success reached the cloud");
+    assert_eq!(ok_result["body"]["agent"]["state"], 0);
+    assert_eq!(
+        ok_result["body"]["agent"]["installedUpdateId"],
+        "Outpost/site-fleet/2.0.0"
+    );
+    assert!(
+        ok_result["body"]["agent"]["lastInstallResult"]["stepResults"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .all(|k| k == "step_0" || k == "step_1")
+    );
+    cloud.wait_for("message", |e| {
+        e["kind"] == "rollout" && e["body"]["state"] == "stopped"
+    });
+    // The devices report the new version in the lobby.
+    let (_, devices) = http_get(addr, "/api/v1/devices", Some(&admin));
+    let updated = devices["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["firmware_version"] == "2.0.0")
+        .count() as u64;
+    assert!(
+        updated >= succeeded,
+        "{updated} devices run 2.0.0, {succeeded} succeeded"
+    );
+
+    // The operator retries the failed devices; the same four fail again and the
+    // rollout stops again, with the attempts counted.
+    let out = fleet.site.command(&["rollout", "retry", "dep-1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let again = wait_rollout(addr, &admin, "dep-1", "stopped again", DEADLINE, |v| {
+        v["state"] == "stopped" && v["counts"]["running"] == 0 && v["counts"]["pending"] == 0
+    });
+    assert!(
+        by_status(&again, "failed")
+            .iter()
+            .all(|d| d["attempts"] == 2),
+        "{again}"
+    );
+}
