@@ -606,3 +606,153 @@ fn a_cloud_deployment_rolls_out_in_waves_and_stops_at_the_error_threshold() {
         "{again}"
     );
 }
+
+#[test]
+fn an_offline_site_rolls_out_locally_and_results_reach_the_cloud_when_the_uplink_appears() {
+    // The uplink points at a broker that is not there yet.
+    let port = super::uplink::free_port();
+    let fleet = FleetSite::new(&format!(
+        "[uplink]\nbroker = \"mqtt://127.0.0.1:{port}\"\nbackoff_min_ms = 100\nbackoff_max_ms = 400\n"
+    ));
+    let mut gateway = Gateway::spawn(&fleet.site.config(), &[]);
+    let addr = gateway.ready();
+    let admin = fleet.site.admin_token();
+    fleet.install_handlers();
+    let (_lights, _sensors) = onboard_fleet(&fleet, 6, 4, &[]);
+
+    // Firmware comes in by hand (no URLs in the manifest: there is no internet here).
+    let release = Release::new();
+    let dir = fleet.site.dir.path();
+    for (name, bytes) in [
+        ("light-2.0.0.bin", &release.app),
+        ("sensor-2.0.0.ota", &release.zigbee),
+    ] {
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).unwrap();
+        let out = fleet
+            .site
+            .command(&["firmware", "import", path.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let jws = fleet.sign(&release.manifest(None));
+
+    // Bad input first: unknown settings, impossible waves, a manifest nobody trusts,
+    // and a target no device matches are refused with the reason; nothing is created.
+    let refused = |args: &[&str], needle: &str| {
+        let mut all = vec!["rollout", "create", "--manifest", jws.to_str().unwrap()];
+        all.extend_from_slice(args);
+        let out = fleet.site.command(&all);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "{args:?} was accepted");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    };
+    refused(&["--waves", "50,40"], "waves must");
+    refused(&["--where", "site=elsewhere"], "no device matches");
+    refused(&["--error-threshold", "ten"], "expected a count");
+    let spec = dir.join("typo.json");
+    std::fs::write(&spec, r#"{"wave": [100]}"#).unwrap();
+    refused(&["--spec", spec.to_str().unwrap()], "unknown field `wave`");
+    let forged = dir.join("forged.jws");
+    let text = std::fs::read_to_string(&jws).unwrap();
+    let mut parts: Vec<String> = text.trim().split('.').map(str::to_owned).collect();
+    parts[2] = parts[2].chars().rev().collect();
+    std::fs::write(&forged, parts.join(".")).unwrap();
+    let out = fleet
+        .site
+        .command(&["rollout", "create", "--manifest", forged.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("the manifest was refused"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed = stdout_of(&fleet.site.command(&["rollout", "list"]));
+    assert_eq!(listed, "No rollouts.\n");
+
+    // The local rollout: two waves, paused by the operator between them.
+    let created = stdout_of(&fleet.site.command(&[
+        "rollout",
+        "create",
+        "--manifest",
+        jws.to_str().unwrap(),
+        "--id",
+        "site-1",
+        "--waves",
+        "50,100",
+        "--priority",
+        "batch",
+        "--max-parallel",
+        "3",
+        "--rollback-window",
+        "10",
+    ]));
+    assert!(
+        created.starts_with(
+            "Rollout site-1 created: Outpost/site-fleet/2.0.0 to 10 devices in 2 wave(s)"
+        ),
+        "{created}"
+    );
+    let paused = stdout_of(&fleet.site.command(&["rollout", "pause", "site-1"]));
+    assert!(
+        paused.starts_with("Rollout site-1: paused (paused by the operator)"),
+        "{paused}"
+    );
+    let view = wait_rollout(
+        addr,
+        &admin,
+        "site-1",
+        "settled while paused",
+        DEADLINE,
+        |v| v["counts"]["running"] == 0,
+    );
+    assert_eq!(view["state"], "paused");
+    let before = view["counts"]["succeeded"].as_u64().unwrap();
+    assert!(before <= 3, "a pause stops new devices: {view}");
+    // Resuming twice: the second is refused, the rollout goes on.
+    stdout_of(&fleet.site.command(&["rollout", "resume", "site-1"]));
+    let again = fleet.site.command(&["rollout", "resume", "site-1"]);
+    assert!(!again.status.success());
+    let finished = wait_rollout(addr, &admin, "site-1", "finished", DEADLINE * 2, |v| {
+        v["state"] == "finished"
+    });
+    assert_eq!(finished["counts"]["succeeded"], 10, "{finished}");
+    let status = stdout_of(&fleet.site.command(&["rollout", "status", "site-1"]));
+    assert!(status.contains("rollout site-1  finished"), "{status}");
+    assert!(status.contains("10 ok, 0 skipped, 0 failed"), "{status}");
+    // Finished: the files are no longer pinned for it.
+    let (_, files) = http_get(addr, "/api/v1/firmware", Some(&admin));
+    assert!(
+        files["blobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|b| b["pins"].as_array().unwrap().is_empty()),
+        "{files}"
+    );
+
+    // Everything for the cloud waited in the outbox…
+    let (_, uplink) = http_get(addr, "/api/v1/uplink", Some(&admin));
+    assert!(
+        uplink["outbox"]["queued"].as_u64().unwrap() >= 10,
+        "{uplink}"
+    );
+    // …and arrives once the broker and the cloud are there.
+    let broker = Mosquitto::start_on(port, "");
+    let mut cloud = Cloud::start(&[format!("--hub=a={}", broker.url())]);
+    let results = cloud.messages("result", 10);
+    assert!(
+        results
+            .iter()
+            .all(|r| r["body"]["agent"]["lastInstallResult"]["resultCode"] == 700),
+        "{results:?}"
+    );
+    cloud.wait_for("message", |e| {
+        e["kind"] == "rollout"
+            && e["body"]["deploymentId"] == "site-1"
+            && e["body"]["state"] == "finished"
+    });
+}
