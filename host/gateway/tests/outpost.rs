@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use outpost_store::{DeviceState, NewDevice, Store};
 
+#[path = "outpost/dashboard.rs"]
+mod dashboard;
 #[path = "outpost/firmware.rs"]
 mod firmware;
 #[path = "outpost/onboarding.rs"]

@@ -649,7 +649,14 @@ impl Rollouts {
             view.devices.as_deref().unwrap_or_default().iter().all(|d| {
                 d.wave != view.wave || !matches!(d.status.as_str(), "pending" | "running")
             });
-        if wave_done {
+        let spec: RolloutSpec = serde_json::from_value(view.spec.clone()).map_err(internal)?;
+        if spec
+            .start_millis()
+            .is_some_and(|start| start > now_millis())
+        {
+            // Paused before it began: it waits for its start time again.
+            self.set_state(id, "scheduled", None, None).await?;
+        } else if wave_done {
             self.next_wave(id, view.wave, view.waves).await?;
         } else {
             self.set_state(id, "running", None, None).await?;

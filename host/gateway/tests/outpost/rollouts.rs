@@ -54,7 +54,7 @@ fn zigbee_ota_file(manufacturer: u16, image_type: u16, version: u32, len: usize)
 }
 
 /// A firmware origin on loopback that counts the GETs per path.
-struct CountingOrigin {
+pub(crate) struct CountingOrigin {
     addr: SocketAddr,
     gets: Arc<Mutex<HashMap<String, usize>>>,
 }
@@ -111,13 +111,13 @@ impl CountingOrigin {
 }
 
 /// The two update files and their manifest entries.
-struct Release {
-    app: Vec<u8>,
-    zigbee: Vec<u8>,
+pub(crate) struct Release {
+    pub(crate) app: Vec<u8>,
+    pub(crate) zigbee: Vec<u8>,
 }
 
 impl Release {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             app: esp_app_image(0x0005, "2.0.0", "outpost-light", 256 * KIB),
             zigbee: zigbee_ota_file(0x131B, 0x0042, 0x0200_0000, 192 * KIB),
@@ -125,7 +125,7 @@ impl Release {
     }
 
     /// The manifest JSON: one step per handler; files with URLs when `origin` is given.
-    fn manifest(&self, origin: Option<&CountingOrigin>) -> serde_json::Value {
+    pub(crate) fn manifest(&self, origin: Option<&CountingOrigin>) -> serde_json::Value {
         let file = |id: &str, name: &str, bytes: &[u8], path: &str| {
             let mut f = serde_json::json!({
                 "id": id, "fileName": name, "sizeInBytes": bytes.len(), "sha256": sha256_hex(bytes),
@@ -168,14 +168,14 @@ fn keygen(site: &Site, name: &str) -> (PathBuf, String) {
 }
 
 /// A site with a vendor and a fleet key trusted, Wi-Fi for onboarding, and `uplink`.
-struct FleetSite {
-    site: Site,
+pub(crate) struct FleetSite {
+    pub(crate) site: Site,
     vendor_key: PathBuf,
     fleet_key: PathBuf,
 }
 
 impl FleetSite {
-    fn new(uplink: &str) -> Self {
+    pub(crate) fn new(uplink: &str) -> Self {
         let site = Site::new("");
         let (vendor_key, vendor) = keygen(&site, "vendor");
         let (fleet_key, fleet) = keygen(&site, "fleet");
@@ -200,7 +200,7 @@ impl FleetSite {
     }
 
     /// Packs, signs and installs both handlers into the running gateway.
-    fn install_handlers(&self) {
+    pub(crate) fn install_handlers(&self) {
         for (wasm, name, device_type) in [
             (outpost_test_guests::ESP32_APP, "esp32-app", "esp32-app"),
             (
@@ -246,7 +246,7 @@ impl FleetSite {
     }
 
     /// Signs the manifest with the fleet key; returns the JWS file.
-    fn sign(&self, manifest: &serde_json::Value) -> PathBuf {
+    pub(crate) fn sign(&self, manifest: &serde_json::Value) -> PathBuf {
         let json = self.site.dir.path().join("release.json");
         std::fs::write(&json, manifest.to_string()).unwrap();
         let jws = self.site.dir.path().join("release.jws");
@@ -273,7 +273,7 @@ impl FleetSite {
 
 /// Two simulators (esp32-app lights, Zigbee sensors), all onboarded over SoftAP;
 /// returns them once every agent has registered.
-fn onboard_fleet(
+pub(crate) fn onboard_fleet(
     fleet: &FleetSite,
     lights: usize,
     sensors: usize,

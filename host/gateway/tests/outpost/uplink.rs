@@ -288,7 +288,9 @@ pub(crate) fn http(
     )
     .unwrap();
     let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
+    stream
+        .read_to_string(&mut response)
+        .unwrap_or_else(|e| panic!("{method} {path} on {addr}: {e}"));
     let (head, body) = response.split_once("\r\n\r\n").expect("no header end");
     let status = head.split(' ').nth(1).unwrap().parse().unwrap();
     (
