@@ -20,6 +20,7 @@ mod ble;
 mod device;
 mod emulate;
 mod events;
+mod firmware;
 mod http;
 
 use std::net::{IpAddr, SocketAddr};
@@ -41,9 +42,13 @@ use crate::events::emit;
 #[command(
     name = "esp-sim",
     version,
-    about = "Simulated ESP32 devices waiting to be onboarded"
+    about = "Simulated ESP32 devices waiting to be onboarded",
+    args_conflicts_with_subcommands = true
 )]
 struct Args {
+    /// Tools instead of a fleet.
+    #[command(subcommand)]
+    tool: Option<Tool>,
     /// Devices reachable over BLE.
     #[arg(long, default_value_t = 0)]
     ble: usize,
@@ -137,6 +142,13 @@ struct Args {
     update_fault: Vec<(usize, agent::UpdateFault)>,
 }
 
+#[derive(Debug, clap::Subcommand)]
+enum Tool {
+    /// Write a firmware file the simulated devices' handlers accept (an ESP-IDF app
+    /// image or a Zigbee OTA upgrade file).
+    Firmware(firmware::FirmwareArgs),
+}
+
 fn parse_property(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -173,6 +185,9 @@ fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
+    if let Some(Tool::Firmware(firmware)) = &args.tool {
+        return firmware::write(firmware);
+    }
     if args.emulate && args.ble > 0 {
         return supervise(&args);
     }

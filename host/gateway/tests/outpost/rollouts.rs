@@ -15,42 +15,18 @@ use super::onboarding::Sim;
 use super::uplink::{Cloud, Mosquitto};
 use super::{DEADLINE, Gateway, Site, http_get, stdout_of};
 
-const KIB: usize = 1024;
-
-/// An ESP-IDF app image: `esp_image_header_t` for `chip_id`, one segment header, then an
-/// `esp_app_desc_t` with `version` and `project`, padded to `len` bytes.
-fn esp_app_image(chip_id: u16, version: &str, project: &str, len: usize) -> Vec<u8> {
-    let mut image = vec![0u8; len];
-    image[0] = 0xE9;
-    image[1] = 1; // one segment
-    image[12..14].copy_from_slice(&chip_id.to_le_bytes());
-    image[24 + 4..24 + 8].copy_from_slice(&((len - 32) as u32).to_le_bytes());
-    let desc = 32;
-    image[desc..desc + 4].copy_from_slice(&0xABCD_5432u32.to_le_bytes());
-    image[desc + 16..desc + 16 + version.len()].copy_from_slice(version.as_bytes());
-    image[desc + 48..desc + 48 + project.len()].copy_from_slice(project.as_bytes());
-    for (i, byte) in image.iter_mut().enumerate().skip(desc + 256) {
-        *byte = (i * 7 % 251) as u8;
-    }
-    image
-}
-
-/// A Zigbee OTA upgrade file (ZCL §11.4): the 56-byte header, then a body.
-fn zigbee_ota_file(manufacturer: u16, image_type: u16, version: u32, len: usize) -> Vec<u8> {
-    let mut file = vec![0u8; len];
-    file[0..4].copy_from_slice(&0x0BEE_F11Eu32.to_le_bytes());
-    file[4..6].copy_from_slice(&0x0100u16.to_le_bytes());
-    file[6..8].copy_from_slice(&56u16.to_le_bytes());
-    file[10..12].copy_from_slice(&manufacturer.to_le_bytes());
-    file[12..14].copy_from_slice(&image_type.to_le_bytes());
-    file[14..18].copy_from_slice(&version.to_le_bytes());
-    file[18..20].copy_from_slice(&2u16.to_le_bytes());
-    file[20..34].copy_from_slice(b"outpost sensor");
-    file[52..56].copy_from_slice(&(len as u32).to_le_bytes());
-    for (i, byte) in file.iter_mut().enumerate().skip(56) {
-        *byte = (i * 13 % 241) as u8;
-    }
-    file
+/// A firmware file made by `esp-sim firmware` (the simulated vendors' build output).
+fn firmware_file(args: &[&str]) -> Vec<u8> {
+    let out = tempfile::NamedTempFile::new().unwrap();
+    let status = std::process::Command::new(super::onboarding::esp_sim_binary())
+        .arg("firmware")
+        .args(args)
+        .arg("--out")
+        .arg(out.path())
+        .status()
+        .unwrap();
+    assert!(status.success(), "esp-sim firmware {args:?} failed");
+    std::fs::read(out.path()).unwrap()
 }
 
 /// A firmware origin on loopback that counts the GETs per path.
@@ -119,8 +95,30 @@ pub(crate) struct Release {
 impl Release {
     pub(crate) fn new() -> Self {
         Self {
-            app: esp_app_image(0x0005, "2.0.0", "outpost-light", 256 * KIB),
-            zigbee: zigbee_ota_file(0x131B, 0x0042, 0x0200_0000, 192 * KIB),
+            app: firmware_file(&[
+                "--kind",
+                "esp-app",
+                "--chip",
+                "esp32c3",
+                "--version",
+                "2.0.0",
+                "--project",
+                "outpost-light",
+                "--size",
+                "262144",
+            ]),
+            zigbee: firmware_file(&[
+                "--kind",
+                "zigbee-ota",
+                "--version",
+                "2.0.0",
+                "--manufacturer-code",
+                "0x131b",
+                "--image-type",
+                "0x0042",
+                "--size",
+                "196608",
+            ]),
         }
     }
 
