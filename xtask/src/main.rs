@@ -5,6 +5,8 @@
 //! own step to [`prepare`]), then runs `cargo test --workspace --locked`, passing on any
 //! arguments after `--`.
 
+mod demo;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Instant;
@@ -22,6 +24,10 @@ commands:
                                 over BlueZoo with the release gateway (default 100)
   bench-uplink [-- --messages N --connections C] telemetry through the gateway (API ->
                                 outbox -> Mosquitto QoS1) next to raw Mosquitto QoS1
+  demo [-- --lights N --sensors N --keep]
+                                the whole story on this machine: Mosquitto + cloud-sim,
+                                50 simulated devices onboarded, two signed handlers, a
+                                signed cloud deployment in three waves; prints a summary
   help                          show this text";
 
 fn main() -> ExitCode {
@@ -31,6 +37,7 @@ fn main() -> ExitCode {
         Some("bench-cache") => bench_cache(&args[1..]),
         Some("bench-onboard") => bench_onboard(&args[1..]),
         Some("bench-uplink") => bench_uplink(&args[1..]),
+        Some("demo") => demo::run(&args[1..]),
         Some("help" | "-h" | "--help") => {
             eprintln!("{USAGE}");
             Ok(())
@@ -174,22 +181,7 @@ fn ensure_bluezoo(root: &Path) -> anyhow::Result<PathBuf> {
 /// Mosquitto (Debian package, installed here if missing).
 fn bench_uplink(args: &[String]) -> anyhow::Result<()> {
     let root = workspace_root();
-    if Command::new("mosquitto").arg("-h").output().is_err() {
-        step("installing mosquitto (Debian package)");
-        let status = Command::new("apt-get")
-            .args([
-                "install",
-                "-y",
-                "-qq",
-                "--no-install-recommends",
-                "mosquitto",
-            ])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()?;
-        if !status.success() {
-            bail!("apt-get install mosquitto failed ({status}); install it and rerun");
-        }
-    }
+    ensure_mosquitto()?;
     step("cargo build --release -p outpost-gateway --bin outpost --example uplink-bench");
     let status = Command::new(cargo())
         .current_dir(&root)
@@ -384,6 +376,41 @@ fn bench_onboard(args: &[String]) -> anyhow::Result<()> {
     println!("  rerun: cargo xtask bench-onboard -- --devices {devices}");
     if report["failed"].as_u64() != Some(0) {
         bail!("some devices failed; see target/bench-onboard/outpost.log");
+    }
+    Ok(())
+}
+
+/// Installs Debian's Mosquitto when it is missing.
+fn ensure_mosquitto() -> anyhow::Result<()> {
+    if Command::new("mosquitto").arg("-h").output().is_ok() {
+        return Ok(());
+    }
+    step("installing mosquitto (Debian package)");
+    let status = Command::new("apt-get")
+        .args([
+            "install",
+            "-y",
+            "-qq",
+            "--no-install-recommends",
+            "mosquitto",
+        ])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()?;
+    if !status.success() {
+        bail!("apt-get install mosquitto failed ({status}); install it and rerun");
+    }
+    Ok(())
+}
+
+/// Runs cargo with `args` in `root`; an error when it fails.
+fn cargo_ok(root: &Path, args: &[&str]) -> anyhow::Result<()> {
+    let status = Command::new(cargo())
+        .current_dir(root)
+        .args(args)
+        .status()
+        .context("cannot run cargo")?;
+    if !status.success() {
+        bail!("cargo {} failed ({status})", args.join(" "));
     }
     Ok(())
 }
