@@ -126,7 +126,8 @@ fn bench_cache(args: &[String]) -> anyhow::Result<()> {
 /// private mount namespace with `unshare` (util-linux, on every Debian system) and needs
 /// root, as CI runs. The handler guests in `plugins/` are built by the test build
 /// (`tests/guests/build.rs`) and need the `wasm32-wasip2` standard library. Later
-/// capabilities add their parts here (Mosquitto, the BlueZoo venv and a private D-Bus).
+/// capabilities add their parts here: the BlueZoo venv, Mosquitto, and Chromium with
+/// chromedriver for the dashboard.
 fn prepare(root: &Path) -> anyhow::Result<()> {
     step("checking the toolchain");
     let rustc = Command::new("rustc")
@@ -137,6 +138,11 @@ fn prepare(root: &Path) -> anyhow::Result<()> {
     eprintln!("  {}", String::from_utf8_lossy(&rustc.stdout).trim());
     ensure_rust_target(root, WASM_TARGET)?;
     ensure_bluezoo(root)?;
+    ensure_mosquitto()?;
+    // The dashboard test drives Debian's headless Chromium through chromedriver.
+    if !Path::new("/usr/bin/chromium").exists() || !Path::new("/usr/bin/chromedriver").exists() {
+        apt_install("chromium chromium-driver")?;
+    }
     step(
         "cargo build -p esp-sim -p cloud-sim (the onboarding and uplink tests run these binaries)",
     );

@@ -20,6 +20,7 @@
 mod cache;
 mod error;
 mod fetch;
+pub mod links;
 pub mod manifest;
 pub mod range;
 pub mod server;

@@ -45,6 +45,9 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Time allowed for a request head to arrive.
     pub header_read_timeout: Duration,
+    /// Checks signed per-device links (`?device=…&expires=…&sig=…`); without it a
+    /// signed link is refused, since it cannot be checked.
+    pub links: Option<crate::links::LinkSigner>,
 }
 
 impl Default for ServerConfig {
@@ -52,6 +55,7 @@ impl Default for ServerConfig {
         Self {
             max_connections: 512,
             header_read_timeout: Duration::from_secs(30),
+            links: None,
         }
     }
 }
@@ -102,11 +106,18 @@ pub async fn serve(
         let cache = cache.clone();
         let http = http.clone();
         let shutdown = shutdown.clone();
+        let links = config.links.clone();
         connections.spawn(async move {
             let _permit = permit;
             let service = service_fn(move |request| {
                 let cache = cache.clone();
-                async move { Ok::<_, Infallible>(respond(&cache, &request, peer).await) }
+                let links = links.clone();
+                async move {
+                    if let Some(refused) = check_link(links.as_ref(), &request) {
+                        return Ok::<_, Infallible>(refused);
+                    }
+                    Ok::<_, Infallible>(respond(&cache, &request, peer).await)
+                }
             });
             let connection = http.serve_connection(TokioIo::new(stream), service);
             tokio::pin!(connection);
@@ -125,6 +136,34 @@ pub async fn serve(
     }
     connections.close();
     let _ = tokio::time::timeout(grace, connections.wait()).await;
+}
+
+/// A signed link that is expired or forged gets 403; anything else goes on.
+fn check_link<B>(
+    links: Option<&crate::links::LinkSigner>,
+    request: &Request<B>,
+) -> Option<Response<FirmwareBody>> {
+    let query = request.uri().query();
+    let signed = query.is_some_and(|q| q.split('&').any(|p| p.starts_with("sig=")));
+    if !signed {
+        return None;
+    }
+    let name = request
+        .uri()
+        .path()
+        .strip_prefix("/firmware/")
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let verdict = match links {
+        Some(links) => links.check(&name, query, now),
+        None => Err(crate::links::LinkError::Invalid),
+    };
+    verdict
+        .err()
+        .map(|err| plain(StatusCode::FORBIDDEN, &format!("{err}\n")))
 }
 
 /// Answers one request.

@@ -236,6 +236,7 @@ async fn start(
         crate::onboard::Onboarder::new(config, store.clone(), uplink.clone())
             .context("onboarding settings ([onboarding] in the config)")?,
     );
+    let links = outpost_cache::links::LinkSigner::new(url_key(&config.gateway.state_dir)?);
     onboarder.set_device_api(match &config.api.public_url {
         Some(url) => url.trim_end_matches('/').to_owned(),
         None => format!("http://{addr}"),
@@ -245,10 +246,7 @@ async fn start(
         firmware.clone(),
         Arc::clone(&handlers),
         outbox.clone(),
-        crate::rollout::Mailbox::new(
-            config.cache.public_url(firmware_addr),
-            url_key(&config.gateway.state_dir)?,
-        ),
+        crate::rollout::Mailbox::new(config.cache.public_url(firmware_addr), links.clone()),
         config.gateway.id.as_str().to_owned(),
     );
     let engine = rollouts.clone();
@@ -293,7 +291,8 @@ async fn start(
         }
         .instrument(tracing::info_span!("task", name = "local-api")),
     );
-    let server_config = config.cache.server_config();
+    let mut server_config = config.cache.server_config();
+    server_config.links = Some(links.clone());
     let firmware_shutdown = shutdown.clone();
     let served = firmware.clone();
     tasks.spawn(

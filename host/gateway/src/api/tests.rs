@@ -58,7 +58,10 @@ async fn start() -> Running {
         firmware.clone(),
         Arc::clone(&handlers),
         outbox.clone(),
-        crate::rollout::Mailbox::new("http://127.0.0.1:8070".into(), [9; 32]),
+        crate::rollout::Mailbox::new(
+            "http://127.0.0.1:8070".into(),
+            outpost_cache::links::LinkSigner::new([9; 32]),
+        ),
         "gw-test".into(),
     );
     let state = Arc::new(ApiState {

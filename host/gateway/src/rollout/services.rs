@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use hmac::{Hmac, Mac};
+use outpost_cache::links::LinkSigner;
 use outpost_cache::{BlobBody, FirmwareCache, Sha256};
 use outpost_runtime::{
     ArtifactSource, BoxFuture, ChannelError, DeviceChannel, ReadError, StateError, StateStore,
@@ -54,7 +54,7 @@ pub(crate) struct Mailbox {
     slots: Mutex<HashMap<String, Slot>>,
     next_id: AtomicU64,
     firmware_url: String,
-    url_key: [u8; 32],
+    links: LinkSigner,
 }
 
 impl std::fmt::Debug for Mailbox {
@@ -64,13 +64,13 @@ impl std::fmt::Debug for Mailbox {
 }
 
 impl Mailbox {
-    /// A mailbox whose download URLs point at `firmware_url`, signed with `url_key`.
-    pub(crate) fn new(firmware_url: String, url_key: [u8; 32]) -> Arc<Self> {
+    /// A mailbox whose download URLs point at `firmware_url`, signed by `links`.
+    pub(crate) fn new(firmware_url: String, links: LinkSigner) -> Arc<Self> {
         Arc::new(Self {
             slots: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             firmware_url,
-            url_key,
+            links,
         })
     }
 
@@ -131,17 +131,6 @@ impl Mailbox {
             slot.polling > 0 || slot.last_poll.is_some_and(|at| at.elapsed() < PRESENCE)
         })
     }
-
-    /// The signature of a download URL (HMAC-SHA256 over sha, device and expiry).
-    fn signature(&self, sha256: &str, device: &str, expires: i64) -> String {
-        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(&self.url_key).expect("any key size");
-        mac.update(format!("{sha256}\n{device}\n{expires}").as_bytes());
-        hex_lower(&mac.finalize().into_bytes())
-    }
-}
-
-fn hex_lower(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl DeviceChannel for Mailbox {
@@ -187,10 +176,10 @@ impl DeviceChannel for Mailbox {
 
     fn download_url(&self, device_id: &str, file_id: &str) -> Result<String, ChannelError> {
         let expires = crate::rollout::now_millis() + URL_LIFETIME.as_millis() as i64;
-        let sig = self.signature(file_id, device_id, expires);
         Ok(format!(
-            "{}/firmware/{file_id}?device={device_id}&expires={expires}&sig={sig}",
-            self.firmware_url
+            "{}/firmware/{file_id}?{}",
+            self.firmware_url,
+            self.links.query(file_id, device_id, expires)
         ))
     }
 }
@@ -305,7 +294,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_command_reaches_a_polling_device_and_its_reply_comes_back() {
-        let mailbox = Mailbox::new("http://127.0.0.1:8070".into(), [7; 32]);
+        let mailbox = Mailbox::new("http://127.0.0.1:8070".into(), LinkSigner::new([7; 32]));
         // Nobody has polled: the device is not there.
         assert_eq!(
             mailbox
@@ -343,7 +332,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_unanswered_command_times_out_and_is_withdrawn() {
-        let mailbox = Mailbox::new("http://gw".into(), [1; 32]);
+        let mailbox = Mailbox::new("http://gw".into(), LinkSigner::new([1; 32]));
         assert!(
             mailbox
                 .next("esp-1", Duration::from_millis(1))
@@ -364,7 +353,7 @@ mod tests {
 
     #[test]
     fn download_urls_are_signed_per_device_and_file() {
-        let mailbox = Mailbox::new("http://gw:8070".into(), [3; 32]);
+        let mailbox = Mailbox::new("http://gw:8070".into(), LinkSigner::new([3; 32]));
         let sha = "a".repeat(64);
         let url = mailbox.download_url("esp-1", &sha).unwrap();
         assert!(url.starts_with(&format!(

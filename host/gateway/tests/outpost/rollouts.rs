@@ -607,13 +607,17 @@ fn a_cloud_deployment_rolls_out_in_waves_and_stops_at_the_error_threshold() {
 
 #[test]
 fn an_offline_site_rolls_out_locally_and_results_reach_the_cloud_when_the_uplink_appears() {
-    // The uplink points at a broker that is not there yet.
-    let port = super::uplink::free_port();
+    // The site's broker is down (the cloud's subscription waits in its persistent
+    // session, as a fleet backend's does).
+    let mut broker = Mosquitto::start("");
+    let mut cloud = Cloud::start(&[format!("--hub=a={}", broker.url())]);
+    broker.stop();
     let fleet = FleetSite::new(&format!(
-        "[uplink]\nbroker = \"mqtt://127.0.0.1:{port}\"\nbackoff_min_ms = 100\nbackoff_max_ms = 400\n"
+        "[uplink]\nbroker = \"{}\"\nbackoff_min_ms = 100\nbackoff_max_ms = 400\n",
+        broker.url()
     ));
     let mut gateway = Gateway::spawn(&fleet.site.config(), &[]);
-    let addr = gateway.ready();
+    let (addr, firmware) = gateway.ready_with_firmware();
     let admin = fleet.site.admin_token();
     fleet.install_handlers();
     let (_lights, _sensors) = onboard_fleet(&fleet, 6, 4, &[]);
@@ -721,6 +725,21 @@ fn an_offline_site_rolls_out_locally_and_results_reach_the_cloud_when_the_uplink
     let status = stdout_of(&fleet.site.command(&["rollout", "status", "site-1"]));
     assert!(status.contains("rollout site-1  finished"), "{status}");
     assert!(status.contains("10 ok, 0 skipped, 0 failed"), "{status}");
+    // Devices fetched through signed per-device links; a forged one is refused, while
+    // a plain request (an operator's) is served.
+    let sha = sha256_hex(&release.app);
+    let (status, _, body) = super::firmware::fetch(
+        firmware,
+        &format!(
+            "/firmware/{sha}?device=PROV_5E0000&expires=99999999999999&sig={}",
+            "0".repeat(64)
+        ),
+        "",
+    );
+    assert_eq!(status, 403);
+    assert!(String::from_utf8_lossy(&body).contains("not valid"));
+    let (status, _, body) = super::firmware::fetch(firmware, &format!("/firmware/{sha}"), "");
+    assert_eq!((status, body.len()), (200, release.app.len()));
     // Finished: the files are no longer pinned for it.
     let (_, files) = http_get(addr, "/api/v1/firmware", Some(&admin));
     assert!(
@@ -738,9 +757,8 @@ fn an_offline_site_rolls_out_locally_and_results_reach_the_cloud_when_the_uplink
         uplink["outbox"]["queued"].as_u64().unwrap() >= 10,
         "{uplink}"
     );
-    // …and arrives once the broker and the cloud are there.
-    let broker = Mosquitto::start_on(port, "");
-    let mut cloud = Cloud::start(&[format!("--hub=a={}", broker.url())]);
+    // …and arrives once the broker is back.
+    broker.resume();
     let results = cloud.messages("result", 10);
     assert!(
         results

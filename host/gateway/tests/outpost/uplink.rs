@@ -62,7 +62,7 @@ impl Mosquitto {
     }
 
     /// (Re)starts the broker on its port and waits until it accepts connections.
-    fn resume(&mut self) {
+    pub(crate) fn resume(&mut self) {
         let binary = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
             .into_iter()
             .find(|p| Path::new(p).exists())
@@ -87,7 +87,7 @@ impl Mosquitto {
     }
 
     /// SIGTERM (it saves its persistence file) and wait.
-    fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             signal(&child, libc::SIGTERM);
             child.wait().unwrap();
