@@ -145,6 +145,9 @@ struct Running {
     rollout: String,
     reports: mpsc::UnboundedSender<Report>,
     cancel: CancellationToken,
+    /// Stops the job without a trace at shutdown: the device stays `running` in the
+    /// store and starts over at the next start.
+    abort: tokio::task::AbortHandle,
 }
 
 /// The rollout engine. Cheap to clone.
@@ -164,6 +167,8 @@ pub(crate) struct Inner {
     wake: Notify,
     running: Mutex<HashMap<String, Running>>,
     jobs: TaskTracker,
+    /// Manifests verified in this process, by rollout.
+    manifests: Mutex<HashMap<String, Arc<VerifiedManifest>>>,
 }
 
 impl Rollouts {
@@ -187,6 +192,7 @@ impl Rollouts {
                 wake: Notify::new(),
                 running: Mutex::new(HashMap::new()),
                 jobs: TaskTracker::new(),
+                manifests: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -244,8 +250,9 @@ impl Rollouts {
                 () = tokio::time::sleep(TICK) => {}
             }
         }
+        // Not cancelled through the handlers: a shutdown is not the operator's cancel.
         for job in self.running().values() {
-            job.cancel.cancel();
+            job.abort.abort();
         }
         self.inner.jobs.close();
         self.inner.jobs.wait().await;
@@ -521,7 +528,7 @@ impl Rollouts {
             spec::RolloutPriority::Batch => spec.max_parallel as usize,
         };
         let mut running = in_wave.iter().filter(|d| d.status == "running").count();
-        let manifest = Arc::new(self.manifest_of(id).await?);
+        let manifest = self.manifest_of(id).await?;
         for device in in_wave.iter().filter(|d| d.status == "pending") {
             if running >= limit || shutdown.is_cancelled() {
                 break;
@@ -546,7 +553,10 @@ impl Rollouts {
         Ok(())
     }
 
-    async fn manifest_of(&self, id: &str) -> Result<VerifiedManifest, RolloutError> {
+    async fn manifest_of(&self, id: &str) -> Result<Arc<VerifiedManifest>, RolloutError> {
+        if let Some(known) = self.lock_manifests().get(id) {
+            return Ok(Arc::clone(known));
+        }
         let id2 = id.to_owned();
         let jws: String = self
             .inner
@@ -560,12 +570,25 @@ impl Rollouts {
             })
             .await
             .map_err(internal)?;
-        // Verified again as read back: the store is not trusted with signatures.
+        // Verified again as read back (once per process): the store is not trusted with
+        // signatures.
+        let verified = Arc::new(
+            self.inner
+                .firmware
+                .add_manifest(&jws)
+                .await
+                .map_err(|err| RolloutError::Internal(format!("the stored manifest: {err}")))?,
+        );
+        self.lock_manifests()
+            .insert(id.to_owned(), Arc::clone(&verified));
+        Ok(verified)
+    }
+
+    fn lock_manifests(&self) -> MutexGuard<'_, HashMap<String, Arc<VerifiedManifest>>> {
         self.inner
-            .firmware
-            .add_manifest(&jws)
-            .await
-            .map_err(|err| RolloutError::Internal(format!("the stored manifest: {err}")))
+            .manifests
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Starts the update of one device unless it already has one in flight.
@@ -576,22 +599,11 @@ impl Rollouts {
         manifest: &Arc<VerifiedManifest>,
         spec: &RolloutSpec,
     ) -> bool {
+        if self.running().contains_key(device) {
+            return false;
+        }
         let (tx, rx) = mpsc::unbounded_channel();
         let cancel = CancellationToken::new();
-        {
-            let mut running = self.running();
-            if running.contains_key(device) {
-                return false;
-            }
-            running.insert(
-                device.to_owned(),
-                Running {
-                    rollout: rollout.to_owned(),
-                    reports: tx,
-                    cancel: cancel.clone(),
-                },
-            );
-        }
         let job = job::Job {
             rollouts: self.clone(),
             rollout: rollout.to_owned(),
@@ -599,12 +611,25 @@ impl Rollouts {
             manifest: Arc::clone(manifest),
             spec: spec.clone(),
             reports: rx,
-            cancel,
+            cancel: cancel.clone(),
         };
         let span = tracing::info_span!("update", rollout = %rollout, device = %device);
-        self.inner
+        // Registered before the job can end (it removes itself): the engine task is the
+        // only one starting jobs, and the job waits for this lock to deregister.
+        let mut running = self.running();
+        let handle = self
+            .inner
             .jobs
             .spawn(tracing::Instrument::instrument(job.run(), span));
+        running.insert(
+            device.to_owned(),
+            Running {
+                rollout: rollout.to_owned(),
+                reports: tx,
+                cancel,
+                abort: handle.abort_handle(),
+            },
+        );
         true
     }
 
@@ -722,7 +747,7 @@ impl Rollouts {
             })
             .await
             .map_err(internal)?;
-        for file in self.manifest_of(id).await?.manifest.files {
+        for file in &self.manifest_of(id).await?.manifest.files {
             let _ = self.inner.firmware.pin(file.sha256, &pin_holder(id)).await;
         }
         self.set_state(id, "running", None, Some(first_failed_wave.min(view.wave)))
@@ -752,7 +777,7 @@ impl Rollouts {
 
     async fn unpin(&self, id: &str) {
         if let Ok(manifest) = self.manifest_of(id).await {
-            for file in manifest.manifest.files {
+            for file in &manifest.manifest.files {
                 if let Err(err) = self
                     .inner
                     .firmware
