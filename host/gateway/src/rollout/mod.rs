@@ -529,7 +529,13 @@ impl Rollouts {
         };
         let mut running = in_wave.iter().filter(|d| d.status == "running").count();
         let manifest = self.manifest_of(id).await?;
-        for device in in_wave.iter().filter(|d| d.status == "pending") {
+        // Devices pull: one that is not connected (no poll for a minute) stays pending
+        // until it checks in again, as after a gateway restart or a power cut.
+        for device in in_wave
+            .iter()
+            .filter(|d| d.status == "pending")
+            .filter(|d| self.inner.mailbox.present(&d.device_id))
+        {
             if running >= limit || shutdown.is_cancelled() {
                 break;
             }

@@ -174,12 +174,18 @@ pub(crate) struct FleetSite {
 
 impl FleetSite {
     pub(crate) fn new(uplink: &str) -> Self {
+        Self::with_api("127.0.0.1:0", uplink)
+    }
+
+    /// As [`new`](Self::new) with the API on `api` (a fixed port survives a restart, as
+    /// the devices' agents need).
+    pub(crate) fn with_api(api: &str, uplink: &str) -> Self {
         let site = Site::new("");
         let (vendor_key, vendor) = keygen(&site, "vendor");
         let (fleet_key, fleet) = keygen(&site, "fleet");
         std::fs::write(site.dir.path().join("wifi"), "correct horse battery").unwrap();
         site.write_config(&format!(
-            "[gateway]\nid = \"gw-test\"\nstate_dir = \"state\"\n\n[api]\nbind = \"127.0.0.1:0\"\n\n\
+            "[gateway]\nid = \"gw-test\"\nstate_dir = \"state\"\n\n[api]\nbind = \"{api}\"\n\n\
              [cache]\nbind = \"127.0.0.1:0\"\n\n\
              [[cache.trusted_signers]]\nname = \"fleet\"\npublic_key = \"{fleet}\"\n\n\
              [handlers]\nmax_concurrent = 16\n\n\
@@ -771,4 +777,99 @@ fn an_offline_site_rolls_out_locally_and_results_reach_the_cloud_when_the_uplink
             && e["body"]["deploymentId"] == "site-1"
             && e["body"]["state"] == "finished"
     });
+}
+
+#[test]
+fn a_gateway_killed_mid_rollout_starts_the_devices_in_flight_over_after_restart() {
+    let api = format!("127.0.0.1:{}", super::uplink::free_port());
+    let fleet = FleetSite::with_api(&api, "");
+    let mut gateway = Gateway::spawn(&fleet.site.config(), &[]);
+    let addr = gateway.ready();
+    let admin = fleet.site.admin_token();
+    fleet.install_handlers();
+    // Light 2 never comes back from its update: it is in flight, waiting out its
+    // rollback window, when the gateway dies.
+    let (mut lights, _sensors) = onboard_fleet(&fleet, 3, 1, &["2=never-returns"]);
+    let stuck = lights.wait_for("ready", |_| true)["devices"][2]["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let release = Release::new();
+    for (name, bytes) in [("a.bin", &release.app), ("b.ota", &release.zigbee)] {
+        let path = fleet.site.dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        stdout_of(
+            &fleet
+                .site
+                .command(&["firmware", "import", path.to_str().unwrap()]),
+        );
+    }
+    let jws = fleet.sign(&release.manifest(None));
+    stdout_of(&fleet.site.command(&[
+        "rollout",
+        "create",
+        "--manifest",
+        jws.to_str().unwrap(),
+        "--id",
+        "crash",
+        "--priority",
+        "immediate",
+        "--rollback-window",
+        "4",
+    ]));
+    wait_rollout(
+        addr,
+        &admin,
+        "crash",
+        "waiting on the stuck light",
+        DEADLINE,
+        |v| {
+            v["counts"]["succeeded"] == 3
+                && v["devices"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|d| d["device_id"] == stuck.as_str() && d["step"] == "verify")
+        },
+    );
+    gateway.signal(libc::SIGKILL);
+    let _ = gateway.wait();
+
+    let mut gateway = Gateway::spawn(&fleet.site.config(), &[]);
+    let addr = gateway.ready();
+    // The stuck light runs again from is-installed, fails in its window, and the wave
+    // (3 of 4 succeeded, below 100 %) pauses the rollout. Nothing else ran twice.
+    let view = wait_rollout(addr, &admin, "crash", "paused", DEADLINE, |v| {
+        v["state"] == "paused"
+    });
+    for device in view["devices"].as_array().unwrap() {
+        if device["device_id"] == stuck.as_str() {
+            assert_eq!(device["status"], "failed", "{view}");
+            assert_eq!(device["attempts"], 2, "{view}");
+            let details = device["result"]["lastInstallResult"]["resultDetails"]
+                .as_str()
+                .unwrap();
+            assert!(details.contains("rollback window"), "{details}");
+            let phases: Vec<&str> = device["result"]["phases"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p["step"].as_str().unwrap())
+                .collect();
+            assert_eq!(phases, ["is-installed", "download", "install", "apply"]);
+        } else {
+            assert_eq!(
+                (device["status"].as_str(), device["attempts"].as_u64()),
+                (Some("succeeded"), Some(1)),
+                "{view}"
+            );
+        }
+    }
+    assert!(
+        view["reason"]
+            .as_str()
+            .unwrap()
+            .contains("3 of 4 devices succeeded (75%), below the 100% success threshold"),
+        "{view}"
+    );
 }
