@@ -57,6 +57,38 @@ enum Command {
     /// Rollouts: create (offline sites), list, follow, pause, resume, cancel, retry.
     #[command(subcommand)]
     Rollout(RolloutCommand),
+    /// Device groups that rollouts target.
+    #[command(subcommand)]
+    Groups(GroupsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum GroupsCommand {
+    /// List the groups and their members.
+    List {
+        /// Print JSON (the same shape as GET /api/v1/groups).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create an empty group.
+    Create {
+        /// Its id (rollouts name it in `target.group` / `--group`).
+        id: String,
+        /// A name for people (default: the id).
+        #[arg(long)]
+        name: Option<String>,
+        /// Free text.
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    /// Add devices to a group.
+    Add {
+        /// The group.
+        id: String,
+        /// The devices.
+        #[arg(required = true)]
+        devices: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -75,6 +107,15 @@ enum DevicesCommand {
         /// Print JSON (the same shape as GET /api/v1/devices).
         #[arg(long)]
         json: bool,
+    },
+    /// Set properties of a device that rollouts select on (site, customer, tag, …):
+    /// KEY=VALUE, or KEY= to remove one. Needs the running gateway.
+    Set {
+        /// The device id.
+        id: String,
+        /// KEY=VALUE pairs.
+        #[arg(required = true)]
+        properties: Vec<String>,
     },
     /// Issue a device's credential for the local device API (shown once; replaces the
     /// previous one). Needs the running gateway.
@@ -116,6 +157,32 @@ pub(crate) async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Handler(command) => handler_cmd::run(command, &cli.config).await?,
         Command::Firmware(command) => firmware_cmd::run(command, &cli.config).await?,
         Command::Rollout(command) => rollout_cmd::run(command, &cli.config).await?,
+        Command::Groups(command) => groups(command, &cli.config).await?,
+        Command::Devices(DevicesCommand::Set { id, properties }) => {
+            let mut changes = serde_json::Map::new();
+            for pair in &properties {
+                let (key, value) = pair
+                    .split_once('=')
+                    .with_context(|| format!("{pair:?}: expected KEY=VALUE (or KEY= to remove)"))?;
+                let value = if value.is_empty() {
+                    serde_json::Value::Null
+                } else {
+                    serde_json::Value::String(value.to_owned())
+                };
+                changes.insert(key.to_owned(), value);
+            }
+            let device = rollout_cmd::call(
+                &cli.config,
+                hyper::Method::PUT,
+                &format!("/api/v1/devices/{id}/properties"),
+                Some(serde_json::Value::Object(changes)),
+            )
+            .await?;
+            println!(
+                "{id}: {}",
+                serde_json::to_string(&device["compat"]).unwrap_or_default()
+            );
+        }
         Command::Onboard(command) => {
             if !onboard_cmd::run(command, &cli.config).await? {
                 return Ok(ExitCode::FAILURE);
@@ -184,6 +251,57 @@ pub(crate) async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn groups(command: GroupsCommand, config: &Path) -> anyhow::Result<()> {
+    match command {
+        GroupsCommand::List { json } => {
+            let answer =
+                rollout_cmd::call(config, hyper::Method::GET, "/api/v1/groups", None).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&answer)?);
+                return Ok(());
+            }
+            let groups = answer["groups"].as_array().cloned().unwrap_or_default();
+            if groups.is_empty() {
+                println!("No groups.");
+            }
+            for group in groups {
+                let members: Vec<&str> = group["members"]
+                    .as_array()
+                    .map(|m| m.iter().filter_map(serde_json::Value::as_str).collect())
+                    .unwrap_or_default();
+                println!(
+                    "{:<20} {} device(s): {}",
+                    group["id"].as_str().unwrap_or("?"),
+                    members.len(),
+                    members.join(", ")
+                );
+            }
+        }
+        GroupsCommand::Create {
+            id,
+            name,
+            description,
+        } => {
+            let body = serde_json::json!({"id": id, "name": name, "description": description});
+            rollout_cmd::call(config, hyper::Method::POST, "/api/v1/groups", Some(body)).await?;
+            println!("Group {id} created.");
+        }
+        GroupsCommand::Add { id, devices } => {
+            for device in &devices {
+                rollout_cmd::call(
+                    config,
+                    hyper::Method::PUT,
+                    &format!("/api/v1/groups/{id}/members/{device}"),
+                    None,
+                )
+                .await?;
+            }
+            println!("Added {} device(s) to {id}.", devices.len());
+        }
+    }
+    Ok(())
 }
 
 /// One call to the running gateway's API; an error answer becomes an error.

@@ -365,7 +365,9 @@ fn print_status(view: &serde_json::Value, watch: bool) {
     }
 }
 
-async fn call(
+/// One call to the running gateway's API with an optional JSON body; an error answer
+/// becomes an error with the gateway's message.
+pub(crate) async fn call(
     config_path: &Path,
     method: Method,
     path: &str,

@@ -7,6 +7,7 @@ mod auth;
 mod dashboard;
 mod error;
 pub(crate) mod firmware;
+mod groups;
 pub(crate) mod handlers;
 mod onboarding;
 mod rollouts;
@@ -207,6 +208,25 @@ async fn route(state: &ApiState, request: Request<Incoming>) -> Response<Full<By
                     onboarding::run(state, &run["/api/v1/onboarding/runs/".len()..])
                 }
                 ("/api/v1/claims", &Method::GET) => onboarding::claims(state).await,
+                ("/api/v1/groups", &Method::GET) => groups::list(state).await,
+                ("/api/v1/groups", &Method::POST) => groups::create(state, request).await,
+                ("/api/v1/groups", _) => Err(ApiError::method_not_allowed(&method, "GET, POST")),
+                (member, &Method::PUT) if member.starts_with("/api/v1/groups/") => {
+                    match member["/api/v1/groups/".len()..].split_once("/members/") {
+                        Some((group, device)) if !device.contains('/') => {
+                            groups::add_member(state, group, device).await
+                        }
+                        _ => Err(ApiError::not_found(member)),
+                    }
+                }
+                (properties, &Method::PUT)
+                    if properties.starts_with("/api/v1/devices/")
+                        && properties.ends_with("/properties") =>
+                {
+                    let id = &properties
+                        ["/api/v1/devices/".len()..properties.len() - "/properties".len()];
+                    groups::set_properties(state, id, request).await
+                }
                 ("/api/v1/rollouts", &Method::GET) => rollouts::list(state).await,
                 ("/api/v1/rollouts", &Method::POST) => rollouts::create(state, request).await,
                 ("/api/v1/rollouts", _) => Err(ApiError::method_not_allowed(&method, "GET, POST")),

@@ -626,7 +626,7 @@ fn an_offline_site_rolls_out_locally_and_results_reach_the_cloud_when_the_uplink
     let (addr, firmware) = gateway.ready_with_firmware();
     let admin = fleet.site.admin_token();
     fleet.install_handlers();
-    let (_lights, _sensors) = onboard_fleet(&fleet, 6, 4, &[]);
+    let (mut lights, _sensors) = onboard_fleet(&fleet, 6, 4, &[]);
 
     // Firmware comes in by hand (no URLs in the manifest: there is no internet here).
     let release = Release::new();
@@ -678,8 +678,72 @@ fn an_offline_site_rolls_out_locally_and_results_reach_the_cloud_when_the_uplink
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let listed = stdout_of(&fleet.site.command(&["rollout", "list"]));
-    assert_eq!(listed, "No rollouts.\n");
+    assert_eq!(
+        stdout_of(&fleet.site.command(&["rollout", "list"])),
+        "No rollouts.\n"
+    );
+
+    // Groups and operator-set properties narrow a rollout. One that starts next year
+    // stands still, so its devices can be counted and it is cancelled.
+    let names: Vec<String> = lights.drain()[..]
+        .iter()
+        .find(|e| e["event"] == "ready")
+        .unwrap()["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["name"].as_str().unwrap().to_owned())
+        .collect();
+    stdout_of(
+        &fleet
+            .site
+            .command(&["groups", "create", "north", "--name", "North wing"]),
+    );
+    let dup = fleet.site.command(&["groups", "create", "north"]);
+    assert!(!dup.status.success(), "a second group north");
+    stdout_of(
+        &fleet
+            .site
+            .command(&["groups", "add", "north", &names[0], &names[1]]),
+    );
+    let unknown = fleet
+        .site
+        .command(&["groups", "add", "north", "no-such-device"]);
+    assert!(!unknown.status.success());
+    let listed = stdout_of(&fleet.site.command(&["groups", "list"]));
+    assert!(
+        listed.starts_with("north                2 device(s)"),
+        "{listed}"
+    );
+    stdout_of(
+        &fleet
+            .site
+            .command(&["devices", "set", &names[2], "site=plant-2", "customer=acme"]),
+    );
+    for (selector, expected) in [
+        (vec!["--group", "north"], "to 2 devices"),
+        (vec!["--where", "site=plant-2"], "to 1 devices"),
+        (vec!["--device-type", "zigbee-sensor"], "to 4 devices"),
+    ] {
+        let mut args = vec![
+            "rollout",
+            "create",
+            "--manifest",
+            jws.to_str().unwrap(),
+            "--start-at",
+            "2099-01-01T00:00:00Z",
+        ];
+        args.extend_from_slice(&selector);
+        let out = stdout_of(&fleet.site.command(&args));
+        assert!(out.contains(expected), "{selector:?}: {out}");
+        let id = out
+            .strip_prefix("Rollout ")
+            .and_then(|rest| rest.split_once(' '))
+            .unwrap()
+            .0;
+        let cancelled = stdout_of(&fleet.site.command(&["rollout", "cancel", id]));
+        assert!(cancelled.contains("cancelled"), "{cancelled}");
+    }
 
     // The local rollout: two waves, paused by the operator between them.
     let created = stdout_of(&fleet.site.command(&[
