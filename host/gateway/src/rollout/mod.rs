@@ -527,7 +527,9 @@ impl Rollouts {
             spec::RolloutPriority::Immediate => usize::MAX,
             spec::RolloutPriority::Batch => spec.max_parallel as usize,
         };
-        let mut running = in_wave.iter().filter(|d| d.status == "running").count();
+        // The jobs in memory, not the store's rows: a job just started may not have
+        // marked its row yet.
+        let mut running = self.running().values().filter(|j| j.rollout == id).count();
         let manifest = self.manifest_of(id).await?;
         // Devices pull: one that is not connected (no poll for a minute) stays pending
         // until it checks in again, as after a gateway restart or a power cut.
