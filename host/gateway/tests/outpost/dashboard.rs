@@ -263,6 +263,16 @@ fn the_dashboard_shows_devices_and_pauses_and_resumes_a_rollout_in_chromium() {
         firmware.as_array().unwrap().iter().all(|v| v == "1.0.0"),
         "{firmware}"
     );
+    let seen = browser.eval(
+        "return [...document.querySelectorAll('#devices tbody tr td:nth-child(6)')].map(td => td.textContent)",
+    );
+    assert!(
+        seen.as_array()
+            .unwrap()
+            .iter()
+            .all(|v| v.as_str().unwrap().ends_with(" ago")),
+        "last seen, relative: {seen}"
+    );
     let state =
         "return document.querySelector('[data-rollout=\"evening\"] .state')?.textContent || null";
     browser.wait_for("the scheduled rollout", state, |v| v == "scheduled");
