@@ -58,7 +58,7 @@ fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, serde_j
 }
 
 /// chromedriver on a free loopback port with one headless Chromium session.
-struct Browser {
+pub(crate) struct Browser {
     driver: Child,
     addr: SocketAddr,
     session: String,
@@ -66,7 +66,7 @@ struct Browser {
 }
 
 impl Browser {
-    fn start() -> Self {
+    pub(crate) fn start() -> Self {
         for tool in [CHROMIUM, CHROMEDRIVER] {
             assert!(
                 Path::new(tool).exists(),
@@ -124,12 +124,12 @@ impl Browser {
         answer["value"].clone()
     }
 
-    fn open(&self, url: &str) {
+    pub(crate) fn open(&self, url: &str) {
         self.command("POST", "/url", &serde_json::json!({ "url": url }));
     }
 
     /// Runs `script` in the page and returns its value.
-    fn eval(&self, script: &str) -> serde_json::Value {
+    pub(crate) fn eval(&self, script: &str) -> serde_json::Value {
         self.command(
             "POST",
             "/execute/sync",
@@ -138,7 +138,7 @@ impl Browser {
     }
 
     /// Polls `script` until its value satisfies `pred`.
-    fn wait_for(
+    pub(crate) fn wait_for(
         &self,
         what: &str,
         script: &str,
@@ -159,7 +159,7 @@ impl Browser {
     }
 
     /// Clicks the element `css` selects, as a user would.
-    fn click(&self, css: &str) {
+    pub(crate) fn click(&self, css: &str) {
         let found = self.command(
             "POST",
             "/element",

@@ -513,6 +513,31 @@ fn a_cloud_deployment_rolls_out_in_waves_and_stops_at_the_error_threshold() {
         reason(27)
     );
     assert!(reason(28).contains("rollback window"), "{}", reason(28));
+    // The dashboard shows it stopped, with the reason and the four failures.
+    let browser = super::dashboard::Browser::start();
+    browser.open(&format!("http://{addr}/dashboard#token={admin}"));
+    let card = "document.querySelector('[data-rollout=\"dep-1\"]')";
+    browser.wait_for(
+        "the stopped rollout",
+        &format!("return {card}?.querySelector('.state')?.textContent || null"),
+        |v| v == "stopped",
+    );
+    let reason = browser.eval(&format!(
+        "return {card}.querySelector('.reason').textContent"
+    ));
+    assert!(
+        reason
+            .as_str()
+            .unwrap()
+            .starts_with("error threshold crossed"),
+        "{reason}"
+    );
+    let failed_rows = browser.eval(&format!(
+        "return [...{card}.querySelectorAll('tr[data-device] td.failed')].length"
+    ));
+    assert_eq!(failed_rows, 4);
+    drop(browser);
+
     // Nothing is left running; devices not finished when it stopped were cancelled.
     let end = Instant::now() + DEADLINE;
     let settled = loop {
