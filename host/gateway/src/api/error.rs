@@ -52,6 +52,28 @@ impl ApiError {
         }
     }
 
+    /// A store failure: invalid input is 400, an unknown id 404, anything else 500.
+    pub(crate) fn store(err: outpost_store::StoreError) -> Self {
+        match err {
+            outpost_store::StoreError::InvalidInput { .. } => {
+                Self::new(StatusCode::BAD_REQUEST, "invalid_input", err.to_string())
+            }
+            outpost_store::StoreError::NotFound { .. } => {
+                Self::new(StatusCode::NOT_FOUND, "not_found", err.to_string())
+            }
+            other => Self::internal(format!("the state database failed: {other}")),
+        }
+    }
+
+    /// A request body that does not parse as `what`.
+    pub(crate) fn malformed(what: &str, err: impl std::fmt::Display) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "malformed_request",
+            format!("{what}: {err}"),
+        )
+    }
+
     pub(crate) fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
     }

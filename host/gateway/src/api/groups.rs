@@ -7,36 +7,52 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
-use outpost_store::{NewDevice, StoreError};
+use outpost_store::{Device, NewDevice, StoreError};
 use serde::Deserialize;
 
 use super::{ApiError, ApiState, json_response};
 
 const MAX_BODY: usize = 64 * 1024;
 
-fn store_error(err: StoreError) -> ApiError {
-    match err {
-        StoreError::InvalidInput { .. } => {
-            ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", err.to_string())
-        }
-        StoreError::NotFound { .. } => {
-            ApiError::new(StatusCode::NOT_FOUND, "not_found", err.to_string())
-        }
-        other => ApiError::internal(format!("the state database failed: {other}")),
-    }
-}
-
-fn malformed(err: impl std::fmt::Display) -> ApiError {
-    ApiError::new(
-        StatusCode::BAD_REQUEST,
-        "malformed_request",
-        err.to_string(),
-    )
+/// Loads device `id`, lets `change` edit what may change, and stores it (its type and
+/// lobby state are kept). `404 unknown_device` when the lobby does not have it.
+pub(super) async fn update_device(
+    state: &ApiState,
+    id: &str,
+    change: impl FnOnce(&mut NewDevice),
+) -> Result<Device, ApiError> {
+    let known = state
+        .store
+        .device(id)
+        .await
+        .map_err(ApiError::store)?
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "unknown_device",
+                format!("no device {id:?} in the lobby"),
+            )
+        })?;
+    let mut device = NewDevice {
+        id: known.id,
+        device_type: known.device_type,
+        manufacturer: known.manufacturer,
+        model: known.model,
+        compat: known.compat,
+        firmware_version: known.firmware_version,
+        state: known.state,
+    };
+    change(&mut device);
+    state
+        .store
+        .upsert_device(device)
+        .await
+        .map_err(ApiError::store)
 }
 
 /// `GET /api/v1/groups`.
 pub(crate) async fn list(state: &ApiState) -> Result<Response<Full<Bytes>>, ApiError> {
-    let groups = state.store.list_groups().await.map_err(store_error)?;
+    let groups = state.store.list_groups().await.map_err(ApiError::store)?;
     Ok(json_response(
         StatusCode::OK,
         &serde_json::json!({ "groups": groups }),
@@ -59,7 +75,8 @@ pub(crate) async fn create(
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let body = super::onboarding::body(request, MAX_BODY).await?;
-    let group: NewGroup = serde_json::from_slice(&body).map_err(malformed)?;
+    let group: NewGroup =
+        serde_json::from_slice(&body).map_err(|e| ApiError::malformed("a group", e))?;
     let name = group.name.unwrap_or_else(|| group.id.clone());
     let created = state
         .store
@@ -69,7 +86,7 @@ pub(crate) async fn create(
             StoreError::InvalidInput { .. } => {
                 ApiError::new(StatusCode::CONFLICT, "group_exists", err.to_string())
             }
-            other => store_error(other),
+            other => ApiError::store(other),
         })?;
     Ok(json_response(StatusCode::CREATED, &created))
 }
@@ -84,7 +101,7 @@ pub(crate) async fn add_member(
         .store
         .add_group_member(group, device)
         .await
-        .map_err(store_error)?;
+        .map_err(ApiError::store)?;
     Ok(json_response(
         StatusCode::OK,
         &serde_json::json!({ "group": group, "added": device }),
@@ -100,41 +117,19 @@ pub(crate) async fn set_properties(
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let body = super::onboarding::body(request, MAX_BODY).await?;
     let changes: BTreeMap<String, Option<String>> = serde_json::from_slice(&body).map_err(|e| {
-        malformed(format!(
-            "properties are a JSON object of strings (or null to remove): {e}"
-        ))
+        ApiError::malformed(
+            "properties (a JSON object of strings, or null to remove one)",
+            e,
+        )
     })?;
-    let known = state
-        .store
-        .device(device_id)
-        .await
-        .map_err(store_error)?
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                "unknown_device",
-                format!("no device {device_id:?} in the lobby"),
-            )
-        })?;
-    let mut compat = known.compat;
-    for (key, value) in changes {
-        match value {
-            Some(value) => compat.insert(key, value),
-            None => compat.remove(&key),
-        };
-    }
-    let device = state
-        .store
-        .upsert_device(NewDevice {
-            id: known.id,
-            device_type: known.device_type,
-            manufacturer: known.manufacturer,
-            model: known.model,
-            compat,
-            firmware_version: known.firmware_version,
-            state: known.state,
-        })
-        .await
-        .map_err(store_error)?;
+    let device = update_device(state, device_id, |device| {
+        for (key, value) in changes {
+            match value {
+                Some(value) => device.compat.insert(key, value),
+                None => device.compat.remove(&key),
+            };
+        }
+    })
+    .await?;
     Ok(json_response(StatusCode::OK, &device))
 }

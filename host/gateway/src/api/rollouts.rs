@@ -9,7 +9,6 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header;
 use hyper::{Request, Response, StatusCode};
-use outpost_store::NewDevice;
 use serde::{Deserialize, Serialize};
 
 use super::{ApiError, ApiState, json_response};
@@ -44,14 +43,6 @@ struct CreateRollout {
     rollout: Option<RolloutSpec>,
 }
 
-fn malformed(what: &str, err: impl std::fmt::Display) -> ApiError {
-    ApiError::new(
-        StatusCode::BAD_REQUEST,
-        "malformed_request",
-        format!("{what}: {err}"),
-    )
-}
-
 /// `POST /api/v1/rollouts`: a local rollout (offline sites).
 pub(crate) async fn create(
     state: &ApiState,
@@ -59,7 +50,7 @@ pub(crate) async fn create(
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let body = super::onboarding::body(request, MAX_BODY).await?;
     let create: CreateRollout =
-        serde_json::from_slice(&body).map_err(|e| malformed("a rollout", e))?;
+        serde_json::from_slice(&body).map_err(|e| ApiError::malformed("a rollout", e))?;
     let view = state
         .rollouts
         .create(
@@ -171,45 +162,25 @@ async fn register(
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let body = super::onboarding::body(request, MAX_BODY).await?;
     let register: Register =
-        serde_json::from_slice(&body).map_err(|e| malformed("a registration", e))?;
-    let store_error = |e: outpost_store::StoreError| {
-        ApiError::internal(format!("the state database failed: {e}"))
-    };
-    let known = state
-        .store
-        .device(device_id)
-        .await
-        .map_err(store_error)?
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                "unknown_device",
-                format!("no device {device_id:?} in the lobby"),
-            )
-        })?;
-    let mut compat = known.compat.clone();
-    compat.extend(register.properties);
-    let device = state
-        .store
-        .upsert_device(NewDevice {
-            id: known.id.clone(),
-            device_type: known.device_type.clone(),
-            manufacturer: register.manufacturer.or(known.manufacturer),
-            model: register.model.or(known.model),
-            compat,
-            firmware_version: register.firmware_version.or(known.firmware_version),
-            state: known.state,
-        })
-        .await
-        .map_err(|e| match e {
-            outpost_store::StoreError::InvalidInput { .. } => malformed("a registration", e),
-            other => store_error(other),
-        })?;
+        serde_json::from_slice(&body).map_err(|e| ApiError::malformed("a registration", e))?;
+    let device = super::groups::update_device(state, device_id, |device| {
+        device.compat.extend(register.properties);
+        if register.manufacturer.is_some() {
+            device.manufacturer = register.manufacturer;
+        }
+        if register.model.is_some() {
+            device.model = register.model;
+        }
+        if register.firmware_version.is_some() {
+            device.firmware_version = register.firmware_version;
+        }
+    })
+    .await?;
     state
         .store
         .touch_device(device_id)
         .await
-        .map_err(store_error)?;
+        .map_err(ApiError::store)?;
     Ok(json_response(StatusCode::OK, &device))
 }
 
@@ -224,8 +195,9 @@ async fn next(
         .filter_map(|pair| pair.split_once('='))
         .find(|(k, _)| *k == "wait")
         .map(|(_, v)| {
-            v.parse::<u64>()
-                .map_err(|_| malformed("wait", format!("{v:?} is not a number of seconds")))
+            v.parse::<u64>().map_err(|_| {
+                ApiError::malformed("wait", format!("{v:?} is not a number of seconds"))
+            })
         })
         .transpose()?
         .map_or(Duration::ZERO, Duration::from_secs)
@@ -258,7 +230,8 @@ async fn command_reply(
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let body = super::onboarding::body(request, MAX_BODY).await?;
-    let reply: Reply = serde_json::from_slice(&body).map_err(|e| malformed("a reply", e))?;
+    let reply: Reply =
+        serde_json::from_slice(&body).map_err(|e| ApiError::malformed("a reply", e))?;
     let answer = if reply.ok {
         Ok(reply.payload.unwrap_or_default().into_bytes())
     } else {
@@ -295,9 +268,12 @@ async fn report(
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let body = super::onboarding::body(request, MAX_BODY).await?;
     let report: DeviceReportBody =
-        serde_json::from_slice(&body).map_err(|e| malformed("a report", e))?;
+        serde_json::from_slice(&body).map_err(|e| ApiError::malformed("a report", e))?;
     if report.kind.is_empty() || report.kind.len() > 64 {
-        return Err(malformed("a report", "kind must be 1-64 characters"));
+        return Err(ApiError::malformed(
+            "a report",
+            "kind must be 1-64 characters",
+        ));
     }
     let delivered = state
         .rollouts

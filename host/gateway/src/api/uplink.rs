@@ -17,6 +17,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::{ApiError, ApiState, json_response};
+use crate::rollout::now_millis;
 
 /// One telemetry request carries at most this many records.
 const MAX_RECORDS: usize = 100;
@@ -300,8 +301,4 @@ pub(crate) fn status(state: &ApiState) -> Response<Full<Bytes>> {
             outbox: state.outbox.stats(),
         },
     )
-}
-
-fn now_millis() -> i64 {
-    outpost_store::Timestamp::now().unix_millis()
 }
