@@ -257,7 +257,7 @@ pub struct LobbyEvent {
 /// `telemetry/{device}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Telemetry {
+pub struct Telemetry<B = serde_json::Value> {
     /// [`schema::TELEMETRY`].
     pub schema: String,
     /// De-duplication id (the cloud may see a message twice, never zero times).
@@ -266,8 +266,9 @@ pub struct Telemetry {
     pub device_id: String,
     /// Unix milliseconds when the gateway accepted it.
     pub received_at: i64,
-    /// The device's JSON, as posted (≤ [`MAX_TELEMETRY_BODY`] bytes).
-    pub body: serde_json::Value,
+    /// The device's JSON object, as posted (≤ [`MAX_TELEMETRY_BODY`] bytes); the gateway
+    /// relays the posted text unparsed (`Box<RawValue>`).
+    pub body: B,
 }
 
 /// ADU-style update-agent metadata in a device's reported state.
@@ -536,14 +537,22 @@ pub struct ClaimReport {
     pub claimed_at: i64,
 }
 
-/// A fresh message id: unix milliseconds then 64 random bits, in hex, so ids sort by time
-/// and never collide in practice.
+/// A fresh message id: unix milliseconds, then 64 bits that start at random in each
+/// process and count up, in hex; ids sort by time and never collide in practice.
 pub fn message_id() -> String {
-    let mut random = [0u8; 8];
-    // The OS source does not fail on Linux after boot; a zero suffix would still be unique
-    // enough with the time prefix for de-duplication within one gateway.
-    let _ = getrandom::fill(&mut random);
-    format!("{:012x}{}", crate::now_millis(), hex::encode(random))
+    // A random 64-bit start per process, counted up per id: unique within the process,
+    // and across restarts with the time prefix; one getrandom call per process.
+    static START: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let start = *START.get_or_init(|| {
+        let mut random = [0u8; 8];
+        // The OS source does not fail on Linux after boot; the time prefix and the count
+        // still keep ids apart within one gateway if it did.
+        let _ = getrandom::fill(&mut random);
+        u64::from_le_bytes(random)
+    });
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{:012x}{:016x}", crate::now_millis(), start.wrapping_add(n))
 }
 
 #[cfg(test)]

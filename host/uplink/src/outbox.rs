@@ -13,6 +13,7 @@
 //! * **Priorities.** [`Priority::Control`] before [`Priority::State`] before
 //!   [`Priority::Telemetry`]; in order of writing within a class.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -31,6 +32,8 @@ const RESERVE_DIVISOR: u64 = 10;
 const BATCH: usize = 4096;
 /// How often expired messages are swept (also while the uplink is down).
 const SWEEP_EVERY: Duration = Duration::from_millis(500);
+/// Payload bytes the in-memory tail of fresh commits may hold (see [`Mirror`]).
+const MIRROR_BYTES: usize = 16 * 1024 * 1024;
 
 /// Delivery class; lower goes first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -46,14 +49,6 @@ pub enum Priority {
 impl Priority {
     /// All classes, in delivery order.
     pub const ALL: [Priority; 3] = [Priority::Control, Priority::State, Priority::Telemetry];
-
-    fn from_i64(value: i64) -> Self {
-        match value {
-            0 => Self::Control,
-            1 => Self::State,
-            _ => Self::Telemetry,
-        }
-    }
 
     /// The class's name in stats and logs.
     pub fn name(self) -> &'static str {
@@ -178,17 +173,70 @@ struct Write {
     done: oneshot::Sender<Result<(), OutboxError>>,
 }
 
+/// What the writer task commits: new messages, and deletions of acknowledged ones. Both
+/// kinds that queued up while the previous commit ran share one transaction (one fsync).
+enum Work {
+    Write(Write),
+    Ack {
+        seqs: Vec<i64>,
+        done: oneshot::Sender<Result<(), StoreError>>,
+    },
+}
+
 #[derive(Default)]
 struct Usage {
     messages: u64,
     bytes: u64,
 }
 
+/// The freshest committed messages, kept in memory so the publisher need not read back
+/// what was just written: per class, **every** committed row with `seq > floor` is
+/// here, in order. Serving a message pops it and raises the floor to it; when the bytes
+/// exceed [`MIRROR_BYTES`] the oldest are dropped the same way. A publisher whose cursor
+/// is below the floor (after a reconnect, a restart, or an overflow) reads SQLite
+/// instead until it catches up. SQLite stays the only record: nothing is deleted or
+/// acknowledged here.
+#[derive(Default)]
+struct Mirror {
+    classes: [VecDeque<Live>; 3],
+    floor: [i64; 3],
+    bytes: usize,
+}
+
+struct Live {
+    queued: Queued,
+    expires_at: i64,
+}
+
+impl Mirror {
+    fn push(&mut self, live: Live) {
+        let class = live.queued.priority as usize;
+        self.bytes += live.queued.payload.len();
+        self.classes[class].push_back(live);
+        while self.bytes > MIRROR_BYTES {
+            // Drop the oldest of the largest class; its floor rises past it.
+            let Some(fullest) = (0..3).max_by_key(|c| self.classes[*c].len()) else {
+                break;
+            };
+            let Some(dropped) = self.classes[fullest].pop_front() else {
+                break;
+            };
+            self.take(fullest, &dropped);
+        }
+    }
+
+    fn take(&mut self, class: usize, live: &Live) {
+        self.bytes -= live.queued.payload.len();
+        self.floor[class] = self.floor[class].max(live.queued.seq);
+    }
+}
+
 struct Inner {
     store: Store,
     limits: OutboxLimits,
     usage: Mutex<Usage>,
-    writes: mpsc::Sender<Write>,
+    mirror: Mutex<Mirror>,
+    writes: mpsc::Sender<Work>,
     ready: Notify,
     refused_unsaved: AtomicU64,
     refused: AtomicU64,
@@ -219,12 +267,13 @@ impl Outbox {
         limits: OutboxLimits,
         shutdown: CancellationToken,
     ) -> Result<(Self, tokio::task::JoinHandle<()>), StoreError> {
-        let (messages, bytes, refused, expired, delivered) = store
+        let (messages, bytes, high, refused, expired, delivered) = store
             .call(|conn| {
-                let (messages, bytes): (i64, i64) = conn.query_row(
-                    "SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox",
+                let (messages, bytes, high): (i64, i64, i64) = conn.query_row(
+                    "SELECT count(*), coalesce(sum(length(payload)), 0), coalesce(max(seq), 0) \
+                     FROM outbox",
                     [],
-                    |row| Ok((row.get(0)?, row.get(1)?)),
+                    |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
                 )?;
                 let counter = |name: &str| -> Result<i64, StoreError> {
                     Ok(conn.query_row(
@@ -236,6 +285,7 @@ impl Outbox {
                 Ok((
                     messages,
                     bytes,
+                    high,
                     counter("refused")?,
                     counter("expired")?,
                     counter("delivered")?,
@@ -249,6 +299,11 @@ impl Outbox {
             usage: Mutex::new(Usage {
                 messages: to_u64(messages),
                 bytes: to_u64(bytes),
+            }),
+            // What is queued already is in SQLite only.
+            mirror: Mutex::new(Mirror {
+                floor: [high; 3],
+                ..Mirror::default()
             }),
             writes,
             ready: Notify::new(),
@@ -287,11 +342,11 @@ impl Outbox {
         let sent = self
             .inner
             .writes
-            .send(Write {
+            .send(Work::Write(Write {
                 messages,
                 bytes,
                 done,
-            })
+            }))
             .await;
         if sent.is_err() {
             self.release(count, bytes);
@@ -340,75 +395,113 @@ impl Outbox {
         self.inner.ready.notified().await;
     }
 
-    /// Up to `limit` unexpired messages in delivery order, starting after `after[class]`
-    /// in each class (the publisher's cursors; all zero after a reconnect).
-    pub async fn fetch(&self, after: [i64; 3], limit: usize) -> Result<Vec<Queued>, StoreError> {
-        self.inner
-            .store
-            .call(move |conn| {
-                let now = now_millis();
-                let mut out = Vec::new();
-                let mut stmt = conn.prepare_cached(
-                    "SELECT seq, topic, payload, retain, priority FROM outbox \
-                     WHERE priority = ?1 AND seq > ?2 AND expires_at > ?3 ORDER BY seq LIMIT ?4",
-                )?;
-                for class in Priority::ALL {
-                    let want = limit - out.len();
-                    if want == 0 {
-                        break;
-                    }
-                    let mut rows = stmt.query(params![
-                        class as i64,
-                        after[class as usize],
-                        now,
-                        want as i64
-                    ])?;
+    /// Up to `limit` unexpired messages in delivery order, after `cursors[class]` in each
+    /// class, and advances the cursors past what it returns (and past what it found
+    /// nothing beyond). The publisher keeps the cursors; all zero after a reconnect
+    /// starts over from the oldest unacknowledged message.
+    pub async fn fetch(
+        &self,
+        cursors: &mut [i64; 3],
+        limit: usize,
+    ) -> Result<Vec<Queued>, StoreError> {
+        let mut out = Vec::new();
+        for class in Priority::ALL {
+            let c = class as usize;
+            let want = limit - out.len();
+            if want == 0 {
+                break;
+            }
+            if self.take_mirrored(c, &mut cursors[c], want, &mut out) {
+                continue;
+            }
+            let after = cursors[c];
+            let (rows, high) = self
+                .inner
+                .store
+                .call(move |conn| {
+                    let now = now_millis();
+                    let mut stmt = conn.prepare_cached(
+                        "SELECT seq, topic, payload, retain FROM outbox \
+                         WHERE priority = ?1 AND seq > ?2 AND expires_at > ?3 ORDER BY seq LIMIT ?4",
+                    )?;
+                    let mut rows = stmt.query(params![class as i64, after, now, want as i64])?;
+                    let mut out = Vec::new();
+                    let mut last = after;
                     while let Some(row) = rows.next()? {
+                        last = row.get(0)?;
                         out.push(Queued {
-                            seq: row.get(0)?,
+                            seq: last,
                             topic: row.get(1)?,
                             payload: Bytes::from(row.get::<_, Vec<u8>>(2)?),
                             retain: row.get::<_, i64>(3)? != 0,
-                            priority: Priority::from_i64(row.get(4)?),
+                            priority: class,
                         });
                     }
-                }
-                Ok(out)
-            })
-            .await
+                    drop(rows);
+                    // Nothing more in this class: everything up to the newest row is
+                    // seen (a later insert takes a larger seq).
+                    let high = if out.len() < want {
+                        conn.query_row("SELECT coalesce(max(seq), 0) FROM outbox", [], |row| {
+                            row.get(0)
+                        })?
+                    } else {
+                        last
+                    };
+                    Ok((out, high))
+                })
+                .await?;
+            cursors[c] = cursors[c].max(high);
+            out.extend(rows);
+        }
+        Ok(out)
     }
 
-    /// Deletes acknowledged messages (unknown or already expired seqs are ignored).
+    /// Serves class `c` from the mirror when it holds everything after `cursor`.
+    fn take_mirrored(
+        &self,
+        c: usize,
+        cursor: &mut i64,
+        want: usize,
+        out: &mut Vec<Queued>,
+    ) -> bool {
+        let now = now_millis();
+        let mut mirror = self.inner.mirror.lock().expect("outbox mirror lock");
+        if *cursor < mirror.floor[c] {
+            return false;
+        }
+        let mut taken = 0;
+        while taken < want {
+            let Some(live) = mirror.classes[c].pop_front() else {
+                break;
+            };
+            mirror.take(c, &live);
+            if live.queued.seq <= *cursor {
+                continue;
+            }
+            *cursor = live.queued.seq;
+            if live.expires_at > now {
+                out.push(live.queued);
+                taken += 1;
+            }
+        }
+        true
+    }
+
+    /// Deletes acknowledged messages (unknown or already expired seqs are ignored);
+    /// returns once the deletion is committed. Deletions ride along with the next group
+    /// commit of new messages: a deletion lost to a crash only means a redelivery, which
+    /// the message id lets the cloud recognise.
     pub async fn ack(&self, seqs: Vec<i64>) -> Result<(), StoreError> {
         if seqs.is_empty() {
             return Ok(());
         }
-        let (count, bytes) = self
-            .inner
-            .store
-            .call(move |conn| {
-                let tx = conn.transaction()?;
-                let (mut count, mut bytes) = (0u64, 0u64);
-                {
-                    let mut stmt = tx.prepare_cached(
-                        "DELETE FROM outbox WHERE seq = ?1 RETURNING length(payload)",
-                    )?;
-                    for seq in seqs {
-                        let mut rows = stmt.query([seq])?;
-                        if let Some(row) = rows.next()? {
-                            count += 1;
-                            bytes += to_u64(row.get::<_, i64>(0)?);
-                        }
-                    }
-                    bump(&tx, "delivered", count)?;
-                }
-                tx.commit()?;
-                Ok((count, bytes))
-            })
-            .await?;
-        self.inner.release(count, bytes);
-        self.inner.delivered.fetch_add(count, Ordering::Relaxed);
-        Ok(())
+        let (done, answer) = oneshot::channel();
+        self.inner
+            .writes
+            .send(Work::Ack { seqs, done })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
     }
 
     /// The current figures.
@@ -439,7 +532,7 @@ impl Inner {
     }
 }
 
-async fn writer(inner: Arc<Inner>, mut inbox: mpsc::Receiver<Write>, shutdown: CancellationToken) {
+async fn writer(inner: Arc<Inner>, mut inbox: mpsc::Receiver<Work>, shutdown: CancellationToken) {
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut batch = Vec::with_capacity(BATCH);
@@ -466,9 +559,24 @@ async fn writer(inner: Arc<Inner>, mut inbox: mpsc::Receiver<Write>, shutdown: C
     }
 }
 
-async fn commit(inner: &Arc<Inner>, writes: Vec<Write>) {
+async fn commit(inner: &Arc<Inner>, work: Vec<Work>) {
     let refused = inner.refused_unsaved.swap(0, Ordering::Relaxed);
-    let rows: Vec<Vec<Message>> = writes.iter().map(|w| w.messages.clone()).collect();
+    let mut dones = Vec::with_capacity(work.len());
+    let mut acked = Vec::new();
+    let mut rows = Vec::new();
+    let mut acks = Vec::new();
+    for item in work {
+        match item {
+            Work::Write(write) => {
+                dones.push((write.done, write.messages.len() as u64, write.bytes));
+                rows.extend(write.messages);
+            }
+            Work::Ack { seqs, done } => {
+                acked.extend(seqs);
+                acks.push(done);
+            }
+        }
+    }
     let default_ttl = inner.limits.default_ttl;
     let result = inner
         .store
@@ -476,13 +584,29 @@ async fn commit(inner: &Arc<Inner>, writes: Vec<Write>) {
             let now = now_millis();
             let tx = conn.transaction()?;
             let mut duplicates = (0u64, 0u64);
+            let mut live = Vec::with_capacity(rows.len());
+            let mut deleted = (0u64, 0u64);
+            if !acked.is_empty() {
+                let mut stmt = tx.prepare_cached(
+                    "DELETE FROM outbox WHERE seq BETWEEN ?1 AND ?2 RETURNING length(payload)",
+                )?;
+                for (first, last) in runs(acked) {
+                    let mut rows = stmt.query([first, last])?;
+                    while let Some(row) = rows.next()? {
+                        deleted.0 += 1;
+                        deleted.1 += to_u64(row.get::<_, i64>(0)?);
+                    }
+                }
+                drop(stmt);
+                bump(&tx, "delivered", deleted.0)?;
+            }
             {
                 let mut stmt = tx.prepare_cached(
                     "INSERT INTO outbox (message_id, topic, payload, qos, priority, created_at, \
                      expires_at, retain) VALUES (?1, ?2, ?3, 1, ?4, ?5, ?6, ?7) \
                      ON CONFLICT (message_id) DO NOTHING",
                 )?;
-                for message in rows.iter().flatten() {
+                for message in rows {
                     let ttl = message.ttl.unwrap_or(default_ttl);
                     let expires =
                         now.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX));
@@ -498,22 +622,44 @@ async fn commit(inner: &Arc<Inner>, writes: Vec<Write>) {
                     if inserted == 0 {
                         duplicates.0 += 1;
                         duplicates.1 += message.payload.len() as u64;
+                        continue;
                     }
+                    live.push(Live {
+                        queued: Queued {
+                            seq: tx.last_insert_rowid(),
+                            topic: message.topic,
+                            payload: Bytes::from(message.payload),
+                            retain: message.retain,
+                            priority: message.priority,
+                        },
+                        expires_at: expires,
+                    });
                 }
                 bump(&tx, "refused", refused)?;
             }
             tx.commit()?;
-            Ok(duplicates)
+            Ok((duplicates, live, deleted))
         })
         .await;
     match result {
-        Ok((duplicate_count, duplicate_bytes)) => {
+        Ok(((duplicate_count, duplicate_bytes), live, (deleted, deleted_bytes))) => {
             if duplicate_count > 0 {
                 // A message id already queued: the earlier copy stands; give back the room.
                 inner.release(duplicate_count, duplicate_bytes);
             }
-            for write in writes {
-                let _ = write.done.send(Ok(()));
+            inner.release(deleted, deleted_bytes);
+            inner.delivered.fetch_add(deleted, Ordering::Relaxed);
+            for done in acks {
+                let _ = done.send(Ok(()));
+            }
+            {
+                let mut mirror = inner.mirror.lock().expect("outbox mirror lock");
+                for message in live {
+                    mirror.push(message);
+                }
+            }
+            for (done, _, _) in dones {
+                let _ = done.send(Ok(()));
             }
             inner.ready.notify_one();
         }
@@ -521,11 +667,12 @@ async fn commit(inner: &Arc<Inner>, writes: Vec<Write>) {
             inner.refused_unsaved.fetch_add(refused, Ordering::Relaxed);
             tracing::error!(error = %err, "the outbox could not commit");
             let text = err.to_string();
-            for write in writes {
-                inner.release(write.messages.len() as u64, write.bytes);
-                let _ = write
-                    .done
-                    .send(Err(OutboxError::Store(StoreError::Panicked(text.clone()))));
+            for (done, count, bytes) in dones {
+                inner.release(count, bytes);
+                let _ = done.send(Err(OutboxError::Store(StoreError::Panicked(text.clone()))));
+            }
+            for done in acks {
+                let _ = done.send(Err(StoreError::Panicked(text.clone())));
             }
         }
     }
@@ -579,6 +726,20 @@ fn bump(conn: &outpost_store::rusqlite::Connection, name: &str, by: u64) -> Resu
             .execute(params![name, i64::try_from(by).unwrap_or(i64::MAX)])?;
     }
     Ok(())
+}
+
+/// `seqs` as sorted runs of consecutive numbers, `(first, last)` inclusive.
+fn runs(mut seqs: Vec<i64>) -> Vec<(i64, i64)> {
+    seqs.sort_unstable();
+    seqs.dedup();
+    let mut out: Vec<(i64, i64)> = Vec::new();
+    for seq in seqs {
+        match out.last_mut() {
+            Some((_, last)) if *last + 1 == seq => *last = seq,
+            _ => out.push((seq, seq)),
+        }
+    }
+    out
 }
 
 fn to_u64(value: i64) -> u64 {

@@ -480,15 +480,13 @@ async fn pump(
             let room = window.saturating_sub(in_flight.len() + handed.len());
             if !exhausted && room >= window.min(64) {
                 let batch = outbox
-                    .fetch(cursors, room)
+                    .fetch(&mut cursors, room)
                     .await
                     .map_err(|e| format!("reading the outbox: {e}"))?;
                 if batch.len() < room {
                     exhausted = true;
                 }
                 for message in batch {
-                    let class = message.priority as usize;
-                    cursors[class] = cursors[class].max(message.seq);
                     handed.push_back(message.seq);
                     client
                         .publish_bytes(message.topic, QoS::AtLeastOnce, message.retain, message.payload)

@@ -13,6 +13,7 @@ use outpost_store::rusqlite::{OptionalExtension, params};
 use outpost_uplink::contract::{self, MAX_TELEMETRY_BODY, schema, topics};
 use outpost_uplink::{Message, OutboxError, Priority};
 use serde::Serialize;
+use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
@@ -123,25 +124,30 @@ pub(crate) async fn telemetry(
         )
         .await?;
     let body = super::onboarding::body(request, MAX_REQUEST).await?;
-    let value: serde_json::Value = serde_json::from_slice(&body).map_err(|err| {
+    // Validated as JSON but relayed as posted, without building a value tree.
+    let malformed = |err: serde_json::Error| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "malformed_telemetry",
             format!("telemetry must be a JSON object or an array of objects: {err}"),
         )
-    })?;
-    let records = match value {
-        serde_json::Value::Object(_) => vec![value],
-        serde_json::Value::Array(items) if !items.is_empty() && items.len() <= MAX_RECORDS => items,
-        serde_json::Value::Array(items) => {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "malformed_telemetry",
-                format!(
-                    "an array carries 1 to {MAX_RECORDS} records, not {}",
-                    items.len()
-                ),
-            ));
+    };
+    let raw: &RawValue = serde_json::from_slice(&body).map_err(malformed)?;
+    let records: Vec<&RawValue> = match raw.get().as_bytes().first() {
+        Some(b'{') => vec![raw],
+        Some(b'[') => {
+            let items: Vec<&RawValue> = serde_json::from_str(raw.get()).map_err(malformed)?;
+            if items.is_empty() || items.len() > MAX_RECORDS {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "malformed_telemetry",
+                    format!(
+                        "an array carries 1 to {MAX_RECORDS} records, not {}",
+                        items.len()
+                    ),
+                ));
+            }
+            items
         }
         _ => {
             return Err(ApiError::new(
@@ -157,14 +163,14 @@ pub(crate) async fn telemetry(
     let mut messages = Vec::with_capacity(records.len());
     let mut ids = Vec::with_capacity(records.len());
     for (index, record) in records.into_iter().enumerate() {
-        if !record.is_object() {
+        if !record.get().starts_with('{') {
             return Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "malformed_telemetry",
                 format!("record {index} is not a JSON object"),
             ));
         }
-        let size = record.to_string().len();
+        let size = record.get().len();
         if size > MAX_TELEMETRY_BODY {
             return Err(ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,

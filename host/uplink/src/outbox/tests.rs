@@ -64,7 +64,7 @@ async fn delivers_in_priority_order_and_survives_a_reopen() {
     let (store, outbox, shutdown, writer) = open(&dir, OutboxLimits::default()).await;
     assert_eq!(outbox.stats().queued, 4);
     assert_eq!(outbox.stats().bytes, 4);
-    let all = outbox.fetch([0; 3], 10).await.unwrap();
+    let all = outbox.fetch(&mut [0; 3], 10).await.unwrap();
     let topics: Vec<&str> = all.iter().map(|m| m.topic.as_str()).collect();
     assert_eq!(topics, ["c/1", "s/1", "t/1", "t/2"]);
     // Cursors skip what was taken; a limit cuts across classes in order.
@@ -72,7 +72,7 @@ async fn delivers_in_priority_order_and_survives_a_reopen() {
     for m in &all[..2] {
         cursors[m.priority as usize] = m.seq;
     }
-    let rest = outbox.fetch(cursors, 1).await.unwrap();
+    let rest = outbox.fetch(&mut cursors, 1).await.unwrap();
     assert_eq!(rest[0].topic, "t/1");
     // Only acknowledged messages leave.
     outbox
@@ -85,7 +85,7 @@ async fn delivers_in_priority_order_and_survives_a_reopen() {
 
     let (store, outbox, shutdown, writer) = open(&dir, OutboxLimits::default()).await;
     let left: Vec<String> = outbox
-        .fetch([0; 3], 10)
+        .fetch(&mut [0; 3], 10)
         .await
         .unwrap()
         .into_iter()
@@ -184,7 +184,7 @@ async fn expired_messages_are_dropped_counted_and_never_fetched() {
     // The expired one is invisible at once, and the sweep counts it.
     let mut seen = Vec::new();
     for _ in 0..100 {
-        seen = outbox.fetch([0; 3], 10).await.unwrap();
+        seen = outbox.fetch(&mut [0; 3], 10).await.unwrap();
         if seen.len() == 1 && outbox.stats().expired == 1 {
             break;
         }
@@ -204,7 +204,7 @@ async fn a_message_id_is_queued_once() {
     let m = message("t", Priority::Telemetry, "same");
     outbox.enqueue(m.clone()).await.unwrap();
     outbox.enqueue(m).await.unwrap();
-    assert_eq!(outbox.fetch([0; 3], 10).await.unwrap().len(), 1);
+    assert_eq!(outbox.fetch(&mut [0; 3], 10).await.unwrap().len(), 1);
     assert_eq!(outbox.stats().queued, 1);
     close(store, shutdown, writer).await;
 }
@@ -249,4 +249,81 @@ async fn commit_count(store: &Store) -> i64 {
         })
         .await
         .unwrap()
+}
+
+fn topics_of(batch: &[Queued]) -> Vec<&str> {
+    batch.iter().map(|m| m.topic.as_str()).collect()
+}
+
+#[tokio::test]
+async fn fresh_commits_come_from_memory_and_a_reconnect_reads_the_unacknowledged_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, outbox, shutdown, writer) = open(&dir, OutboxLimits::default()).await;
+    for (topic, class) in [
+        ("t/1", Priority::Telemetry),
+        ("t/2", Priority::Telemetry),
+        ("c/1", Priority::Control),
+    ] {
+        outbox.enqueue(message(topic, class, "x")).await.unwrap();
+    }
+    let mut cursors = [0i64; 3];
+    let first = outbox.fetch(&mut cursors, 10).await.unwrap();
+    assert_eq!(topics_of(&first), ["c/1", "t/1", "t/2"]);
+    outbox
+        .enqueue(message("t/3", Priority::Telemetry, "x"))
+        .await
+        .unwrap();
+    let second = outbox.fetch(&mut cursors, 10).await.unwrap();
+    assert_eq!(topics_of(&second), ["t/3"]);
+    assert!(outbox.fetch(&mut cursors, 10).await.unwrap().is_empty());
+
+    // Only t/1 was acknowledged; a new connection starts its cursors at zero.
+    outbox.ack(vec![first[1].seq]).await.unwrap();
+    let mut cursors = [0i64; 3];
+    let again = outbox.fetch(&mut cursors, 10).await.unwrap();
+    assert_eq!(topics_of(&again), ["c/1", "t/2", "t/3"]);
+    outbox
+        .enqueue(message("t/4", Priority::Telemetry, "x"))
+        .await
+        .unwrap();
+    let fresh = outbox.fetch(&mut cursors, 10).await.unwrap();
+    assert_eq!(topics_of(&fresh), ["t/4"]);
+    close(store, shutdown, writer).await;
+}
+
+#[tokio::test]
+async fn an_overflowing_memory_tail_loses_nothing_and_keeps_the_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, outbox, shutdown, writer) = open(&dir, OutboxLimits::default()).await;
+    let big = "y".repeat(64 * 1024);
+    let count = MIRROR_BYTES / big.len() + 40;
+    for i in 0..count {
+        outbox
+            .enqueue(message(&format!("t/{i}"), Priority::Telemetry, &big))
+            .await
+            .unwrap();
+    }
+    // The oldest were dropped from memory: the publisher reads them from SQLite and
+    // then switches to memory, in order, each exactly once.
+    let mut cursors = [0i64; 3];
+    let mut seen = Vec::new();
+    loop {
+        let batch = outbox.fetch(&mut cursors, 64).await.unwrap();
+        if batch.is_empty() {
+            break;
+        }
+        seen.extend(batch.into_iter().map(|m| m.topic));
+    }
+    let expected: Vec<String> = (0..count).map(|i| format!("t/{i}")).collect();
+    assert_eq!(seen, expected);
+    close(store, shutdown, writer).await;
+}
+
+#[test]
+fn acknowledged_seqs_are_deleted_in_runs() {
+    assert_eq!(
+        runs(vec![7, 3, 4, 5, 9, 8, 12, 4]),
+        [(3, 5), (7, 9), (12, 12)]
+    );
+    assert!(runs(Vec::new()).is_empty());
 }
