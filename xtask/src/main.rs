@@ -22,8 +22,9 @@ commands:
                                 missing); bench args: --duration S --rounds N --cold N
   bench-onboard [-- --devices N] onboard N simulated devices (Security 2 + Wi-Fi + claim)
                                 over BlueZoo with the release gateway (default 100)
-  bench-uplink [-- --messages N --connections C] telemetry through the gateway (API ->
-                                outbox -> Mosquitto QoS1) next to raw Mosquitto QoS1
+  bench-uplink [-- --messages N --connections C[,C..]] telemetry through the gateway
+                                (API -> outbox -> Mosquitto QoS1) next to raw Mosquitto
+                                QoS1; connections default 64,128
   demo [-- --lights N --sensors N --keep]
                                 the whole story on this machine: Mosquitto + cloud-sim,
                                 50 simulated devices onboarded, two signed handlers, a
