@@ -509,6 +509,9 @@ impl SimDevice {
             RMakerClaimMsgType::TypeCmdClaimInit => self.claim_init(state, key, &buf),
             RMakerClaimMsgType::TypeCmdClaimVerify => self.claim_verify(state, key, &buf),
             RMakerClaimMsgType::TypeCmdClaimAbort => {
+                emit(&serde_json::json!({
+                    "event": "claim-aborted", "device": self.identity.name,
+                }));
                 *state = Claim::KeyGenerated;
                 (RMakerClaimStatus::Success, None)
             }

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backoff::Backoff;
 use crate::contract::{self, Assignment, DesiredState, schema, topics};
 use crate::now_millis;
-use crate::outbox::{Message, Outbox, Priority};
+use crate::outbox::{Message, Outbox, OutboxError, Priority};
 use crate::registration::{self, RegistrationError};
 use crate::settings::{BrokerAddr, Credentials, Endpoint, UplinkSettings, rustls_config};
 
@@ -91,7 +91,7 @@ pub enum ClaimError {
     },
     /// The request could not be queued.
     #[error(transparent)]
-    Outbox(#[from] crate::outbox::OutboxError),
+    Outbox(#[from] OutboxError),
 }
 
 struct Shared {
@@ -147,6 +147,25 @@ impl Uplink {
     /// The gateway id used in topics.
     pub fn gateway_id(&self) -> &str {
         &self.shared.settings.gateway_id
+    }
+
+    /// Queues a lobby event for one device whose state changed (`outpost.lobby/1` on
+    /// `lobby/{device}`, state class); delivered when the link is up.
+    pub async fn announce_device(
+        &self,
+        device_id: &str,
+        device_type: &str,
+        state: &str,
+    ) -> Result<(), OutboxError> {
+        self.shared
+            .outbox
+            .enqueue(lobby_message(
+                &self.shared.settings.gateway_id,
+                device_id,
+                device_type,
+                state,
+            ))
+            .await
     }
 
     /// Asks the cloud to sign a device's CSR; returns the certificate (PEM).
@@ -930,29 +949,38 @@ async fn apply_assignment(
 }
 
 /// Queues a lobby event for every device (after a (re)assignment).
+fn lobby_message(gateway: &str, device_id: &str, device_type: &str, state: &str) -> Message {
+    let id = contract::message_id();
+    let event = contract::LobbyEvent {
+        schema: schema::LOBBY.into(),
+        message_id: id.clone(),
+        device_id: device_id.to_owned(),
+        device_type: device_type.to_owned(),
+        state: state.to_owned(),
+        at: now_millis(),
+    };
+    Message {
+        message_id: id,
+        topic: topics::lobby(gateway, device_id),
+        payload: serde_json::to_vec(&event).expect("serialisable"),
+        priority: Priority::State,
+        retain: false,
+        ttl: None,
+    }
+}
+
 async fn announce_lobby(shared: &Arc<Shared>, store: &Store) -> Result<(), String> {
     let devices = store.list_devices().await.map_err(|e| e.to_string())?;
     let gateway = &shared.settings.gateway_id;
     let messages = devices
         .iter()
         .map(|device| {
-            let id = contract::message_id();
-            let event = contract::LobbyEvent {
-                schema: schema::LOBBY.into(),
-                message_id: id.clone(),
-                device_id: device.id.clone(),
-                device_type: device.device_type.clone(),
-                state: device.state.to_string(),
-                at: now_millis(),
-            };
-            Message {
-                message_id: id,
-                topic: topics::lobby(gateway, &device.id),
-                payload: serde_json::to_vec(&event).expect("serialisable"),
-                priority: Priority::State,
-                retain: false,
-                ttl: None,
-            }
+            lobby_message(
+                gateway,
+                &device.id,
+                &device.device_type,
+                &device.state.to_string(),
+            )
         })
         .collect();
     shared

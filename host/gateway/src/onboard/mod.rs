@@ -60,6 +60,8 @@ pub(crate) struct Onboarder {
     device_api: std::sync::OnceLock<String>,
     settings: Settings,
     authority: Option<Authority>,
+    /// Lobby events go to the cloud through it (when configured).
+    uplink: Option<outpost_uplink::Uplink>,
     central: tokio::sync::Mutex<Option<Central>>,
     runs: Mutex<Vec<Arc<Run>>>,
     next_run: AtomicU64,
@@ -189,7 +191,7 @@ impl Onboarder {
             )?),
             None => None,
         };
-        let authority = match uplink {
+        let authority = match uplink.clone() {
             Some(uplink) => Some(Authority::Cloud {
                 uplink,
                 fallback: local,
@@ -221,6 +223,7 @@ impl Onboarder {
                 },
             },
             authority,
+            uplink,
             central: tokio::sync::Mutex::new(None),
             runs: Mutex::new(Vec::new()),
             next_run: AtomicU64::new(1),
@@ -615,6 +618,14 @@ impl Onboarder {
         };
         if let Err(err) = result {
             tracing::warn!(error = %err, "cannot record the device's state");
+            return;
+        }
+        if let Some(uplink) = &self.uplink
+            && let Err(err) = uplink
+                .announce_device(&target.name, &target.device_type, &state.to_string())
+                .await
+        {
+            tracing::warn!(error = %err, "cannot queue the device's lobby event");
         }
     }
 

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use outpost_store::{DeviceState, NewDevice};
 
+use super::onboarding::{Sim, run_json};
 use super::{DEADLINE, Gateway, Site, http_get};
 
 const KEY: &str = "c2VjcmV0LWVucm9sbG1lbnQta2V5LTMyLWJ5dGVzISE=";
@@ -787,4 +788,145 @@ fn a_wrong_enrollment_key_is_refused_once_and_not_retried() {
             .count(),
         1
     );
+}
+
+/// The site of the cloud-claim test: SoftAP onboarding, the uplink, no local CA.
+fn claiming_site(broker: &Mosquitto) -> Site {
+    let site = Site::new(&format!(
+        "\n[ble]\nenabled = false\n\n[onboarding]\nstatus_poll_ms = 50\n\n\
+         [[onboarding.wifi]]\nssid = \"outpost-site\"\npassphrase = {{ file = \"wifi\" }}\n\n\
+         [uplink]\nbroker = \"{}\"\nbackoff_min_ms = 100\nbackoff_max_ms = 400\n",
+        broker.url()
+    ));
+    std::fs::write(site.dir.path().join("wifi"), "correct horse battery").unwrap();
+    site
+}
+
+fn import(site: &Site, manifest: &Path) {
+    let out = site.command(&["onboard", "import", manifest.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The lobby states the cloud heard for `device`, in order.
+fn lobby_states(cloud: &Cloud, device: &str) -> Vec<String> {
+    let mut ids = HashSet::new();
+    cloud
+        .seen
+        .iter()
+        .filter(|e| e["event"] == "message" && e["kind"] == "lobby")
+        .filter(|e| e["body"]["deviceId"] == device)
+        .filter(|e| ids.insert(e["messageId"].to_string()))
+        .map(|e| e["body"]["state"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn claims_go_through_the_cloud_and_a_certificate_for_another_key_is_refused() {
+    let broker = Mosquitto::start("");
+    let mut cloud = Cloud::start(&[format!("--hub=a={}", broker.url())]);
+    let site = claiming_site(&broker);
+    let manifest = site.dir.path().join("fleet.json");
+    let mut sim = Sim::start(&["--softap", "2", "--security", "2", "--claim"], &manifest);
+    let mut gateway = Gateway::spawn(&site.config(), &[]);
+    let addr = gateway.ready();
+    let admin = site.admin_token();
+    wait_uplink(addr, &admin, "connected", |j| {
+        j["link"]["state"] == "connected"
+    });
+
+    // Each CSR goes up to the cloud, each certificate comes back down to its device.
+    import(&site, &manifest);
+    let report = run_json(&site);
+    assert_eq!(report["succeeded"], 2, "{report:#}");
+    let names: Vec<String> = report["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            assert_eq!(d["outcome"], "claimed", "{d}");
+            d["name"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    for name in &names {
+        sim.wait_for("claimed", |e| e["device"] == name.as_str());
+    }
+    // The claims are the cloud's (it signed, the gateway recorded them as reported).
+    cloud.wait_for("claim", |e| e["status"] == 200);
+    let (status, claims) = http_get(addr, "/api/v1/claims", Some(&admin));
+    assert_eq!(status, 200);
+    let claims = claims["claims"].as_array().unwrap();
+    assert_eq!(claims.len(), 2, "{claims:?}");
+    for claim in claims {
+        assert_eq!(claim["authority"], "cloud", "{claim}");
+        assert!(claim["reported_at"].is_string(), "{claim}");
+    }
+    // Every state change reached the cloud's lobby: provisioning, then claimed.
+    cloud.messages("lobby", 4);
+    for name in &names {
+        assert_eq!(lobby_states(&cloud, name), ["provisioning", "claimed"]);
+    }
+
+    // A faulty cloud signs some other key: the gateway checks the certificate against
+    // the CSR, aborts the claim on the device, and the device is not onboarded.
+    drop(cloud);
+    let mut cloud = Cloud::start(&[
+        format!("--hub=a={}", broker.url()),
+        "--wrong-claim-key".to_owned(),
+    ]);
+    let second = site.dir.path().join("second.json");
+    let mut faulty = Sim::start(
+        &[
+            "--softap",
+            "1",
+            "--first-index",
+            "32",
+            "--security",
+            "2",
+            "--claim",
+        ],
+        &second,
+    );
+    import(&site, &second);
+    let report = run_json(&site);
+    assert_eq!(report["failed"], 1, "{report:#}");
+    let device = &report["devices"][0];
+    let name = device["name"].as_str().unwrap().to_owned();
+    assert!(
+        device["error"]
+            .as_str()
+            .unwrap()
+            .contains("the certificate does not match the CSR's key"),
+        "{device}"
+    );
+    cloud.wait_for("claim", |e| e["status"] == 200);
+    faulty.wait_for("claim-aborted", |e| e["device"] == name.as_str());
+    assert!(
+        !faulty
+            .drain()
+            .iter()
+            .any(|e| e["event"] == "claimed" && e["device"] == name.as_str()),
+        "the device took a certificate for another key"
+    );
+    let (_, lobby) = http_get(addr, "/api/v1/devices", Some(&admin));
+    let entry = lobby["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["id"] == name.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(entry["state"], "failed", "{entry}");
+    let (_, claims) = http_get(addr, "/api/v1/claims", Some(&admin));
+    assert_eq!(
+        claims["claims"].as_array().unwrap().len(),
+        2,
+        "no new claim"
+    );
+    cloud.messages("lobby", 2);
+    assert_eq!(lobby_states(&cloud, &name), ["provisioning", "failed"]);
+    drop(gateway);
 }
