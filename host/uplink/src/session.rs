@@ -444,7 +444,10 @@ async fn connect_and_pump(
                 }
                 other => format!("the broker {broker} refused the connection ({other:?})"),
             },
-            Err(err) => format!("cannot reach {broker}: {err}"),
+            Err(err) => {
+                let text = err.to_string();
+                format!("cannot reach {broker}: {text}{}", tls_advice(&text))
+            }
         };
         tracing::warn!(reason = %why, "uplink down");
         set_status(shared, |s| {
@@ -460,6 +463,19 @@ async fn connect_and_pump(
             () = shutdown.cancelled() => return Ended::Shutdown,
             () = tokio::time::sleep(delay) => {}
         }
+    }
+}
+
+/// Words for the operator after a TLS failure whose cause is in the config.
+fn tls_advice(error: &str) -> &'static str {
+    if error.contains("invalid peer certificate") {
+        ". The broker's certificate is not trusted: check uplink.ca_file (absent: the \
+         system's CAs) and that the broker URL names a host the certificate is for"
+    } else if error.contains("CertificateRequired") {
+        ". The broker asks for a client certificate: set uplink.client_cert and \
+         uplink.client_key"
+    } else {
+        ""
     }
 }
 

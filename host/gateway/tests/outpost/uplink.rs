@@ -930,3 +930,124 @@ fn claims_go_through_the_cloud_and_a_certificate_for_another_key_is_refused() {
     assert_eq!(lobby_states(&cloud, &name), ["provisioning", "failed"]);
     drop(gateway);
 }
+
+/// A private CA and what it signs, written as PEM files into `dir`.
+struct Pki {
+    ca: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl Pki {
+    fn new(dir: &Path, name: &str) -> Self {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let cert = params.self_signed(&key).unwrap();
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+        Self {
+            ca: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    /// A certificate for `names` (DNS names or IP addresses) into `{file}.pem` and `.key`.
+    fn issue(&self, dir: &Path, file: &str, common_name: &str, names: &[&str]) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        let mut params = rcgen::CertificateParams::new(names).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, common_name);
+        let cert = params.signed_by(&key, &self.ca).unwrap();
+        std::fs::write(dir.join(format!("{file}.pem")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{file}.key")), key.serialize_pem()).unwrap();
+    }
+}
+
+#[test]
+fn mqtts_with_a_private_ca_and_a_client_certificate_and_what_is_refused() {
+    let pki_dir = tempfile::tempdir().unwrap();
+    let tls = pki_dir.path();
+    let site_ca = Pki::new(tls, "site-ca");
+    site_ca.issue(tls, "broker", "localhost", &["localhost", "127.0.0.1"]);
+    site_ca.issue(tls, "client", "gw-test", &[]);
+    Pki::new(tls, "other-ca");
+    // A plain listener for the cloud, a mutual-TLS one for the gateway.
+    let tls_port = free_port();
+    let broker = Mosquitto::start(&format!(
+        "listener {tls_port} 127.0.0.1\ncafile {0}/site-ca.pem\ncertfile {0}/broker.pem\n\
+         keyfile {0}/broker.key\nrequire_certificate true\n",
+        tls.display()
+    ));
+    let mut cloud = Cloud::start(&[format!("--hub=a={}", broker.url())]);
+    let uplink = |ca: &str, client: bool| {
+        let mut text = format!(
+            "broker = \"mqtts://localhost:{tls_port}\"\nca_file = \"{}/{ca}.pem\"\n",
+            tls.display()
+        );
+        if client {
+            text.push_str(&format!(
+                "client_cert = \"{0}/client.pem\"\nclient_key = {{ file = \"{0}/client.key\" }}\n",
+                tls.display()
+            ));
+        }
+        text
+    };
+
+    // Trusted broker, client certificate: connected, and telemetry goes through.
+    let site = uplink_site(&uplink("site-ca", true), "");
+    let mut gateway = Gateway::spawn(&site.config(), &[]);
+    let addr = gateway.ready();
+    let admin = site.admin_token();
+    let up = wait_uplink(addr, &admin, "connected", |j| {
+        j["link"]["state"] == "connected"
+    });
+    assert_eq!(
+        up["link"]["broker"],
+        format!("mqtts://localhost:{tls_port}")
+    );
+    let token = device_token(addr, &admin);
+    let ids = post_telemetry(addr, &token, 5, "tls");
+    let got: HashSet<String> = cloud
+        .messages("telemetry", 5)
+        .iter()
+        .map(|m| m["messageId"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(got, ids.into_iter().collect());
+    drop(gateway);
+
+    // A CA file that does not vouch for the broker: refused, and said why.
+    site.write_config(
+        &std::fs::read_to_string(site.config())
+            .unwrap()
+            .replace("site-ca.pem", "other-ca.pem"),
+    );
+    let mut gateway = Gateway::spawn(&site.config(), &[]);
+    let addr = gateway.ready();
+    let refused = wait_uplink(addr, &admin, "refusing the broker", |j| {
+        j["link"]["last_error"].is_string()
+    });
+    assert_ne!(refused["link"]["state"], "connected");
+    let error = refused["link"]["last_error"].as_str().unwrap();
+    assert!(error.contains("UnknownIssuer"), "{error}");
+    assert!(error.contains("check uplink.ca_file"), "{error}");
+    drop(gateway);
+
+    // Trusted, but without the client certificate the broker asks for: no connection.
+    let config = std::fs::read_to_string(site.config()).unwrap();
+    let start = config.find("client_cert").unwrap();
+    let end = config[start..].find("}\n").unwrap() + start + 2;
+    site.write_config(
+        &format!("{}{}", &config[..start], &config[end..]).replace("other-ca.pem", "site-ca.pem"),
+    );
+    let mut gateway = Gateway::spawn(&site.config(), &[]);
+    let addr = gateway.ready();
+    let refused = wait_uplink(addr, &admin, "refused without a client certificate", |j| {
+        j["link"]["last_error"].is_string() && j["link"]["connect_attempts"].as_u64() >= Some(2)
+    });
+    assert_eq!(refused["link"]["connections"], 0, "{refused}");
+    let error = refused["link"]["last_error"].as_str().unwrap();
+    assert!(error.contains("set uplink.client_cert"), "{error}");
+    drop(gateway);
+}
