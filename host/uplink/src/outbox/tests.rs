@@ -235,6 +235,19 @@ async fn concurrent_writers_share_commits() {
         commits < 3200,
         "{commits} commits for 3200 messages: no grouping"
     );
+    // Commits in flight together keep their order: the publisher gets every message
+    // once, in seq order.
+    let mut cursors = [0i64; 3];
+    let mut seqs = Vec::new();
+    loop {
+        let batch = outbox.fetch(&mut cursors, 100).await.unwrap();
+        if batch.is_empty() {
+            break;
+        }
+        seqs.extend(batch.iter().map(|m| m.seq));
+    }
+    assert_eq!(seqs.len(), 3200);
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "out of order");
     close(store, shutdown, writer).await;
 }
 
