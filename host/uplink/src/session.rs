@@ -964,7 +964,7 @@ async fn apply_assignment(
     announce_lobby(shared, store).await
 }
 
-/// Queues a lobby event for every device (after a (re)assignment).
+/// One device's lobby event, as an outbox message.
 fn lobby_message(gateway: &str, device_id: &str, device_type: &str, state: &str) -> Message {
     let id = contract::message_id();
     let event = contract::LobbyEvent {
@@ -985,6 +985,7 @@ fn lobby_message(gateway: &str, device_id: &str, device_type: &str, state: &str)
     }
 }
 
+/// Queues a lobby event for every device (after a (re)assignment).
 async fn announce_lobby(shared: &Arc<Shared>, store: &Store) -> Result<(), String> {
     let devices = store.list_devices().await.map_err(|e| e.to_string())?;
     let gateway = &shared.settings.gateway_id;

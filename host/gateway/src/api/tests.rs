@@ -21,6 +21,7 @@ struct Running {
     shutdown: CancellationToken,
     server: tokio::task::JoinHandle<()>,
     store: Store,
+    outbox: outpost_uplink::Outbox,
     _dir: tempfile::TempDir,
 }
 
@@ -81,7 +82,7 @@ async fn start() -> Running {
         },
         handlers,
         firmware,
-        outbox,
+        outbox: outbox.clone(),
         uplink: None,
         device_tokens: uplink::DeviceTokens::default(),
         rollouts,
@@ -93,6 +94,7 @@ async fn start() -> Running {
         shutdown,
         server,
         store,
+        outbox,
         _dir: dir,
     }
 }
@@ -325,4 +327,55 @@ async fn handlers_can_be_listed_and_bad_packages_are_refused() {
     )
     .await;
     assert_error_shape(&anonymous, StatusCode::UNAUTHORIZED, "unauthorized");
+}
+
+#[tokio::test]
+async fn telemetry_is_relayed_as_posted_and_bad_shapes_are_refused() {
+    let running = start().await;
+    running
+        .store
+        .upsert_device(NewDevice::new("esp-1", "thermostat", DeviceState::Claimed))
+        .await
+        .unwrap();
+    let token = uplink::store_credential(&running.store, "esp-1")
+        .await
+        .unwrap();
+    let auth = format!("Bearer {token}");
+    let path = "/api/v1/devices/esp-1/telemetry";
+    let post = |body: &[u8]| {
+        request_with_body(running.addr, Method::POST, path, Some(&auth), body.to_vec())
+    };
+    let one = post(b"  {\"t\": 1, \"nested\": {\"a\": [1, 2]}}\n").await;
+    assert_eq!(one.status, StatusCode::ACCEPTED, "{}", one.json);
+    let two = post(b"[ {\"t\":2} ,\n {\"t\":3} ]").await;
+    assert_eq!(two.json["accepted"], 2, "{}", two.json);
+    for (body, says) in [
+        (&b"[1]"[..], "record 0 is not a JSON object"),
+        (b"[{\"t\":4}, \"x\"]", "record 1 is not a JSON object"),
+        (b"42", "a JSON object or an array of objects"),
+        (b"[]", "1 to 100 records"),
+        (b"{\"t\":", "a JSON object or an array of objects"),
+        (b"{\"t\":5} {\"t\":6}", "trailing characters"),
+    ] {
+        let refused = post(body).await;
+        assert_error_shape(&refused, StatusCode::BAD_REQUEST, "malformed_telemetry");
+        let message = refused.json["error"]["message"].as_str().unwrap();
+        assert!(message.contains(says), "{message:?} should say {says:?}");
+    }
+    // Three messages queued, each carrying the device's object as it was posted.
+    let queued = running.outbox.fetch(&mut [0; 3], 10).await.unwrap();
+    let bodies: Vec<serde_json::Value> = queued
+        .iter()
+        .map(|m| serde_json::from_slice::<serde_json::Value>(&m.payload).unwrap()["body"].clone())
+        .collect();
+    assert_eq!(
+        bodies,
+        [
+            serde_json::json!({"t": 1, "nested": {"a": [1, 2]}}),
+            serde_json::json!({"t": 2}),
+            serde_json::json!({"t": 3}),
+        ]
+    );
+    running.shutdown.cancel();
+    running.server.await.unwrap();
 }
