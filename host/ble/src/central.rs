@@ -21,6 +21,21 @@ use uuid::Uuid;
 use crate::{Error, Timeouts};
 
 /// The Characteristic User Description descriptor that names each endpoint.
+/// How long a write whose reply was lost (see [`reply_lost`]) gets to reach the device
+/// before its answer is read.
+const LOST_REPLY_GRACE: Duration = Duration::from_millis(50);
+/// Reads whose reply was lost are asked again at most this often.
+const LOST_REPLY_READS: u32 = 3;
+
+/// dbus-tokio (under btleplug's BlueZ backend) can fail a D-Bus call with "Failed to send
+/// message" although it queued the call: when several tasks send while its connection
+/// task is woken but not yet running, the waker refuses and the caller gets that error,
+/// yet the queued message still goes out. Only the reply is lost. Seen with 100 devices
+/// onboarding at once.
+fn reply_lost(err: &btleplug::Error) -> bool {
+    err.to_string().contains("Failed to send message")
+}
+
 const USER_DESCRIPTION: Uuid = Uuid::from_u128(0x0000_2901_0000_1000_8000_0080_5f9b_34fb);
 
 /// The name prefix Espressif's apps look for.
@@ -284,10 +299,31 @@ impl BleLink {
             .get(endpoint)
             .ok_or_else(|| Error::MissingEndpoint(endpoint.to_owned()))?;
         let round = async {
-            self.peripheral
+            match self
+                .peripheral
                 .write(characteristic, request, WriteType::WithResponse)
-                .await?;
-            self.peripheral.read(characteristic).await
+                .await
+            {
+                Ok(()) => {}
+                // The write went out; give it time to land before reading its answer (a
+                // stale answer would fail the session's decoding or crypto, not pass).
+                Err(err) if reply_lost(&err) => {
+                    debug!(%err, endpoint, "write queued but its reply was lost");
+                    tokio::time::sleep(LOST_REPLY_GRACE).await;
+                }
+                Err(err) => return Err(err),
+            }
+            let mut reads = 1;
+            loop {
+                match self.peripheral.read(characteristic).await {
+                    // Reading again is harmless: the answer stays until the next write.
+                    Err(err) if reply_lost(&err) && reads < LOST_REPLY_READS => {
+                        debug!(%err, endpoint, "read reply lost; reading again");
+                        reads += 1;
+                    }
+                    other => return other,
+                }
+            }
         };
         let response = tokio::time::timeout(self.timeout, round)
             .await
@@ -306,6 +342,24 @@ impl BleLink {
     pub async fn close(self) {
         if let Err(err) = self.peripheral.disconnect().await {
             debug!(%err, "disconnect failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_dbus_tokios_refused_send_counts_as_a_lost_reply() {
+        let lost = btleplug::Error::Other("D-Bus error: Failed to send message".into());
+        assert!(reply_lost(&lost));
+        for other in [
+            btleplug::Error::NotConnected,
+            btleplug::Error::Other("org.bluez.Error.Failed: Not connected".into()),
+            btleplug::Error::TimedOut(Duration::from_secs(1)),
+        ] {
+            assert!(!reply_lost(&other), "{other}");
         }
     }
 }
