@@ -591,11 +591,9 @@ async fn commit(inner: &Arc<Inner>, work: Vec<Work>) {
                     "DELETE FROM outbox WHERE seq BETWEEN ?1 AND ?2 RETURNING length(payload)",
                 )?;
                 for (first, last) in runs(acked) {
-                    let mut rows = stmt.query([first, last])?;
-                    while let Some(row) = rows.next()? {
-                        deleted.0 += 1;
-                        deleted.1 += to_u64(row.get::<_, i64>(0)?);
-                    }
+                    let (count, bytes) = count_deleted(stmt.query([first, last])?)?;
+                    deleted.0 += count;
+                    deleted.1 += bytes;
                 }
                 drop(stmt);
                 bump(&tx, "delivered", deleted.0)?;
@@ -685,17 +683,12 @@ async fn housekeeping(inner: &Arc<Inner>) {
         .store
         .call(move |conn| {
             let tx = conn.transaction()?;
-            let (mut count, mut bytes) = (0u64, 0u64);
-            {
-                let mut stmt = tx.prepare_cached(
+            let (count, bytes) = count_deleted(
+                tx.prepare_cached(
                     "DELETE FROM outbox WHERE expires_at <= ?1 RETURNING length(payload)",
-                )?;
-                let mut rows = stmt.query([now_millis()])?;
-                while let Some(row) = rows.next()? {
-                    count += 1;
-                    bytes += to_u64(row.get::<_, i64>(0)?);
-                }
-            }
+                )?
+                .query([now_millis()])?,
+            )?;
             bump(&tx, "expired", count)?;
             bump(&tx, "refused", refused)?;
             tx.commit()?;
@@ -726,6 +719,16 @@ fn bump(conn: &outpost_store::rusqlite::Connection, name: &str, by: u64) -> Resu
             .execute(params![name, i64::try_from(by).unwrap_or(i64::MAX)])?;
     }
     Ok(())
+}
+
+/// Messages and payload bytes a `DELETE … RETURNING length(payload)` removed.
+fn count_deleted(mut rows: outpost_store::rusqlite::Rows<'_>) -> Result<(u64, u64), StoreError> {
+    let (mut count, mut bytes) = (0, 0);
+    while let Some(row) = rows.next()? {
+        count += 1;
+        bytes += to_u64(row.get::<_, i64>(0)?);
+    }
+    Ok((count, bytes))
 }
 
 /// `seqs` as sorted runs of consecutive numbers, `(first, last)` inclusive.

@@ -187,6 +187,17 @@ fn start_gateway(site: &Site, bus: Option<&str>) -> (Gateway, std::net::SocketAd
     (gateway, addr)
 }
 
+/// `outpost onboard import FILE`, which must succeed; returns its output.
+pub(crate) fn import(site: &Site, manifest: &Path) -> std::process::Output {
+    let out = site.command(&["onboard", "import", manifest.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 pub(crate) fn run_json(site: &Site) -> serde_json::Value {
     let out = site.command(&["onboard", "run", "--json"]);
     // A run with failures exits non-zero; its JSON report is still printed.
@@ -220,12 +231,7 @@ fn ble_and_softap_devices_are_onboarded_in_parallel_and_claimed() {
     assert_eq!(health["onboarding"]["state"], "ready", "{health}");
     assert_eq!(health["onboarding"]["adapter"], "hci0");
 
-    let out = site.command(&["onboard", "import", manifest.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = import(&site, &manifest);
     assert!(stdout_of(&out).contains("Imported 6 devices"));
 
     let report = run_json(&site);
@@ -342,12 +348,7 @@ fn bad_credentials_garbage_oversized_and_dropped_links_fail_clearly() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("line 2: security 2 needs a username"));
 
-    let out = site.command(&["onboard", "import", path.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    import(&site, &path);
     let report = run_json(&site);
     assert_eq!(report["failed"], 6, "{report:#}");
     let error_of = |name: &serde_json::Value| {
@@ -439,12 +440,7 @@ fn duplicate_ble_names_and_a_device_dropping_mid_session_over_ble() {
         device.as_object_mut().unwrap().remove("mac");
     }
     std::fs::write(&manifest, serde_json::to_vec(&json).unwrap()).unwrap();
-    let out = site.command(&["onboard", "import", manifest.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    import(&site, &manifest);
     let report = run_json(&site);
     assert_eq!(report["failed"], 2, "{report:#}");
     let devices = report["devices"].as_array().unwrap();

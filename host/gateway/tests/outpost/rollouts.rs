@@ -341,14 +341,7 @@ pub(crate) fn onboard_fleet(
         &sensor_manifest,
     );
     for manifest in [&light_manifest, &sensor_manifest] {
-        let out = fleet
-            .site
-            .command(&["onboard", "import", manifest.to_str().unwrap()]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        super::onboarding::import(&fleet.site, manifest);
     }
     let report = super::onboarding::run_json(&fleet.site);
     let onboarded = report["devices"]

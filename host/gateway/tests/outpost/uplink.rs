@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use outpost_store::{DeviceState, NewDevice};
 
-use super::onboarding::{Sim, run_json};
+use super::onboarding::{Sim, import, run_json};
 use super::{DEADLINE, Gateway, Site, http_get};
 
 const KEY: &str = "c2VjcmV0LWVucm9sbG1lbnQta2V5LTMyLWJ5dGVzISE=";
@@ -800,15 +800,6 @@ fn claiming_site(broker: &Mosquitto) -> Site {
     ));
     std::fs::write(site.dir.path().join("wifi"), "correct horse battery").unwrap();
     site
-}
-
-fn import(site: &Site, manifest: &Path) {
-    let out = site.command(&["onboard", "import", manifest.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// The lobby states the cloud heard for `device`, in order.
