@@ -512,6 +512,8 @@ impl FirmwareCache {
         let config = self.inner.upstream.config().clone();
         let mut etag = etag;
         let mut attempt = 0;
+        let mut backoff =
+            outpost_store::backoff::Backoff::new(config.backoff_initial, config.backoff_max);
         loop {
             attempt += 1;
             let result = self
@@ -559,7 +561,7 @@ impl FirmwareCache {
             }
             tokio::select! {
                 () = self.inner.shutdown.cancelled() => return Err(CacheError::ShuttingDown),
-                () = tokio::time::sleep(config.backoff(attempt)) => {}
+                () = tokio::time::sleep(backoff.next_delay()) => {}
             }
         }
     }

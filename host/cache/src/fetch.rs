@@ -34,7 +34,8 @@ pub struct FetchConfig {
     pub idle_timeout: Duration,
     /// Attempts per download round before the error is reported; a later request retries.
     pub attempts: u32,
-    /// Wait after the first failed attempt; doubles each time, with ±25 % jitter.
+    /// Wait after the first failed attempt; doubles each time, each wait drawn from the
+    /// upper half of its step ([`outpost_store::backoff::Backoff`]).
     pub backoff_initial: Duration,
     /// The longest wait between attempts.
     pub backoff_max: Duration,
@@ -52,23 +53,6 @@ impl Default for FetchConfig {
             backoff_max: Duration::from_secs(30),
             ca_file: None,
         }
-    }
-}
-
-impl FetchConfig {
-    /// The wait before attempt `attempt + 1` (attempt counts from 1).
-    pub(crate) fn backoff(&self, attempt: u32) -> Duration {
-        let doubled = self
-            .backoff_initial
-            .saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
-        let base = doubled.min(self.backoff_max);
-        let mut noise = [0u8; 2];
-        let jitter = if getrandom::fill(&mut noise).is_ok() {
-            f64::from(u16::from_le_bytes(noise)) / f64::from(u16::MAX) * 0.5 + 0.75
-        } else {
-            1.0
-        };
-        base.mul_f64(jitter)
     }
 }
 

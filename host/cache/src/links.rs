@@ -38,6 +38,39 @@ impl LinkSigner {
         Self { key }
     }
 
+    /// A signer with the key kept in `path` (32 random bytes, mode 0600), created on
+    /// first use. A file of another size is an error, never replaced silently.
+    pub fn load_or_create(path: &std::path::Path) -> std::io::Result<Self> {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        match std::fs::read(path) {
+            Ok(bytes) => <[u8; 32]>::try_from(bytes.as_slice())
+                .map(Self::new)
+                .map_err(|_| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!(
+                            "{} does not hold a 32-byte key; delete it and a new one is made",
+                            path.display()
+                        ),
+                    )
+                }),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                let mut key = [0u8; 32];
+                getrandom::fill(&mut key).map_err(std::io::Error::other)?;
+                let mut file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(path)?;
+                file.write_all(&key)?;
+                file.sync_all()?;
+                Ok(Self::new(key))
+            }
+            Err(err) => Err(err),
+        }
+    }
+
     fn mac(&self, sha256: &str, device: &str, expires: i64) -> Hmac<sha2::Sha256> {
         let mut mac = Hmac::<sha2::Sha256>::new_from_slice(&self.key).expect("any key size");
         mac.update(format!("{sha256}\n{device}\n{expires}").as_bytes());

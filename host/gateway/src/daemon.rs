@@ -1,9 +1,6 @@
 //! `outpost run`: wires the gateway together and runs it until SIGINT or SIGTERM.
 
-use std::fs::{DirBuilder, File, OpenOptions, TryLockError};
-use std::io::Write;
-use std::os::unix::fs::DirBuilderExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -13,34 +10,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::api::{self, AdminToken, ApiState, GatewayInfo, Health, TokenOrigin};
+use outpost_onboarding::OnboardingStatus;
+
+use crate::api::{self, ApiState, GatewayInfo, Health};
 use crate::config::Config;
-use crate::onboarding::{self, OnboardingStatus};
-
-/// The file in the state directory that names the running gateway's API address.
-pub(crate) const API_ADDRESS_FILE: &str = "api-address";
-/// The lock file a running gateway holds.
-pub(crate) const LOCK_FILE: &str = "outpost.lock";
-
-/// The API address of the gateway running on `state_dir`, if one runs.
-pub(crate) fn running_gateway(state_dir: &Path) -> anyhow::Result<Option<std::net::SocketAddr>> {
-    let Ok(file) = File::open(state_dir.join(LOCK_FILE)) else {
-        return Ok(None);
-    };
-    match file.try_lock_shared() {
-        Ok(()) => return Ok(None),
-        Err(TryLockError::WouldBlock) => {}
-        Err(TryLockError::Error(err)) => return Err(err).context("checking for a running gateway"),
-    }
-    let path = state_dir.join(API_ADDRESS_FILE);
-    let text = std::fs::read_to_string(&path)
-        .with_context(|| format!("a gateway is running but {} cannot be read", path.display()))?;
-    let addr: std::net::SocketAddr = text
-        .trim()
-        .parse()
-        .with_context(|| format!("{} does not hold an address", path.display()))?;
-    Ok(Some(addr))
-}
+use crate::state_dir::{API_ADDRESS_FILE, AdminToken, StateDirLock, TokenOrigin};
 
 /// Runs the gateway. Returns once every task has stopped and the store is closed.
 pub(crate) async fn run(config: Config, config_path: &Path) -> anyhow::Result<()> {
@@ -72,7 +46,7 @@ pub(crate) async fn run(config: Config, config_path: &Path) -> anyhow::Result<()
     let outbox_shutdown = CancellationToken::new();
     let (outbox, outbox_writer) = match outpost_uplink::Outbox::open(
         store.clone(),
-        crate::uplink::outbox_limits(&config),
+        crate::config::outbox_limits(&config),
         outbox_shutdown.clone(),
     )
     .await
@@ -162,7 +136,7 @@ async fn start(
         }
     };
 
-    let (handlers, warnings) = crate::handler_cmd::open_registry(config).await?;
+    let (handlers, warnings) = open_registry(config).await?;
     for warning in warnings {
         tracing::warn!("{warning}");
     }
@@ -192,7 +166,8 @@ async fn start(
         );
     }
 
-    let onboarding = onboarding::probe(&config.ble).await;
+    let onboarding =
+        outpost_onboarding::probe(config.ble.enabled, config.ble.adapter.as_deref()).await;
     match &onboarding {
         OnboardingStatus::Disabled => {
             tracing::info!("BLE onboarding is disabled (ble.enabled = false)");
@@ -204,6 +179,7 @@ async fn start(
         OnboardingStatus::Ready { adapter } => tracing::info!(adapter, "BLE onboarding ready"),
     }
     let stats = outbox.stats();
+    let inbox = outpost_uplink::DeploymentInbox::new(store.clone());
     let uplink = match &config.uplink {
         None => {
             tracing::info!(
@@ -213,10 +189,14 @@ async fn start(
             None
         }
         Some(section) => {
-            let settings = crate::uplink::settings(config, section);
+            let settings = crate::config::uplink_settings(config, section);
             tracing::info!(endpoint = ?settings.endpoint, queued = stats.queued, "starting the uplink");
-            let (uplink, task) =
-                outpost_uplink::Uplink::spawn(settings, outbox.clone(), shutdown.clone());
+            let (uplink, task) = outpost_uplink::Uplink::spawn(
+                settings,
+                outbox.clone(),
+                inbox.clone(),
+                shutdown.clone(),
+            );
             tasks.spawn(
                 async move {
                     if let Err(err) = task.await {
@@ -232,21 +212,30 @@ async fn start(
     let firmware_listener = bind_firmware(config.cache.bind, config_path).await?;
     let firmware_addr = firmware_listener.local_addr()?;
     firmware.resume_pending().await?;
-    let onboarder = Arc::new(
-        crate::onboard::Onboarder::new(config, store.clone(), uplink.clone())
-            .context("onboarding settings ([onboarding] in the config)")?,
-    );
-    let links = outpost_cache::links::LinkSigner::new(url_key(&config.gateway.state_dir)?);
-    onboarder.set_device_api(match &config.api.public_url {
-        Some(url) => url.trim_end_matches('/').to_owned(),
+    let device_api_url = match &config.api.public_url {
+        Some(url) => url.clone(),
         None => format!("http://{addr}"),
-    });
-    let rollouts = crate::rollout::Rollouts::new(
+    };
+    let onboarder = Arc::new(
+        outpost_onboarding::Onboarder::new(
+            config.onboarding_settings(),
+            store.clone(),
+            uplink.clone(),
+            device_api_url,
+        )
+        .context("onboarding settings ([onboarding] in the config)")?,
+    );
+    // The key that signs firmware download links for devices.
+    let key_file = config.gateway.state_dir.join("url.key");
+    let links = outpost_cache::links::LinkSigner::load_or_create(&key_file)
+        .with_context(|| format!("the download-link key {}", key_file.display()))?;
+    let rollouts = outpost_rollout::Rollouts::new(
         store.clone(),
         firmware.clone(),
         Arc::clone(&handlers),
         outbox.clone(),
-        crate::rollout::Mailbox::new(config.cache.public_url(firmware_addr), links.clone()),
+        inbox,
+        outpost_rollout::Mailbox::new(config.cache.public_url(firmware_addr), links.clone()),
         config.gateway.id.as_str().to_owned(),
     );
     let engine = rollouts.clone();
@@ -279,7 +268,6 @@ async fn start(
         firmware: firmware.clone(),
         outbox,
         uplink,
-        device_tokens: api::uplink::DeviceTokens::default(),
         rollouts,
     });
     let api_shutdown = shutdown.clone();
@@ -339,33 +327,20 @@ async fn start(
     Ok((tasks, shutdown))
 }
 
-/// The key that signs firmware download URLs for devices (`url.key` in the state
-/// directory, 32 random bytes, mode 0600), created on first use.
-fn url_key(state_dir: &Path) -> anyhow::Result<[u8; 32]> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = state_dir.join("url.key");
-    match std::fs::read(&path) {
-        Ok(bytes) => <[u8; 32]>::try_from(bytes.as_slice()).map_err(|_| {
-            anyhow::anyhow!(
-                "{} does not hold a 32-byte key; delete it and a new one is made",
-                path.display()
-            )
-        }),
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-            let mut key = [0u8; 32];
-            getrandom::fill(&mut key).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
-            let mut file = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)
-                .with_context(|| format!("cannot create {}", path.display()))?;
-            file.write_all(&key)?;
-            file.sync_all()?;
-            Ok(key)
-        }
-        Err(err) => Err(err).with_context(|| format!("cannot read {}", path.display())),
-    }
+/// Opens the installed-handler registry of the config's state directory; the warnings
+/// name installed handlers that no longer load.
+pub(crate) async fn open_registry(
+    config: &Config,
+) -> anyhow::Result<(outpost_runtime::HandlerRegistry, Vec<String>)> {
+    let runtime = Arc::new(outpost_runtime::Runtime::new(
+        config.handlers.runtime_config(),
+    )?);
+    Ok(outpost_runtime::HandlerRegistry::open(
+        config.handlers_dir(),
+        runtime,
+        config.handlers.trusted(),
+    )
+    .await?)
 }
 
 /// Binds the firmware server's address, with advice for the usual failures.
@@ -399,59 +374,4 @@ fn announce_generated_token(token: &AdminToken, path: &Path) {
         token.reveal()
     );
     tracing::info!(path = %path.display(), "generated an admin API token (shown once on stdout)");
-}
-
-/// Creates the state directory (mode 0700) and holds an exclusive lock on it, so two
-/// gateways never share one state.
-#[derive(Debug)]
-struct StateDirLock {
-    _file: File,
-    path: PathBuf,
-}
-
-impl StateDirLock {
-    fn acquire(state_dir: &Path) -> anyhow::Result<Self> {
-        DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(state_dir)
-            .with_context(|| {
-                format!("cannot create the state directory {}", state_dir.display())
-            })?;
-        let path = state_dir.join(LOCK_FILE);
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .with_context(|| format!("cannot open the lock file {}", path.display()))?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(TryLockError::WouldBlock) => {
-                let holder = std::fs::read_to_string(&path).unwrap_or_default();
-                anyhow::bail!(
-                    "another outpost (pid {}) is running with the state directory {}; stop it \
-                     first, or give this one its own gateway.state_dir",
-                    holder.trim(),
-                    state_dir.display()
-                );
-            }
-            Err(TryLockError::Error(err)) => {
-                return Err(err).with_context(|| format!("cannot lock {}", path.display()));
-            }
-        }
-        file.set_len(0)?;
-        write!(file, "{}", std::process::id())?;
-        Ok(Self { _file: file, path })
-    }
-}
-
-impl Drop for StateDirLock {
-    fn drop(&mut self) {
-        // The lock goes with the file handle; emptying the file just clears the stale pid.
-        if let Ok(file) = OpenOptions::new().write(true).open(&self.path) {
-            let _ = file.set_len(0);
-        }
-    }
 }

@@ -7,19 +7,11 @@
 //! `outpost onboard …` imports a device manifest and onboards the devices.
 
 mod api;
-mod api_client;
 mod cli;
 mod config;
 mod daemon;
-mod firmware_cmd;
-mod handler_cmd;
 mod logging;
-mod onboard;
-mod onboard_cmd;
-mod onboarding;
-mod rollout;
-mod rollout_cmd;
-mod uplink;
+mod state_dir;
 
 use std::process::ExitCode;
 
@@ -40,6 +32,7 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(cli::dispatch(cli)) {
         Ok(code) => code,
+        Err(err) if cli::quiet_on_closed_pipe(&err) => ExitCode::SUCCESS,
         Err(err) => {
             if tracing::dispatcher::has_been_set() {
                 tracing::error!(error = format!("{err:#}"), "outpost stopped with an error");

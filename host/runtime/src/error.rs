@@ -72,6 +72,38 @@ impl CallError {
         }
     }
 
+    /// A short account for people and the cloud, at most [`SUMMARY_MAX`] bytes: the
+    /// reason and the first line of the guest's own message (a Rust panic message, a
+    /// Python exception line), never a backtrace. The full error belongs in the log.
+    pub fn summary(&self) -> String {
+        let (reason, message) = match self {
+            Self::Trap {
+                kind,
+                message,
+                stderr,
+            } => (
+                format!("handler trapped ({kind})"),
+                guest_message(stderr)
+                    .or_else(|| first_line(message))
+                    .unwrap_or_default(),
+            ),
+            Self::WallClock { limit, stderr } => (
+                format!("handler call exceeded its wall-clock limit of {limit:?}"),
+                guest_message(stderr).unwrap_or_default(),
+            ),
+            Self::Host(text) => (
+                "handler call failed in the host".to_owned(),
+                first_line(text).unwrap_or_default(),
+            ),
+        };
+        let text = if message.is_empty() {
+            reason
+        } else {
+            format!("{reason}: {message}")
+        };
+        truncate(&text, SUMMARY_MAX)
+    }
+
     /// The trap kind, if the guest trapped.
     pub fn trap_kind(&self) -> Option<&TrapKind> {
         match self {
@@ -79,6 +111,55 @@ impl CallError {
             _ => None,
         }
     }
+}
+
+/// The longest [`CallError::summary`], in bytes.
+pub const SUMMARY_MAX: usize = 200;
+
+fn first_line(text: &str) -> Option<&str> {
+    text.lines().map(str::trim).find(|l| !l.is_empty())
+}
+
+/// The guest's own message in what it wrote to stderr: the line after Rust's
+/// `panicked at <file>:<line>:<col>:`, the exception line that ends a Python traceback,
+/// or else the first line.
+fn guest_message(stderr: &str) -> Option<&str> {
+    let lines: Vec<&str> = stderr.lines().collect();
+    if let Some(at) = lines.iter().position(|l| l.contains("panicked at")) {
+        let line = lines[at];
+        // Before Rust 1.73: `panicked at 'message', src/lib.rs:1:2`.
+        if let Some(rest) = line.split_once("panicked at '").map(|(_, r)| r) {
+            return Some(rest.rsplit_once("', ").map_or(rest, |(m, _)| m));
+        }
+        return lines[at + 1..]
+            .iter()
+            .map(|l| l.trim())
+            .find(|l| !l.is_empty())
+            .or(Some(line.trim()));
+    }
+    if let Some(at) = lines
+        .iter()
+        .position(|l| l.starts_with("Traceback (most recent call last)"))
+    {
+        return lines[at + 1..]
+            .iter()
+            .rev()
+            .find(|l| !l.is_empty() && !l.starts_with(char::is_whitespace))
+            .map(|l| l.trim());
+    }
+    first_line(stderr)
+}
+
+/// `text` cut to at most `max` bytes on a character boundary, with `…` when cut.
+fn truncate(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max - '…'.len_utf8();
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
 }
 
 /// Why a guest was stopped.
@@ -105,5 +186,51 @@ impl std::fmt::Display for TrapKind {
             Self::Panic => f.write_str("panic"),
             Self::Other(name) => f.write_str(name),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn trap(stderr: &str) -> CallError {
+        CallError::Trap {
+            kind: TrapKind::Panic,
+            message: "error while executing at wasm backtrace:\n    0: 0x1a2b - hostile!rust_panic\n    1: 0x1c3d - hostile!is_installed".into(),
+            stderr: stderr.into(),
+        }
+    }
+
+    #[test]
+    fn a_summary_keeps_the_guests_own_line_and_drops_the_backtrace() {
+        let rust = trap(
+            "thread '<unnamed>' panicked at src/lib.rs:42:23:\nhostile handler panicked on purpose\nnote: run with `RUST_BACKTRACE=1` environment variable to display a backtrace\n",
+        );
+        assert_eq!(
+            rust.summary(),
+            "handler trapped (panic): hostile handler panicked on purpose"
+        );
+        let old_rust = trap("thread 'main' panicked at 'index out of bounds', src/lib.rs:1:2\n");
+        assert_eq!(
+            old_rust.summary(),
+            "handler trapped (panic): index out of bounds"
+        );
+        let python = trap(
+            "Traceback (most recent call last):\n  File \"app.py\", line 12, in is_installed\n    raise ValueError(\"no such partition\")\nValueError: no such partition\n",
+        );
+        assert_eq!(
+            python.summary(),
+            "handler trapped (panic): ValueError: no such partition"
+        );
+        // No stderr: the first line of wasmtime's text, not its backtrace.
+        let silent = trap("");
+        assert_eq!(
+            silent.summary(),
+            "handler trapped (panic): error while executing at wasm backtrace:"
+        );
+        let long = trap(&"é".repeat(400));
+        let summary = long.summary();
+        assert!(summary.len() <= SUMMARY_MAX, "{}", summary.len());
+        assert!(summary.ends_with('…'));
     }
 }

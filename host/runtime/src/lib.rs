@@ -54,8 +54,10 @@ pub use bindings::outpost::handler::types::{
 };
 pub use cache::CacheOutcome;
 pub use engine::RuntimeConfig;
-pub use error::{CallError, LoadError, RuntimeError, TrapKind};
-pub use registry::{HandlerRegistry, InstallError, InstalledHandler};
+pub use error::{CallError, LoadError, RuntimeError, SUMMARY_MAX, TrapKind};
+pub use registry::{
+    HandlerRegistry, HandlerSummary, InstallError, InstalledHandler, check_package,
+};
 pub use services::{
     ArtifactSource, BoxFuture, ChannelError, DeviceChannel, MAX_KEY_LEN, MemoryState, ReadError,
     Services, StateError, StateStore,

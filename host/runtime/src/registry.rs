@@ -34,6 +34,36 @@ pub struct InstalledHandler {
     pub handler: Handler,
 }
 
+/// What the local API and `outpost handler list --json` say about an installed handler.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HandlerSummary {
+    /// The handler's name.
+    pub name: String,
+    /// Its version.
+    pub version: String,
+    /// The trusted vendor that signed it.
+    pub vendor: String,
+    /// The device types it updates.
+    pub device_types: Vec<String>,
+    /// The WIT world it was built against.
+    pub wit: String,
+    /// The component's SHA-256.
+    pub component_sha256: String,
+}
+
+impl From<&InstalledHandler> for HandlerSummary {
+    fn from(h: &InstalledHandler) -> Self {
+        Self {
+            name: h.manifest.name.clone(),
+            version: h.manifest.version.clone(),
+            vendor: h.vendor.clone(),
+            device_types: h.manifest.device_types.clone(),
+            wit: h.manifest.wit.clone(),
+            component_sha256: h.component_sha256.clone(),
+        }
+    }
+}
+
 /// Why an install was refused. The installed set is unchanged.
 #[derive(Debug, thiserror::Error)]
 pub enum InstallError {
@@ -256,26 +286,7 @@ impl HandlerRegistry {
             manifest.limits.memory_mib,
             manifest.limits.cpu_ms,
         );
-        let info = self
-            .runtime
-            .describe(&handler, &Services::closed())
-            .await
-            .map_err(InstallError::Describe)?;
-        if info.name != manifest.name {
-            return Err(InstallError::DescribeMismatch(format!(
-                "it calls itself {:?}, the manifest {:?}",
-                info.name, manifest.name
-            )));
-        }
-        if let Some(missing) = manifest
-            .device_types
-            .iter()
-            .find(|t| !info.device_types.contains(t))
-        {
-            return Err(InstallError::DescribeMismatch(format!(
-                "the manifest claims device type {missing:?}, which the handler does not handle"
-            )));
-        }
+        let info = describe_checked(&self.runtime, &handler, &manifest).await?;
         Ok((
             InstalledHandler {
                 vendor: verified.vendor().to_owned(),
@@ -301,6 +312,51 @@ impl HandlerRegistry {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+}
+
+/// Calls `describe` (with no doors open) and checks it against the manifest: the name
+/// and every claimed device type.
+async fn describe_checked(
+    runtime: &Runtime,
+    handler: &Handler,
+    manifest: &Manifest,
+) -> Result<HandlerInfo, InstallError> {
+    let info = runtime
+        .describe(handler, &Services::closed())
+        .await
+        .map_err(InstallError::Describe)?;
+    if info.name != manifest.name {
+        return Err(InstallError::DescribeMismatch(format!(
+            "it calls itself {:?}, the manifest {:?}",
+            info.name, manifest.name
+        )));
+    }
+    if let Some(missing) = manifest
+        .device_types
+        .iter()
+        .find(|t| !info.device_types.contains(t))
+    {
+        return Err(InstallError::DescribeMismatch(format!(
+            "the manifest claims device type {missing:?}, which the handler does not handle"
+        )));
+    }
+    Ok(info)
+}
+
+/// What `outpost handler verify` checks of a package whose signature was verified:
+/// everything an install checks short of writing it. The component must compile and
+/// link on this runtime, and its `describe` must answer within the package's
+/// requested limits and agree with the manifest. A package that passes is one that
+/// [`HandlerRegistry::install`] accepts.
+pub async fn check_package(
+    runtime: &Runtime,
+    verified: &VerifiedPackage,
+) -> Result<HandlerInfo, InstallError> {
+    let manifest = verified.manifest();
+    let handler = runtime.load(&manifest.name, verified.component())?;
+    let handler =
+        runtime.with_requested_limits(handler, manifest.limits.memory_mib, manifest.limits.cpu_ms);
+    describe_checked(runtime, &handler, manifest).await
 }
 
 /// Writes the package atomically: a crash leaves the old one or the new one.

@@ -270,6 +270,31 @@ impl Store {
         .await
     }
 
+    /// Loads device `id`, lets `change` edit what may change, and stores it (its type
+    /// and lobby state are kept unless `change` sets them). [`StoreError::NotFound`]
+    /// when the lobby does not have it.
+    pub async fn update_device(
+        &self,
+        id: &str,
+        change: impl FnOnce(&mut NewDevice),
+    ) -> Result<Device, StoreError> {
+        let known = self.device(id).await?.ok_or_else(|| StoreError::NotFound {
+            what: "device",
+            id: id.to_owned(),
+        })?;
+        let mut device = NewDevice {
+            id: known.id,
+            device_type: known.device_type,
+            manufacturer: known.manufacturer,
+            model: known.model,
+            compat: known.compat,
+            firmware_version: known.firmware_version,
+            state: known.state,
+        };
+        change(&mut device);
+        self.upsert_device(device).await
+    }
+
     /// Whether a device with this id exists.
     pub async fn has_device(&self, id: &str) -> Result<bool, StoreError> {
         let id = id.to_owned();

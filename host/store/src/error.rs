@@ -102,6 +102,11 @@ pub enum StoreError {
     #[error("a state database call panicked: {0}")]
     Panicked(String),
 
+    /// One failure reported to every caller that shared the transaction (a group
+    /// commit): the cause itself, shared.
+    #[error(transparent)]
+    Shared(std::sync::Arc<StoreError>),
+
     /// The store was closed, or its thread is gone.
     #[error("the state database is closed")]
     Closed,

@@ -29,6 +29,8 @@
 //! # Ok(()) }
 //! ```
 
+pub mod backoff;
+mod credentials;
 mod devices;
 mod error;
 mod groups;
@@ -39,15 +41,16 @@ mod open;
 mod time;
 mod worker;
 
+pub use credentials::{DEVICE_TOKEN_PREFIX, random_hex_token};
 pub use devices::{Device, DeviceState, NewDevice};
 pub use error::StoreError;
 pub use groups::Group;
 pub use handler_state::StateWrite;
 pub use migrations::SCHEMA_VERSION;
-pub use onboarding::{Claim, OnboardingTarget};
+pub use onboarding::{Claim, OnboardingTarget, Transport};
 /// The SQLite binding, re-exported for [`Store::call`] closures.
 pub use rusqlite;
-pub use time::Timestamp;
+pub use time::{Timestamp, now_millis};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -57,6 +60,7 @@ use std::sync::Arc;
 pub struct Store {
     worker: worker::Handle,
     path: Arc<PathBuf>,
+    credentials: credentials::CredentialCache,
 }
 
 impl Store {
@@ -72,6 +76,7 @@ impl Store {
         Ok(Self {
             worker,
             path: Arc::new(path),
+            credentials: credentials::CredentialCache::default(),
         })
     }
 

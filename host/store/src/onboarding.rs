@@ -6,6 +6,43 @@ use serde::Serialize;
 use crate::devices::validate_name;
 use crate::{Store, StoreError, Timestamp};
 
+/// How the gateway reaches a device to onboard it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// Bluetooth LE GATT (protocomm over BLE).
+    Ble,
+    /// The device's SoftAP HTTP server (protocomm over HTTP).
+    Softap,
+}
+
+impl Transport {
+    /// The name the manifest, the store and the API use.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Ble => "ble",
+            Self::Softap => "softap",
+        }
+    }
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Transport {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "ble" => Ok(Self::Ble),
+            "softap" => Ok(Self::Softap),
+            other => Err(format!("unknown transport {other:?} (ble or softap)")),
+        }
+    }
+}
+
 /// A device the operator asked to onboard.
 #[derive(Clone, PartialEq, Eq, Serialize)]
 pub struct OnboardingTarget {
@@ -13,8 +50,8 @@ pub struct OnboardingTarget {
     pub name: String,
     /// Selects the update handler later.
     pub device_type: String,
-    /// `ble` or `softap`.
-    pub transport: String,
+    /// How it is reached.
+    pub transport: Transport,
     /// MAC address, when known.
     pub mac: Option<String>,
     /// `host:port` of the device's SoftAP HTTP server.
@@ -69,7 +106,13 @@ fn target_from_row(row: &Row<'_>) -> Result<OnboardingTarget, StoreError> {
     Ok(OnboardingTarget {
         name: row.get(0)?,
         device_type: row.get(1)?,
-        transport: row.get(2)?,
+        transport: row
+            .get::<_, String>(2)?
+            .parse()
+            .map_err(|detail| StoreError::Decode {
+                what: "onboarding transport",
+                detail,
+            })?,
         mac: row.get(3)?,
         address: row.get(4)?,
         security: row.get(5)?,
@@ -125,7 +168,7 @@ impl Store {
                     insert.execute(params![
                         t.name,
                         t.device_type,
-                        t.transport,
+                        t.transport.as_str(),
                         t.mac,
                         t.address,
                         t.security,
@@ -259,7 +302,7 @@ mod tests {
         OnboardingTarget {
             name: name.into(),
             device_type: "esp-light".into(),
-            transport: "ble".into(),
+            transport: Transport::Ble,
             mac: None,
             address: None,
             security: 2,

@@ -2,6 +2,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Serialize, Serializer};
 
+/// Unix milliseconds now: the one clock the gateway's crates stamp their rows and
+/// messages with.
+pub fn now_millis() -> i64 {
+    Timestamp::now().unix_millis()
+}
+
 /// A point in time as the store keeps it: unix milliseconds, UTC. Serialises as an
 /// RFC 3339 string with millisecond precision.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

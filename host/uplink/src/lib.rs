@@ -7,16 +7,19 @@
 //! * [`Uplink`]: the rumqttc session that drains the outbox with QoS 1, deletes only what
 //!   the broker acknowledged, reconnects with backoff and jitter, stops on refused
 //!   credentials, and registers DPS-style with reprovisioning policies.
+//! * [`inbox`]: deployments from the cloud, handed durably to the rollout engine.
 //! * [`sas`]: SAS-style HMAC-SHA256 registration tokens.
 
-pub mod backoff;
 pub mod contract;
+pub mod inbox;
 pub mod outbox;
 mod registration;
 pub mod sas;
 mod session;
 pub mod settings;
+pub mod telemetry;
 
+pub use inbox::{DeploymentInbox, InboundDeployment};
 pub use outbox::{Message, Outbox, OutboxError, OutboxLimits, OutboxStats, Priority};
 pub use registration::RegistrationError;
 pub use session::{ClaimError, LinkState, Uplink, UplinkStatus};
@@ -24,9 +27,4 @@ pub use settings::{
     BrokerAddr, Credentials, Endpoint, RegistrationSettings, TlsSettings, UplinkSettings,
 };
 
-/// Unix milliseconds now.
-pub(crate) fn now_millis() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
+pub(crate) use outpost_store::now_millis;

@@ -139,7 +139,8 @@ pub enum OutboxError {
     #[error(
         "the outbox is full ({queued} messages, {bytes} bytes queued; limits {max_messages} \
          messages, {max_bytes} bytes): the message was refused and counted. It drains when \
-         the uplink delivers; raise uplink.outbox limits if this is normal for the site"
+         the uplink delivers; raise the [outbox] limits (max_messages, max_size_mib) if this is \
+         normal for the site"
     )]
     Full {
         /// Messages queued.
@@ -664,13 +665,16 @@ async fn commit(inner: &Arc<Inner>, work: Vec<Work>) {
         Err(err) => {
             inner.refused_unsaved.fetch_add(refused, Ordering::Relaxed);
             tracing::error!(error = %err, "the outbox could not commit");
-            let text = err.to_string();
+            // Every caller of this group commit gets the real cause.
+            let cause = Arc::new(err);
             for (done, count, bytes) in dones {
                 inner.release(count, bytes);
-                let _ = done.send(Err(OutboxError::Store(StoreError::Panicked(text.clone()))));
+                let _ = done.send(Err(OutboxError::Store(StoreError::Shared(Arc::clone(
+                    &cause,
+                )))));
             }
             for done in acks {
-                let _ = done.send(Err(StoreError::Panicked(text.clone())));
+                let _ = done.send(Err(StoreError::Shared(Arc::clone(&cause))));
             }
         }
     }

@@ -8,11 +8,11 @@ use std::time::Duration;
 use rumqttc::{AsyncClient, ConnectReturnCode, ConnectionError, Event, Incoming, MqttOptions, QoS};
 use rumqttc::{TlsConfiguration, Transport};
 
-use crate::backoff::Backoff;
 use crate::contract::{
     self, Assignment, RegistrationRequest, RegistrationResponse, schema, topics,
 };
 use crate::settings::{RegistrationSettings, UplinkSettings, rustls_config};
+use outpost_store::backoff::Backoff;
 
 /// How long one registration request waits for its answer.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);

@@ -15,8 +15,10 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::backoff::Backoff;
+use outpost_store::backoff::Backoff;
+
 use crate::contract::{self, Assignment, DesiredState, schema, topics};
+use crate::inbox::DeploymentInbox;
 use crate::now_millis;
 use crate::outbox::{Message, Outbox, OutboxError, Priority};
 use crate::registration::{self, RegistrationError};
@@ -97,6 +99,7 @@ pub enum ClaimError {
 struct Shared {
     settings: UplinkSettings,
     outbox: Outbox,
+    inbox: DeploymentInbox,
     status: watch::Sender<UplinkStatus>,
     claims: Mutex<HashMap<String, oneshot::Sender<contract::ClaimResponse>>>,
 }
@@ -117,16 +120,18 @@ impl std::fmt::Debug for Uplink {
 
 impl Uplink {
     /// Starts the uplink task; it runs until `shutdown`, then publishes `offline` if it
-    /// can and disconnects.
+    /// can and disconnects. Deployments from the cloud go to `inbox`.
     pub fn spawn(
         settings: UplinkSettings,
         outbox: Outbox,
+        inbox: DeploymentInbox,
         shutdown: CancellationToken,
     ) -> (Self, tokio::task::JoinHandle<()>) {
         let (status, _) = watch::channel(UplinkStatus::default());
         let shared = Arc::new(Shared {
             settings,
             outbox,
+            inbox,
             status,
             claims: Mutex::new(HashMap::new()),
         });
@@ -711,22 +716,7 @@ async fn inbound(shared: &Arc<Shared>, topic: &str, payload: &[u8]) {
         ["commands", rid] => command(shared, rid, payload).await,
         ["deployments", id] => match serde_json::from_slice::<contract::Deployment>(payload) {
             Ok(deployment) if contract::valid_id(id) && deployment.deployment_id == *id => {
-                let store = shared.outbox.store().clone();
-                let (id, body) = (
-                    (*id).to_owned(),
-                    String::from_utf8_lossy(payload).into_owned(),
-                );
-                let stored = store
-                    .call(move |conn| {
-                        conn.execute(
-                            "INSERT INTO inbound_deployments (id, body, received_at) VALUES (?1, ?2, ?3) \
-                             ON CONFLICT (id) DO UPDATE SET body = excluded.body, received_at = excluded.received_at",
-                            params![id, body, now_millis()],
-                        )?;
-                        Ok(())
-                    })
-                    .await;
-                match stored {
+                match shared.inbox.receive(&deployment).await {
                     Ok(()) => {
                         tracing::info!(deployment = %deployment.deployment_id, "deployment received");
                     }

@@ -2,7 +2,7 @@
 //! and the signed update manifests that say what may be downloaded.
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use outpost_cache::{CacheError, Sha256};
@@ -214,17 +214,7 @@ pub(crate) async fn add_manifest(
     state: &ApiState,
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
-    let body = Limited::new(request.into_body(), MAX_MANIFEST_BYTES)
-        .collect()
-        .await
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                format!("a signed manifest may be at most {MAX_MANIFEST_BYTES} bytes"),
-            )
-        })?
-        .to_bytes();
+    let body = super::read_body(request, MAX_MANIFEST_BYTES).await?;
     let text = std::str::from_utf8(&body).map_err(|_| {
         ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,

@@ -14,40 +14,21 @@ use super::{ApiError, ApiState, json_response};
 
 const MAX_BODY: usize = 64 * 1024;
 
-/// Loads device `id`, lets `change` edit what may change, and stores it (its type and
-/// lobby state are kept). `404 unknown_device` when the lobby does not have it.
+/// [`Store::update_device`](outpost_store::Store::update_device), with `404
+/// unknown_device` when the lobby does not have it.
 pub(super) async fn update_device(
     state: &ApiState,
     id: &str,
     change: impl FnOnce(&mut NewDevice),
 ) -> Result<Device, ApiError> {
-    let known = state
-        .store
-        .device(id)
-        .await
-        .map_err(ApiError::store)?
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                "unknown_device",
-                format!("no device {id:?} in the lobby"),
-            )
-        })?;
-    let mut device = NewDevice {
-        id: known.id,
-        device_type: known.device_type,
-        manufacturer: known.manufacturer,
-        model: known.model,
-        compat: known.compat,
-        firmware_version: known.firmware_version,
-        state: known.state,
-    };
-    change(&mut device);
-    state
-        .store
-        .upsert_device(device)
-        .await
-        .map_err(ApiError::store)
+    match state.store.update_device(id, change).await {
+        Err(StoreError::NotFound { .. }) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_device",
+            format!("no device {id:?} in the lobby"),
+        )),
+        other => other.map_err(ApiError::store),
+    }
 }
 
 /// `GET /api/v1/groups`.
@@ -74,7 +55,7 @@ pub(crate) async fn create(
     state: &ApiState,
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
-    let body = super::onboarding::body(request, MAX_BODY).await?;
+    let body = super::read_body(request, MAX_BODY).await?;
     let group: NewGroup =
         serde_json::from_slice(&body).map_err(|e| ApiError::malformed("a group", e))?;
     let name = group.name.unwrap_or_else(|| group.id.clone());
@@ -115,7 +96,7 @@ pub(crate) async fn set_properties(
     device_id: &str,
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
-    let body = super::onboarding::body(request, MAX_BODY).await?;
+    let body = super::read_body(request, MAX_BODY).await?;
     let changes: BTreeMap<String, Option<String>> = serde_json::from_slice(&body).map_err(|e| {
         ApiError::malformed(
             "properties (a JSON object of strings, or null to remove one)",

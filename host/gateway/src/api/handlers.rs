@@ -4,40 +4,15 @@
 //! version they started with, and the next call gets the new one.
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
-use outpost_runtime::{CacheOutcome, InstallError, InstalledHandler};
-use serde::Serialize;
+use outpost_runtime::{CacheOutcome, HandlerSummary, InstallError};
 
 use super::{ApiError, ApiState, json_response};
 
 /// The largest package accepted in one request.
 pub(crate) const MAX_PACKAGE_BYTES: usize = 64 << 20;
-
-/// What the API and `outpost handler list --json` say about a handler.
-#[derive(Debug, Serialize)]
-pub(crate) struct HandlerSummary {
-    pub(crate) name: String,
-    pub(crate) version: String,
-    pub(crate) vendor: String,
-    pub(crate) device_types: Vec<String>,
-    pub(crate) wit: String,
-    pub(crate) component_sha256: String,
-}
-
-impl From<&InstalledHandler> for HandlerSummary {
-    fn from(h: &InstalledHandler) -> Self {
-        Self {
-            name: h.manifest.name.clone(),
-            version: h.manifest.version.clone(),
-            vendor: h.vendor.clone(),
-            device_types: h.manifest.device_types.clone(),
-            wit: h.manifest.wit.clone(),
-            component_sha256: h.component_sha256.clone(),
-        }
-    }
-}
 
 pub(crate) fn list(state: &ApiState) -> Response<Full<Bytes>> {
     let handlers: Vec<HandlerSummary> = state
@@ -53,28 +28,7 @@ pub(crate) async fn install(
     state: &ApiState,
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
-    let body = Limited::new(request.into_body(), MAX_PACKAGE_BYTES)
-        .collect()
-        .await
-        .map_err(|err| {
-            if err
-                .downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "payload_too_large",
-                    format!("a handler package may be at most {MAX_PACKAGE_BYTES} bytes"),
-                )
-            } else {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    "bad_request",
-                    format!("reading the package failed: {err}"),
-                )
-            }
-        })?
-        .to_bytes();
+    let body = super::read_body(request, MAX_PACKAGE_BYTES).await?;
     let (installed, compiled) = state
         .handlers
         .install(&body)

@@ -35,10 +35,11 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-pub(crate) use auth::{AdminToken, TokenOrigin};
 pub(crate) use error::ApiError;
 
-use crate::onboarding::OnboardingStatus;
+use outpost_onboarding::OnboardingStatus;
+
+use crate::state_dir::AdminToken;
 
 /// Connections served at once; more wait in the kernel's accept queue.
 const MAX_CONNECTIONS: usize = 256;
@@ -50,7 +51,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// What the handlers need.
 #[derive(Debug)]
 pub(crate) struct ApiState {
-    pub(crate) onboarder: Arc<crate::onboard::Onboarder>,
+    pub(crate) onboarder: Arc<outpost_onboarding::Onboarder>,
     pub(crate) store: Store,
     pub(crate) admin: AdminToken,
     pub(crate) health: Health,
@@ -58,8 +59,7 @@ pub(crate) struct ApiState {
     pub(crate) firmware: outpost_cache::FirmwareCache,
     pub(crate) outbox: outpost_uplink::Outbox,
     pub(crate) uplink: Option<outpost_uplink::Uplink>,
-    pub(crate) device_tokens: uplink::DeviceTokens,
-    pub(crate) rollouts: crate::rollout::Rollouts,
+    pub(crate) rollouts: outpost_rollout::Rollouts,
 }
 
 /// The `/healthz` answer.
@@ -312,6 +312,25 @@ async fn list_devices(state: &ApiState) -> Result<Response<Full<Bytes>>, ApiErro
         ApiError::internal(format!("the device list could not be read: {err}"))
     })?;
     Ok(json_response(StatusCode::OK, &DeviceList { devices }))
+}
+
+/// Reads a request body of at most `limit` bytes: a larger one is refused with 413, a
+/// body the client did not finish sending with 400.
+pub(crate) async fn read_body(request: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
+    use http_body_util::{BodyExt, Limited};
+    match Limited::new(request.into_body(), limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(err) if err.is::<http_body_util::LengthLimitError>() => Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the body may be at most {limit} bytes"),
+        )),
+        Err(err) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "incomplete_body",
+            format!("the request body could not be read: {err}"),
+        )),
+    }
 }
 
 /// A JSON answer that no cache keeps.

@@ -1,32 +1,32 @@
 //! `/api/v1/onboarding/…` and `/api/v1/claims`.
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 
 use super::{ApiError, ApiState, json_response};
-use crate::onboard::RunRequest;
+use outpost_onboarding::{OnboardingError, RunRequest};
 
 /// Largest manifest accepted (a few thousand devices).
 const MAX_MANIFEST: usize = 4 << 20;
 
-pub(crate) async fn body(request: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
-    Ok(Limited::new(request.into_body(), limit)
-        .collect()
-        .await
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                format!("the body may be at most {limit} bytes"),
-            )
-        })?
-        .to_bytes())
-}
-
 fn store_error(err: &outpost_store::StoreError) -> ApiError {
     ApiError::internal(format!("the state database failed: {err}"))
+}
+
+fn onboarding_error(err: OnboardingError) -> ApiError {
+    match err {
+        OnboardingError::Manifest(message) => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "manifest_rejected",
+            message,
+        ),
+        OnboardingError::Refused(message) | OnboardingError::Settings(message) => {
+            ApiError::new(StatusCode::CONFLICT, "cannot_onboard", message)
+        }
+        OnboardingError::Store(err) => store_error(&err),
+    }
 }
 
 /// `GET /api/v1/onboarding/targets`: the imported manifest (no secrets) with each
@@ -48,14 +48,12 @@ pub(super) async fn import(
     state: &ApiState,
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
-    let bytes = body(request, MAX_MANIFEST).await?;
-    let imported = state.onboarder.import(&bytes).await.map_err(|message| {
-        ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "manifest_rejected",
-            message,
-        )
-    })?;
+    let bytes = super::read_body(request, MAX_MANIFEST).await?;
+    let imported = state
+        .onboarder
+        .import(&bytes)
+        .await
+        .map_err(onboarding_error)?;
     Ok(json_response(
         StatusCode::OK,
         &serde_json::json!({ "imported": imported }),
@@ -67,7 +65,7 @@ pub(super) async fn start(
     state: &ApiState,
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
-    let bytes = body(request, 64 << 10).await?;
+    let bytes = super::read_body(request, 64 << 10).await?;
     let run_request: RunRequest = if bytes.is_empty() {
         RunRequest::default()
     } else {
@@ -83,7 +81,7 @@ pub(super) async fn start(
         .onboarder
         .start(run_request)
         .await
-        .map_err(|message| ApiError::new(StatusCode::CONFLICT, "cannot_onboard", message))?;
+        .map_err(onboarding_error)?;
     Ok(json_response(StatusCode::ACCEPTED, &run.view()))
 }
 

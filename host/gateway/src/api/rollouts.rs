@@ -12,7 +12,7 @@ use hyper::{Request, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 
 use super::{ApiError, ApiState, json_response};
-use crate::rollout::{Origin, RolloutError, RolloutSpec};
+use outpost_rollout::{Origin, RolloutError, RolloutSpec};
 
 /// A device waits at most this long for its next command.
 const MAX_WAIT: Duration = Duration::from_secs(30);
@@ -48,7 +48,7 @@ pub(crate) async fn create(
     state: &ApiState,
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
-    let body = super::onboarding::body(request, MAX_BODY).await?;
+    let body = super::read_body(request, MAX_BODY).await?;
     let create: CreateRollout =
         serde_json::from_slice(&body).map_err(|e| ApiError::malformed("a rollout", e))?;
     let view = state
@@ -66,7 +66,7 @@ pub(crate) async fn create(
 
 #[derive(Serialize)]
 struct List {
-    rollouts: Vec<crate::rollout::RolloutView>,
+    rollouts: Vec<outpost_rollout::RolloutView>,
 }
 
 /// `GET /api/v1/rollouts`.
@@ -125,14 +125,12 @@ pub(crate) async fn device(
     what: &str,
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
-    state
-        .device_tokens
-        .check(
-            state,
-            device_id,
-            request.headers().get(header::AUTHORIZATION),
-        )
-        .await?;
+    super::uplink::check_device_token(
+        state,
+        device_id,
+        request.headers().get(header::AUTHORIZATION),
+    )
+    .await?;
     let method = request.method().clone();
     match (what, &method) {
         ("register", &hyper::Method::POST) => register(state, device_id, request).await,
@@ -160,7 +158,7 @@ async fn register(
     device_id: &str,
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
-    let body = super::onboarding::body(request, MAX_BODY).await?;
+    let body = super::read_body(request, MAX_BODY).await?;
     let register: Register =
         serde_json::from_slice(&body).map_err(|e| ApiError::malformed("a registration", e))?;
     let device = super::groups::update_device(state, device_id, |device| {
@@ -204,7 +202,7 @@ async fn next(
         .min(MAX_WAIT);
     let _ = state.store.touch_device(device_id).await;
     match state.rollouts.mailbox().next(device_id, wait).await {
-        Some(pending) => Ok(json_response(StatusCode::OK, &pending)),
+        Some(pending) => Ok(json_response(StatusCode::OK, &pending.to_wire())),
         None => {
             let mut response = Response::new(Full::new(Bytes::new()));
             *response.status_mut() = StatusCode::NO_CONTENT;
@@ -229,7 +227,7 @@ async fn command_reply(
     number: u64,
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
-    let body = super::onboarding::body(request, MAX_BODY).await?;
+    let body = super::read_body(request, MAX_BODY).await?;
     let reply: Reply =
         serde_json::from_slice(&body).map_err(|e| ApiError::malformed("a reply", e))?;
     let answer = if reply.ok {
@@ -266,7 +264,7 @@ async fn report(
     device_id: &str,
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
-    let body = super::onboarding::body(request, MAX_BODY).await?;
+    let body = super::read_body(request, MAX_BODY).await?;
     let report: DeviceReportBody =
         serde_json::from_slice(&body).map_err(|e| ApiError::malformed("a report", e))?;
     if report.kind.is_empty() || report.kind.len() > 64 {

@@ -54,19 +54,28 @@ async fn start() -> Running {
     .await
     .unwrap();
     let handlers = Arc::new(handlers);
-    let rollouts = crate::rollout::Rollouts::new(
+    let rollouts = outpost_rollout::Rollouts::new(
         store.clone(),
         firmware.clone(),
         Arc::clone(&handlers),
         outbox.clone(),
-        crate::rollout::Mailbox::new(
+        outpost_uplink::DeploymentInbox::new(store.clone()),
+        outpost_rollout::Mailbox::new(
             "http://127.0.0.1:8070".into(),
             outpost_cache::links::LinkSigner::new([9; 32]),
         ),
         "gw-test".into(),
     );
     let state = Arc::new(ApiState {
-        onboarder: Arc::new(crate::onboard::Onboarder::new(&config, store.clone(), None).unwrap()),
+        onboarder: Arc::new(
+            outpost_onboarding::Onboarder::new(
+                config.onboarding_settings(),
+                store.clone(),
+                None,
+                format!("http://{addr}"),
+            )
+            .unwrap(),
+        ),
         store: store.clone(),
         admin: AdminToken::new(TOKEN).unwrap(),
         health: Health {
@@ -84,7 +93,6 @@ async fn start() -> Running {
         firmware,
         outbox: outbox.clone(),
         uplink: None,
-        device_tokens: uplink::DeviceTokens::default(),
         rollouts,
     });
     let shutdown = CancellationToken::new();
@@ -337,7 +345,9 @@ async fn telemetry_is_relayed_as_posted_and_bad_shapes_are_refused() {
         .upsert_device(NewDevice::new("esp-1", "thermostat", DeviceState::Claimed))
         .await
         .unwrap();
-    let token = uplink::store_credential(&running.store, "esp-1")
+    let token = running
+        .store
+        .issue_device_credential("esp-1")
         .await
         .unwrap();
     let auth = format!("Bearer {token}");

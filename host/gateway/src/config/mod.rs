@@ -5,7 +5,10 @@
 //! files, CA files) are taken from the directory of the config file, so a config and its
 //! neighbours can move together.
 
+mod engines;
 mod secret;
+
+pub(crate) use engines::{outbox_limits, settings as uplink_settings};
 
 use std::fmt;
 use std::net::SocketAddr;

@@ -340,3 +340,47 @@ fn acknowledged_seqs_are_deleted_in_runs() {
     );
     assert!(runs(Vec::new()).is_empty());
 }
+
+#[tokio::test]
+async fn a_failed_commit_reports_its_real_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, outbox, shutdown, writer) = open(&dir, OutboxLimits::default()).await;
+    // A temporary trigger on the store's own connection makes every insert fail the
+    // way a constraint or a full disk would: with SQLite's own message.
+    store
+        .call(|conn| {
+            conn.execute_batch(
+                "CREATE TEMP TRIGGER refuse BEFORE INSERT ON main.outbox \
+                 BEGIN SELECT RAISE(ABORT, 'database or disk is full (injected)'); END;",
+            )?;
+            Ok(())
+        })
+        .await
+        .unwrap();
+    let err = outbox
+        .enqueue(message("t", Priority::Telemetry, "{}"))
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("database or disk is full (injected)"),
+        "{text}"
+    );
+    assert!(!text.contains("panicked"), "{text}");
+    assert!(
+        matches!(&err, OutboxError::Store(StoreError::Shared(cause)) if matches!(**cause, StoreError::Sqlite(_))),
+        "{err:?}"
+    );
+    // Nothing was queued, and the outbox works again once the cause is gone.
+    assert_eq!(outbox.stats().queued, 0);
+    store
+        .call(|conn| Ok(conn.execute_batch("DROP TRIGGER temp.refuse")?))
+        .await
+        .unwrap();
+    outbox
+        .enqueue(message("t", Priority::Telemetry, "{}"))
+        .await
+        .unwrap();
+    assert_eq!(outbox.stats().queued, 1);
+    close(store, shutdown, writer).await;
+}

@@ -12,12 +12,19 @@
 //! | `state:<n>` | stores `n` bytes in its state store and reports what happened |
 //! | `artifact` | reads the update's first file to the end and reports its size and a checksum |
 //! | `echo` | returns the device and update it was given, in `details` |
+//! | `current-…` | answers 900 "installed" (the rollout skips it) |
 //! | anything else | answers 901 "not installed" |
+//!
+//! Every other step keeps the SDK's default (nothing to download, install or apply).
+//! Reports: `done` with the update's version finishes the update (700), `done` with
+//! another version or `failed` fails it; other kinds are ignored. That makes it the
+//! rollout engine's stand-in device handler in tests.
 
 use std::hint::black_box;
 
 use outpost_handler_sdk::{
-    Device, Handler, HandlerInfo, Limits, Outcome, Update, artifacts, device_channel, log, state,
+    Device, DeviceReport, Handler, HandlerInfo, Limits, Outcome, ReportVerdict, Update, artifacts,
+    device_channel, log, state,
 };
 
 struct Hostile;
@@ -58,10 +65,28 @@ impl Handler for Hostile {
                     update.handler_properties
                 ),
             ),
+            id if id.starts_with("current-") => Outcome::success(900, "installed"),
             id => match id.strip_prefix("state:") {
                 Some(size) => store_state(size),
                 None => Outcome::success(901, "not installed"),
             },
+        }
+    }
+
+    fn interpret_report(_device: Device, update: Update, report: DeviceReport) -> ReportVerdict {
+        let text = String::from_utf8_lossy(&report.payload).trim().to_owned();
+        match report.kind.as_str() {
+            "done" if text == update.version => {
+                ReportVerdict::Finished(Outcome::success(700, format!("device runs {text}")))
+            }
+            "done" => ReportVerdict::Finished(Outcome::failure(
+                1,
+                format!("device runs {text}, expected {}", update.version),
+            )),
+            "failed" => {
+                ReportVerdict::Finished(Outcome::failure(2, format!("device failed: {text}")))
+            }
+            _ => ReportVerdict::Ignored,
         }
     }
 }

@@ -1,4 +1,5 @@
-//! Exponential backoff with full jitter, and the retry rules of the registration service.
+//! Exponential backoff with jitter: the one retry pacing of the gateway (the uplink's
+//! reconnects and registration, the firmware cache's upstream downloads).
 
 use std::time::Duration;
 

@@ -4,17 +4,15 @@
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use crate::api::handlers::HandlerSummary;
-use crate::api_client::{GatewayApi, error_message};
+use super::client::{GatewayApi, error_message};
 use crate::config::Config;
-use crate::daemon::running_gateway;
+use crate::state_dir::running_gateway;
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use hyper::{Method, StatusCode};
 use outpost_runtime::package::{self, Manifest, Package, RequestedLimits};
-use outpost_runtime::{HandlerRegistry, Runtime};
+use outpost_runtime::{HandlerRegistry, HandlerSummary, Runtime};
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum HandlerCommand {
@@ -106,13 +104,13 @@ pub(crate) async fn run(command: HandlerCommand, config_path: &Path) -> anyhow::
             file.write_all(package::format_secret_key(&key).as_bytes())?;
             file.sync_all()?;
             let public = package::format_public_key(&key.verifying_key());
-            println!(
+            outln!(
                 "Wrote the private key to {} (mode 0600). Keep it secret.",
                 out.display()
             );
-            println!("Public key: {public}");
-            println!("\nGateways that trust this vendor add to outpost.toml:\n");
-            println!(
+            outln!("Public key: {public}");
+            outln!("\nGateways that trust this vendor add to outpost.toml:\n");
+            outln!(
                 "[[handlers.trusted_vendors]]\nname = \"<vendor>\"\npublic_key = \"{public}\"\ndevice_types = [\"<device type>\"]"
             );
         }
@@ -135,7 +133,7 @@ pub(crate) async fn run(command: HandlerCommand, config_path: &Path) -> anyhow::
             };
             let package = Package::build(manifest, component)?;
             write_atomically(&args.out, &package.to_tar())?;
-            println!(
+            outln!(
                 "Packed {} {} into {} (unsigned; sign it with `outpost handler sign`)",
                 package.manifest().name,
                 package.manifest().version,
@@ -155,7 +153,7 @@ pub(crate) async fn run(command: HandlerCommand, config_path: &Path) -> anyhow::
             package.sign(&key);
             let out = out.unwrap_or(path);
             write_atomically(&out, &package.to_tar())?;
-            println!(
+            outln!(
                 "Signed {} {} with {} into {}",
                 package.manifest().name,
                 package.manifest().version,
@@ -169,11 +167,13 @@ pub(crate) async fn run(command: HandlerCommand, config_path: &Path) -> anyhow::
                 .verify(&config.handlers.trusted())
                 .with_context(|| format!("{} was refused", path.display()))?;
             let runtime = Runtime::new(config.handlers.runtime_config())?;
-            runtime
-                .load(&verified.manifest().name, verified.component())
+            // The same checks an install makes: it compiles here, and `describe`
+            // answers and agrees with the manifest.
+            outpost_runtime::check_package(&runtime, &verified)
+                .await
                 .with_context(|| format!("{} cannot run on this gateway", path.display()))?;
             let manifest = verified.manifest();
-            println!(
+            outln!(
                 "OK: {} {} by {} for {}, built for {}",
                 manifest.name,
                 manifest.version,
@@ -227,7 +227,7 @@ pub(crate) async fn run(command: HandlerCommand, config_path: &Path) -> anyhow::
                     )
                 }
             };
-            println!("Installed {summary}");
+            outln!("Installed {summary}");
         }
         HandlerCommand::List { json } => {
             let config = Config::load(config_path)?;
@@ -236,15 +236,15 @@ pub(crate) async fn run(command: HandlerCommand, config_path: &Path) -> anyhow::
             if json {
                 let entries: Vec<HandlerSummary> =
                     handlers.iter().map(|h| h.as_ref().into()).collect();
-                println!(
+                outln!(
                     "{}",
                     serde_json::to_string_pretty(&serde_json::json!({ "handlers": entries }))?
                 );
             } else if handlers.is_empty() {
-                println!("No handlers installed.");
+                outln!("No handlers installed.");
             } else {
                 for h in &handlers {
-                    println!(
+                    outln!(
                         "{}  {}  by {}  for {}",
                         h.manifest.name,
                         h.manifest.version,
@@ -268,7 +268,7 @@ pub(crate) async fn run(command: HandlerCommand, config_path: &Path) -> anyhow::
                     if status != StatusCode::OK {
                         bail!("{name} was not removed: {}", error_message(&json));
                     }
-                    println!(
+                    outln!(
                         "Removed {} {} from the running gateway",
                         json["removed"]["name"].as_str().unwrap_or("?"),
                         json["removed"]["version"].as_str().unwrap_or("?")
@@ -277,9 +277,10 @@ pub(crate) async fn run(command: HandlerCommand, config_path: &Path) -> anyhow::
                 None => {
                     let registry = open_registry_cli(&config).await?;
                     let removed = registry.remove(&name)?;
-                    println!(
+                    outln!(
                         "Removed {} {}",
-                        removed.manifest.name, removed.manifest.version
+                        removed.manifest.name,
+                        removed.manifest.version
                     );
                 }
             }
@@ -288,18 +289,9 @@ pub(crate) async fn run(command: HandlerCommand, config_path: &Path) -> anyhow::
     Ok(())
 }
 
-/// Opens the installed-handler registry of the config's state directory; the warnings
-/// name installed handlers that no longer load.
-pub(crate) async fn open_registry(
-    config: &Config,
-) -> anyhow::Result<(HandlerRegistry, Vec<String>)> {
-    let runtime = Arc::new(Runtime::new(config.handlers.runtime_config())?);
-    Ok(HandlerRegistry::open(config.handlers_dir(), runtime, config.handlers.trusted()).await?)
-}
-
 /// [`open_registry`] for the CLI: warnings go to stderr.
 async fn open_registry_cli(config: &Config) -> anyhow::Result<HandlerRegistry> {
-    let (registry, warnings) = open_registry(config).await?;
+    let (registry, warnings) = crate::daemon::open_registry(config).await?;
     for warning in warnings {
         eprintln!("warning: {warning}");
     }

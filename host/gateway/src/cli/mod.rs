@@ -9,11 +9,38 @@ use clap::{Parser, Subcommand};
 use outpost_store::{Device, Store};
 use serde::Serialize;
 
+/// `println!` for command output: a stdout that is gone (`outpost … | head -1`) ends the
+/// command through [`quiet_on_closed_pipe`] instead of a panic. Use inside functions
+/// that return `anyhow::Result`.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)?;
+    }};
+}
+
+/// `print!` for command output, as [`outln!`].
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let mut stdout = std::io::stdout().lock();
+        write!(stdout, $($arg)*)?;
+        stdout.flush()?;
+    }};
+}
+
+pub(crate) mod client;
+mod firmware;
+mod handler;
+mod onboard;
+mod rollout;
+
+use firmware::FirmwareCommand;
+use handler::HandlerCommand;
+use onboard::OnboardCommand;
+use rollout::RolloutCommand;
+
 use crate::config::{self, Config, LogFormat};
-use crate::firmware_cmd::{self, FirmwareCommand};
-use crate::handler_cmd::{self, HandlerCommand};
-use crate::onboard_cmd::{self, OnboardCommand};
-use crate::rollout_cmd::{self, RolloutCommand};
 use crate::{daemon, logging};
 
 /// Outpost: a site gateway for fleets of ESP32-class devices.
@@ -135,6 +162,16 @@ enum UplinkCommand {
     },
 }
 
+/// Whether `err` comes from writing to a closed pipe: the reader (`head`, a pager) has
+/// all it wants, so the command ends quietly and successfully.
+pub(crate) fn quiet_on_closed_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
 /// Runs the parsed command.
 pub(crate) async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
@@ -154,9 +191,9 @@ pub(crate) async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 eprintln!("warning: {warning}");
             }
         }
-        Command::Handler(command) => handler_cmd::run(command, &cli.config).await?,
-        Command::Firmware(command) => firmware_cmd::run(command, &cli.config).await?,
-        Command::Rollout(command) => rollout_cmd::run(command, &cli.config).await?,
+        Command::Handler(command) => handler::run(command, &cli.config).await?,
+        Command::Firmware(command) => firmware::run(command, &cli.config).await?,
+        Command::Rollout(command) => rollout::run(command, &cli.config).await?,
         Command::Groups(command) => groups(command, &cli.config).await?,
         Command::Devices(DevicesCommand::Set { id, properties }) => {
             let mut changes = serde_json::Map::new();
@@ -171,59 +208,63 @@ pub(crate) async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                 };
                 changes.insert(key.to_owned(), value);
             }
-            let device = rollout_cmd::call(
+            let device = client::call(
                 &cli.config,
                 hyper::Method::PUT,
                 &format!("/api/v1/devices/{id}/properties"),
                 Some(serde_json::Value::Object(changes)),
             )
             .await?;
-            println!(
+            outln!(
                 "{id}: {}",
                 serde_json::to_string(&device["compat"]).unwrap_or_default()
             );
         }
         Command::Onboard(command) => {
-            if !onboard_cmd::run(command, &cli.config).await? {
+            if !onboard::run(command, &cli.config).await? {
                 return Ok(ExitCode::FAILURE);
             }
         }
         Command::Devices(DevicesCommand::Credential { id }) => {
-            let answer = gateway_call(
+            let answer = client::call(
                 &cli.config,
                 hyper::Method::POST,
                 &format!("/api/v1/devices/{id}/credential"),
+                None,
             )
             .await?;
-            println!(
+            outln!(
                 "Device token for {id} (shown once; send it as Authorization: Bearer <token>):\n\n    {}",
                 answer["token"].as_str().unwrap_or_default()
             );
         }
         Command::Uplink(UplinkCommand::Status { json }) => {
-            let answer = gateway_call(&cli.config, hyper::Method::GET, "/api/v1/uplink").await?;
+            let answer =
+                client::call(&cli.config, hyper::Method::GET, "/api/v1/uplink", None).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&answer)?);
+                outln!("{}", serde_json::to_string_pretty(&answer)?);
             } else {
                 let outbox = &answer["outbox"];
                 if answer["configured"].as_bool() == Some(true) {
                     let link = &answer["link"];
-                    println!(
+                    outln!(
                         "uplink:   {} {}",
                         link["state"].as_str().unwrap_or("?"),
                         link["broker"].as_str().unwrap_or("")
                     );
                     if let Some(error) = link["last_error"].as_str() {
-                        println!("error:    {error}");
+                        outln!("error:    {error}");
                     }
-                    println!(
+                    outln!(
                         "attempts: {} connects, {} connections, {} registrations",
-                        link["connect_attempts"], link["connections"], link["registrations"]
+                        link["connect_attempts"],
+                        link["connections"],
+                        link["registrations"]
                     );
                 } else {
-                    println!("uplink:   not configured (offline site)");
+                    outln!("uplink:   not configured (offline site)");
                 }
-                println!(
+                outln!(
                     "outbox:   {} queued ({} bytes) of {} max; {} delivered, {} expired, {} refused",
                     outbox["queued"],
                     outbox["bytes"],
@@ -256,22 +297,21 @@ pub(crate) async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
 async fn groups(command: GroupsCommand, config: &Path) -> anyhow::Result<()> {
     match command {
         GroupsCommand::List { json } => {
-            let answer =
-                rollout_cmd::call(config, hyper::Method::GET, "/api/v1/groups", None).await?;
+            let answer = client::call(config, hyper::Method::GET, "/api/v1/groups", None).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&answer)?);
+                outln!("{}", serde_json::to_string_pretty(&answer)?);
                 return Ok(());
             }
             let groups = answer["groups"].as_array().cloned().unwrap_or_default();
             if groups.is_empty() {
-                println!("No groups.");
+                outln!("No groups.");
             }
             for group in groups {
                 let members: Vec<&str> = group["members"]
                     .as_array()
                     .map(|m| m.iter().filter_map(serde_json::Value::as_str).collect())
                     .unwrap_or_default();
-                println!(
+                outln!(
                     "{:<20} {} device(s): {}",
                     group["id"].as_str().unwrap_or("?"),
                     members.len(),
@@ -285,12 +325,12 @@ async fn groups(command: GroupsCommand, config: &Path) -> anyhow::Result<()> {
             description,
         } => {
             let body = serde_json::json!({"id": id, "name": name, "description": description});
-            rollout_cmd::call(config, hyper::Method::POST, "/api/v1/groups", Some(body)).await?;
-            println!("Group {id} created.");
+            client::call(config, hyper::Method::POST, "/api/v1/groups", Some(body)).await?;
+            outln!("Group {id} created.");
         }
         GroupsCommand::Add { id, devices } => {
             for device in &devices {
-                rollout_cmd::call(
+                client::call(
                     config,
                     hyper::Method::PUT,
                     &format!("/api/v1/groups/{id}/members/{device}"),
@@ -298,33 +338,10 @@ async fn groups(command: GroupsCommand, config: &Path) -> anyhow::Result<()> {
                 )
                 .await?;
             }
-            println!("Added {} device(s) to {id}.", devices.len());
+            outln!("Added {} device(s) to {id}.", devices.len());
         }
     }
     Ok(())
-}
-
-/// One call to the running gateway's API; an error answer becomes an error.
-async fn gateway_call(
-    config_path: &Path,
-    method: hyper::Method,
-    path: &str,
-) -> anyhow::Result<serde_json::Value> {
-    let config = Config::load(config_path)?;
-    let addr = daemon::running_gateway(&config.gateway.state_dir)?.ok_or_else(|| {
-        anyhow::anyhow!(
-            "no gateway is running with the state directory {}; start it with `outpost run`",
-            config.gateway.state_dir.display()
-        )
-    })?;
-    let api = crate::api_client::GatewayApi::new(&config, addr)?;
-    let (status, answer) = api
-        .request(method, path, "application/json", &[], Vec::new())
-        .await?;
-    if !status.is_success() {
-        anyhow::bail!("{}", crate::api_client::error_message(&answer));
-    }
-    Ok(answer)
 }
 
 /// Reads the lobby. A gateway that never ran has no database yet: that is an empty

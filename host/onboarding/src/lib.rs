@@ -8,8 +8,9 @@
 //! it and an authority is configured → Wi-Fi config, apply, status until connected or
 //! failed (on failure: control reset, then the next configured network) → lobby state.
 
-pub(crate) mod authority;
-pub(crate) mod manifest;
+mod authority;
+pub mod manifest;
+mod probe;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -23,42 +24,121 @@ use outpost_ble::softap::HttpLink;
 use outpost_ble::{Link, ProvClient, Timeouts};
 use outpost_protocomm::wifi::WifiStatus;
 use outpost_protocomm::{ClientCredentials, SecurityVersion};
-use outpost_store::{DeviceState, NewDevice, OnboardingTarget, Store};
+use outpost_store::{DeviceState, NewDevice, OnboardingTarget, Store, Transport};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 use tracing::Instrument as _;
 
-use crate::config::Config;
+pub use authority::create_ca;
+pub use probe::{OnboardingStatus, probe};
+
 use authority::{Authority, LocalCa};
 
 /// Runs kept in memory for the API to show.
 const KEEP_RUNS: usize = 20;
 
-/// A site network handed to devices.
-struct Network {
-    ssid: String,
-    passphrase: String,
+/// Why onboarding refused a request or could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum OnboardingError {
+    /// The settings are unusable (a claiming CA that does not load, …).
+    #[error("{0}")]
+    Settings(String),
+    /// A manifest was refused; nothing of it was imported.
+    #[error("{0}")]
+    Manifest(String),
+    /// A run cannot start: the text says why and what to do.
+    #[error("{0}")]
+    Refused(String),
+    /// The state database failed.
+    #[error(transparent)]
+    Store(#[from] outpost_store::StoreError),
 }
 
-/// What a run needs from the config.
-struct Settings {
-    ble_enabled: bool,
-    adapter: Option<String>,
-    max_sessions: usize,
-    networks: Vec<Network>,
-    scan: bool,
-    status_poll: Duration,
-    join_timeout: Duration,
-    scan_timeout: Duration,
-    timeouts: Timeouts,
+/// A site network handed to devices.
+#[derive(Clone)]
+pub struct WifiNetwork {
+    /// The SSID.
+    pub ssid: String,
+    /// The WPA passphrase.
+    pub passphrase: String,
+}
+
+impl std::fmt::Debug for WifiNetwork {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WifiNetwork")
+            .field("ssid", &self.ssid)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The offline claiming authority: a CA whose key signs the devices' CSRs.
+#[derive(Clone)]
+pub struct ClaimCaSettings {
+    /// The CA certificate (PEM file).
+    pub ca_cert: std::path::PathBuf,
+    /// The CA's private key (PEM text).
+    pub ca_key_pem: String,
+    /// Validity of issued certificates, in days.
+    pub valid_days: u32,
+}
+
+impl std::fmt::Debug for ClaimCaSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClaimCaSettings")
+            .field("ca_cert", &self.ca_cert)
+            .field("valid_days", &self.valid_days)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What onboarding needs from the config (`[ble]` and `[onboarding]`).
+#[derive(Clone, Debug)]
+pub struct OnboardingSettings {
+    /// Whether BLE may be used (`ble.enabled`).
+    pub ble_enabled: bool,
+    /// The BlueZ adapter, e.g. `hci0`; any when `None`.
+    pub adapter: Option<String>,
+    /// Devices onboarded at once.
+    pub max_sessions: usize,
+    /// The site networks, tried in order.
+    pub networks: Vec<WifiNetwork>,
+    /// Ask the device for a Wi-Fi scan first (when it can).
+    pub scan: bool,
+    /// How often the device's Wi-Fi status is asked while it joins.
+    pub status_poll: Duration,
+    /// How long a device may take to join a network.
+    pub join_timeout: Duration,
+    /// How long a BLE scan for the targets lasts.
+    pub scan_timeout: Duration,
+    /// Per-request and connect timeouts of the protocomm session.
+    pub timeouts: Timeouts,
+    /// The local claiming CA, if configured.
+    pub claim_ca: Option<ClaimCaSettings>,
+}
+
+impl Default for OnboardingSettings {
+    fn default() -> Self {
+        Self {
+            ble_enabled: true,
+            adapter: None,
+            max_sessions: 8,
+            networks: Vec::new(),
+            scan: true,
+            status_poll: Duration::from_millis(500),
+            join_timeout: Duration::from_secs(30),
+            scan_timeout: Duration::from_secs(10),
+            timeouts: Timeouts::default(),
+            claim_ca: None,
+        }
+    }
 }
 
 /// The onboarding service of a running gateway.
-pub(crate) struct Onboarder {
+pub struct Onboarder {
     store: Store,
     /// The device API's base URL handed to devices that run the Outpost agent.
-    device_api: std::sync::OnceLock<String>,
-    settings: Settings,
+    device_api: String,
+    settings: OnboardingSettings,
     authority: Option<Authority>,
     /// Lobby events go to the cloud through it (when configured).
     uplink: Option<outpost_uplink::Uplink>,
@@ -79,38 +159,42 @@ impl std::fmt::Debug for Onboarder {
 /// What `POST /api/v1/onboarding/runs` takes.
 #[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub(crate) struct RunRequest {
+pub struct RunRequest {
     /// Only these devices (names from the manifest); empty: every device not yet onboarded.
     #[serde(default)]
-    pub(crate) devices: Vec<String>,
+    pub devices: Vec<String>,
     /// Also devices already provisioned or claimed.
     #[serde(default)]
-    pub(crate) all: bool,
+    pub all: bool,
 }
 
 /// One device's progress in a run.
 #[derive(Clone, Debug, Serialize)]
-pub(crate) struct DeviceProgress {
-    pub(crate) name: String,
-    pub(crate) transport: String,
+pub struct DeviceProgress {
+    /// The device's name in the manifest.
+    pub name: String,
+    /// How it is reached.
+    pub transport: Transport,
     /// The current (or last) step.
-    pub(crate) step: &'static str,
-    pub(crate) done: bool,
+    pub step: &'static str,
+    /// Whether it is done (either way).
+    pub done: bool,
     /// `provisioned`, `claimed` or `failed` when done.
-    pub(crate) outcome: Option<DeviceState>,
-    pub(crate) error: Option<String>,
+    pub outcome: Option<DeviceState>,
+    /// Why it failed.
+    pub error: Option<String>,
     /// Node id from claiming.
-    pub(crate) node_id: Option<String>,
+    pub node_id: Option<String>,
     /// Networks tried.
-    pub(crate) wifi_attempts: u32,
+    pub wifi_attempts: u32,
     /// Time in the session's cryptography (handshake and records), milliseconds.
-    pub(crate) crypto_ms: f64,
+    pub crypto_ms: f64,
     /// Wall time of this device's onboarding, milliseconds.
-    pub(crate) elapsed_ms: f64,
+    pub elapsed_ms: f64,
 }
 
 /// A run and its devices.
-pub(crate) struct Run {
+pub struct Run {
     id: u64,
     started: Instant,
     finished_ms: Mutex<Option<f64>>,
@@ -120,13 +204,19 @@ pub(crate) struct Run {
 
 /// What the API shows of a run.
 #[derive(Debug, Serialize)]
-pub(crate) struct RunView {
-    pub(crate) id: u64,
-    pub(crate) done: bool,
-    pub(crate) elapsed_ms: f64,
-    pub(crate) succeeded: usize,
-    pub(crate) failed: usize,
-    pub(crate) devices: Vec<DeviceProgress>,
+pub struct RunView {
+    /// The run's number.
+    pub id: u64,
+    /// Whether every device is done.
+    pub done: bool,
+    /// Wall time so far (or in all), milliseconds.
+    pub elapsed_ms: f64,
+    /// Devices provisioned or claimed.
+    pub succeeded: usize,
+    /// Devices that failed.
+    pub failed: usize,
+    /// Every device of the run.
+    pub devices: Vec<DeviceProgress>,
 }
 
 impl Run {
@@ -138,7 +228,8 @@ impl Run {
         self.update(index, |d| d.step = step);
     }
 
-    pub(crate) fn view(&self) -> RunView {
+    /// What the API shows of it now.
+    pub fn view(&self) -> RunView {
         let devices = self.devices.lock().expect("run lock").clone();
         let elapsed_ms = self
             .finished_ms
@@ -163,7 +254,7 @@ impl Run {
 }
 
 /// The custom protocomm endpoint a device running the Outpost agent serves.
-pub(crate) const AGENT_ENDPOINT: &str = "outpost-agent";
+pub const AGENT_ENDPOINT: &str = "outpost-agent";
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
@@ -176,19 +267,21 @@ enum Route {
 }
 
 impl Onboarder {
-    /// Reads the onboarding settings; a configured claiming CA must load.
-    pub(crate) fn new(
-        config: &Config,
+    /// The onboarding service: `settings` from the config; lobby events and cloud
+    /// claims go through `uplink` when there is one; devices that run the Outpost agent
+    /// are handed `device_api_url` (the local device API). A configured claiming CA must
+    /// load.
+    pub fn new(
+        settings: OnboardingSettings,
         store: Store,
         uplink: Option<outpost_uplink::Uplink>,
-    ) -> anyhow::Result<Self> {
-        let onboarding = &config.onboarding;
-        let local = match &onboarding.claim {
-            Some(claim) => Some(LocalCa::load(
-                &claim.ca_cert,
-                claim.ca_key.expose(),
-                claim.valid_days.get(),
-            )?),
+        device_api_url: String,
+    ) -> Result<Self, OnboardingError> {
+        let local = match &settings.claim_ca {
+            Some(claim) => Some(
+                LocalCa::load(&claim.ca_cert, &claim.ca_key_pem, claim.valid_days)
+                    .map_err(|err| OnboardingError::Settings(format!("{err:#}")))?,
+            ),
             None => None,
         };
         let authority = match uplink.clone() {
@@ -199,29 +292,13 @@ impl Onboarder {
             None => local.map(Authority::Local),
         };
         Ok(Self {
-            device_api: std::sync::OnceLock::new(),
-            store,
-            settings: Settings {
-                ble_enabled: config.ble.enabled,
-                adapter: config.ble.adapter.clone(),
-                max_sessions: config.ble.max_concurrent_sessions.get() as usize,
-                networks: onboarding
-                    .wifi
-                    .iter()
-                    .map(|n| Network {
-                        ssid: n.ssid.clone(),
-                        passphrase: n.passphrase.expose().to_owned(),
-                    })
-                    .collect(),
-                scan: onboarding.scan,
-                status_poll: Duration::from_millis(u64::from(onboarding.status_poll_ms.get())),
-                join_timeout: Duration::from_secs(u64::from(onboarding.join_timeout_secs.get())),
-                scan_timeout: Duration::from_secs(u64::from(onboarding.scan_timeout_secs.get())),
-                timeouts: Timeouts {
-                    request: Duration::from_secs(u64::from(onboarding.request_timeout_secs.get())),
-                    connect: Duration::from_secs(u64::from(onboarding.connect_timeout_secs.get())),
-                },
+            device_api: {
+                let mut url = device_api_url;
+                url.truncate(url.trim_end_matches('/').len());
+                url
             },
+            store,
+            settings,
             authority,
             uplink,
             central: tokio::sync::Mutex::new(None),
@@ -231,7 +308,7 @@ impl Onboarder {
     }
 
     /// A run by id.
-    pub(crate) fn run(&self, id: u64) -> Option<Arc<Run>> {
+    pub fn run(&self, id: u64) -> Option<Arc<Run>> {
         self.runs
             .lock()
             .expect("runs lock")
@@ -241,13 +318,18 @@ impl Onboarder {
     }
 
     /// Imports a manifest into the store (all or nothing).
-    pub(crate) async fn import(&self, bytes: &[u8]) -> Result<usize, String> {
-        let targets = manifest::parse(bytes)?;
+    pub async fn import(&self, bytes: &[u8]) -> Result<usize, OnboardingError> {
+        let targets = manifest::parse(bytes).map_err(OnboardingError::Manifest)?;
         let count = self
             .store
             .import_onboarding_targets(targets.clone())
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| match e {
+                outpost_store::StoreError::InvalidInput { .. } => {
+                    OnboardingError::Manifest(e.to_string())
+                }
+                other => OnboardingError::Store(other),
+            })?;
         for target in targets {
             if self
                 .store
@@ -271,19 +353,15 @@ impl Onboarder {
     }
 
     /// Starts a run; returns at once with its id.
-    pub(crate) async fn start(self: &Arc<Self>, request: RunRequest) -> Result<Arc<Run>, String> {
+    pub async fn start(self: &Arc<Self>, request: RunRequest) -> Result<Arc<Run>, OnboardingError> {
         if self.settings.networks.is_empty() {
-            return Err(
+            return Err(OnboardingError::Refused(
                 "no site Wi-Fi is configured: add an [[onboarding.wifi]] network \
                         (ssid, passphrase) to the config"
                     .into(),
-            );
+            ));
         }
-        let all_targets = self
-            .store
-            .onboarding_targets()
-            .await
-            .map_err(|e| e.to_string())?;
+        let all_targets = self.store.onboarding_targets().await?;
         let targets: Vec<OnboardingTarget> = if request.devices.is_empty() {
             let mut out = Vec::new();
             for target in all_targets {
@@ -309,15 +387,19 @@ impl Onboarder {
             let mut out = Vec::new();
             for name in &request.devices {
                 out.push(by_name.remove(name).ok_or_else(|| {
-                    format!("{name} is not in the imported manifest (outpost onboard import FILE)")
+                    OnboardingError::Refused(format!(
+                        "{name} is not in the imported manifest (outpost onboard import FILE)"
+                    ))
                 })?);
             }
             out
         };
         if targets.is_empty() {
-            return Err("nothing to onboard: every imported device is provisioned \
+            return Err(OnboardingError::Refused(
+                "nothing to onboard: every imported device is provisioned \
                         (use all to redo them)"
-                .into());
+                    .into(),
+            ));
         }
         let run = Arc::new(Run {
             id: self.next_run.fetch_add(1, Ordering::Relaxed),
@@ -329,7 +411,7 @@ impl Onboarder {
                     .iter()
                     .map(|t| DeviceProgress {
                         name: t.name.clone(),
-                        transport: t.transport.clone(),
+                        transport: t.transport,
                         step: "queued",
                         done: false,
                         outcome: None,
@@ -413,7 +495,7 @@ impl Onboarder {
     async fn resolve(&self, run: &Run, targets: &[OnboardingTarget]) -> Vec<anyhow::Result<Route>> {
         let ble_keys: Vec<String> = targets
             .iter()
-            .filter(|t| t.transport == "ble")
+            .filter(|t| t.transport == Transport::Ble)
             .map(|t| t.mac.clone().unwrap_or_else(|| t.name.clone()))
             .collect();
         let adverts: anyhow::Result<Vec<Advert>> = if ble_keys.is_empty() {
@@ -424,7 +506,7 @@ impl Onboarder {
             ))
         } else {
             for (index, t) in targets.iter().enumerate() {
-                if t.transport == "ble" {
+                if t.transport == Transport::Ble {
                     run.step(index, "scanning");
                 }
             }
@@ -442,15 +524,15 @@ impl Onboarder {
         };
         targets
             .iter()
-            .map(|t| match t.transport.as_str() {
-                "softap" => t
+            .map(|t| match t.transport {
+                Transport::Softap => t
                     .address
                     .as_deref()
                     .unwrap_or_default()
                     .parse()
                     .map(Route::Http)
                     .map_err(|_| anyhow!("address {:?} is not host:port", t.address)),
-                _ => {
+                Transport::Ble => {
                     let adverts = adverts.as_ref().map_err(|e| anyhow!("{e:#}"))?;
                     let key = t.mac.clone().unwrap_or_else(|| t.name.clone());
                     let found: Vec<&Advert> = adverts.iter().filter(|a| a.matches(&key)).collect();
@@ -629,11 +711,6 @@ impl Onboarder {
         }
     }
 
-    /// Sets the device API URL handed to agent devices (once, at start).
-    pub(crate) fn set_device_api(&self, url: String) {
-        let _ = self.device_api.set(url);
-    }
-
     /// Hands a device that runs the Outpost agent (`outpost.cap` has `agent`) its
     /// credential for the local device API, over the secured session.
     async fn hand_over_credential(
@@ -641,13 +718,12 @@ impl Onboarder {
         client: &mut ProvClient,
         target: &OnboardingTarget,
     ) -> anyhow::Result<()> {
-        let api = self
-            .device_api
-            .get()
-            .context("the device API address is not known yet")?;
-        let token = crate::api::uplink::store_credential(&self.store, &target.name)
+        let api = &self.device_api;
+        let token = self
+            .store
+            .issue_device_credential(&target.name)
             .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            .context("issuing the device credential")?;
         let message = serde_json::json!({
             "api": api,
             "deviceId": target.name,

@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::services::{StoreState, UpdateFiles};
-use super::{Report, RolloutSpec, Rollouts, now_millis};
+use super::{DeviceStatus, Report, RolloutSpec, Rollouts, now_millis};
 
 /// ADU agent states.
 const IDLE: i32 = 0;
@@ -35,26 +35,6 @@ pub(crate) struct Job {
     pub(crate) spec: RolloutSpec,
     pub(crate) reports: mpsc::UnboundedReceiver<Report>,
     pub(crate) cancel: CancellationToken,
-}
-
-/// How it ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Status {
-    Succeeded,
-    Skipped,
-    Failed,
-    Cancelled,
-}
-
-impl Status {
-    const fn as_str(self) -> &'static str {
-        match self {
-            Self::Succeeded => "succeeded",
-            Self::Skipped => "skipped",
-            Self::Failed => "failed",
-            Self::Cancelled => "cancelled",
-        }
-    }
 }
 
 /// One handler step as recorded.
@@ -86,7 +66,7 @@ struct Ctx {
 }
 
 /// A failure that ends the update with this outcome.
-struct Stop(Status, Outcome);
+struct Stop(DeviceStatus, Outcome);
 
 fn outcome(code: i32, extended: u32, details: impl Into<String>) -> Outcome {
     Outcome {
@@ -94,6 +74,17 @@ fn outcome(code: i32, extended: u32, details: impl Into<String>) -> Outcome {
         extended_code: extended,
         details: details.into(),
     }
+}
+
+/// The outcome of a handler call that failed: a short summary for the result (sent to
+/// the cloud), the whole error with the guest's stderr for the log.
+fn handler_failed(step: &str, err: &CallError) -> Outcome {
+    tracing::warn!(step, error = %err, stderr = err.stderr(), "the handler failed");
+    outcome(
+        0,
+        gateway_code(HANDLER_TRAPPED),
+        format!("the handler failed: {}", err.summary()),
+    )
 }
 
 /// Extended codes of the gateway itself (facility 2, component 0x01).
@@ -120,11 +111,12 @@ impl Job {
                         let result = self
                             .finish(status, &last, &phases, ctx.step_index, Some(&ctx))
                             .await;
-                        let state = if matches!(status, Status::Succeeded | Status::Skipped) {
-                            IDLE
-                        } else {
-                            FAILED
-                        };
+                        let state =
+                            if matches!(status, DeviceStatus::Succeeded | DeviceStatus::Skipped) {
+                                IDLE
+                            } else {
+                                FAILED
+                            };
                         self.publish_reported(&ctx, state, Some(result)).await;
                         rollouts.job_ended(&device);
                         return;
@@ -154,7 +146,10 @@ impl Job {
             })
             .await;
         let fail = |code: u32, details: String| {
-            Stop(Status::Failed, outcome(0, gateway_code(code), details))
+            Stop(
+                DeviceStatus::Failed,
+                outcome(0, gateway_code(code), details),
+            )
         };
         let device = match inner.store.device(&self.device).await {
             Ok(Some(device)) => device,
@@ -246,18 +241,18 @@ impl Job {
         &mut self,
         ctx: &Ctx,
         phases: &mut Vec<Phase>,
-    ) -> Result<(Status, Outcome), Stop> {
+    ) -> Result<(DeviceStatus, Outcome), Stop> {
         let installed = self.step(ctx, Step::IsInstalled, phases).await?;
         if installed.result_code == 900 {
-            return Ok((Status::Skipped, installed));
+            return Ok((DeviceStatus::Skipped, installed));
         }
         let download = self.step(ctx, Step::Download, phases).await?;
         match download.result_code {
-            503 => return Ok((Status::Skipped, download)),
+            503 => return Ok((DeviceStatus::Skipped, download)),
             501 => {
                 let window = Duration::from_secs(self.spec.download_timeout_secs);
                 if let Some(finished) = self.await_device(ctx, window, true).await? {
-                    return Ok((Status::Succeeded, finished));
+                    return Ok((DeviceStatus::Succeeded, finished));
                 }
             }
             _ => {}
@@ -267,8 +262,8 @@ impl Job {
         let window = Duration::from_secs(self.spec.rollback_window_secs);
         self.set_step("verify", None).await;
         match self.await_device(ctx, window, false).await? {
-            Some(finished) => Ok((Status::Succeeded, finished)),
-            None => Err(Stop(Status::Failed, applied)),
+            Some(finished) => Ok((DeviceStatus::Succeeded, finished)),
+            None => Err(Stop(DeviceStatus::Failed, applied)),
         }
     }
 
@@ -295,13 +290,7 @@ impl Job {
             result = call => result,
             () = self.cancel.cancelled() => return Err(self.cancelled(ctx).await),
         };
-        let outcome = result.unwrap_or_else(|err: CallError| {
-            outcome(
-                0,
-                gateway_code(HANDLER_TRAPPED),
-                format!("the handler failed: {err}"),
-            )
-        });
+        let outcome = result.unwrap_or_else(|err: CallError| handler_failed(step.name(), &err));
         tracing::info!(step = step.name(), code = outcome.result_code, details = %outcome.details, "handler step");
         phases.push(Phase {
             step: step.name(),
@@ -310,7 +299,7 @@ impl Job {
             details: outcome.details.clone(),
         });
         if outcome.result_code <= 0 {
-            return Err(Stop(Status::Failed, outcome));
+            return Err(Stop(DeviceStatus::Failed, outcome));
         }
         Ok(outcome)
     }
@@ -352,7 +341,7 @@ impl Job {
                     )
                 };
                 return Err(Stop(
-                    Status::Failed,
+                    DeviceStatus::Failed,
                     outcome(0, gateway_code(code), details),
                 ));
             };
@@ -372,16 +361,7 @@ impl Job {
                     },
                 )
                 .await
-                .map_err(|err| {
-                    Stop(
-                        Status::Failed,
-                        outcome(
-                            0,
-                            gateway_code(HANDLER_TRAPPED),
-                            format!("the handler failed: {err}"),
-                        ),
-                    )
-                })?;
+                .map_err(|err| Stop(DeviceStatus::Failed, handler_failed("report", &err)))?;
             match verdict {
                 ReportVerdict::Ignored => {}
                 ReportVerdict::InProgress(progress) => {
@@ -392,7 +372,7 @@ impl Job {
                     }
                 }
                 ReportVerdict::Finished(done) if done.result_code > 0 => return Ok(Some(done)),
-                ReportVerdict::Finished(failed) => return Err(Stop(Status::Failed, failed)),
+                ReportVerdict::Finished(failed) => return Err(Stop(DeviceStatus::Failed, failed)),
             }
         }
     }
@@ -413,7 +393,7 @@ impl Job {
             Ok(o) => format!("cancelled: {}", o.details),
             Err(err) => format!("cancelled; the handler's cancel failed: {err}"),
         };
-        Stop(Status::Cancelled, outcome(-1, 0, details))
+        Stop(DeviceStatus::Cancelled, outcome(-1, 0, details))
     }
 
     async fn set_step(&self, step: &str, progress: Option<u8>) {
@@ -436,13 +416,13 @@ impl Job {
     /// Records the end, queues the result for the cloud, returns the install result.
     async fn finish(
         &self,
-        status: Status,
+        status: DeviceStatus,
         last: &Outcome,
         phases: &[Phase],
         step_index: usize,
         ctx: Option<&Ctx>,
     ) -> contract::InstallResult {
-        let code = if status == Status::Succeeded && last.result_code < 700 {
+        let code = if status == DeviceStatus::Succeeded && last.result_code < 700 {
             700
         } else {
             last.result_code
@@ -487,7 +467,7 @@ impl Job {
         if contract::valid_id(&self.device) {
             let agent = self.agent(
                 ctx,
-                if matches!(status, Status::Succeeded | Status::Skipped) {
+                if matches!(status, DeviceStatus::Succeeded | DeviceStatus::Skipped) {
                     IDLE
                 } else {
                     FAILED
@@ -495,16 +475,17 @@ impl Job {
                 Some(result.clone()),
                 status,
             );
+            let message_id = contract::message_id();
             let body = contract::DeploymentResult {
                 schema: schema::RESULT.into(),
-                message_id: contract::message_id(),
+                message_id: message_id.clone(),
                 deployment_id: self.rollout.clone(),
                 device_id: self.device.clone(),
                 agent,
                 at: now,
             };
             let topic = topics::result(&self.rollouts.inner.gateway, &self.rollout, &self.device);
-            self.rollouts.enqueue(topic, &body, false).await;
+            self.rollouts.enqueue(message_id, topic, &body, false).await;
         }
         result
     }
@@ -514,7 +495,7 @@ impl Job {
         ctx: Option<&Ctx>,
         state: i32,
         last: Option<contract::InstallResult>,
-        status: Status,
+        status: DeviceStatus,
     ) -> contract::AgentState {
         let manifest = &self.manifest.manifest;
         contract::AgentState {
@@ -535,7 +516,7 @@ impl Job {
                 id: self.rollout.clone(),
                 retry_timestamp: None,
             }),
-            installed_update_id: matches!(status, Status::Succeeded | Status::Skipped)
+            installed_update_id: matches!(status, DeviceStatus::Succeeded | DeviceStatus::Skipped)
                 .then(|| manifest.update_id.to_string()),
         }
     }
@@ -546,23 +527,24 @@ impl Job {
             return;
         }
         let status = if state == IDLE {
-            Status::Succeeded
+            DeviceStatus::Succeeded
         } else {
-            Status::Failed
+            DeviceStatus::Failed
         };
         let mut agent = self.agent(Some(ctx), state, last, status);
         if state == IN_PROGRESS {
             agent.installed_update_id = None;
         }
+        let message_id = contract::message_id();
         let body = contract::DeviceReported {
             schema: schema::DEVICE_REPORTED.into(),
-            message_id: contract::message_id(),
+            message_id: message_id.clone(),
             device_id: self.device.clone(),
             agent,
             desired_version: 0,
             at: now_millis(),
         };
         let topic = topics::device_reported(&self.rollouts.inner.gateway, &self.device);
-        self.rollouts.enqueue(topic, &body, true).await;
+        self.rollouts.enqueue(message_id, topic, &body, true).await;
     }
 }

@@ -5,15 +5,13 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::config::BleSection;
-
 /// How long the start-up probe waits for BlueZ.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// What onboarding can do, as reported by `/healthz`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
-pub(crate) enum OnboardingStatus {
+pub enum OnboardingStatus {
     /// `ble.enabled = false`.
     Disabled,
     /// Enabled, but BlueZ has no (or not the configured) adapter, or is not reachable.
@@ -28,12 +26,12 @@ pub(crate) enum OnboardingStatus {
     },
 }
 
-/// Asks BlueZ for the adapter `ble` names (or any).
-pub(crate) async fn probe(ble: &BleSection) -> OnboardingStatus {
-    if !ble.enabled {
+/// Asks BlueZ for `adapter` (or any) when BLE is `enabled`.
+pub async fn probe(enabled: bool, adapter: Option<&str>) -> OnboardingStatus {
+    if !enabled {
         return OnboardingStatus::Disabled;
     }
-    let open = outpost_ble::central::Central::open(ble.adapter.as_deref(), Default::default());
+    let open = outpost_ble::central::Central::open(adapter, Default::default());
     match tokio::time::timeout(PROBE_TIMEOUT, open).await {
         Ok(Ok(central)) => OnboardingStatus::Ready {
             adapter: central.name().to_owned(),
@@ -53,10 +51,6 @@ mod tests {
 
     #[tokio::test]
     async fn a_disabled_section_is_not_probed() {
-        let ble = BleSection {
-            enabled: false,
-            ..BleSection::default()
-        };
-        assert_eq!(probe(&ble).await, OnboardingStatus::Disabled);
+        assert_eq!(probe(false, Some("hci0")).await, OnboardingStatus::Disabled);
     }
 }

@@ -16,7 +16,7 @@ use outpost_runtime::{
     ArtifactSource, BoxFuture, ChannelError, DeviceChannel, ReadError, StateError, StateStore,
 };
 use outpost_store::{StateWrite, Store};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, oneshot};
 
 /// Bytes of keys and values each handler may keep.
@@ -26,18 +26,43 @@ const PRESENCE: Duration = Duration::from_secs(60);
 /// Download URLs stay valid this long.
 const URL_LIFETIME: Duration = Duration::from_secs(3600);
 
-/// A command waiting for its device.
-#[derive(Clone, Debug, Serialize)]
-pub(crate) struct Pending {
+/// A command waiting for its device: what `GET /api/v1/devices/{id}/next` returns, as
+/// docs/rollouts.md specifies it (`{id, command, payload?, payloadBase64}`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Pending {
     /// Its number, for the reply.
-    pub(crate) id: u64,
+    pub id: u64,
     /// The handler's command name (`ota-begin`, …).
-    pub(crate) command: String,
+    pub command: String,
     /// The payload as text when it is UTF-8 (as the handlers we know send JSON).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) payload: Option<String>,
-    /// The payload in base64, always.
-    pub(crate) payload_base64: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<String>,
+    /// The payload in base64, always. (Releases before 0.2 sent it as `payload_base64`:
+    /// that name is still read, and still sent beside it, until the next release.)
+    #[serde(alias = "payload_base64")]
+    pub payload_base64: String,
+}
+
+/// [`Pending`] on the wire for this release: the documented form plus the deprecated
+/// `payload_base64` copy for devices written against the old field name.
+#[derive(Serialize)]
+struct PendingWire<'a> {
+    #[serde(flatten)]
+    pending: &'a Pending,
+    #[serde(rename = "payload_base64")]
+    legacy_payload_base64: &'a str,
+}
+
+impl Pending {
+    /// The JSON body sent to the device.
+    pub fn to_wire(&self) -> serde_json::Value {
+        serde_json::to_value(PendingWire {
+            pending: self,
+            legacy_payload_base64: &self.payload_base64,
+        })
+        .expect("serialisable")
+    }
 }
 
 #[derive(Default)]
@@ -50,7 +75,7 @@ struct Slot {
 }
 
 /// Commands from handlers to devices, and the devices' replies.
-pub(crate) struct Mailbox {
+pub struct Mailbox {
     slots: Mutex<HashMap<String, Slot>>,
     next_id: AtomicU64,
     firmware_url: String,
@@ -65,7 +90,7 @@ impl std::fmt::Debug for Mailbox {
 
 impl Mailbox {
     /// A mailbox whose download URLs point at `firmware_url`, signed by `links`.
-    pub(crate) fn new(firmware_url: String, links: LinkSigner) -> Arc<Self> {
+    pub fn new(firmware_url: String, links: LinkSigner) -> Arc<Self> {
         Arc::new(Self {
             slots: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
@@ -81,7 +106,7 @@ impl Mailbox {
     }
 
     /// The next command for `device`, waiting up to `wait` for one.
-    pub(crate) async fn next(&self, device: &str, wait: Duration) -> Option<Pending> {
+    pub async fn next(&self, device: &str, wait: Duration) -> Option<Pending> {
         let deadline = tokio::time::Instant::now() + wait;
         let notify = {
             let mut slots = self.lock();
@@ -114,7 +139,7 @@ impl Mailbox {
     }
 
     /// Delivers a device's answer to command `id`; false when nobody waits for it.
-    pub(crate) fn reply(&self, device: &str, id: u64, answer: Result<Vec<u8>, String>) -> bool {
+    pub fn reply(&self, device: &str, id: u64, answer: Result<Vec<u8>, String>) -> bool {
         let sender = self
             .lock()
             .get_mut(device)
@@ -126,7 +151,7 @@ impl Mailbox {
     }
 
     /// Whether `device` polled recently or is polling now.
-    pub(crate) fn present(&self, device: &str) -> bool {
+    pub fn present(&self, device: &str) -> bool {
         self.lock().get(device).is_some_and(|slot| {
             slot.polling > 0 || slot.last_poll.is_some_and(|at| at.elapsed() < PRESENCE)
         })
@@ -175,7 +200,7 @@ impl DeviceChannel for Mailbox {
     }
 
     fn download_url(&self, device_id: &str, file_id: &str) -> Result<String, ChannelError> {
-        let expires = crate::rollout::now_millis() + URL_LIFETIME.as_millis() as i64;
+        let expires = outpost_store::now_millis() + URL_LIFETIME.as_millis() as i64;
         Ok(format!(
             "{}/firmware/{file_id}?{}",
             self.firmware_url,
@@ -328,6 +353,49 @@ mod tests {
         assert_eq!(request.await.unwrap(), Ok(b"ok".to_vec()));
         // A refusal comes back as one; a late reply finds nobody.
         assert!(!mailbox.reply("esp-1", pending.id, Ok(vec![])));
+    }
+
+    #[tokio::test]
+    async fn a_command_goes_out_in_the_documented_wire_form() {
+        let mailbox = Mailbox::new("http://gw".into(), LinkSigner::new([2; 32]));
+        let poller = {
+            let mailbox = Arc::clone(&mailbox);
+            tokio::spawn(async move { mailbox.next("esp-1", Duration::from_secs(30)).await })
+        };
+        while !mailbox.present("esp-1") {
+            tokio::task::yield_now().await;
+        }
+        let request = {
+            let mailbox = Arc::clone(&mailbox);
+            tokio::spawn(async move {
+                mailbox
+                    .request(
+                        "esp-1",
+                        "ota-write",
+                        &[0, 0xff, 0x10],
+                        Duration::from_secs(30),
+                    )
+                    .await
+            })
+        };
+        let pending = poller.await.unwrap().expect("the poll gets the command");
+        let wire = pending.to_wire();
+        // docs/rollouts.md and docs/local-api.md: {id, command, payload?, payloadBase64}.
+        assert_eq!(wire["id"], pending.id);
+        assert_eq!(wire["command"], "ota-write");
+        assert_eq!(wire["payloadBase64"], "AP8Q");
+        assert!(wire.get("payload").is_none(), "not UTF-8: no text form");
+        // The old name goes out beside it for one release.
+        assert_eq!(wire["payload_base64"], "AP8Q");
+        // Both names are read back.
+        let documented = serde_json::json!({"id": 4, "command": "c", "payloadBase64": "AA=="});
+        let old = serde_json::json!({"id": 4, "command": "c", "payload_base64": "AA=="});
+        for form in [documented, old] {
+            let parsed: Pending = serde_json::from_value(form).unwrap();
+            assert_eq!(parsed.payload_base64, "AA==");
+        }
+        assert!(mailbox.reply("esp-1", pending.id, Ok(vec![])));
+        request.await.unwrap().unwrap();
     }
 
     #[tokio::test]

@@ -11,9 +11,9 @@ use outpost_cache::manifest::{self, UpdateManifest};
 use outpost_cache::{FirmwareCache, Sha256};
 use outpost_store::Store;
 
-use crate::api_client::{GatewayApi, error_message};
+use super::client::{GatewayApi, error_message};
 use crate::config::Config;
-use crate::daemon::running_gateway;
+use crate::state_dir::running_gateway;
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum FirmwareCommand {
@@ -146,7 +146,7 @@ fn sign(path: &Path, key: &Path, kid: &str, out: Option<&Path>) -> anyhow::Resul
                 out.display()
             );
         }
-        None => println!("{jws}"),
+        None => outln!("{jws}"),
     }
     Ok(())
 }
@@ -180,7 +180,7 @@ async fn online(command: FirmwareCommand, api: &GatewayApi) -> anyhow::Result<()
                     error_message(&json)
                 );
             }
-            println!(
+            outln!(
                 "Imported {} as {} into the running gateway",
                 file.display(),
                 json["blob"]["sha256"].as_str().unwrap_or("?")
@@ -203,9 +203,9 @@ async fn online(command: FirmwareCommand, api: &GatewayApi) -> anyhow::Result<()
                 );
             }
             if json {
-                println!("{}", serde_json::to_string_pretty(&answer)?);
+                outln!("{}", serde_json::to_string_pretty(&answer)?);
             } else {
-                print_list(&answer);
+                print_list(&answer)?;
             }
         }
         FirmwareCommand::Remove { sha256 } => {
@@ -221,7 +221,7 @@ async fn online(command: FirmwareCommand, api: &GatewayApi) -> anyhow::Result<()
             if status != StatusCode::OK {
                 bail!("{sha256} was not removed: {}", error_message(&json));
             }
-            println!("Removed {sha256} from the running gateway");
+            outln!("Removed {sha256} from the running gateway");
         }
         FirmwareCommand::Pin { sha256, holder } | FirmwareCommand::Unpin { sha256, holder } => {
             let (status, json) = api
@@ -237,7 +237,7 @@ async fn online(command: FirmwareCommand, api: &GatewayApi) -> anyhow::Result<()
                 let done = if pin { "pinned" } else { "unpinned" };
                 bail!("{sha256} was not {done}: {}", error_message(&json));
             }
-            println!(
+            outln!(
                 "{} {sha256} for {holder}",
                 if pin { "Pinned" } else { "Unpinned" }
             );
@@ -258,7 +258,7 @@ async fn online(command: FirmwareCommand, api: &GatewayApi) -> anyhow::Result<()
                 bail!("{} was refused: {}", file.display(), error_message(&json));
             }
             let manifest = &json["manifest"];
-            println!(
+            outln!(
                 "Accepted {} signed by {}; the running gateway is downloading its files",
                 manifest["update_id"].as_str().unwrap_or("?"),
                 manifest["signer"].as_str().unwrap_or("?")
@@ -278,7 +278,7 @@ async fn offline(command: FirmwareCommand, cache: &FirmwareCache) -> anyhow::Res
                 .import(&file)
                 .await
                 .with_context(|| format!("{} was not imported", file.display()))?;
-            println!(
+            outln!(
                 "Imported {} as {} ({} bytes)",
                 file.display(),
                 blob.sha256,
@@ -293,22 +293,22 @@ async fn offline(command: FirmwareCommand, cache: &FirmwareCache) -> anyhow::Res
                 "budget_bytes": cache.config().max_bytes,
             });
             if json {
-                println!("{}", serde_json::to_string_pretty(&answer)?);
+                outln!("{}", serde_json::to_string_pretty(&answer)?);
             } else {
-                print_list(&answer);
+                print_list(&answer)?;
             }
         }
         FirmwareCommand::Remove { sha256 } => {
             cache.remove(sha256).await?;
-            println!("Removed {sha256}");
+            outln!("Removed {sha256}");
         }
         FirmwareCommand::Pin { sha256, holder } => {
             cache.pin(sha256, &holder).await?;
-            println!("Pinned {sha256} for {holder}");
+            outln!("Pinned {sha256} for {holder}");
         }
         FirmwareCommand::Unpin { sha256, holder } => {
             cache.unpin(sha256, &holder).await?;
-            println!("Unpinned {sha256} for {holder}");
+            outln!("Unpinned {sha256} for {holder}");
         }
         FirmwareCommand::Manifest(ManifestCommand::Add { file }) => {
             let jws = std::fs::read_to_string(&file)
@@ -317,21 +317,23 @@ async fn offline(command: FirmwareCommand, cache: &FirmwareCache) -> anyhow::Res
                 .add_manifest(&jws)
                 .await
                 .with_context(|| format!("{} was refused", file.display()))?;
-            println!(
+            outln!(
                 "Accepted {} signed by {}",
-                verified.manifest.update_id, verified.signer
+                verified.manifest.update_id,
+                verified.signer
             );
             let mut failed = 0;
             for file in &verified.manifest.files {
                 if file.url.is_none() {
-                    println!(
+                    outln!(
                         "  {} {}: no url; import it with `outpost firmware import`",
-                        file.sha256, file.file_name
+                        file.sha256,
+                        file.file_name
                     );
                     continue;
                 }
                 match cache.ensure(file.sha256).await {
-                    Ok(blob) => println!(
+                    Ok(blob) => outln!(
                         "  {} {}: cached ({} bytes)",
                         file.sha256,
                         file.file_name,
@@ -339,7 +341,7 @@ async fn offline(command: FirmwareCommand, cache: &FirmwareCache) -> anyhow::Res
                     ),
                     Err(error) => {
                         failed += 1;
-                        println!("  {} {}: {error}", file.sha256, file.file_name);
+                        outln!("  {} {}: {error}", file.sha256, file.file_name);
                     }
                 }
             }
@@ -355,12 +357,12 @@ async fn offline(command: FirmwareCommand, cache: &FirmwareCache) -> anyhow::Res
 }
 
 #[allow(clippy::print_stdout)]
-fn print_list(answer: &serde_json::Value) {
+fn print_list(answer: &serde_json::Value) -> anyhow::Result<()> {
     let empty = Vec::new();
     let blobs = answer["blobs"].as_array().unwrap_or(&empty);
     let used = answer["used_bytes"].as_u64().unwrap_or(0);
     let budget = answer["budget_bytes"].as_u64().unwrap_or(0);
-    println!(
+    outln!(
         "{} file(s), {:.1} of {:.1} MiB",
         blobs.len(),
         mib(used),
@@ -371,7 +373,7 @@ fn print_list(answer: &serde_json::Value) {
             .as_array()
             .map(|p| p.iter().filter_map(|v| v.as_str()).collect())
             .unwrap_or_default();
-        println!(
+        outln!(
             "{}  {:>10} bytes  {:<8} served {:>12} bytes  {}{}",
             blob["sha256"].as_str().unwrap_or("?"),
             blob["size"].as_u64().unwrap_or(0),
@@ -386,7 +388,7 @@ fn print_list(answer: &serde_json::Value) {
         );
     }
     for download in answer["downloads"].as_array().unwrap_or(&empty) {
-        println!(
+        outln!(
             "downloading {}: {} bytes so far, {} attempt(s){}",
             download["sha256"].as_str().unwrap_or("?"),
             download["have"].as_u64().unwrap_or(0),
@@ -397,6 +399,7 @@ fn print_list(answer: &serde_json::Value) {
                 .unwrap_or_default()
         );
     }
+    Ok(())
 }
 
 fn mib(bytes: u64) -> f64 {

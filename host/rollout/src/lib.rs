@@ -17,9 +17,10 @@
 //! rollback window. Results are ADU-shaped, kept in the store and queued for the cloud
 //! through the outbox (`results/…`, `reported/…`, `rollouts/…`).
 
-pub(crate) mod job;
-pub(crate) mod services;
-pub(crate) mod spec;
+mod job;
+mod services;
+pub mod spec;
+mod state;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -31,26 +32,24 @@ use outpost_runtime::HandlerRegistry;
 use outpost_store::rusqlite::{OptionalExtension, params};
 use outpost_store::{Device, Store};
 use outpost_uplink::contract::{self, schema, topics};
-use outpost_uplink::{Message, Outbox, Priority};
-use serde::Serialize;
+use outpost_uplink::{DeploymentInbox, Message, Outbox, Priority};
+use serde::{Deserialize as _, Serialize};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub(crate) use services::Mailbox;
-pub(crate) use spec::RolloutSpec;
+pub use services::{Mailbox, Pending};
+pub use spec::RolloutSpec;
+pub use state::{DeviceStatus, RolloutState};
 
 /// How often the engine looks again without being woken.
 const TICK: Duration = Duration::from_secs(1);
 
-/// Unix milliseconds now.
-pub(crate) fn now_millis() -> i64 {
-    outpost_store::Timestamp::now().unix_millis()
-}
+use outpost_store::now_millis;
 
 /// Where a rollout came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Origin {
+pub enum Origin {
     /// A deployment over the uplink.
     Cloud,
     /// `outpost rollout create` or the local API.
@@ -68,7 +67,7 @@ impl Origin {
 
 /// Why an operator's request was refused.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum RolloutError {
+pub enum RolloutError {
     /// The request is wrong; the text says how.
     #[error("{0}")]
     Invalid(String),
@@ -89,48 +88,60 @@ fn internal(err: impl std::fmt::Display) -> RolloutError {
 
 /// A rollout as the API and CLI show it.
 #[derive(Clone, Debug, Serialize)]
-pub(crate) struct RolloutView {
-    pub(crate) id: String,
-    pub(crate) origin: String,
-    pub(crate) update_id: String,
-    pub(crate) state: String,
-    pub(crate) reason: Option<String>,
+pub struct RolloutView {
+    /// The rollout id (the deployment id for a cloud rollout).
+    pub id: String,
+    /// `cloud` or `local`.
+    pub origin: String,
+    /// The manifest's update id (`provider/name@version`).
+    pub update_id: String,
+    /// Where it stands.
+    pub state: RolloutState,
+    /// Why it paused, stopped or was cancelled.
+    pub reason: Option<String>,
     /// The wave in progress, 0-based.
-    pub(crate) wave: u32,
-    pub(crate) waves: u32,
-    pub(crate) spec: serde_json::Value,
-    pub(crate) counts: BTreeMap<String, u64>,
+    pub wave: u32,
+    /// How many waves it has.
+    pub waves: u32,
+    /// Its [`RolloutSpec`], as stored.
+    pub spec: serde_json::Value,
+    /// Devices per [`DeviceStatus`].
+    pub counts: BTreeMap<String, u64>,
     /// Per wave: devices and how many succeeded/failed.
-    pub(crate) wave_counts: Vec<BTreeMap<String, u64>>,
-    pub(crate) created_at: i64,
-    pub(crate) updated_at: i64,
-    pub(crate) finished_at: Option<i64>,
+    pub wave_counts: Vec<BTreeMap<String, u64>>,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    /// Unix milliseconds of the last change.
+    pub updated_at: i64,
+    /// Unix milliseconds when it ended.
+    pub finished_at: Option<i64>,
+    /// Every targeted device, when asked for.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub(crate) devices: Option<Vec<DeviceProgress>>,
+    pub devices: Option<Vec<DeviceProgress>>,
 }
 
 /// One targeted device's progress.
 #[derive(Clone, Debug, Serialize)]
-pub(crate) struct DeviceProgress {
-    pub(crate) device_id: String,
-    pub(crate) wave: u32,
-    pub(crate) status: String,
-    pub(crate) step: Option<String>,
-    pub(crate) progress: Option<u8>,
-    pub(crate) result: Option<serde_json::Value>,
-    pub(crate) attempts: u32,
-    pub(crate) started_at: Option<i64>,
-    pub(crate) finished_at: Option<i64>,
+pub struct DeviceProgress {
+    /// The device.
+    pub device_id: String,
+    /// Its wave, 0-based.
+    pub wave: u32,
+    /// Where it stands.
+    pub status: DeviceStatus,
+    /// The handler step in flight or last run.
+    pub step: Option<String>,
+    /// Download or install progress, percent.
+    pub progress: Option<u8>,
+    /// The recorded result (ADU's lastInstallResult and the steps behind it).
+    pub result: Option<serde_json::Value>,
+    /// How many times it was started.
+    pub attempts: u32,
+    /// Unix milliseconds.
+    pub started_at: Option<i64>,
+    /// Unix milliseconds.
+    pub finished_at: Option<i64>,
 }
-
-const STATUSES: [&str; 6] = [
-    "pending",
-    "running",
-    "succeeded",
-    "failed",
-    "cancelled",
-    "skipped",
-];
 
 /// A device report on its way to the update it concerns.
 #[derive(Debug)]
@@ -152,7 +163,7 @@ struct Running {
 
 /// The rollout engine. Cheap to clone.
 #[derive(Clone, Debug)]
-pub(crate) struct Rollouts {
+pub struct Rollouts {
     inner: Arc<Inner>,
 }
 
@@ -162,6 +173,7 @@ pub(crate) struct Inner {
     pub(crate) firmware: FirmwareCache,
     pub(crate) handlers: Arc<HandlerRegistry>,
     pub(crate) outbox: Outbox,
+    pub(crate) inbox: DeploymentInbox,
     pub(crate) mailbox: Arc<Mailbox>,
     pub(crate) gateway: String,
     wake: Notify,
@@ -173,11 +185,12 @@ pub(crate) struct Inner {
 
 impl Rollouts {
     /// The engine; call [`run`](Self::run) to drive it.
-    pub(crate) fn new(
+    pub fn new(
         store: Store,
         firmware: FirmwareCache,
         handlers: Arc<HandlerRegistry>,
         outbox: Outbox,
+        inbox: DeploymentInbox,
         mailbox: Arc<Mailbox>,
         gateway: String,
     ) -> Self {
@@ -187,6 +200,7 @@ impl Rollouts {
                 firmware,
                 handlers,
                 outbox,
+                inbox,
                 mailbox,
                 gateway,
                 wake: Notify::new(),
@@ -198,7 +212,7 @@ impl Rollouts {
     }
 
     /// The device mailbox handlers talk through.
-    pub(crate) fn mailbox(&self) -> &Arc<Mailbox> {
+    pub fn mailbox(&self) -> &Arc<Mailbox> {
         &self.inner.mailbox
     }
 
@@ -211,7 +225,7 @@ impl Rollouts {
 
     /// Drives every rollout until `shutdown`; then cancels nothing (devices in flight
     /// are picked up again at the next start) and waits for the jobs to wind down.
-    pub(crate) async fn run(self, shutdown: CancellationToken) {
+    pub async fn run(self, shutdown: CancellationToken) {
         // Devices that were mid-update when the gateway stopped start over (is-installed
         // first, so a device that finished meanwhile is recognised).
         if let Err(err) = self
@@ -247,6 +261,7 @@ impl Rollouts {
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 () = self.inner.wake.notified() => {}
+                () = self.inner.inbox.arrived() => {}
                 () = tokio::time::sleep(TICK) => {}
             }
         }
@@ -259,7 +274,7 @@ impl Rollouts {
     }
 
     /// Wakes the engine (after a change it should act on).
-    pub(crate) fn wake(&self) {
+    pub fn wake(&self) {
         self.inner.wake.notify_one();
     }
 
@@ -279,32 +294,19 @@ impl Rollouts {
             .map_err(internal)
     }
 
-    /// Turns deployments the uplink stored into rollouts (or records why not).
+    /// Turns the deployments waiting in the uplink's inbox into rollouts (or records
+    /// why not, and tells the cloud).
     async fn ingest_deployments(&self) -> Result<(), RolloutError> {
-        let inbound: Vec<(String, String)> = self
-            .inner
-            .store
-            .call(|conn| {
-                let mut stmt = conn.prepare_cached(
-                    "SELECT id, body FROM inbound_deployments WHERE outcome IS NULL ORDER BY received_at",
-                )?;
-                let rows = stmt
-                    .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
-                    .collect::<Result<Vec<_>, _>>()?;
-                Ok(rows)
-            })
-            .await
-            .map_err(internal)?;
-        for (id, body) in inbound {
-            let outcome = match serde_json::from_str::<contract::Deployment>(&body) {
-                Err(err) => Err(RolloutError::Invalid(format!(
-                    "malformed deployment: {err}"
-                ))),
+        let pending = self.inner.inbox.pending().await.map_err(internal)?;
+        for inbound in pending {
+            let id = inbound.id;
+            let outcome = match inbound.deployment {
+                Err(reason) => Err(RolloutError::Invalid(reason)),
                 Ok(deployment) => {
                     let spec = if deployment.rollout.is_null() {
                         Ok(RolloutSpec::default())
                     } else {
-                        serde_json::from_value::<RolloutSpec>(deployment.rollout.clone())
+                        RolloutSpec::deserialize(&deployment.rollout)
                             .map_err(|err| RolloutError::Invalid(format!("rollout: {err}")))
                     };
                     match spec {
@@ -316,24 +318,17 @@ impl Rollouts {
                     }
                 }
             };
-            let recorded = match &outcome {
-                Ok(()) => "accepted".to_owned(),
+            let settled = match outcome {
+                Ok(()) => Ok(()),
                 Err(err) => {
                     tracing::warn!(deployment = %id, error = %err, "deployment refused");
                     self.publish_refusal(&id, &err.to_string()).await;
-                    format!("refused: {err}")
+                    Err(err.to_string())
                 }
             };
-            let id2 = id.clone();
             self.inner
-                .store
-                .call(move |conn| {
-                    conn.execute(
-                        "UPDATE inbound_deployments SET outcome = ?2 WHERE id = ?1",
-                        params![id2, recorded],
-                    )?;
-                    Ok(())
-                })
+                .inbox
+                .settle(&id, settled)
                 .await
                 .map_err(internal)?;
         }
@@ -342,7 +337,7 @@ impl Rollouts {
 
     /// Creates a rollout: verifies the manifest, pins its files, fixes the devices and
     /// their waves. `id` defaults to a fresh one.
-    pub(crate) async fn create(
+    pub async fn create(
         &self,
         id: Option<String>,
         origin: Origin,
@@ -424,8 +419,8 @@ impl Rollouts {
         }
         let now = now_millis();
         let state = match spec.start_millis() {
-            Some(start) if start > now => "scheduled",
-            _ => "running",
+            Some(start) if start > now => RolloutState::Scheduled,
+            _ => RolloutState::Running,
         };
         let total = targeted.len();
         let rows: Vec<(String, u32)> = targeted
@@ -456,7 +451,7 @@ impl Rollouts {
             })
             .await
             .map_err(internal)?;
-        tracing::info!(rollout = %id, update = %manifest.update_id, devices = total, state, "rollout created");
+        tracing::info!(rollout = %id, update = %manifest.update_id, devices = total, %state, "rollout created");
         self.publish_status(&id).await;
         self.wake();
         self.view(&id, false).await
@@ -467,12 +462,13 @@ impl Rollouts {
         let view = self.view(id, true).await?;
         let spec: RolloutSpec = serde_json::from_value(view.spec.clone()).map_err(internal)?;
         let devices = view.devices.unwrap_or_default();
-        if view.state == "scheduled" {
+        if view.state == RolloutState::Scheduled {
             if spec
                 .start_millis()
                 .is_none_or(|start| start <= now_millis())
             {
-                self.set_state(id, "running", None, None).await?;
+                self.set_state(id, RolloutState::Running, None, None)
+                    .await?;
             }
             return Ok(());
         }
@@ -486,19 +482,15 @@ impl Rollouts {
             );
             tracing::warn!(rollout = %id, %reason, "rollout stopped");
             self.cancel_devices(id).await?;
-            self.set_state(id, "stopped", Some(reason), None).await?;
+            self.set_state(id, RolloutState::Stopped, Some(reason), None)
+                .await?;
             return Ok(());
         }
         let wave = view.wave;
         let in_wave: Vec<&DeviceProgress> = devices.iter().filter(|d| d.wave == wave).collect();
-        let done = in_wave
-            .iter()
-            .all(|d| !matches!(d.status.as_str(), "pending" | "running"));
+        let done = in_wave.iter().all(|d| !d.status.is_open());
         if done {
-            let ok = in_wave
-                .iter()
-                .filter(|d| matches!(d.status.as_str(), "succeeded" | "skipped"))
-                .count() as u64;
+            let ok = in_wave.iter().filter(|d| d.status.is_success()).count() as u64;
             let n = in_wave.len() as u64;
             let pct = (ok * 100).checked_div(n).unwrap_or(100);
             if pct < u64::from(spec.success_threshold) {
@@ -509,7 +501,8 @@ impl Rollouts {
                     view.waves,
                     spec.success_threshold
                 );
-                self.set_state(id, "paused", Some(reason), None).await?;
+                self.set_state(id, RolloutState::Paused, Some(reason), None)
+                    .await?;
             } else {
                 self.next_wave(id, wave, view.waves).await?;
             }
@@ -535,7 +528,7 @@ impl Rollouts {
         // until it checks in again, as after a gateway restart or a power cut.
         for device in in_wave
             .iter()
-            .filter(|d| d.status == "pending")
+            .filter(|d| d.status == DeviceStatus::Pending)
             .filter(|d| self.inner.mailbox.present(&d.device_id))
         {
             if running >= limit || shutdown.is_cancelled() {
@@ -550,12 +543,14 @@ impl Rollouts {
 
     async fn next_wave(&self, id: &str, wave: u32, waves: u32) -> Result<(), RolloutError> {
         if wave + 1 >= waves {
-            self.set_state(id, "finished", None, None).await?;
+            self.set_state(id, RolloutState::Finished, None, None)
+                .await?;
             self.unpin(id).await;
             tracing::info!(rollout = %id, "rollout finished");
         } else {
             tracing::info!(rollout = %id, wave = wave + 2, "next wave");
-            self.set_state(id, "running", None, Some(wave + 1)).await?;
+            self.set_state(id, RolloutState::Running, None, Some(wave + 1))
+                .await?;
         }
         self.wake();
         Ok(())
@@ -648,51 +643,60 @@ impl Rollouts {
     }
 
     /// Hands a device's report to the update in flight on it. False when none is.
-    pub(crate) fn report(&self, device: &str, kind: String, payload: Vec<u8>) -> bool {
+    pub fn report(&self, device: &str, kind: String, payload: Vec<u8>) -> bool {
         self.running()
             .get(device)
             .is_some_and(|job| job.reports.send(Report { kind, payload }).is_ok())
     }
 
     /// Pauses a running or scheduled rollout: no device starts; those in flight finish.
-    pub(crate) async fn pause(&self, id: &str) -> Result<RolloutView, RolloutError> {
+    pub async fn pause(&self, id: &str) -> Result<RolloutView, RolloutError> {
         let view = self.view(id, false).await?;
-        if !matches!(view.state.as_str(), "running" | "scheduled") {
+        if !matches!(view.state, RolloutState::Running | RolloutState::Scheduled) {
             return Err(RolloutError::Conflict(format!(
                 "rollout {id} is {}; only a running or scheduled rollout can be paused",
                 view.state
             )));
         }
-        self.set_state(id, "paused", Some("paused by the operator".into()), None)
-            .await?;
+        self.set_state(
+            id,
+            RolloutState::Paused,
+            Some("paused by the operator".into()),
+            None,
+        )
+        .await?;
         self.view(id, false).await
     }
 
     /// Resumes a paused rollout. A wave that paused below its success threshold is
     /// accepted as it is and the next one starts.
-    pub(crate) async fn resume(&self, id: &str) -> Result<RolloutView, RolloutError> {
+    pub async fn resume(&self, id: &str) -> Result<RolloutView, RolloutError> {
         let view = self.view(id, true).await?;
-        if view.state != "paused" {
+        if view.state != RolloutState::Paused {
             return Err(RolloutError::Conflict(format!(
                 "rollout {id} is {}; only a paused rollout can be resumed",
                 view.state
             )));
         }
-        let wave_done =
-            view.devices.as_deref().unwrap_or_default().iter().all(|d| {
-                d.wave != view.wave || !matches!(d.status.as_str(), "pending" | "running")
-            });
+        let wave_done = view
+            .devices
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .all(|d| d.wave != view.wave || !d.status.is_open());
         let spec: RolloutSpec = serde_json::from_value(view.spec.clone()).map_err(internal)?;
         if spec
             .start_millis()
             .is_some_and(|start| start > now_millis())
         {
             // Paused before it began: it waits for its start time again.
-            self.set_state(id, "scheduled", None, None).await?;
+            self.set_state(id, RolloutState::Scheduled, None, None)
+                .await?;
         } else if wave_done {
             self.next_wave(id, view.wave, view.waves).await?;
         } else {
-            self.set_state(id, "running", None, None).await?;
+            self.set_state(id, RolloutState::Running, None, None)
+                .await?;
         }
         self.wake();
         self.view(id, false).await
@@ -700,9 +704,9 @@ impl Rollouts {
 
     /// Cancels a rollout: devices in flight are cancelled through their handler, pending
     /// ones never start, and the files are unpinned.
-    pub(crate) async fn cancel(&self, id: &str) -> Result<RolloutView, RolloutError> {
+    pub async fn cancel(&self, id: &str) -> Result<RolloutView, RolloutError> {
         let view = self.view(id, false).await?;
-        if matches!(view.state.as_str(), "cancelled" | "finished") {
+        if matches!(view.state, RolloutState::Cancelled | RolloutState::Finished) {
             return Err(RolloutError::Conflict(format!(
                 "rollout {id} is already {}",
                 view.state
@@ -711,7 +715,7 @@ impl Rollouts {
         self.cancel_devices(id).await?;
         self.set_state(
             id,
-            "cancelled",
+            RolloutState::Cancelled,
             Some("cancelled by the operator".into()),
             None,
         )
@@ -721,9 +725,9 @@ impl Rollouts {
     }
 
     /// Puts the failed devices back in line and runs the rollout again.
-    pub(crate) async fn retry(&self, id: &str) -> Result<RolloutView, RolloutError> {
+    pub async fn retry(&self, id: &str) -> Result<RolloutView, RolloutError> {
         let view = self.view(id, false).await?;
-        if matches!(view.state.as_str(), "cancelled") {
+        if view.state == RolloutState::Cancelled {
             return Err(RolloutError::Conflict(format!(
                 "rollout {id} was cancelled"
             )));
@@ -758,8 +762,13 @@ impl Rollouts {
         for file in &self.manifest_of(id).await?.manifest.files {
             let _ = self.inner.firmware.pin(file.sha256, &pin_holder(id)).await;
         }
-        self.set_state(id, "running", None, Some(first_failed_wave.min(view.wave)))
-            .await?;
+        self.set_state(
+            id,
+            RolloutState::Running,
+            None,
+            Some(first_failed_wave.min(view.wave)),
+        )
+        .await?;
         self.wake();
         self.view(id, false).await
     }
@@ -801,12 +810,12 @@ impl Rollouts {
     async fn set_state(
         &self,
         id: &str,
-        state: &'static str,
+        state: RolloutState,
         reason: Option<String>,
         wave: Option<u32>,
     ) -> Result<(), RolloutError> {
         let id2 = id.to_owned();
-        let ends = matches!(state, "finished" | "cancelled" | "stopped");
+        let ends = state.has_ended();
         self.inner
             .store
             .call(move |conn| {
@@ -825,7 +834,7 @@ impl Rollouts {
     }
 
     /// Every rollout, newest first, without per-device detail.
-    pub(crate) async fn list(&self) -> Result<Vec<RolloutView>, RolloutError> {
+    pub async fn list(&self) -> Result<Vec<RolloutView>, RolloutError> {
         let ids: Vec<String> = self
             .inner
             .store
@@ -847,7 +856,7 @@ impl Rollouts {
     }
 
     /// One rollout, with its devices when `devices` is set.
-    pub(crate) async fn view(&self, id: &str, devices: bool) -> Result<RolloutView, RolloutError> {
+    pub async fn view(&self, id: &str, devices: bool) -> Result<RolloutView, RolloutError> {
         let id2 = id.to_owned();
         let found = self
             .inner
@@ -863,7 +872,7 @@ impl Rollouts {
                                 r.get::<_, String>(0)?,
                                 r.get::<_, String>(1)?,
                                 r.get::<_, String>(2)?,
-                                r.get::<_, String>(3)?,
+                                r.get::<_, RolloutState>(3)?,
                                 r.get::<_, Option<String>>(4)?,
                                 r.get::<_, u32>(5)?,
                                 r.get::<_, i64>(6)?,
@@ -908,21 +917,23 @@ impl Rollouts {
         };
         let spec: serde_json::Value = serde_json::from_str(&spec).map_err(internal)?;
         let waves = spec["waves"].as_array().map_or(1, Vec::len) as u32;
-        let mut counts: BTreeMap<String, u64> =
-            STATUSES.iter().map(|s| ((*s).to_owned(), 0)).collect();
+        let mut counts: BTreeMap<String, u64> = DeviceStatus::ALL
+            .iter()
+            .map(|s| (s.to_string(), 0))
+            .collect();
         let mut wave_counts: Vec<BTreeMap<String, u64>> = (0..waves)
             .map(|_| {
-                STATUSES
+                DeviceStatus::ALL
                     .iter()
-                    .map(|s| ((*s).to_owned(), 0))
+                    .map(|s| (s.to_string(), 0))
                     .chain([("devices".to_owned(), 0)])
                     .collect()
             })
             .collect();
         for row in &rows {
-            *counts.entry(row.status.clone()).or_default() += 1;
+            *counts.entry(row.status.to_string()).or_default() += 1;
             if let Some(w) = wave_counts.get_mut(row.wave as usize) {
-                *w.entry(row.status.clone()).or_default() += 1;
+                *w.entry(row.status.to_string()).or_default() += 1;
                 *w.entry("devices".into()).or_default() += 1;
             }
         }
@@ -949,42 +960,62 @@ impl Rollouts {
         let Ok(view) = self.view(id, false).await else {
             return;
         };
+        let message_id = contract::message_id();
         let status = contract::RolloutStatus {
             schema: schema::ROLLOUT.into(),
-            message_id: contract::message_id(),
+            message_id: message_id.clone(),
             deployment_id: view.id.clone(),
             update_id: view.update_id.clone(),
-            state: view.state.clone(),
+            state: view.state.to_string(),
             reason: view.reason.clone(),
             wave: view.wave,
             waves: view.waves,
             counts: view.counts.clone(),
             at: now_millis(),
         };
-        self.enqueue(topics::rollout(&self.inner.gateway, id), &status, true)
-            .await;
+        self.enqueue(
+            message_id,
+            topics::rollout(&self.inner.gateway, id),
+            &status,
+            true,
+        )
+        .await;
     }
 
     async fn publish_refusal(&self, id: &str, reason: &str) {
+        let message_id = contract::message_id();
         let status = contract::RolloutStatus {
             schema: schema::ROLLOUT.into(),
-            message_id: contract::message_id(),
+            message_id: message_id.clone(),
             deployment_id: id.to_owned(),
             update_id: String::new(),
-            state: "refused".into(),
+            state: RolloutState::Refused.to_string(),
             reason: Some(reason.to_owned()),
             wave: 0,
             waves: 0,
             counts: BTreeMap::new(),
             at: now_millis(),
         };
-        self.enqueue(topics::rollout(&self.inner.gateway, id), &status, true)
-            .await;
+        self.enqueue(
+            message_id,
+            topics::rollout(&self.inner.gateway, id),
+            &status,
+            true,
+        )
+        .await;
     }
 
     /// Queues a State-class message; a full outbox is logged (State has its reserve).
-    async fn enqueue(&self, topic: String, body: &impl Serialize, retain: bool) {
-        let message_id = contract::message_id();
+    ///
+    /// `message_id` is the id inside `body`: the outbox and the cloud dedupe on the same
+    /// one.
+    async fn enqueue(
+        &self,
+        message_id: String,
+        topic: String,
+        body: &impl Serialize,
+        retain: bool,
+    ) {
         let message = Message {
             message_id,
             topic,

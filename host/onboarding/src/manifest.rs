@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
-use outpost_store::OnboardingTarget;
+use outpost_store::{OnboardingTarget, Transport};
 use serde::Deserialize;
 
 /// An entry with where it stood ("entry 3", "line 4"), or why it did not parse.
@@ -35,7 +35,7 @@ enum JsonManifest {
 }
 
 /// Parses and validates a manifest; every problem names its entry.
-pub(crate) fn parse(bytes: &[u8]) -> Result<Vec<OnboardingTarget>, String> {
+pub fn parse(bytes: &[u8]) -> Result<Vec<OnboardingTarget>, String> {
     let text = std::str::from_utf8(bytes).map_err(|_| "the manifest is not UTF-8 text")?;
     let trimmed = text.trim_start();
     let entries: Vec<Placed> = if trimmed.starts_with('{') || trimmed.starts_with('[') {
@@ -102,10 +102,15 @@ fn validate(entry: Entry) -> Result<OnboardingTarget, String> {
             ));
         }
     }
-    let transport = entry.transport.unwrap_or_else(|| "ble".into());
-    match transport.as_str() {
-        "ble" => {}
-        "softap" => {
+    let transport = match entry.transport.as_deref() {
+        None => Transport::Ble,
+        Some(text) => text
+            .parse::<Transport>()
+            .map_err(|_| format!("transport {text:?} is not ble or softap"))?,
+    };
+    match transport {
+        Transport::Ble => {}
+        Transport::Softap => {
             let address = entry
                 .address
                 .as_deref()
@@ -114,7 +119,6 @@ fn validate(entry: Entry) -> Result<OnboardingTarget, String> {
                 .parse::<SocketAddr>()
                 .map_err(|_| format!("address {address:?} is not host:port"))?;
         }
-        other => return Err(format!("transport {other:?} is not ble or softap")),
     }
     let non_empty = |v: Option<String>| v.filter(|s| !s.is_empty());
     let (pop, username, password) = match entry.security {
@@ -228,7 +232,7 @@ mod tests {
         let a = parse(json).unwrap();
         let b = parse(csv).unwrap();
         assert_eq!(a, b);
-        assert_eq!(a[0].transport, "ble");
+        assert_eq!(a[0].transport, Transport::Ble);
         assert_eq!(a[1].pop.as_deref(), Some("abcd"));
     }
 

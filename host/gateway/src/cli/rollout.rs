@@ -8,9 +8,10 @@ use anyhow::Context;
 use clap::Subcommand;
 use hyper::Method;
 
-use crate::config::Config;
-use crate::rollout::RolloutSpec;
-use crate::rollout::spec::{ErrorThreshold, MaintenanceWindow, RolloutPriority};
+use outpost_rollout::RolloutSpec;
+use outpost_rollout::spec::{ErrorThreshold, MaintenanceWindow, RolloutPriority};
+
+use super::client::call;
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum RolloutCommand {
@@ -76,7 +77,7 @@ pub(crate) struct CreateArgs {
     #[arg(long)]
     success_threshold: Option<u8>,
     /// Failures that stop the rollout: a count (5) or a share (10%).
-    #[arg(long, value_parser = parse_threshold)]
+    #[arg(long)]
     error_threshold: Option<ErrorThreshold>,
     /// batch (paced, windowed) or immediate.
     #[arg(long, value_parser = ["batch", "immediate"])]
@@ -108,19 +109,6 @@ pub(crate) struct CreateArgs {
     /// Only devices with this property, KEY=VALUE (repeatable).
     #[arg(long = "where", value_parser = parse_pair)]
     properties: Vec<(String, String)>,
-}
-
-fn parse_threshold(s: &str) -> Result<ErrorThreshold, String> {
-    match s.strip_suffix('%') {
-        Some(p) => p
-            .parse()
-            .map(ErrorThreshold::Percent)
-            .map_err(|_| format!("{s:?}: expected a percentage such as 10%")),
-        None => s
-            .parse()
-            .map(ErrorThreshold::Count)
-            .map_err(|_| format!("{s:?}: expected a count (5) or a share (10%)")),
-    }
 }
 
 fn parse_pair(s: &str) -> Result<(String, String), String> {
@@ -199,7 +187,7 @@ pub(crate) async fn run(command: RolloutCommand, config_path: &Path) -> anyhow::
                 "rollout": spec,
             });
             let view = call(config_path, Method::POST, "/api/v1/rollouts", Some(body)).await?;
-            println!(
+            outln!(
                 "Rollout {} created: {} to {} devices in {} wave(s), {}.",
                 view["id"].as_str().unwrap_or("?"),
                 view["update_id"].as_str().unwrap_or("?"),
@@ -207,7 +195,7 @@ pub(crate) async fn run(command: RolloutCommand, config_path: &Path) -> anyhow::
                 view["waves"],
                 view["state"].as_str().unwrap_or("?")
             );
-            println!(
+            outln!(
                 "Follow it with: outpost rollout status {} --watch",
                 view["id"].as_str().unwrap_or("?")
             );
@@ -215,14 +203,14 @@ pub(crate) async fn run(command: RolloutCommand, config_path: &Path) -> anyhow::
         RolloutCommand::List { json } => {
             let answer = call(config_path, Method::GET, "/api/v1/rollouts", None).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&answer)?);
+                outln!("{}", serde_json::to_string_pretty(&answer)?);
             } else {
                 let rollouts = answer["rollouts"].as_array().cloned().unwrap_or_default();
                 if rollouts.is_empty() {
-                    println!("No rollouts.");
+                    outln!("No rollouts.");
                 }
                 for r in rollouts {
-                    println!(
+                    outln!(
                         "{:<32} {:<10} wave {}/{}  {}  {}",
                         r["id"].as_str().unwrap_or("?"),
                         r["state"].as_str().unwrap_or("?"),
@@ -243,9 +231,9 @@ pub(crate) async fn run(command: RolloutCommand, config_path: &Path) -> anyhow::
             )
             .await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&view)?);
+                outln!("{}", serde_json::to_string_pretty(&view)?);
             } else {
-                print_status(&view, watch);
+                print_status(&view, watch)?;
             }
             let state = view["state"].as_str().unwrap_or("");
             if !watch || !matches!(state, "running" | "scheduled") {
@@ -269,7 +257,7 @@ async fn action(config_path: &Path, id: &str, what: &str) -> anyhow::Result<()> 
         None,
     )
     .await?;
-    println!(
+    outln!(
         "Rollout {id}: {}{}",
         view["state"].as_str().unwrap_or("?"),
         view["reason"]
@@ -299,12 +287,12 @@ fn counts_line(counts: &serde_json::Value) -> String {
     )
 }
 
-fn print_status(view: &serde_json::Value, watch: bool) {
+fn print_status(view: &serde_json::Value, watch: bool) -> anyhow::Result<()> {
     if watch {
         // Redraw in place on a terminal.
-        print!("\x1b[2J\x1b[H");
+        out!("\x1b[2J\x1b[H");
     }
-    println!(
+    outln!(
         "rollout {}  {}  ({} from {})",
         view["id"].as_str().unwrap_or("?"),
         view["state"].as_str().unwrap_or("?"),
@@ -312,9 +300,9 @@ fn print_status(view: &serde_json::Value, watch: bool) {
         view["origin"].as_str().unwrap_or("?")
     );
     if let Some(reason) = view["reason"].as_str() {
-        println!("reason: {reason}");
+        outln!("reason: {reason}");
     }
-    println!("total: {}", counts_line(&view["counts"]));
+    outln!("total: {}", counts_line(&view["counts"]));
     for (i, wave) in view["wave_counts"]
         .as_array()
         .cloned()
@@ -327,7 +315,7 @@ fn print_status(view: &serde_json::Value, watch: bool) {
         } else {
             " "
         };
-        println!(
+        outln!(
             "{marker} wave {}: {} devices: {}",
             i + 1,
             wave["devices"],
@@ -360,33 +348,8 @@ fn print_status(view: &serde_json::Value, watch: bool) {
     }
     for status in ["running", "failed"] {
         for line in by_status.get(status).into_iter().flatten() {
-            println!("  {status:<8} {line}");
+            outln!("  {status:<8} {line}");
         }
     }
-}
-
-/// One call to the running gateway's API with an optional JSON body; an error answer
-/// becomes an error with the gateway's message.
-pub(crate) async fn call(
-    config_path: &Path,
-    method: Method,
-    path: &str,
-    body: Option<serde_json::Value>,
-) -> anyhow::Result<serde_json::Value> {
-    let config = Config::load(config_path)?;
-    let addr = crate::daemon::running_gateway(&config.gateway.state_dir)?.ok_or_else(|| {
-        anyhow::anyhow!(
-            "no gateway is running with the state directory {}; start it with `outpost run`",
-            config.gateway.state_dir.display()
-        )
-    })?;
-    let api = crate::api_client::GatewayApi::new(&config, addr)?;
-    let bytes = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
-    let (status, answer) = api
-        .request(method, path, "application/json", &[], bytes)
-        .await?;
-    if !status.is_success() {
-        anyhow::bail!("{}", crate::api_client::error_message(&answer));
-    }
-    Ok(answer)
+    Ok(())
 }

@@ -9,8 +9,10 @@ use hyper::header;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 
-use crate::api::AdminToken;
+use std::path::Path;
+
 use crate::config::Config;
+use crate::state_dir::{AdminToken, admin_token_for};
 
 /// A running gateway's API, with the admin token.
 pub(crate) struct GatewayApi {
@@ -21,10 +23,7 @@ pub(crate) struct GatewayApi {
 impl GatewayApi {
     /// The API of the gateway at `addr`, authenticated as the config says.
     pub(crate) fn new(config: &Config, addr: SocketAddr) -> anyhow::Result<Self> {
-        let token = match &config.api.admin_token {
-            Some(secret) => AdminToken::new(secret.expose()).map_err(anyhow::Error::msg)?,
-            None => AdminToken::load(&config.gateway.state_dir)?,
-        };
+        let token = admin_token_for(config)?;
         // A gateway listening on every address is reached through loopback.
         let ip = match addr.ip() {
             IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
@@ -94,4 +93,30 @@ pub(crate) fn error_message(json: &serde_json::Value) -> String {
         .as_str()
         .unwrap_or("the gateway gave no reason")
         .to_owned()
+}
+
+/// One call to the running gateway's API with an optional JSON body; an error answer
+/// becomes an error with the gateway's message.
+pub(crate) async fn call(
+    config_path: &Path,
+    method: Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> anyhow::Result<serde_json::Value> {
+    let config = Config::load(config_path)?;
+    let addr = crate::state_dir::running_gateway(&config.gateway.state_dir)?.ok_or_else(|| {
+        anyhow::anyhow!(
+            "no gateway is running with the state directory {}; start it with `outpost run`",
+            config.gateway.state_dir.display()
+        )
+    })?;
+    let api = GatewayApi::new(&config, addr)?;
+    let bytes = body.map(|b| b.to_string().into_bytes()).unwrap_or_default();
+    let (status, answer) = api
+        .request(method, path, "application/json", &[], bytes)
+        .await?;
+    if !status.is_success() {
+        anyhow::bail!("{}", error_message(&answer));
+    }
+    Ok(answer)
 }

@@ -1,4 +1,5 @@
-//! From `[uplink]` and `[outbox]` in the config to the uplink crate's settings.
+//! From the config to the engine crates' settings: `[uplink]` and `[outbox]` for the
+//! uplink, `[ble]` and `[onboarding]` for onboarding.
 
 use std::time::Duration;
 
@@ -67,4 +68,41 @@ pub(crate) fn settings(config: &Config, uplink: &UplinkSection) -> UplinkSetting
     settings.reregister_after = Duration::from_secs(u64::from(uplink.reregister_after_secs.get()));
     settings.window = uplink.window.get() as usize;
     settings
+}
+
+impl Config {
+    /// Onboarding's settings from `[ble]` and `[onboarding]`.
+    pub(crate) fn onboarding_settings(&self) -> outpost_onboarding::OnboardingSettings {
+        let o = &self.onboarding;
+        let secs = |n: std::num::NonZeroU32| Duration::from_secs(u64::from(n.get()));
+        outpost_onboarding::OnboardingSettings {
+            ble_enabled: self.ble.enabled,
+            adapter: self.ble.adapter.clone(),
+            max_sessions: self.ble.max_concurrent_sessions.get() as usize,
+            networks: o
+                .wifi
+                .iter()
+                .map(|n| outpost_onboarding::WifiNetwork {
+                    ssid: n.ssid.clone(),
+                    passphrase: n.passphrase.expose().to_owned(),
+                })
+                .collect(),
+            scan: o.scan,
+            status_poll: Duration::from_millis(u64::from(o.status_poll_ms.get())),
+            join_timeout: secs(o.join_timeout_secs),
+            scan_timeout: secs(o.scan_timeout_secs),
+            timeouts: outpost_ble::Timeouts {
+                request: secs(o.request_timeout_secs),
+                connect: secs(o.connect_timeout_secs),
+            },
+            claim_ca: o
+                .claim
+                .as_ref()
+                .map(|claim| outpost_onboarding::ClaimCaSettings {
+                    ca_cert: claim.ca_cert.clone(),
+                    ca_key_pem: claim.ca_key.expose().to_owned(),
+                    valid_days: claim.valid_days.get(),
+                }),
+        }
+    }
 }

@@ -14,41 +14,41 @@ use serde::{Deserialize, Serialize};
 /// How a rollout picks and paces its devices.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub(crate) struct RolloutSpec {
+pub struct RolloutSpec {
     /// Which devices it targets.
     #[serde(default)]
-    pub(crate) target: Target,
+    pub target: Target,
     /// Cumulative percentages of the targeted devices per wave, ascending and ending at
     /// 100 (`[10, 50, 100]`: 10 % first, then up to half, then the rest).
     #[serde(default = "default_waves")]
-    pub(crate) waves: Vec<u8>,
+    pub waves: Vec<u8>,
     /// The share of a wave (percent) that must succeed before the next one starts;
     /// below it the rollout pauses for the operator.
     #[serde(default = "default_success")]
-    pub(crate) success_threshold: u8,
+    pub success_threshold: u8,
     /// Failures that stop the whole rollout.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) error_threshold: Option<ErrorThreshold>,
+    pub error_threshold: Option<ErrorThreshold>,
     /// `immediate`: every device of a wave at once; `batch`: at most `maxParallel` at a
     /// time, inside the maintenance window.
     #[serde(default)]
-    pub(crate) priority: RolloutPriority,
+    pub priority: RolloutPriority,
     /// Devices updated at once in `batch` priority.
     #[serde(default = "default_parallel")]
-    pub(crate) max_parallel: u32,
+    pub max_parallel: u32,
     /// Not before this time (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) start_at: Option<String>,
+    pub start_at: Option<String>,
     /// Devices start only inside this window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) window: Option<MaintenanceWindow>,
+    pub window: Option<MaintenanceWindow>,
     /// A device that does not come back with the new version this long after apply
     /// counts as failed (RainMaker's rollback window).
     #[serde(default = "default_rollback")]
-    pub(crate) rollback_window_secs: u64,
+    pub rollback_window_secs: u64,
     /// How long a device may take to download before it counts as failed.
     #[serde(default = "default_download")]
-    pub(crate) download_timeout_secs: u64,
+    pub download_timeout_secs: u64,
 }
 
 fn default_waves() -> Vec<u8> {
@@ -76,26 +76,26 @@ impl Default for RolloutSpec {
 /// Which devices: all conditions must hold.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub(crate) struct Target {
+pub struct Target {
     /// Only devices of these types (default: every type the manifest has a handler for).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub(crate) device_types: Vec<String>,
+    pub device_types: Vec<String>,
     /// Only members of this device group.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) group: Option<String>,
+    pub group: Option<String>,
     /// Only devices whose properties (manufacturer, model, site, customer, tag, …)
     /// have these values.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub(crate) properties: BTreeMap<String, String>,
+    pub properties: BTreeMap<String, String>,
     /// Only these devices.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub(crate) devices: Vec<String>,
+    pub devices: Vec<String>,
 }
 
 /// When failures stop the rollout: a count or a share of all targeted devices.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub(crate) enum ErrorThreshold {
+pub enum ErrorThreshold {
     /// This many failed devices.
     Count(u32),
     /// This percentage of the targeted devices failed.
@@ -104,10 +104,28 @@ pub(crate) enum ErrorThreshold {
 
 impl ErrorThreshold {
     /// Whether `failed` of `total` crosses it.
-    pub(crate) fn crossed(self, failed: u64, total: u64) -> bool {
+    pub fn crossed(self, failed: u64, total: u64) -> bool {
         match self {
             Self::Count(n) => failed >= u64::from(n.max(1)),
             Self::Percent(p) => total > 0 && failed > 0 && failed * 100 >= u64::from(p) * total,
+        }
+    }
+}
+
+impl FromStr for ErrorThreshold {
+    type Err = String;
+
+    /// `5` (a count of failed devices) or `10%` (a share of the targeted ones).
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.strip_suffix('%') {
+            Some(p) => p
+                .parse()
+                .map(Self::Percent)
+                .map_err(|_| format!("{s:?}: expected a percentage such as 10%")),
+            None => s
+                .parse()
+                .map(Self::Count)
+                .map_err(|_| format!("{s:?}: expected a count (5) or a share (10%)")),
         }
     }
 }
@@ -124,7 +142,7 @@ impl std::fmt::Display for ErrorThreshold {
 /// asvin's rollout priorities.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub(crate) enum RolloutPriority {
+pub enum RolloutPriority {
     /// Paced and windowed.
     #[default]
     Batch,
@@ -136,14 +154,14 @@ pub(crate) enum RolloutPriority {
 /// lasts `durationMinutes`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub(crate) struct MaintenanceWindow {
+pub struct MaintenanceWindow {
     /// `minute hour day-of-month month day-of-week`, e.g. `0 2 * * *`.
-    pub(crate) cron: String,
+    pub cron: String,
     /// How long each window lasts.
-    pub(crate) duration_minutes: u32,
+    pub duration_minutes: u32,
     /// An IANA time zone (`Europe/Berlin`); default UTC.
     #[serde(default = "utc")]
-    pub(crate) timezone: String,
+    pub timezone: String,
 }
 
 fn utc() -> String {
@@ -169,7 +187,7 @@ impl MaintenanceWindow {
     }
 
     /// Whether `now` lies inside a window; `Err` for a window that cannot be read.
-    pub(crate) fn is_open(&self, now: jiff::Timestamp) -> Result<bool, String> {
+    pub fn is_open(&self, now: jiff::Timestamp) -> Result<bool, String> {
         let schedule = self.schedule()?;
         let zone = self.zone()?;
         let length = jiff::SignedDuration::from_mins(i64::from(self.duration_minutes));
@@ -186,7 +204,7 @@ impl MaintenanceWindow {
 
 impl RolloutSpec {
     /// Checks what serde cannot; the error names the field.
-    pub(crate) fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), String> {
         if self.waves.is_empty() || self.waves.last() != Some(&100) {
             return Err(format!(
                 "waves must be ascending cumulative percentages ending at 100, not {:?}",
@@ -232,7 +250,7 @@ impl RolloutSpec {
     }
 
     /// The start time as unix milliseconds, if one is set.
-    pub(crate) fn start_millis(&self) -> Option<i64> {
+    pub fn start_millis(&self) -> Option<i64> {
         self.start_at
             .as_deref()
             .and_then(|s| s.parse::<jiff::Timestamp>().ok())
@@ -241,7 +259,7 @@ impl RolloutSpec {
 
     /// The wave (0-based) of the device at `index` among `total` targeted devices: wave
     /// k holds the devices up to ⌈waves[k] % of total⌉, so a first wave is never empty.
-    pub(crate) fn wave_of(&self, index: usize, total: usize) -> u32 {
+    pub fn wave_of(&self, index: usize, total: usize) -> u32 {
         self.waves
             .iter()
             .position(|pct| (index as u64) < (u64::from(*pct) * total as u64).div_ceil(100))
@@ -251,7 +269,7 @@ impl RolloutSpec {
 
 impl Target {
     /// Whether `device` is targeted (apart from group membership, checked by the caller).
-    pub(crate) fn matches(&self, device: &Device) -> bool {
+    pub fn matches(&self, device: &Device) -> bool {
         (self.device_types.is_empty() || self.device_types.contains(&device.device_type))
             && (self.devices.is_empty() || self.devices.contains(&device.id))
             && self.properties.iter().all(|(key, value)| {
@@ -261,7 +279,7 @@ impl Target {
 }
 
 /// A device property by name: manufacturer, model, or one of its compat properties.
-pub(crate) fn property<'a>(device: &'a Device, key: &str) -> Option<&'a str> {
+pub fn property<'a>(device: &'a Device, key: &str) -> Option<&'a str> {
     match key {
         "manufacturer" => device.manufacturer.as_deref(),
         "model" => device.model.as_deref(),

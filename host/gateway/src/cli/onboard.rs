@@ -9,9 +9,9 @@ use clap::Subcommand;
 use hyper::{Method, StatusCode};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
-use crate::api_client::{GatewayApi, error_message};
+use super::client::{GatewayApi, error_message};
 use crate::config::Config;
-use crate::daemon::running_gateway;
+use crate::state_dir::running_gateway;
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum OnboardCommand {
@@ -51,8 +51,8 @@ pub(crate) enum OnboardCommand {
 #[allow(clippy::print_stdout)]
 pub(crate) async fn run(command: OnboardCommand, config_path: &Path) -> anyhow::Result<bool> {
     if let OnboardCommand::CaInit { dir, name } = &command {
-        let (cert, key) = crate::onboard::authority::create_ca(dir, name)?;
-        println!(
+        let (cert, key) = outpost_onboarding::create_ca(dir, name)?;
+        outln!(
             "Created {} and {} (mode 0600). Configure them with:\n\n[onboarding.claim]\nca_cert = \"{}\"\nca_key = {{ file = \"{}\" }}",
             cert.display(),
             key.display(),
@@ -86,7 +86,7 @@ pub(crate) async fn run(command: OnboardCommand, config_path: &Path) -> anyhow::
             if status != StatusCode::OK {
                 bail!("{} was refused: {}", file.display(), error_message(&json));
             }
-            println!(
+            outln!(
                 "Imported {} devices from {}",
                 json["imported"],
                 file.display()
@@ -106,12 +106,15 @@ pub(crate) async fn run(command: OnboardCommand, config_path: &Path) -> anyhow::
             if status != StatusCode::OK {
                 bail!("{}", error_message(&json));
             }
-            println!(
+            outln!(
                 "{:<24} {:<8} {:<4} {:<20} LAST ERROR",
-                "NAME", "VIA", "SEC", "TYPE"
+                "NAME",
+                "VIA",
+                "SEC",
+                "TYPE"
             );
             for t in json["targets"].as_array().into_iter().flatten() {
-                println!(
+                outln!(
                     "{:<24} {:<8} {:<4} {:<20} {}",
                     t["name"].as_str().unwrap_or("?"),
                     t["transport"].as_str().unwrap_or("?"),
@@ -143,14 +146,14 @@ pub(crate) async fn run(command: OnboardCommand, config_path: &Path) -> anyhow::
             }
             let id = started["id"].as_u64().unwrap_or_default();
             if no_wait {
-                println!("Started onboarding run {id}");
+                outln!("Started onboarding run {id}");
                 return Ok(true);
             }
             let report = follow(&api, id, !json).await?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                outln!("{}", serde_json::to_string_pretty(&report)?);
             } else {
-                print_report(&report);
+                print_report(&report)?;
             }
             Ok(report["failed"].as_u64() == Some(0))
         }
@@ -226,13 +229,13 @@ const STEPS: [&str; 10] = [
 ];
 
 #[allow(clippy::print_stdout)]
-fn print_report(run: &serde_json::Value) {
-    println!();
+fn print_report(run: &serde_json::Value) -> anyhow::Result<()> {
+    outln!();
     for device in run["devices"].as_array().into_iter().flatten() {
         let name = device["name"].as_str().unwrap_or("?");
         match device["error"].as_str() {
-            Some(err) => println!("✗ {name}: {err}"),
-            None => println!(
+            Some(err) => outln!("✗ {name}: {err}"),
+            None => outln!(
                 "✓ {name}: {} in {:.0} ms (crypto {:.1} ms){}",
                 device["outcome"].as_str().unwrap_or("?"),
                 device["elapsed_ms"].as_f64().unwrap_or_default(),
@@ -244,10 +247,11 @@ fn print_report(run: &serde_json::Value) {
             ),
         }
     }
-    println!(
+    outln!(
         "\n{} onboarded, {} failed, {:.1} s",
         run["succeeded"],
         run["failed"],
         run["elapsed_ms"].as_f64().unwrap_or_default() / 1000.0
     );
+    Ok(())
 }

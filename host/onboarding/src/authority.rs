@@ -208,11 +208,16 @@ pub(crate) fn certificate_matches_csr(certificate: &str, csr_pem: &str) -> anyho
     Ok(())
 }
 
-/// Creates a claiming CA (P-256) in `dir`: `claim-ca.pem` and `claim-ca.key` (0600).
-pub(crate) fn create_ca(
+/// Creates a claiming CA (P-256) named `name` in `dir`: `claim-ca.pem` and
+/// `claim-ca.key` (0600). Returns their paths; refuses to overwrite an existing CA.
+pub fn create_ca(
     dir: &Path,
     name: &str,
-) -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf)> {
+) -> Result<(std::path::PathBuf, std::path::PathBuf), crate::OnboardingError> {
+    write_ca(dir, name).map_err(|err| crate::OnboardingError::Settings(format!("{err:#}")))
+}
+
+fn write_ca(dir: &Path, name: &str) -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf)> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;

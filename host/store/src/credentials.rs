@@ -1,0 +1,127 @@
+//! Device credentials: the bearer tokens devices present to the local device API.
+//!
+//! A token is shown once, when it is issued; the store keeps only its SHA-256. Issuing
+//! a new token replaces the old one at once, and [`Store::revoke_device_credential`]
+//! removes it: both also clear the in-memory copy the checks use, so a replaced or
+//! revoked token stops working with the next request, not at the next restart.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use rusqlite::{OptionalExtension, params};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::{Store, StoreError, Timestamp};
+
+/// The prefix of every device token (`opd_` + 64 hex digits).
+pub const DEVICE_TOKEN_PREFIX: &str = "opd_";
+
+/// The hashes of device tokens, by device id, as loaded from the store.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct CredentialCache {
+    known: Arc<RwLock<HashMap<String, [u8; 32]>>>,
+}
+
+impl CredentialCache {
+    fn get(&self, device_id: &str) -> Option<[u8; 32]> {
+        self.known
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(device_id)
+            .copied()
+    }
+
+    fn set(&self, device_id: &str, hash: Option<[u8; 32]>) {
+        let mut known = self
+            .known
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match hash {
+            Some(hash) => known.insert(device_id.to_owned(), hash),
+            None => known.remove(device_id),
+        };
+    }
+}
+
+/// 32 random bytes from the OS as 64 hex digits.
+pub fn random_hex_token() -> Result<String, StoreError> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|err| StoreError::InvalidInput {
+        what: "random token",
+        reason: format!("the OS random number generator failed: {err}"),
+    })?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+impl Store {
+    /// Issues a new token for `device_id` (which must be in the lobby), replacing any
+    /// earlier one. Returns the token; only its hash is kept, so show it once.
+    pub async fn issue_device_credential(&self, device_id: &str) -> Result<String, StoreError> {
+        if !self.has_device(device_id).await? {
+            return Err(StoreError::NotFound {
+                what: "device",
+                id: device_id.to_owned(),
+            });
+        }
+        let token = format!("{DEVICE_TOKEN_PREFIX}{}", random_hex_token()?);
+        let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let id = device_id.to_owned();
+        self.call(move |conn| {
+            conn.execute(
+                "INSERT INTO device_credentials (device_id, token_sha256, created_at) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (device_id) DO UPDATE SET token_sha256 = excluded.token_sha256, \
+                 created_at = excluded.created_at",
+                params![id, hash.to_vec(), Timestamp::now().unix_millis()],
+            )?;
+            Ok(())
+        })
+        .await?;
+        self.credentials.set(device_id, Some(hash));
+        Ok(token)
+    }
+
+    /// Whether `token` is `device_id`'s current credential (compared in constant time).
+    pub async fn check_device_credential(
+        &self,
+        device_id: &str,
+        token: &str,
+    ) -> Result<bool, StoreError> {
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let expected = match self.credentials.get(device_id) {
+            Some(hash) => Some(hash),
+            None => {
+                let id = device_id.to_owned();
+                let loaded = self
+                    .call(move |conn| {
+                        Ok(conn
+                            .query_row(
+                                "SELECT token_sha256 FROM device_credentials WHERE device_id = ?1",
+                                [id],
+                                |row| row.get::<_, Vec<u8>>(0),
+                            )
+                            .optional()?)
+                    })
+                    .await?;
+                let hash = loaded.and_then(|bytes| <[u8; 32]>::try_from(bytes).ok());
+                if hash.is_some() {
+                    self.credentials.set(device_id, hash);
+                }
+                hash
+            }
+        };
+        Ok(expected.is_some_and(|hash| bool::from(hash.ct_eq(&digest))))
+    }
+
+    /// Revokes `device_id`'s credential at once. True when there was one.
+    pub async fn revoke_device_credential(&self, device_id: &str) -> Result<bool, StoreError> {
+        let id = device_id.to_owned();
+        let removed = self
+            .call(move |conn| {
+                Ok(conn.execute("DELETE FROM device_credentials WHERE device_id = ?1", [id])?)
+            })
+            .await?;
+        self.credentials.set(device_id, None);
+        Ok(removed > 0)
+    }
+}

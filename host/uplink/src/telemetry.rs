@@ -1,0 +1,114 @@
+//! Device telemetry into outbox messages: what the local device API hands the uplink.
+//!
+//! A body is one JSON object or an array of 1 to [`MAX_RECORDS`] objects. Each record
+//! becomes its own message with its own id, the record relayed exactly as posted
+//! (validated as JSON, never parsed into a tree and serialised again).
+
+use serde_json::value::RawValue;
+
+use crate::contract::{self, MAX_TELEMETRY_BODY, schema, topics};
+use crate::outbox::{Message, Priority};
+
+/// One request carries at most this many records.
+pub const MAX_RECORDS: usize = 100;
+
+/// Why a telemetry body was refused; nothing of it was queued.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TelemetryError {
+    /// Not a JSON object or an array of objects (the text says where).
+    #[error("{0}")]
+    Malformed(String),
+    /// A record is larger than the contract allows.
+    #[error("{0}")]
+    TooLarge(String),
+}
+
+/// The messages for a telemetry `body` from `device_id` behind `gateway`, received at
+/// `now` (unix milliseconds), in the order posted.
+pub fn messages(
+    gateway: &str,
+    device_id: &str,
+    body: &[u8],
+    now: i64,
+) -> Result<Vec<Message>, TelemetryError> {
+    let malformed = |err: serde_json::Error| {
+        TelemetryError::Malformed(format!(
+            "telemetry must be a JSON object or an array of objects: {err}"
+        ))
+    };
+    let raw: &RawValue = serde_json::from_slice(body).map_err(malformed)?;
+    let records: Vec<&RawValue> = match raw.get().as_bytes().first() {
+        Some(b'{') => vec![raw],
+        Some(b'[') => {
+            let items: Vec<&RawValue> = serde_json::from_str(raw.get()).map_err(malformed)?;
+            if items.is_empty() || items.len() > MAX_RECORDS {
+                return Err(TelemetryError::Malformed(format!(
+                    "an array carries 1 to {MAX_RECORDS} records, not {}",
+                    items.len()
+                )));
+            }
+            items
+        }
+        _ => {
+            return Err(TelemetryError::Malformed(
+                "telemetry must be a JSON object or an array of objects".into(),
+            ));
+        }
+    };
+    let topic = topics::telemetry(gateway, device_id);
+    let mut messages = Vec::with_capacity(records.len());
+    for (index, record) in records.into_iter().enumerate() {
+        if !record.get().starts_with('{') {
+            return Err(TelemetryError::Malformed(format!(
+                "record {index} is not a JSON object"
+            )));
+        }
+        let size = record.get().len();
+        if size > MAX_TELEMETRY_BODY {
+            return Err(TelemetryError::TooLarge(format!(
+                "record {index} is {size} bytes; a record may be at most {MAX_TELEMETRY_BODY}"
+            )));
+        }
+        let id = contract::message_id();
+        let payload = serde_json::to_vec(&contract::Telemetry {
+            schema: schema::TELEMETRY.into(),
+            message_id: id.clone(),
+            device_id: device_id.to_owned(),
+            received_at: now,
+            body: record,
+        })
+        .expect("serialisable");
+        messages.push(Message {
+            message_id: id,
+            topic: topic.clone(),
+            payload,
+            priority: Priority::Telemetry,
+            retain: false,
+            ttl: None,
+        });
+    }
+    Ok(messages)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_record_is_its_own_message_with_the_id_inside() {
+        let messages = messages("gw", "esp-1", br#"[{"t":1}, {"t":2}]"#, 7).unwrap();
+        assert_eq!(messages.len(), 2);
+        for (m, t) in messages.iter().zip([1, 2]) {
+            let json: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+            assert_eq!(json["messageId"], m.message_id.as_str());
+            assert_eq!(json["body"]["t"], t);
+            assert_eq!(json["receivedAt"], 7);
+        }
+        assert_ne!(messages[0].message_id, messages[1].message_id);
+        let too_many = format!("[{}]", vec!["{}"; MAX_RECORDS + 1].join(","));
+        assert!(matches!(
+            super::messages("gw", "d", too_many.as_bytes(), 0),
+            Err(TelemetryError::Malformed(_))
+        ));
+    }
+}
