@@ -152,7 +152,7 @@ async fn start(
         "update handlers loaded"
     );
 
-    let listener = api::bind(config.api.bind, config_path).await?;
+    let listener = bind(config.api.bind, "local API", "api.bind", config_path).await?;
     let addr = listener.local_addr()?;
     // Where `outpost handler install` finds this gateway (its port may be ephemeral).
     let address_file = config.gateway.state_dir.join(API_ADDRESS_FILE);
@@ -209,7 +209,13 @@ async fn start(
         }
     };
 
-    let firmware_listener = bind_firmware(config.cache.bind, config_path).await?;
+    let firmware_listener = bind(
+        config.cache.bind,
+        "firmware server",
+        "cache.bind",
+        config_path,
+    )
+    .await?;
     let firmware_addr = firmware_listener.local_addr()?;
     firmware.resume_pending().await?;
     let device_api_url = match &config.api.public_url {
@@ -343,23 +349,31 @@ pub(crate) async fn open_registry(
     .await?)
 }
 
-/// Binds the firmware server's address, with advice for the usual failures.
-async fn bind_firmware(
+/// Binds a listener for `what` (the config key `key` sets its address), turning the
+/// usual failures into advice.
+async fn bind(
     addr: std::net::SocketAddr,
+    what: &str,
+    key: &str,
     config_path: &Path,
 ) -> anyhow::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr).await.map_err(|err| {
         let config = config_path.display();
         let advice = match err.kind() {
             std::io::ErrorKind::AddrInUse => format!(
-                "the address is already in use; stop the other program or set cache.bind in {config}"
+                "the address is already in use (another outpost, or another program, listens \
+                 there). Stop it, or set {key} in {config} to a free address"
+            ),
+            std::io::ErrorKind::AddrNotAvailable => format!(
+                "{} is not an address of this machine; set {key} in {config}",
+                addr.ip()
             ),
             std::io::ErrorKind::PermissionDenied => format!(
-                "ports below 1024 need privileges; set cache.bind in {config} to a port above 1023"
+                "ports below 1024 need privileges; set {key} in {config} to a port above 1023"
             ),
-            _ => format!("set cache.bind in {config}"),
+            _ => format!("set {key} in {config}"),
         };
-        anyhow::anyhow!("cannot start the firmware server on {addr}: {err}. {advice}")
+        anyhow::anyhow!("cannot start the {what} on {addr}: {err}. {advice}")
     })
 }
 

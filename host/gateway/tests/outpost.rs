@@ -562,6 +562,11 @@ fn stdout_of(output: &Output) -> String {
 /// Vendor side: a key, then the hostile guest packed and signed. Returns the package and
 /// the public key.
 fn vendor_package(site: &Site, version: &str) -> (PathBuf, String) {
+    vendor_package_with(site, version, &[])
+}
+
+/// [`vendor_package`] with more `outpost handler pack` flags.
+fn vendor_package_with(site: &Site, version: &str, pack_flags: &[&str]) -> (PathBuf, String) {
     let key = site.dir.path().join("acme.key");
     let package = site.dir.path().join(format!("hostile-{version}.tar"));
     let keygen = stdout_of(&site.command(&["handler", "keygen", "--out", key.to_str().unwrap()]));
@@ -570,21 +575,28 @@ fn vendor_package(site: &Site, version: &str) -> (PathBuf, String) {
         .find_map(|l| l.strip_prefix("Public key: "))
         .expect("keygen prints the public key")
         .to_owned();
-    stdout_of(&site.command(&[
-        "handler",
-        "pack",
-        outpost_test_guests::HOSTILE,
-        "--name",
-        "hostile",
-        "--version",
-        version,
-        "--vendor",
-        "acme",
-        "--device-type",
-        "hostile-device",
-        "--out",
-        package.to_str().unwrap(),
-    ]));
+    stdout_of(
+        &site.command(
+            &[
+                "handler",
+                "pack",
+                outpost_test_guests::HOSTILE,
+                "--name",
+                "hostile",
+                "--version",
+                version,
+                "--vendor",
+                "acme",
+                "--device-type",
+                "hostile-device",
+                "--out",
+                package.to_str().unwrap(),
+            ]
+            .into_iter()
+            .chain(pack_flags.iter().copied())
+            .collect::<Vec<_>>(),
+        ),
+    );
     stdout_of(&site.command(&[
         "handler",
         "sign",
@@ -593,6 +605,54 @@ fn vendor_package(site: &Site, version: &str) -> (PathBuf, String) {
         key.to_str().unwrap(),
     ]));
     (package, public_key)
+}
+
+#[test]
+fn verify_refuses_a_package_whose_describe_fails_as_install_does() {
+    let site = Site::new("");
+    // Signed and well-formed, but 1 MiB is less than the guest needs to start, so
+    // `describe` cannot run within the limits the package asks for.
+    let (package, public_key) = vendor_package_with(&site, "1.0.0", &["--memory-mib", "1"]);
+    trust_acme(&site, &public_key);
+    let verify = site.command(&["handler", "verify", package.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&verify.stderr);
+    assert!(!verify.status.success(), "verify accepted it: {stderr}");
+    assert!(stderr.contains("cannot run on this gateway"), "{stderr}");
+    assert!(stderr.contains("failed to describe itself"), "{stderr}");
+    let install = site.command(&["handler", "install", package.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&install.stderr);
+    assert!(!install.status.success());
+    assert!(stderr.contains("failed to describe itself"), "{stderr}");
+}
+
+#[test]
+fn commands_end_quietly_when_their_reader_goes_away() {
+    // `outpost … | head -1`: the reader has closed the pipe before the command writes.
+    let site = Site::new("");
+    for args in [
+        &["handler", "list"][..],
+        &["devices", "list"][..],
+        &["config", "check"][..],
+        &["rollout", "--help"][..],
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let output = outpost()
+            .arg("--config")
+            .arg(site.config())
+            .args(args)
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            output.status.success(),
+            "{args:?}: {:?} {stderr}",
+            output.status
+        );
+        assert!(stderr.is_empty(), "{args:?}: {stderr}");
+    }
 }
 
 fn trust_acme(site: &Site, public_key: &str) {
@@ -751,4 +811,43 @@ fn a_malformed_trusted_key_in_the_config_names_its_line() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("outpost.toml:13:14:"), "{stderr}");
     assert!(stderr.contains("64 hex digits"), "{stderr}");
+}
+
+/// The dependency rule of docs/architecture.md, read off every `host/*/Cargo.toml`:
+/// `gateway -> {rollout, onboarding} -> {cache, uplink, runtime, ble} -> {protocomm,
+/// store}`. A crate depends only on crates on a lower floor (dev-dependencies included,
+/// so a test cannot pull the gateway into an engine either).
+#[test]
+fn engine_crates_depend_only_on_lower_floors() {
+    let floor = |name: &str| match name {
+        "outpost-gateway" => Some(4),
+        "outpost-rollout" | "outpost-onboarding" => Some(3),
+        "outpost-cache" | "outpost-uplink" | "outpost-runtime" | "outpost-ble" => Some(2),
+        "outpost-protocomm" | "outpost-store" => Some(1),
+        _ => None,
+    };
+    let host = repo_root().join("host");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&host).unwrap() {
+        let manifest = entry.unwrap().path().join("Cargo.toml");
+        let text = std::fs::read_to_string(&manifest).unwrap();
+        let toml: toml::Table = text.parse().unwrap();
+        let name = toml["package"]["name"].as_str().unwrap().to_owned();
+        let own = floor(&name).unwrap_or_else(|| panic!("{name} has no floor in the rule"));
+        for section in ["dependencies", "dev-dependencies", "build-dependencies"] {
+            let Some(deps) = toml.get(section).and_then(|d| d.as_table()) else {
+                continue;
+            };
+            for dep in deps.keys() {
+                if let Some(theirs) = floor(dep) {
+                    assert!(
+                        theirs < own,
+                        "{name} (floor {own}) must not depend on {dep} (floor {theirs}) in [{section}]"
+                    );
+                }
+            }
+        }
+        seen += 1;
+    }
+    assert_eq!(seen, 9, "every crate under host/ was checked");
 }

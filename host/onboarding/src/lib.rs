@@ -202,6 +202,15 @@ pub struct Run {
     devices: Mutex<Vec<DeviceProgress>>,
 }
 
+impl std::fmt::Debug for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Run")
+            .field("id", &self.id)
+            .field("done", &self.done.load(Ordering::Acquire))
+            .finish_non_exhaustive()
+    }
+}
+
 /// What the API shows of a run.
 #[derive(Debug, Serialize)]
 pub struct RunView {

@@ -38,8 +38,9 @@ pub struct Pending {
     /// The payload as text when it is UTF-8 (as the handlers we know send JSON).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload: Option<String>,
-    /// The payload in base64, always. (Releases before 0.2 sent it as `payload_base64`:
-    /// that name is still read, and still sent beside it, until the next release.)
+    /// The payload in base64, always. (Until this release the gateway sent it as
+    /// `payload_base64`, against its own docs: that name is still read, and still sent
+    /// beside it, for this one release.)
     #[serde(alias = "payload_base64")]
     pub payload_base64: String,
 }

@@ -125,3 +125,89 @@ impl Store {
         Ok(removed > 0)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::{DeviceState, NewDevice, Store, StoreError};
+
+    #[tokio::test]
+    async fn a_replaced_or_revoked_token_stops_working_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("s.db")).await.unwrap();
+        assert!(matches!(
+            store.issue_device_credential("ghost").await,
+            Err(StoreError::NotFound { .. })
+        ));
+        store
+            .upsert_device(NewDevice::new("esp-1", "light", DeviceState::Provisioned))
+            .await
+            .unwrap();
+        let first = store.issue_device_credential("esp-1").await.unwrap();
+        assert!(first.starts_with(super::DEVICE_TOKEN_PREFIX) && first.len() == 68);
+        assert!(
+            store
+                .check_device_credential("esp-1", &first)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !store
+                .check_device_credential("esp-2", &first)
+                .await
+                .unwrap()
+        );
+        assert!(
+            !store
+                .check_device_credential("esp-1", "opd_guess")
+                .await
+                .unwrap()
+        );
+        // Replaced: the old one fails with the very next check (it was cached).
+        let second = store.issue_device_credential("esp-1").await.unwrap();
+        assert!(
+            !store
+                .check_device_credential("esp-1", &first)
+                .await
+                .unwrap()
+        );
+        assert!(
+            store
+                .check_device_credential("esp-1", &second)
+                .await
+                .unwrap()
+        );
+        // Only the hash is kept.
+        let stored: Vec<u8> = store
+            .call(|c| {
+                Ok(c.query_row(
+                    "SELECT token_sha256 FROM device_credentials WHERE device_id = 'esp-1'",
+                    [],
+                    |r| r.get(0),
+                )?)
+            })
+            .await
+            .unwrap();
+        assert_eq!(stored.len(), 32);
+        assert!(!String::from_utf8_lossy(&stored).contains(&second[4..]));
+        // Revoked: gone at once, and a second revoke finds nothing.
+        assert!(store.revoke_device_credential("esp-1").await.unwrap());
+        assert!(
+            !store
+                .check_device_credential("esp-1", &second)
+                .await
+                .unwrap()
+        );
+        assert!(!store.revoke_device_credential("esp-1").await.unwrap());
+        // A fresh handle on the same file (another process) agrees.
+        let third = store.issue_device_credential("esp-1").await.unwrap();
+        store.close().await.unwrap();
+        let reopened = Store::open(dir.path().join("s.db")).await.unwrap();
+        assert!(
+            reopened
+                .check_device_credential("esp-1", &third)
+                .await
+                .unwrap()
+        );
+        reopened.close().await.unwrap();
+    }
+}

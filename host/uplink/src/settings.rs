@@ -16,35 +16,72 @@ pub struct BrokerAddr {
 }
 
 impl BrokerAddr {
-    /// Parses `mqtt://host[:port]` or `mqtts://host[:port]`.
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let (tls, rest) = if let Some(rest) = text.strip_prefix("mqtts://") {
+    /// Parses `mqtt://host[:port]` or `mqtts://host[:port]` (an IPv6 address in
+    /// brackets); the port defaults to 1883 / 8883. Credentials, paths and queries are
+    /// refused: they do not belong in a broker address.
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let bad = |why: &str| format!("invalid broker URL {url:?}: {why}");
+        let (tls, rest) = if let Some(rest) = url.strip_prefix("mqtts://") {
             (true, rest)
-        } else if let Some(rest) = text.strip_prefix("mqtt://") {
+        } else if let Some(rest) = url.strip_prefix("mqtt://") {
             (false, rest)
         } else {
-            return Err(format!(
-                "{text:?} is not a broker URL: use mqtts://host[:port] (TLS) or mqtt://host[:port]"
+            return Err(bad("it must start with mqtt:// or mqtts://"));
+        };
+        let authority = rest.strip_suffix('/').unwrap_or(rest);
+        if authority.contains(['/', '?', '#', '@']) {
+            return Err(bad(
+                "give only host and port; credentials go in username/password",
             ));
-        };
-        let rest = rest.trim_end_matches('/');
-        let (host, port) = match rest.rsplit_once(':') {
-            Some((host, port)) if !host.ends_with(']') || host.starts_with('[') => {
-                let port: u16 = port
-                    .parse()
-                    .map_err(|_| format!("{text:?}: {port:?} is not a port number"))?;
-                (host.trim_start_matches('[').trim_end_matches(']'), port)
-            }
-            _ => (rest, if tls { 8883 } else { 1883 }),
-        };
-        if host.is_empty() || host.contains('/') {
-            return Err(format!("{text:?} has no host name"));
         }
+        let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
+            let (host, after) = bracketed
+                .split_once(']')
+                .ok_or_else(|| bad("unclosed '[' around an IPv6 address"))?;
+            (host, after.strip_prefix(':'))
+        } else {
+            match authority.rsplit_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (authority, None),
+            }
+        };
+        if host.is_empty() {
+            return Err(bad("the host is missing"));
+        }
+        let port = match port {
+            None if tls => 8883,
+            None => 1883,
+            Some(port) => port
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| bad("the port must be a number from 1 to 65535"))?,
+        };
         Ok(Self {
             tls,
             host: host.to_owned(),
             port,
         })
+    }
+}
+
+impl std::str::FromStr for BrokerAddr {
+    type Err = String;
+    fn from_str(url: &str) -> Result<Self, String> {
+        Self::parse(url)
+    }
+}
+
+impl serde::Serialize for BrokerAddr {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for BrokerAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        Self::parse(&text).map_err(serde::de::Error::custom)
     }
 }
 

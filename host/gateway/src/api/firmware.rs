@@ -2,7 +2,7 @@
 //! and the signed update manifests that say what may be downloaded.
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use outpost_cache::{CacheError, Sha256};
@@ -81,7 +81,7 @@ pub(crate) async fn import(
     let limit = state.firmware.config().max_bytes;
     // Written straight into the cache's staging folder and adopted there: no second copy.
     let staged = state.firmware.staging_path().map_err(|e| cache_error(&e))?;
-    if let Err(error) = receive(request.into_body(), &staged, limit).await {
+    if let Err(error) = super::read_body_to_file(request.into_body(), &staged, limit).await {
         let _ = tokio::fs::remove_file(&staged).await;
         return Err(error);
     }
@@ -94,44 +94,6 @@ pub(crate) async fn import(
         StatusCode::CREATED,
         &serde_json::json!({ "blob": blob }),
     ))
-}
-
-/// Streams a request body into `path`, refusing more than `limit` bytes.
-async fn receive(mut body: Incoming, path: &std::path::Path, limit: u64) -> Result<(), ApiError> {
-    use tokio::io::AsyncWriteExt as _;
-    let io = |e: std::io::Error| {
-        let disk_full = e.raw_os_error() == Some(28);
-        let message = format!("storing the upload failed: {e}");
-        if disk_full {
-            ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "disk_full", message)
-        } else {
-            ApiError::internal(message)
-        }
-    };
-    let mut file = tokio::fs::File::create(path).await.map_err(io)?;
-    let mut received = 0u64;
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                format!("reading the upload failed: {e}"),
-            )
-        })?;
-        if let Ok(data) = frame.into_data() {
-            received += data.len() as u64;
-            if received > limit {
-                return Err(ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "payload_too_large",
-                    format!("the upload is larger than the cache's budget of {limit} bytes"),
-                ));
-            }
-            file.write_all(&data).await.map_err(io)?;
-        }
-    }
-    file.flush().await.map_err(io)?;
-    Ok(())
 }
 
 fn parse_sha(name: &str) -> Result<Sha256, ApiError> {

@@ -14,7 +14,6 @@ mod rollouts;
 pub(crate) mod uplink;
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -81,28 +80,6 @@ pub(crate) struct Health {
 pub(crate) struct GatewayInfo {
     pub(crate) id: String,
     pub(crate) name: String,
-}
-
-/// Binds the API address, turning the usual failures into advice.
-pub(crate) async fn bind(addr: SocketAddr, config_path: &Path) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|err| {
-        let config = config_path.display();
-        let advice = match err.kind() {
-            std::io::ErrorKind::AddrInUse => format!(
-                "the address is already in use (another outpost, or another program, listens \
-                 there). Stop it, or set api.bind in {config} to a free address"
-            ),
-            std::io::ErrorKind::AddrNotAvailable => format!(
-                "{} is not an address of this machine; set api.bind in {config}",
-                addr.ip()
-            ),
-            std::io::ErrorKind::PermissionDenied => format!(
-                "ports below 1024 need privileges; set api.bind in {config} to a port above 1023"
-            ),
-            _ => format!("set api.bind in {config}"),
-        };
-        anyhow::anyhow!("cannot start the local API on {addr}: {err}. {advice}")
-    })
 }
 
 /// Serves until `shutdown` is cancelled, then lets open connections finish their current
@@ -235,13 +212,17 @@ async fn route(state: &ApiState, request: Request<Incoming>) -> Response<Full<By
                 }
                 ("/api/v1/uplink", &Method::GET) => Ok(uplink::status(state)),
                 ("/api/v1/uplink", _) => Err(ApiError::method_not_allowed(&method, "GET")),
-                (credential, &Method::POST)
+                (credential, &Method::POST | &Method::DELETE)
                     if credential.starts_with("/api/v1/devices/")
                         && credential.ends_with("/credential") =>
                 {
                     let id = &credential
                         ["/api/v1/devices/".len()..credential.len() - "/credential".len()];
-                    uplink::credential(state, id).await
+                    if method == Method::POST {
+                        uplink::credential(state, id).await
+                    } else {
+                        uplink::revoke_credential(state, id).await
+                    }
                 }
                 ("/api/v1/handlers", &Method::GET) => Ok(handlers::list(state)),
                 ("/api/v1/handlers", &Method::POST) => handlers::install(state, request).await,
@@ -331,6 +312,49 @@ pub(crate) async fn read_body(request: Request<Incoming>, limit: usize) -> Resul
             format!("the request body could not be read: {err}"),
         )),
     }
+}
+
+/// Streams a request body into `path`, refusing more than `limit` bytes.
+pub(crate) async fn read_body_to_file(
+    mut body: Incoming,
+    path: &Path,
+    limit: u64,
+) -> Result<(), ApiError> {
+    use http_body_util::BodyExt as _;
+    use tokio::io::AsyncWriteExt as _;
+    let io = |e: std::io::Error| {
+        let disk_full = e.raw_os_error() == Some(28);
+        let message = format!("storing the upload failed: {e}");
+        if disk_full {
+            ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "disk_full", message)
+        } else {
+            ApiError::internal(message)
+        }
+    };
+    let mut file = tokio::fs::File::create(path).await.map_err(io)?;
+    let mut received = 0u64;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                format!("reading the upload failed: {e}"),
+            )
+        })?;
+        if let Ok(data) = frame.into_data() {
+            received += data.len() as u64;
+            if received > limit {
+                return Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    format!("the upload is larger than the cache's budget of {limit} bytes"),
+                ));
+            }
+            file.write_all(&data).await.map_err(io)?;
+        }
+    }
+    file.flush().await.map_err(io)?;
+    Ok(())
 }
 
 /// A JSON answer that no cache keeps.

@@ -11,10 +11,6 @@ use outpost_onboarding::{OnboardingError, RunRequest};
 /// Largest manifest accepted (a few thousand devices).
 const MAX_MANIFEST: usize = 4 << 20;
 
-fn store_error(err: &outpost_store::StoreError) -> ApiError {
-    ApiError::internal(format!("the state database failed: {err}"))
-}
-
 fn onboarding_error(err: OnboardingError) -> ApiError {
     match err {
         OnboardingError::Manifest(message) => ApiError::new(
@@ -25,7 +21,7 @@ fn onboarding_error(err: OnboardingError) -> ApiError {
         OnboardingError::Refused(message) | OnboardingError::Settings(message) => {
             ApiError::new(StatusCode::CONFLICT, "cannot_onboard", message)
         }
-        OnboardingError::Store(err) => store_error(&err),
+        OnboardingError::Store(err) => ApiError::store(err),
     }
 }
 
@@ -36,7 +32,7 @@ pub(super) async fn targets(state: &ApiState) -> Result<Response<Full<Bytes>>, A
         .store
         .onboarding_targets()
         .await
-        .map_err(|e| store_error(&e))?;
+        .map_err(ApiError::store)?;
     Ok(json_response(
         StatusCode::OK,
         &serde_json::json!({ "targets": targets }),
@@ -99,11 +95,7 @@ pub(super) fn run(state: &ApiState, id: &str) -> Result<Response<Full<Bytes>>, A
 /// `GET /api/v1/claims`: certificates obtained by claiming, and whether the cloud has
 /// been told.
 pub(super) async fn claims(state: &ApiState) -> Result<Response<Full<Bytes>>, ApiError> {
-    let claims = state
-        .store
-        .claims(false)
-        .await
-        .map_err(|e| store_error(&e))?;
+    let claims = state.store.claims(false).await.map_err(ApiError::store)?;
     Ok(json_response(
         StatusCode::OK,
         &serde_json::json!({ "claims": claims }),

@@ -389,3 +389,43 @@ async fn telemetry_is_relayed_as_posted_and_bad_shapes_are_refused() {
     running.shutdown.cancel();
     running.server.await.unwrap();
 }
+
+#[tokio::test]
+async fn a_replaced_device_token_stops_at_once_and_a_revoked_one_too() {
+    let running = start().await;
+    running
+        .store
+        .upsert_device(NewDevice::new("esp-1", "thermostat", DeviceState::Claimed))
+        .await
+        .unwrap();
+    let admin = format!("Bearer {TOKEN}");
+    let path = "/api/v1/devices/esp-1/credential";
+    let issue = || request(running.addr, Method::POST, path, Some(&admin));
+    let send = |token: String| async move {
+        request_with_body(
+            running.addr,
+            Method::POST,
+            "/api/v1/devices/esp-1/telemetry",
+            Some(&format!("Bearer {token}")),
+            b"{\"t\":1}".to_vec(),
+        )
+        .await
+    };
+    let first = issue().await.json["token"].as_str().unwrap().to_owned();
+    assert_eq!(send(first.clone()).await.status, StatusCode::ACCEPTED);
+    let second = issue().await.json["token"].as_str().unwrap().to_owned();
+    assert_error_shape(&send(first).await, StatusCode::UNAUTHORIZED, "unauthorized");
+    assert_eq!(send(second.clone()).await.status, StatusCode::ACCEPTED);
+    let revoked = request(running.addr, Method::DELETE, path, Some(&admin)).await;
+    assert_eq!(revoked.status, StatusCode::OK, "{}", revoked.json);
+    assert_error_shape(
+        &send(second).await,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+    );
+    let again = request(running.addr, Method::DELETE, path, Some(&admin)).await;
+    assert_error_shape(&again, StatusCode::NOT_FOUND, "no_credential");
+    // Only the admin revokes.
+    let anonymous = request(running.addr, Method::DELETE, path, None).await;
+    assert_error_shape(&anonymous, StatusCode::UNAUTHORIZED, "unauthorized");
+}

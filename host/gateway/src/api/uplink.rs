@@ -146,6 +146,31 @@ pub(crate) async fn credential(
     ))
 }
 
+/// `DELETE /api/v1/devices/{id}/credential` (admin): the device token stops working
+/// with the next request. `404 no_credential` when the device has none.
+pub(crate) async fn revoke_credential(
+    state: &ApiState,
+    device_id: &str,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    if state
+        .store
+        .revoke_device_credential(device_id)
+        .await
+        .map_err(ApiError::store)?
+    {
+        Ok(json_response(
+            StatusCode::OK,
+            &serde_json::json!({"deviceId": device_id, "revoked": true}),
+        ))
+    } else {
+        Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no_credential",
+            format!("device {device_id:?} has no credential"),
+        ))
+    }
+}
+
 #[derive(Serialize)]
 struct Status {
     configured: bool,

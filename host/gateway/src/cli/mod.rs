@@ -150,6 +150,12 @@ enum DevicesCommand {
         /// The device id.
         id: String,
     },
+    /// Revoke a device's credential: its token stops working at once. Needs the
+    /// running gateway.
+    Revoke {
+        /// The device id.
+        id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -224,6 +230,16 @@ pub(crate) async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             if !onboard::run(command, &cli.config).await? {
                 return Ok(ExitCode::FAILURE);
             }
+        }
+        Command::Devices(DevicesCommand::Revoke { id }) => {
+            client::call(
+                &cli.config,
+                hyper::Method::DELETE,
+                &format!("/api/v1/devices/{id}/credential"),
+                None,
+            )
+            .await?;
+            outln!("Revoked the device token of {id}.");
         }
         Command::Devices(DevicesCommand::Credential { id }) => {
             let answer = client::call(

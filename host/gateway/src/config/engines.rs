@@ -4,19 +4,10 @@
 use std::time::Duration;
 
 use outpost_uplink::{
-    BrokerAddr, Credentials, Endpoint, OutboxLimits, RegistrationSettings, TlsSettings,
-    UplinkSettings,
+    Credentials, Endpoint, OutboxLimits, RegistrationSettings, TlsSettings, UplinkSettings,
 };
 
-use crate::config::{BrokerUrl, Config, UplinkSection};
-
-fn broker(url: &BrokerUrl) -> BrokerAddr {
-    BrokerAddr {
-        tls: url.tls,
-        host: url.host.clone(),
-        port: url.port,
-    }
-}
+use crate::config::{Config, UplinkSection};
 
 /// The outbox bounds from `[outbox]`.
 pub(crate) fn outbox_limits(config: &Config) -> OutboxLimits {
@@ -32,7 +23,7 @@ pub(crate) fn settings(config: &Config, uplink: &UplinkSection) -> UplinkSetting
     let gateway = config.gateway.id.as_str().to_owned();
     let endpoint = match (&uplink.registration, &uplink.broker) {
         (Some(registration), _) => Endpoint::Registration(RegistrationSettings {
-            broker: broker(&registration.broker),
+            broker: registration.broker.clone(),
             credentials: Credentials {
                 username: registration.username.clone(),
                 password: registration
@@ -48,7 +39,7 @@ pub(crate) fn settings(config: &Config, uplink: &UplinkSection) -> UplinkSetting
             key: registration.key.expose().to_owned(),
         }),
         (None, Some(url)) => Endpoint::Fixed {
-            broker: broker(url),
+            broker: url.clone(),
             credentials: Credentials {
                 username: uplink.username.clone(),
                 password: uplink.password.as_ref().map(|p| p.expose().to_owned()),

@@ -10,12 +10,12 @@ mod secret;
 
 pub(crate) use engines::{outbox_limits, settings as uplink_settings};
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroU64};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
+use outpost_uplink::BrokerAddr;
 use serde::{Deserialize, Deserializer, Serialize};
 
 pub(crate) use secret::Secret;
@@ -117,7 +117,7 @@ pub(crate) struct BleSection {
 pub(crate) struct UplinkSection {
     /// A fixed broker; absent when `[uplink.registration]` assigns one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) broker: Option<BrokerUrl>,
+    pub(crate) broker: Option<BrokerAddr>,
     /// A CA bundle (PEM) to trust for `mqtts` instead of the system store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) ca_file: Option<PathBuf>,
@@ -155,7 +155,7 @@ pub(crate) struct UplinkSection {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RegistrationSection {
     /// The broker the registration service listens on.
-    pub(crate) broker: BrokerUrl,
+    pub(crate) broker: BrokerAddr,
     /// The id scope of the enrollment.
     pub(crate) scope: String,
     /// The registration id; absent: the gateway id.
@@ -598,94 +598,6 @@ impl<'de> Deserialize<'de> for LogLevel {
                 serde::de::Error::custom(format!("invalid log level {level:?}: {err}"))
             })?;
         Ok(Self(level))
-    }
-}
-
-/// `mqtt://host:port` or `mqtts://host:port` (TLS). The port defaults to 1883 / 8883.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(into = "String")]
-pub(crate) struct BrokerUrl {
-    pub(crate) tls: bool,
-    pub(crate) host: String,
-    pub(crate) port: u16,
-}
-
-impl From<BrokerUrl> for String {
-    fn from(url: BrokerUrl) -> Self {
-        url.to_string()
-    }
-}
-
-impl fmt::Display for BrokerUrl {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let scheme = if self.tls { "mqtts" } else { "mqtt" };
-        if self.host.contains(':') {
-            write!(f, "{scheme}://[{}]:{}", self.host, self.port)
-        } else {
-            write!(f, "{scheme}://{}:{}", self.host, self.port)
-        }
-    }
-}
-
-impl std::str::FromStr for BrokerUrl {
-    type Err = String;
-
-    fn from_str(url: &str) -> Result<Self, String> {
-        let bad = |why: &str| format!("invalid broker URL {url:?}: {why}");
-        let (tls, rest) = if let Some(rest) = url.strip_prefix("mqtts://") {
-            (true, rest)
-        } else if let Some(rest) = url.strip_prefix("mqtt://") {
-            (false, rest)
-        } else {
-            return Err(bad("it must start with mqtt:// or mqtts://"));
-        };
-        let authority = rest.strip_suffix('/').unwrap_or(rest);
-        if authority.contains(['/', '?', '#', '@']) {
-            return Err(bad(
-                "give only host and port; credentials go in username/password",
-            ));
-        }
-        let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
-            let (host, after) = bracketed
-                .split_once(']')
-                .ok_or_else(|| bad("unclosed '[' around an IPv6 address"))?;
-            (host, after.strip_prefix(':'))
-        } else {
-            match authority.rsplit_once(':') {
-                Some((host, port)) => (host, Some(port)),
-                None => (authority, None),
-            }
-        };
-        if host.is_empty() {
-            return Err(bad("the host is missing"));
-        }
-        let port = match port {
-            None => {
-                if tls {
-                    8883
-                } else {
-                    1883
-                }
-            }
-            Some(port) => port
-                .parse::<u16>()
-                .ok()
-                .filter(|p| *p != 0)
-                .ok_or_else(|| bad("the port must be a number from 1 to 65535"))?,
-        };
-        Ok(Self {
-            tls,
-            host: host.to_owned(),
-            port,
-        })
-    }
-}
-
-impl<'de> Deserialize<'de> for BrokerUrl {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        String::deserialize(deserializer)?
-            .parse()
-            .map_err(serde::de::Error::custom)
     }
 }
 

@@ -144,17 +144,6 @@ fn invalid_values_are_located() {
 }
 
 #[test]
-fn broker_urls_take_default_ports_and_ipv6() {
-    let url = |s: &str| s.parse::<super::BrokerUrl>().unwrap();
-    assert_eq!(url("mqtts://broker.example").port, 8883);
-    assert_eq!(url("mqtt://broker.example").port, 1883);
-    let v6 = url("mqtts://[::1]:18883");
-    assert_eq!((v6.host.as_str(), v6.port, v6.tls), ("::1", 18883, true));
-    assert_eq!(v6.to_string(), "mqtts://[::1]:18883");
-    assert!("mqtt://user:pw@host".parse::<super::BrokerUrl>().is_err());
-}
-
-#[test]
 fn secret_from_a_relative_file_is_resolved_and_never_shown() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
