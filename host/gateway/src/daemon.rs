@@ -233,6 +233,16 @@ async fn start(
     );
     // The key that signs firmware download links for devices.
     let key_file = config.gateway.state_dir.join("url.key");
+    // Onboarding runs in flight stop with the gateway.
+    let stopping = Arc::clone(&onboarder);
+    let onboarding_shutdown = shutdown.clone();
+    tasks.spawn(
+        async move {
+            onboarding_shutdown.cancelled().await;
+            stopping.shutdown().await;
+        }
+        .instrument(tracing::info_span!("task", name = "onboarding")),
+    );
     let links = outpost_cache::links::LinkSigner::load_or_create(&key_file)
         .with_context(|| format!("the download-link key {}", key_file.display()))?;
     let rollouts = outpost_rollout::Rollouts::new(

@@ -27,6 +27,8 @@ use outpost_protocomm::{ClientCredentials, SecurityVersion};
 use outpost_store::{DeviceState, NewDevice, OnboardingTarget, Store, Transport};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 pub use authority::create_ca;
@@ -145,6 +147,9 @@ pub struct Onboarder {
     central: tokio::sync::Mutex<Option<Central>>,
     runs: Mutex<Vec<Arc<Run>>>,
     next_run: AtomicU64,
+    /// The runs in flight, and what stops them at shutdown.
+    tasks: TaskTracker,
+    stop: CancellationToken,
 }
 
 impl std::fmt::Debug for Onboarder {
@@ -313,6 +318,8 @@ impl Onboarder {
             central: tokio::sync::Mutex::new(None),
             runs: Mutex::new(Vec::new()),
             next_run: AtomicU64::new(1),
+            tasks: TaskTracker::new(),
+            stop: CancellationToken::new(),
         })
     }
 
@@ -363,6 +370,11 @@ impl Onboarder {
 
     /// Starts a run; returns at once with its id.
     pub async fn start(self: &Arc<Self>, request: RunRequest) -> Result<Arc<Run>, OnboardingError> {
+        if self.stop.is_cancelled() {
+            return Err(OnboardingError::Refused(
+                "the gateway is shutting down".into(),
+            ));
+        }
         if self.settings.networks.is_empty() {
             return Err(OnboardingError::Refused(
                 "no site Wi-Fi is configured: add an [[onboarding.wifi]] network \
@@ -442,11 +454,27 @@ impl Onboarder {
         }
         let this = self.clone();
         let task_run = run.clone();
-        tokio::spawn(
-            async move { this.execute(task_run, targets).await }
-                .instrument(tracing::info_span!("onboarding_run", run = run.id)),
+        let stop = self.stop.clone();
+        self.tasks.spawn(
+            async move {
+                tokio::select! {
+                    () = this.execute(task_run, targets) => {}
+                    () = stop.cancelled() => tracing::warn!(
+                        "onboarding run stopped by the shutdown; start it again to finish"
+                    ),
+                }
+            }
+            .instrument(tracing::info_span!("onboarding_run", run = run.id)),
         );
         Ok(run)
+    }
+
+    /// Stops the runs in flight (their device sessions are dropped; the devices can be
+    /// onboarded again) and waits for them. Later runs are refused.
+    pub async fn shutdown(&self) {
+        self.stop.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
     }
 
     async fn central(&self) -> anyhow::Result<Central> {
