@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use base64::Engine as _;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::{Method, Request, StatusCode};
@@ -55,13 +56,15 @@ pub(crate) struct Credential {
     pub(crate) token: String,
 }
 
+/// A command as docs/rollouts.md specifies it: `{id, command, payload?, payloadBase64}`.
+/// The agent reads the payload from `payloadBase64`, which is always there (`payload`
+/// only when the bytes are UTF-8).
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Pending {
     id: u64,
     command: String,
-    #[serde(default)]
-    payload: Option<String>,
+    payload_base64: String,
 }
 
 #[derive(Deserialize)]
@@ -154,7 +157,10 @@ impl Agent {
                 json!({"ok": false, "error": "battery too low for an update"})
             }
             "ota-begin" => {
-                let begin: Begin = serde_json::from_str(pending.payload.as_deref().unwrap_or(""))
+                let payload = base64::engine::general_purpose::STANDARD
+                    .decode(&pending.payload_base64)
+                    .context("ota-begin with a payloadBase64 that is not base64")?;
+                let begin: Begin = serde_json::from_slice(&payload)
                     .context("ota-begin without a valid payload")?;
                 let agent = Arc::clone(&self);
                 let task = tokio::spawn(async move { agent.download(begin).await });

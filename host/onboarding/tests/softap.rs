@@ -270,3 +270,45 @@ async fn settings_that_cannot_work_are_refused_before_a_run() {
     assert!(err.to_string().contains("[[onboarding.wifi]]"), "{err}");
     store.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_stops_a_run_in_flight_and_refuses_new_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path().join("outpost.db")).await.unwrap();
+    // A "device" that accepts the connection and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = silent.local_addr().unwrap();
+    let (accepted_tx, accepted) = tokio::sync::oneshot::channel();
+    let holder = tokio::spawn(async move {
+        let (connection, _) = silent.accept().await.unwrap();
+        let _ = accepted_tx.send(());
+        // Held open, unanswered, until the test ends.
+        std::future::pending::<()>().await;
+        drop(connection);
+    });
+    let mut quiet = settings(None);
+    quiet.timeouts.request = Duration::from_secs(600);
+    let onboarder =
+        Arc::new(Onboarder::new(quiet, store.clone(), None, "http://127.0.0.1:9".into()).unwrap());
+    let manifest = serde_json::json!({"devices": [{
+        "name": "PROV_silent", "transport": "softap", "address": address.to_string(),
+        "security": 0, "device_type": "light",
+    }]});
+    onboarder
+        .import(manifest.to_string().as_bytes())
+        .await
+        .unwrap();
+    let run = onboarder.start(RunRequest::default()).await.unwrap();
+    tokio::time::timeout(DEADLINE, accepted)
+        .await
+        .expect("the run reached the device")
+        .unwrap();
+    assert!(!run.view().done);
+    tokio::time::timeout(Duration::from_secs(10), onboarder.shutdown())
+        .await
+        .expect("the shutdown did not wait for a 600 s request");
+    let refused = onboarder.start(RunRequest::default()).await.unwrap_err();
+    assert!(refused.to_string().contains("shutting down"), "{refused}");
+    holder.abort();
+    store.close().await.unwrap();
+}
