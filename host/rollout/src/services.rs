@@ -318,6 +318,35 @@ impl StateStore for StoreState {
 mod tests {
     use super::*;
 
+    /// Device `esp-1` polls; once it is present, a handler sends it `command`. Returns
+    /// what the poll got and the handler's request, still waiting for the reply.
+    async fn poll_and_request(
+        mailbox: &Arc<Mailbox>,
+        command: &'static str,
+        payload: &'static [u8],
+    ) -> (
+        Pending,
+        tokio::task::JoinHandle<Result<Vec<u8>, ChannelError>>,
+    ) {
+        let poller = {
+            let mailbox = Arc::clone(mailbox);
+            tokio::spawn(async move { mailbox.next("esp-1", Duration::from_secs(30)).await })
+        };
+        while !mailbox.present("esp-1") {
+            tokio::task::yield_now().await;
+        }
+        let request = {
+            let mailbox = Arc::clone(mailbox);
+            tokio::spawn(async move {
+                mailbox
+                    .request("esp-1", command, payload, Duration::from_secs(30))
+                    .await
+            })
+        };
+        let pending = poller.await.unwrap().expect("the poll gets the command");
+        (pending, request)
+    }
+
     #[tokio::test]
     async fn a_command_reaches_a_polling_device_and_its_reply_comes_back() {
         let mailbox = Mailbox::new("http://127.0.0.1:8070".into(), LinkSigner::new([7; 32]));
@@ -328,22 +357,7 @@ mod tests {
                 .await,
             Err(ChannelError::Disconnected)
         );
-        let poller = {
-            let mailbox = Arc::clone(&mailbox);
-            tokio::spawn(async move { mailbox.next("esp-1", Duration::from_secs(30)).await })
-        };
-        while !mailbox.present("esp-1") {
-            tokio::task::yield_now().await;
-        }
-        let request = {
-            let mailbox = Arc::clone(&mailbox);
-            tokio::spawn(async move {
-                mailbox
-                    .request("esp-1", "ota-apply", b"1.1", Duration::from_secs(30))
-                    .await
-            })
-        };
-        let pending = poller.await.unwrap().expect("the poll gets the command");
+        let (pending, request) = poll_and_request(&mailbox, "ota-apply", b"1.1").await;
         assert_eq!(pending.command, "ota-apply");
         assert_eq!(pending.payload.as_deref(), Some("1.1"));
         assert!(
@@ -359,27 +373,7 @@ mod tests {
     #[tokio::test]
     async fn a_command_goes_out_in_the_documented_wire_form() {
         let mailbox = Mailbox::new("http://gw".into(), LinkSigner::new([2; 32]));
-        let poller = {
-            let mailbox = Arc::clone(&mailbox);
-            tokio::spawn(async move { mailbox.next("esp-1", Duration::from_secs(30)).await })
-        };
-        while !mailbox.present("esp-1") {
-            tokio::task::yield_now().await;
-        }
-        let request = {
-            let mailbox = Arc::clone(&mailbox);
-            tokio::spawn(async move {
-                mailbox
-                    .request(
-                        "esp-1",
-                        "ota-write",
-                        &[0, 0xff, 0x10],
-                        Duration::from_secs(30),
-                    )
-                    .await
-            })
-        };
-        let pending = poller.await.unwrap().expect("the poll gets the command");
+        let (pending, request) = poll_and_request(&mailbox, "ota-write", &[0, 0xff, 0x10]).await;
         let wire = pending.to_wire();
         // docs/rollouts.md and docs/local-api.md: {id, command, payload?, payloadBase64}.
         assert_eq!(wire["id"], pending.id);
