@@ -295,5 +295,24 @@ mod tests {
         for bad in ["http://h", "mqtt://", "mqtt://h:70000", "mqtt://h:x"] {
             assert!(BrokerAddr::parse(bad).is_err(), "{bad}");
         }
+        // The config's rules (this is the one parser): no credentials, paths or port 0,
+        // and each refusal says why.
+        for (bad, says) in [
+            ("mqtt://user:pw@host", "credentials go in username/password"),
+            ("mqtt://host/path", "give only host and port"),
+            ("http://host", "must start with mqtt:// or mqtts://"),
+            ("mqtt://host:0", "from 1 to 65535"),
+            ("mqtt://[::1", "unclosed"),
+            ("mqtt://:1883", "the host is missing"),
+        ] {
+            let err = BrokerAddr::parse(bad).unwrap_err();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+        // Read from and written to the config as the URL text.
+        let parsed: BrokerAddr = serde_json::from_str("\"mqtts://[::1]:18883/\"").unwrap();
+        assert_eq!(
+            serde_json::to_string(&parsed).unwrap(),
+            "\"mqtts://[::1]:18883\""
+        );
     }
 }
