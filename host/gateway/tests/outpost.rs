@@ -22,17 +22,12 @@ mod rollouts;
 #[path = "outpost/uplink.rs"]
 mod uplink;
 
-/// Generous: a cold debug binary on a loaded 2-core CI machine.
-const DEADLINE: Duration = Duration::from_secs(60);
+use outpost_test_support::{DEADLINE, repo_root};
 
 fn outpost() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_outpost"));
     command.env_remove("RUST_LOG").stdin(Stdio::null());
     command
-}
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
 /// A temp directory holding `outpost.toml` with its state in `state/`.

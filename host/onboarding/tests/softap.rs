@@ -1,106 +1,17 @@
 //! Onboarding at library level, over real parts: the `esp-sim` fleet simulator (the
-//! protocomm device role, `cargo build -p esp-sim`; `cargo xtask test` builds it) serving
-//! SoftAP HTTP on loopback, SQLite, and a claiming CA made by [`create_ca`]. No gateway
-//! process: the run is driven through [`Onboarder`] directly.
+//! protocomm device role, run by `outpost-test-support`; `cargo xtask test` builds it)
+//! serving SoftAP HTTP on loopback, SQLite, and a claiming CA made by [`create_ca`]. No
+//! gateway process: the run is driven through [`Onboarder`] directly.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::mpsc::{self, Receiver};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use outpost_onboarding::{
     ClaimCaSettings, Onboarder, OnboardingError, OnboardingSettings, RunRequest, RunView,
     WifiNetwork, create_ca,
 };
 use outpost_store::{DeviceState, Store, Transport};
-
-const DEADLINE: Duration = Duration::from_secs(60);
-
-/// The simulator binary beside this test's own target directory.
-fn esp_sim() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let path = exe.parent().and_then(Path::parent).unwrap().join("esp-sim");
-    assert!(
-        path.exists(),
-        "{} is missing: build it with `cargo build -p esp-sim` (cargo xtask test does)",
-        path.display()
-    );
-    path
-}
-
-/// A running simulator; its JSON events arrive on `events`. Killed on drop.
-struct Sim {
-    child: Child,
-    events: Receiver<serde_json::Value>,
-    seen: Vec<serde_json::Value>,
-}
-
-impl Sim {
-    fn start(args: &[&str], manifest: &Path) -> Self {
-        let mut child = Command::new(esp_sim())
-            .args(args)
-            .arg("--manifest")
-            .arg(manifest)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
-        let (tx, events) = mpsc::channel();
-        let stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Ok(json) = serde_json::from_str(&line)
-                    && tx.send(json).is_err()
-                {
-                    break;
-                }
-            }
-        });
-        let mut sim = Self {
-            child,
-            events,
-            seen: Vec::new(),
-        };
-        sim.wait_for("ready", |_| true);
-        sim
-    }
-
-    /// Waits for an event (one seen earlier counts).
-    fn wait_for(&mut self, event: &str, pred: impl Fn(&serde_json::Value) -> bool) {
-        if self.seen.iter().any(|e| e["event"] == event && pred(e)) {
-            return;
-        }
-        let end = Instant::now() + DEADLINE;
-        loop {
-            match self
-                .events
-                .recv_timeout(end.saturating_duration_since(Instant::now()))
-            {
-                Ok(json) => {
-                    let found = json["event"] == event && pred(&json);
-                    self.seen.push(json);
-                    if found {
-                        return;
-                    }
-                }
-                Err(_) => panic!(
-                    "esp-sim: no {event} event within {DEADLINE:?}: {:?}",
-                    self.seen
-                ),
-            }
-        }
-    }
-}
-
-impl Drop for Sim {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use outpost_test_support::{DEADLINE, Sim};
 
 fn settings(ca: Option<ClaimCaSettings>) -> OnboardingSettings {
     OnboardingSettings {

@@ -1,0 +1,178 @@
+//! What the crates' tests share: the `esp-sim` fleet simulator (the protocomm device
+//! role; `cargo build -p esp-sim`, which `cargo xtask test` runs first) as a child
+//! process whose JSON events the test waits for. With `--emulate` it brings up BlueZoo on
+//! a private D-Bus; BlueZoo comes from the venv `cargo xtask test` makes (or
+//! `OUTPOST_BLUEZOO`). A missing part fails the test; it never skips.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::time::{Duration, Instant};
+
+/// How long a test waits for an event: generous, for a cold debug binary on a loaded
+/// 2-core machine.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// The repository's root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The `esp-sim` binary in the target directory of the running test.
+pub fn esp_sim_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test's own path");
+    // target/<profile>/deps/<test> -> target/<profile>/esp-sim
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("a test binary lives in target/<profile>/deps")
+        .join("esp-sim");
+    assert!(
+        path.exists(),
+        "{} is missing: build it with `cargo build -p esp-sim` (cargo xtask test does)",
+        path.display()
+    );
+    path
+}
+
+/// BlueZoo, the BlueZ emulation `esp-sim --emulate` runs.
+pub fn bluezoo() -> PathBuf {
+    let path = std::env::var_os("OUTPOST_BLUEZOO")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/tools/bluezoo/bin/bluezoo"));
+    assert!(
+        path.exists(),
+        "BlueZoo is missing at {}: `cargo xtask test` installs it (python3 -m venv \
+         target/tools/bluezoo && target/tools/bluezoo/bin/pip install bluezoo==1.0.2)",
+        path.display()
+    );
+    path
+}
+
+/// A running simulator and the events it printed. Stopped (SIGTERM, so the emulation
+/// takes BlueZoo and its bus down) when dropped.
+pub struct Sim {
+    child: Child,
+    events: Receiver<serde_json::Value>,
+    seen: Vec<serde_json::Value>,
+    /// The private system bus of `--emulate`, for `DBUS_SYSTEM_BUS_ADDRESS`.
+    pub bus: Option<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl std::fmt::Debug for Sim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sim")
+            .field("pid", &self.child.id())
+            .field("bus", &self.bus)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Sim {
+    /// Starts `esp-sim` with `args`, writing its device manifest to `manifest`, and
+    /// waits for its `ready` event.
+    pub fn start(args: &[&str], manifest: &Path) -> Self {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let mut command = Command::new(esp_sim_binary());
+        command
+            .args(args)
+            .arg("--manifest")
+            .arg(manifest)
+            .arg("--work-dir")
+            .arg(dir.path().join("bus"));
+        // Only the BLE emulation needs BlueZoo.
+        if args.contains(&"--emulate") {
+            command.env("OUTPOST_BLUEZOO", bluezoo());
+        }
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("esp-sim starts");
+        let (tx, events) = mpsc::channel();
+        let stdout = child.stdout.take().expect("piped");
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(json) = serde_json::from_str(&line)
+                    && tx.send(json).is_err()
+                {
+                    break;
+                }
+            }
+        });
+        let mut sim = Self {
+            child,
+            events,
+            seen: Vec::new(),
+            bus: None,
+            _dir: dir,
+        };
+        sim.wait_for("ready", |_| true);
+        sim.bus = sim
+            .seen
+            .iter()
+            .find(|e| e["event"] == "bus")
+            .and_then(|e| e["dbus_system_bus_address"].as_str())
+            .map(str::to_owned);
+        sim
+    }
+
+    /// Waits for an event `event` that `pred` accepts (one seen earlier counts);
+    /// panics with what was seen after [`DEADLINE`].
+    pub fn wait_for(
+        &mut self,
+        event: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        if let Some(found) = self.seen.iter().find(|e| e["event"] == event && pred(e)) {
+            return found.clone();
+        }
+        let end = Instant::now() + DEADLINE;
+        loop {
+            match self
+                .events
+                .recv_timeout(end.saturating_duration_since(Instant::now()))
+            {
+                Ok(json) => {
+                    self.seen.push(json.clone());
+                    if json["event"] == event && pred(&json) {
+                        return json;
+                    }
+                }
+                Err(_) => panic!("esp-sim: no {event} event; saw {:?}", self.seen),
+            }
+        }
+    }
+
+    /// Everything printed so far.
+    pub fn drain(&mut self) -> &[serde_json::Value] {
+        while let Ok(json) = self.events.try_recv() {
+            self.seen.push(json);
+        }
+        &self.seen
+    }
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        if let Ok(pid) = libc::pid_t::try_from(self.child.id()) {
+            #[allow(unsafe_code)]
+            // SAFETY: kill(2) on a child we spawned and have not reaped.
+            unsafe {
+                libc::kill(pid, libc::SIGTERM);
+            }
+        }
+        let end = Instant::now() + DEADLINE;
+        while Instant::now() < end {
+            if self.child.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
