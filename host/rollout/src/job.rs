@@ -475,17 +475,17 @@ impl Job {
                 Some(result.clone()),
                 status,
             );
-            let message_id = contract::message_id();
-            let body = contract::DeploymentResult {
-                schema: schema::RESULT.into(),
-                message_id: message_id.clone(),
-                deployment_id: self.rollout.clone(),
-                device_id: self.device.clone(),
-                agent,
-                at: now,
-            };
             let topic = topics::result(&self.rollouts.inner.gateway, &self.rollout, &self.device);
-            self.rollouts.enqueue(message_id, topic, &body, false).await;
+            self.rollouts
+                .enqueue(topic, false, |message_id| contract::DeploymentResult {
+                    schema: schema::RESULT.into(),
+                    message_id,
+                    deployment_id: self.rollout.clone(),
+                    device_id: self.device.clone(),
+                    agent,
+                    at: now,
+                })
+                .await;
         }
         result
     }
@@ -535,16 +535,16 @@ impl Job {
         if state == IN_PROGRESS {
             agent.installed_update_id = None;
         }
-        let message_id = contract::message_id();
-        let body = contract::DeviceReported {
-            schema: schema::DEVICE_REPORTED.into(),
-            message_id: message_id.clone(),
-            device_id: self.device.clone(),
-            agent,
-            desired_version: 0,
-            at: now_millis(),
-        };
         let topic = topics::device_reported(&self.rollouts.inner.gateway, &self.device);
-        self.rollouts.enqueue(message_id, topic, &body, true).await;
+        self.rollouts
+            .enqueue(topic, true, |message_id| contract::DeviceReported {
+                schema: schema::DEVICE_REPORTED.into(),
+                message_id,
+                device_id: self.device.clone(),
+                agent,
+                desired_version: 0,
+                at: now_millis(),
+            })
+            .await;
     }
 }

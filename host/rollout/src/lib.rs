@@ -960,66 +960,60 @@ impl Rollouts {
         let Ok(view) = self.view(id, false).await else {
             return;
         };
-        let message_id = contract::message_id();
-        let status = contract::RolloutStatus {
-            schema: schema::ROLLOUT.into(),
-            message_id: message_id.clone(),
-            deployment_id: view.id.clone(),
-            update_id: view.update_id.clone(),
-            state: view.state.to_string(),
-            reason: view.reason.clone(),
-            wave: view.wave,
-            waves: view.waves,
-            counts: view.counts.clone(),
-            at: now_millis(),
-        };
         self.enqueue(
-            message_id,
             topics::rollout(&self.inner.gateway, id),
-            &status,
             true,
+            |message_id| contract::RolloutStatus {
+                schema: schema::ROLLOUT.into(),
+                message_id,
+                deployment_id: view.id,
+                update_id: view.update_id,
+                state: view.state.to_string(),
+                reason: view.reason,
+                wave: view.wave,
+                waves: view.waves,
+                counts: view.counts,
+                at: now_millis(),
+            },
         )
         .await;
     }
 
     async fn publish_refusal(&self, id: &str, reason: &str) {
-        let message_id = contract::message_id();
-        let status = contract::RolloutStatus {
-            schema: schema::ROLLOUT.into(),
-            message_id: message_id.clone(),
-            deployment_id: id.to_owned(),
-            update_id: String::new(),
-            state: RolloutState::Refused.to_string(),
-            reason: Some(reason.to_owned()),
-            wave: 0,
-            waves: 0,
-            counts: BTreeMap::new(),
-            at: now_millis(),
-        };
         self.enqueue(
-            message_id,
             topics::rollout(&self.inner.gateway, id),
-            &status,
             true,
+            |message_id| contract::RolloutStatus {
+                schema: schema::ROLLOUT.into(),
+                message_id,
+                deployment_id: id.to_owned(),
+                update_id: String::new(),
+                state: RolloutState::Refused.to_string(),
+                reason: Some(reason.to_owned()),
+                wave: 0,
+                waves: 0,
+                counts: BTreeMap::new(),
+                at: now_millis(),
+            },
         )
         .await;
     }
 
     /// Queues a State-class message; a full outbox is logged (State has its reserve).
-    ///
-    /// `message_id` is the id inside `body`: the outbox and the cloud dedupe on the same
-    /// one.
-    async fn enqueue(
+    /// `body` is built with the message's id, so the payload's `messageId` and the id
+    /// the outbox (and the cloud) dedupes on are one.
+    async fn enqueue<B: Serialize>(
         &self,
-        message_id: String,
         topic: String,
-        body: &impl Serialize,
         retain: bool,
+        body: impl FnOnce(String) -> B,
     ) {
+        let message_id = contract::message_id();
+        let payload = serde_json::to_vec(&body(message_id.clone())).expect("serialisable");
         let message = Message {
             message_id,
             topic,
-            payload: serde_json::to_vec(body).expect("serialisable"),
+            payload,
             priority: Priority::State,
             retain,
             ttl: None,

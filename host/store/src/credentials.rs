@@ -47,10 +47,7 @@ impl CredentialCache {
 /// 32 random bytes from the OS as 64 hex digits.
 pub fn random_hex_token() -> Result<String, StoreError> {
     let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes).map_err(|err| StoreError::InvalidInput {
-        what: "random token",
-        reason: format!("the OS random number generator failed: {err}"),
-    })?;
+    getrandom::fill(&mut bytes).map_err(|err| StoreError::Entropy(err.to_string()))?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 

@@ -102,6 +102,10 @@ pub enum StoreError {
     #[error("a state database call panicked: {0}")]
     Panicked(String),
 
+    /// The OS random number generator failed (no token could be made).
+    #[error("the OS random number generator failed: {0}")]
+    Entropy(String),
+
     /// One failure reported to every caller that shared the transaction (a group
     /// commit): the cause itself, shared.
     #[error(transparent)]

@@ -1,8 +1,10 @@
-//! The admin bearer token that guards `/api/v1`: checking a request's header.
+//! Bearer tokens: the admin token that guards `/api/v1`, and the device tokens of the
+//! device endpoints.
 
 use hyper::header::HeaderValue;
 use subtle::ConstantTimeEq;
 
+use super::ApiState;
 use super::error::ApiError;
 use crate::state_dir::AdminToken;
 
@@ -31,6 +33,38 @@ impl AdminToken {
         } else {
             Err(ApiError::unauthorized("invalid admin token"))
         }
+    }
+}
+
+/// Checks the bearer token in `header` against `device_id`'s credential (the store
+/// keeps the hashes; a replaced or revoked token stops working at once).
+pub(crate) async fn check_device_token(
+    state: &ApiState,
+    device_id: &str,
+    header: Option<&HeaderValue>,
+) -> Result<(), ApiError> {
+    let presented = header
+        .and_then(|h| h.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim())
+        .ok_or_else(|| {
+            ApiError::unauthorized(
+                "missing device token: send Authorization: Bearer <device token> \
+                 (issued by `outpost devices credential <id>`)",
+            )
+        })?;
+    let valid = state
+        .store
+        .check_device_credential(device_id, presented)
+        .await
+        .map_err(|e| ApiError::internal(format!("the state database failed: {e}")))?;
+    if valid {
+        Ok(())
+    } else {
+        Err(ApiError::unauthorized(format!(
+            "invalid device token for {device_id}"
+        )))
     }
 }
 

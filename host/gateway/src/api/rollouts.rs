@@ -125,7 +125,7 @@ pub(crate) async fn device(
     what: &str,
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
-    super::uplink::check_device_token(
+    super::auth::check_device_token(
         state,
         device_id,
         request.headers().get(header::AUTHORIZATION),

@@ -107,6 +107,16 @@ async fn start() -> Running {
     }
 }
 
+impl Running {
+    /// A claimed device in the lobby.
+    async fn lobby_device(&self, id: &str) {
+        self.store
+            .upsert_device(NewDevice::new(id, "thermostat", DeviceState::Claimed))
+            .await
+            .unwrap();
+    }
+}
+
 struct Answer {
     status: StatusCode,
     headers: HeaderMap,
@@ -340,11 +350,7 @@ async fn handlers_can_be_listed_and_bad_packages_are_refused() {
 #[tokio::test]
 async fn telemetry_is_relayed_as_posted_and_bad_shapes_are_refused() {
     let running = start().await;
-    running
-        .store
-        .upsert_device(NewDevice::new("esp-1", "thermostat", DeviceState::Claimed))
-        .await
-        .unwrap();
+    running.lobby_device("esp-1").await;
     let token = running
         .store
         .issue_device_credential("esp-1")
@@ -393,11 +399,7 @@ async fn telemetry_is_relayed_as_posted_and_bad_shapes_are_refused() {
 #[tokio::test]
 async fn a_replaced_device_token_stops_at_once_and_a_revoked_one_too() {
     let running = start().await;
-    running
-        .store
-        .upsert_device(NewDevice::new("esp-1", "thermostat", DeviceState::Claimed))
-        .await
-        .unwrap();
+    running.lobby_device("esp-1").await;
     let admin = format!("Bearer {TOKEN}");
     let path = "/api/v1/devices/esp-1/credential";
     let issue = || request(running.addr, Method::POST, path, Some(&admin));
@@ -428,4 +430,6 @@ async fn a_replaced_device_token_stops_at_once_and_a_revoked_one_too() {
     // Only the admin revokes.
     let anonymous = request(running.addr, Method::DELETE, path, None).await;
     assert_error_shape(&anonymous, StatusCode::UNAUTHORIZED, "unauthorized");
+    running.shutdown.cancel();
+    running.server.await.unwrap();
 }

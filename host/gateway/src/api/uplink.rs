@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{self, HeaderValue};
+use hyper::header;
 use hyper::{Request, Response, StatusCode};
 use outpost_uplink::OutboxError;
 use outpost_uplink::contract;
@@ -16,38 +16,6 @@ use outpost_store::now_millis;
 
 /// And at most this many bytes.
 const MAX_REQUEST: usize = 1024 * 1024;
-
-/// Checks the bearer token in `header` against `device_id`'s credential (the store
-/// keeps the hashes; a replaced or revoked token stops working at once).
-pub(crate) async fn check_device_token(
-    state: &ApiState,
-    device_id: &str,
-    header: Option<&HeaderValue>,
-) -> Result<(), ApiError> {
-    let presented = header
-        .and_then(|h| h.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim())
-        .ok_or_else(|| {
-            ApiError::unauthorized(
-                "missing device token: send Authorization: Bearer <device token> \
-                 (issued by `outpost devices credential <id>`)",
-            )
-        })?;
-    let valid = state
-        .store
-        .check_device_credential(device_id, presented)
-        .await
-        .map_err(|e| ApiError::internal(format!("the state database failed: {e}")))?;
-    if valid {
-        Ok(())
-    } else {
-        Err(ApiError::unauthorized(format!(
-            "invalid device token for {device_id}"
-        )))
-    }
-}
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -69,7 +37,7 @@ pub(crate) async fn telemetry(
             format!("{device_id:?} is not a device id"),
         ));
     }
-    check_device_token(
+    super::auth::check_device_token(
         state,
         device_id,
         request.headers().get(header::AUTHORIZATION),
