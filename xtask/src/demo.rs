@@ -301,7 +301,8 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
         dir.join("outpost.toml"),
         format!(
             "[gateway]\nid = \"demo\"\nname = \"Demo site\"\nstate_dir = \"state\"\n\n\
-             [api]\nbind = \"127.0.0.1:0\"\n\n[cache]\nbind = \"127.0.0.1:0\"\n\n\
+             [api]\nbind = \"127.0.0.1:0\"\nmax_connections_per_client = 512\n\n\
+             [cache]\nbind = \"127.0.0.1:0\"\nmax_connections_per_client = 512\n\n\
              [[cache.trusted_signers]]\nname = \"fleet\"\npublic_key = \"{fleet}\"\n\n\
              [handlers]\nmax_concurrent = 16\n\n\
              [[handlers.trusted_vendors]]\nname = \"demo-vendor\"\npublic_key = \"{vendor}\"\n\

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty, Full};
@@ -204,8 +204,13 @@ async fn serve_cache(
     let cache = FirmwareCache::open(store, config).await?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
+    // wrk is one host that stands for many devices: one client may take every slot.
     let config = ServerConfig {
-        max_connections,
+        limits: outpost_serve::Limits {
+            max_connections,
+            max_connections_per_client: max_connections,
+            ..ServerConfig::default().limits
+        },
         ..ServerConfig::default()
     };
     tokio::spawn(server::serve(
@@ -213,7 +218,6 @@ async fn serve_cache(
         listener,
         config,
         CancellationToken::new(),
-        Duration::from_secs(1),
     ));
     Ok((cache, addr))
 }
@@ -228,7 +232,7 @@ async fn start_outpost(
         dir,
         memory_bytes,
         Vec::new(),
-        ServerConfig::default().max_connections,
+        ServerConfig::default().limits.max_connections,
     )
     .await?;
     Ok((addr, cache.import(file).await?.sha256))

@@ -511,6 +511,10 @@ impl FirmwareCache {
             .await?;
         let config = self.inner.upstream.config().clone();
         let mut etag = etag;
+        let remember = SavedValidator {
+            store: self.inner.store.clone(),
+            sha256_hex: hex.clone(),
+        };
         let mut attempt = 0;
         let mut backoff =
             outpost_store::backoff::Backoff::new(config.backoff_initial, config.backoff_max);
@@ -525,6 +529,7 @@ impl FirmwareCache {
                     size,
                     &partial,
                     &mut etag,
+                    &remember,
                     &self.inner.shutdown,
                 )
                 .await;
@@ -566,7 +571,7 @@ impl FirmwareCache {
         }
     }
 
-    /// Records a failed attempt; returns the validator to resume with.
+    /// Records a failed attempt with the validator to resume with.
     async fn record_failure(
         &self,
         sha256: Sha256,
@@ -1368,4 +1373,28 @@ fn load(
     } else {
         BlobBody::File(Arc::new(file))
     })
+}
+
+/// Where an unfinished download's origin validator (its strong ETag) is kept, so the
+/// resume after a restart or a crash sends `If-Range` with it.
+pub(crate) struct SavedValidator {
+    store: Store,
+    sha256_hex: String,
+}
+
+impl SavedValidator {
+    /// Records `etag` for the download; done before any byte it validates is written.
+    pub(crate) async fn save(&self, etag: String) -> Result<(), CacheError> {
+        let hex = self.sha256_hex.clone();
+        self.store
+            .call(move |conn| {
+                conn.execute(
+                    "UPDATE firmware_downloads SET etag = ?2 WHERE sha256 = ?1",
+                    params![hex, etag],
+                )?;
+                Ok(())
+            })
+            .await?;
+        Ok(())
+    }
 }

@@ -134,7 +134,10 @@ impl Upstream {
 
     /// One attempt: brings `partial` to `size` bytes whose sha256 is `sha256`. `etag` is
     /// the origin's strong validator for the partial bytes (sent as `If-Range`); it is
-    /// updated from the response.
+    /// updated from the response, and a new one is saved by `remember` before any byte
+    /// of that response reaches the partial file, so a resume after a crash can still
+    /// send `If-Range`.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn attempt(
         &self,
         url: &str,
@@ -142,6 +145,7 @@ impl Upstream {
         size: u64,
         partial: &Path,
         etag: &mut Option<String>,
+        remember: &crate::cache::SavedValidator,
         cancel: &CancellationToken,
     ) -> Result<(), AttemptError> {
         let (mut file, mut hasher, mut have) = open_partial(partial, size)
@@ -236,7 +240,12 @@ impl Upstream {
                 .get(header::ETAG)
                 .and_then(|v| v.to_str().ok())
                 .filter(|t| t.starts_with('"'))
+                && etag.as_deref() != Some(tag)
             {
+                remember
+                    .save(tag.to_owned())
+                    .await
+                    .map_err(AttemptError::Local)?;
                 *etag = Some(tag.to_owned());
             }
             let mut body = response.into_body();

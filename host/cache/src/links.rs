@@ -4,8 +4,10 @@
 //! `/firmware/{sha256}?device={id}&expires={unix ms}&sig={hex}`, where `sig` is
 //! HMAC-SHA256 over `"{sha256}\n{device}\n{expires}"` with a key only the gateway holds.
 //! The firmware server refuses such a link once it has expired, or when any of the three
-//! was changed (another device's link, another file). Requests without `sig` (an operator
-//! with curl, a device configured by hand) are served as before.
+//! was changed (another device's link, another file). A request without `sig` is
+//! refused too unless the server is told not to require links
+//! ([`ServerConfig::require_signed_links`](crate::server::ServerConfig)); an operator
+//! asks the gateway for a link (`outpost firmware link`).
 
 use hmac::{Hmac, Mac};
 
@@ -18,6 +20,12 @@ pub enum LinkError {
     /// The signature does not match the file, device and expiry.
     #[error("this download link is not valid for this file and device")]
     Invalid,
+    /// No signature at all.
+    #[error(
+        "this gateway serves firmware only through signed per-device links \
+         (device=…&expires=…&sig=…); ask the gateway for one (outpost firmware link)"
+    )]
+    Missing,
 }
 
 /// Signs and checks download links.
@@ -85,7 +93,7 @@ impl LinkSigner {
     }
 
     /// Checks a request's query for `sha256` at `now` (unix milliseconds). A query
-    /// without `sig` is not a signed link and passes.
+    /// without `sig` is not a signed link: [`LinkError::Missing`].
     pub fn check(&self, sha256: &str, query: Option<&str>, now: i64) -> Result<(), LinkError> {
         let param = |name: &str| {
             query?
@@ -95,7 +103,7 @@ impl LinkSigner {
                 .map(|(_, value)| value)
         };
         let Some(sig) = param("sig") else {
-            return Ok(());
+            return Err(LinkError::Missing);
         };
         let device = param("device").unwrap_or_default();
         let expires: i64 = param("expires")
@@ -146,9 +154,12 @@ mod tests {
             other_key.check(&sha, Some(&query), 1_000),
             Err(LinkError::Invalid)
         );
-        // Not a signed link at all: served as an operator's request.
-        assert_eq!(signer.check(&sha, Some("device=esp-1"), 1_000), Ok(()));
-        assert_eq!(signer.check(&sha, None, 1_000), Ok(()));
+        // Not a signed link at all: the server decides whether that is allowed.
+        assert_eq!(
+            signer.check(&sha, Some("device=esp-1"), 1_000),
+            Err(LinkError::Missing)
+        );
+        assert_eq!(signer.check(&sha, None, 1_000), Err(LinkError::Missing));
         assert_eq!(
             signer.check(&sha, Some("sig=zz&expires=1"), 0),
             Err(LinkError::Invalid)

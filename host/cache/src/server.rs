@@ -13,13 +13,13 @@
 //!   larger ones from the file with positioned reads of 512 KiB.
 //! * `?device=<id>` names the client for the bytes-served record; without it the peer
 //!   address is used.
-//! * At most `max_connections` connections are served at once; further ones wait in the
-//!   listen backlog.
+//! * The listener's defences (a global and a per-client connection cap, header and
+//!   write-stall timeouts, a bounded drain) are outpost-serve's, set in
+//!   [`ServerConfig::limits`].
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -27,12 +27,9 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::{Body, Frame, SizeHint};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::cache::BlobBody;
 use crate::range::{self, RangeRequest};
@@ -41,21 +38,26 @@ use crate::{Blob, CacheError, FirmwareCache, Sha256};
 /// How the fan-out server behaves.
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
-    /// Connections served at once.
-    pub max_connections: usize,
-    /// Time allowed for a request head to arrive.
-    pub header_read_timeout: Duration,
+    /// The listener's connection caps and timeouts.
+    pub limits: outpost_serve::Limits,
     /// Checks signed per-device links (`?device=…&expires=…&sig=…`); without it a
     /// signed link is refused, since it cannot be checked.
     pub links: Option<crate::links::LinkSigner>,
+    /// Refuse (403) a request that is not a valid signed link. Off, a request without
+    /// `sig` is served to anyone who can reach the listener (a bench, a lab).
+    pub require_signed_links: bool,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         Self {
-            max_connections: 512,
-            header_read_timeout: Duration::from_secs(30),
+            limits: outpost_serve::Limits {
+                max_connections: 512,
+                header_read_timeout: Duration::from_secs(30),
+                ..outpost_serve::Limits::default()
+            },
             links: None,
+            require_signed_links: false,
         }
     }
 }
@@ -67,103 +69,60 @@ const COLD_WAIT: Duration = Duration::from_secs(600);
 const FILE_CHUNK: u64 = 512 * 1024;
 
 /// Serves the cache on `listener` until `shutdown` fires, then lets open connections
-/// finish their current response (up to `grace`).
+/// finish their current response (up to the limits' grace).
 pub async fn serve(
     cache: FirmwareCache,
     listener: TcpListener,
     config: ServerConfig,
     shutdown: CancellationToken,
-    grace: Duration,
 ) {
-    let permits = Arc::new(Semaphore::new(config.max_connections.max(1)));
-    let connections = TaskTracker::new();
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(config.header_read_timeout)
-        .keep_alive(true)
-        .writev(true);
-    loop {
-        let permit = tokio::select! {
-            () = shutdown.cancelled() => break,
-            permit = permits.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-        };
-        let (stream, peer) = tokio::select! {
-            () = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    // Out of descriptors and similar: wait a moment rather than spin.
-                    tracing::warn!(%error, "firmware server accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let _ = stream.set_nodelay(true);
+    let links = config.links.clone();
+    let required = config.require_signed_links;
+    outpost_serve::serve(listener, config.limits, "firmware", shutdown, move |peer| {
         let cache = cache.clone();
-        let http = http.clone();
-        let shutdown = shutdown.clone();
-        let links = config.links.clone();
-        connections.spawn(async move {
-            let _permit = permit;
-            let service = service_fn(move |request| {
-                let cache = cache.clone();
-                let links = links.clone();
-                async move {
-                    if let Some(refused) = check_link(links.as_ref(), &request) {
-                        return Ok::<_, Infallible>(refused);
-                    }
-                    Ok::<_, Infallible>(respond(&cache, &request, peer).await)
+        let links = links.clone();
+        service_fn(move |request| {
+            let cache = cache.clone();
+            let links = links.clone();
+            async move {
+                if let Some(refused) = check_link(links.as_ref(), required, &request) {
+                    return Ok::<_, Infallible>(refused);
                 }
-            });
-            let connection = http.serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(connection);
-            tokio::select! {
-                result = connection.as_mut() => {
-                    if let Err(error) = result {
-                        tracing::debug!(%peer, %error, "firmware connection ended with an error");
-                    }
-                }
-                () = shutdown.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    let _ = connection.await;
-                }
+                Ok::<_, Infallible>(respond(&cache, &request, peer).await)
             }
-        });
-    }
-    connections.close();
-    let _ = tokio::time::timeout(grace, connections.wait()).await;
+        })
+    })
+    .await;
 }
 
-/// A signed link that is expired or forged gets 403; anything else goes on.
+/// A signed link that is expired or forged gets 403, and so does a request without one
+/// when links are `required`; anything else goes on.
 fn check_link<B>(
     links: Option<&crate::links::LinkSigner>,
+    required: bool,
     request: &Request<B>,
 ) -> Option<Response<FirmwareBody>> {
+    use crate::links::LinkError;
     let query = request.uri().query();
-    let signed = query.is_some_and(|q| q.split('&').any(|p| p.starts_with("sig=")));
-    if !signed {
-        return None;
-    }
     let name = request
         .uri()
         .path()
         .strip_prefix("/firmware/")
         .unwrap_or("")
         .to_ascii_lowercase();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as i64);
+    let now = outpost_store::now_millis();
     let verdict = match links {
         Some(links) => links.check(&name, query, now),
-        None => Err(crate::links::LinkError::Invalid),
+        None if query.is_some_and(|q| q.split('&').any(|p| p.starts_with("sig="))) => {
+            Err(LinkError::Invalid)
+        }
+        None => Err(LinkError::Missing),
     };
-    verdict
-        .err()
-        .map(|err| plain(StatusCode::FORBIDDEN, &format!("{err}\n")))
+    match verdict {
+        Ok(()) => None,
+        Err(LinkError::Missing) if !required => None,
+        Err(err) => Some(plain(StatusCode::FORBIDDEN, &format!("{err}\n"))),
+    }
 }
 
 /// Answers one request.

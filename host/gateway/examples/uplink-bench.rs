@@ -292,7 +292,7 @@ async fn main() -> Result<(), Error> {
     std::fs::write(
         dir.path().join("outpost.toml"),
         format!(
-            "[gateway]\nid = \"gw-bench\"\nstate_dir = \"state\"\n[api]\nbind = \"127.0.0.1:{api_port}\"\nadmin_token = \"bench-admin-token-0123456789abcdef\"\n[cache]\nbind = \"127.0.0.1:0\"\n[ble]\nenabled = false\n[log]\nlevel = \"warn\"\n[uplink]\nbroker = \"mqtt://127.0.0.1:{port}\"\n"
+            "[gateway]\nid = \"gw-bench\"\nstate_dir = \"state\"\n[api]\nbind = \"127.0.0.1:{api_port}\"\nmax_connections_per_client = 256\nadmin_token = \"bench-admin-token-0123456789abcdef\"\n[cache]\nbind = \"127.0.0.1:0\"\n[ble]\nenabled = false\n[log]\nlevel = \"warn\"\n[uplink]\nbroker = \"mqtt://127.0.0.1:{port}\"\n"
         ),
     )?;
     let _gateway = Killed(

@@ -287,9 +287,10 @@ async fn start(
         rollouts,
     });
     let api_shutdown = shutdown.clone();
+    let api_limits = config.api.limits();
     tasks.spawn(
         async move {
-            api::serve(listener, state, api_shutdown.clone()).await;
+            api::serve(listener, api_limits, state, api_shutdown.clone()).await;
             // Whatever ended it, the gateway stops with its API.
             api_shutdown.cancel();
         }
@@ -297,6 +298,11 @@ async fn start(
     );
     let mut server_config = config.cache.server_config();
     server_config.links = Some(links.clone());
+    if !server_config.require_signed_links {
+        tracing::warn!(
+            "cache.require_signed_links = false: anyone who reaches {firmware_addr} can fetch any cached firmware by its hash"
+        );
+    }
     let firmware_shutdown = shutdown.clone();
     let served = firmware.clone();
     tasks.spawn(
@@ -306,7 +312,6 @@ async fn start(
                 firmware_listener,
                 server_config,
                 firmware_shutdown.clone(),
-                std::time::Duration::from_secs(5),
             )
             .await;
             firmware_shutdown.cancel();

@@ -83,6 +83,22 @@ pub struct Mailbox {
     links: LinkSigner,
 }
 
+impl Mailbox {
+    /// A signed download link to `sha256` for `device_id`, valid for `lifetime`, and
+    /// when it expires (unix milliseconds): what devices are handed, and what an
+    /// operator asks for to fetch a file by hand.
+    pub fn link(&self, sha256: &str, device_id: &str, lifetime: Duration) -> (String, i64) {
+        let lifetime = i64::try_from(lifetime.as_millis()).unwrap_or(i64::MAX / 2);
+        let expires = outpost_store::now_millis().saturating_add(lifetime);
+        let url = format!(
+            "{}/firmware/{sha256}?{}",
+            self.firmware_url,
+            self.links.query(sha256, device_id, expires)
+        );
+        (url, expires)
+    }
+}
+
 impl std::fmt::Debug for Mailbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Mailbox").finish_non_exhaustive()
@@ -201,12 +217,7 @@ impl DeviceChannel for Mailbox {
     }
 
     fn download_url(&self, device_id: &str, file_id: &str) -> Result<String, ChannelError> {
-        let expires = outpost_store::now_millis() + URL_LIFETIME.as_millis() as i64;
-        Ok(format!(
-            "{}/firmware/{file_id}?{}",
-            self.firmware_url,
-            self.links.query(file_id, device_id, expires)
-        ))
+        Ok(self.link(file_id, device_id, URL_LIFETIME).0)
     }
 }
 

@@ -115,3 +115,23 @@ pub enum StoreError {
     #[error("the state database is closed")]
     Closed,
 }
+
+impl StoreError {
+    /// Whether SQLite failed because the disk (or the file system under the state
+    /// directory) is full. Nothing of the failed transaction was written; the same call
+    /// succeeds once there is room again, so callers answer "insufficient storage", not
+    /// "internal error".
+    pub fn is_disk_full(&self) -> bool {
+        let sqlite = match self {
+            Self::Sqlite(err)
+            | Self::Open { source: err, .. }
+            | Self::Migration { source: err, .. } => err,
+            Self::Shared(inner) => return inner.is_disk_full(),
+            _ => return false,
+        };
+        matches!(
+            sqlite.sqlite_error_code(),
+            Some(rusqlite::ErrorCode::DiskFull)
+        )
+    }
+}

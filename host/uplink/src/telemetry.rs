@@ -36,6 +36,10 @@ pub fn messages(
             "telemetry must be a JSON object or an array of objects: {err}"
         ))
     };
+    // Relayed as it came, so nothing downstream may be handed nesting its parser
+    // recurses on without end.
+    outpost_serve::json::check_depth(body, outpost_serve::json::MAX_JSON_DEPTH)
+        .map_err(|err| TelemetryError::Malformed(err.to_string()))?;
     let raw: &RawValue = serde_json::from_slice(body).map_err(malformed)?;
     let records: Vec<&RawValue> = match raw.get().as_bytes().first() {
         Some(b'{') => vec![raw],
@@ -110,5 +114,24 @@ mod tests {
             super::messages("gw", "d", too_many.as_bytes(), 0),
             Err(TelemetryError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn telemetry_nested_past_64_levels_is_refused_and_64_is_relayed() {
+        let nested = |levels: usize| {
+            format!(
+                r#"{{"v":{}1{}}}"#,
+                "[".repeat(levels - 1),
+                "]".repeat(levels - 1)
+            )
+        };
+        let ok = messages("gw", "d", nested(64).as_bytes(), 0).unwrap();
+        assert_eq!(ok.len(), 1);
+        match messages("gw", "d", nested(65).as_bytes(), 0) {
+            Err(TelemetryError::Malformed(text)) => {
+                assert!(text.contains("at most 64 deep"), "{text}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

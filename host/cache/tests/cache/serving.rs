@@ -25,13 +25,7 @@ async fn serve(site: Site, config: ServerConfig) -> Served {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let stop = CancellationToken::new();
-    tokio::spawn(server::serve(
-        cache.clone(),
-        listener,
-        config,
-        stop.clone(),
-        Duration::from_secs(1),
-    ));
+    tokio::spawn(server::serve(cache.clone(), listener, config, stop.clone()));
     Served {
         site,
         cache,
@@ -279,8 +273,18 @@ async fn bytes_served_are_recorded_per_device() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cold_requests_fan_in_to_one_upstream_download() {
+    const DEVICES: usize = 64;
     let origin = Origin::start().await;
-    let s = serve(Site::new().await, ServerConfig::default()).await;
+    // 64 devices, all on 127.0.0.1: one address that stands for many.
+    let defaults = ServerConfig::default();
+    let config = ServerConfig {
+        limits: outpost_serve::Limits {
+            max_connections_per_client: DEVICES,
+            ..defaults.limits.clone()
+        },
+        ..defaults
+    };
+    let s = serve(Site::new().await, config).await;
     let bytes = artifact(MIB, 77);
     let url = origin.publish("fw.bin", bytes.clone());
     s.cache
@@ -289,7 +293,6 @@ async fn cold_requests_fan_in_to_one_upstream_download() {
         .unwrap();
     let sha = Sha256::digest(&bytes);
     origin.script([Behaviour::HoldAfter(1000)]);
-    const DEVICES: usize = 64;
     let tasks: Vec<_> = (0..DEVICES)
         .map(|i| {
             let addr = s.addr;
@@ -352,7 +355,10 @@ async fn connections_are_bounded() {
     let s = serve(
         site,
         ServerConfig {
-            max_connections: 2,
+            limits: outpost_serve::Limits {
+                max_connections: 2,
+                ..outpost_serve::Limits::default()
+            },
             ..ServerConfig::default()
         },
     )
@@ -385,4 +391,57 @@ async fn connections_are_bounded() {
         .unwrap();
     assert_eq!(got.status, 200);
     drop(second);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_links_are_required_unless_turned_off() {
+    let signer = outpost_cache::links::LinkSigner::new([3; 32]);
+    let bytes = artifact(10_000, 11);
+    let sha = Sha256::digest(&bytes);
+    let path = format!("/firmware/{sha}");
+    let now = outpost_store::now_millis();
+    for required in [true, false] {
+        let s = serve(
+            Site::new().await,
+            ServerConfig {
+                links: Some(signer.clone()),
+                require_signed_links: required,
+                ..ServerConfig::default()
+            },
+        )
+        .await;
+        let file = s.site.dir.path().join("fw.bin");
+        std::fs::write(&file, &bytes).unwrap();
+        s.cache.import(&file).await.unwrap();
+        // A good link is served; a link for another device, or expired, never is.
+        let good = format!(
+            "{path}?{}",
+            signer.query(&sha.to_string(), "esp-1", now + 60_000)
+        );
+        assert_eq!(get(s.addr, &good, &[]).await.body, bytes);
+        let moved = good.replace("device=esp-1", "device=esp-2");
+        assert_eq!(get(s.addr, &moved, &[]).await.status, 403);
+        let expired = format!(
+            "{path}?{}",
+            signer.query(&sha.to_string(), "esp-1", now - 1)
+        );
+        let refused = get(s.addr, &expired, &[]).await;
+        assert_eq!(refused.status, 403);
+        assert!(String::from_utf8_lossy(&refused.body).contains("expired"));
+        // A plain request: refused when links are required, with the way out named.
+        let plain = get(s.addr, &path, &[]).await;
+        if required {
+            assert_eq!(plain.status, 403);
+            let text = String::from_utf8_lossy(&plain.body);
+            assert!(
+                text.contains("only through signed per-device links"),
+                "{text}"
+            );
+            let with_device = get(s.addr, &format!("{path}?device=esp-1"), &[]).await;
+            assert_eq!(with_device.status, 403, "naming a device is not a link");
+        } else {
+            assert_eq!((plain.status, plain.body), (200, bytes.clone()));
+        }
+        s.stop.cancel();
+    }
 }

@@ -52,8 +52,12 @@ impl ApiError {
         }
     }
 
-    /// A store failure: invalid input is 400, an unknown id 404, anything else 500.
+    /// A store failure: invalid input is 400, an unknown id 404, a full disk 507,
+    /// anything else 500.
     pub(crate) fn store(err: outpost_store::StoreError) -> Self {
+        if err.is_disk_full() {
+            return Self::disk_full(&err);
+        }
         match err {
             outpost_store::StoreError::InvalidInput { .. } => {
                 Self::new(StatusCode::BAD_REQUEST, "invalid_input", err.to_string())
@@ -63,6 +67,19 @@ impl ApiError {
             }
             other => Self::internal(format!("the state database failed: {other}")),
         }
+    }
+
+    /// The disk under the state directory is full: nothing was written, and the same
+    /// request succeeds once there is room again.
+    pub(crate) fn disk_full(err: &dyn std::fmt::Display) -> Self {
+        Self::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "disk_full",
+            format!(
+                "the gateway's disk is full, so nothing was stored ({err}); free space \
+                 under the state directory and send it again"
+            ),
+        )
     }
 
     /// A request body that does not parse as `what`.

@@ -140,6 +140,55 @@ pub(crate) async fn set_pin(
     ))
 }
 
+/// How long an operator's download link is valid when the request does not say.
+const DEFAULT_LINK_SECS: u64 = 3600;
+/// The longest an operator's download link may be valid: a week.
+const MAX_LINK_SECS: u64 = 7 * 24 * 3600;
+
+/// The body of `POST /api/v1/firmware/{sha256}/links`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct LinkRequest {
+    /// Whom the link is for: a device id, or a name for a person or tool.
+    device: String,
+    #[serde(default)]
+    valid_secs: Option<u64>,
+}
+
+/// `POST /api/v1/firmware/{sha256}/links`: a signed download link to a cached file,
+/// for fetching by hand from a listener that requires signed links.
+pub(crate) async fn link(
+    state: &ApiState,
+    sha: &str,
+    request: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let sha256 = parse_sha(sha)?;
+    let body = super::read_body(request, 4096).await?;
+    let wanted: LinkRequest = super::parse_json(&body, "a link request")?;
+    if !outpost_uplink::contract::valid_id(&wanted.device) {
+        return Err(ApiError::malformed(
+            "a link request",
+            "device: 1 to 128 of letters, digits, '-', '_', '.', ':'",
+        ));
+    }
+    let secs = wanted.valid_secs.unwrap_or(DEFAULT_LINK_SECS);
+    if secs == 0 || secs > MAX_LINK_SECS {
+        return Err(ApiError::malformed(
+            "a link request",
+            format!("validSecs: 1 to {MAX_LINK_SECS}"),
+        ));
+    }
+    let (url, expires) = state.rollouts.mailbox().link(
+        &sha256.to_string(),
+        &wanted.device,
+        std::time::Duration::from_secs(secs),
+    );
+    Ok(json_response(
+        StatusCode::CREATED,
+        &serde_json::json!({ "sha256": sha256, "device": wanted.device, "url": url, "expires": expires }),
+    ))
+}
+
 /// `DELETE /api/v1/firmware/{sha256}`.
 pub(crate) async fn remove(
     state: &ApiState,

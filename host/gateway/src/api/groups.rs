@@ -56,8 +56,7 @@ pub(crate) async fn create(
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let body = super::read_body(request, MAX_BODY).await?;
-    let group: NewGroup =
-        serde_json::from_slice(&body).map_err(|e| ApiError::malformed("a group", e))?;
+    let group: NewGroup = super::parse_json(&body, "a group")?;
     let name = group.name.unwrap_or_else(|| group.id.clone());
     let created = state
         .store

@@ -16,22 +16,17 @@ pub(crate) mod uplink;
 use std::convert::Infallible;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use outpost_runtime::HandlerRegistry;
 use outpost_store::Store;
 use serde::Serialize;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 pub(crate) use error::ApiError;
@@ -39,13 +34,6 @@ pub(crate) use error::ApiError;
 use outpost_onboarding::OnboardingStatus;
 
 use crate::state_dir::AdminToken;
-
-/// Connections served at once; more wait in the kernel's accept queue.
-const MAX_CONNECTIONS: usize = 256;
-/// A client must send its request headers within this time.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long open connections get to finish after shutdown begins.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the handlers need.
 #[derive(Debug)]
@@ -83,58 +71,21 @@ pub(crate) struct GatewayInfo {
 }
 
 /// Serves until `shutdown` is cancelled, then lets open connections finish their current
-/// request (up to [`DRAIN_TIMEOUT`]) and returns.
+/// request (up to the limits' grace) and returns.
 pub(crate) async fn serve(
     listener: TcpListener,
+    limits: outpost_serve::Limits,
     state: Arc<ApiState>,
     shutdown: CancellationToken,
 ) {
-    let graceful = GracefulShutdown::new();
-    let mut http = http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT)
-        .keep_alive(true);
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-
-    loop {
-        let slot = tokio::select! {
-            () = shutdown.cancelled() => break,
-            slot = Arc::clone(&slots).acquire_owned() => slot.expect("the semaphore is never closed"),
-        };
-        let (stream, peer) = tokio::select! {
-            () = shutdown.cancelled() => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(err) => {
-                    // Out of file descriptors, or the peer gave up before accept: the
-                    // listener itself is fine. Pause so an fd shortage does not spin.
-                    tracing::warn!(error = %err, "accepting an API connection failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    outpost_serve::serve(listener, limits, "local API", shutdown, move |_peer| {
         let state = Arc::clone(&state);
-        let service = service_fn(move |request| {
+        service_fn(move |request| {
             let state = Arc::clone(&state);
             async move { Ok::<_, Infallible>(route(&state, request).await) }
-        });
-        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
-        tokio::spawn(async move {
-            if let Err(err) = connection.await {
-                tracing::debug!(%peer, error = %err, "API connection ended with an error");
-            }
-            drop(slot);
-        });
-    }
-
-    drop(listener);
-    tokio::select! {
-        () = graceful.shutdown() => tracing::debug!("API connections drained"),
-        () = tokio::time::sleep(DRAIN_TIMEOUT) => {
-            tracing::warn!("API connections still open after {DRAIN_TIMEOUT:?}; closing them");
-        }
-    }
+        })
+    })
+    .await;
 }
 
 async fn route(state: &ApiState, request: Request<Incoming>) -> Response<Full<Bytes>> {
@@ -247,6 +198,10 @@ async fn route(state: &ApiState, request: Request<Incoming>) -> Response<Full<By
                             firmware::set_pin(state, sha, holder, false).await
                         }
                         (Some(_), _) => Err(ApiError::method_not_allowed(&method, "PUT, DELETE")),
+                        (None, &Method::POST) if rest.ends_with("/links") => {
+                            firmware::link(state, &rest[..rest.len() - "/links".len()], request)
+                                .await
+                        }
                         (None, &Method::DELETE) => firmware::remove(state, rest).await,
                         (None, _) => Err(ApiError::method_not_allowed(&method, "DELETE")),
                     }
@@ -295,23 +250,41 @@ async fn list_devices(state: &ApiState) -> Result<Response<Full<Bytes>>, ApiErro
     Ok(json_response(StatusCode::OK, &DeviceList { devices }))
 }
 
-/// Reads a request body of at most `limit` bytes: a larger one is refused with 413, a
-/// body the client did not finish sending with 400.
+/// Reads a request body of at most `limit` bytes that arrives within
+/// [`outpost_serve::body::BODY_TIMEOUT`]: a larger one is refused with 413, a slower one
+/// with 408, a body the client did not finish sending with 400.
 pub(crate) async fn read_body(request: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
-    use http_body_util::{BodyExt, Limited};
-    match Limited::new(request.into_body(), limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(err) if err.is::<http_body_util::LengthLimitError>() => Err(ApiError::new(
+    use outpost_serve::BodyError;
+    outpost_serve::read_body(
+        request.into_body(),
+        limit,
+        outpost_serve::body::BODY_TIMEOUT,
+    )
+    .await
+    .map_err(|err| match err {
+        BodyError::TooLarge { .. } => ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload_too_large",
-            format!("the body may be at most {limit} bytes"),
-        )),
-        Err(err) => Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "incomplete_body",
-            format!("the request body could not be read: {err}"),
-        )),
-    }
+            err.to_string(),
+        ),
+        BodyError::TimedOut { .. } => {
+            ApiError::new(StatusCode::REQUEST_TIMEOUT, "body_timeout", err.to_string())
+        }
+        BodyError::Incomplete(_) => {
+            ApiError::new(StatusCode::BAD_REQUEST, "incomplete_body", err.to_string())
+        }
+    })
+}
+
+/// Parses a JSON request body as `what`, after checking its nesting depth
+/// ([`outpost_serve::json::MAX_JSON_DEPTH`]): every body a device sends goes through here.
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+    what: &str,
+) -> Result<T, ApiError> {
+    outpost_serve::json::check_depth(body, outpost_serve::json::MAX_JSON_DEPTH)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "too_deep", e.to_string()))?;
+    serde_json::from_slice(body).map_err(|e| ApiError::malformed(what, e))
 }
 
 /// Streams a request body into `path`, refusing more than `limit` bytes.

@@ -49,8 +49,7 @@ pub(crate) async fn create(
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let body = super::read_body(request, MAX_BODY).await?;
-    let create: CreateRollout =
-        serde_json::from_slice(&body).map_err(|e| ApiError::malformed("a rollout", e))?;
+    let create: CreateRollout = super::parse_json(&body, "a rollout")?;
     let view = state
         .rollouts
         .create(
@@ -159,8 +158,7 @@ async fn register(
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let body = super::read_body(request, MAX_BODY).await?;
-    let register: Register =
-        serde_json::from_slice(&body).map_err(|e| ApiError::malformed("a registration", e))?;
+    let register: Register = super::parse_json(&body, "a registration")?;
     let device = super::groups::update_device(state, device_id, |device| {
         device.compat.extend(register.properties);
         if register.manufacturer.is_some() {
@@ -228,8 +226,7 @@ async fn command_reply(
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let body = super::read_body(request, MAX_BODY).await?;
-    let reply: Reply =
-        serde_json::from_slice(&body).map_err(|e| ApiError::malformed("a reply", e))?;
+    let reply: Reply = super::parse_json(&body, "a reply")?;
     let answer = if reply.ok {
         Ok(reply.payload.unwrap_or_default().into_bytes())
     } else {
@@ -265,8 +262,7 @@ async fn report(
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let body = super::read_body(request, MAX_BODY).await?;
-    let report: DeviceReportBody =
-        serde_json::from_slice(&body).map_err(|e| ApiError::malformed("a report", e))?;
+    let report: DeviceReportBody = super::parse_json(&body, "a report")?;
     if report.kind.is_empty() || report.kind.len() > 64 {
         return Err(ApiError::malformed(
             "a report",

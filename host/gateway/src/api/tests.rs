@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -96,7 +97,12 @@ async fn start() -> Running {
         rollouts,
     });
     let shutdown = CancellationToken::new();
-    let server = tokio::spawn(serve(listener, state, shutdown.clone()));
+    let server = tokio::spawn(serve(
+        listener,
+        outpost_serve::Limits::default(),
+        state,
+        shutdown.clone(),
+    ));
     Running {
         addr,
         shutdown,
@@ -114,6 +120,13 @@ impl Running {
             .upsert_device(NewDevice::new(id, "thermostat", DeviceState::Claimed))
             .await
             .unwrap();
+    }
+
+    /// A claimed device in the lobby, and its `Authorization` header value.
+    async fn lobby_device_with_token(&self, id: &str) -> String {
+        self.lobby_device(id).await;
+        let token = self.store.issue_device_credential(id).await.unwrap();
+        format!("Bearer {token}")
     }
 }
 
@@ -350,13 +363,7 @@ async fn handlers_can_be_listed_and_bad_packages_are_refused() {
 #[tokio::test]
 async fn telemetry_is_relayed_as_posted_and_bad_shapes_are_refused() {
     let running = start().await;
-    running.lobby_device("esp-1").await;
-    let token = running
-        .store
-        .issue_device_credential("esp-1")
-        .await
-        .unwrap();
-    let auth = format!("Bearer {token}");
+    let auth = running.lobby_device_with_token("esp-1").await;
     let path = "/api/v1/devices/esp-1/telemetry";
     let post = |body: &[u8]| {
         request_with_body(running.addr, Method::POST, path, Some(&auth), body.to_vec())
@@ -430,6 +437,42 @@ async fn a_replaced_device_token_stops_at_once_and_a_revoked_one_too() {
     // Only the admin revokes.
     let anonymous = request(running.addr, Method::DELETE, path, None).await;
     assert_error_shape(&anonymous, StatusCode::UNAUTHORIZED, "unauthorized");
+    running.shutdown.cancel();
+    running.server.await.unwrap();
+}
+
+#[tokio::test]
+async fn every_device_body_nested_past_64_levels_is_refused() {
+    let running = start().await;
+    let auth = running.lobby_device_with_token("esp-1").await;
+    let deep = format!(r#"{{"x":{}1{}}}"#, "[".repeat(64), "]".repeat(64));
+    for (path, code) in [
+        ("/api/v1/devices/esp-1/telemetry", "malformed_telemetry"),
+        ("/api/v1/devices/esp-1/register", "too_deep"),
+        ("/api/v1/devices/esp-1/reports", "too_deep"),
+        ("/api/v1/devices/esp-1/commands/1/reply", "too_deep"),
+    ] {
+        let refused = request_with_body(
+            running.addr,
+            Method::POST,
+            path,
+            Some(&auth),
+            deep.clone().into_bytes(),
+        )
+        .await;
+        assert_error_shape(&refused, StatusCode::BAD_REQUEST, code);
+        let message = refused.json["error"]["message"].as_str().unwrap();
+        assert!(message.contains("at most 64 deep"), "{path}: {message}");
+    }
+    // Nothing of it reached the outbox.
+    assert!(
+        running
+            .outbox
+            .fetch(&mut [0; 3], 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     running.shutdown.cancel();
     running.server.await.unwrap();
 }

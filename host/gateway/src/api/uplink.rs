@@ -68,6 +68,7 @@ pub(crate) async fn telemetry(
             "outbox_full",
             err.to_string(),
         )),
+        Err(OutboxError::Store(err)) if err.is_disk_full() => Err(ApiError::disk_full(&err)),
         Err(err @ OutboxError::TooLarge { .. }) => Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload_too_large",

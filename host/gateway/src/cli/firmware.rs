@@ -49,6 +49,19 @@ pub(crate) enum FirmwareCommand {
         #[arg(long, default_value = "operator")]
         holder: String,
     },
+    /// Print a signed download link to a cached file (the firmware listener serves
+    /// only such links unless cache.require_signed_links = false). Needs the running
+    /// gateway.
+    Link {
+        /// Its sha256.
+        sha256: Sha256,
+        /// Whom the link is for: a device id, or a name for a person or tool.
+        #[arg(long, default_value = "operator")]
+        device: String,
+        /// How long it stays valid (e.g. 30m, 1h, 2d; at most 7d).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        valid: std::time::Duration,
+    },
     /// Signed update manifests: what the gateway may download.
     #[command(subcommand)]
     Manifest(ManifestCommand),
@@ -208,6 +221,26 @@ async fn online(command: FirmwareCommand, api: &GatewayApi) -> anyhow::Result<()
                 print_list(&answer)?;
             }
         }
+        FirmwareCommand::Link {
+            sha256,
+            device,
+            valid,
+        } => {
+            let body = serde_json::json!({ "device": device, "validSecs": valid.as_secs() });
+            let (status, json) = api
+                .request(
+                    Method::POST,
+                    &format!("/api/v1/firmware/{sha256}/links"),
+                    "application/json",
+                    &[],
+                    serde_json::to_vec(&body)?,
+                )
+                .await?;
+            if status != StatusCode::CREATED {
+                bail!("no link was made: {}", error_message(&json));
+            }
+            outln!("{}", json["url"].as_str().unwrap_or_default());
+        }
         FirmwareCommand::Remove { sha256 } => {
             let (status, json) = api
                 .request(
@@ -297,6 +330,12 @@ async fn offline(command: FirmwareCommand, cache: &FirmwareCache) -> anyhow::Res
             } else {
                 print_list(&answer)?;
             }
+        }
+        FirmwareCommand::Link { .. } => {
+            bail!(
+                "links are signed with the running gateway's key and name its listener: start \
+                 it (outpost run) and ask again"
+            );
         }
         FirmwareCommand::Remove { sha256 } => {
             cache.remove(sha256).await?;

@@ -60,6 +60,9 @@ pub(crate) struct GatewaySection {
     pub(crate) name: String,
     #[serde(default = "default_state_dir")]
     pub(crate) state_dir: PathBuf,
+    /// Accept secret files other users can read (a warning instead of an error).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) allow_insecure_secrets: bool,
 }
 
 /// `[api]`: the local HTTP API and dashboard.
@@ -75,6 +78,23 @@ pub(crate) struct ApiSection {
     /// default: the bound address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) public_url: Option<String>,
+    /// Connections one address may hold at once; more are refused with 503.
+    #[serde(default = "default_connections_per_client")]
+    pub(crate) max_connections_per_client: NonZeroU32,
+}
+
+impl ApiSection {
+    /// The listener's connection caps and timeouts.
+    pub(crate) fn limits(&self) -> outpost_serve::Limits {
+        outpost_serve::Limits {
+            max_connections_per_client: as_usize(self.max_connections_per_client),
+            ..outpost_serve::Limits::default()
+        }
+    }
+}
+
+fn as_usize(n: NonZeroU32) -> usize {
+    usize::try_from(n.get()).unwrap_or(usize::MAX)
 }
 
 /// `[log]`.
@@ -322,6 +342,12 @@ pub(crate) struct CacheSection {
     /// Device connections served at once.
     #[serde(default = "default_firmware_connections")]
     pub(crate) max_connections: NonZeroU32,
+    /// Connections one address may hold at once; more are refused with 503.
+    #[serde(default = "default_connections_per_client")]
+    pub(crate) max_connections_per_client: NonZeroU32,
+    /// Serve firmware only through signed per-device links (403 otherwise).
+    #[serde(default = "default_true")]
+    pub(crate) require_signed_links: bool,
     /// Attempts per upstream download before the error is reported.
     #[serde(default = "default_download_attempts")]
     pub(crate) download_attempts: NonZeroU32,
@@ -380,9 +406,15 @@ impl CacheSection {
 
     /// The fan-out server settings.
     pub(crate) fn server_config(&self) -> outpost_cache::server::ServerConfig {
+        let defaults = outpost_cache::server::ServerConfig::default();
         outpost_cache::server::ServerConfig {
-            max_connections: usize::try_from(self.max_connections.get()).unwrap_or(usize::MAX),
-            ..outpost_cache::server::ServerConfig::default()
+            limits: outpost_serve::Limits {
+                max_connections: as_usize(self.max_connections),
+                max_connections_per_client: as_usize(self.max_connections_per_client),
+                ..defaults.limits
+            },
+            require_signed_links: self.require_signed_links,
+            ..defaults
         }
     }
 }
@@ -483,6 +515,12 @@ fn default_cache_memory_mib() -> u64 {
 fn default_firmware_bind() -> SocketAddr {
     SocketAddr::from(([0, 0, 0, 0], 8070))
 }
+fn default_true() -> bool {
+    true
+}
+fn default_connections_per_client() -> NonZeroU32 {
+    NonZeroU32::new(32).expect("nonzero")
+}
 fn default_firmware_connections() -> NonZeroU32 {
     NonZeroU32::new(512).expect("nonzero")
 }
@@ -505,6 +543,7 @@ impl Default for ApiSection {
             bind: default_bind(),
             admin_token: None,
             public_url: None,
+            max_connections_per_client: default_connections_per_client(),
         }
     }
 }
@@ -532,6 +571,8 @@ impl Default for CacheSection {
             memory_mib: default_cache_memory_mib(),
             bind: default_firmware_bind(),
             max_connections: default_firmware_connections(),
+            max_connections_per_client: default_connections_per_client(),
+            require_signed_links: true,
             download_attempts: default_download_attempts(),
             ca_file: None,
             public_url: None,
@@ -712,13 +753,30 @@ impl Config {
             ));
         }
 
+        if config.gateway.state_dir.exists() && !config.gateway.state_dir.is_dir() {
+            return Err(located(
+                None,
+                format!(
+                    "gateway.state_dir {} exists and is not a directory",
+                    config.gateway.state_dir.display()
+                ),
+            ));
+        }
+
         let mut warnings = Vec::new();
+        let allow_insecure = config.gateway.allow_insecure_secrets;
         for secret in config.secrets_mut() {
             let span = secret.span();
-            match secret.resolve(&base) {
+            match secret.resolve(&base, allow_insecure) {
                 Ok(warning) => warnings.extend(warning),
                 Err(message) => return Err(located(Some(span), message)),
             }
+        }
+        // What `run` would refuse, `config check` refuses too.
+        if let Some(token) = &config.api.admin_token
+            && let Err(why) = crate::state_dir::AdminToken::new(token.expose())
+        {
+            return Err(located(Some(token.span()), why));
         }
         config.warnings = warnings;
         Ok(config)

@@ -45,8 +45,13 @@ impl Secret {
 
     /// Reads the value from its environment variable or file. Relative file paths are
     /// taken from `base` (the config file's directory). Returns a warning to show the
-    /// operator, if any.
-    pub(crate) fn resolve(&mut self, base: &Path) -> Result<Option<String>, String> {
+    /// operator, if any. A secret file other users can read is refused, unless
+    /// `allow_insecure` (then it is a warning).
+    pub(crate) fn resolve(
+        &mut self,
+        base: &Path,
+        allow_insecure: bool,
+    ) -> Result<Option<String>, String> {
         let mut warning = None;
         match &mut self.source {
             Source::Inline => {
@@ -72,6 +77,11 @@ impl Secret {
                     .map_err(|err| format!("cannot read secret file {}: {err}", path.display()))?;
                 self.value = text.trim_end_matches(['\n', '\r']).to_owned();
                 warning = loose_permissions(path);
+                if let Some(loose) = warning.take_if(|_| !allow_insecure) {
+                    return Err(format!(
+                        "{loose} (or set gateway.allow_insecure_secrets = true)"
+                    ));
+                }
             }
         }
         if self.value.is_empty() {

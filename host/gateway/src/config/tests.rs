@@ -167,22 +167,51 @@ fn secret_from_a_relative_file_is_resolved_and_never_shown() {
 }
 
 #[test]
-fn world_readable_secret_file_warns() {
+fn a_secret_file_others_can_read_is_refused_unless_allowed() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
     let secret_path = dir.path().join("pw");
     std::fs::write(&secret_path, "pw-value").unwrap();
     std::fs::set_permissions(&secret_path, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let config = parse_in(
-        dir.path(),
-        "[gateway]\nid = \"gw\"\n[uplink]\nbroker = \"mqtt://127.0.0.1\"\npassword = { file = \"pw\" }\n",
-    )
-    .unwrap();
+    let text = "[gateway]\nid = \"gw\"\n[uplink]\nbroker = \"mqtt://127.0.0.1\"\npassword = { file = \"pw\" }\n";
+    let err = parse_in(dir.path(), text).unwrap_err();
+    assert_at(
+        &err,
+        5,
+        12,
+        "can be read by other users (mode 644); run: chmod 600",
+    );
+    assert!(err.to_string().contains("allow_insecure_secrets"), "{err}");
+
+    let allowed = text.replace(
+        "id = \"gw\"\n",
+        "id = \"gw\"\nallow_insecure_secrets = true\n",
+    );
+    let config = parse_in(dir.path(), &allowed).unwrap();
     assert_eq!(config.warnings.len(), 1, "{:?}", config.warnings);
     assert!(
         config.warnings[0].contains("chmod 600"),
         "{:?}",
         config.warnings
+    );
+}
+
+#[test]
+fn what_run_refuses_the_check_refuses_too() {
+    // An admin token too short to be one, at its line.
+    let err = parse("[gateway]\nid = \"gw\"\n[api]\nadmin_token = \"short\"\n").unwrap_err();
+    assert_at(&err, 4, 15, "use at least 16");
+    // A state directory that is a file.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("state"), "not a directory").unwrap();
+    let err = parse_in(
+        dir.path(),
+        "[gateway]\nid = \"gw\"\nstate_dir = \"state\"\n",
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("exists and is not a directory"),
+        "{err}"
     );
 }
 

@@ -18,12 +18,19 @@ pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(bytes))
 }
 
-/// A blocking HTTP/1.1 origin on loopback. The first request gets its first `hold_at`
-/// bytes and then nothing more until the test ends; later ones are served properly,
-/// honouring `Range: bytes=N-`.
+/// A request's `Range` and `If-Range` headers.
+type Conditions = (Option<String>, Option<String>);
+
+/// The origin's strong validator for the file.
+const ORIGIN_ETAG: &str = "\"origin-v1\"";
+
+/// A blocking HTTP/1.1 origin on loopback, with a strong ETag. The first request gets
+/// its first `hold_at` bytes and then nothing more until the test ends; later ones are
+/// served properly, honouring `Range: bytes=N-`.
 struct Origin {
     addr: SocketAddr,
-    ranges: Arc<Mutex<Vec<Option<String>>>>,
+    /// Each request's `Range` and `If-Range`.
+    ranges: Arc<Mutex<Vec<Conditions>>>,
     _release: mpsc::Sender<()>,
 }
 
@@ -39,17 +46,21 @@ impl Origin {
             for stream in listener.incoming() {
                 let Ok(mut stream) = stream else { return };
                 let mut reader = BufReader::new(stream.try_clone().unwrap());
-                let mut range = None;
+                let (mut range, mut if_range) = (None, None);
                 loop {
                     let mut line = String::new();
                     if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
                         break;
                     }
-                    if let Some(value) = line.to_ascii_lowercase().strip_prefix("range: ") {
+                    let lower = line.to_ascii_lowercase();
+                    if let Some(value) = lower.strip_prefix("range: ") {
                         range = Some(value.trim().to_owned());
                     }
+                    if lower.starts_with("if-range: ") {
+                        if_range = Some(line["if-range: ".len()..].trim().to_owned());
+                    }
                 }
-                seen.lock().unwrap().push(range.clone());
+                seen.lock().unwrap().push((range.clone(), if_range));
                 let start: usize = range
                     .as_deref()
                     .and_then(|r| r.strip_prefix("bytes="))
@@ -57,14 +68,14 @@ impl Origin {
                     .map_or(0, |n| n.parse().unwrap());
                 let head = if start > 0 {
                     format!(
-                        "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {start}-{}/{}\r\nConnection: close\r\n\r\n",
+                        "HTTP/1.1 206 Partial Content\r\nETag: {ORIGIN_ETAG}\r\nContent-Length: {}\r\nContent-Range: bytes {start}-{}/{}\r\nConnection: close\r\n\r\n",
                         bytes.len() - start,
                         bytes.len() - 1,
                         bytes.len()
                     )
                 } else {
                     format!(
-                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        "HTTP/1.1 200 OK\r\nETag: {ORIGIN_ETAG}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
                         bytes.len()
                     )
                 };
@@ -88,6 +99,16 @@ impl Origin {
             _release: release,
         }
     }
+}
+
+/// A signed download link to `sha` from the running gateway (`outpost firmware link`),
+/// as a path and query.
+pub(crate) fn link(site: &Site, sha: &str) -> String {
+    let url = stdout_of(&site.command(&["firmware", "link", sha, "--device", "esp-1"]));
+    let url = url.trim();
+    let path = url.find("/firmware/").map(|at| &url[at..]);
+    path.unwrap_or_else(|| panic!("not a link: {url}"))
+        .to_owned()
 }
 
 /// A raw GET; returns the status, the head and the body bytes.
@@ -228,7 +249,7 @@ fn a_download_killed_midway_resumes_after_restart_and_is_served_whole() {
     // Restarted, the gateway resumes from the partial file by itself.
     let mut gateway = site.run();
     let (_, firmware_after) = gateway.ready_with_firmware();
-    let (status, head, body) = fetch(firmware_after, &format!("/firmware/{sha}?device=esp-1"), "");
+    let (status, head, body) = fetch(firmware_after, &link(&site, &sha), "");
     assert_eq!(status, 200, "{head}");
     assert_eq!(sha256_hex(&body), sha);
     assert!(
@@ -236,13 +257,24 @@ fn a_download_killed_midway_resumes_after_restart_and_is_served_whole() {
             .contains(&format!("etag: \"{sha}\"")),
         "{head}"
     );
+    // The resume asked for the rest, on condition that the file is still the one the
+    // first response's ETag named: that validator was saved before the kill.
     let ranges = origin.ranges.lock().unwrap().clone();
-    assert_eq!(ranges, vec![None, Some(format!("bytes={hold_at}-"))]);
+    assert_eq!(
+        ranges,
+        vec![
+            (None, None),
+            (
+                Some(format!("bytes={hold_at}-")),
+                Some(ORIGIN_ETAG.to_owned())
+            )
+        ]
+    );
     assert!(!partial.exists());
     // A resumed device asks for the rest and gets exactly that.
     let (status, head, body) = fetch(
         firmware_after,
-        &format!("/firmware/{sha}"),
+        &link(&site, &sha),
         "Range: bytes=2000000-\r\n",
     );
     assert_eq!(status, 206, "{head}");
@@ -265,11 +297,7 @@ fn operator_import_list_remove_and_a_refused_manifest() {
 
     let mut gateway = site.run();
     let (_, firmware) = gateway.ready_with_firmware();
-    let (status, _, body) = fetch(
-        firmware,
-        &format!("/firmware/{sha}"),
-        "Range: bytes=-100\r\n",
-    );
+    let (status, _, body) = fetch(firmware, &link(&site, &sha), "Range: bytes=-100\r\n");
     assert_eq!(
         (status, body.as_slice()),
         (206, &bytes[bytes.len() - 100..])
@@ -280,11 +308,7 @@ fn operator_import_list_remove_and_a_refused_manifest() {
     std::fs::write(&second, &second_bytes).unwrap();
     let uploaded = stdout_of(&site.command(&["firmware", "import", second.to_str().unwrap()]));
     assert!(uploaded.contains("into the running gateway"), "{uploaded}");
-    let (status, _, body) = fetch(
-        firmware,
-        &format!("/firmware/{}", sha256_hex(&second_bytes)),
-        "",
-    );
+    let (status, _, body) = fetch(firmware, &link(&site, &sha256_hex(&second_bytes)), "");
     assert_eq!((status, body), (200, second_bytes));
     assert!(
         std::fs::read_dir(site.state().join("firmware/tmp"))
@@ -325,7 +349,7 @@ fn operator_import_list_remove_and_a_refused_manifest() {
     stdout_of(&site.command(&["firmware", "unpin", &sha, "--holder", "deployment:7"]));
     let removed = stdout_of(&site.command(&["firmware", "remove", &sha]));
     assert!(removed.contains("Removed"), "{removed}");
-    let (status, _, _) = fetch(firmware, &format!("/firmware/{sha}"), "");
+    let (status, _, _) = fetch(firmware, &link(&site, &sha), "");
     assert_eq!(status, 404);
     let bad = site.command(&["firmware", "remove", "../../outpost.db"]);
     assert!(!bad.status.success());

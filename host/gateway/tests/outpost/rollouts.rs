@@ -183,10 +183,12 @@ impl FleetSite {
         let site = Site::new("");
         let (vendor_key, vendor) = keygen(&site, "vendor");
         let (fleet_key, fleet) = keygen(&site, "fleet");
-        std::fs::write(site.dir.path().join("wifi"), "correct horse battery").unwrap();
+        super::write_secret(&site.dir.path().join("wifi"), "correct horse battery");
         site.write_config(&format!(
-            "[gateway]\nid = \"gw-test\"\nstate_dir = \"state\"\n\n[api]\nbind = \"{api}\"\n\n\
-             [cache]\nbind = \"127.0.0.1:0\"\n\n\
+            // Every simulated device connects from 127.0.0.1: one address for many.
+            "[gateway]\nid = \"gw-test\"\nstate_dir = \"state\"\n\n\
+             [api]\nbind = \"{api}\"\nmax_connections_per_client = 512\n\n\
+             [cache]\nbind = \"127.0.0.1:0\"\nmax_connections_per_client = 512\n\n\
              [[cache.trusted_signers]]\nname = \"fleet\"\npublic_key = \"{fleet}\"\n\n\
              [handlers]\nmax_concurrent = 16\n\n\
              [[handlers.trusted_vendors]]\nname = \"outpost-demo\"\npublic_key = \"{vendor}\"\n\
@@ -813,8 +815,8 @@ fn an_offline_site_rolls_out_locally_and_results_reach_the_cloud_when_the_uplink
     let status = stdout_of(&fleet.site.command(&["rollout", "status", "site-1"]));
     assert!(status.contains("rollout site-1  finished"), "{status}");
     assert!(status.contains("10 ok, 0 skipped, 0 failed"), "{status}");
-    // Devices fetched through signed per-device links; a forged one is refused, while
-    // a plain request (an operator's) is served.
+    // Devices fetched through signed per-device links; a forged one is refused, and so
+    // is a plain request: an operator asks the gateway for a link.
     let sha = sha256_hex(&release.app);
     let (status, _, body) = super::firmware::fetch(
         firmware,
@@ -827,6 +829,10 @@ fn an_offline_site_rolls_out_locally_and_results_reach_the_cloud_when_the_uplink
     assert_eq!(status, 403);
     assert!(String::from_utf8_lossy(&body).contains("not valid"));
     let (status, _, body) = super::firmware::fetch(firmware, &format!("/firmware/{sha}"), "");
+    assert_eq!(status, 403);
+    assert!(String::from_utf8_lossy(&body).contains("only through signed per-device links"));
+    let link = super::firmware::link(&fleet.site, &sha);
+    let (status, _, body) = super::firmware::fetch(firmware, &link, "");
     assert_eq!((status, body.len()), (200, release.app.len()));
     // Finished: the files are no longer pinned for it.
     let (_, files) = http_get(addr, "/api/v1/firmware", Some(&admin));

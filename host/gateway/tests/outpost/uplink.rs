@@ -798,7 +798,7 @@ fn claiming_site(broker: &Mosquitto) -> Site {
          [uplink]\nbroker = \"{}\"\nbackoff_min_ms = 100\nbackoff_max_ms = 400\n",
         broker.url()
     ));
-    std::fs::write(site.dir.path().join("wifi"), "correct horse battery").unwrap();
+    super::write_secret(&site.dir.path().join("wifi"), "correct horse battery");
     site
 }
 
@@ -952,7 +952,14 @@ impl Pki {
             .push(rcgen::DnType::CommonName, common_name);
         let cert = params.signed_by(&key, &self.ca).unwrap();
         std::fs::write(dir.join(format!("{file}.pem")), cert.pem()).unwrap();
-        std::fs::write(dir.join(format!("{file}.key")), key.serialize_pem()).unwrap();
+        let key_file = dir.join(format!("{file}.key"));
+        if file == "client" {
+            // The gateway's own key: a secret it refuses to read when others could.
+            super::write_secret(&key_file, &key.serialize_pem());
+        } else {
+            // Mosquitto, when started as root, reads its key as the mosquitto user.
+            std::fs::write(&key_file, key.serialize_pem()).unwrap();
+        }
     }
 }
 
