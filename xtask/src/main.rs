@@ -127,8 +127,8 @@ fn bench_cache(args: &[String]) -> anyhow::Result<()> {
 /// private mount namespace with `unshare` (util-linux, on every Debian system) and needs
 /// root, as CI runs. The handler guests in `plugins/` are built by the test build
 /// (`tests/guests/build.rs`) and need the `wasm32-wasip2` standard library. Later
-/// capabilities add their parts here: the BlueZoo venv, Mosquitto, and Chromium with
-/// chromedriver for the dashboard.
+/// capabilities add their parts here: the BlueZoo venv, Mosquitto, Chromium with
+/// chromedriver for the dashboard, and promtool (Debian's prometheus) for /metrics.
 fn prepare(root: &Path) -> anyhow::Result<()> {
     step("checking the toolchain");
     let rustc = Command::new("rustc")
@@ -143,6 +143,10 @@ fn prepare(root: &Path) -> anyhow::Result<()> {
     // The dashboard test drives Debian's headless Chromium through chromedriver.
     if !Path::new("/usr/bin/chromium").exists() || !Path::new("/usr/bin/chromedriver").exists() {
         apt_install("chromium chromium-driver")?;
+    }
+    // The metrics test has Prometheus's own promtool check what /metrics serves.
+    if !Path::new("/usr/bin/promtool").exists() {
+        apt_install("prometheus")?;
     }
     step(
         "cargo build -p esp-sim -p cloud-sim (the onboarding and uplink tests run these binaries)",

@@ -413,9 +413,17 @@ impl FirmwareCache {
     /// cached. Concurrent calls for one artifact share one download; every caller waits
     /// for the verified blob (no byte of an unverified download is ever handed out).
     pub async fn ensure(&self, sha256: Sha256) -> Result<Blob, CacheError> {
+        let mut missed = false;
         loop {
             if let Some(blob) = self.get(sha256).await? {
+                if !missed {
+                    metrics::counter!(crate::metrics::HITS).increment(1);
+                }
                 return Ok(blob);
+            }
+            if !missed {
+                missed = true;
+                metrics::counter!(crate::metrics::MISSES).increment(1);
             }
             let mut flight = self.join_flight(sha256).await?;
             let outcome = loop {
@@ -941,6 +949,7 @@ impl FirmwareCache {
         }
         for victim in victims {
             tracing::info!(sha256 = %victim, "evicting firmware to make room");
+            metrics::counter!(crate::metrics::EVICTIONS).increment(1);
             self.forget(victim).await?;
         }
         lock(&self.inner.state).reserved += size;
@@ -952,6 +961,7 @@ impl FirmwareCache {
 
     /// Records `bytes` served from `sha256` to `client` (flushed to the store in batches).
     pub fn record_served(&self, sha256: Sha256, client: &str, bytes: u64) {
+        metrics::counter!(crate::metrics::SERVED_BYTES).increment(bytes);
         let mut state = lock(&self.inner.state);
         let entry = state.served.entry((sha256, client.to_owned())).or_default();
         entry.0 += bytes;

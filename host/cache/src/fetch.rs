@@ -307,6 +307,7 @@ impl Upstream {
                 }
                 hasher.update(&data);
                 have += data.len() as u64;
+                metrics::counter!(crate::metrics::UPSTREAM_BYTES).increment(data.len() as u64);
                 pending.extend_from_slice(&data);
                 if pending.len() >= 256 * 1024 {
                     flush(&mut file, &mut pending, partial)

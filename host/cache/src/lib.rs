@@ -22,6 +22,7 @@ mod error;
 mod fetch;
 pub mod links;
 pub mod manifest;
+pub mod metrics;
 pub mod range;
 pub mod server;
 mod sha;

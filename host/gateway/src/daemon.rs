@@ -25,6 +25,8 @@ pub(crate) async fn run(config: Config, config_path: &Path) -> anyhow::Result<()
     for warning in &config.warnings {
         tracing::warn!(config = %config_path.display(), "{warning}");
     }
+    // The metrics recorder goes in before any engine starts counting.
+    api::metrics::handle();
     let state_dir = &config.gateway.state_dir;
     let _lock = StateDirLock::acquire(state_dir)?;
     let store = Store::open(config.database_path()).await?;

@@ -19,6 +19,8 @@ mod disk;
 mod firmware;
 #[path = "outpost/hostile.rs"]
 mod hostile;
+#[path = "outpost/metrics.rs"]
+mod metrics;
 #[path = "outpost/onboarding.rs"]
 mod onboarding;
 #[path = "outpost/rollouts.rs"]

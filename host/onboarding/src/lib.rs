@@ -10,6 +10,7 @@
 
 mod authority;
 pub mod manifest;
+pub mod metrics;
 mod probe;
 
 use std::collections::HashMap;
@@ -422,6 +423,7 @@ impl Onboarder {
                     .into(),
             ));
         }
+        ::metrics::counter!(metrics::RUNS).increment(1);
         let run = Arc::new(Run {
             id: self.next_run.fetch_add(1, Ordering::Relaxed),
             started: Instant::now(),
@@ -610,6 +612,10 @@ impl Onboarder {
             None => tracing::info!(state = %state, "device onboarded"),
             Some(err) => tracing::warn!(error = %err, "onboarding failed"),
         }
+        let outcome = state.to_string();
+        ::metrics::counter!(metrics::DEVICES, "outcome" => outcome.clone()).increment(1);
+        ::metrics::histogram!(metrics::DURATION, "outcome" => outcome)
+            .record(started.elapsed().as_secs_f64());
         self.record_state(target, state).await;
         let _ = self
             .store

@@ -18,6 +18,7 @@
 //! through the outbox (`results/…`, `reported/…`, `rollouts/…`).
 
 mod job;
+pub mod metrics;
 mod services;
 pub mod spec;
 mod state;
@@ -853,6 +854,35 @@ impl Rollouts {
             views.push(self.view(&id, false).await?);
         }
         Ok(views)
+    }
+
+    /// How many devices of all kept rollouts stand in each status (every status
+    /// listed, zeros included).
+    pub async fn devices_by_status(&self) -> Result<Vec<(DeviceStatus, u64)>, RolloutError> {
+        let counted: Vec<(String, i64)> = self
+            .inner
+            .store
+            .call(|conn| {
+                let mut stmt = conn.prepare_cached(
+                    "SELECT status, count(*) FROM rollout_devices GROUP BY status",
+                )?;
+                let rows = stmt
+                    .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(rows)
+            })
+            .await
+            .map_err(internal)?;
+        Ok(DeviceStatus::ALL
+            .into_iter()
+            .map(|status| {
+                let count = counted
+                    .iter()
+                    .find(|(name, _)| name == status.as_str())
+                    .map_or(0, |(_, n)| u64::try_from(*n).unwrap_or(0));
+                (status, count)
+            })
+            .collect())
     }
 
     /// One rollout, with its devices when `devices` is set.

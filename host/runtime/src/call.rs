@@ -63,7 +63,35 @@ pub(crate) fn link(linker: &mut wasmtime::component::Linker<HostState>) -> wasmt
 }
 
 impl Runtime {
+    /// Runs one call and counts it for `/metrics`.
     pub(crate) async fn invoke(
+        &self,
+        handler: &Handler,
+        services: &Services,
+        request: Request<'_>,
+    ) -> Result<Response, CallError> {
+        let export = request.name();
+        let started = std::time::Instant::now();
+        let result = self.invoke_unmetered(handler, services, request).await;
+        let handler = handler.name().to_owned();
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(CallError::Trap { kind, .. }) => {
+                metrics::counter!(crate::metrics::TRAPS, "handler" => handler.clone(), "kind" => kind.to_string())
+                    .increment(1);
+                "trap"
+            }
+            Err(CallError::WallClock { .. }) => "wall-clock",
+            Err(_) => "host",
+        };
+        metrics::counter!(crate::metrics::CALLS, "handler" => handler.clone(), "export" => export, "result" => outcome)
+            .increment(1);
+        metrics::histogram!(crate::metrics::DURATION, "handler" => handler)
+            .record(started.elapsed().as_secs_f64());
+        result
+    }
+
+    async fn invoke_unmetered(
         &self,
         handler: &Handler,
         services: &Services,

@@ -38,6 +38,7 @@ mod call;
 mod engine;
 mod error;
 mod host;
+pub mod metrics;
 mod output;
 pub mod package;
 mod registry;

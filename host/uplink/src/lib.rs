@@ -12,6 +12,7 @@
 
 pub mod contract;
 pub mod inbox;
+pub mod metrics;
 pub mod outbox;
 mod registration;
 pub mod sas;

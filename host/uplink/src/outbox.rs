@@ -338,7 +338,13 @@ impl Outbox {
         let count = messages.len() as u64;
         let bytes: u64 = messages.iter().map(|m| m.payload.len() as u64).sum();
         let reserve_allowed = messages.iter().all(|m| m.priority != Priority::Telemetry);
-        self.reserve(count, bytes, reserve_allowed)?;
+        if let Err(full) = self.reserve(count, bytes, reserve_allowed) {
+            for message in &messages {
+                metrics::counter!(crate::metrics::OUTBOX_REFUSED, "priority" => message.priority.name())
+                    .increment(1);
+            }
+            return Err(full);
+        }
         let (done, answer) = oneshot::channel();
         let sent = self
             .inner
@@ -519,6 +525,36 @@ impl Outbox {
         }
     }
 
+    /// Messages and payload bytes queued per priority, read from the database (for
+    /// `/metrics`; [`stats`](Self::stats) has the totals without a query).
+    pub async fn depth(&self) -> Result<Vec<(Priority, u64, u64)>, StoreError> {
+        let counted: Vec<(i64, i64, i64)> = self
+            .inner
+            .store
+            .call(|conn| {
+                let mut query = conn.prepare_cached(
+                    "SELECT priority, count(*), coalesce(sum(length(payload)), 0) FROM outbox \
+                     GROUP BY priority",
+                )?;
+                let rows = query
+                    .query_map([], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(rows)
+            })
+            .await?;
+        Ok(Priority::ALL
+            .into_iter()
+            .map(|priority| {
+                let (_, messages, bytes) = counted
+                    .iter()
+                    .find(|(p, _, _)| *p == priority as i64)
+                    .copied()
+                    .unwrap_or_default();
+                (priority, to_u64(messages), to_u64(bytes))
+            })
+            .collect())
+    }
+
     /// The store the outbox writes to.
     pub fn store(&self) -> &Store {
         &self.inner.store
@@ -687,20 +723,39 @@ async fn housekeeping(inner: &Arc<Inner>) {
         .store
         .call(move |conn| {
             let tx = conn.transaction()?;
-            let (count, bytes) = count_deleted(
-                tx.prepare_cached(
-                    "DELETE FROM outbox WHERE expires_at <= ?1 RETURNING length(payload)",
-                )?
-                .query([now_millis()])?,
-            )?;
+            let mut by_priority = [0u64; Priority::ALL.len()];
+            let (mut count, mut bytes) = (0u64, 0u64);
+            {
+                let mut delete = tx.prepare_cached(
+                    "DELETE FROM outbox WHERE expires_at <= ?1 RETURNING priority, length(payload)",
+                )?;
+                let mut rows = delete.query([now_millis()])?;
+                while let Some(row) = rows.next()? {
+                    let (priority, length): (i64, i64) = (row.get(0)?, row.get(1)?);
+                    if let Some(slot) = usize::try_from(priority)
+                        .ok()
+                        .and_then(|p| by_priority.get_mut(p))
+                    {
+                        *slot += 1;
+                    }
+                    count += 1;
+                    bytes += u64::try_from(length).unwrap_or(0);
+                }
+            }
             bump(&tx, "expired", count)?;
             bump(&tx, "refused", refused)?;
             tx.commit()?;
-            Ok((count, bytes))
+            Ok((count, bytes, by_priority))
         })
         .await;
     match result {
-        Ok((count, bytes)) => {
+        Ok((count, bytes, by_priority)) => {
+            for (priority, expired) in Priority::ALL.into_iter().zip(by_priority) {
+                if expired > 0 {
+                    metrics::counter!(crate::metrics::OUTBOX_EXPIRED, "priority" => priority.name())
+                        .increment(expired);
+                }
+            }
             if count > 0 {
                 inner.release(count, bytes);
                 inner.expired.fetch_add(count, Ordering::Relaxed);

@@ -580,11 +580,13 @@ fn track(
 ) {
     match event {
         Event::Outgoing(Outgoing::Publish(pkid)) => {
+            metrics::counter!(crate::metrics::PUBLISHED).increment(1);
             if let Some(seq) = handed.pop_front() {
                 in_flight.insert(*pkid, seq);
             }
         }
         Event::Incoming(Incoming::PubAck(ack)) => {
+            metrics::counter!(crate::metrics::ACKED).increment(1);
             if let Some(seq) = in_flight.remove(&ack.pkid)
                 && seq != UNTRACKED
             {

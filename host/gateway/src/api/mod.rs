@@ -9,6 +9,7 @@ mod error;
 pub(crate) mod firmware;
 mod groups;
 pub(crate) mod handlers;
+pub(crate) mod metrics;
 mod onboarding;
 mod rollouts;
 pub(crate) mod uplink;
@@ -99,6 +100,17 @@ async fn route(state: &ApiState, request: Request<Incoming>) -> Response<Full<By
         "/healthz" => match method {
             Method::GET | Method::HEAD => Ok(json_response(StatusCode::OK, &state.health)),
             _ => Err(ApiError::method_not_allowed(&method, "GET, HEAD")),
+        },
+        // Prometheus scrapes with a token, as any other reader of the API.
+        "/metrics" => match state
+            .admin
+            .check(request.headers().get(header::AUTHORIZATION))
+        {
+            Err(err) => Err(err),
+            Ok(()) => match method {
+                Method::GET => metrics::render(state).await,
+                _ => Err(ApiError::method_not_allowed(&method, "GET")),
+            },
         },
         // Devices authenticate with their own token, on their own endpoint only.
         device if device_endpoint(device).is_some() => {
@@ -222,6 +234,7 @@ async fn route(state: &ApiState, request: Request<Incoming>) -> Response<Full<By
         other => Err(ApiError::not_found(other)),
     };
     let response = result.unwrap_or_else(ApiError::into_response);
+    metrics::count_request(&path, response.status());
     tracing::debug!(%method, %path, status = response.status().as_u16(), "API request");
     response
 }

@@ -158,6 +158,26 @@ fn ble_and_softap_devices_are_onboarded_in_parallel_and_claimed() {
     let again = site.command(&["onboard", "run"]);
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("nothing to onboard"));
+    // /metrics counted the run: six devices claimed, each with its duration.
+    let (status, _, metrics) = super::metrics::scrape(addr, &token);
+    assert_eq!(status, 200);
+    super::metrics::promtool_check(&metrics);
+    let sample = |series: &str| super::metrics::sample(&metrics, series);
+    assert_eq!(
+        sample("outpost_onboarding_runs_total"),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(r#"outpost_onboarding_devices_total{outcome="claimed"}"#),
+        Some(6.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(r#"outpost_onboarding_duration_seconds_count{outcome="claimed"}"#),
+        Some(6.0),
+        "{metrics}"
+    );
     drop(gateway);
 }
 

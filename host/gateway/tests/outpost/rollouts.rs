@@ -845,6 +845,40 @@ fn an_offline_site_rolls_out_locally_and_results_reach_the_cloud_when_the_uplink
         "{files}"
     );
 
+    // What happened shows on /metrics, and Prometheus's promtool accepts it.
+    let (status, _, metrics) = super::metrics::scrape(addr, &admin);
+    assert_eq!(status, 200);
+    super::metrics::promtool_check(&metrics);
+    let summed = |prefix: &str, with: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(prefix) && l.contains(with))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+            .sum()
+    };
+    assert!(
+        summed("outpost_handler_calls_total{", "result=\"ok\"") >= 10.0,
+        "{metrics}"
+    );
+    assert!(
+        summed("outpost_handler_call_duration_seconds_count{", "") >= 10.0,
+        "{metrics}"
+    );
+    assert!(
+        summed("outpost_cache_served_bytes_total", "") > 0.0,
+        "{metrics}"
+    );
+    assert!(
+        summed("outpost_cache_hits_total", "") + summed("outpost_cache_misses_total", "") >= 10.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        super::metrics::sample(&metrics, r#"outpost_rollout_devices{status="succeeded"}"#),
+        Some(10.0),
+        "{metrics}"
+    );
+    assert!(summed("outpost_outbox_messages{", "") >= 10.0, "{metrics}");
+
     // Everything for the cloud waited in the outbox…
     let (_, uplink) = http_get(addr, "/api/v1/uplink", Some(&admin));
     assert!(

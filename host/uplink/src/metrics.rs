@@ -1,0 +1,30 @@
+//! What the uplink and the outbox count for `/metrics` (through the `metrics` facade;
+//! the gateway installs the Prometheus recorder and renders it). Queue depths and the
+//! link state are read when a scrape comes ([`Outbox::depth`](crate::Outbox::depth),
+//! [`Uplink::status`](crate::Uplink::status)).
+
+/// MQTT publishes handed to the broker (QoS 1), including re-sends after a reconnect.
+pub const PUBLISHED: &str = "outpost_uplink_published_total";
+/// PUBACKs received.
+pub const ACKED: &str = "outpost_uplink_acked_total";
+/// Messages the outbox refused because it was full, by priority.
+pub const OUTBOX_REFUSED: &str = "outpost_outbox_refused_total";
+/// Messages whose time to live ran out before delivery, by priority.
+pub const OUTBOX_EXPIRED: &str = "outpost_outbox_expired_total";
+
+/// Registers the descriptions (the `# HELP` lines).
+pub fn describe() {
+    metrics::describe_counter!(
+        PUBLISHED,
+        "MQTT publishes handed to the broker (QoS 1), re-sends included."
+    );
+    metrics::describe_counter!(ACKED, "MQTT PUBACKs received from the broker.");
+    metrics::describe_counter!(
+        OUTBOX_REFUSED,
+        "Messages the outbox refused because it was at its limits, by priority."
+    );
+    metrics::describe_counter!(
+        OUTBOX_EXPIRED,
+        "Messages dropped undelivered when their time to live ran out, by priority."
+    );
+}
