@@ -874,3 +874,50 @@ fn engine_crates_depend_only_on_lower_floors() {
     }
     assert_eq!(seen, 10, "every crate under host/ was checked");
 }
+
+/// `outpost tokens` with no gateway running writes the state database directly; the
+/// gateway then honours the token's role, and a token revoked offline is gone.
+#[test]
+fn tokens_made_offline_carry_their_role_into_the_running_gateway() {
+    let site = Site::new("");
+    let token_of = |output: &str| output.lines().last().unwrap().trim().to_owned();
+    let operator = token_of(&stdout_of(&site.command(&[
+        "tokens",
+        "create",
+        "--role",
+        "operator",
+        "--name",
+        "night-shift",
+    ])));
+    let viewer =
+        token_of(&stdout_of(&site.command(&[
+            "tokens", "create", "--role", "viewer", "--name", "grafana",
+        ])));
+    let again = site.command(&["tokens", "create", "--role", "admin", "--name", "grafana"]);
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("exists already"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let bad_role = site.command(&["tokens", "create", "--role", "root", "--name", "x"]);
+    assert!(!bad_role.status.success());
+    assert!(String::from_utf8_lossy(&bad_role.stderr).contains("viewer, operator or admin"));
+    stdout_of(&site.command(&["tokens", "revoke", "grafana"]));
+    let listed = stdout_of(&site.command(&["tokens", "list", "--json"]));
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed["tokens"].as_array().unwrap().len(), 1, "{listed}");
+    assert!(
+        !listed.to_string().contains(&operator[4..]),
+        "only hashes are kept"
+    );
+
+    let mut gateway = site.run();
+    let addr = gateway.ready();
+    let (status, me) = http_get(addr, "/api/v1/whoami", Some(&operator));
+    assert_eq!(status, 200, "{me}");
+    assert_eq!(me["role"], "operator");
+    assert_eq!(http_get(addr, "/api/v1/tokens", Some(&operator)).0, 403);
+    assert_eq!(http_get(addr, "/api/v1/devices", Some(&viewer)).0, 401);
+    gateway.stop_cleanly(libc::SIGTERM, &site);
+}

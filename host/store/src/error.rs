@@ -80,6 +80,15 @@ pub enum StoreError {
         reason: String,
     },
 
+    /// A row with that key exists already.
+    #[error("{what} {id:?} exists already")]
+    Exists {
+        /// The kind of row.
+        what: &'static str,
+        /// Its key.
+        id: String,
+    },
+
     /// The row a call refers to does not exist.
     #[error("{what} {id:?} not found")]
     NotFound {

@@ -29,6 +29,7 @@
 //! # Ok(()) }
 //! ```
 
+mod api_tokens;
 pub mod backoff;
 mod credentials;
 mod devices;
@@ -41,6 +42,7 @@ mod open;
 mod time;
 mod worker;
 
+pub use api_tokens::{API_TOKEN_PREFIX, ApiToken, Role};
 pub use credentials::{DEVICE_TOKEN_PREFIX, random_hex_token};
 pub use devices::{Device, DeviceState, NewDevice};
 pub use error::StoreError;
@@ -61,6 +63,7 @@ pub struct Store {
     worker: worker::Handle,
     path: Arc<PathBuf>,
     credentials: credentials::CredentialCache,
+    api_tokens: api_tokens::TokenCache,
 }
 
 impl Store {
@@ -77,6 +80,7 @@ impl Store {
             worker,
             path: Arc::new(path),
             credentials: credentials::CredentialCache::default(),
+            api_tokens: api_tokens::TokenCache::default(),
         })
     }
 

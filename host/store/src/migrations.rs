@@ -45,6 +45,10 @@ const MIGRATIONS: &[Migration] = &[
         version: 7,
         sql: include_str!("../migrations/0007_rollouts.sql"),
     },
+    Migration {
+        version: 8,
+        sql: include_str!("../migrations/0008_api_tokens.sql"),
+    },
 ];
 
 /// The schema version this build writes and the newest it can open.

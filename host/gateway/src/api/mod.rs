@@ -12,6 +12,7 @@ pub(crate) mod handlers;
 pub(crate) mod metrics;
 mod onboarding;
 mod rollouts;
+mod tokens;
 pub(crate) mod uplink;
 
 use std::convert::Infallible;
@@ -102,12 +103,16 @@ async fn route(state: &ApiState, request: Request<Incoming>) -> Response<Full<By
             _ => Err(ApiError::method_not_allowed(&method, "GET, HEAD")),
         },
         // Prometheus scrapes with a token, as any other reader of the API.
-        "/metrics" => match state
-            .admin
-            .check(request.headers().get(header::AUTHORIZATION))
+        "/metrics" => match auth::authorize(
+            state,
+            &method,
+            &path,
+            request.headers().get(header::AUTHORIZATION),
+        )
+        .await
         {
             Err(err) => Err(err),
-            Ok(()) => match method {
+            Ok(_) => match method {
                 Method::GET => metrics::render(state).await,
                 _ => Err(ApiError::method_not_allowed(&method, "GET")),
             },
@@ -123,12 +128,26 @@ async fn route(state: &ApiState, request: Request<Incoming>) -> Response<Full<By
         }
         // Authentication comes before routing under /api/, so an unauthenticated caller
         // learns nothing about which endpoints exist.
-        api if api.starts_with("/api/") => match state
-            .admin
-            .check(request.headers().get(header::AUTHORIZATION))
+        api if api.starts_with("/api/") => match auth::authorize(
+            state,
+            &method,
+            api,
+            request.headers().get(header::AUTHORIZATION),
+        )
+        .await
         {
             Err(err) => Err(err),
-            Ok(()) => match (api, &method) {
+            Ok(caller) => match (api, &method) {
+                ("/api/v1/whoami", &Method::GET) => Ok(json_response(
+                    StatusCode::OK,
+                    &serde_json::json!({"name": caller.name, "role": caller.role}),
+                )),
+                ("/api/v1/tokens", &Method::GET) => tokens::list(state).await,
+                ("/api/v1/tokens", &Method::POST) => tokens::create(state, request).await,
+                ("/api/v1/tokens", _) => Err(ApiError::method_not_allowed(&method, "GET, POST")),
+                (named, &Method::DELETE) if named.starts_with("/api/v1/tokens/") => {
+                    tokens::revoke(state, &named["/api/v1/tokens/".len()..]).await
+                }
                 ("/api/v1/devices", &Method::GET) => list_devices(state).await,
                 ("/api/v1/devices", _) => Err(ApiError::method_not_allowed(&method, "GET")),
                 ("/api/v1/onboarding/targets", &Method::GET) => onboarding::targets(state).await,

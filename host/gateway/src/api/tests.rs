@@ -9,7 +9,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::header::{self, HeaderMap};
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
-use outpost_store::{DeviceState, NewDevice, Store};
+use outpost_store::{DeviceState, NewDevice, Role, Store};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
@@ -169,7 +169,14 @@ async fn request_with_body(
     let json = if body.is_empty() {
         serde_json::Value::Null
     } else {
-        serde_json::from_slice(&body).unwrap_or_else(|err| panic!("not JSON ({err}): {body:?}"))
+        // JSON for everything but /metrics and the dashboard, which are text.
+        serde_json::from_slice(&body).unwrap_or_else(|err| {
+            let text = headers
+                .get(header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"text/"));
+            assert!(text, "not JSON ({err}): {body:?}");
+            serde_json::Value::String(String::from_utf8_lossy(&body).into_owned())
+        })
     };
     Answer {
         status,
@@ -473,6 +480,189 @@ async fn every_device_body_nested_past_64_levels_is_refused() {
             .unwrap()
             .is_empty()
     );
+    running.shutdown.cancel();
+    running.server.await.unwrap();
+}
+
+/// Every route of `/api/v1` and `/metrics`, with the least role it needs.
+const ROUTES: &[(&str, &str, Role)] = &[
+    ("GET", "/metrics", Role::Viewer),
+    ("GET", "/api/v1/whoami", Role::Viewer),
+    ("GET", "/api/v1/devices", Role::Viewer),
+    ("PUT", "/api/v1/devices/esp-1/properties", Role::Operator),
+    ("POST", "/api/v1/devices/esp-1/credential", Role::Operator),
+    ("DELETE", "/api/v1/devices/esp-1/credential", Role::Operator),
+    ("GET", "/api/v1/onboarding/targets", Role::Viewer),
+    ("POST", "/api/v1/onboarding/targets", Role::Operator),
+    ("POST", "/api/v1/onboarding/runs", Role::Operator),
+    ("GET", "/api/v1/onboarding/runs/1", Role::Viewer),
+    ("GET", "/api/v1/claims", Role::Viewer),
+    ("GET", "/api/v1/groups", Role::Viewer),
+    ("POST", "/api/v1/groups", Role::Operator),
+    ("PUT", "/api/v1/groups/g/members/esp-1", Role::Operator),
+    ("GET", "/api/v1/firmware", Role::Viewer),
+    ("POST", "/api/v1/firmware", Role::Operator),
+    ("GET", "/api/v1/firmware/manifests", Role::Viewer),
+    ("POST", "/api/v1/firmware/manifests", Role::Operator),
+    (
+        "POST",
+        "/api/v1/firmware/0000000000000000000000000000000000000000000000000000000000000000/links",
+        Role::Operator,
+    ),
+    (
+        "PUT",
+        "/api/v1/firmware/0000000000000000000000000000000000000000000000000000000000000000/pins/op",
+        Role::Operator,
+    ),
+    (
+        "DELETE",
+        "/api/v1/firmware/0000000000000000000000000000000000000000000000000000000000000000/pins/op",
+        Role::Operator,
+    ),
+    (
+        "DELETE",
+        "/api/v1/firmware/0000000000000000000000000000000000000000000000000000000000000000",
+        Role::Operator,
+    ),
+    ("GET", "/api/v1/handlers", Role::Viewer),
+    ("POST", "/api/v1/handlers", Role::Admin),
+    ("DELETE", "/api/v1/handlers/acme", Role::Admin),
+    ("GET", "/api/v1/rollouts", Role::Viewer),
+    ("POST", "/api/v1/rollouts", Role::Operator),
+    ("GET", "/api/v1/rollouts/r-1", Role::Viewer),
+    ("POST", "/api/v1/rollouts/r-1/pause", Role::Operator),
+    ("POST", "/api/v1/rollouts/r-1/resume", Role::Operator),
+    ("POST", "/api/v1/rollouts/r-1/cancel", Role::Operator),
+    ("POST", "/api/v1/rollouts/r-1/retry", Role::Operator),
+    ("GET", "/api/v1/uplink", Role::Viewer),
+    ("GET", "/api/v1/tokens", Role::Admin),
+    ("POST", "/api/v1/tokens", Role::Admin),
+    ("DELETE", "/api/v1/tokens/nobody", Role::Admin),
+];
+
+#[tokio::test]
+async fn every_role_on_every_route() {
+    let running = start().await;
+    running.lobby_device("esp-1").await;
+    let mut tokens = Vec::new();
+    for role in Role::ALL {
+        let token = running
+            .store
+            .create_api_token(&format!("{role}-1"), role)
+            .await
+            .unwrap();
+        tokens.push((role, format!("Bearer {token}")));
+    }
+    tokens.push((Role::Admin, format!("Bearer {TOKEN}")));
+    for &(method, path, needed) in ROUTES {
+        let method: Method = method.parse().unwrap();
+        for (role, auth) in &tokens {
+            let answer = request(running.addr, method.clone(), path, Some(auth)).await;
+            if *role >= needed {
+                assert!(
+                    answer.status != StatusCode::FORBIDDEN
+                        && answer.status != StatusCode::UNAUTHORIZED,
+                    "{role} on {method} {path}: {} {}",
+                    answer.status,
+                    answer.json
+                );
+            } else {
+                assert_error_shape(&answer, StatusCode::FORBIDDEN, "forbidden");
+                let message = answer.json["error"]["message"].as_str().unwrap();
+                assert!(
+                    message.contains(&format!("needs the {needed} role")),
+                    "{role} on {method} {path}: {message}"
+                );
+            }
+        }
+        // No token, or a made-up one: 401 on every route.
+        let anonymous = request(running.addr, method.clone(), path, None).await;
+        assert_error_shape(&anonymous, StatusCode::UNAUTHORIZED, "unauthorized");
+        let forged = format!(
+            "Bearer {}{}",
+            outpost_store::API_TOKEN_PREFIX,
+            "0".repeat(64)
+        );
+        let forged = request(running.addr, method.clone(), path, Some(&forged)).await;
+        assert_error_shape(&forged, StatusCode::UNAUTHORIZED, "unauthorized");
+    }
+    // whoami names the caller; a revoked token is refused with the next request.
+    let (_, viewer) = &tokens[0];
+    let me = request(running.addr, Method::GET, "/api/v1/whoami", Some(viewer)).await;
+    assert_eq!(
+        me.json,
+        serde_json::json!({"name": "viewer-1", "role": "viewer"})
+    );
+    let admin = format!("Bearer {TOKEN}");
+    let revoked = request(
+        running.addr,
+        Method::DELETE,
+        "/api/v1/tokens/viewer-1",
+        Some(&admin),
+    )
+    .await;
+    assert_eq!(revoked.status, StatusCode::OK, "{}", revoked.json);
+    let after = request(running.addr, Method::GET, "/api/v1/devices", Some(viewer)).await;
+    assert_error_shape(&after, StatusCode::UNAUTHORIZED, "unauthorized");
+    running.shutdown.cancel();
+    running.server.await.unwrap();
+}
+
+#[tokio::test]
+async fn tokens_are_made_listed_and_revoked_by_an_admin_and_shown_once() {
+    let running = start().await;
+    let admin = format!("Bearer {TOKEN}");
+    let made = request_with_body(
+        running.addr,
+        Method::POST,
+        "/api/v1/tokens",
+        Some(&admin),
+        br#"{"name":"grafana","role":"viewer"}"#.to_vec(),
+    )
+    .await;
+    assert_eq!(made.status, StatusCode::CREATED, "{}", made.json);
+    let token = made.json["token"].as_str().unwrap().to_owned();
+    assert!(token.starts_with(outpost_store::API_TOKEN_PREFIX));
+    let again = request_with_body(
+        running.addr,
+        Method::POST,
+        "/api/v1/tokens",
+        Some(&admin),
+        br#"{"name":"grafana","role":"admin"}"#.to_vec(),
+    )
+    .await;
+    assert_error_shape(&again, StatusCode::CONFLICT, "token_exists");
+    for bad in [
+        &br#"{"name":"x","role":"root"}"#[..],
+        br#"{"name":"a b","role":"viewer"}"#,
+    ] {
+        let refused = request_with_body(
+            running.addr,
+            Method::POST,
+            "/api/v1/tokens",
+            Some(&admin),
+            bad.to_vec(),
+        )
+        .await;
+        assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{}", refused.json);
+    }
+    let listed = request(running.addr, Method::GET, "/api/v1/tokens", Some(&admin)).await;
+    let tokens = listed.json["tokens"].as_array().unwrap();
+    assert_eq!(tokens.len(), 1);
+    assert_eq!(tokens[0]["name"], "grafana");
+    assert_eq!(tokens[0]["role"], "viewer");
+    assert!(
+        !listed.json.to_string().contains(&token[4..]),
+        "the token is never listed"
+    );
+    let gone = request(
+        running.addr,
+        Method::DELETE,
+        "/api/v1/tokens/nobody",
+        Some(&admin),
+    )
+    .await;
+    assert_error_shape(&gone, StatusCode::NOT_FOUND, "no_token");
     running.shutdown.cancel();
     running.server.await.unwrap();
 }

@@ -34,11 +34,13 @@ mod firmware;
 mod handler;
 mod onboard;
 mod rollout;
+mod tokens;
 
 use firmware::FirmwareCommand;
 use handler::HandlerCommand;
 use onboard::OnboardCommand;
 use rollout::RolloutCommand;
+use tokens::TokensCommand;
 
 use crate::config::{self, Config, LogFormat};
 use crate::{daemon, logging};
@@ -87,6 +89,9 @@ enum Command {
     /// Device groups that rollouts target.
     #[command(subcommand)]
     Groups(GroupsCommand),
+    /// API tokens with a role (viewer, operator, admin).
+    #[command(subcommand)]
+    Tokens(TokensCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -201,6 +206,7 @@ pub(crate) async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Firmware(command) => firmware::run(command, &cli.config).await?,
         Command::Rollout(command) => rollout::run(command, &cli.config).await?,
         Command::Groups(command) => groups(command, &cli.config).await?,
+        Command::Tokens(command) => tokens::run(command, &cli.config).await?,
         Command::Devices(DevicesCommand::Set { id, properties }) => {
             let mut changes = serde_json::Map::new();
             for pair in &properties {

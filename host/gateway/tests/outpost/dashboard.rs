@@ -294,4 +294,41 @@ fn the_dashboard_shows_devices_and_pauses_and_resumes_a_rollout_in_chromium() {
     let (_, view) = http_get(addr, "/api/v1/rollouts/evening", Some(&admin));
     assert_eq!(view["state"], "scheduled");
     assert_eq!(view["counts"]["pending"], 5);
+
+    // A viewer's token (made with the CLI, through the running gateway) sees the same
+    // rollout and no action on it.
+    let made = stdout_of(&fleet.site.command(&[
+        "tokens",
+        "create",
+        "--role",
+        "viewer",
+        "--name",
+        "wall-screen",
+    ]));
+    let viewer = made.lines().last().unwrap().trim().to_owned();
+    assert!(viewer.starts_with("opa_"), "{made}");
+    browser.open(&format!("http://{addr}/dashboard#token={viewer}"));
+    browser.wait_for(
+        "the viewer's page",
+        "return document.getElementById('role').textContent || null",
+        |v| v == "wall-screen (viewer)",
+    );
+    browser.wait_for("the scheduled rollout", state, |v| v == "scheduled");
+    assert_eq!(
+        browser.eval("return document.querySelectorAll('[data-rollout] button').length"),
+        0,
+        "a viewer is offered no actions"
+    );
+    // The API refuses the viewer what the page does not offer.
+    let (status, json) =
+        super::uplink::http(addr, "POST", "/api/v1/rollouts/evening/pause", &viewer, "");
+    assert_eq!(status, 403, "{json}");
+    let listed = stdout_of(&fleet.site.command(&["tokens", "list"]));
+    assert!(
+        listed.contains("wall-screen") && listed.contains("viewer"),
+        "{listed}"
+    );
+    let revoked = stdout_of(&fleet.site.command(&["tokens", "revoke", "wall-screen"]));
+    assert!(revoked.contains("Revoked"), "{revoked}");
+    assert_eq!(http_get(addr, "/api/v1/devices", Some(&viewer)).0, 401);
 }
