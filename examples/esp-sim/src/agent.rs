@@ -54,6 +54,27 @@ pub(crate) struct Credential {
     pub(crate) api: String,
     pub(crate) device_id: String,
     pub(crate) token: String,
+    /// The site CA (PEM) to trust for an `https://` device API; nothing else is trusted.
+    #[serde(default)]
+    pub(crate) ca_pem: Option<String>,
+}
+
+/// A TLS client that trusts only the CA the gateway handed over.
+fn trusting(ca_pem: &str) -> anyhow::Result<tokio_rustls::TlsConnector> {
+    use rustls_pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots
+            .add(cert.context("the handed-over CA is not PEM")?)
+            .context("the handed-over CA")?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 
 /// A command as docs/rollouts.md specifies it: `{id, command, payload?, payloadBase64}`.
@@ -77,6 +98,8 @@ struct Begin {
 
 struct Agent {
     credential: Credential,
+    /// For `https://` URLs: trusts only the handed-over CA.
+    tls: Option<tokio_rustls::TlsConnector>,
     profile: Mutex<AgentProfile>,
     /// The version downloaded to the passive slot.
     staged: Mutex<Option<String>>,
@@ -85,8 +108,19 @@ struct Agent {
 
 /// Starts the agent's loop on the current runtime.
 pub(crate) fn start(credential: Credential, profile: AgentProfile) {
+    let tls = match credential.ca_pem.as_deref().map(trusting) {
+        Some(Ok(tls)) => Some(tls),
+        Some(Err(err)) => {
+            emit(
+                &json!({"event": "agent_error", "device": credential.device_id, "error": format!("{err:#}")}),
+            );
+            None
+        }
+        None => None,
+    };
     let agent = Arc::new(Agent {
         credential,
+        tls,
         profile: Mutex::new(profile),
         staged: Mutex::new(None),
         download: Mutex::new(None),
@@ -220,7 +254,7 @@ impl Agent {
             self.report("failed", "flash write error at 0x110000").await;
             return;
         }
-        let fetched = fetch(&begin.url).await;
+        let fetched = fetch(self.tls.as_ref(), &begin.url).await;
         match fetched {
             Ok(bytes)
                 if bytes.len() as u64 == begin.size
@@ -279,6 +313,7 @@ impl Agent {
         );
         let body = body.map(|b| b.to_string()).unwrap_or_default();
         request(
+            self.tls.as_ref(),
             method,
             &url,
             Some(&self.credential.token),
@@ -288,16 +323,18 @@ impl Agent {
     }
 }
 
-async fn fetch(url: &str) -> anyhow::Result<Bytes> {
-    let (status, bytes) = request(Method::GET, url, None, Bytes::new()).await?;
+async fn fetch(tls: Option<&tokio_rustls::TlsConnector>, url: &str) -> anyhow::Result<Bytes> {
+    let (status, bytes) = request(tls, Method::GET, url, None, Bytes::new()).await?;
     if status != StatusCode::OK {
         bail!("{url}: {status}");
     }
     Ok(bytes)
 }
 
-/// One HTTP/1.1 request over a fresh connection.
+/// One HTTP/1.1 request over a fresh connection: TLS for `https://` (trusting only the
+/// handed-over CA), plain TCP otherwise.
 async fn request(
+    tls: Option<&tokio_rustls::TlsConnector>,
     method: Method,
     url: &str,
     token: Option<&str>,
@@ -308,13 +345,11 @@ async fn request(
         .authority()
         .with_context(|| format!("no host in {url}"))?
         .clone();
-    let port = uri.port_u16().unwrap_or(80);
+    let https = uri.scheme_str() == Some("https");
+    let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
     let stream = tokio::net::TcpStream::connect((authority.host(), port))
         .await
         .with_context(|| format!("cannot connect to {authority}"))?;
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(connection);
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
     let mut builder = Request::builder()
         .method(method)
@@ -324,7 +359,29 @@ async fn request(
     if let Some(token) = token {
         builder = builder.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
     }
-    let response = sender.send_request(builder.body(Full::new(body))?).await?;
+    let request = builder.body(Full::new(body))?;
+    if https {
+        let tls = tls.with_context(|| format!("{url}: https, but no CA was handed over"))?;
+        let host = authority.host().trim_matches(['[', ']']).to_owned();
+        let name = rustls_pki_types::ServerName::try_from(host)
+            .with_context(|| format!("{url}: not a server name"))?;
+        let stream = tls
+            .connect(name, stream)
+            .await
+            .with_context(|| format!("TLS with {authority}"))?;
+        exchange(TokioIo::new(stream), request).await
+    } else {
+        exchange(TokioIo::new(stream), request).await
+    }
+}
+
+async fn exchange<IO>(io: IO, request: Request<Full<Bytes>>) -> anyhow::Result<(StatusCode, Bytes)>
+where
+    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(io).await?;
+    tokio::spawn(connection);
+    let response = sender.send_request(request).await?;
     let status = response.status();
     let bytes = response.into_body().collect().await?.to_bytes();
     Ok((status, bytes))

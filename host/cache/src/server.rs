@@ -85,10 +85,7 @@ pub async fn serve(
             let cache = cache.clone();
             let links = links.clone();
             async move {
-                if let Some(refused) = check_link(links.as_ref(), required, &request) {
-                    return Ok::<_, Infallible>(refused);
-                }
-                Ok::<_, Infallible>(respond(&cache, &request, peer).await)
+                Ok::<_, Infallible>(answer(&cache, links.as_ref(), required, &request, peer).await)
             }
         })
     })
@@ -125,7 +122,23 @@ fn check_link<B>(
     }
 }
 
-/// Answers one request.
+/// Answers one request as the fan-out server does: the signed link first (403 for a
+/// bad one, and for none when `required`), then the file. For other listeners that
+/// serve `/firmware/` too (the gateway's device listener).
+pub async fn answer<B>(
+    cache: &FirmwareCache,
+    links: Option<&crate::links::LinkSigner>,
+    required: bool,
+    request: &Request<B>,
+    peer: SocketAddr,
+) -> Response<FirmwareBody> {
+    if let Some(refused) = check_link(links, required, request) {
+        return refused;
+    }
+    respond(cache, request, peer).await
+}
+
+/// Answers one request, with no link check.
 pub async fn respond<B>(
     cache: &FirmwareCache,
     request: &Request<B>,

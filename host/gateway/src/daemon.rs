@@ -211,28 +211,73 @@ async fn start(
         }
     };
 
-    let firmware_listener = bind(
-        config.cache.bind,
-        "firmware server",
-        "cache.bind",
-        config_path,
-    )
-    .await?;
-    let firmware_addr = firmware_listener.local_addr()?;
-    firmware.resume_pending().await?;
-    let device_api_url = match &config.api.public_url {
-        Some(url) => url.clone(),
-        None => format!("http://{addr}"),
+    let firmware_listener = match config.cache.bind {
+        Some(addr) => {
+            let listener = bind(addr, "plain firmware server", "cache.bind", config_path).await?;
+            let bound = listener.local_addr()?;
+            Some((listener, bound))
+        }
+        None => None,
     };
-    let onboarder = Arc::new(
-        outpost_onboarding::Onboarder::new(
-            config.onboarding_settings(),
-            store.clone(),
-            uplink.clone(),
-            device_api_url,
+    let plain_firmware_url = firmware_listener
+        .as_ref()
+        .map(|(_, bound)| config.cache.public_url(*bound));
+    firmware.resume_pending().await?;
+    // The device listener, and the site CA whose certificate it (and a TLS admin API)
+    // presents; devices are handed the CA at onboarding.
+    let devices = match &config.devices {
+        Some(section) => {
+            let listener =
+                bind(section.bind, "device listener", "devices.bind", config_path).await?;
+            let bound = listener.local_addr()?;
+            Some((section, listener, bound))
+        }
+        None => None,
+    };
+    let mut names = devices
+        .as_ref()
+        .map(|(section, _, bound)| section.certificate_names(*bound))
+        .unwrap_or_default();
+    if config.api.tls {
+        names.extend([
+            "localhost".to_owned(),
+            "127.0.0.1".to_owned(),
+            addr.ip().to_string(),
+        ]);
+        names.sort();
+        names.dedup();
+    }
+    let pki = if config.api.tls || devices.as_ref().is_some_and(|(s, _, _)| !s.plain_http) {
+        let dir = config.gateway.state_dir.join("tls");
+        Some(
+            outpost_serve::pki::SitePki::load_or_create(&dir, &names)
+                .context("the site CA (gateway.state_dir/tls)")?,
         )
-        .context("onboarding settings ([onboarding] in the config)")?,
-    );
+    } else {
+        None
+    };
+    let devices_url = devices
+        .as_ref()
+        .map(|(section, _, bound)| section.public_url(*bound));
+    let api_scheme = if config.api.tls { "https" } else { "http" };
+    let device_api_url = match (&devices_url, &config.api.public_url) {
+        (Some(url), _) => url.clone(),
+        (None, Some(url)) => url.clone(),
+        (None, None) => format!("{api_scheme}://{addr}"),
+    };
+    let mut onboarder = outpost_onboarding::Onboarder::new(
+        config.onboarding_settings(),
+        store.clone(),
+        uplink.clone(),
+        device_api_url.clone(),
+    )
+    .context("onboarding settings ([onboarding] in the config)")?;
+    if device_api_url.starts_with("https://")
+        && let Some(pki) = &pki
+    {
+        onboarder = onboarder.with_device_api_ca(pki.ca_pem().to_owned());
+    }
+    let onboarder = Arc::new(onboarder);
     // The key that signs firmware download links for devices.
     let key_file = config.gateway.state_dir.join("url.key");
     // Onboarding runs in flight stop with the gateway.
@@ -253,7 +298,15 @@ async fn start(
         Arc::clone(&handlers),
         outbox.clone(),
         inbox,
-        outpost_rollout::Mailbox::new(config.cache.public_url(firmware_addr), links.clone()),
+        // Devices download where they reach the gateway: the device listener, else the
+        // plain firmware listener, else the API listener (which serves /firmware/ too).
+        outpost_rollout::Mailbox::new(
+            devices_url
+                .clone()
+                .or_else(|| plain_firmware_url.clone())
+                .unwrap_or_else(|| device_api_url.clone()),
+            links.clone(),
+        ),
         config.gateway.id.as_str().to_owned(),
     );
     let engine = rollouts.clone();
@@ -280,46 +333,88 @@ async fn start(
                 "offline"
             },
             onboarding,
-            firmware_url: format!("http://{firmware_addr}"),
+            firmware_url: plain_firmware_url.clone(),
+            devices_url: devices_url.clone(),
         },
         handlers,
         firmware: firmware.clone(),
         outbox,
         uplink,
         rollouts,
+        links: links.clone(),
+        require_signed_links: config.cache.require_signed_links,
     });
     let api_shutdown = shutdown.clone();
     let api_limits = config.api.limits();
+    let api_tls = pki
+        .as_ref()
+        .filter(|_| config.api.tls)
+        .map(|p| p.acceptor());
+    let api_state = Arc::clone(&state);
+    if let Some((section, listener, bound)) = devices {
+        let tls = pki
+            .as_ref()
+            .filter(|_| !section.plain_http)
+            .map(|p| p.acceptor());
+        if tls.is_none() {
+            tracing::warn!(
+                "devices.plain_http = true: device tokens and firmware cross the site network in the clear"
+            );
+        }
+        let url = devices_url.clone().unwrap_or_default();
+        tracing::info!(addr = %bound, url, "device listener listening on {url}");
+        let (limits, state, stop) = (section.limits(), Arc::clone(&state), shutdown.clone());
+        tasks.spawn(
+            async move {
+                api::serve_devices(listener, tls, limits, state, stop.clone()).await;
+                stop.cancel();
+            }
+            .instrument(tracing::info_span!("task", name = "device-listener")),
+        );
+    }
     tasks.spawn(
         async move {
-            api::serve(listener, api_limits, state, api_shutdown.clone()).await;
+            api::serve(
+                listener,
+                api_tls,
+                api_limits,
+                api_state,
+                api_shutdown.clone(),
+            )
+            .await;
             // Whatever ended it, the gateway stops with its API.
             api_shutdown.cancel();
         }
         .instrument(tracing::info_span!("task", name = "local-api")),
     );
-    let mut server_config = config.cache.server_config();
-    server_config.links = Some(links.clone());
-    if !server_config.require_signed_links {
+    if !config.cache.require_signed_links {
         tracing::warn!(
-            "cache.require_signed_links = false: anyone who reaches {firmware_addr} can fetch any cached firmware by its hash"
+            "cache.require_signed_links = false: anyone who reaches a firmware listener can fetch any cached firmware by its hash"
         );
     }
-    let firmware_shutdown = shutdown.clone();
-    let served = firmware.clone();
-    tasks.spawn(
-        async move {
-            outpost_cache::server::serve(
-                served,
-                firmware_listener,
-                server_config,
-                firmware_shutdown.clone(),
-            )
-            .await;
-            firmware_shutdown.cancel();
-        }
-        .instrument(tracing::info_span!("task", name = "firmware-server")),
-    );
+    if let Some((listener, firmware_addr)) = firmware_listener {
+        let mut server_config = config.cache.server_config();
+        server_config.links = Some(links.clone());
+        let firmware_shutdown = shutdown.clone();
+        let served = firmware.clone();
+        tasks.spawn(
+            async move {
+                outpost_cache::server::serve(
+                    served,
+                    listener,
+                    server_config,
+                    firmware_shutdown.clone(),
+                )
+                .await;
+                firmware_shutdown.cancel();
+            }
+            .instrument(tracing::info_span!("task", name = "firmware-server")),
+        );
+        tracing::info!(
+            addr = %firmware_addr,
+            "firmware server listening on http://{firmware_addr}/firmware/{{sha256}}"
+        );
+    }
     // Bytes served per device reach the store in batches, not per request.
     let accounting_shutdown = shutdown.clone();
     tasks.spawn(
@@ -336,10 +431,6 @@ async fn start(
             }
         }
         .instrument(tracing::info_span!("task", name = "firmware-accounting")),
-    );
-    tracing::info!(
-        addr = %firmware_addr,
-        "firmware server listening on http://{firmware_addr}/firmware/{{sha256}}"
     );
     tracing::info!(
         addr = %addr,

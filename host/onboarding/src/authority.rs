@@ -221,21 +221,7 @@ fn write_ca(dir: &Path, name: &str) -> anyhow::Result<(std::path::PathBuf, std::
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let key = KeyPair::generate()?;
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, name);
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
-    params.key_usages = vec![
-        rcgen::KeyUsagePurpose::KeyCertSign,
-        rcgen::KeyUsagePurpose::CrlSign,
-        rcgen::KeyUsagePurpose::DigitalSignature,
-    ];
-    let now = std::time::SystemTime::now();
-    params.not_before = now.into();
-    params.not_after = (now + std::time::Duration::from_secs(20 * 365 * 86_400)).into();
-    let cert = params.self_signed(&key)?;
+    let (cert_pem, key_pem) = outpost_serve::pki::new_ca(name).map_err(anyhow::Error::msg)?;
     let cert_path = dir.join("claim-ca.pem");
     let key_path = dir.join("claim-ca.key");
     for path in [&cert_path, &key_path] {
@@ -243,12 +229,12 @@ fn write_ca(dir: &Path, name: &str) -> anyhow::Result<(std::path::PathBuf, std::
             bail!("{} exists; not overwriting a CA", path.display());
         }
     }
-    std::fs::write(&cert_path, cert.pem())?;
+    std::fs::write(&cert_path, cert_pem)?;
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(&key_path)?;
-    file.write_all(key.serialize_pem().as_bytes())?;
+    file.write_all(key_pem.as_bytes())?;
     Ok((cert_path, key_path))
 }

@@ -141,6 +141,8 @@ pub struct Onboarder {
     store: Store,
     /// The device API's base URL handed to devices that run the Outpost agent.
     device_api: String,
+    /// The CA (PEM) devices trust for `device_api` when it is HTTPS.
+    device_api_ca: Option<String>,
     settings: OnboardingSettings,
     authority: Option<Authority>,
     /// Lobby events go to the cloud through it (when configured).
@@ -312,6 +314,7 @@ impl Onboarder {
                 url.truncate(url.trim_end_matches('/').len());
                 url
             },
+            device_api_ca: None,
             store,
             settings,
             authority,
@@ -322,6 +325,13 @@ impl Onboarder {
             tasks: TaskTracker::new(),
             stop: CancellationToken::new(),
         })
+    }
+
+    /// Devices are handed `ca_pem` with the device API's URL: the site CA, the only one
+    /// they trust for an `https://` device API.
+    pub fn with_device_api_ca(mut self, ca_pem: String) -> Self {
+        self.device_api_ca = Some(ca_pem);
+        self
     }
 
     /// A run by id.
@@ -767,11 +777,14 @@ impl Onboarder {
             .issue_device_credential(&target.name)
             .await
             .context("issuing the device credential")?;
-        let message = serde_json::json!({
+        let mut message = serde_json::json!({
             "api": api,
             "deviceId": target.name,
             "token": token,
         });
+        if let Some(ca) = &self.device_api_ca {
+            message["caPem"] = serde_json::Value::String(ca.clone());
+        }
         let answer = client
             .request(AGENT_ENDPOINT, message.to_string().as_bytes())
             .await

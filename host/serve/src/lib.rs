@@ -16,15 +16,20 @@
 //!   [`Limits::write_stall_timeout`] is disconnected, so a slow reader cannot hold a slot
 //!   forever (a response that is merely slow to *produce*, such as a long poll or a cold
 //!   firmware download, is not a stall);
-//! * **a graceful drain** on shutdown, bounded by [`Limits::grace`].
+//! * **a graceful drain** on shutdown, bounded by [`Limits::grace`];
+//! * **TLS** when given a [`TlsAcceptor`] ([`serve_tls`]): the handshake must complete
+//!   within the header read timeout, in the connection's own task, so a client that
+//!   stalls it holds only its own slot.
 //!
 //! Request bodies are the handlers' to read, with [`read_body`] (a size cap and a
 //! deadline for the whole body) and [`json::check_depth`] before any JSON is parsed.
 
 pub mod body;
 pub mod json;
+pub mod pki;
 
 mod clients;
+mod stream;
 mod watch;
 
 use std::convert::Infallible;
@@ -42,8 +47,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 pub use body::{BodyError, read_body};
+pub use tokio_rustls::TlsAcceptor;
 
 use clients::Clients;
+use stream::Stream;
 use watch::{StallClock, Watched};
 
 /// The limits one listener enforces.
@@ -80,6 +87,25 @@ impl Default for Limits {
 /// names the listener in logs.
 pub async fn serve<M, S, B>(
     listener: TcpListener,
+    limits: Limits,
+    name: &'static str,
+    shutdown: CancellationToken,
+    make_service: M,
+) where
+    M: FnMut(SocketAddr) -> S,
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Send + 'static,
+    S::Future: Send + 'static,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    serve_tls(listener, None, limits, name, shutdown, make_service).await;
+}
+
+/// As [`serve`], over TLS when `tls` is given.
+pub async fn serve_tls<M, S, B>(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
     limits: Limits,
     name: &'static str,
     shutdown: CancellationToken,
@@ -128,8 +154,26 @@ pub async fn serve<M, S, B>(
         let http = http.clone();
         let shutdown = shutdown.clone();
         let stall_timeout = limits.write_stall_timeout;
+        let handshake_timeout = limits.header_read_timeout;
+        let tls = tls.clone();
         connections.spawn(async move {
             let _held = (slot, client);
+            let stream = match tls {
+                None => Stream::Plain(stream),
+                Some(acceptor) => {
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => Stream::Tls(Box::new(tls)),
+                        Ok(Err(error)) => {
+                            tracing::debug!(listener = name, %peer, %error, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(listener = name, %peer, "TLS handshake timed out");
+                            return;
+                        }
+                    }
+                }
+            };
             let stall = StallClock::new();
             let io = TokioIo::new(Watched::new(stream, stall.clone()));
             let connection = http.serve_connection(io, service);

@@ -244,3 +244,175 @@ async fn shutdown_lets_a_request_in_flight_finish() {
         "the listener is closed"
     );
 }
+
+mod tls {
+    use std::sync::Arc;
+
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+    use super::*;
+
+    /// A CA, and a server certificate it signed for 127.0.0.1.
+    fn site_pki() -> (CertificateDer<'static>, Arc<rustls::ServerConfig>) {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone(), ca_cert.der().clone()],
+            PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+        (ca_cert.der().clone(), Arc::new(config))
+    }
+
+    fn client_trusting(ca: CertificateDer<'static>) -> TlsConnector {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca).unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        TlsConnector::from(Arc::new(config))
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tls_serves_a_client_that_trusts_the_site_ca_and_no_other() {
+        let (ca, server) = site_pki();
+        let (stranger_ca, _) = site_pki();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let limits = Limits {
+            header_read_timeout: Duration::from_millis(500),
+            ..Limits::default()
+        };
+        let task = tokio::spawn(outpost_serve::serve_tls(
+            listener,
+            Some(TlsAcceptor::from(server)),
+            limits,
+            "test",
+            shutdown.clone(),
+            |_| service_fn(answer),
+        ));
+        let name = ServerName::try_from("127.0.0.1").unwrap();
+
+        // A client that stalls its handshake holds only its own connection.
+        let mut stalled = connect_from("127.0.0.1", addr).await;
+        stalled.write_all(&[0x16, 0x03, 0x01]).await.unwrap();
+
+        let stream = connect_from("127.0.0.2", addr).await;
+        let mut tls = client_trusting(ca)
+            .connect(name.clone(), stream)
+            .await
+            .unwrap();
+        tls.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        tls.read_to_end(&mut answer).await.unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.starts_with("HTTP/1.1 200") && answer.ends_with("ok"),
+            "{answer}"
+        );
+
+        // A client that trusts another CA refuses the server.
+        let stream = connect_from("127.0.0.2", addr).await;
+        let refused = client_trusting(stranger_ca).connect(name, stream).await;
+        assert!(
+            refused.is_err(),
+            "a certificate from an untrusted CA was accepted"
+        );
+
+        // Plain HTTP on the TLS port gets no HTTP answer.
+        let plain = get("127.0.0.2", addr, "/").await;
+        assert!(!plain.contains("HTTP/1.1 200"), "{plain}");
+
+        // The stalled handshake is cut off after the header timeout.
+        let mut rest = Vec::new();
+        let closed =
+            tokio::time::timeout(Duration::from_secs(5), stalled.read_to_end(&mut rest)).await;
+        assert!(closed.is_ok(), "a stalled handshake was never closed");
+
+        shutdown.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_site_ca_is_made_once_kept_private_and_signs_the_listener() {
+        use outpost_serve::pki::{CA_KEY, PkiError, SitePki};
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let tls_dir = dir.path().join("tls");
+        let names = vec!["127.0.0.1".to_owned(), "gateway.local".to_owned()];
+        let first = SitePki::load_or_create(&tls_dir, &names).unwrap();
+        let again = SitePki::load_or_create(&tls_dir, &names).unwrap();
+        assert_eq!(
+            first.ca_pem(),
+            again.ca_pem(),
+            "the CA is kept across starts"
+        );
+        let mode = std::fs::metadata(tls_dir.join(CA_KEY))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(outpost_serve::serve_tls(
+            listener,
+            Some(again.acceptor()),
+            Limits::default(),
+            "test",
+            shutdown.clone(),
+            |_| service_fn(answer),
+        ));
+        use rustls_pki_types::pem::PemObject as _;
+        let ca = CertificateDer::from_pem_slice(first.ca_pem().as_bytes()).unwrap();
+        for name in ["127.0.0.1", "gateway.local"] {
+            let stream = connect_from("127.0.0.1", addr).await;
+            let server = ServerName::try_from(name.to_owned()).unwrap();
+            let mut tls = client_trusting(ca.clone())
+                .connect(server, stream)
+                .await
+                .unwrap();
+            tls.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            let mut answer = Vec::new();
+            tls.read_to_end(&mut answer).await.unwrap();
+            assert!(String::from_utf8_lossy(&answer).ends_with("ok"));
+        }
+        // A name the certificate was not issued for is refused.
+        let stream = connect_from("127.0.0.1", addr).await;
+        let other = ServerName::try_from("elsewhere.example").unwrap();
+        assert!(client_trusting(ca).connect(other, stream).await.is_err());
+        shutdown.cancel();
+        task.await.unwrap();
+
+        // A damaged key is an error that names the file, never silently replaced.
+        std::fs::write(tls_dir.join(CA_KEY), "garbage").unwrap();
+        let err = SitePki::load_or_create(&tls_dir, &names).unwrap_err();
+        assert!(matches!(err, PkiError::Invalid { .. }), "{err}");
+        assert!(err.to_string().contains(CA_KEY), "{err}");
+    }
+}

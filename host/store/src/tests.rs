@@ -63,6 +63,7 @@ async fn migrates_from_empty_to_the_current_schema() {
     assert_eq!(
         table_names(&path),
         [
+            "api_tokens",
             "claims",
             "desired_state",
             "device_credentials",
@@ -102,7 +103,7 @@ async fn migrates_from_the_previous_schema_keeping_data() {
         conn.close().unwrap();
     }
     assert_eq!(user_version(&path), SCHEMA_VERSION - 1);
-    assert!(!table_names(&path).contains(&"rollouts".to_owned()));
+    assert!(!table_names(&path).contains(&"api_tokens".to_owned()));
 
     let store = Store::open(&path).await.unwrap();
     let device = store
@@ -169,6 +170,7 @@ async fn migrates_from_the_first_schema_through_every_later_one() {
     assert_eq!(
         table_names(&path),
         [
+            "api_tokens",
             "claims",
             "desired_state",
             "device_credentials",

@@ -196,6 +196,7 @@ pub(crate) fn route_label(path: &str) -> &'static str {
         ["dashboard"] => "/dashboard",
         ["healthz"] => "/healthz",
         ["metrics"] => "/metrics",
+        ["firmware", _] => "/firmware/{sha256}",
         ["api", "v1", "devices"] => "/api/v1/devices",
         ["api", "v1", "devices", _, "telemetry"] => "/api/v1/devices/{id}/telemetry",
         ["api", "v1", "devices", _, "register"] => "/api/v1/devices/{id}/register",

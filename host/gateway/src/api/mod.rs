@@ -49,6 +49,10 @@ pub(crate) struct ApiState {
     pub(crate) outbox: outpost_uplink::Outbox,
     pub(crate) uplink: Option<outpost_uplink::Uplink>,
     pub(crate) rollouts: outpost_rollout::Rollouts,
+    /// Checks the signed firmware links the device listener serves.
+    pub(crate) links: outpost_cache::links::LinkSigner,
+    /// Whether `/firmware/` needs a signed link (`cache.require_signed_links`).
+    pub(crate) require_signed_links: bool,
 }
 
 /// The `/healthz` answer.
@@ -61,8 +65,12 @@ pub(crate) struct Health {
     /// `/api/v1/uplink`.
     pub(crate) uplink: &'static str,
     pub(crate) onboarding: OnboardingStatus,
-    /// Where devices download firmware.
-    pub(crate) firmware_url: String,
+    /// The plain-HTTP firmware listener (`cache.bind`), when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) firmware_url: Option<String>,
+    /// The device listener (`[devices]`), when there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) devices_url: Option<String>,
 }
 
 /// Who answers.
@@ -76,18 +84,91 @@ pub(crate) struct GatewayInfo {
 /// request (up to the limits' grace) and returns.
 pub(crate) async fn serve(
     listener: TcpListener,
+    tls: Option<outpost_serve::TlsAcceptor>,
     limits: outpost_serve::Limits,
     state: Arc<ApiState>,
     shutdown: CancellationToken,
 ) {
-    outpost_serve::serve(listener, limits, "local API", shutdown, move |_peer| {
+    outpost_serve::serve_tls(listener, tls, limits, "local API", shutdown, move |peer| {
         let state = Arc::clone(&state);
         service_fn(move |request| {
             let state = Arc::clone(&state);
-            async move { Ok::<_, Infallible>(route(&state, request).await) }
+            async move {
+                use http_body_util::Either;
+                // Firmware by signed link here too, for sites without a device listener.
+                if request.uri().path().starts_with("/firmware/") {
+                    return Ok::<_, Infallible>(firmware(&state, &request, peer).await);
+                }
+                Ok::<_, Infallible>(route(&state, request).await.map(Either::Left))
+            }
         })
     })
     .await;
+}
+
+/// What the device listener answers: JSON from the device endpoints, or firmware.
+type DeviceBody = http_body_util::Either<Full<Bytes>, outpost_cache::server::FirmwareBody>;
+
+/// Serves the device listener (`[devices]`): the device endpoints and `/firmware/`,
+/// nothing else, over TLS when `tls` is given.
+pub(crate) async fn serve_devices(
+    listener: TcpListener,
+    tls: Option<outpost_serve::TlsAcceptor>,
+    limits: outpost_serve::Limits,
+    state: Arc<ApiState>,
+    shutdown: CancellationToken,
+) {
+    outpost_serve::serve_tls(listener, tls, limits, "devices", shutdown, move |peer| {
+        let state = Arc::clone(&state);
+        service_fn(move |request| {
+            let state = Arc::clone(&state);
+            async move { Ok::<_, Infallible>(device_route(&state, request, peer).await) }
+        })
+    })
+    .await;
+}
+
+/// `GET`/`HEAD /firmware/{sha256}` with a signed link, as the fan-out server answers.
+async fn firmware(
+    state: &ApiState,
+    request: &Request<Incoming>,
+    peer: std::net::SocketAddr,
+) -> Response<DeviceBody> {
+    let answer = outpost_cache::server::answer(
+        &state.firmware,
+        Some(&state.links),
+        state.require_signed_links,
+        request,
+        peer,
+    )
+    .await;
+    metrics::count_request(request.uri().path(), answer.status());
+    answer.map(http_body_util::Either::Right)
+}
+
+async fn device_route(
+    state: &ApiState,
+    request: Request<Incoming>,
+    peer: std::net::SocketAddr,
+) -> Response<DeviceBody> {
+    use http_body_util::Either;
+    let path = request.uri().path().to_owned();
+    if path.starts_with("/firmware/") {
+        return firmware(state, &request, peer).await;
+    }
+    let method = request.method().clone();
+    let result = match device_endpoint(&path) {
+        Some((id, "telemetry")) if method == Method::POST => {
+            uplink::telemetry(state, id, request).await
+        }
+        Some((_, "telemetry")) => Err(ApiError::method_not_allowed(&method, "POST")),
+        Some((id, what)) => rollouts::device(state, id, what, request).await,
+        // The operators' API is not served here.
+        None => Err(ApiError::not_found(&path)),
+    };
+    let response = result.unwrap_or_else(ApiError::into_response);
+    metrics::count_request(&path, response.status());
+    response.map(Either::Left)
 }
 
 async fn route(state: &ApiState, request: Request<Incoming>) -> Response<Full<Bytes>> {

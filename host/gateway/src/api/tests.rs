@@ -88,17 +88,21 @@ async fn start() -> Running {
             },
             uplink: "offline",
             onboarding: OnboardingStatus::Disabled,
-            firmware_url: "http://127.0.0.1:8070".into(),
+            firmware_url: None,
+            devices_url: None,
         },
         handlers,
         firmware,
         outbox: outbox.clone(),
         uplink: None,
         rollouts,
+        links: outpost_cache::links::LinkSigner::new([9; 32]),
+        require_signed_links: true,
     });
     let shutdown = CancellationToken::new();
     let server = tokio::spawn(serve(
         listener,
+        None,
         outpost_serve::Limits::default(),
         state,
         shutdown.clone(),

@@ -41,6 +41,9 @@ pub(crate) struct Config {
     pub(crate) outbox: OutboxSection,
     #[serde(default)]
     pub(crate) cache: CacheSection,
+    /// Absent: no device listener; devices use the API listener (`api.public_url`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) devices: Option<DevicesSection>,
     #[serde(default)]
     pub(crate) onboarding: OnboardingSection,
     #[serde(default)]
@@ -81,6 +84,82 @@ pub(crate) struct ApiSection {
     /// Connections one address may hold at once; more are refused with 503.
     #[serde(default = "default_connections_per_client")]
     pub(crate) max_connections_per_client: NonZeroU32,
+    /// Serve the API over TLS with the site CA's certificate (needed to bind it beyond
+    /// loopback).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) tls: bool,
+}
+
+/// `[devices]`: the listener for devices on the site network: the device endpoints and
+/// `/firmware/`, over TLS with a certificate of the site CA that devices are handed at
+/// onboarding.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DevicesSection {
+    #[serde(default = "default_devices_bind")]
+    pub(crate) bind: SocketAddr,
+    /// The base URL devices reach it at (`https://192.168.4.1:8443`); default: the bound
+    /// address (127.0.0.1 when it is unspecified).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) public_url: Option<String>,
+    /// More names (DNS names or IP addresses) for the listener's certificate, beside the
+    /// host of `public_url`, the bound address and the loopback names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) names: Vec<String>,
+    /// Plain HTTP instead of TLS, for devices that cannot do TLS. Their tokens and
+    /// firmware then cross the site network in the clear.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) plain_http: bool,
+    /// Connections one address may hold at once; more are refused with 503.
+    #[serde(default = "default_connections_per_client")]
+    pub(crate) max_connections_per_client: NonZeroU32,
+}
+
+impl DevicesSection {
+    /// The base URL devices use, given the bound address.
+    pub(crate) fn public_url(&self, bound: SocketAddr) -> String {
+        let scheme = if self.plain_http { "http" } else { "https" };
+        match &self.public_url {
+            Some(url) => url.trim_end_matches('/').to_owned(),
+            None if bound.ip().is_unspecified() => {
+                format!("{scheme}://127.0.0.1:{}", bound.port())
+            }
+            None => format!("{scheme}://{bound}"),
+        }
+    }
+
+    /// The names the listener's certificate is issued for.
+    pub(crate) fn certificate_names(&self, bound: SocketAddr) -> Vec<String> {
+        let mut names = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+        if !bound.ip().is_unspecified() {
+            names.push(bound.ip().to_string());
+        }
+        if let Some(host) = self
+            .public_url
+            .as_deref()
+            .and_then(|url| url.parse::<hyper::Uri>().ok())
+            .and_then(|uri| uri.host().map(|h| h.trim_matches(['[', ']']).to_owned()))
+        {
+            names.push(host);
+        }
+        names.extend(self.names.iter().cloned());
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// The listener's connection caps and timeouts.
+    pub(crate) fn limits(&self) -> outpost_serve::Limits {
+        outpost_serve::Limits {
+            max_connections: 512,
+            max_connections_per_client: as_usize(self.max_connections_per_client),
+            ..outpost_serve::Limits::default()
+        }
+    }
+}
+
+fn default_devices_bind() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 8443))
 }
 
 impl ApiSection {
@@ -336,9 +415,11 @@ pub(crate) struct CacheSection {
     /// Memory for blobs held in RAM while they are served.
     #[serde(default = "default_cache_memory_mib")]
     pub(crate) memory_mib: u64,
-    /// Where devices download firmware (`GET /firmware/{sha256}`).
-    #[serde(default = "default_firmware_bind")]
-    pub(crate) bind: SocketAddr,
+    /// A plain-HTTP firmware listener (`GET /firmware/{sha256}`), for devices that cannot
+    /// do TLS. Absent: firmware is served on the device listener (`[devices]`), or on the
+    /// API listener when there is none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) bind: Option<SocketAddr>,
     /// Device connections served at once.
     #[serde(default = "default_firmware_connections")]
     pub(crate) max_connections: NonZeroU32,
@@ -512,9 +593,6 @@ fn default_cache_mib() -> NonZeroU64 {
 fn default_cache_memory_mib() -> u64 {
     64
 }
-fn default_firmware_bind() -> SocketAddr {
-    SocketAddr::from(([0, 0, 0, 0], 8070))
-}
 fn default_true() -> bool {
     true
 }
@@ -544,6 +622,7 @@ impl Default for ApiSection {
             admin_token: None,
             public_url: None,
             max_connections_per_client: default_connections_per_client(),
+            tls: false,
         }
     }
 }
@@ -569,7 +648,7 @@ impl Default for CacheSection {
         Self {
             max_size_mib: default_cache_mib(),
             memory_mib: default_cache_memory_mib(),
-            bind: default_firmware_bind(),
+            bind: None,
             max_connections: default_firmware_connections(),
             max_connections_per_client: default_connections_per_client(),
             require_signed_links: true,
@@ -753,6 +832,17 @@ impl Config {
             ));
         }
 
+        if !config.api.bind.ip().is_loopback() && !config.api.tls {
+            return Err(located(
+                None,
+                format!(
+                    "api.bind {} is beyond this machine, and the admin API would carry its \
+                     tokens in the clear: set api.tls = true (the site CA's certificate), or bind \
+                     127.0.0.1 and give devices a [devices] listener",
+                    config.api.bind
+                ),
+            ));
+        }
         if config.gateway.state_dir.exists() && !config.gateway.state_dir.is_dir() {
             return Err(located(
                 None,

@@ -638,8 +638,11 @@ fn an_offline_site_rolls_out_locally_and_results_reach_the_cloud_when_the_uplink
     let mut broker = Mosquitto::start("");
     let mut cloud = Cloud::start(&[format!("--hub=a={}", broker.url())]);
     broker.stop();
+    // Devices reach the gateway on its TLS device listener, trusting only the site CA
+    // they are handed at onboarding: registration, commands, reports and downloads.
     let fleet = FleetSite::new(&format!(
-        "[uplink]\nbroker = \"{}\"\nbackoff_min_ms = 100\nbackoff_max_ms = 400\n",
+        "[uplink]\nbroker = \"{}\"\nbackoff_min_ms = 100\nbackoff_max_ms = 400\n\n\
+         [devices]\nbind = \"127.0.0.1:0\"\nmax_connections_per_client = 512\n",
         broker.url()
     ));
     let mut gateway = Gateway::spawn(&fleet.site.config(), &[]);
