@@ -25,6 +25,10 @@ commands:
   bench-uplink [-- --messages N --connections C[,C..]] telemetry through the gateway
                                 (API -> outbox -> Mosquitto QoS1) next to raw Mosquitto
                                 QoS1; connections default 64,128
+  deb [-- --target TRIPLE]      the Debian package (cargo-deb, installed when missing):
+                                release build, /etc/outpost/outpost.toml from
+                                gateway-config with the state in /var/lib/outpost, the
+                                systemd unit; prints the .deb path
   demo [-- --lights N --sensors N --keep]
                                 the whole story on this machine: Mosquitto + cloud-sim,
                                 50 simulated devices onboarded, two signed handlers, a
@@ -39,6 +43,7 @@ fn main() -> ExitCode {
         Some("bench-onboard") => bench_onboard(&args[1..]),
         Some("bench-uplink") => bench_uplink(&args[1..]),
         Some("demo") => demo::run(&args[1..]),
+        Some("deb") => deb(&args[1..]),
         Some("help" | "-h" | "--help") => {
             eprintln!("{USAGE}");
             Ok(())
@@ -241,22 +246,7 @@ fn bench_onboard(args: &[String]) -> anyhow::Result<()> {
     }
     let root = workspace_root();
     let bluezoo = ensure_bluezoo(&root)?;
-    step("cargo build --release -p outpost-gateway -p esp-sim");
-    let status = Command::new(cargo())
-        .current_dir(&root)
-        .args([
-            "build",
-            "--release",
-            "--locked",
-            "-p",
-            "outpost-gateway",
-            "-p",
-            "esp-sim",
-        ])
-        .status()?;
-    if !status.success() {
-        bail!("release build failed");
-    }
+    build_release_gateway_and_sim(&root, None)?;
     let bin = root.join("target/release");
     let dir = root.join("target/bench-onboard");
     let _ = std::fs::remove_dir_all(&dir);
@@ -494,6 +484,92 @@ fn apt_install(packages: &str) -> anyhow::Result<()> {
     let mut args = vec!["apt-get", "install", "-y", "-qq", "--no-install-recommends"];
     args.extend(packages.split_whitespace());
     run(&args)
+}
+
+/// `cargo xtask deb [-- --target TRIPLE]`: builds the release binary and the Debian
+/// package; the packaged config is the shipped one with its state in /var/lib/outpost.
+fn deb(args: &[String]) -> anyhow::Result<()> {
+    let root = workspace_root();
+    let args = args.strip_prefix(&["--".to_owned()]).unwrap_or(args);
+    let target = match args {
+        [] => None,
+        [flag, triple] if flag == "--target" => Some(triple.clone()),
+        other => bail!("unexpected arguments {other:?}: use -- --target TRIPLE"),
+    };
+    if Command::new(cargo())
+        .args(["deb", "--version"])
+        .output()
+        .map_or(true, |o| !o.status.success())
+    {
+        step("cargo install cargo-deb --locked");
+        let status = Command::new(cargo())
+            .args(["install", "cargo-deb", "--locked"])
+            .status()?;
+        if !status.success() {
+            bail!("cargo install cargo-deb failed ({status})");
+        }
+    }
+    // The package's config: the shipped one, with the state where the unit keeps it.
+    let shipped = std::fs::read_to_string(root.join("gateway-config/outpost.toml"))?;
+    let mut replaced = 0;
+    let packaged: String = shipped
+        .lines()
+        .map(|line| {
+            if line.starts_with("state_dir = ") {
+                replaced += 1;
+                "state_dir = \"/var/lib/outpost\"".to_owned()
+            } else {
+                line.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    if replaced != 1 {
+        bail!("gateway-config/outpost.toml has no single `state_dir = ` line to replace");
+    }
+    std::fs::create_dir_all(root.join("target/deb"))?;
+    std::fs::write(root.join("target/deb/outpost.toml"), packaged + "\n")?;
+
+    build_release_gateway_and_sim(&root, target.as_deref())?;
+    let mut package = Command::new(cargo());
+    package
+        .current_dir(&root)
+        .args(["deb", "-p", "outpost-gateway", "--no-build", "--locked"]);
+    if let Some(triple) = &target {
+        package.args(["--target", triple]);
+    }
+    step("cargo deb -p outpost-gateway --no-build");
+    let output = package.stderr(std::process::Stdio::inherit()).output()?;
+    if !output.status.success() {
+        bail!("cargo deb failed ({})", output.status);
+    }
+    let deb = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+    println!("{deb}");
+    Ok(())
+}
+
+/// The release build of the gateway and esp-sim that bench-onboard and deb share: one
+/// package set, so cargo unifies features the same way and CI compiles it once.
+fn build_release_gateway_and_sim(root: &Path, target: Option<&str>) -> anyhow::Result<()> {
+    step("cargo build --release -p outpost-gateway -p esp-sim");
+    let mut build = Command::new(cargo());
+    build.current_dir(root).args([
+        "build",
+        "--release",
+        "--locked",
+        "-p",
+        "outpost-gateway",
+        "-p",
+        "esp-sim",
+    ]);
+    if let Some(triple) = target {
+        build.args(["--target", triple]);
+    }
+    let status = build.status()?;
+    if !status.success() {
+        bail!("release build failed ({status})");
+    }
+    Ok(())
 }
 
 fn step(what: &str) {

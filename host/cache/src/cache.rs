@@ -134,6 +134,8 @@ struct State {
 pub(crate) struct Inner {
     store: Store,
     config: CacheConfig,
+    /// The manifest signers in force: the config's, replaced on reload.
+    signers: std::sync::RwLock<Vec<TrustedSigner>>,
     upstream: Upstream,
     state: Mutex<State>,
     /// Serialises admission decisions (reserve and evict) so two cannot overspend.
@@ -278,6 +280,7 @@ impl FirmwareCache {
         let cache = Self {
             inner: Arc::new(Inner {
                 store,
+                signers: std::sync::RwLock::new(config.trusted_signers.clone()),
                 config,
                 upstream,
                 state: Mutex::new(State {
@@ -292,9 +295,30 @@ impl FirmwareCache {
         Ok(cache)
     }
 
-    /// The configuration the cache runs with.
+    /// The configuration the cache runs with (its `trusted_signers` as at start; see
+    /// [`set_trusted_signers`](Self::set_trusted_signers)).
     pub fn config(&self) -> &CacheConfig {
         &self.inner.config
+    }
+
+    /// The manifest signers in force.
+    pub fn signers(&self) -> Vec<TrustedSigner> {
+        self.inner
+            .signers
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces the keys whose manifests are accepted (the gateway does on SIGHUP).
+    /// Manifests accepted before stay; new ones, and recorded ones checked again at
+    /// start, verify against these.
+    pub fn set_trusted_signers(&self, signers: Vec<TrustedSigner>) {
+        *self
+            .inner
+            .signers
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = signers;
     }
 
     /// Restarts, in the background, the downloads a previous run left unfinished, if a
@@ -333,7 +357,7 @@ impl FirmwareCache {
     /// Verifies a signed manifest and records it; its files may then be fetched. The
     /// files are not fetched yet: see [`FirmwareCache::prefetch`].
     pub async fn add_manifest(&self, jws: &str) -> Result<VerifiedManifest, CacheError> {
-        let verified = manifest::verify(jws, &self.inner.config.trusted_signers)?;
+        let verified = manifest::verify(jws, &self.signers())?;
         let record = verified.clone();
         self.inner
             .store
@@ -382,7 +406,7 @@ impl FirmwareCache {
             .await?;
         // Re-verified on the way out: a row edited on disk does not become trusted.
         rows.iter()
-            .map(|jws| manifest::verify(jws, &self.inner.config.trusted_signers))
+            .map(|jws| manifest::verify(jws, &self.signers()))
             .collect()
     }
 

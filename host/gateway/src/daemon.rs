@@ -5,12 +5,15 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use outpost_store::Store;
+use sd_notify::NotifyState;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use outpost_onboarding::OnboardingStatus;
+
+mod service;
 
 use crate::api::{self, ApiState, GatewayInfo, Health};
 use crate::config::Config;
@@ -21,6 +24,7 @@ pub(crate) async fn run(config: Config, config_path: &Path) -> anyhow::Result<()
     // Listen for signals first: one that arrives during start-up still stops us cleanly.
     let mut sigterm = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
     let mut sigint = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    let mut sighup = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
 
     for warning in &config.warnings {
         tracing::warn!(config = %config_path.display(), "{warning}");
@@ -71,7 +75,7 @@ pub(crate) async fn run(config: Config, config_path: &Path) -> anyhow::Result<()
         outbox,
     )
     .await;
-    let (tasks, shutdown) = match started {
+    let (tasks, shutdown, registry) = match started {
         Ok(running) => running,
         Err(err) => {
             outbox_shutdown.cancel();
@@ -85,11 +89,21 @@ pub(crate) async fn run(config: Config, config_path: &Path) -> anyhow::Result<()
         }
     };
 
-    let reason = tokio::select! {
-        _ = sigterm.recv() => "SIGTERM",
-        _ = sigint.recv() => "SIGINT",
-        () = shutdown.cancelled() => "a task stopped",
+    // Under systemd (Type=notify): ready now that every listener listens, and alive as
+    // long as the state database answers.
+    service::notify(&[NotifyState::Ready]);
+    if let Some(every) = sd_notify::watchdog_enabled() {
+        tasks.spawn(service::watchdog(every, store.clone(), shutdown.clone()));
+    }
+    let reason = loop {
+        tokio::select! {
+            _ = sigterm.recv() => break "SIGTERM",
+            _ = sigint.recv() => break "SIGINT",
+            () = shutdown.cancelled() => break "a task stopped",
+            _ = sighup.recv() => service::reload(config_path, &registry, &firmware),
+        }
     };
+    service::notify(&[NotifyState::Stopping]);
     tracing::info!(reason, "shutting down");
     shutdown.cancel();
     tasks.close();
@@ -115,7 +129,11 @@ async fn start(
     store: Store,
     firmware: outpost_cache::FirmwareCache,
     outbox: outpost_uplink::Outbox,
-) -> anyhow::Result<(TaskTracker, CancellationToken)> {
+) -> anyhow::Result<(
+    TaskTracker,
+    CancellationToken,
+    Arc<outpost_runtime::HandlerRegistry>,
+)> {
     let tasks = TaskTracker::new();
     let shutdown = CancellationToken::new();
     let admin = match &config.api.admin_token {
@@ -143,6 +161,7 @@ async fn start(
         tracing::warn!("{warning}");
     }
     let handlers = Arc::new(handlers);
+    let registry = Arc::clone(&handlers);
     let installed = handlers.list();
     tracing::info!(
         count = installed.len(),
@@ -438,7 +457,7 @@ async fn start(
         state_dir = %config.gateway.state_dir.display(),
         "local API listening on http://{addr}"
     );
-    Ok((tasks, shutdown))
+    Ok((tasks, shutdown, registry))
 }
 
 /// Opens the installed-handler registry of the config's state directory; the warnings

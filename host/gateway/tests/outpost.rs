@@ -25,6 +25,8 @@ mod metrics;
 mod onboarding;
 #[path = "outpost/rollouts.rs"]
 mod rollouts;
+#[path = "outpost/service.rs"]
+mod service;
 #[path = "outpost/uplink.rs"]
 mod uplink;
 

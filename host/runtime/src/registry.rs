@@ -105,7 +105,7 @@ pub enum InstallError {
 pub struct HandlerRegistry {
     dir: PathBuf,
     runtime: Arc<Runtime>,
-    trusted: Vec<TrustedVendor>,
+    trusted: RwLock<Vec<TrustedVendor>>,
     installed: RwLock<BTreeMap<String, Arc<InstalledHandler>>>,
 }
 
@@ -134,7 +134,7 @@ impl HandlerRegistry {
         let registry = Self {
             dir,
             runtime,
-            trusted,
+            trusted: RwLock::new(trusted),
             installed: RwLock::new(BTreeMap::new()),
         };
         let mut warnings = Vec::new();
@@ -177,7 +177,7 @@ impl HandlerRegistry {
         &self,
         archive: &[u8],
     ) -> Result<(Arc<InstalledHandler>, CacheOutcome), InstallError> {
-        let verified = Package::read(archive)?.verify(&self.trusted)?;
+        let verified = Package::read(archive)?.verify(&self.trusted())?;
         self.check_conflicts(verified.manifest())?;
         let (installed, outcome) = self.load_verified(verified).await?;
         let name = installed.manifest.name.clone();
@@ -258,7 +258,7 @@ impl HandlerRegistry {
         &self,
         archive: &[u8],
     ) -> Result<(InstalledHandler, CacheOutcome), InstallError> {
-        let verified = Package::read(archive)?.verify(&self.trusted)?;
+        let verified = Package::read(archive)?.verify(&self.trusted())?;
         self.load_verified(verified).await
     }
 
@@ -297,6 +297,44 @@ impl HandlerRegistry {
             },
             outcome,
         ))
+    }
+
+    /// The vendor keys in force.
+    fn trusted(&self) -> Vec<TrustedVendor> {
+        self.trusted
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces the trusted vendor keys (the gateway does on SIGHUP): later installs
+    /// verify against them, and an installed handler whose package no longer verifies
+    /// (its vendor withdrawn, or no longer allowed its device types) is unloaded at once,
+    /// left on disk as at start-up. Returns what was unloaded and why.
+    pub fn set_trusted(&self, trusted: Vec<TrustedVendor>) -> Vec<String> {
+        let installed: Vec<String> = self.read_map().keys().cloned().collect();
+        let mut withdrawn = Vec::new();
+        for name in installed {
+            let path = self.dir.join(&name).join(PACKAGE_FILE);
+            let verdict = std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|bytes| {
+                    Package::read(bytes.as_slice())
+                        .and_then(|p| p.verify(&trusted))
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                });
+            if let Err(why) = verdict {
+                self.write_map().remove(&name);
+                tracing::warn!(handler = %name, reason = %why, "handler unloaded: its package no longer verifies");
+                withdrawn.push(format!("{name}: {why}"));
+            }
+        }
+        *self
+            .trusted
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = trusted;
+        withdrawn
     }
 
     fn read_map(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Arc<InstalledHandler>>> {
