@@ -156,13 +156,8 @@ async fn device_route(
     if path.starts_with("/firmware/") {
         return firmware(state, &request, peer).await;
     }
-    let method = request.method().clone();
     let result = match device_endpoint(&path) {
-        Some((id, "telemetry")) if method == Method::POST => {
-            uplink::telemetry(state, id, request).await
-        }
-        Some((_, "telemetry")) => Err(ApiError::method_not_allowed(&method, "POST")),
-        Some((id, what)) => rollouts::device(state, id, what, request).await,
+        Some((id, what)) => device_request(state, id, what, request).await,
         // The operators' API is not served here.
         None => Err(ApiError::not_found(&path)),
     };
@@ -201,11 +196,7 @@ async fn route(state: &ApiState, request: Request<Incoming>) -> Response<Full<By
         // Devices authenticate with their own token, on their own endpoint only.
         device if device_endpoint(device).is_some() => {
             let (id, what) = device_endpoint(device).expect("matched");
-            match (what, &method) {
-                ("telemetry", &Method::POST) => uplink::telemetry(state, id, request).await,
-                ("telemetry", _) => Err(ApiError::method_not_allowed(&method, "POST")),
-                _ => rollouts::device(state, id, what, request).await,
-            }
+            device_request(state, id, what, request).await
         }
         // Authentication comes before routing under /api/, so an unauthenticated caller
         // learns nothing about which endpoints exist.
@@ -348,6 +339,22 @@ fn device_endpoint(path: &str) -> Option<(&str, &str)> {
     let device = matches!(what, "telemetry" | "register" | "next" | "reports")
         || (what.starts_with("commands/") && what.ends_with("/reply"));
     (device && !id.is_empty()).then_some((id, what))
+}
+
+/// One device endpoint (see [`device_endpoint`]), on whichever listener it came to.
+async fn device_request(
+    state: &ApiState,
+    id: &str,
+    what: &str,
+    request: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    match what {
+        "telemetry" if request.method() == Method::POST => {
+            uplink::telemetry(state, id, request).await
+        }
+        "telemetry" => Err(ApiError::method_not_allowed(request.method(), "POST")),
+        _ => rollouts::device(state, id, what, request).await,
+    }
 }
 
 #[derive(Serialize)]
