@@ -186,20 +186,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     crate::ensure_mosquitto()?;
     crate::ensure_rust_target(&root, crate::WASM_TARGET)?;
     crate::step("cargo build --release (outpost, esp-sim, cloud-sim) and the two handlers");
-    crate::cargo_ok(
-        &root,
-        &[
-            "build",
-            "--release",
-            "--locked",
-            "-p",
-            "outpost-gateway",
-            "-p",
-            "esp-sim",
-            "-p",
-            "cloud-sim",
-        ],
-    )?;
+    crate::build_release(&root, &["outpost-gateway", "esp-sim", "cloud-sim"], None)?;
     let guests = root.join("target/demo-guests");
     crate::cargo_ok(
         &root,

@@ -5,6 +5,7 @@
 //! own step to [`prepare`]), then runs `cargo test --workspace --locked`, passing on any
 //! arguments after `--`.
 
+mod arm64;
 mod demo;
 
 use std::path::{Path, PathBuf};
@@ -28,7 +29,12 @@ commands:
   deb [-- --target TRIPLE]      the Debian package (cargo-deb, installed when missing):
                                 release build, /etc/outpost/outpost.toml from
                                 gateway-config with the state in /var/lib/outpost, the
-                                systemd unit; prints the .deb path
+                                systemd unit; prints the .deb path. With --target
+                                aarch64-unknown-linux-gnu: the Raspberry Pi (arm64)
+                                package, cross-built with Debian's toolchain
+  test-arm64 [-- <cargo test args>]
+                                the pure crates' tests built for aarch64 and run under
+                                qemu-user (installs the cross toolchain when missing)
   demo [-- --lights N --sensors N --keep]
                                 the whole story on this machine: Mosquitto + cloud-sim,
                                 50 simulated devices onboarded, two signed handlers, a
@@ -44,6 +50,7 @@ fn main() -> ExitCode {
         Some("bench-uplink") => bench_uplink(&args[1..]),
         Some("demo") => demo::run(&args[1..]),
         Some("deb") => deb(&args[1..]),
+        Some("test-arm64") => arm64::test(&args[1..]),
         Some("help" | "-h" | "--help") => {
             eprintln!("{USAGE}");
             Ok(())
@@ -246,7 +253,7 @@ fn bench_onboard(args: &[String]) -> anyhow::Result<()> {
     }
     let root = workspace_root();
     let bluezoo = ensure_bluezoo(&root)?;
-    build_release_gateway_and_sim(&root, None)?;
+    build_release_gateway_and_sim(&root)?;
     let bin = root.join("target/release");
     let dir = root.join("target/bench-onboard");
     let _ = std::fs::remove_dir_all(&dir);
@@ -421,23 +428,11 @@ const WASM_TARGET: &str = "wasm32-wasip2";
 
 /// Installs a Rust target's standard library with rustup when it is missing.
 fn ensure_rust_target(root: &Path, target: &str) -> anyhow::Result<()> {
-    let sysroot = Command::new("rustc")
-        .current_dir(root)
-        .args(["--print", "sysroot"])
-        .output()
-        .context("cannot run rustc")?;
-    let sysroot = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim());
-    if sysroot.join("lib/rustlib").join(target).exists() {
+    if rust_target_installed(root, target)? {
         eprintln!("  target {target}: installed");
         return Ok(());
     }
-    step(&format!("rustup target add {target}"));
-    let added = Command::new("rustup")
-        .current_dir(root)
-        .args(["target", "add", target])
-        .status()
-        .is_ok_and(|status| status.success());
-    if added {
+    if rustup_target_add(root, target) {
         return Ok(());
     }
     // toolchain.md: where rustup cannot fetch targets, Debian's rustc-web builds the
@@ -449,6 +444,27 @@ fn ensure_rust_target(root: &Path, target: &str) -> anyhow::Result<()> {
     apt_install(DEBIAN_GUEST_PACKAGES).with_context(|| {
         format!("neither `rustup target add {target}` nor the Debian fallback worked; the handler guests cannot be built")
     })
+}
+
+/// `rustup target add`; whether it worked (rustup may be missing or offline).
+fn rustup_target_add(root: &Path, target: &str) -> bool {
+    step(&format!("rustup target add {target}"));
+    Command::new("rustup")
+        .current_dir(root)
+        .args(["target", "add", target])
+        .status()
+        .is_ok_and(|status| status.success())
+}
+
+/// Whether the toolchain that builds this workspace has `target`'s standard library.
+fn rust_target_installed(root: &Path, target: &str) -> anyhow::Result<bool> {
+    let sysroot = Command::new("rustc")
+        .current_dir(root)
+        .args(["--print", "sysroot"])
+        .output()
+        .context("cannot run rustc")?;
+    let sysroot = PathBuf::from(String::from_utf8_lossy(&sysroot.stdout).trim());
+    Ok(sysroot.join("lib/rustlib").join(target).exists())
 }
 
 /// Debian's packages for building guests without the rustup target.
@@ -530,7 +546,16 @@ fn deb(args: &[String]) -> anyhow::Result<()> {
     std::fs::create_dir_all(root.join("target/deb"))?;
     std::fs::write(root.join("target/deb/outpost.toml"), packaged + "\n")?;
 
-    build_release_gateway_and_sim(&root, target.as_deref())?;
+    match target.as_deref() {
+        None => build_release_gateway_and_sim(&root)?,
+        Some(triple) => {
+            if triple == arm64::TARGET {
+                arm64::ensure_toolchain(&root)?;
+            }
+            // Another machine's package holds the gateway alone: no simulator to share.
+            build_release(&root, &["outpost-gateway"], Some(triple))?;
+        }
+    }
     let mut package = Command::new(cargo());
     package
         .current_dir(&root)
@@ -550,26 +575,21 @@ fn deb(args: &[String]) -> anyhow::Result<()> {
 
 /// The release build of the gateway and esp-sim that bench-onboard and deb share: one
 /// package set, so cargo unifies features the same way and CI compiles it once.
-fn build_release_gateway_and_sim(root: &Path, target: Option<&str>) -> anyhow::Result<()> {
-    step("cargo build --release -p outpost-gateway -p esp-sim");
-    let mut build = Command::new(cargo());
-    build.current_dir(root).args([
-        "build",
-        "--release",
-        "--locked",
-        "-p",
-        "outpost-gateway",
-        "-p",
-        "esp-sim",
-    ]);
+fn build_release_gateway_and_sim(root: &Path) -> anyhow::Result<()> {
+    build_release(root, &["outpost-gateway", "esp-sim"], None)
+}
+
+/// `cargo build --release --locked -p P...`, for `target` or else for this machine.
+fn build_release(root: &Path, packages: &[&str], target: Option<&str>) -> anyhow::Result<()> {
+    let mut args = vec!["build", "--release", "--locked"];
+    for package in packages {
+        args.extend(["-p", package]);
+    }
     if let Some(triple) = target {
-        build.args(["--target", triple]);
+        args.extend(["--target", triple]);
     }
-    let status = build.status()?;
-    if !status.success() {
-        bail!("release build failed ({status})");
-    }
-    Ok(())
+    step(&format!("cargo {}", args.join(" ")));
+    cargo_ok(root, &args)
 }
 
 fn step(what: &str) {
