@@ -31,7 +31,7 @@ use outpost_cache::FirmwareCache;
 use outpost_cache::manifest::VerifiedManifest;
 use outpost_runtime::HandlerRegistry;
 use outpost_store::rusqlite::{OptionalExtension, params};
-use outpost_store::{Device, Store};
+use outpost_store::{Device, Store, StoreError};
 use outpost_uplink::contract::{self, schema, topics};
 use outpost_uplink::{DeploymentInbox, Message, Outbox, Priority};
 use serde::{Deserialize as _, Serialize};
@@ -78,6 +78,10 @@ pub enum RolloutError {
     /// The rollout is not in a state that allows it.
     #[error("{0}")]
     Conflict(String),
+    /// The disk under the state database is full: nothing of the call was written, and
+    /// the same call succeeds once there is room again.
+    #[error("{0}")]
+    DiskFull(String),
     /// The store or cache failed.
     #[error("{0}")]
     Internal(String),
@@ -85,6 +89,16 @@ pub enum RolloutError {
 
 fn internal(err: impl std::fmt::Display) -> RolloutError {
     RolloutError::Internal(err.to_string())
+}
+
+impl From<StoreError> for RolloutError {
+    fn from(err: StoreError) -> Self {
+        if err.is_disk_full() {
+            Self::DiskFull(err.to_string())
+        } else {
+            internal(err)
+        }
+    }
 }
 
 /// A rollout as the API and CLI show it.
@@ -292,13 +306,18 @@ impl Rollouts {
                 Ok(ids)
             })
             .await
-            .map_err(internal)
+            .map_err(RolloutError::from)
     }
 
     /// Turns the deployments waiting in the uplink's inbox into rollouts (or records
     /// why not, and tells the cloud).
     async fn ingest_deployments(&self) -> Result<(), RolloutError> {
-        let pending = self.inner.inbox.pending().await.map_err(internal)?;
+        let pending = self
+            .inner
+            .inbox
+            .pending()
+            .await
+            .map_err(RolloutError::from)?;
         for inbound in pending {
             let id = inbound.id;
             let outcome = match inbound.deployment {
@@ -331,7 +350,7 @@ impl Rollouts {
                 .inbox
                 .settle(&id, settled)
                 .await
-                .map_err(internal)?;
+                .map_err(RolloutError::from)?;
         }
         Ok(())
     }
@@ -373,7 +392,7 @@ impl Rollouts {
                     .store
                     .list_groups()
                     .await
-                    .map_err(internal)?
+                    .map_err(RolloutError::from)?
                     .into_iter()
                     .find(|g| &g.id == group)
                     .ok_or_else(|| RolloutError::Invalid(format!("no device group {group:?}")))?
@@ -387,7 +406,7 @@ impl Rollouts {
             .store
             .list_devices()
             .await
-            .map_err(internal)?
+            .map_err(RolloutError::from)?
             .into_iter()
             .filter(|d| d.state != outpost_store::DeviceState::Retired)
             .filter(|d| spec.target.matches(d))
@@ -451,7 +470,7 @@ impl Rollouts {
                 Ok(())
             })
             .await
-            .map_err(internal)?;
+            .map_err(RolloutError::from)?;
         tracing::info!(rollout = %id, update = %manifest.update_id, devices = total, %state, "rollout created");
         self.publish_status(&id).await;
         self.wake();
@@ -573,7 +592,7 @@ impl Rollouts {
                 )
             })
             .await
-            .map_err(internal)?;
+            .map_err(RolloutError::from)?;
         // Verified again as read back (once per process): the store is not trusted with
         // signatures.
         let verified = Arc::new(
@@ -759,7 +778,7 @@ impl Rollouts {
                 Ok(wave)
             })
             .await
-            .map_err(internal)?;
+            .map_err(RolloutError::from)?;
         for file in &self.manifest_of(id).await?.manifest.files {
             let _ = self.inner.firmware.pin(file.sha256, &pin_holder(id)).await;
         }
@@ -790,7 +809,7 @@ impl Rollouts {
                 Ok(())
             })
             .await
-            .map_err(internal)
+            .map_err(RolloutError::from)
     }
 
     async fn unpin(&self, id: &str) {
@@ -829,7 +848,7 @@ impl Rollouts {
                 Ok(())
             })
             .await
-            .map_err(internal)?;
+            .map_err(RolloutError::from)?;
         self.publish_status(id).await;
         Ok(())
     }
@@ -848,7 +867,7 @@ impl Rollouts {
                 Ok(ids)
             })
             .await
-            .map_err(internal)?;
+            .map_err(RolloutError::from)?;
         let mut views = Vec::with_capacity(ids.len());
         for id in ids {
             views.push(self.view(&id, false).await?);
@@ -872,7 +891,7 @@ impl Rollouts {
                 Ok(rows)
             })
             .await
-            .map_err(internal)?;
+            .map_err(RolloutError::from)?;
         Ok(DeviceStatus::ALL
             .into_iter()
             .map(|status| {
@@ -937,7 +956,7 @@ impl Rollouts {
                 Ok(Some((head, rows)))
             })
             .await
-            .map_err(internal)?;
+            .map_err(RolloutError::from)?;
         let Some((
             (origin, update_id, spec, state, reason, wave, created, updated, finished),
             rows,

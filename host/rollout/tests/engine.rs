@@ -16,7 +16,7 @@ use ed25519_dalek::SigningKey;
 use outpost_cache::manifest::{self, ManifestFile, Step, TrustedSigner, UpdateId, UpdateManifest};
 use outpost_cache::{CacheConfig, FetchConfig, FirmwareCache};
 use outpost_rollout::{
-    DeviceStatus, Mailbox, Origin, RolloutSpec, RolloutState, RolloutView, Rollouts,
+    DeviceStatus, Mailbox, Origin, RolloutError, RolloutSpec, RolloutState, RolloutView, Rollouts,
 };
 use outpost_runtime::package::{Manifest, Package, RequestedLimits, TrustedVendor};
 use outpost_runtime::{HandlerRegistry, Runtime, RuntimeConfig};
@@ -502,6 +502,78 @@ async fn a_wave_below_its_success_threshold_pauses_and_the_operator_pauses_and_r
     engine
         .until("r-hold", "finished", |v| v.state == RolloutState::Finished)
         .await;
+    engine.stop().await;
+}
+
+/// Fills the state database as a full disk would: it may not grow past the pages it has
+/// (`max_page_count`), and a table of the test's own takes every free byte of those, so
+/// SQLite fails the next write that needs a page with SQLITE_FULL, the error a full disk
+/// gives. `full: false` lets it grow again.
+async fn fill_database(store: &Store, full: bool) {
+    store
+        .call(move |conn| {
+            if !full {
+                conn.query_row("PRAGMA max_page_count = 1073741823", [], |_| Ok(()))?;
+                return Ok(());
+            }
+            conn.execute_batch("CREATE TABLE test_filler (b BLOB)")?;
+            let pages: i64 = conn.query_row("PRAGMA page_count", [], |row| row.get(0))?;
+            conn.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))?;
+            // Bounded: each row takes at least 100 bytes of at most 4 KiB per page.
+            for _ in 0..pages * 41 {
+                if let Err(err) = conn.execute("INSERT INTO test_filler VALUES (zeroblob(100))", [])
+                {
+                    assert_eq!(
+                        err.sqlite_error_code(),
+                        Some(outpost_store::rusqlite::ErrorCode::DiskFull),
+                        "{err}"
+                    );
+                    return Ok(());
+                }
+            }
+            panic!("the capped database never filled");
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_state_database_is_disk_full_creates_nothing_and_the_same_create_succeeds_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::start(dir.path()).await;
+    // Enough devices that the rollout's rows need new pages, not the slack of old ones.
+    let ids: Vec<String> = (0..200).map(|n| format!("dev-{n:03}")).collect();
+    engine
+        .add_devices(&ids.iter().map(String::as_str).collect::<Vec<_>>())
+        .await;
+    let jws = engine.manifest(dir.path()).await;
+    let create = || {
+        engine.rollouts.create(
+            Some("r-full".into()),
+            Origin::Local,
+            &jws,
+            spec(serde_json::json!({"maxParallel": 1})),
+        )
+    };
+
+    fill_database(&engine.store, true).await;
+    let refused = create().await.unwrap_err();
+    assert!(
+        matches!(&refused, RolloutError::DiskFull(m) if m.contains("full")),
+        "{refused:?}"
+    );
+    // Nothing half-made, and reads go on.
+    assert!(engine.rollouts.list().await.unwrap().is_empty());
+    assert!(matches!(
+        engine.rollouts.view("r-full", false).await,
+        Err(RolloutError::NotFound(_))
+    ));
+
+    // Room again: the same create goes through, with every device.
+    fill_database(&engine.store, false).await;
+    let view = create().await.unwrap();
+    assert_eq!(view.counts.values().sum::<u64>(), 200, "{view:?}");
+    engine.rollouts.cancel("r-full").await.unwrap();
     engine.stop().await;
 }
 

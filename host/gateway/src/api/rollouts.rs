@@ -28,6 +28,7 @@ fn rollout_error(err: RolloutError) -> ApiError {
             format!("no rollout {id:?}"),
         ),
         RolloutError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, "rollout_conflict", m),
+        RolloutError::DiskFull(m) => ApiError::disk_full(&m),
         RolloutError::Internal(m) => ApiError::internal(m),
     }
 }
