@@ -111,6 +111,11 @@ struct Args {
     /// Write the onboarding manifest (JSON) for `outpost onboard import` here.
     #[arg(long)]
     manifest: Option<PathBuf>,
+    /// Write each BLE device's provisioning QR payload here, one per line, as ESP-IDF's
+    /// provisioning examples print it (`{"ver":"v1","name":…,"pop":…,"transport":"ble"}`,
+    /// with `username` for Security 2): what an installer's QR scanner returns.
+    #[arg(long)]
+    qr: Option<PathBuf>,
     /// Run the Outpost update agent: offer the `outpost-agent` endpoint, and once the
     /// gateway hands over a credential, register and take update commands.
     #[arg(long)]
@@ -358,6 +363,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     .await??;
 
     let mut manifest = Vec::new();
+    let mut qr_codes = String::new();
     let mut peripherals = Vec::new();
     let mut _session = None;
     if args.ble > 0 {
@@ -393,6 +399,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 device,
                 json!({"transport": "ble", "mac": address}),
             ));
+            qr_codes.push_str(&qr_payload(device));
+            qr_codes.push('\n');
         }
         _session = Some(session);
     }
@@ -409,6 +417,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let manifest = json!({ "devices": manifest });
     if let Some(path) = &args.manifest {
         std::fs::write(path, serde_json::to_vec_pretty(&manifest)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if let Some(path) = &args.qr {
+        std::fs::write(path, qr_codes)
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
     emit(&json!({"event": "ready", "devices": manifest["devices"]}));
@@ -444,6 +456,23 @@ fn entry(args: &Args, device: &SimDevice, transport: serde_json::Value) -> serde
         map.extend(transport);
     }
     entry
+}
+
+/// The QR payload ESP-IDF's provisioning examples print for a BLE device: no device
+/// type, and for Security 2 the SRP password travels as `pop`.
+fn qr_payload(device: &SimDevice) -> String {
+    let id = &device.identity;
+    let mut payload = json!({"ver": "v1", "name": id.name});
+    match id.security {
+        SecurityVersion::Sec0 => {}
+        SecurityVersion::Sec1 => payload["pop"] = json!(id.pop),
+        SecurityVersion::Sec2 => {
+            payload["username"] = json!(id.username);
+            payload["pop"] = json!(id.pop);
+        }
+    }
+    payload["transport"] = json!("ble");
+    payload.to_string()
 }
 
 /// BlueZ (or BlueZoo) may still be bringing adapters up when we start: a readiness

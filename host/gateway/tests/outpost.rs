@@ -46,6 +46,19 @@ fn write_secret(path: &Path, text: &str) {
     file.write_all(text.as_bytes()).unwrap();
 }
 
+/// Runs `command` with `input` on its standard input; its output once it exits.
+fn output_with_stdin(command: &mut Command, input: &[u8]) -> Output {
+    use std::io::Write as _;
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|err| panic!("cannot start {command:?}: {err}"));
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}
+
 fn outpost() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_outpost"));
     command.env_remove("RUST_LOG").stdin(Stdio::null());

@@ -33,6 +33,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 pub use authority::create_ca;
+pub use manifest::ImportDefaults;
 pub use probe::{OnboardingStatus, probe};
 
 use authority::{Authority, LocalCa};
@@ -344,9 +345,14 @@ impl Onboarder {
             .cloned()
     }
 
-    /// Imports a manifest into the store (all or nothing).
-    pub async fn import(&self, bytes: &[u8]) -> Result<usize, OnboardingError> {
-        let targets = manifest::parse(bytes).map_err(OnboardingError::Manifest)?;
+    /// Imports a manifest into the store (all or nothing); `defaults` fill what its
+    /// entries leave out (see [`ImportDefaults`]).
+    pub async fn import(
+        &self,
+        bytes: &[u8],
+        defaults: &ImportDefaults,
+    ) -> Result<usize, OnboardingError> {
+        let targets = manifest::parse(bytes, defaults).map_err(OnboardingError::Manifest)?;
         let count = self
             .store
             .import_onboarding_targets(targets.clone())

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use outpost_onboarding::{
-    ClaimCaSettings, Onboarder, OnboardingError, OnboardingSettings, RunRequest, RunView,
-    WifiNetwork, create_ca,
+    ClaimCaSettings, ImportDefaults, Onboarder, OnboardingError, OnboardingSettings, RunRequest,
+    RunView, WifiNetwork, create_ca,
 };
 use outpost_store::{DeviceState, Store, Transport};
 use outpost_test_support::{DEADLINE, Sim};
@@ -76,7 +76,10 @@ async fn softap_devices_are_provisioned_and_claimed_through_the_local_ca() {
 
     // A broken manifest is refused whole; the good one is imported.
     let err = onboarder
-        .import(b"name,security,device_type\nPROV_1,2,light\n")
+        .import(
+            b"name,security,device_type\nPROV_1,2,light\n",
+            &ImportDefaults::default(),
+        )
         .await
         .unwrap_err();
     assert!(
@@ -85,7 +88,10 @@ async fn softap_devices_are_provisioned_and_claimed_through_the_local_ca() {
     );
     assert!(store.onboarding_targets().await.unwrap().is_empty());
     let imported = onboarder
-        .import(&std::fs::read(&manifest).unwrap())
+        .import(
+            &std::fs::read(&manifest).unwrap(),
+            &ImportDefaults::default(),
+        )
         .await
         .unwrap();
     assert_eq!(imported, 3);
@@ -206,7 +212,7 @@ async fn a_shutdown_stops_a_run_in_flight_and_refuses_new_ones() {
         "security": 0, "device_type": "light",
     }]});
     onboarder
-        .import(manifest.to_string().as_bytes())
+        .import(manifest.to_string().as_bytes(), &ImportDefaults::default())
         .await
         .unwrap();
     let run = onboarder.start(RunRequest::default()).await.unwrap();

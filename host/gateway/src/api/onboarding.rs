@@ -6,7 +6,7 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 
 use super::{ApiError, ApiState, json_response};
-use outpost_onboarding::{OnboardingError, RunRequest};
+use outpost_onboarding::{ImportDefaults, OnboardingError, RunRequest};
 
 /// Largest manifest accepted (a few thousand devices).
 const MAX_MANIFEST: usize = 4 << 20;
@@ -39,15 +39,20 @@ pub(super) async fn targets(state: &ApiState) -> Result<Response<Full<Bytes>>, A
     ))
 }
 
-/// `POST /api/v1/onboarding/targets`: imports a manifest (JSON or CSV), all or nothing.
+/// `POST /api/v1/onboarding/targets[?device_type=…&security=…&username=…&address=…]`:
+/// imports a manifest (JSON, JSON lines, Espressif QR codes or CSV), all or nothing; the
+/// query gives what its entries leave out.
 pub(super) async fn import(
     state: &ApiState,
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
+    let defaults = ImportDefaults::from_query(request.uri().query().unwrap_or_default()).map_err(
+        |message| ApiError::new(StatusCode::BAD_REQUEST, "bad_import_settings", message),
+    )?;
     let bytes = super::read_body(request, MAX_MANIFEST).await?;
     let imported = state
         .onboarder
-        .import(&bytes)
+        .import(&bytes, &defaults)
         .await
         .map_err(onboarding_error)?;
     Ok(json_response(

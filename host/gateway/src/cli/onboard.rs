@@ -15,10 +15,26 @@ use crate::state_dir::running_gateway;
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum OnboardCommand {
-    /// Import a device manifest (JSON or CSV; see docs/onboarding.md). All or nothing.
+    /// Import a device manifest: JSON, JSON lines, the QR codes of Espressif's
+    /// provisioning examples (as a scanner returns them, or their URLs), or CSV; see
+    /// docs/onboarding.md. All or nothing.
     Import {
-        /// The manifest file.
+        /// The manifest file; `-` reads standard input (e.g. from a QR scanner).
         file: PathBuf,
+        /// The device type of entries without one (a QR code has none).
+        #[arg(long)]
+        device_type: Option<String>,
+        /// The security version of entries without one; 2 reads a QR code's PoP as the
+        /// Security 2 password.
+        #[arg(long, value_parser = clap::value_parser!(u8).range(0..=2))]
+        security: Option<u8>,
+        /// The Security 2 username of entries without one (`wifiprov` in ESP-IDF).
+        #[arg(long)]
+        username: Option<String>,
+        /// The SoftAP `host:port` of entries without one (default 192.168.4.1:80 for
+        /// QR codes).
+        #[arg(long)]
+        address: Option<String>,
     },
     /// Onboard the imported devices that are not yet provisioned, in parallel.
     Run {
@@ -71,26 +87,45 @@ pub(crate) async fn run(command: OnboardCommand, config_path: &Path) -> anyhow::
     };
     let api = GatewayApi::new(&config, addr)?;
     match command {
-        OnboardCommand::Import { file } => {
-            let bytes =
-                std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+        OnboardCommand::Import {
+            file,
+            device_type,
+            security,
+            username,
+            address,
+        } => {
+            let bytes = if file.as_os_str() == "-" {
+                let mut bytes = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::stdin(), &mut bytes)
+                    .context("cannot read the manifest from standard input")?;
+                bytes
+            } else {
+                std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?
+            };
+            let defaults = outpost_onboarding::ImportDefaults {
+                device_type,
+                security,
+                username,
+                address,
+            };
             let (status, json) = api
                 .request(
                     Method::POST,
-                    "/api/v1/onboarding/targets",
+                    &format!("/api/v1/onboarding/targets?{}", defaults.to_query()),
                     "application/octet-stream",
                     &[],
                     bytes,
                 )
                 .await?;
+            let source = if file.as_os_str() == "-" {
+                "the manifest from standard input".to_owned()
+            } else {
+                file.display().to_string()
+            };
             if status != StatusCode::OK {
-                bail!("{} was refused: {}", file.display(), error_message(&json));
+                bail!("{source} was refused: {}", error_message(&json));
             }
-            outln!(
-                "Imported {} devices from {}",
-                json["imported"],
-                file.display()
-            );
+            outln!("Imported {} devices from {source}", json["imported"]);
             Ok(true)
         }
         OnboardCommand::List => {

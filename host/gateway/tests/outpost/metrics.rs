@@ -23,20 +23,10 @@ pub(crate) fn scrape(addr: SocketAddr, token: &str) -> (u16, String, String) {
 
 /// Runs `promtool check metrics` on `text`; panics with what it said unless it passes.
 pub(crate) fn promtool_check(text: &str) {
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian package prometheus) is needed: cargo xtask test installs it");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let output = child.wait_with_output().unwrap();
+    let output = output_with_stdin(
+        Command::new("promtool").args(["check", "metrics"]),
+        text.as_bytes(),
+    );
     assert!(
         output.status.success(),
         "promtool check metrics failed:\n{}{}\n--- the text:\n{text}",

@@ -181,6 +181,86 @@ fn ble_and_softap_devices_are_onboarded_in_parallel_and_claimed() {
     drop(gateway);
 }
 
+/// `outpost onboard import - [DEFAULTS]` with the manifest on standard input, as a QR
+/// scanner pipes it.
+fn import_stdin(site: &Site, text: &str, defaults: &[&str]) -> std::process::Output {
+    super::output_with_stdin(
+        super::outpost()
+            .arg("--config")
+            .arg(site.config())
+            .args(["onboard", "import", "-"])
+            .args(defaults),
+        text.as_bytes(),
+    )
+}
+
+/// An installer scans the devices' QR codes (the payload ESP-IDF's provisioning examples
+/// print: name, Security 2 username, the password as `pop`, no device type) and pipes
+/// them into the import, giving the site's device type.
+#[test]
+fn espressif_qr_codes_piped_into_import_onboard_the_devices() {
+    let site = onboarding_site("correct horse battery");
+    let manifest = site.dir.path().join("fleet.json");
+    let qr = site.dir.path().join("qr.txt");
+    let sim = Sim::start(
+        &[
+            "--emulate",
+            "--ble",
+            "2",
+            "--security",
+            "2",
+            "--qr",
+            qr.to_str().unwrap(),
+        ],
+        &manifest,
+    );
+    let (gateway, addr) = start_gateway(&site, sim.bus.as_deref());
+    let codes = std::fs::read_to_string(&qr).unwrap();
+    assert_eq!(codes.lines().count(), 2, "{codes}");
+    assert!(
+        codes
+            .lines()
+            .all(|l| l.contains(r#""ver":"v1""#) && l.contains(r#""username":"wifiprov""#)),
+        "{codes}"
+    );
+
+    // A QR code names no device type: refused whole, saying what to give.
+    let out = import_stdin(&site, &codes, &[]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("standard input was refused: line 1: a QR code names no device type")
+            && stderr.contains("--device-type"),
+        "{stderr}"
+    );
+    let out = import_stdin(&site, &codes, &["--device-type", "esp32-app"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout_of(&out).contains("Imported 2 devices"));
+
+    let report = run_json(&site);
+    assert_eq!(
+        (report["succeeded"].as_u64(), report["failed"].as_u64()),
+        (Some(2), Some(0)),
+        "{report:#}"
+    );
+    let token = site.admin_token();
+    let (_, lobby) = http_get(addr, "/api/v1/devices", Some(&token));
+    let devices = lobby["devices"].as_array().unwrap();
+    assert_eq!(devices.len(), 2, "{lobby}");
+    for device in devices {
+        assert_eq!(device["device_type"], "esp32-app", "{device}");
+        assert!(
+            codes.contains(&format!(r#""name":{}"#, device["id"])),
+            "{device} was not among the codes"
+        );
+    }
+    drop(gateway);
+}
+
 #[test]
 fn bad_credentials_garbage_oversized_and_dropped_links_fail_clearly() {
     let site = onboarding_site("correct horse battery");
