@@ -196,10 +196,53 @@ pub struct DeviceProgress {
     pub node_id: Option<String>,
     /// Networks tried.
     pub wifi_attempts: u32,
+    /// What the device's own Wi-Fi scan saw, when it offers one (`wifi_scan` in
+    /// proto-ver) and `[onboarding] scan` is on.
+    pub wifi_scan: Option<WifiScan>,
     /// Time in the session's cryptography (handshake and records), milliseconds.
     pub crypto_ms: f64,
     /// Wall time of this device's onboarding, milliseconds.
     pub elapsed_ms: f64,
+}
+
+/// The networks a device saw before it was given the site's, and whether any of those
+/// is among them.
+#[derive(Clone, Debug, Serialize)]
+pub struct WifiScan {
+    /// Every network the device reported, strongest first.
+    pub networks: Vec<outpost_protocomm::wifi::ScanEntry>,
+    /// Whether a configured network (`[[onboarding.wifi]]`) is among them.
+    pub sees_configured: bool,
+    /// Set when none is: the device will most likely not join.
+    pub warning: Option<String>,
+}
+
+impl WifiScan {
+    fn new(
+        mut networks: Vec<outpost_protocomm::wifi::ScanEntry>,
+        configured: &[WifiNetwork],
+    ) -> Self {
+        networks.sort_by_key(|n| std::cmp::Reverse(n.rssi));
+        let sees_configured = configured
+            .iter()
+            .any(|c| networks.iter().any(|n| n.ssid == c.ssid));
+        let warning = (!sees_configured).then(|| {
+            let mut wanted: Vec<&str> = configured.iter().map(|c| c.ssid.as_str()).collect();
+            wanted.dedup();
+            format!(
+                "the device sees none of the configured networks ({}) among the {} it \
+                 found: it will most likely not join; check the SSID and that the device is \
+                 in range",
+                wanted.join(", "),
+                networks.len()
+            )
+        });
+        Self {
+            networks,
+            sees_configured,
+            warning,
+        }
+    }
 }
 
 /// A run and its devices.
@@ -457,6 +500,7 @@ impl Onboarder {
                         error: None,
                         node_id: None,
                         wifi_attempts: 0,
+                        wifi_scan: None,
                         crypto_ms: 0.0,
                         elapsed_ms: 0.0,
                     })
@@ -702,12 +746,15 @@ impl Onboarder {
         if self.settings.scan && version.has_prov_cap("wifi_scan") {
             run.step(index, "wifi scan");
             let networks = client.scan().await.context("Wi-Fi scan")?;
-            let sees = |ssid: &str| networks.iter().any(|n| n.ssid == ssid);
-            tracing::debug!(
-                networks = networks.len(),
-                sees_site = self.settings.networks.iter().any(|n| sees(&n.ssid)),
-                "Wi-Fi scan"
-            );
+            let scan = WifiScan::new(networks, &self.settings.networks);
+            match &scan.warning {
+                Some(warning) => tracing::warn!(networks = scan.networks.len(), "{warning}"),
+                None => tracing::info!(
+                    networks = scan.networks.len(),
+                    "the device's Wi-Fi scan sees a configured network"
+                ),
+            }
+            run.update(index, |d| d.wifi_scan = Some(scan));
         }
 
         let mut claimed = false;

@@ -273,6 +273,27 @@ pub struct ScanEntry {
     pub channel: u32,
     /// Signal strength in dBm.
     pub rssi: i32,
+    /// Its security as the device reported it: `open`, `wep`, `wpa-psk`, `wpa2-psk`,
+    /// `wpa-wpa2-psk`, `wpa2-enterprise`, `wpa3-psk`, `wpa2-wpa3-psk`, or `unknown (N)`.
+    pub auth: String,
+    /// The access point's BSSID (`aa:bb:cc:dd:ee:ff`); empty when the device sent none.
+    pub bssid: String,
+}
+
+/// The name a scan entry gives an `auth` value of `wifi_scan.proto`.
+fn auth_name(auth: i32) -> String {
+    use crate::proto::WifiAuthMode;
+    match WifiAuthMode::try_from(auth) {
+        Ok(WifiAuthMode::Open) => "open".into(),
+        Ok(WifiAuthMode::Wep) => "wep".into(),
+        Ok(WifiAuthMode::WpaPsk) => "wpa-psk".into(),
+        Ok(WifiAuthMode::Wpa2Psk) => "wpa2-psk".into(),
+        Ok(WifiAuthMode::WpaWpa2Psk) => "wpa-wpa2-psk".into(),
+        Ok(WifiAuthMode::Wpa2Enterprise) => "wpa2-enterprise".into(),
+        Ok(WifiAuthMode::Wpa3Psk) => "wpa3-psk".into(),
+        Ok(WifiAuthMode::Wpa2Wpa3Psk) => "wpa2-wpa3-psk".into(),
+        Err(_) => format!("unknown ({auth})"),
+    }
 }
 
 /// The entries of a `ScanResult` answer.
@@ -287,6 +308,13 @@ pub fn parse_scan_entries(bytes: &[u8]) -> Result<Vec<ScanEntry>, Error> {
                     .to_owned(),
                 channel: entry.channel,
                 rssi: entry.rssi,
+                auth: auth_name(entry.auth),
+                bssid: entry
+                    .bssid
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(":"),
             })
             .collect()),
         None => Ok(Vec::new()),

@@ -281,6 +281,15 @@ fn print_report(run: &serde_json::Value) -> anyhow::Result<()> {
                     .unwrap_or_default()
             ),
         }
+        if let Some(warning) = device["wifi_scan"]["warning"].as_str() {
+            let seen: Vec<String> = device["wifi_scan"]["networks"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|n| format!("{} ({} dBm)", n["ssid"].as_str().unwrap_or("?"), n["rssi"]))
+                .collect();
+            outln!("  ! {warning}; it sees: {}", seen.join(", "));
+        }
     }
     outln!(
         "\n{} onboarded, {} failed, {:.1} s",

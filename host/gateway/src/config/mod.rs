@@ -326,7 +326,8 @@ pub(crate) struct OnboardingSection {
     /// AP not found) is reset and given the next, without a factory reset.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(crate) wifi: Vec<WifiNetwork>,
-    /// Ask each device for a Wi-Fi scan first (logged; shows whether it sees the site AP).
+    /// Ask each device for a Wi-Fi scan first (kept with the run: a warning when it sees
+    /// none of the configured networks).
     #[serde(default = "yes")]
     pub(crate) scan: bool,
     /// How often a joining device is asked for its Wi-Fi state, in milliseconds.

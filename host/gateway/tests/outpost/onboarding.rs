@@ -113,6 +113,15 @@ fn ble_and_softap_devices_are_onboarded_in_parallel_and_claimed() {
     );
     for device in devices {
         assert_eq!(device["outcome"], "claimed", "{device}");
+        // The device's own Wi-Fi scan is kept with the run: the site's network is there.
+        let scan = &device["wifi_scan"];
+        assert_eq!(scan["sees_configured"], true, "{device}");
+        assert!(scan["warning"].is_null(), "{device}");
+        assert_eq!(
+            (&scan["networks"][0]["ssid"], &scan["networks"][0]["rssi"]),
+            (&"outpost-site".into(), &(-48).into()),
+            "{device}"
+        );
         // the first network's passphrase is wrong: each device was reset and joined the second
         assert_eq!(device["wifi_attempts"], 2, "{device}");
         assert!(
@@ -355,6 +364,52 @@ fn bad_credentials_garbage_oversized_and_dropped_links_fail_clearly() {
             "{name}: {error:?} should say {needle:?}"
         );
     }
+    // The run keeps each device's Wi-Fi scan; the device that cannot see the site's
+    // network was warned about before it failed to join.
+    let token = site.admin_token();
+    let (status, run) = http_get(
+        addr,
+        &format!("/api/v1/onboarding/runs/{}", report["id"]),
+        Some(&token),
+    );
+    assert_eq!(status, 200, "{run}");
+    let scan_of = |name: &serde_json::Value| {
+        run["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| &d["name"] == name)
+            .unwrap()["wifi_scan"]
+            .clone()
+    };
+    let lost = scan_of(&manifest["devices"][5]["name"]);
+    assert_eq!(lost["sees_configured"], false, "{lost}");
+    assert!(
+        lost["warning"]
+            .as_str()
+            .unwrap()
+            .contains("sees none of the configured networks (outpost-site) among the 5"),
+        "{lost}"
+    );
+    assert_eq!(
+        lost["networks"][0]["ssid"], "elsewhere",
+        "strongest first: {lost}"
+    );
+    assert_eq!(lost["networks"][0]["auth"], "wpa2-psk", "{lost}");
+    // The human report shows the warning and what the device saw.
+    let out = site.command(&[
+        "onboard",
+        "run",
+        "--device",
+        manifest["devices"][5]["name"].as_str().unwrap(),
+    ]);
+    assert!(!out.status.success(), "the device still cannot join");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("! the device sees none of the configured networks")
+            && stdout.contains("it sees: elsewhere (-48 dBm)"),
+        "{stdout}"
+    );
     // Nothing was marked onboarded; every attempt is recorded with its reason.
     let token = site.admin_token();
     let (_, lobby) = http_get(addr, "/api/v1/devices", Some(&token));
