@@ -52,6 +52,8 @@ pub struct Advert {
     pub name: Option<String>,
     /// The 128-bit service UUIDs it advertises.
     pub services: Vec<Uuid>,
+    /// The signal strength of its last advertisement, in dBm, when the adapter reports it.
+    pub rssi: Option<i16>,
 }
 
 impl Advert {
@@ -174,6 +176,12 @@ impl Central {
         Ok(seen.into_values().collect())
     }
 
+    /// Every provisioning device heard during `listen`.
+    pub async fn nearby(&self, listen: Duration) -> Result<Vec<Advert>, Error> {
+        // Nothing is wanted, so the scan settles at once and then listens for `settle`.
+        self.scan(&[], listen, listen).await
+    }
+
     async fn adverts(&self) -> Result<Vec<Advert>, Error> {
         let mut out = Vec::new();
         for peripheral in self.adapter.peripherals().await? {
@@ -185,6 +193,7 @@ impl Central {
                 address: props.address,
                 name: props.local_name.or(props.advertisement_name),
                 services: props.services,
+                rssi: props.rssi,
             };
             if advert.is_provisioning() {
                 out.push(advert);

@@ -11,6 +11,7 @@
 mod authority;
 pub mod manifest;
 pub mod metrics;
+mod nearby;
 mod probe;
 
 use std::collections::HashMap;
@@ -34,6 +35,7 @@ use tracing::Instrument as _;
 
 pub use authority::create_ca;
 pub use manifest::ImportDefaults;
+pub use nearby::{AdoptRequest, Adopted, DeviceDetails, MAX_LISTEN, NearbyDevice};
 pub use probe::{OnboardingStatus, probe};
 
 use authority::{Authority, LocalCa};
@@ -53,6 +55,12 @@ pub enum OnboardingError {
     /// A run cannot start: the text says why and what to do.
     #[error("{0}")]
     Refused(String),
+    /// A request is malformed or out of range: the text says how.
+    #[error("{0}")]
+    Invalid(String),
+    /// A request names a device the gateway does not know (or has not heard).
+    #[error("{0}")]
+    Unknown(String),
     /// The state database failed.
     #[error(transparent)]
     Store(#[from] outpost_store::StoreError),
@@ -150,6 +158,8 @@ pub struct Onboarder {
     uplink: Option<outpost_uplink::Uplink>,
     central: tokio::sync::Mutex<Option<Central>>,
     runs: Mutex<Vec<Arc<Run>>>,
+    /// What the last nearby scan heard, for `adopt`.
+    nearby: Mutex<Vec<NearbyDevice>>,
     next_run: AtomicU64,
     /// The runs in flight, and what stops them at shutdown.
     tasks: TaskTracker,
@@ -365,6 +375,7 @@ impl Onboarder {
             uplink,
             central: tokio::sync::Mutex::new(None),
             runs: Mutex::new(Vec::new()),
+            nearby: Mutex::new(Vec::new()),
             next_run: AtomicU64::new(1),
             tasks: TaskTracker::new(),
             stop: CancellationToken::new(),

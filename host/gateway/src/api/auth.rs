@@ -66,9 +66,11 @@ pub(crate) fn required_role(method: &Method, path: &str) -> Role {
         || path.starts_with("/api/v1/tokens/")
         || ((path == "/api/v1/handlers" || path.starts_with("/api/v1/handlers/"))
             && !matches!(*method, Method::GET | Method::HEAD));
+    // A nearby scan drives the radio and may connect to devices: an operator's GET.
+    let operator_get = path == "/api/v1/onboarding/nearby";
     if admin_only {
         Role::Admin
-    } else if matches!(*method, Method::GET | Method::HEAD) {
+    } else if matches!(*method, Method::GET | Method::HEAD) && !operator_get {
         Role::Viewer
     } else {
         Role::Operator

@@ -229,6 +229,18 @@ async fn route(state: &ApiState, request: Request<Incoming>) -> Response<Full<By
                 ("/api/v1/onboarding/targets", _) => {
                     Err(ApiError::method_not_allowed(&method, "GET, POST"))
                 }
+                ("/api/v1/onboarding/nearby", &Method::GET) => {
+                    onboarding::nearby(state, request.uri().query()).await
+                }
+                ("/api/v1/onboarding/nearby", _) => {
+                    Err(ApiError::method_not_allowed(&method, "GET"))
+                }
+                ("/api/v1/onboarding/nearby/adopt", &Method::POST) => {
+                    onboarding::adopt(state, request).await
+                }
+                ("/api/v1/onboarding/nearby/adopt", _) => {
+                    Err(ApiError::method_not_allowed(&method, "POST"))
+                }
                 ("/api/v1/onboarding/runs", &Method::POST) => {
                     onboarding::start(state, request).await
                 }

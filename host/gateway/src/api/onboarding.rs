@@ -1,12 +1,14 @@
 //! `/api/v1/onboarding/…` and `/api/v1/claims`.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 
 use super::{ApiError, ApiState, json_response};
-use outpost_onboarding::{ImportDefaults, OnboardingError, RunRequest};
+use outpost_onboarding::{AdoptRequest, ImportDefaults, OnboardingError, RunRequest};
 
 /// Largest manifest accepted (a few thousand devices).
 const MAX_MANIFEST: usize = 4 << 20;
@@ -21,8 +23,82 @@ fn onboarding_error(err: OnboardingError) -> ApiError {
         OnboardingError::Refused(message) | OnboardingError::Settings(message) => {
             ApiError::new(StatusCode::CONFLICT, "cannot_onboard", message)
         }
+        OnboardingError::Invalid(message) => {
+            ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
+        }
+        OnboardingError::Unknown(message) => {
+            ApiError::new(StatusCode::NOT_FOUND, "unknown_device", message)
+        }
         OnboardingError::Store(err) => ApiError::store(err),
     }
+}
+
+/// `GET /api/v1/onboarding/nearby[?seconds=N&details=true]` (operator: it drives the
+/// radio): the provisioning devices heard during N seconds (default 5), strongest first;
+/// with details, each one's proto-ver.
+pub(super) async fn nearby(
+    state: &ApiState,
+    query: Option<&str>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let mut seconds = 5;
+    let mut details = false;
+    for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match key.as_ref() {
+            "seconds" => {
+                seconds = value.parse().map_err(|_| {
+                    ApiError::malformed("seconds", format!("{value:?} is not a whole number"))
+                })?;
+            }
+            "details" => {
+                details = match value.as_ref() {
+                    "true" | "1" => true,
+                    "false" | "0" => false,
+                    other => {
+                        return Err(ApiError::malformed(
+                            "details",
+                            format!("{other:?} is not true or false"),
+                        ));
+                    }
+                };
+            }
+            other => {
+                return Err(ApiError::malformed(
+                    "query",
+                    format!("unknown key {other:?} (known: seconds, details)"),
+                ));
+            }
+        }
+    }
+    let devices = state
+        .onboarder
+        .nearby(Duration::from_secs(seconds), details)
+        .await
+        .map_err(onboarding_error)?;
+    Ok(json_response(
+        StatusCode::OK,
+        &serde_json::json!({ "devices": devices }),
+    ))
+}
+
+/// `POST /api/v1/onboarding/nearby/adopt` `{device, device_type, pop?, username?,
+/// security?}`: a device of the last nearby scan becomes an onboarding target; 201.
+pub(super) async fn adopt(
+    state: &ApiState,
+    request: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, ApiError> {
+    let bytes = super::read_body(request, 16 << 10).await?;
+    let adopt: AdoptRequest = serde_json::from_slice(&bytes).map_err(|err| {
+        ApiError::malformed(
+            "the body must be {\"device\", \"device_type\", \"pop\"?, \"username\"?, \"security\"?}",
+            err,
+        )
+    })?;
+    let adopted = state
+        .onboarder
+        .adopt(adopt)
+        .await
+        .map_err(onboarding_error)?;
+    Ok(json_response(StatusCode::CREATED, &adopted))
 }
 
 /// `GET /api/v1/onboarding/targets`: the imported manifest (no secrets) with each

@@ -498,6 +498,8 @@ const ROUTES: &[(&str, &str, Role)] = &[
     ("DELETE", "/api/v1/devices/esp-1/credential", Role::Operator),
     ("GET", "/api/v1/onboarding/targets", Role::Viewer),
     ("POST", "/api/v1/onboarding/targets", Role::Operator),
+    ("GET", "/api/v1/onboarding/nearby", Role::Operator),
+    ("POST", "/api/v1/onboarding/nearby/adopt", Role::Operator),
     ("POST", "/api/v1/onboarding/runs", Role::Operator),
     ("GET", "/api/v1/onboarding/runs/1", Role::Viewer),
     ("GET", "/api/v1/claims", Role::Viewer),

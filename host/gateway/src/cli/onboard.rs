@@ -53,6 +53,38 @@ pub(crate) enum OnboardCommand {
     },
     /// List the imported devices and how their last attempt went.
     List,
+    /// List the provisioning devices the radio hears now (not only imported ones),
+    /// strongest first.
+    Scan {
+        /// How long to listen, in seconds (1 to 30).
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Also connect to each device and read its security and capabilities
+        /// (proto-ver).
+        #[arg(long)]
+        details: bool,
+        /// Print the devices as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make a device of the last scan an onboarding target: its address or name, its
+    /// device type and its secret (as printed on it or in its QR code).
+    Adopt {
+        /// The device's address or advertised name, as `outpost onboard scan` listed it.
+        device: String,
+        /// Its device type (selects the update handler).
+        #[arg(long)]
+        device_type: String,
+        /// The Security 1 proof of possession, or the Security 2 password.
+        #[arg(long)]
+        pop: Option<String>,
+        /// The Security 2 username (`wifiprov` in ESP-IDF's examples).
+        #[arg(long)]
+        username: Option<String>,
+        /// Its security version; by default what the device says.
+        #[arg(long, value_parser = clap::value_parser!(u8).range(0..=2))]
+        security: Option<u8>,
+    },
     /// Create a local claiming CA for offline sites (claim-ca.pem, claim-ca.key).
     CaInit {
         /// Where to write it.
@@ -192,6 +224,60 @@ pub(crate) async fn run(command: OnboardCommand, config_path: &Path) -> anyhow::
             }
             Ok(report["failed"].as_u64() == Some(0))
         }
+        OnboardCommand::Scan {
+            seconds,
+            details,
+            json,
+        } => {
+            let path = format!("/api/v1/onboarding/nearby?seconds={seconds}&details={details}");
+            let (status, found) = api
+                .request(Method::GET, &path, "application/json", &[], Vec::new())
+                .await?;
+            if status != StatusCode::OK {
+                bail!("the scan did not run: {}", error_message(&found));
+            }
+            if json {
+                outln!("{}", serde_json::to_string_pretty(&found["devices"])?);
+                return Ok(true);
+            }
+            print_nearby(&found["devices"])?;
+            Ok(true)
+        }
+        OnboardCommand::Adopt {
+            device,
+            device_type,
+            pop,
+            username,
+            security,
+        } => {
+            let body = serde_json::to_vec(&serde_json::json!({
+                "device": device,
+                "device_type": device_type,
+                "pop": pop,
+                "username": username,
+                "security": security,
+            }))?;
+            let (status, adopted) = api
+                .request(
+                    Method::POST,
+                    "/api/v1/onboarding/nearby/adopt",
+                    "application/json",
+                    &[],
+                    body,
+                )
+                .await?;
+            if status != StatusCode::CREATED {
+                bail!("{device} was not adopted: {}", error_message(&adopted));
+            }
+            outln!(
+                "Adopted {} ({}, Security {}): onboard it with `outpost onboard run --device {}`",
+                adopted["name"].as_str().unwrap_or("?"),
+                adopted["address"].as_str().unwrap_or("?"),
+                adopted["security"],
+                adopted["name"].as_str().unwrap_or("?"),
+            );
+            Ok(true)
+        }
         OnboardCommand::CaInit { .. } => unreachable!("handled above"),
     }
 }
@@ -247,6 +333,62 @@ async fn follow(api: &GatewayApi, id: u64, bars: bool) -> anyhow::Result<serde_j
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// The nearby devices as a table.
+#[allow(clippy::print_stdout)]
+fn print_nearby(devices: &serde_json::Value) -> anyhow::Result<()> {
+    let devices = devices.as_array().map(Vec::as_slice).unwrap_or_default();
+    if devices.is_empty() {
+        outln!("No provisioning device heard.");
+        return Ok(());
+    }
+    outln!(
+        "{:<20} {:<18} {:>5}  {:<4} {:<32} IMPORTED AS",
+        "NAME",
+        "ADDRESS",
+        "RSSI",
+        "SEC",
+        "CAPABILITIES"
+    );
+    let strings = |value: &serde_json::Value| -> Vec<String> {
+        value
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c.as_str().map(str::to_owned))
+            .collect()
+    };
+    for d in devices {
+        let details = &d["details"];
+        let capabilities = match details["error"].as_str() {
+            Some(err) => format!("({err})"),
+            None => {
+                // The provisioning capabilities, then each application's as app:cap.
+                let mut all = strings(&details["capabilities"]);
+                for (app, caps) in details["apps"].as_object().into_iter().flatten() {
+                    all.extend(strings(caps).into_iter().map(|c| format!("{app}:{c}")));
+                }
+                if all.is_empty() {
+                    "-".to_owned()
+                } else {
+                    all.join(",")
+                }
+            }
+        };
+        outln!(
+            "{:<20} {:<18} {:>5}  {:<4} {:<32} {}",
+            d["name"].as_str().unwrap_or("-"),
+            d["address"].as_str().unwrap_or("?"),
+            d["rssi"].as_i64().map_or("-".to_owned(), |r| r.to_string()),
+            details["security"]
+                .as_u64()
+                .map_or("-".to_owned(), |s| s.to_string()),
+            capabilities,
+            d["target"].as_str().unwrap_or("-"),
+        );
+    }
+    Ok(())
 }
 
 /// The steps a device goes through, in order (for the bars).

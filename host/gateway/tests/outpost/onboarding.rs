@@ -190,6 +190,142 @@ fn ble_and_softap_devices_are_onboarded_in_parallel_and_claimed() {
     drop(gateway);
 }
 
+/// What an installer does without a manifest: scan, see the devices around (imported or
+/// not), adopt one with the secret printed on it, onboard it; read the others' security
+/// and capabilities and adopt one on what it says. (BlueZoo cannot connect to a device a
+/// second time, so no device here is connected twice.)
+#[test]
+fn nearby_devices_are_listed_and_one_adopted_with_its_secret_is_onboarded() {
+    let site = onboarding_site("correct horse battery");
+    let manifest = site.dir.path().join("fleet.json");
+    let sim = Sim::start(&["--emulate", "--ble", "3", "--security", "2"], &manifest);
+    let (gateway, _addr) = start_gateway(&site, sim.bus.as_deref());
+    // The simulator's own record of its devices: what is printed on each.
+    let fleet: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    let labels = fleet["devices"].as_array().unwrap();
+    let label = |i: usize| {
+        (
+            labels[i]["name"].as_str().unwrap(),
+            labels[i]["mac"].as_str().unwrap(),
+            labels[i]["password"].as_str().unwrap(),
+        )
+    };
+    let adopt = |device: &str, extra: &[&str]| {
+        let mut args = vec!["onboard", "adopt", device, "--device-type", "esp32-app"];
+        args.extend(extra);
+        site.command(&args)
+    };
+    let scan = |args: &[&str]| -> serde_json::Value {
+        let mut all = vec!["onboard", "scan", "--seconds", "1", "--json"];
+        all.extend(args);
+        let out = site.command(&all);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let heard_at = |heard: &serde_json::Value, address: &str| -> serde_json::Value {
+        heard
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["address"].as_str().unwrap().eq_ignore_ascii_case(address))
+            .unwrap_or_else(|| panic!("{address} was not heard: {heard}"))
+            .clone()
+    };
+
+    // Adopting before any scan is refused, saying what to do.
+    let (name, address, password) = label(0);
+    let out = adopt(address, &["--pop", password, "--username", "wifiprov"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("scan first (outpost onboard scan)"),
+        "{stderr}"
+    );
+
+    // Every device is heard, none imported yet; the table names them.
+    let heard = scan(&[]);
+    assert_eq!(heard.as_array().unwrap().len(), 3, "{heard}");
+    for i in 0..3 {
+        let device = heard_at(&heard, label(i).1);
+        assert_eq!(device["name"], label(i).0, "{device}");
+        assert!(
+            device["target"].is_null() && device["details"].is_null(),
+            "{device}"
+        );
+    }
+    let table = site.command(&["onboard", "scan", "--seconds", "1"]);
+    let table = String::from_utf8_lossy(&table.stdout).into_owned();
+    assert!(table.starts_with("NAME") && table.contains(name), "{table}");
+
+    // Security 2 needs the username too; then the device is a target, and onboarded.
+    let out = adopt(address, &["--pop", password, "--security", "2"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("security 2 needs a username"), "{stderr}");
+    let out = adopt(
+        address,
+        &[
+            "--pop",
+            password,
+            "--username",
+            "wifiprov",
+            "--security",
+            "2",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout_of(&out).contains(&format!("Adopted {name} (")),
+        "{}",
+        stdout_of(&out)
+    );
+    let report = run_json(&site);
+    assert_eq!(
+        (report["succeeded"].as_u64(), report["failed"].as_u64()),
+        (Some(1), Some(0)),
+        "only the adopted device: {report:#}"
+    );
+    assert_eq!(report["devices"][0]["name"], name);
+
+    // The others' proto-ver, read on request; one is adopted on what it said.
+    let heard = scan(&["--details"]);
+    for i in 1..3 {
+        let device = heard_at(&heard, label(i).1);
+        assert_eq!(device["details"]["security"], 2, "{device}");
+        assert!(
+            device["details"]["capabilities"]
+                .as_array()
+                .unwrap()
+                .contains(&"wifi_scan".into()),
+            "{device}"
+        );
+    }
+    let (name, address, password) = label(1);
+    let out = adopt(name, &["--pop", password, "--username", "wifiprov"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout_of(&out).contains(&format!("Adopted {name} ({address}, Security 2)")));
+    let device = heard_at(&scan(&[]), address);
+    assert_eq!(device["target"], name, "{device}");
+    assert_eq!(
+        device["details"]["security"], 2,
+        "kept from the last read: {device}"
+    );
+    drop(gateway);
+}
+
 /// `outpost onboard import - [DEFAULTS]` with the manifest on standard input, as a QR
 /// scanner pipes it.
 fn import_stdin(site: &Site, text: &str, defaults: &[&str]) -> std::process::Output {
