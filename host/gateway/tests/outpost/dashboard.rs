@@ -332,3 +332,116 @@ fn the_dashboard_shows_devices_and_pauses_and_resumes_a_rollout_in_chromium() {
     assert!(revoked.contains("Revoked"), "{revoked}");
     assert_eq!(http_get(addr, "/api/v1/devices", Some(&viewer)).0, 401);
 }
+
+/// Onboarding from the page, as an installer with a laptop would: scan, adopt a nearby
+/// device with the secret on its label, onboard it, watch the run; a viewer is offered
+/// none of it.
+#[test]
+fn the_dashboard_scans_adopts_and_onboards_a_nearby_device_in_chromium() {
+    use super::onboarding::{Sim, onboarding_site, start_gateway};
+    let site = onboarding_site("correct horse battery");
+    let manifest = site.dir.path().join("fleet.json");
+    let sim = Sim::start(&["--emulate", "--ble", "2", "--security", "2"], &manifest);
+    let (gateway, addr) = start_gateway(&site, sim.bus.as_deref());
+    let admin = site.admin_token();
+    let fleet: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    let label = &fleet["devices"][0];
+    let (name, address, password) = (
+        label["name"].as_str().unwrap(),
+        label["mac"].as_str().unwrap().to_ascii_uppercase(),
+        label["password"].as_str().unwrap(),
+    );
+
+    let browser = Browser::start();
+    browser.open(&format!("http://{addr}/dashboard#token={admin}"));
+    browser.wait_for(
+        "its data",
+        "return document.body.dataset.loaded || document.getElementById('error').textContent || null",
+        |v| v == "true",
+    );
+    browser.click("#scan");
+    let rows = browser.wait_for(
+        "the nearby devices",
+        "return [...document.querySelectorAll('#nearby tbody tr')].map(r => r.dataset.address)",
+        |v| v.as_array().is_some_and(|a| a.len() == 2),
+    );
+    assert!(
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a == address.as_str()),
+        "{rows}"
+    );
+    let row = format!("#nearby tr[data-address=\"{address}\"]");
+    browser.eval(&format!(
+        "const row = document.querySelector('{row}');
+         const set = (f, v) => row.querySelector(`[data-field=\"${{f}}\"]`).value = v;
+         set('device_type', 'esp32-app'); set('security', '2');
+         set('username', 'wifiprov'); set('pop', '{password}');
+         return null"
+    ));
+    browser.click(&format!("{row} button[data-action=\"adopt\"]"));
+    browser.wait_for(
+        "the adopted device",
+        &format!("return document.querySelector('{row} .target').textContent"),
+        |v| v == name,
+    );
+    browser.wait_for(
+        "the new target",
+        &format!("return !!document.querySelector('#onboarding tr[data-target=\"{name}\"]')"),
+        |v| v == true,
+    );
+    browser.click("#run");
+    let status = browser.wait_for(
+        "the finished run",
+        "const s = document.getElementById('onboarding-status');
+         return s.dataset.done === 'true' ? s.textContent : (document.getElementById('error').textContent || null)",
+        |v| v.as_str().is_some_and(|s| s.contains(" done: ")),
+    );
+    assert!(
+        status
+            .as_str()
+            .unwrap()
+            .ends_with("done: 1 onboarded, 0 failed"),
+        "{status}"
+    );
+    let (_, lobby) = http_get(addr, "/api/v1/devices", Some(&admin));
+    let onboarded: Vec<&serde_json::Value> = lobby["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["state"] == "provisioned" || d["state"] == "claimed")
+        .collect();
+    assert_eq!(onboarded.len(), 1, "{lobby}");
+    assert_eq!(onboarded[0]["id"], name);
+    assert_eq!(onboarded[0]["device_type"], "esp32-app");
+
+    // A viewer sees the targets but is offered no scan, adoption or run.
+    let made = stdout_of(&site.command(&[
+        "tokens",
+        "create",
+        "--role",
+        "viewer",
+        "--name",
+        "lobby-screen",
+    ]));
+    let viewer = made.lines().last().unwrap().trim().to_owned();
+    browser.open(&format!("http://{addr}/dashboard#token={viewer}"));
+    browser.wait_for(
+        "the viewer's page",
+        "return document.getElementById('role').textContent || null",
+        |v| v == "lobby-screen (viewer)",
+    );
+    browser.wait_for(
+        "the targets",
+        &format!("return !!document.querySelector('#onboarding tr[data-target=\"{name}\"]')"),
+        |v| v == true,
+    );
+    assert_eq!(
+        browser.eval("return document.getElementById('onboarding-actions').hidden"),
+        true,
+        "a viewer is offered no onboarding actions"
+    );
+    drop(gateway);
+}

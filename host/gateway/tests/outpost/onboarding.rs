@@ -10,7 +10,7 @@ pub(crate) use outpost_test_support::{Sim, esp_sim_binary};
 use super::{Gateway, Site, http_get, stdout_of};
 
 /// A site with two networks (the first has a wrong passphrase) and a claiming CA.
-fn onboarding_site(ap_passphrase: &str) -> Site {
+pub(crate) fn onboarding_site(ap_passphrase: &str) -> Site {
     let site = Site::new(
         "\n[ble]\nadapter = \"hci0\"\nmax_concurrent_sessions = 8\n\n\
          [onboarding]\nstatus_poll_ms = 50\nscan_timeout_secs = 20\n\n\
@@ -46,7 +46,7 @@ fn onboarding_site(ap_passphrase: &str) -> Site {
     site
 }
 
-fn start_gateway(site: &Site, bus: Option<&str>) -> (Gateway, std::net::SocketAddr) {
+pub(crate) fn start_gateway(site: &Site, bus: Option<&str>) -> (Gateway, std::net::SocketAddr) {
     let mut env: Vec<(&str, &str)> = Vec::new();
     if let Some(bus) = bus {
         env.push(("DBUS_SYSTEM_BUS_ADDRESS", bus));
