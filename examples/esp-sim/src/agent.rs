@@ -2,7 +2,8 @@
 //! after onboarding: register with the gateway's device API, long-poll for the next
 //! command, download the image from the gateway's firmware server (checking size and
 //! sha256 as esp_https_ota would), report progress, reboot into the new version on
-//! `ota-apply` and report it — or misbehave as told, for the failure tests.
+//! `ota-apply` and report it, boot the previous image again on `ota-rollback` — or
+//! misbehave as told, for the failure tests.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -103,6 +104,8 @@ struct Agent {
     profile: Mutex<AgentProfile>,
     /// The version downloaded to the passive slot.
     staged: Mutex<Option<String>>,
+    /// The version it ran before the last `ota-apply`: the other slot, to roll back to.
+    previous: Mutex<Option<String>>,
     download: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
@@ -123,6 +126,7 @@ pub(crate) fn start(credential: Credential, profile: AgentProfile) {
         tls,
         profile: Mutex::new(profile),
         staged: Mutex::new(None),
+        previous: Mutex::new(None),
         download: Mutex::new(None),
     });
     tokio::spawn(async move {
@@ -208,6 +212,8 @@ impl Agent {
                 match staged {
                     None => json!({"ok": false, "error": "nothing downloaded"}),
                     Some(version) => {
+                        *self.previous.lock().expect("lock") =
+                            Some(self.profile().firmware_version);
                         let agent = Arc::clone(&self);
                         tokio::spawn(async move { agent.reboot(version).await });
                         json!({"ok": true})
@@ -220,6 +226,29 @@ impl Agent {
                 }
                 *self.staged.lock().expect("lock") = None;
                 json!({"ok": true})
+            }
+            "ota-rollback" => {
+                let previous = self.previous.lock().expect("lock").take();
+                match previous {
+                    None => json!({"ok": false, "error": "no previous image to boot"}),
+                    Some(previous) => {
+                        // The other slot is booted (esp_ota_mark_app_invalid_rollback_and_
+                        // reboot); a device the bootloader already took back stays.
+                        self.profile.lock().expect("lock").firmware_version = previous.clone();
+                        emit(
+                            &json!({"event": "rolled_back", "device": device, "version": previous}),
+                        );
+                        let agent = Arc::clone(&self);
+                        tokio::spawn(async move {
+                            if let Err(err) = agent.register().await {
+                                emit(
+                                    &json!({"event": "agent_error", "device": agent.credential.device_id, "error": format!("register: {err:#}")}),
+                                );
+                            }
+                        });
+                        json!({"ok": true, "payload": previous})
+                    }
+                }
             }
             other => json!({"ok": false, "error": format!("unknown command {other}")}),
         };

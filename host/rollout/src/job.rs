@@ -87,6 +87,21 @@ fn handler_failed(step: &str, err: &CallError) -> Outcome {
     )
 }
 
+/// The most a result's details keep (ADU's resultDetails is meant to be short).
+const MAX_DETAILS: usize = 256;
+
+/// `details` cut to [`MAX_DETAILS`] bytes at a character boundary, with an ellipsis.
+fn bounded(details: String) -> String {
+    if details.len() <= MAX_DETAILS {
+        return details;
+    }
+    let mut end = MAX_DETAILS - '…'.len_utf8();
+    while !details.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &details[..end])
+}
+
 /// Extended codes of the gateway itself (facility 2, component 0x01).
 const fn gateway_code(value: u32) -> u32 {
     (2 << 28) | (0x01 << 20) | value
@@ -261,10 +276,56 @@ impl Job {
         let applied = self.step(ctx, Step::Apply, phases).await?;
         let window = Duration::from_secs(self.spec.rollback_window_secs);
         self.set_step("verify", None).await;
-        match self.await_device(ctx, window, false).await? {
-            Some(finished) => Ok((DeviceStatus::Succeeded, finished)),
-            None => Err(Stop(DeviceStatus::Failed, applied)),
+        // After apply, a device that does not come back in its window, or reports a
+        // failed apply, is rolled back by its handler.
+        match self.await_device(ctx, window, false).await {
+            Ok(Some(finished)) => Ok((DeviceStatus::Succeeded, finished)),
+            Ok(None) => Err(self.roll_back(ctx, phases, applied).await),
+            Err(Stop(DeviceStatus::Failed, failed)) => {
+                Err(self.roll_back(ctx, phases, failed).await)
+            }
+            Err(stop) => Err(stop),
         }
+    }
+
+    /// One call into the device's handler.
+    async fn call(&self, ctx: &Ctx, step: Step) -> Result<Outcome, CallError> {
+        self.rollouts
+            .inner
+            .handlers
+            .runtime()
+            .step(
+                &ctx.handler.handler,
+                &ctx.services,
+                step,
+                &ctx.device,
+                &ctx.update,
+            )
+            .await
+    }
+
+    /// The handler's rollback step after a failed apply: its outcome (11xx) is kept as a
+    /// phase and told beside the failure, which stands either way.
+    async fn roll_back(&mut self, ctx: &Ctx, phases: &mut Vec<Phase>, failed: Outcome) -> Stop {
+        self.set_step(Step::Rollback.name(), None).await;
+        let rollback = self
+            .call(ctx, Step::Rollback)
+            .await
+            .unwrap_or_else(|err| handler_failed("rollback", &err));
+        tracing::info!(code = rollback.result_code, details = %rollback.details, "handler rollback");
+        phases.push(Phase {
+            step: Step::Rollback.name(),
+            result_code: rollback.result_code,
+            extended_result_code: rollback.extended_code,
+            details: rollback.details.clone(),
+        });
+        let said = if rollback.result_code > 0 {
+            "rolled back"
+        } else {
+            "rollback failed"
+        };
+        let details = bounded(format!("{}; {said}: {}", failed.details, rollback.details));
+        Stop(DeviceStatus::Failed, Outcome { details, ..failed })
     }
 
     /// One handler call; a failure outcome or a trapped call stops the update.
@@ -278,16 +339,8 @@ impl Job {
             return Err(self.cancelled(ctx).await);
         }
         self.set_step(step.name(), None).await;
-        let runtime = self.rollouts.inner.handlers.runtime();
-        let call = runtime.step(
-            &ctx.handler.handler,
-            &ctx.services,
-            step,
-            &ctx.device,
-            &ctx.update,
-        );
         let result = tokio::select! {
-            result = call => result,
+            result = self.call(ctx, step) => result,
             () = self.cancel.cancelled() => return Err(self.cancelled(ctx).await),
         };
         let outcome = result.unwrap_or_else(|err: CallError| handler_failed(step.name(), &err));
@@ -379,16 +432,7 @@ impl Job {
 
     /// The handler's cancel step, then the cancelled stop.
     async fn cancelled(&self, ctx: &Ctx) -> Stop {
-        let runtime = self.rollouts.inner.handlers.runtime();
-        let answer = runtime
-            .step(
-                &ctx.handler.handler,
-                &ctx.services,
-                Step::Cancel,
-                &ctx.device,
-                &ctx.update,
-            )
-            .await;
+        let answer = self.call(ctx, Step::Cancel).await;
         let details = match answer {
             Ok(o) => format!("cancelled: {}", o.details),
             Err(err) => format!("cancelled; the handler's cancel failed: {err}"),
@@ -546,5 +590,19 @@ impl Job {
                 at: now_millis(),
             })
             .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn details_are_cut_to_256_bytes_at_a_character_boundary() {
+        assert_eq!(bounded("short".into()), "short");
+        let long = "é".repeat(200);
+        let cut = bounded(long.clone());
+        assert!(cut.len() <= MAX_DETAILS, "{}", cut.len());
+        assert!(cut.ends_with('…') && long.starts_with(cut.trim_end_matches('…')));
     }
 }

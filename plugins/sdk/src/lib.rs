@@ -53,7 +53,8 @@ pub use bindings::outpost::handler::{artifacts, clock, device_channel, log, stat
 /// device downloads from the gateway's local URL itself and reports back.
 ///
 /// Commands: `ota-begin` (JSON: url, size, sha256, version, plus handler extras),
-/// `ota-apply` (the version), `ota-cancel`. Reports: `progress` (ASCII percent), `done`
+/// `ota-apply` (the version), `ota-cancel`, `ota-rollback` (answered with the version
+/// the device runs afterwards). Reports: `progress` (ASCII percent), `done`
 /// (ASCII version now running), `failed` (ASCII reason).
 pub mod ota {
     use super::{Artifact, DeviceReport, Outcome, ReportVerdict, device_channel, log};
@@ -92,6 +93,22 @@ pub mod ota {
         match device_channel::request("ota-apply", version.as_bytes(), DEVICE_TIMEOUT_MS) {
             Ok(_) => Outcome::success(700, format!("device is rebooting into {version}")),
             Err(err) => Outcome::failure(refused, format!("ota-apply refused: {err:?}")),
+        }
+    }
+
+    /// Has the device boot back into the image it ran before the update
+    /// (`ota-rollback`; on ESP-IDF `esp_ota_mark_app_invalid_rollback_and_reboot`): 1100
+    /// with the version it answers it runs, or a failure with extended code `refused`.
+    pub fn rollback(refused: u32) -> Outcome {
+        match device_channel::request("ota-rollback", &[], DEVICE_TIMEOUT_MS) {
+            Ok(answer) => Outcome::success(
+                1100,
+                format!(
+                    "device runs {} again",
+                    String::from_utf8_lossy(&answer).trim()
+                ),
+            ),
+            Err(err) => Outcome::failure(refused, format!("ota-rollback refused: {err:?}")),
         }
     }
 

@@ -508,6 +508,22 @@ fn a_cloud_deployment_rolls_out_in_waves_and_stops_at_the_error_threshold() {
         reason(27)
     );
     assert!(reason(28).contains("rollback window"), "{}", reason(28));
+    // A failed apply and a device that did not come back were rolled back by the
+    // handler (esp32-app: ota-rollback), and the devices booted their previous image;
+    // failures before apply were not.
+    for index in [27, 28] {
+        assert!(
+            reason(index).ends_with("; rolled back: device runs 1.0.0 again"),
+            "{}",
+            reason(index)
+        );
+        lights.wait_for("rolled_back", |e| {
+            e["device"] == names[index].as_str() && e["version"] == "1.0.0"
+        });
+    }
+    for index in [25, 26] {
+        assert!(!reason(index).contains("rolled back"), "{}", reason(index));
+    }
     // The dashboard shows it stopped, with the reason and the four failures.
     let browser = super::dashboard::Browser::start();
     browser.open(&format!("http://{addr}/dashboard#token={admin}"));
@@ -981,7 +997,12 @@ fn a_gateway_killed_mid_rollout_starts_the_devices_in_flight_over_after_restart(
                 .iter()
                 .map(|p| p["step"].as_str().unwrap())
                 .collect();
-            assert_eq!(phases, ["is-installed", "download", "install", "apply"]);
+            // The stuck device was rolled back once its window lapsed (1100).
+            assert_eq!(
+                phases,
+                ["is-installed", "download", "install", "apply", "rollback"]
+            );
+            assert_eq!(device["result"]["phases"][4]["resultCode"], 1100, "{view}");
         } else {
             assert_eq!(
                 (device["status"].as_str(), device["attempts"].as_u64()),

@@ -7,7 +7,8 @@
 //! from the gateway's local URL (esp_https_ota, with Range resume) and reports progress.
 //!
 //! Device commands: `ota-begin` (payload: JSON with url, size, sha256, version),
-//! `ota-apply`, `ota-cancel`. Device reports: `progress` (ASCII percent), `done` (ASCII
+//! `ota-apply`, `ota-cancel`, `ota-rollback` (boot the previous slot again, after a failed
+//! apply). Device reports: `progress` (ASCII percent), `done` (ASCII
 //! version now running), `failed` (ASCII reason).
 
 mod image;
@@ -31,6 +32,7 @@ const WRONG_PROJECT: u32 = 5;
 const DEVICE_REFUSED: u32 = 6;
 const DEVICE_FAILED: u32 = 7;
 const WRONG_VERSION: u32 = 8;
+const ROLLBACK_REFUSED: u32 = 9;
 
 struct Esp32App;
 
@@ -91,6 +93,11 @@ impl Handler for Esp32App {
 
     fn cancel(_device: Device, _update: Update) -> Outcome {
         ota::cancel()
+    }
+
+    fn rollback(_device: Device, _update: Update) -> Outcome {
+        // The previous image is still in the other OTA slot: the agent boots it.
+        ota::rollback(code(ROLLBACK_REFUSED))
     }
 
     fn interpret_report(_device: Device, update: Update, report: DeviceReport) -> ReportVerdict {
