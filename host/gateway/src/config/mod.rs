@@ -509,6 +509,12 @@ pub(crate) struct HandlersSection {
     pub(crate) memory_limit_mib: NonZeroU32,
     #[serde(default = "default_handler_cpu")]
     pub(crate) cpu_time_ms: NonZeroU32,
+    /// Wall-clock time one handler call may take, waits for the device included.
+    #[serde(
+        default = "default_handler_wall_time",
+        deserialize_with = "handler_wall_time"
+    )]
+    pub(crate) wall_time_secs: u32,
     #[serde(default = "default_handler_instances")]
     pub(crate) max_concurrent: NonZeroU32,
     /// Vendors whose signed packages may be installed.
@@ -552,6 +558,7 @@ impl HandlersSection {
         outpost_runtime::RuntimeConfig {
             memory_limit: u64::from(self.memory_limit_mib.get()) << 20,
             cpu_time: std::time::Duration::from_millis(u64::from(self.cpu_time_ms.get())),
+            wall_time: std::time::Duration::from_secs(u64::from(self.wall_time_secs)),
             max_instances: self.max_concurrent.get(),
             ..outpost_runtime::RuntimeConfig::default()
         }
@@ -612,6 +619,25 @@ fn default_handler_memory() -> NonZeroU32 {
 fn default_handler_cpu() -> NonZeroU32 {
     NonZeroU32::new(1000).expect("nonzero")
 }
+fn default_handler_wall_time() -> u32 {
+    30
+}
+/// `handlers.wall_time_secs`: longer than the longest wait for one device reply (a
+/// call that waits for a device must be able to), at most an hour.
+fn handler_wall_time<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u32, D::Error> {
+    let device_wait = outpost_runtime::RuntimeConfig::default()
+        .max_device_wait
+        .as_secs();
+    let secs = u32::deserialize(deserializer)?;
+    if u64::from(secs) <= device_wait || secs > 3600 {
+        return Err(serde::de::Error::custom(format!(
+            "wall_time_secs {secs}: use {} to 3600 (a handler call waits up to {device_wait} s \
+             for one device reply)",
+            device_wait + 1
+        )));
+    }
+    Ok(secs)
+}
 fn default_handler_instances() -> NonZeroU32 {
     NonZeroU32::new(4).expect("nonzero")
 }
@@ -665,6 +691,7 @@ impl Default for HandlersSection {
         Self {
             memory_limit_mib: default_handler_memory(),
             cpu_time_ms: default_handler_cpu(),
+            wall_time_secs: default_handler_wall_time(),
             max_concurrent: default_handler_instances(),
             trusted_vendors: Vec::new(),
         }

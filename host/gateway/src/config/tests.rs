@@ -59,7 +59,21 @@ fn defaults_fill_every_section_but_the_gateway_id() {
     assert!(config.ble.enabled);
     assert_eq!(config.handlers.memory_limit_mib.get(), 64);
     assert_eq!(config.handlers.cpu_time_ms.get(), 1000);
+    assert_eq!(config.handlers.wall_time_secs, 30);
+    assert_eq!(
+        config.handlers.runtime_config().wall_time,
+        std::time::Duration::from_secs(30)
+    );
     assert_eq!(config.cache.max_size_mib.get(), 2048);
+}
+
+#[test]
+fn the_handler_wall_clock_limit_is_configurable() {
+    let config = parse("[gateway]\nid = \"gw\"\n[handlers]\nwall_time_secs = 120\n").unwrap();
+    assert_eq!(
+        config.handlers.runtime_config().wall_time,
+        std::time::Duration::from_secs(120)
+    );
 }
 
 #[test]
@@ -126,6 +140,11 @@ fn invalid_values_are_located() {
             "[gateway]\nid = \"gw\"\n[handlers]\ncpu_time_ms = 0\n",
             4,
             "nonzero",
+        ),
+        (
+            "[gateway]\nid = \"gw\"\n[handlers]\nwall_time_secs = 5\n",
+            4,
+            "wall_time_secs 5: use 11 to 3600",
         ),
         (
             "[gateway]\nid = \"gw\"\n[log]\nformat = \"xml\"\n",
