@@ -87,6 +87,19 @@ fn handler_failed(step: &str, err: &CallError) -> Outcome {
     )
 }
 
+/// The handler properties an update carries: the manifest step's, plus what the rollout
+/// allows (`allowDowngrade: true`), as JSON text.
+fn handler_properties(
+    step: &serde_json::Map<String, serde_json::Value>,
+    spec: &RolloutSpec,
+) -> String {
+    let mut properties = step.clone();
+    if spec.allow_downgrade {
+        properties.insert("allowDowngrade".into(), true.into());
+    }
+    serde_json::Value::Object(properties).to_string()
+}
+
 /// The most a result's details keep (ADU's resultDetails is meant to be short).
 const MAX_DETAILS: usize = 256;
 
@@ -214,8 +227,7 @@ impl Job {
             provider: manifest.update_id.provider.clone(),
             name: manifest.update_id.name.clone(),
             version: manifest.update_id.version.clone(),
-            handler_properties: serde_json::Value::Object(step.handler_properties.clone())
-                .to_string(),
+            handler_properties: handler_properties(&step.handler_properties, &self.spec),
             files: files.clone(),
         };
         let mut properties: Vec<(String, String)> = Vec::new();
@@ -596,6 +608,21 @@ impl Job {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rollout_that_allows_downgrades_tells_the_handler() {
+        let step = serde_json::json!({"imageType": 66})
+            .as_object()
+            .unwrap()
+            .clone();
+        let mut spec: RolloutSpec = serde_json::from_value(serde_json::json!({})).unwrap();
+        assert_eq!(handler_properties(&step, &spec), r#"{"imageType":66}"#);
+        spec = serde_json::from_value(serde_json::json!({"allowDowngrade": true})).unwrap();
+        assert_eq!(
+            handler_properties(&step, &spec),
+            r#"{"allowDowngrade":true,"imageType":66}"#
+        );
+    }
 
     #[test]
     fn details_are_cut_to_256_bytes_at_a_character_boundary() {

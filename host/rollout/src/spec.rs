@@ -49,6 +49,11 @@ pub struct RolloutSpec {
     /// How long a device may take to download before it counts as failed.
     #[serde(default = "default_download")]
     pub download_timeout_secs: u64,
+    /// Let handlers install images older than a device's anti-rollback counter allows
+    /// (ESP-IDF's `secure_version`): handed to them as `allowDowngrade: true` in the
+    /// update's handler properties. Off unless asked for.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_downgrade: bool,
 }
 
 fn default_waves() -> Vec<u8> {

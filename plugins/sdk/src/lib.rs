@@ -238,6 +238,16 @@ pub trait Handler {
     }
 }
 
+/// One of the update's handler properties (the manifest step's, plus what the rollout
+/// adds: `allowDowngrade: true` when it allows older images), or `None` when absent or
+/// when the properties are not a JSON object.
+pub fn handler_property(update: &Update, key: &str) -> Option<serde_json::Value> {
+    match serde_json::from_str::<serde_json::Value>(&update.handler_properties) {
+        Ok(serde_json::Value::Object(mut map)) => map.remove(key),
+        _ => None,
+    }
+}
+
 /// Writes a log line at `level` with no fields.
 pub fn log_line(level: log::Level, message: &str) {
     log::write(level, message, &[]);

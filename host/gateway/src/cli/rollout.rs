@@ -100,6 +100,9 @@ pub(crate) struct CreateArgs {
     /// Seconds a device gets to come back with the new version.
     #[arg(long)]
     rollback_window: Option<u64>,
+    /// Allow images older than a device's anti-rollback counter (secure_version).
+    #[arg(long)]
+    allow_downgrade: bool,
     /// Only devices of this type (repeatable).
     #[arg(long)]
     device_type: Vec<String>,
@@ -159,6 +162,9 @@ impl CreateArgs {
         }
         if let Some(v) = self.rollback_window {
             spec.rollback_window_secs = v;
+        }
+        if self.allow_downgrade {
+            spec.allow_downgrade = true;
         }
         if !self.device_type.is_empty() {
             spec.target.device_types.clone_from(&self.device_type);

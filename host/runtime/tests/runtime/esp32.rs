@@ -20,6 +20,17 @@ const ESP32S3: u16 = 0x0009;
 
 /// An ESP-IDF app image: image header, one segment header, app descriptor, then `body`.
 fn esp_image(chip_id: u16, version: &str, project: &str, body: usize) -> Vec<u8> {
+    esp_image_secure(chip_id, version, project, body, 0)
+}
+
+/// The same with the anti-rollback counter `secure_version` set.
+fn esp_image_secure(
+    chip_id: u16,
+    version: &str,
+    project: &str,
+    body: usize,
+    secure_version: u32,
+) -> Vec<u8> {
     let mut image = vec![0u8; 24 + 8 + 256];
     image[0] = 0xE9; // ESP_IMAGE_HEADER_MAGIC
     image[1] = 4; // segment count
@@ -28,6 +39,7 @@ fn esp_image(chip_id: u16, version: &str, project: &str, body: usize) -> Vec<u8>
     image[28..32].copy_from_slice(&256u32.to_le_bytes()); // segment length
     let desc = 32;
     image[desc..desc + 4].copy_from_slice(&0xABCD_5432u32.to_le_bytes());
+    image[desc + 4..desc + 8].copy_from_slice(&secure_version.to_le_bytes());
     image[desc + 16..desc + 16 + version.len()].copy_from_slice(version.as_bytes());
     image[desc + 48..desc + 48 + project.len()].copy_from_slice(project.as_bytes());
     image.extend((0..body).map(|n| (n % 253) as u8));
@@ -207,10 +219,18 @@ async fn a_compatible_image_goes_through_every_step() {
         site.step(Step::Cancel, &device, &image).await.result_code,
         800
     );
+    let rollback = site.step(Step::Rollback, &device, &image).await;
+    assert_eq!(
+        (rollback.result_code, rollback.details.as_str()),
+        (1100, "device runs ok again")
+    );
 
     let commands = site.device.commands.lock().unwrap().clone();
     let names: Vec<_> = commands.iter().map(|(_, c, _)| c.as_str()).collect();
-    assert_eq!(names, ["ota-begin", "ota-apply", "ota-cancel"]);
+    assert_eq!(
+        names,
+        ["ota-begin", "ota-apply", "ota-cancel", "ota-rollback"]
+    );
     let sha = sha256_hex(&image);
     assert_eq!(
         commands[0].2,
@@ -220,6 +240,50 @@ async fn a_compatible_image_goes_through_every_step() {
         )
     );
     assert!(commands.iter().all(|(d, _, _)| d == "esp-0a1b2c"));
+}
+
+/// ESP-IDF's anti-rollback: an image whose secure_version is below the device's counter
+/// is refused before the device sees it, unless the rollout allows a downgrade.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_below_the_devices_secure_version_needs_an_allowed_downgrade() {
+    let site = site().await;
+    let mut device = thermostat("1.0.0");
+    device
+        .properties
+        .push(("secure_version".into(), "3".into()));
+    let older = esp_image_secure(ESP32C3, "2.0.0", "thermostat", 1000, 2);
+    for step in [Step::IsInstalled, Step::Download] {
+        let outcome = site.step(step, &device, &older).await;
+        assert_eq!(outcome.result_code, 0, "{step:?}: {}", outcome.details);
+        assert_eq!(outcome.extended_code, esp32_code(10));
+        assert_eq!(
+            outcome.details,
+            "anti-rollback: the image's secure_version 2 is below the device's 3 (a downgrade \
+             needs allowDowngrade in the rollout)"
+        );
+    }
+    assert!(site.device.commands.lock().unwrap().is_empty());
+    // The same or a newer counter goes through; so does an older one the rollout allows.
+    let same = esp_image_secure(ESP32C3, "2.0.0", "thermostat", 1000, 3);
+    assert_eq!(
+        site.step(Step::Download, &device, &same).await.result_code,
+        501
+    );
+    let (mut update, services) = site.update_with(&older);
+    update.handler_properties = r#"{"allowDowngrade":true}"#.into();
+    let outcome = site
+        .registry
+        .runtime()
+        .step(
+            &site.handler.handler,
+            &services,
+            Step::Download,
+            &device,
+            &update,
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome.result_code, 501, "{}", outcome.details);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -19,6 +19,8 @@ pub(crate) struct AppImage {
     pub(crate) version: String,
     /// `esp_app_desc_t.project_name`.
     pub(crate) project: String,
+    /// `esp_app_desc_t.secure_version`: the anti-rollback counter the image carries.
+    pub(crate) secure_version: u32,
 }
 
 #[derive(Debug)]
@@ -68,6 +70,7 @@ impl AppImage {
             chip,
             version: c_string(&desc[16..48]),
             project: c_string(&desc[48..80]),
+            secure_version: u32::from_le_bytes([desc[4], desc[5], desc[6], desc[7]]),
         })
     }
 }

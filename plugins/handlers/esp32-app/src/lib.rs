@@ -3,7 +3,9 @@
 //! Before anything is sent to a device it reads the image's own header from the firmware
 //! cache — the `esp_image_header_t` (magic 0xE9, chip id) and the `esp_app_desc_t` that
 //! follows the first segment header (version, project name) — and checks them against
-//! the device's properties `chip` and `project`. The device then fetches the image itself
+//! the device's properties `chip` and `project`, and its anti-rollback counter against the
+//! device's `secure_version` (an older image needs `allowDowngrade` from the rollout). The
+//! device then fetches the image itself
 //! from the gateway's local URL (esp_https_ota, with Range resume) and reports progress.
 //!
 //! Device commands: `ota-begin` (payload: JSON with url, size, sha256, version),
@@ -15,7 +17,7 @@ mod image;
 
 use outpost_handler_sdk::{
     Device, DeviceReport, Handler, HandlerInfo, Limits, Outcome, ReportVerdict, Update,
-    extended_code, ota, read_head,
+    extended_code, handler_property, ota, read_head,
 };
 
 use image::{AppImage, ImageError};
@@ -33,6 +35,7 @@ const DEVICE_REFUSED: u32 = 6;
 const DEVICE_FAILED: u32 = 7;
 const WRONG_VERSION: u32 = 8;
 const ROLLBACK_REFUSED: u32 = 9;
+const ANTI_ROLLBACK: u32 = 10;
 
 struct Esp32App;
 
@@ -151,6 +154,23 @@ fn checked_image(device: &Device, update: &Update) -> Result<AppImage, Outcome> 
             format!(
                 "the image is project {:?}, the device runs {project:?}",
                 image.project
+            ),
+        ));
+    }
+    // ESP-IDF's anti-rollback: a device whose eFuse counter (`secure_version`, reported
+    // at registration) is above the image's will not boot it. Refused here unless the
+    // rollout explicitly allows a downgrade.
+    if let Some(device_secure) =
+        property("secure_version").and_then(|v| v.trim().parse::<u32>().ok())
+        && image.secure_version < device_secure
+        && handler_property(update, "allowDowngrade") != Some(serde_json::Value::Bool(true))
+    {
+        return Err(Outcome::failure(
+            code(ANTI_ROLLBACK),
+            format!(
+                "anti-rollback: the image's secure_version {} is below the device's {device_secure} \
+                 (a downgrade needs allowDowngrade in the rollout)",
+                image.secure_version
             ),
         ));
     }
