@@ -5,7 +5,7 @@
 //! Zigbee sensors) wait for onboarding. The release `outpost` onboards them over SoftAP,
 //! installs two signed handlers, takes a signed deployment from the cloud, fetches each
 //! file once and rolls it out in three waves; one light never comes back after its
-//! update and fails in the rollback window. A summary table ends it.
+//! update, fails in the rollback window and is rolled back. A summary table ends it.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};

@@ -600,11 +600,17 @@ fn stdout_of(output: &Output) -> String {
 /// Vendor side: a key, then the hostile guest packed and signed. Returns the package and
 /// the public key.
 fn vendor_package(site: &Site, version: &str) -> (PathBuf, String) {
-    vendor_package_with(site, version, &[])
+    vendor_package_with(site, version, |_| {})
 }
 
 /// [`vendor_package`] with more `outpost handler pack` flags.
-fn vendor_package_with(site: &Site, version: &str, pack_flags: &[&str]) -> (PathBuf, String) {
+/// A package packed with `outpost handler pack`, its manifest then changed by `edit` (as a
+/// vendor's own tool might write it), signed with `outpost handler sign`.
+fn vendor_package_with(
+    site: &Site,
+    version: &str,
+    edit: impl FnOnce(&mut outpost_runtime::package::Manifest),
+) -> (PathBuf, String) {
     let key = site.dir.path().join("acme.key");
     let package = site.dir.path().join(format!("hostile-{version}.tar"));
     let keygen = stdout_of(&site.command(&["handler", "keygen", "--out", key.to_str().unwrap()]));
@@ -613,28 +619,28 @@ fn vendor_package_with(site: &Site, version: &str, pack_flags: &[&str]) -> (Path
         .find_map(|l| l.strip_prefix("Public key: "))
         .expect("keygen prints the public key")
         .to_owned();
-    stdout_of(
-        &site.command(
-            &[
-                "handler",
-                "pack",
-                outpost_test_guests::HOSTILE,
-                "--name",
-                "hostile",
-                "--version",
-                version,
-                "--vendor",
-                "acme",
-                "--device-type",
-                "hostile-device",
-                "--out",
-                package.to_str().unwrap(),
-            ]
-            .into_iter()
-            .chain(pack_flags.iter().copied())
-            .collect::<Vec<_>>(),
-        ),
-    );
+    stdout_of(&site.command(&[
+        "handler",
+        "pack",
+        outpost_test_guests::HOSTILE,
+        "--name",
+        "hostile",
+        "--version",
+        version,
+        "--vendor",
+        "acme",
+        "--device-type",
+        "hostile-device",
+        "--out",
+        package.to_str().unwrap(),
+    ]));
+    let packed =
+        outpost_runtime::package::Package::read(std::fs::File::open(&package).unwrap()).unwrap();
+    let mut manifest = packed.manifest().clone();
+    edit(&mut manifest);
+    let edited =
+        outpost_runtime::package::Package::build(manifest, packed.component().to_vec()).unwrap();
+    std::fs::write(&package, edited.to_tar()).unwrap();
     stdout_of(&site.command(&[
         "handler",
         "sign",
@@ -650,7 +656,7 @@ fn verify_refuses_a_package_whose_describe_fails_as_install_does() {
     let site = Site::new("");
     // Signed and well-formed, but 1 MiB is less than the guest needs to start, so
     // `describe` cannot run within the limits the package asks for.
-    let (package, public_key) = vendor_package_with(&site, "1.0.0", &["--memory-mib", "1"]);
+    let (package, public_key) = vendor_package_with(&site, "1.0.0", |m| m.limits.memory_mib = 1);
     trust_acme(&site, &public_key);
     let verify = site.command(&["handler", "verify", package.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&verify.stderr);
@@ -661,6 +667,38 @@ fn verify_refuses_a_package_whose_describe_fails_as_install_does() {
     let stderr = String::from_utf8_lossy(&install.stderr);
     assert!(!install.status.success());
     assert!(stderr.contains("failed to describe itself"), "{stderr}");
+}
+
+/// A handler's limits come from one place: `pack` writes what `describe` asks for, and
+/// a package whose signed manifest says otherwise is refused by verify and install alike.
+#[test]
+fn a_package_whose_manifest_limits_contradict_describe_is_refused() {
+    let site = Site::new("");
+    let (packed, _) = vendor_package(&site, "1.0.0");
+    let manifest = outpost_runtime::package::Package::read(std::fs::File::open(&packed).unwrap())
+        .unwrap()
+        .manifest()
+        .clone();
+    // The hostile guest's describe asks for 64 MiB and 1000 ms.
+    assert_eq!(
+        (manifest.limits.memory_mib, manifest.limits.cpu_ms),
+        (64, 1000)
+    );
+
+    let site = Site::new("");
+    let (package, public_key) = vendor_package_with(&site, "1.0.0", |m| m.limits.cpu_ms = 50);
+    trust_acme(&site, &public_key);
+    for command in ["verify", "install"] {
+        let out = site.command(&["handler", command, package.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{command} accepted it: {stderr}");
+        assert!(
+            stderr.contains(
+                "describe asks for 64 MiB and 1000 ms, the signed manifest for 64 MiB and 50 ms"
+            ),
+            "{command}: {stderr}"
+        );
+    }
 }
 
 #[test]

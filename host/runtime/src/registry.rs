@@ -159,6 +159,12 @@ impl HandlerRegistry {
             };
             match loaded {
                 Ok((installed, _)) => {
+                    if let Err(err) = limits_agree(&installed.info, &installed.manifest) {
+                        warnings.push(format!(
+                            "handler {} runs under its signed manifest's limits: {err}",
+                            installed.manifest.name
+                        ));
+                    }
                     registry
                         .write_map()
                         .insert(installed.manifest.name.clone(), Arc::new(installed));
@@ -180,6 +186,7 @@ impl HandlerRegistry {
         let verified = Package::read(archive)?.verify(&self.trusted())?;
         self.check_conflicts(verified.manifest())?;
         let (installed, outcome) = self.load_verified(verified).await?;
+        limits_agree(&installed.info, &installed.manifest)?;
         let name = installed.manifest.name.clone();
         // fsync can take a while on an SD card: off the async workers too.
         let (dir, bytes) = (self.dir.join(&name), archive.to_vec());
@@ -381,6 +388,26 @@ async fn describe_checked(
     Ok(info)
 }
 
+/// A handler's limits come from one place: the signed manifest, which `outpost handler
+/// pack` fills from `describe`. A new package whose two disagree is refused, not picked
+/// from. (Packages installed before this check keep running under their manifest's
+/// limits; the gateway warns about them at start.)
+fn limits_agree(info: &HandlerInfo, manifest: &Manifest) -> Result<(), InstallError> {
+    let asked = (
+        info.requested_limits.memory_mib,
+        info.requested_limits.cpu_ms,
+    );
+    let signed = (manifest.limits.memory_mib, manifest.limits.cpu_ms);
+    if asked != signed {
+        return Err(InstallError::DescribeMismatch(format!(
+            "describe asks for {} MiB and {} ms, the signed manifest for {} MiB and {} ms; \
+             pack it again (outpost handler pack takes the limits from describe)",
+            asked.0, asked.1, signed.0, signed.1
+        )));
+    }
+    Ok(())
+}
+
 /// What `outpost handler verify` checks of a package whose signature was verified:
 /// everything an install checks short of writing it. The component must compile and
 /// link on this runtime, and its `describe` must answer within the package's
@@ -394,7 +421,9 @@ pub async fn check_package(
     let handler = runtime.load(&manifest.name, verified.component())?;
     let handler =
         runtime.with_requested_limits(handler, manifest.limits.memory_mib, manifest.limits.cpu_ms);
-    describe_checked(runtime, &handler, manifest).await
+    let info = describe_checked(runtime, &handler, manifest).await?;
+    limits_agree(&info, manifest)?;
+    Ok(info)
 }
 
 /// Writes the package atomically: a crash leaves the old one or the new one.

@@ -74,12 +74,6 @@ pub(crate) struct PackArgs {
     /// A device type the handler updates (repeat for more).
     #[arg(long = "device-type", required = true)]
     device_types: Vec<String>,
-    /// Memory the handler needs per call, MiB.
-    #[arg(long, default_value_t = 64)]
-    memory_mib: u32,
-    /// CPU time the handler needs per call, ms.
-    #[arg(long, default_value_t = 1000)]
-    cpu_ms: u32,
     /// The WIT world version it was built against.
     #[arg(long, default_value = "outpost:handler@0.1.0")]
     wit: String,
@@ -117,6 +111,16 @@ pub(crate) async fn run(command: HandlerCommand, config_path: &Path) -> anyhow::
         HandlerCommand::Pack(args) => {
             let component = std::fs::read(&args.component)
                 .with_context(|| format!("cannot read {}", args.component.display()))?;
+            // The limits come from one place, the handler's own describe: the manifest
+            // carries what it asks for (the gateway refuses a package whose two differ).
+            let runtime = Runtime::new(outpost_runtime::RuntimeConfig::default())?;
+            let handler = runtime.load(&args.name, &component).with_context(|| {
+                format!("{} is not a handler component", args.component.display())
+            })?;
+            let info = runtime
+                .describe(&handler, &outpost_runtime::Services::closed())
+                .await
+                .with_context(|| format!("{}'s describe failed", args.component.display()))?;
             let manifest = Manifest {
                 format: package::FORMAT,
                 name: args.name,
@@ -125,8 +129,8 @@ pub(crate) async fn run(command: HandlerCommand, config_path: &Path) -> anyhow::
                 device_types: args.device_types,
                 wit: args.wit,
                 limits: RequestedLimits {
-                    memory_mib: args.memory_mib,
-                    cpu_ms: args.cpu_ms,
+                    memory_mib: info.requested_limits.memory_mib,
+                    cpu_ms: info.requested_limits.cpu_ms,
                 },
                 component: "handler.wasm".into(),
                 files: Default::default(),
@@ -134,10 +138,13 @@ pub(crate) async fn run(command: HandlerCommand, config_path: &Path) -> anyhow::
             let package = Package::build(manifest, component)?;
             write_atomically(&args.out, &package.to_tar())?;
             outln!(
-                "Packed {} {} into {} (unsigned; sign it with `outpost handler sign`)",
+                "Packed {} {} into {} with the limits its describe asks for ({} MiB, {} ms) \
+                 (unsigned; sign it with `outpost handler sign`)",
                 package.manifest().name,
                 package.manifest().version,
-                args.out.display()
+                args.out.display(),
+                package.manifest().limits.memory_mib,
+                package.manifest().limits.cpu_ms
             );
         }
         HandlerCommand::Sign {

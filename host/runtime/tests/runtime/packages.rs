@@ -538,19 +538,37 @@ async fn a_withdrawn_vendor_key_skips_the_handler_with_a_warning_and_keeps_its_f
     assert!(dir.path().join("hostile/package.tar").exists());
 }
 
+/// Installs the hostile guest with the limits its describe asks for.
+async fn install_hostile(
+    registry: &HandlerRegistry,
+) -> (Arc<outpost_runtime::InstalledHandler>, CacheOutcome) {
+    registry
+        .install(&signed(
+            manifest("hostile", "0.1.0"),
+            hostile_wasm(),
+            &acme_key(),
+        ))
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_runs_under_the_limits_it_asks_for_capped_by_the_gateway() {
+    // The hostile guest asks for 64 MiB and 1000 ms (describe and manifest alike); this
+    // gateway allows at most 16 MiB and 200 ms, so its calls run under those.
     let dir = tempfile::tempdir().unwrap();
-    let registry = registry_in(dir.path()).await;
-    let mut modest = manifest("hostile", "0.1.0");
-    modest.limits = RequestedLimits {
-        memory_mib: 16,
-        cpu_ms: 200,
-    };
-    let (installed, _) = registry
-        .install(&signed(modest, hostile_wasm(), &acme_key()))
+    let runtime = Arc::new(
+        Runtime::new(RuntimeConfig {
+            memory_limit: 16 << 20,
+            cpu_time: std::time::Duration::from_millis(200),
+            ..RuntimeConfig::default()
+        })
+        .unwrap(),
+    );
+    let (registry, _) = HandlerRegistry::open(dir.path(), runtime, trusted())
         .await
         .unwrap();
+    let (installed, _) = install_hostile(&registry).await;
     let limits = installed.handler.limits();
     assert_eq!(limits.memory, 16 << 20);
     assert_eq!(limits.cpu_time, std::time::Duration::from_millis(200));
@@ -584,16 +602,38 @@ async fn a_handler_runs_under_the_limits_it_asks_for_capped_by_the_gateway() {
         started.elapsed()
     );
 
-    let mut greedy = manifest("hostile", "0.2.0");
+    // On a gateway that allows more, it gets what it asks for, not more.
+    let dir = tempfile::tempdir().unwrap();
+    let registry = registry_in(dir.path()).await;
+    let (installed, _) = install_hostile(&registry).await;
+    assert_eq!(installed.handler.limits().memory, 64 << 20);
+    assert_eq!(
+        installed.handler.limits().cpu_time,
+        std::time::Duration::from_millis(1000)
+    );
+}
+
+/// A handler's limits come from one place: a signed manifest that contradicts `describe`
+/// is refused whole, naming both; nothing is installed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_whose_limits_contradict_describe_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = registry_in(dir.path()).await;
+    let mut greedy = manifest("hostile", "0.1.0");
     greedy.limits = RequestedLimits {
         memory_mib: 4096,
         cpu_ms: 600_000,
     };
-    let (installed, _) = registry
+    let err = registry
         .install(&signed(greedy, hostile_wasm(), &acme_key()))
         .await
-        .unwrap();
-    let caps = RuntimeConfig::default();
-    assert_eq!(installed.handler.limits().memory, caps.memory_limit);
-    assert_eq!(installed.handler.limits().cpu_time, caps.cpu_time);
+        .unwrap_err();
+    assert!(
+        err.to_string().contains(
+            "describe asks for 64 MiB and 1000 ms, the signed manifest for 4096 MiB and 600000 ms"
+        ),
+        "{err}"
+    );
+    assert!(registry.list().is_empty());
+    assert!(!dir.path().join("hostile").exists());
 }
