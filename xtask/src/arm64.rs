@@ -1,7 +1,8 @@
 //! The Raspberry Pi build (64-bit ARM, `aarch64-unknown-linux-gnu`): Debian's cross
 //! toolchain compiles and links it, and Debian's qemu-user runs what it built on this
-//! x86-64 machine. `.cargo/config.toml` names the linker and the test runner, so plain
-//! `cargo build --target aarch64-unknown-linux-gnu` works once these parts are installed.
+//! x86-64 machine. The linker and the test runner are set for the cargo commands xtask
+//! runs ([`cross_env`]), only when this machine is not arm64 itself: on a Raspberry Pi the
+//! same commands build and test natively.
 
 use std::path::Path;
 use std::process::Command;
@@ -22,8 +23,34 @@ const PACKAGES: &str = "gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-st
 /// broker, no WebAssembly guests. Their tests run under qemu-user.
 pub(crate) const PURE_CRATES: [&str; 3] = ["outpost-protocomm", "outpost-store", "outpost-serve"];
 
-/// Installs the cross toolchain, the emulator and the Rust target when any is missing.
+/// Whether this machine builds arm64 natively (a Raspberry Pi, an arm64 server).
+fn native() -> bool {
+    std::env::consts::ARCH == "aarch64"
+}
+
+/// Sets the cross linker and the emulator as the test runner on `command` (a cargo
+/// command for [`TARGET`]) when this machine is not arm64; the same as exporting
+/// `CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER` and `…_RUNNER` by hand.
+pub(crate) fn cross_env(command: &mut Command) {
+    if !native() {
+        command
+            .env(
+                "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_LINKER",
+                "aarch64-linux-gnu-gcc",
+            )
+            .env(
+                "CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUNNER",
+                "qemu-aarch64-static -L /usr/aarch64-linux-gnu",
+            );
+    }
+}
+
+/// Installs the cross toolchain, the emulator and the Rust target when any is missing
+/// (on an arm64 machine only the Rust target, which is its own).
 pub(crate) fn ensure_toolchain(root: &Path) -> anyhow::Result<()> {
+    if native() {
+        return Ok(());
+    }
     let have = |program: &str| {
         Command::new(program)
             .arg("--version")
@@ -53,7 +80,7 @@ pub(crate) fn ensure_toolchain(root: &Path) -> anyhow::Result<()> {
 }
 
 /// `cargo xtask test-arm64 [-- <cargo test args>]`: the pure crates' tests, built for
-/// arm64 and run under qemu-user (the runner in `.cargo/config.toml`).
+/// arm64 and run under qemu-user ([`cross_env`]); natively on an arm64 machine.
 pub(crate) fn test(args: &[String]) -> anyhow::Result<()> {
     let extra = args.strip_prefix(&["--".to_owned()]).unwrap_or(args);
     let root = crate::workspace_root();
@@ -62,12 +89,18 @@ pub(crate) fn test(args: &[String]) -> anyhow::Result<()> {
     command
         .current_dir(&root)
         .args(["test", "--locked", "--target", TARGET]);
+    cross_env(&mut command);
     for package in PURE_CRATES {
         command.args(["-p", package]);
     }
     step(&format!(
-        "cargo test --target {TARGET} -p {} (run under qemu-aarch64-static)",
-        PURE_CRATES.join(" -p ")
+        "cargo test --target {TARGET} -p {}{}",
+        PURE_CRATES.join(" -p "),
+        if native() {
+            ""
+        } else {
+            " (run under qemu-aarch64-static)"
+        }
     ));
     let started = std::time::Instant::now();
     let status = command
@@ -78,7 +111,7 @@ pub(crate) fn test(args: &[String]) -> anyhow::Result<()> {
         bail!("the {TARGET} tests failed ({status})");
     }
     eprintln!(
-        "xtask: the {TARGET} tests passed under qemu-user in {:.0?}",
+        "xtask: the {TARGET} tests passed in {:.0?}",
         started.elapsed()
     );
     Ok(())

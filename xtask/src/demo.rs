@@ -186,7 +186,7 @@ pub(crate) fn run(args: &[String]) -> anyhow::Result<()> {
     crate::ensure_mosquitto()?;
     crate::ensure_rust_target(&root, crate::WASM_TARGET)?;
     crate::step("cargo build --release (outpost, esp-sim, cloud-sim) and the two handlers");
-    crate::build_release(&root, &["outpost-gateway", "esp-sim", "cloud-sim"], None)?;
+    crate::build_release(&root, &["outpost-gateway", "esp-sim", "cloud-sim"])?;
     let guests = root.join("target/demo-guests");
     crate::cargo_ok(
         &root,

@@ -553,7 +553,18 @@ fn deb(args: &[String]) -> anyhow::Result<()> {
                 arm64::ensure_toolchain(&root)?;
             }
             // Another machine's package holds the gateway alone: no simulator to share.
-            build_release(&root, &["outpost-gateway"], Some(triple))?;
+            let mut args = vec!["build", "--release", "--locked", "-p", "outpost-gateway"];
+            args.extend(["--target", triple]);
+            step(&format!("cargo {}", args.join(" ")));
+            let mut build = Command::new(cargo());
+            build.current_dir(&root).args(&args);
+            if triple == arm64::TARGET {
+                arm64::cross_env(&mut build);
+            }
+            let status = build.status().context("cannot run cargo")?;
+            if !status.success() {
+                bail!("cargo {} failed ({status})", args.join(" "));
+            }
         }
     }
     let mut package = Command::new(cargo());
@@ -576,17 +587,14 @@ fn deb(args: &[String]) -> anyhow::Result<()> {
 /// The release build of the gateway and esp-sim that bench-onboard and deb share: one
 /// package set, so cargo unifies features the same way and CI compiles it once.
 fn build_release_gateway_and_sim(root: &Path) -> anyhow::Result<()> {
-    build_release(root, &["outpost-gateway", "esp-sim"], None)
+    build_release(root, &["outpost-gateway", "esp-sim"])
 }
 
-/// `cargo build --release --locked -p P...`, for `target` or else for this machine.
-fn build_release(root: &Path, packages: &[&str], target: Option<&str>) -> anyhow::Result<()> {
+/// `cargo build --release --locked -p P...` for this machine.
+fn build_release(root: &Path, packages: &[&str]) -> anyhow::Result<()> {
     let mut args = vec!["build", "--release", "--locked"];
     for package in packages {
         args.extend(["-p", package]);
-    }
-    if let Some(triple) = target {
-        args.extend(["--target", triple]);
     }
     step(&format!("cargo {}", args.join(" ")));
     cargo_ok(root, &args)

@@ -232,11 +232,16 @@ impl Agent {
                 match previous {
                     None => json!({"ok": false, "error": "no previous image to boot"}),
                     Some(previous) => {
-                        // The other slot is booted (esp_ota_mark_app_invalid_rollback_and_
-                        // reboot); a device the bootloader already took back stays.
-                        self.profile.lock().expect("lock").firmware_version = previous.clone();
+                        // Only an unconfirmed new image is given up (the other slot is
+                        // booted); a device the bootloader already took back stays as it is.
+                        let rebooted = {
+                            let mut profile = self.profile.lock().expect("lock");
+                            let new_image_runs = profile.firmware_version != previous;
+                            profile.firmware_version.clone_from(&previous);
+                            new_image_runs
+                        };
                         emit(
-                            &json!({"event": "rolled_back", "device": device, "version": previous}),
+                            &json!({"event": "rolled_back", "device": device, "version": previous, "rebooted": rebooted}),
                         );
                         let agent = Arc::clone(&self);
                         tokio::spawn(async move {

@@ -35,7 +35,7 @@ use tracing::Instrument as _;
 
 pub use authority::create_ca;
 pub use manifest::ImportDefaults;
-pub use nearby::{AdoptRequest, Adopted, DeviceDetails, MAX_LISTEN, NearbyDevice};
+pub use nearby::{AdoptRequest, Adopted, DeviceDetails, MAX_DETAILED, MAX_LISTEN, NearbyDevice};
 pub use probe::{OnboardingStatus, probe};
 
 use authority::{Authority, LocalCa};
@@ -160,6 +160,8 @@ pub struct Onboarder {
     runs: Mutex<Vec<Arc<Run>>>,
     /// What the last nearby scan heard, for `adopt`.
     nearby: Mutex<Vec<NearbyDevice>>,
+    /// Held while scanning: a nearby scan refuses while it is taken, a run's scan waits.
+    radio: tokio::sync::Mutex<()>,
     next_run: AtomicU64,
     /// The runs in flight, and what stops them at shutdown.
     tasks: TaskTracker,
@@ -376,6 +378,7 @@ impl Onboarder {
             central: tokio::sync::Mutex::new(None),
             runs: Mutex::new(Vec::new()),
             nearby: Mutex::new(Vec::new()),
+            radio: tokio::sync::Mutex::new(()),
             next_run: AtomicU64::new(1),
             tasks: TaskTracker::new(),
             stop: CancellationToken::new(),
@@ -620,6 +623,8 @@ impl Onboarder {
                     run.step(index, "scanning");
                 }
             }
+            // One scan at a time on the adapter: wait for a nearby scan to finish.
+            let _radio = self.radio.lock().await;
             match self.central().await {
                 Ok(central) => central
                     .scan(

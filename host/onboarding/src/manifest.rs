@@ -169,23 +169,36 @@ fn entry_of(value: serde_json::Value) -> Result<Entry, String> {
 /// Parses and validates a manifest; every problem names its entry or line.
 pub fn parse(bytes: &[u8], defaults: &ImportDefaults) -> Result<Vec<OnboardingTarget>, String> {
     let text = std::str::from_utf8(bytes).map_err(|_| "the manifest is not UTF-8 text")?;
-    let trimmed = text.trim_start();
-    let entries: Vec<Placed> = if trimmed.starts_with('{') || trimmed.starts_with('[') {
+    // A spreadsheet's or an editor's byte-order mark is not part of the manifest.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    // The form is told by the first line that is not blank or a `#` comment.
+    let (first_line, first) = text
+        .lines()
+        .enumerate()
+        .map(|(n, l)| (n + 1, l.trim()))
+        .find(|(_, l)| !l.is_empty() && !l.starts_with('#'))
+        .unwrap_or((1, ""));
+    let neither = "neither a JSON object nor a QR URL";
+    let entries: Vec<Placed> = if first.starts_with('{') || first.starts_with('[') {
         match serde_json::from_str::<serde_json::Value>(text) {
             Ok(document) => json_entries(document)?,
             // Not one document: one object (or QR URL) per line, if every line is one.
             Err(whole) => match parse_lines(text) {
                 Ok(entries) => entries,
-                Err((1, _)) | Err((_, None)) => {
+                Err((line, _)) if line == first_line => {
                     return Err(format!("the manifest is not valid JSON: {whole}"));
                 }
-                Err((line, Some(err))) => return Err(format!("line {line}: {err}")),
+                Err((line, err)) => {
+                    return Err(format!(
+                        "line {line}: {}",
+                        err.as_deref().unwrap_or(neither)
+                    ));
+                }
             },
         }
-    } else if trimmed.starts_with("http://") || trimmed.starts_with("https://") {
-        parse_lines(text).map_err(|(line, err)| {
-            format!("line {line}: {}", err.unwrap_or_else(|| "empty".into()))
-        })?
+    } else if first.starts_with("http://") || first.starts_with("https://") {
+        parse_lines(text)
+            .map_err(|(line, err)| format!("line {line}: {}", err.as_deref().unwrap_or(neither)))?
     } else {
         parse_csv(text)?
     };
@@ -271,19 +284,29 @@ fn parse_lines(text: &str) -> Result<Vec<Placed>, (usize, Option<String>)> {
 /// The `data` of a QR URL: the console prints the JSON raw after `data=`; a browser or a
 /// QR app may hand it back percent-encoded.
 fn qr_url_data(url: &str) -> Result<String, String> {
-    let query = url
-        .split_once('?')
-        .map(|(_, q)| q)
-        .ok_or("a URL without ?data=")?;
-    if let Some(raw) = query.strip_prefix("data=")
-        && raw.starts_with('{')
-    {
-        return Ok(raw.to_owned());
+    let missing = || "a URL without ?data=".to_owned();
+    let query = url.split_once('?').map(|(_, q)| q).ok_or_else(missing)?;
+    // `data` may be any parameter. Raw JSON runs to its last brace (it may hold `&` or
+    // `+`); anything else is percent-decoded as a URI component (no `+` for space, which
+    // would change a PoP holding a plus).
+    let start = if let Some(rest) = query.strip_prefix("data=") {
+        query.len() - rest.len()
+    } else {
+        query
+            .find("&data=")
+            .map(|at| at + "&data=".len())
+            .ok_or_else(missing)?
+    };
+    let value = &query[start..];
+    if value.starts_with('{') {
+        let end = value.rfind('}').map_or(value.len(), |at| at + 1);
+        return Ok(value[..end].to_owned());
     }
-    form_urlencoded::parse(query.as_bytes())
-        .find(|(key, _)| key == "data")
-        .map(|(_, data)| data.into_owned())
-        .ok_or_else(|| "a URL without ?data=".into())
+    let value = value.split('&').next().unwrap_or_default();
+    percent_encoding::percent_decode_str(value)
+        .decode_utf8()
+        .map(|decoded| decoded.into_owned())
+        .map_err(|_| "the QR URL's data is not UTF-8 once decoded".into())
 }
 
 fn validate(entry: Entry, defaults: &ImportDefaults) -> Result<OnboardingTarget, String> {
@@ -379,6 +402,34 @@ fn validate(entry: Entry, defaults: &ImportDefaults) -> Result<OnboardingTarget,
     })
 }
 
+/// The 1-based line of the record that starts at or after byte `at` of `text`: the csv
+/// crate places a record where the one before it ended, so the rest of that line (a
+/// CRLF's newline), blank lines and `#` comments are stepped over.
+fn line_at(text: &str, at: u64) -> u64 {
+    let at = usize::try_from(at).unwrap_or(usize::MAX).min(text.len());
+    let mut line = text.as_bytes()[..at]
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count() as u64
+        + 1;
+    let mut rest = &text[at..];
+    // The end of the line `at` falls in, when only a line break is left of it.
+    if let Some(end) = rest.find('\n')
+        && rest[..end].trim().is_empty()
+    {
+        line += 1;
+        rest = &rest[end + 1..];
+    }
+    for next in rest.lines() {
+        let next = next.trim();
+        if !next.is_empty() && !next.starts_with('#') {
+            break;
+        }
+        line += 1;
+    }
+    line
+}
+
 /// The columns a CSV manifest may have, in any order.
 const CSV_COLUMNS: [&str; 9] = [
     "name",
@@ -419,7 +470,7 @@ fn parse_csv(text: &str) -> Result<Vec<Placed>, String> {
         let record = match record {
             Ok(record) => record,
             Err(err) => {
-                let line = err.position().map_or(0, csv::Position::line);
+                let line = err.position().map_or(0, |p| line_at(text, p.byte()));
                 let why = match err.kind() {
                     csv::ErrorKind::UnequalLengths {
                         len, expected_len, ..
@@ -431,7 +482,7 @@ fn parse_csv(text: &str) -> Result<Vec<Placed>, String> {
                 return Err(format!("line {line}: {why}"));
             }
         };
-        let line = record.position().map_or(0, csv::Position::line);
+        let line = record.position().map_or(0, |p| line_at(text, p.byte()));
         let mut object = serde_json::Map::new();
         let mut error = None;
         for (column, value) in columns.iter().zip(record.iter()) {
@@ -661,7 +712,7 @@ mod tests {
                     "PROV_B"
                 ),
                 &device_type,
-                "not valid JSON",
+                "line 2: neither a JSON object nor a QR URL",
             ),
             (
                 concat!(
@@ -704,6 +755,51 @@ mod tests {
                 "{err:?} should contain {expected:?}"
             );
         }
+    }
+
+    /// What spreadsheets, editors and consoles hand over: CRLF line ends, a byte-order
+    /// mark, comments before the first entry, `data` that is not the URL's first parameter.
+    #[test]
+    fn crlf_comments_a_bom_and_odd_urls_keep_their_lines_and_secrets() {
+        // CRLF with comments and blank lines: the bad row is named by its own line.
+        let csv = "# fleet\r\nname,security,device_type\r\n# first\r\nPROV_A,0,t\r\n\r\n# next\r\nPROV_B,0\r\n";
+        let err = parse(csv.as_bytes(), &none()).unwrap_err();
+        assert!(err.starts_with("line 7: 2 values for 3 columns"), "{err}");
+        let csv = "name,security,device_type\r\n# a comment\r\nPROV_A,zero,t\r\n";
+        let err = parse(csv.as_bytes(), &none()).unwrap_err();
+        assert!(err.starts_with("line 3: security \"zero\""), "{err}");
+
+        // QR codes after a comment line, behind a byte-order mark.
+        let codes = concat!(
+            "\u{feff}# scanned at the warehouse\n",
+            r#"{"ver":"v1","name":"PROV_A","pop":"p","transport":"ble"}"#,
+            "\n",
+            r#"https://espressif.github.io/esp-jumpstart/qrcode.html?lang=en&data={"ver":"v1","name":"PROV_B","pop":"a+b&c","transport":"ble"}"#,
+            "\n",
+            "https://espressif.github.io/esp-jumpstart/qrcode.html?lang=en&data=%7B%22ver%22%3A%22v1%22%2C%22name%22%3A%22PROV_C%22%2C%22pop%22%3A%22x%2By%22%2C%22transport%22%3A%22ble%22%7D&v=2\n",
+        );
+        let defaults = ImportDefaults {
+            device_type: Some("t".into()),
+            ..ImportDefaults::default()
+        };
+        let targets = parse(codes.as_bytes(), &defaults).unwrap();
+        let pops: Vec<_> = targets.iter().map(|t| t.pop.as_deref()).collect();
+        assert_eq!(pops, [Some("p"), Some("a+b&c"), Some("x+y")]);
+        // A bad line after a comment is named by its line; a first line that is no
+        // JSON is a JSON error.
+        let err = parse(
+            concat!(
+                "# codes\n",
+                r#"{"ver":"v1","name":"PROV_A","transport":"ble"}"#,
+                "\nnot a code\n"
+            )
+            .as_bytes(),
+            &defaults,
+        )
+        .unwrap_err();
+        assert_eq!(err, "line 3: neither a JSON object nor a QR URL");
+        let json = "\u{feff}{\"devices\": [{\"name\": \"PROV_A\", \"security\": 0, \"device_type\": \"t\"}]}";
+        assert_eq!(parse(json.as_bytes(), &none()).unwrap()[0].name, "PROV_A");
     }
 
     #[test]

@@ -14,6 +14,9 @@ use crate::{ImportDefaults, Onboarder, OnboardingError};
 /// The longest a nearby scan may listen.
 pub const MAX_LISTEN: Duration = Duration::from_secs(30);
 
+/// The most devices one scan connects to for their proto-ver (the strongest first).
+pub const MAX_DETAILED: usize = 16;
+
 /// A provisioning device the adapter heard.
 #[derive(Clone, Debug, Serialize)]
 pub struct NearbyDevice {
@@ -104,6 +107,7 @@ impl Onboarder {
                 "a run is using the radio: scan again when it is done".into(),
             ));
         }
+        let _radio = self.radio_or_busy()?;
         let central = self
             .central()
             .await
@@ -138,8 +142,17 @@ impl Onboarder {
             .collect();
         devices.sort_by_key(|d| std::cmp::Reverse(d.rssi.unwrap_or(i16::MIN)));
         if details {
-            for device in &mut devices {
-                device.details = Some(self.details(&device.advert).await);
+            for (index, device) in devices.iter_mut().enumerate() {
+                device.details = Some(if index < MAX_DETAILED {
+                    self.details(&device.advert).await
+                } else {
+                    DeviceDetails {
+                        error: Some(format!(
+                            "not read: a scan reads at most {MAX_DETAILED} devices' proto-ver"
+                        )),
+                        ..DeviceDetails::default()
+                    }
+                });
             }
         } else {
             // What an earlier scan read of a device still holds: no needless connection.
@@ -214,6 +227,7 @@ impl Onboarder {
                 }),
             ) => *security,
             (None, _) => {
+                let _radio = self.radio_or_busy()?;
                 let details = self.details(&device.advert).await;
                 details.security.ok_or_else(|| {
                     OnboardingError::Refused(format!(
@@ -225,6 +239,20 @@ impl Onboarder {
                 })?
             }
         };
+        // A device that says it runs Security 0 would get the site's Wi-Fi passphrase in
+        // the clear: only when the operator asks for exactly that.
+        if security == 0 && request.security != Some(0) {
+            return Err(OnboardingError::Invalid(format!(
+                "{} says it runs Security 0: the site's Wi-Fi credentials would go to it in \
+                 the clear{}; adopt it with --security 0 only if that is what you expect",
+                device.address,
+                if request.pop.is_some() {
+                    " and the PoP you gave would not be used"
+                } else {
+                    ""
+                }
+            )));
+        }
         let name = device
             .name
             .clone()
@@ -257,6 +285,16 @@ impl Onboarder {
             name,
             address: device.address,
             security,
+        })
+    }
+
+    /// The radio for a nearby scan or a proto-ver read, or a clear refusal while another
+    /// scan (or a run's) holds it.
+    fn radio_or_busy(&self) -> Result<tokio::sync::MutexGuard<'_, ()>, OnboardingError> {
+        self.radio.try_lock().map_err(|_| {
+            OnboardingError::Refused(
+                "the radio is busy with another scan: try again when it is done".into(),
+            )
         })
     }
 

@@ -94,8 +94,11 @@ fn handler_properties(
     spec: &RolloutSpec,
 ) -> String {
     let mut properties = step.clone();
+    // Only the rollout grants a downgrade: a manifest step that says so itself is overruled.
     if spec.allow_downgrade {
         properties.insert("allowDowngrade".into(), true.into());
+    } else {
+        properties.remove("allowDowngrade");
     }
     serde_json::Value::Object(properties).to_string()
 }
@@ -329,7 +332,7 @@ impl Job {
             step: Step::Rollback.name(),
             result_code: rollback.result_code,
             extended_result_code: rollback.extended_code,
-            details: rollback.details.clone(),
+            details: bounded(rollback.details.clone()),
         });
         let said = if rollback.result_code > 0 {
             "rolled back"
@@ -361,7 +364,7 @@ impl Job {
             step: step.name(),
             result_code: outcome.result_code,
             extended_result_code: outcome.extended_code,
-            details: outcome.details.clone(),
+            details: bounded(outcome.details.clone()),
         });
         if outcome.result_code <= 0 {
             return Err(Stop(DeviceStatus::Failed, outcome));
@@ -617,6 +620,12 @@ mod tests {
             .clone();
         let mut spec: RolloutSpec = serde_json::from_value(serde_json::json!({})).unwrap();
         assert_eq!(handler_properties(&step, &spec), r#"{"imageType":66}"#);
+        // A manifest step cannot grant itself a downgrade.
+        let sneaky = serde_json::json!({"imageType": 66, "allowDowngrade": true})
+            .as_object()
+            .unwrap()
+            .clone();
+        assert_eq!(handler_properties(&sneaky, &spec), r#"{"imageType":66}"#);
         spec = serde_json::from_value(serde_json::json!({"allowDowngrade": true})).unwrap();
         assert_eq!(
             handler_properties(&step, &spec),

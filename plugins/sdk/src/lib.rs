@@ -96,9 +96,11 @@ pub mod ota {
         }
     }
 
-    /// Has the device boot back into the image it ran before the update
-    /// (`ota-rollback`; on ESP-IDF `esp_ota_mark_app_invalid_rollback_and_reboot`): 1100
+    /// Has the device go back to the image it ran before the update (`ota-rollback`): 1100
     /// with the version it answers it runs, or a failure with extended code `refused`.
+    /// The agent acts only while the new image runs unconfirmed (ESP-IDF: pending verify,
+    /// then `esp_ota_mark_app_invalid_rollback_and_reboot`); a device that already runs
+    /// the previous image (the bootloader took it back) does nothing and says which.
     pub fn rollback(refused: u32) -> Outcome {
         match device_channel::request("ota-rollback", &[], DEVICE_TIMEOUT_MS) {
             Ok(answer) => Outcome::success(

@@ -326,6 +326,69 @@ fn nearby_devices_are_listed_and_one_adopted_with_its_secret_is_onboarded() {
     drop(gateway);
 }
 
+/// A device that says it runs Security 0 would be handed the site's Wi-Fi passphrase in
+/// the clear (a look-alike could claim it to downgrade the session): adopting it needs
+/// the operator to ask for exactly that.
+#[test]
+fn adopting_a_security_0_device_needs_the_operator_to_say_so() {
+    let site = onboarding_site("correct horse battery");
+    let manifest = site.dir.path().join("fleet.json");
+    let sim = Sim::start(&["--emulate", "--ble", "1", "--security", "0"], &manifest);
+    let (gateway, _addr) = start_gateway(&site, sim.bus.as_deref());
+    let fleet: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    let address = fleet["devices"][0]["mac"].as_str().unwrap();
+    let scan = site.command(&["onboard", "scan", "--seconds", "1"]);
+    assert!(
+        scan.status.success(),
+        "{}",
+        String::from_utf8_lossy(&scan.stderr)
+    );
+
+    // Asked for its security, the device says 0: refused, the PoP given unused.
+    let out = site.command(&[
+        "onboard",
+        "adopt",
+        address,
+        "--device-type",
+        "esp32-app",
+        "--pop",
+        "abcd1234",
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("says it runs Security 0")
+            && stderr.contains("in the clear and the PoP you gave would not be used"),
+        "{stderr}"
+    );
+    let out = site.command(&["onboard", "list"]);
+    assert!(
+        !stdout_of(&out).contains(address) && !stdout_of(&out).contains("PROV_"),
+        "nothing adopted"
+    );
+    let out = site.command(&[
+        "onboard",
+        "adopt",
+        address,
+        "--device-type",
+        "esp32-app",
+        "--security",
+        "0",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout_of(&out).contains("Security 0"),
+        "{}",
+        stdout_of(&out)
+    );
+    drop(gateway);
+}
+
 /// `outpost onboard import - [DEFAULTS]` with the manifest on standard input, as a QR
 /// scanner pipes it.
 fn import_stdin(site: &Site, text: &str, defaults: &[&str]) -> std::process::Output {

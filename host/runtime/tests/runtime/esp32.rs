@@ -263,6 +263,19 @@ async fn an_image_below_the_devices_secure_version_needs_an_allowed_downgrade() 
         );
     }
     assert!(site.device.commands.lock().unwrap().is_empty());
+    // A counter that is no number is refused too, not taken for none.
+    let mut garbled = thermostat("1.0.0");
+    garbled
+        .properties
+        .push(("secure_version".into(), "three".into()));
+    let outcome = site.step(Step::Download, &garbled, &older).await;
+    assert_eq!(
+        (outcome.result_code, outcome.details.as_str()),
+        (
+            0,
+            "anti-rollback: the device's secure_version \"three\" is not a number"
+        )
+    );
     // The same or a newer counter goes through; so does an older one the rollout allows.
     let same = esp_image_secure(ESP32C3, "2.0.0", "thermostat", 1000, 3);
     assert_eq!(

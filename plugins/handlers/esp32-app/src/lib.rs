@@ -160,8 +160,16 @@ fn checked_image(device: &Device, update: &Update) -> Result<AppImage, Outcome> 
     // ESP-IDF's anti-rollback: a device whose eFuse counter (`secure_version`, reported
     // at registration) is above the image's will not boot it. Refused here unless the
     // rollout explicitly allows a downgrade.
-    if let Some(device_secure) =
-        property("secure_version").and_then(|v| v.trim().parse::<u32>().ok())
+    let device_secure = match property("secure_version") {
+        None => None,
+        Some(text) => Some(text.trim().parse::<u32>().map_err(|_| {
+            Outcome::failure(
+                code(ANTI_ROLLBACK),
+                format!("anti-rollback: the device's secure_version {text:?} is not a number"),
+            )
+        })?),
+    };
+    if let Some(device_secure) = device_secure
         && image.secure_version < device_secure
         && handler_property(update, "allowDowngrade") != Some(serde_json::Value::Bool(true))
     {
