@@ -107,15 +107,8 @@ fn handler_properties(
 const MAX_DETAILS: usize = 256;
 
 /// `details` cut to [`MAX_DETAILS`] bytes at a character boundary, with an ellipsis.
-fn bounded(details: String) -> String {
-    if details.len() <= MAX_DETAILS {
-        return details;
-    }
-    let mut end = MAX_DETAILS - '…'.len_utf8();
-    while !details.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &details[..end])
+fn bounded(details: &str) -> String {
+    outpost_runtime::truncate(details, MAX_DETAILS)
 }
 
 /// Extended codes of the gateway itself (facility 2, component 0x01).
@@ -332,14 +325,14 @@ impl Job {
             step: Step::Rollback.name(),
             result_code: rollback.result_code,
             extended_result_code: rollback.extended_code,
-            details: bounded(rollback.details.clone()),
+            details: bounded(&rollback.details),
         });
         let said = if rollback.result_code > 0 {
             "rolled back"
         } else {
             "rollback failed"
         };
-        let details = bounded(format!("{}; {said}: {}", failed.details, rollback.details));
+        let details = bounded(&format!("{}; {said}: {}", failed.details, rollback.details));
         Stop(DeviceStatus::Failed, Outcome { details, ..failed })
     }
 
@@ -364,7 +357,7 @@ impl Job {
             step: step.name(),
             result_code: outcome.result_code,
             extended_result_code: outcome.extended_code,
-            details: bounded(outcome.details.clone()),
+            details: bounded(&outcome.details),
         });
         if outcome.result_code <= 0 {
             return Err(Stop(DeviceStatus::Failed, outcome));
@@ -635,9 +628,9 @@ mod tests {
 
     #[test]
     fn details_are_cut_to_256_bytes_at_a_character_boundary() {
-        assert_eq!(bounded("short".into()), "short");
+        assert_eq!(bounded("short"), "short");
         let long = "é".repeat(200);
-        let cut = bounded(long.clone());
+        let cut = bounded(&long);
         assert!(cut.len() <= MAX_DETAILS, "{}", cut.len());
         assert!(cut.ends_with('…') && long.starts_with(cut.trim_end_matches('…')));
     }

@@ -151,7 +151,7 @@ fn guest_message(stderr: &str) -> Option<&str> {
 }
 
 /// `text` cut to at most `max` bytes on a character boundary, with `…` when cut.
-fn truncate(text: &str, max: usize) -> String {
+pub fn truncate(text: &str, max: usize) -> String {
     if text.len() <= max {
         return text.to_owned();
     }

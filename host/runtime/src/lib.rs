@@ -55,7 +55,7 @@ pub use bindings::outpost::handler::types::{
 };
 pub use cache::CacheOutcome;
 pub use engine::RuntimeConfig;
-pub use error::{CallError, LoadError, RuntimeError, SUMMARY_MAX, TrapKind};
+pub use error::{CallError, LoadError, RuntimeError, SUMMARY_MAX, TrapKind, truncate};
 pub use registry::{
     HandlerRegistry, HandlerSummary, InstallError, InstalledHandler, check_package,
 };

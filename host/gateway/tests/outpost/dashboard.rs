@@ -338,14 +338,17 @@ fn the_dashboard_shows_devices_and_pauses_and_resumes_a_rollout_in_chromium() {
 /// none of it.
 #[test]
 fn the_dashboard_scans_adopts_and_onboards_a_nearby_device_in_chromium() {
-    use super::onboarding::{Sim, onboarding_site, start_gateway};
-    let site = onboarding_site("correct horse battery");
-    let manifest = site.dir.path().join("fleet.json");
-    let sim = Sim::start(&["--emulate", "--ble", "2", "--security", "2"], &manifest);
-    let (gateway, addr) = start_gateway(&site, sim.bus.as_deref());
+    use super::onboarding::{BleFleet, ble_fleet};
+    let BleFleet {
+        gateway,
+        addr,
+        fleet,
+        site,
+        // Held to the end: dropping the simulator stops the devices.
+        sim: _sim,
+        ..
+    } = ble_fleet("2", "2", &[]);
     let admin = site.admin_token();
-    let fleet: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
     let label = &fleet["devices"][0];
     let (name, address, password) = (
         label["name"].as_str().unwrap(),

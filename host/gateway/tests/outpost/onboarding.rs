@@ -67,6 +67,35 @@ pub(crate) fn import(site: &Site, manifest: &Path) -> std::process::Output {
     out
 }
 
+/// A site with emulated BLE devices and its running gateway, for the tests that meet
+/// devices without a manifest. Fields drop in order: the gateway, then the simulator.
+pub(crate) struct BleFleet {
+    pub(crate) gateway: Gateway,
+    pub(crate) addr: std::net::SocketAddr,
+    /// The simulator's own record of its devices: what is printed on each.
+    pub(crate) fleet: serde_json::Value,
+    pub(crate) sim: Sim,
+    pub(crate) site: Site,
+}
+
+/// `devices` BLE devices of Security `security` (esp-sim `--emulate`, plus `extra`).
+pub(crate) fn ble_fleet(devices: &str, security: &str, extra: &[&str]) -> BleFleet {
+    let site = onboarding_site("correct horse battery");
+    let manifest = site.dir.path().join("fleet.json");
+    let mut args = vec!["--emulate", "--ble", devices, "--security", security];
+    args.extend(extra);
+    let sim = Sim::start(&args, &manifest);
+    let (gateway, addr) = start_gateway(&site, sim.bus.as_deref());
+    let fleet = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    BleFleet {
+        gateway,
+        addr,
+        fleet,
+        sim,
+        site,
+    }
+}
+
 pub(crate) fn run_json(site: &Site) -> serde_json::Value {
     let out = site.command(&["onboard", "run", "--json"]);
     // A run with failures exits non-zero; its JSON report is still printed.
@@ -196,13 +225,14 @@ fn ble_and_softap_devices_are_onboarded_in_parallel_and_claimed() {
 /// second time, so no device here is connected twice.)
 #[test]
 fn nearby_devices_are_listed_and_one_adopted_with_its_secret_is_onboarded() {
-    let site = onboarding_site("correct horse battery");
-    let manifest = site.dir.path().join("fleet.json");
-    let sim = Sim::start(&["--emulate", "--ble", "3", "--security", "2"], &manifest);
-    let (gateway, _addr) = start_gateway(&site, sim.bus.as_deref());
-    // The simulator's own record of its devices: what is printed on each.
-    let fleet: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    let BleFleet {
+        gateway,
+        fleet,
+        site,
+        // Held to the end: dropping the simulator stops the devices.
+        sim: _sim,
+        ..
+    } = ble_fleet("3", "2", &[]);
     let labels = fleet["devices"].as_array().unwrap();
     let label = |i: usize| {
         (
@@ -331,12 +361,14 @@ fn nearby_devices_are_listed_and_one_adopted_with_its_secret_is_onboarded() {
 /// the operator to ask for exactly that.
 #[test]
 fn adopting_a_security_0_device_needs_the_operator_to_say_so() {
-    let site = onboarding_site("correct horse battery");
-    let manifest = site.dir.path().join("fleet.json");
-    let sim = Sim::start(&["--emulate", "--ble", "1", "--security", "0"], &manifest);
-    let (gateway, _addr) = start_gateway(&site, sim.bus.as_deref());
-    let fleet: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    let BleFleet {
+        gateway,
+        fleet,
+        site,
+        // Held to the end: dropping the simulator stops the devices.
+        sim: _sim,
+        ..
+    } = ble_fleet("1", "0", &[]);
     let address = fleet["devices"][0]["mac"].as_str().unwrap();
     let scan = site.command(&["onboard", "scan", "--seconds", "1"]);
     assert!(
