@@ -35,6 +35,10 @@ commands:
   test-arm64 [-- <cargo test args>]
                                 the pure crates' tests built for aarch64 and run under
                                 qemu-user (installs the cross toolchain when missing)
+  esp-idf                       build the ESP-IDF example with the device agent
+                                (devices/esp-idf/examples/ota-agent) with idf.py; needs
+                                an ESP-IDF tree in IDF_PATH (`cargo xtask test` runs it
+                                when IDF_PATH is set)
   demo [-- --lights N --sensors N --keep]
                                 the whole story on this machine: Mosquitto + cloud-sim,
                                 50 simulated devices onboarded, two signed handlers, a
@@ -51,6 +55,7 @@ fn main() -> ExitCode {
         Some("demo") => demo::run(&args[1..]),
         Some("deb") => deb(&args[1..]),
         Some("test-arm64") => arm64::test(&args[1..]),
+        Some("esp-idf") => esp_idf(true),
         Some("help" | "-h" | "--help") => {
             eprintln!("{USAGE}");
             Ok(())
@@ -89,7 +94,47 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     if !status.success() {
         bail!("tests failed ({status})");
     }
+    esp_idf(false)?;
     eprintln!("xtask: all tests passed in {:.0?}", started.elapsed());
+    Ok(())
+}
+
+/// Builds the ESP-IDF example app with the device agent component (its ESP-IDF port),
+/// where an ESP-IDF tree is installed (`IDF_PATH`, with `idf.py` on the PATH as
+/// `export.sh` sets up). ESP-IDF cannot be fetched here, so without it `cargo xtask test`
+/// says so (the component's portable core and POSIX port are built and tested either
+/// way); `cargo xtask esp-idf` then fails.
+fn esp_idf(required: bool) -> anyhow::Result<()> {
+    let Some(idf) = std::env::var_os("IDF_PATH") else {
+        if required {
+            bail!(
+                "IDF_PATH is not set: install ESP-IDF 5.1 or later and run `. $IDF_PATH/export.sh` \
+                 first (docs/device-agent.md)"
+            );
+        }
+        eprintln!(
+            "xtask: IDF_PATH is not set, so the ESP-IDF port of the device agent was not built \
+             (cargo xtask esp-idf builds it where ESP-IDF is installed)"
+        );
+        return Ok(());
+    };
+    let example = workspace_root().join("devices/esp-idf/examples/ota-agent");
+    let target = std::env::var("OUTPOST_IDF_TARGET").unwrap_or_else(|_| "esp32c3".to_owned());
+    step(&format!(
+        "idf.py set-target {target} build (devices/esp-idf/examples/ota-agent, IDF_PATH={})",
+        Path::new(&idf).display()
+    ));
+    for args in [vec!["set-target", target.as_str()], vec!["build"]] {
+        let status = Command::new("idf.py")
+            .current_dir(&example)
+            .args(["-B", "build"])
+            .args(&args)
+            .status()
+            .context("cannot run idf.py: run `. $IDF_PATH/export.sh` first")?;
+        if !status.success() {
+            bail!("idf.py {} failed ({status})", args.join(" "));
+        }
+    }
     Ok(())
 }
 
@@ -156,6 +201,15 @@ fn prepare(root: &Path) -> anyhow::Result<()> {
     if !Path::new("/usr/bin/chromium").exists() || !Path::new("/usr/bin/chromedriver").exists() {
         apt_install("chromium chromium-driver")?;
     }
+    // The C device agent's test build (tests/device-agent) links Debian's libcurl, cJSON
+    // and OpenSSL.
+    if ["/usr/include/cjson/cJSON.h", "/usr/include/openssl/evp.h"]
+        .iter()
+        .any(|header| !Path::new(header).exists())
+        || !curl_header_present()
+    {
+        apt_install("libcurl4-openssl-dev libcjson-dev libssl-dev")?;
+    }
     // The metrics test has Prometheus's own promtool check what /metrics serves.
     if !Path::new("/usr/bin/promtool").exists() {
         apt_install("prometheus")?;
@@ -172,6 +226,21 @@ fn prepare(root: &Path) -> anyhow::Result<()> {
         bail!("building esp-sim and cloud-sim failed ({status})");
     }
     Ok(())
+}
+
+/// Whether libcurl's header is installed (Debian puts it under the multiarch include dir).
+fn curl_header_present() -> bool {
+    ["/usr/include/curl/curl.h"]
+        .into_iter()
+        .map(PathBuf::from)
+        .chain(
+            std::fs::read_dir("/usr/include")
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|entry| entry.path().join("curl/curl.h")),
+        )
+        .any(|path| path.exists())
 }
 
 /// The pinned BlueZoo (an emulated BlueZ on D-Bus) for the BLE tests.

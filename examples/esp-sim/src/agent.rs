@@ -46,6 +46,9 @@ pub(crate) struct AgentProfile {
     pub(crate) firmware_version: String,
     pub(crate) reboot: Duration,
     pub(crate) fault: Option<UpdateFault>,
+    /// Hand the credential to an agent elsewhere: write it to this directory instead of
+    /// starting the built-in agent.
+    pub(crate) handoff: Option<std::path::PathBuf>,
 }
 
 /// The credential the gateway handed over at onboarding.

@@ -210,7 +210,17 @@ impl SimDevice {
         emit(
             &serde_json::json!({"event": "credential", "device": self.identity.name, "api": credential.api}),
         );
-        if !*started {
+        if let Some(dir) = &profile.handoff {
+            // The exact bytes the gateway sent, as the endpoint of a real device gets them.
+            let path = dir.join(format!("{}.json", self.identity.name));
+            std::fs::write(&path, plain).map_err(|err| Error::Invalid {
+                what: "agent credential",
+                detail: format!("cannot write {}: {err}", path.display()),
+            })?;
+            emit(
+                &serde_json::json!({"event": "handed_off", "device": self.identity.name, "device_id": credential.device_id, "path": path}),
+            );
+        } else if !*started {
             *started = true;
             crate::agent::start(credential, profile.clone());
         }

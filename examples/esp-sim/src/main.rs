@@ -120,6 +120,11 @@ struct Args {
     /// gateway hands over a credential, register and take update commands.
     #[arg(long)]
     agent: bool,
+    /// With --agent: instead of running the built-in agent, write the credential the
+    /// gateway hands over to DIR/<device name>.json, for an agent that runs elsewhere
+    /// (the C agent's POSIX build in the gateway's tests).
+    #[arg(long, value_name = "DIR", requires = "agent")]
+    agent_handoff: Option<PathBuf>,
     /// The firmware version the devices run.
     #[arg(long, default_value = "1.0.0")]
     firmware_version: String,
@@ -333,6 +338,7 @@ fn identities(args: &Args) -> anyhow::Result<Vec<Identity>> {
                 properties: args.properties.clone(),
                 firmware_version: args.firmware_version.clone(),
                 reboot: Duration::from_millis(args.reboot_ms),
+                handoff: args.agent_handoff.clone(),
                 fault: args
                     .update_fault
                     .iter()

@@ -13,6 +13,8 @@ use outpost_store::{DeviceState, NewDevice, Store};
 
 #[path = "outpost/dashboard.rs"]
 mod dashboard;
+#[path = "outpost/device_agent.rs"]
+mod device_agent;
 #[path = "outpost/disk.rs"]
 mod disk;
 #[path = "outpost/firmware.rs"]

@@ -50,12 +50,92 @@ pub fn bluezoo() -> PathBuf {
     path
 }
 
+/// The JSON events a child process prints on stdout, one object per line, read by a
+/// thread; `wait_for` finds one (also one seen before).
+pub struct EventLog {
+    events: Receiver<serde_json::Value>,
+    seen: Vec<serde_json::Value>,
+}
+
+impl std::fmt::Debug for EventLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventLog")
+            .field("seen", &self.seen.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl EventLog {
+    /// Reads `stdout` until it closes; lines that are not JSON are skipped.
+    pub fn read(stdout: impl std::io::Read + Send + 'static) -> Self {
+        let (tx, events) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(json) = serde_json::from_str(&line)
+                    && tx.send(json).is_err()
+                {
+                    break;
+                }
+            }
+        });
+        Self {
+            events,
+            seen: Vec::new(),
+        }
+    }
+
+    /// The first event named `event` that `pred` accepts, waiting at most [`DEADLINE`];
+    /// `None` when none came.
+    pub fn wait_for(
+        &mut self,
+        event: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Option<serde_json::Value> {
+        if let Some(found) = self.seen.iter().find(|e| e["event"] == event && pred(e)) {
+            return Some(found.clone());
+        }
+        let end = Instant::now() + DEADLINE;
+        while let Ok(json) = self
+            .events
+            .recv_timeout(end.saturating_duration_since(Instant::now()))
+        {
+            self.seen.push(json.clone());
+            if json["event"] == event && pred(&json) {
+                return Some(json);
+            }
+        }
+        None
+    }
+
+    /// Everything printed so far.
+    pub fn drain(&mut self) -> &[serde_json::Value] {
+        while let Ok(json) = self.events.try_recv() {
+            self.seen.push(json);
+        }
+        &self.seen
+    }
+
+    /// The next event not seen yet, waiting until `end`; `None` when none came.
+    pub fn next_before(&mut self, end: Instant) -> Option<serde_json::Value> {
+        let json = self
+            .events
+            .recv_timeout(end.saturating_duration_since(Instant::now()))
+            .ok()?;
+        self.seen.push(json.clone());
+        Some(json)
+    }
+
+    /// What was seen so far, without reading more.
+    pub fn seen(&self) -> &[serde_json::Value] {
+        &self.seen
+    }
+}
+
 /// A running simulator and the events it printed. Stopped (SIGTERM, so the emulation
 /// takes BlueZoo and its bus down) when dropped.
 pub struct Sim {
     child: Child,
-    events: Receiver<serde_json::Value>,
-    seen: Vec<serde_json::Value>,
+    events: EventLog,
     /// The private system bus of `--emulate`, for `DBUS_SYSTEM_BUS_ADDRESS`.
     pub bus: Option<String>,
     _dir: tempfile::TempDir,
@@ -92,27 +172,17 @@ impl Sim {
             .stdin(Stdio::null())
             .spawn()
             .expect("esp-sim starts");
-        let (tx, events) = mpsc::channel();
-        let stdout = child.stdout.take().expect("piped");
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Ok(json) = serde_json::from_str(&line)
-                    && tx.send(json).is_err()
-                {
-                    break;
-                }
-            }
-        });
+        let events = EventLog::read(child.stdout.take().expect("piped"));
         let mut sim = Self {
             child,
             events,
-            seen: Vec::new(),
             bus: None,
             _dir: dir,
         };
         sim.wait_for("ready", |_| true);
         sim.bus = sim
-            .seen
+            .events
+            .seen()
             .iter()
             .find(|e| e["event"] == "bus")
             .and_then(|e| e["dbus_system_bus_address"].as_str())
@@ -127,32 +197,15 @@ impl Sim {
         event: &str,
         pred: impl Fn(&serde_json::Value) -> bool,
     ) -> serde_json::Value {
-        if let Some(found) = self.seen.iter().find(|e| e["event"] == event && pred(e)) {
-            return found.clone();
-        }
-        let end = Instant::now() + DEADLINE;
-        loop {
-            match self
-                .events
-                .recv_timeout(end.saturating_duration_since(Instant::now()))
-            {
-                Ok(json) => {
-                    self.seen.push(json.clone());
-                    if json["event"] == event && pred(&json) {
-                        return json;
-                    }
-                }
-                Err(_) => panic!("esp-sim: no {event} event; saw {:?}", self.seen),
-            }
+        match self.events.wait_for(event, pred) {
+            Some(found) => found,
+            None => panic!("esp-sim: no {event} event; saw {:?}", self.events.seen()),
         }
     }
 
     /// Everything printed so far.
     pub fn drain(&mut self) -> &[serde_json::Value] {
-        while let Ok(json) = self.events.try_recv() {
-            self.seen.push(json);
-        }
-        &self.seen
+        self.events.drain()
     }
 }
 

@@ -16,7 +16,7 @@ use super::uplink::{Cloud, Mosquitto};
 use super::{DEADLINE, Gateway, Site, http_get, stdout_of};
 
 /// A firmware file made by `esp-sim firmware` (the simulated vendors' build output).
-fn firmware_file(args: &[&str]) -> Vec<u8> {
+pub(crate) fn firmware_file(args: &[&str]) -> Vec<u8> {
     let out = tempfile::NamedTempFile::new().unwrap();
     let status = std::process::Command::new(super::onboarding::esp_sim_binary())
         .arg("firmware")
@@ -376,7 +376,7 @@ pub(crate) fn onboard_fleet(
 }
 
 /// Polls the rollout until `pred` holds.
-fn wait_rollout(
+pub(crate) fn wait_rollout(
     addr: SocketAddr,
     token: &str,
     id: &str,
@@ -398,7 +398,10 @@ fn wait_rollout(
     }
 }
 
-fn by_status<'a>(view: &'a serde_json::Value, status: &str) -> Vec<&'a serde_json::Value> {
+pub(crate) fn by_status<'a>(
+    view: &'a serde_json::Value,
+    status: &str,
+) -> Vec<&'a serde_json::Value> {
     view["devices"]
         .as_array()
         .unwrap()

@@ -2,16 +2,17 @@
 //! loopback port) and the reference cloud (`cloud-sim`).
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{self, Receiver};
 use std::time::{Duration, Instant};
 
 use outpost_store::{DeviceState, NewDevice};
 
 use super::onboarding::{Sim, import, run_json};
+use outpost_test_support::EventLog;
+
 use super::{DEADLINE, Gateway, Site, http_get};
 
 const KEY: &str = "c2VjcmV0LWVucm9sbG1lbnQta2V5LTMyLWJ5dGVzISE=";
@@ -128,8 +129,7 @@ fn cloud_sim_binary() -> PathBuf {
 pub(crate) struct Cloud {
     child: Child,
     stdin: ChildStdin,
-    events: Receiver<serde_json::Value>,
-    pub(crate) seen: Vec<serde_json::Value>,
+    events: EventLog,
 }
 
 impl Cloud {
@@ -142,22 +142,11 @@ impl Cloud {
             .spawn()
             .unwrap();
         let stdin = child.stdin.take().unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, events) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Ok(json) = serde_json::from_str(&line)
-                    && tx.send(json).is_err()
-                {
-                    break;
-                }
-            }
-        });
+        let events = EventLog::read(child.stdout.take().unwrap());
         let mut cloud = Self {
             child,
             stdin,
             events,
-            seen: Vec::new(),
         };
         cloud.wait_for("ready", |_| true);
         cloud
@@ -168,32 +157,28 @@ impl Cloud {
         self.stdin.flush().unwrap();
     }
 
+    /// Every event seen so far (`drain` reads what arrived since).
+    pub(crate) fn seen(&self) -> &[serde_json::Value] {
+        self.events.seen()
+    }
+
+    /// Takes in every event printed so far.
+    pub(crate) fn drain(&mut self) {
+        self.events.drain();
+    }
+
     /// Waits for an event (also one seen before) matching `pred`.
     pub(crate) fn wait_for(
         &mut self,
         event: &str,
         pred: impl Fn(&serde_json::Value) -> bool,
     ) -> serde_json::Value {
-        if let Some(found) = self.seen.iter().find(|e| e["event"] == event && pred(e)) {
-            return found.clone();
-        }
-        let end = Instant::now() + DEADLINE;
-        loop {
-            match self
-                .events
-                .recv_timeout(end.saturating_duration_since(Instant::now()))
-            {
-                Ok(json) => {
-                    self.seen.push(json.clone());
-                    if json["event"] == event && pred(&json) {
-                        return json;
-                    }
-                }
-                Err(_) => panic!(
-                    "cloud-sim: no {event} event; saw {}",
-                    serde_json::to_string_pretty(&self.seen).unwrap()
-                ),
-            }
+        match self.events.wait_for(event, pred) {
+            Some(found) => found,
+            None => panic!(
+                "cloud-sim: no {event} event; saw {}",
+                serde_json::to_string_pretty(self.events.seen()).unwrap()
+            ),
         }
     }
 
@@ -212,20 +197,14 @@ impl Cloud {
                 found.push(e.clone());
             }
         };
-        for e in &self.seen {
+        for e in self.events.seen() {
             take(e, &mut found);
         }
         let end = Instant::now() + DEADLINE * 2;
         while found.len() < n {
-            match self
-                .events
-                .recv_timeout(end.saturating_duration_since(Instant::now()))
-            {
-                Ok(json) => {
-                    take(&json, &mut found);
-                    self.seen.push(json);
-                }
-                Err(_) => panic!(
+            match self.events.next_before(end) {
+                Some(json) => take(&json, &mut found),
+                None => panic!(
                     "cloud-sim saw {} distinct {kind} messages, not {n}",
                     found.len()
                 ),
@@ -450,7 +429,7 @@ fn a_broker_outage_queues_then_delivers_everything_priorities_first() {
     // before the telemetry queued during the outage.
     let position = |pred: &dyn Fn(&serde_json::Value) -> bool| {
         cloud
-            .seen
+            .seen()
             .iter()
             .position(|e| e["event"] == "message" && pred(e))
             .unwrap()
@@ -462,7 +441,7 @@ fn a_broker_outage_queues_then_delivers_everything_priorities_first() {
         "the claim report came after queued telemetry"
     );
     // Distinct ids: the cloud's own reconnect gets the retained copy once more.
-    let reported_after = cloud.seen[..first_queued]
+    let reported_after = cloud.seen()[..first_queued]
         .iter()
         .filter(|e| e["kind"] == "gateway-reported")
         .map(|e| e["messageId"].as_str().unwrap_or_default())
@@ -659,7 +638,7 @@ fn reprovisioning_to_a_second_broker_under_each_policy() {
         );
         cloud.wait_for("registration", |e| e["status"] == 200);
         let regs: Vec<serde_json::Value> = cloud
-            .seen
+            .seen()
             .iter()
             .filter(|e| e["event"] == "registration")
             .cloned()
@@ -777,12 +756,10 @@ fn a_wrong_enrollment_key_is_refused_once_and_not_retried() {
     assert_eq!(status["link"]["registrations"], 0);
     gateway.stop_cleanly(libc::SIGTERM, &site);
     // After the gateway stopped, the cloud had seen exactly one attempt.
-    while let Ok(e) = cloud.events.try_recv() {
-        cloud.seen.push(e);
-    }
+    cloud.drain();
     assert_eq!(
         cloud
-            .seen
+            .seen()
             .iter()
             .filter(|e| e["event"] == "registration")
             .count(),
@@ -806,7 +783,7 @@ fn claiming_site(broker: &Mosquitto) -> Site {
 fn lobby_states(cloud: &Cloud, device: &str) -> Vec<String> {
     let mut ids = HashSet::new();
     cloud
-        .seen
+        .seen()
         .iter()
         .filter(|e| e["event"] == "message" && e["kind"] == "lobby")
         .filter(|e| e["body"]["deviceId"] == device)

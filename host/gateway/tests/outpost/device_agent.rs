@@ -1,0 +1,330 @@
+//! The C device agent (devices/esp-idf/components/outpost_agent), built for Linux with
+//! ASan and UBSan, against the real `outpost` gateway: onboarded over SoftAP by esp-sim
+//! (stock protocomm; the credential the gateway writes to `outpost-agent` is handed to
+//! the C agent), then updated by a rollout over the TLS device listener.
+
+use std::path::Path;
+
+use outpost_test_device_agent::Agent;
+
+use super::firmware::sha256_hex;
+use super::onboarding::Sim;
+use super::rollouts::{FleetSite, by_status, firmware_file, wait_rollout};
+use super::{DEADLINE, Gateway, http_get, stdout_of};
+
+/// Where the first download of the resuming device is cut, and the byte the corrupting
+/// device receives flipped.
+const CUT_AT: u64 = 100_000;
+const CORRUPT_AT: u64 = 200_000;
+
+/// An esp32-app image made by `esp-sim firmware` (the simulated vendor's build output).
+fn app_image(version: &str) -> Vec<u8> {
+    firmware_file(&[
+        "--kind",
+        "esp-app",
+        "--chip",
+        "esp32c3",
+        "--version",
+        version,
+        "--project",
+        "outpost-light",
+        "--size",
+        "262144",
+    ])
+}
+
+/// A one-step esp32-app manifest for `image` (imported by hand: no URL).
+fn manifest(image: &[u8]) -> serde_json::Value {
+    serde_json::json!({
+        "manifestVersion": 1,
+        "updateId": {"provider": "Outpost", "name": "light", "version": "2.0.0"},
+        "compatibility": [{"manufacturer": "Espressif", "model": "esp32-app"}],
+        "steps": [{"handler": "esp32-app", "files": ["app"]}],
+        "files": [{
+            "id": "app", "fileName": "light-2.0.0.bin",
+            "sizeInBytes": image.len(), "sha256": sha256_hex(image),
+        }],
+    })
+}
+
+/// One C agent per credential esp-sim handed off, each with its own flash directory
+/// holding `first` in slot 0, and `faults[i]` for the i-th.
+fn start_agents(
+    dir: &Path,
+    handoffs: &[serde_json::Value],
+    first: &Path,
+    faults: &[&[&str]],
+) -> Vec<(String, Agent)> {
+    handoffs
+        .iter()
+        .zip(faults)
+        .map(|(handoff, faults)| {
+            let id = handoff["device_id"].as_str().unwrap().to_owned();
+            let flash = dir.join(format!("flash-{id}"));
+            let mut args: Vec<String> = vec![
+                "--flash".into(),
+                flash.to_str().unwrap().into(),
+                "--image".into(),
+                first.to_str().unwrap().into(),
+                "--credential".into(),
+                handoff["path"].as_str().unwrap().into(),
+                "--model".into(),
+                "esp32-app".into(),
+                "--poll-wait".into(),
+                "2".into(),
+                "--confirm-timeout-ms".into(),
+                "6000".into(),
+            ];
+            for fault in *faults {
+                args.push("--fault".into());
+                args.push((*fault).into());
+            }
+            (id.clone(), Agent::start(&id, &args))
+        })
+        .collect()
+}
+
+#[test]
+fn the_c_agent_updates_resumes_refuses_a_corrupted_image_and_is_rolled_back() {
+    // A site whose devices reach the gateway over its TLS device listener only.
+    let fleet =
+        FleetSite::new("[devices]\nbind = \"127.0.0.1:0\"\nmax_connections_per_client = 64\n");
+    let mut gateway = Gateway::spawn(&fleet.site.config(), &[]);
+    let addr = gateway.ready();
+    let admin = fleet.site.admin_token();
+    fleet.install_handlers();
+    let dir = fleet.site.dir.path().to_owned();
+
+    // Five devices with stock protocomm announce the agent; the gateway writes each its
+    // credential, which esp-sim hands to a C agent instead of running its own.
+    let handoff_dir = dir.join("handoff");
+    std::fs::create_dir(&handoff_dir).unwrap();
+    let manifest_path = dir.join("devices.json");
+    let mut sim = Sim::start(
+        &[
+            "--softap",
+            "5",
+            "--security",
+            "1",
+            "--pop",
+            "abcd1234",
+            "--agent",
+            "--agent-handoff",
+            handoff_dir.to_str().unwrap(),
+            "--device-type",
+            "esp32-app",
+            "--connect-delay-ms",
+            "20",
+        ],
+        &manifest_path,
+    );
+    super::onboarding::import(&fleet.site, &manifest_path);
+    let report = super::onboarding::run_json(&fleet.site);
+    assert!(
+        report["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["outcome"] == "provisioned"),
+        "{report}"
+    );
+    let mut handoffs: Vec<serde_json::Value> = Vec::new();
+    while handoffs.len() < 5 {
+        let seen: Vec<serde_json::Value> = handoffs.iter().map(|h| h["device"].clone()).collect();
+        handoffs.push(sim.wait_for("handed_off", |e| !seen.contains(&e["device"])));
+    }
+    handoffs.sort_by_key(|h| h["device_id"].as_str().unwrap().to_owned());
+    // What the gateway handed over: the TLS device API and the site CA to trust.
+    let credential: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(handoffs[0]["path"].as_str().unwrap()).unwrap())
+            .unwrap();
+    assert!(
+        credential["api"]
+            .as_str()
+            .unwrap()
+            .starts_with("https://127.0.0.1:")
+    );
+    assert!(
+        credential["caPem"]
+            .as_str()
+            .unwrap()
+            .contains("BEGIN CERTIFICATE")
+    );
+
+    let first = dir.join("light-1.0.0.bin");
+    std::fs::write(&first, app_image("1.0.0")).unwrap();
+    let cut = format!("cut:{CUT_AT}");
+    let corrupt = format!("corrupt:{CORRUPT_AT}");
+    let mut agents = start_agents(
+        &dir,
+        &handoffs,
+        &first,
+        &[&[], &[], &[&cut], &[&corrupt], &["offline-new-image"]],
+    );
+    for (_, agent) in &mut agents {
+        agent.wait_for("registered", |e| e["version"] == "1.0.0");
+    }
+    // The agents registered what they run, read from their images.
+    let (_, devices) = http_get(addr, "/api/v1/devices", Some(&admin));
+    for (id, _) in &agents {
+        let device = devices["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["id"] == id.as_str())
+            .unwrap_or_else(|| panic!("{id} is not in the lobby: {devices}"));
+        assert_eq!(device["firmware_version"], "1.0.0", "{device}");
+        assert_eq!(device["compat"]["chip"], "esp32c3", "{device}");
+        assert_eq!(device["compat"]["project"], "outpost-light", "{device}");
+        assert_eq!(device["compat"]["secure_version"], "0", "{device}");
+    }
+
+    // The new image comes in by hand and goes out in one wave.
+    let image = app_image("2.0.0");
+    let file = dir.join("light-2.0.0.bin");
+    std::fs::write(&file, &image).unwrap();
+    stdout_of(
+        &fleet
+            .site
+            .command(&["firmware", "import", file.to_str().unwrap()]),
+    );
+    let jws = fleet.sign(&manifest(&image));
+    let created = stdout_of(&fleet.site.command(&[
+        "rollout",
+        "create",
+        "--manifest",
+        jws.to_str().unwrap(),
+        "--id",
+        "c-agents",
+        "--waves",
+        "100",
+        "--error-threshold",
+        "5",
+        "--priority",
+        "immediate",
+        "--rollback-window",
+        "3",
+    ]));
+    assert!(created.contains("to 5 devices"), "{created}");
+    let done = wait_rollout(addr, &admin, "c-agents", "settled", DEADLINE * 2, |v| {
+        v["counts"]["running"] == 0 && v["counts"]["pending"] == 0
+    });
+    let details = |id: &str| -> String {
+        done["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["device_id"] == id)
+            .unwrap_or_else(|| panic!("{id} not in {done}"))["result"]["lastInstallResult"]
+            ["resultDetails"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let succeeded: Vec<&str> = by_status(&done, "succeeded")
+        .iter()
+        .map(|d| d["device_id"].as_str().unwrap())
+        .collect();
+    let ids: Vec<String> = agents.iter().map(|(id, _)| id.clone()).collect();
+    assert_eq!(succeeded.len(), 3, "{done}");
+    for id in &ids[..3] {
+        assert!(
+            succeeded.contains(&id.as_str()),
+            "{id} did not succeed: {done}"
+        );
+    }
+
+    // Two devices updated plainly: downloaded from 0, rebooted, confirmed, reported.
+    for (_, agent) in &mut agents[..2] {
+        agent.wait_for("confirmed", |e| e["version"] == "2.0.0");
+        agent.wait_for("report", |e| e["kind"] == "done" && e["payload"] == "2.0.0");
+    }
+    // The third lost its connection at byte 100,000 and resumed there with a Range
+    // request the firmware server answered with 206.
+    let (_, resumed) = &mut agents[2];
+    resumed.wait_for("confirmed", |e| e["version"] == "2.0.0");
+    let downloads: Vec<(u64, u64)> = resumed
+        .events()
+        .iter()
+        .filter(|e| e["event"] == "download")
+        .map(|e| (e["offset"].as_u64().unwrap(), e["status"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(downloads, vec![(0, 200), (CUT_AT, 206)]);
+
+    // The fourth received a flipped byte: its sha256 check failed, it reported so, and
+    // nothing was applied (no rollback either).
+    let corrupted = details(&ids[3]);
+    assert!(
+        corrupted.contains("image check failed: sha256"),
+        "{corrupted}"
+    );
+    assert!(!corrupted.contains("rolled back"), "{corrupted}");
+    assert!(
+        agents[3]
+            .1
+            .events()
+            .iter()
+            .all(|e| e["event"] != "rebooting")
+    );
+
+    // The fifth booted 2.0.0, which could not reach the gateway: the rollback window
+    // lapsed and esp32-app's rollback was called; meanwhile the agent gave the image up
+    // after its confirm timeout, the previous image booted, and the ota-rollback found
+    // it already there (nothing more to do).
+    let lost = details(&ids[4]);
+    assert!(lost.contains("rollback window"), "{lost}");
+    assert!(
+        lost.ends_with("; rolled back: device runs 1.0.0 again"),
+        "{lost}"
+    );
+    let (_, offline) = &mut agents[4];
+    offline.wait_for("giving_up", |e| e["version"] == "2.0.0");
+    offline.wait_for("report", |e| {
+        e["kind"] == "failed"
+            && e["payload"]
+                .as_str()
+                .unwrap()
+                .contains("did not reach the gateway within 6 s")
+    });
+    offline.wait_for("command", |e| e["command"] == "ota-rollback");
+
+    // The lobby shows what each runs now.
+    let (_, devices) = http_get(addr, "/api/v1/devices", Some(&admin));
+    let version_of = |id: &str| {
+        devices["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["id"] == id)
+            .unwrap()["firmware_version"]
+            .clone()
+    };
+    for id in &ids[..3] {
+        assert_eq!(version_of(id), "2.0.0");
+    }
+    for id in &ids[3..] {
+        assert_eq!(version_of(id), "1.0.0");
+    }
+
+    // Revoking a device's credential stops its agent at its next request (exit code 3),
+    // and the sanitizers found nothing in any of them, leaks included.
+    for (id, agent) in &mut agents {
+        let out = fleet.site.command(&["devices", "revoke", id]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let status = agent.wait_exit();
+        assert_eq!(status.code(), Some(3), "{id}: {}", agent.stderr());
+        let peak = agent
+            .events()
+            .iter()
+            .filter(|e| e["event"] == "heap")
+            .filter_map(|e| e["peak"].as_u64())
+            .max()
+            .unwrap_or(0);
+        eprintln!("agent {id}: peak heap {peak} bytes (its own and cJSON's)");
+    }
+    drop(sim);
+}
