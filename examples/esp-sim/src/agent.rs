@@ -32,6 +32,9 @@ pub(crate) enum UpdateFault {
     NeverReturns,
     /// Comes back running the old version.
     WrongVersion,
+    /// Cannot join the network of a Wi-Fi rotation (its access point has another
+    /// passphrase than the one sent) and falls back to the old one.
+    WifiRefused,
 }
 
 /// What the device knows about itself.
@@ -49,6 +52,10 @@ pub(crate) struct AgentProfile {
     /// Hand the credential to an agent elsewhere: write it to this directory instead of
     /// starting the built-in agent.
     pub(crate) handoff: Option<std::path::PathBuf>,
+    /// The access points in range (SSID, passphrase).
+    pub(crate) networks: Vec<(String, String)>,
+    /// The SSID it is on.
+    pub(crate) network: String,
 }
 
 /// The credential the gateway handed over at onboarding.
@@ -90,6 +97,15 @@ struct Pending {
     id: u64,
     command: String,
     payload_base64: String,
+}
+
+/// `wifi-rotate`: the network to move to, and how long to keep the old one.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Rotate {
+    ssid: String,
+    passphrase: String,
+    fallback_secs: u64,
 }
 
 #[derive(Deserialize)]
@@ -258,6 +274,20 @@ impl Agent {
                     }
                 }
             }
+            "wifi-rotate" => {
+                let rotate = base64::engine::general_purpose::STANDARD
+                    .decode(&pending.payload_base64)
+                    .ok()
+                    .and_then(|bytes| serde_json::from_slice::<Rotate>(&bytes).ok());
+                match rotate {
+                    None => json!({"ok": false, "error": "wifi-rotate without a valid payload"}),
+                    Some(rotate) => {
+                        let agent = Arc::clone(&self);
+                        tokio::spawn(async move { agent.rotate(rotate).await });
+                        json!({"ok": true})
+                    }
+                }
+            }
             other => json!({"ok": false, "error": format!("unknown command {other}")}),
         };
         let (status, body) = self
@@ -281,6 +311,50 @@ impl Agent {
             emit(
                 &json!({"event": "agent_error", "device": self.credential.device_id, "error": format!("report: {err:#}")}),
             );
+        }
+    }
+
+    /// Joins the rotation's network, keeping the old one as the fallback: reports `done`
+    /// with the new SSID once the gateway is reached over it, or falls back and reports
+    /// `failed`.
+    async fn rotate(&self, rotate: Rotate) {
+        let device = self.credential.device_id.clone();
+        let profile = self.profile();
+        let old = profile.network.clone();
+        // Joining takes a moment, as the reboot does.
+        tokio::time::sleep(profile.reboot).await;
+        let in_range = profile
+            .networks
+            .iter()
+            .any(|(ssid, pass)| *ssid == rotate.ssid && *pass == rotate.passphrase);
+        let joined = in_range && profile.fault != Some(UpdateFault::WifiRefused);
+        if joined {
+            self.profile
+                .lock()
+                .expect("lock")
+                .network
+                .clone_from(&rotate.ssid);
+            emit(&json!({"event": "wifi_joined", "device": device, "ssid": rotate.ssid}));
+            // The gateway is reached over the new network: the fallback is not needed.
+            self.report("done", &rotate.ssid).await;
+        } else {
+            let why = if profile
+                .networks
+                .iter()
+                .any(|(ssid, _)| *ssid == rotate.ssid)
+            {
+                "wrong passphrase (4-way handshake failed)"
+            } else {
+                "no such network in range"
+            };
+            emit(
+                &json!({"event": "wifi_fallback", "device": device, "ssid": rotate.ssid, "back_on": old, "fallback_secs": rotate.fallback_secs}),
+            );
+            self.report(
+                "failed",
+                &format!("cannot join {}: {why}; back on {old}", rotate.ssid),
+            )
+            .await;
         }
     }
 

@@ -147,9 +147,20 @@ struct Args {
     /// How long a reboot into new firmware takes, in milliseconds.
     #[arg(long, default_value_t = 300)]
     reboot_ms: u64,
-    /// Make device INDEX fail its update: INDEX=refuse|download-fails|never-returns|wrong-version.
+    /// Make device INDEX fail its update: INDEX=refuse|download-fails|never-returns|wrong-version,
+    /// or a Wi-Fi rotation: INDEX=wifi-refused.
     #[arg(long, value_parser = parse_update_fault)]
     update_fault: Vec<(usize, agent::UpdateFault)>,
+    /// A further access point in the devices' range, SSID:PASSPHRASE (repeatable): a
+    /// network a Wi-Fi rotation can move them to.
+    #[arg(long, value_parser = parse_network)]
+    ap_extra: Vec<(String, String)>,
+}
+
+fn parse_network(s: &str) -> Result<(String, String), String> {
+    s.split_once(':')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| "expected SSID:PASSPHRASE".to_owned())
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -339,6 +350,10 @@ fn identities(args: &Args) -> anyhow::Result<Vec<Identity>> {
                 firmware_version: args.firmware_version.clone(),
                 reboot: Duration::from_millis(args.reboot_ms),
                 handoff: args.agent_handoff.clone(),
+                networks: std::iter::once((args.ap_ssid.clone(), args.ap_passphrase.clone()))
+                    .chain(args.ap_extra.iter().cloned())
+                    .collect(),
+                network: args.ap_ssid.clone(),
                 fault: args
                     .update_fault
                     .iter()

@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::services::{StoreState, UpdateFiles};
-use super::{DeviceStatus, Report, RolloutSpec, Rollouts, now_millis};
+use super::{DeviceStatus, Report, RolloutSpec, Rollouts, Work, now_millis};
 
 /// ADU agent states.
 const IDLE: i32 = 0;
@@ -31,20 +31,33 @@ pub(crate) struct Job {
     pub(crate) rollouts: Rollouts,
     pub(crate) rollout: String,
     pub(crate) device: String,
-    pub(crate) manifest: Arc<VerifiedManifest>,
+    /// What the rollout carries: an update manifest or a network change.
+    pub(crate) work: Work,
     pub(crate) spec: RolloutSpec,
     pub(crate) reports: mpsc::UnboundedReceiver<Report>,
     pub(crate) cancel: CancellationToken,
 }
 
-/// One handler step as recorded.
+/// One handler step (or network rollout step) as recorded.
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
-struct Phase {
+pub(crate) struct Phase {
     step: &'static str,
     result_code: i32,
     extended_result_code: u32,
     details: String,
+}
+
+impl Phase {
+    /// The record of `step` that ended with `outcome`.
+    pub(crate) fn of(step: &'static str, outcome: &Outcome) -> Self {
+        Self {
+            step,
+            result_code: outcome.result_code,
+            extended_result_code: outcome.extended_code,
+            details: bounded(&outcome.details),
+        }
+    }
 }
 
 /// What the store keeps per device: ADU's lastInstallResult and the steps behind it.
@@ -66,9 +79,9 @@ struct Ctx {
 }
 
 /// A failure that ends the update with this outcome.
-struct Stop(DeviceStatus, Outcome);
+pub(crate) struct Stop(pub(crate) DeviceStatus, pub(crate) Outcome);
 
-fn outcome(code: i32, extended: u32, details: impl Into<String>) -> Outcome {
+pub(crate) fn outcome(code: i32, extended: u32, details: impl Into<String>) -> Outcome {
     Outcome {
         result_code: code,
         extended_code: extended,
@@ -112,7 +125,7 @@ fn bounded(details: &str) -> String {
 }
 
 /// Extended codes of the gateway itself (facility 2, component 0x01).
-const fn gateway_code(value: u32) -> u32 {
+pub(crate) const fn gateway_code(value: u32) -> u32 {
     (2 << 28) | (0x01 << 20) | value
 }
 const NO_HANDLER: u32 = 1;
@@ -126,6 +139,15 @@ impl Job {
         let rollouts = self.rollouts.clone();
         let device = self.device.clone();
         let mut phases = Vec::new();
+        if let Work::Wifi(rotation) = self.work.clone() {
+            let (status, last) = match self.rotate(&rotation, &mut phases).await {
+                Ok(joined) => (DeviceStatus::Succeeded, joined),
+                Err(Stop(status, last)) => (status, last),
+            };
+            self.finish(status, &last, &phases, 0, None).await;
+            rollouts.job_ended(&device);
+            return;
+        }
         let (status, last) = match self.prepare().await {
             Err(stop) => (stop.0, stop.1),
             Ok(ctx) => {
@@ -152,23 +174,38 @@ impl Job {
         rollouts.job_ended(&device);
     }
 
-    /// Finds the device, its handler and the manifest step; marks the device running.
-    async fn prepare(&mut self) -> Result<Ctx, Stop> {
-        let inner = &self.rollouts.inner;
+    /// Marks the device running, at `step`, one attempt more.
+    pub(crate) async fn mark_running(&self, step: &'static str) {
         let id = self.device.clone();
         let rollout = self.rollout.clone();
-        let _ = inner
+        let _ = self
+            .rollouts
+            .inner
             .store
             .call(move |conn| {
                 conn.execute(
                     "UPDATE rollout_devices SET status = 'running', attempts = attempts + 1, \
-                     started_at = ?3, finished_at = NULL, step = 'is-installed', updated_at = ?3 \
+                     started_at = ?3, finished_at = NULL, step = ?4, updated_at = ?3 \
                      WHERE rollout_id = ?1 AND device_id = ?2",
-                    params![rollout, id, now_millis()],
+                    params![rollout, id, now_millis(), step],
                 )?;
                 Ok(())
             })
             .await;
+    }
+
+    /// The update manifest (a job of a network rollout has none and never asks).
+    fn manifest(&self) -> &Arc<VerifiedManifest> {
+        match &self.work {
+            Work::Update(manifest) => manifest,
+            Work::Wifi(_) => unreachable!("a network rollout's job runs no handler steps"),
+        }
+    }
+
+    /// Finds the device, its handler and the manifest step; marks the device running.
+    async fn prepare(&mut self) -> Result<Ctx, Stop> {
+        self.mark_running("is-installed").await;
+        let inner = &self.rollouts.inner;
         let fail = |code: u32, details: String| {
             Stop(
                 DeviceStatus::Failed,
@@ -194,7 +231,7 @@ impl Job {
                 ),
             ));
         };
-        let manifest = &self.manifest.manifest;
+        let manifest = &self.manifest().manifest;
         let Some((step_index, step)) = manifest
             .steps
             .iter()
@@ -321,12 +358,7 @@ impl Job {
             .await
             .unwrap_or_else(|err| handler_failed("rollback", &err));
         tracing::info!(code = rollback.result_code, details = %rollback.details, "handler rollback");
-        phases.push(Phase {
-            step: Step::Rollback.name(),
-            result_code: rollback.result_code,
-            extended_result_code: rollback.extended_code,
-            details: bounded(&rollback.details),
-        });
+        phases.push(Phase::of(Step::Rollback.name(), &rollback));
         let said = if rollback.result_code > 0 {
             "rolled back"
         } else {
@@ -353,12 +385,7 @@ impl Job {
         };
         let outcome = result.unwrap_or_else(|err: CallError| handler_failed(step.name(), &err));
         tracing::info!(step = step.name(), code = outcome.result_code, details = %outcome.details, "handler step");
-        phases.push(Phase {
-            step: step.name(),
-            result_code: outcome.result_code,
-            extended_result_code: outcome.extended_code,
-            details: bounded(&outcome.details),
-        });
+        phases.push(Phase::of(step.name(), &outcome));
         if outcome.result_code <= 0 {
             return Err(Stop(DeviceStatus::Failed, outcome));
         }
@@ -448,7 +475,7 @@ impl Job {
         Stop(DeviceStatus::Cancelled, outcome(-1, 0, details))
     }
 
-    async fn set_step(&self, step: &str, progress: Option<u8>) {
+    pub(crate) async fn set_step(&self, step: &str, progress: Option<u8>) {
         let (rollout, device, step) = (self.rollout.clone(), self.device.clone(), step.to_owned());
         let _ = self
             .rollouts
@@ -549,7 +576,10 @@ impl Job {
         last: Option<contract::InstallResult>,
         status: DeviceStatus,
     ) -> contract::AgentState {
-        let manifest = &self.manifest.manifest;
+        let installed_update_id = match &self.work {
+            Work::Update(manifest) => manifest.manifest.update_id.to_string(),
+            Work::Wifi(rotation) => rotation.update_id(),
+        };
         contract::AgentState {
             device_properties: ctx
                 .map(|c| {
@@ -569,7 +599,7 @@ impl Job {
                 retry_timestamp: None,
             }),
             installed_update_id: matches!(status, DeviceStatus::Succeeded | DeviceStatus::Skipped)
-                .then(|| manifest.update_id.to_string()),
+                .then_some(installed_update_id),
         }
     }
 

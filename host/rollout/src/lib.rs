@@ -19,6 +19,7 @@
 
 mod job;
 pub mod metrics;
+mod network;
 mod services;
 pub mod spec;
 mod state;
@@ -39,6 +40,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use network::WifiRotation;
 pub use services::{Mailbox, Pending};
 pub use spec::RolloutSpec;
 pub use state::{DeviceStatus, RolloutState};
@@ -47,6 +49,24 @@ pub use state::{DeviceStatus, RolloutState};
 const TICK: Duration = Duration::from_secs(1);
 
 use outpost_store::now_millis;
+
+/// What a rollout carries to each device.
+#[derive(Clone, Debug)]
+pub(crate) enum Work {
+    /// A signed update manifest, run through the devices' handlers.
+    Update(Arc<VerifiedManifest>),
+    /// A Wi-Fi credential rotation, sent to the devices' agents.
+    Wifi(Arc<WifiRotation>),
+}
+
+/// A rollout row about to be stored.
+struct NewRollout {
+    origin: Origin,
+    kind: &'static str,
+    manifest: String,
+    update_id: String,
+    network: Option<String>,
+}
 
 /// Where a rollout came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,7 +128,9 @@ pub struct RolloutView {
     pub id: String,
     /// `cloud` or `local`.
     pub origin: String,
-    /// The manifest's update id (`provider/name@version`).
+    /// `update` (a signed manifest) or `wifi` (a Wi-Fi credential rotation).
+    pub kind: String,
+    /// The manifest's update id (`provider/name@version`); `wifi/<ssid>` for a rotation.
     pub update_id: String,
     /// Where it stands.
     pub state: RolloutState,
@@ -194,8 +216,8 @@ pub(crate) struct Inner {
     wake: Notify,
     running: Mutex<HashMap<String, Running>>,
     jobs: TaskTracker,
-    /// Manifests verified in this process, by rollout.
-    manifests: Mutex<HashMap<String, Arc<VerifiedManifest>>>,
+    /// What each rollout carries (manifests verified in this process), by rollout.
+    works: Mutex<HashMap<String, Work>>,
 }
 
 impl Rollouts {
@@ -221,7 +243,7 @@ impl Rollouts {
                 wake: Notify::new(),
                 running: Mutex::new(HashMap::new()),
                 jobs: TaskTracker::new(),
-                manifests: Mutex::new(HashMap::new()),
+                works: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -364,6 +386,99 @@ impl Rollouts {
         jws: &str,
         spec: RolloutSpec,
     ) -> Result<RolloutView, RolloutError> {
+        let id = self.new_id(id, &spec).await?;
+        let verified = self
+            .inner
+            .firmware
+            .add_manifest(jws)
+            .await
+            .map_err(|err| RolloutError::Invalid(format!("the manifest was refused: {err}")))?;
+        let manifest = &verified.manifest;
+        let step_handlers: HashSet<&str> =
+            manifest.steps.iter().map(|s| s.handler.as_str()).collect();
+        let targeted: Vec<Device> = self
+            .targets(&spec)
+            .await?
+            .into_iter()
+            .filter(|d| compatible(&verified, d))
+            .filter(|d| {
+                self.inner
+                    .handlers
+                    .for_device_type(&d.device_type)
+                    .is_some_and(|h| step_handlers.contains(h.manifest.name.as_str()))
+            })
+            .collect();
+        if targeted.is_empty() {
+            return Err(RolloutError::Invalid(format!(
+                "no device matches: {} needs a device compatible with {} whose type has an \
+                 installed handler among [{}] and that the target selects",
+                manifest.update_id,
+                serde_json::to_string(&manifest.compatibility).unwrap_or_default(),
+                step_handlers.into_iter().collect::<Vec<_>>().join(", ")
+            )));
+        }
+        for file in &manifest.files {
+            self.inner
+                .firmware
+                .pin(file.sha256, &pin_holder(&id))
+                .await
+                .map_err(|err| RolloutError::Invalid(format!("file {}: {err}", file.id)))?;
+            self.inner.firmware.prefetch(file.sha256);
+        }
+        let row = NewRollout {
+            origin,
+            kind: "update",
+            manifest: jws.to_owned(),
+            update_id: manifest.update_id.to_string(),
+            network: None,
+        };
+        self.insert(&id, row, &spec, &targeted).await
+    }
+
+    /// Creates a Wi-Fi credential rotation (always local): the devices the target selects
+    /// that run the Outpost agent (they hold a device credential) move to `rotation`'s
+    /// network, wave by wave, under the rollout's thresholds.
+    pub async fn create_wifi(
+        &self,
+        id: Option<String>,
+        rotation: WifiRotation,
+        spec: RolloutSpec,
+    ) -> Result<RolloutView, RolloutError> {
+        rotation.validate().map_err(RolloutError::Invalid)?;
+        let id = self.new_id(id, &spec).await?;
+        let agents = self
+            .inner
+            .store
+            .devices_with_credentials()
+            .await
+            .map_err(RolloutError::from)?;
+        let targeted: Vec<Device> = self
+            .targets(&spec)
+            .await?
+            .into_iter()
+            .filter(|d| agents.contains(&d.id))
+            .collect();
+        if targeted.is_empty() {
+            return Err(RolloutError::Invalid(
+                "no device matches: a Wi-Fi rotation needs devices that run the Outpost agent \
+                 (they hold a device credential) and that the target selects"
+                    .into(),
+            ));
+        }
+        let row = NewRollout {
+            origin: Origin::Local,
+            kind: "wifi",
+            manifest: String::new(),
+            update_id: rotation.update_id(),
+            network: Some(serde_json::to_string(&rotation).expect("serialisable")),
+        };
+        let view = self.insert(&id, row, &spec, &targeted).await?;
+        self.lock_works().insert(id, Work::Wifi(Arc::new(rotation)));
+        Ok(view)
+    }
+
+    /// Checks the settings and the id (a fresh one when none is given).
+    async fn new_id(&self, id: Option<String>, spec: &RolloutSpec) -> Result<String, RolloutError> {
         spec.validate().map_err(RolloutError::Invalid)?;
         let id = id.unwrap_or_else(|| format!("local-{}", contract::message_id()));
         if !contract::valid_id(&id) {
@@ -376,15 +491,11 @@ impl Rollouts {
                 "a rollout {id:?} already exists"
             )));
         }
-        let verified = self
-            .inner
-            .firmware
-            .add_manifest(jws)
-            .await
-            .map_err(|err| RolloutError::Invalid(format!("the manifest was refused: {err}")))?;
-        let manifest = &verified.manifest;
-        let step_handlers: HashSet<&str> =
-            manifest.steps.iter().map(|s| s.handler.as_str()).collect();
+        Ok(id)
+    }
+
+    /// The lobby devices `spec` targets (not retired, its selectors, its group).
+    async fn targets(&self, spec: &RolloutSpec) -> Result<Vec<Device>, RolloutError> {
         let group_members = match &spec.target.group {
             None => None,
             Some(group) => Some(
@@ -411,32 +522,19 @@ impl Rollouts {
             .filter(|d| d.state != outpost_store::DeviceState::Retired)
             .filter(|d| spec.target.matches(d))
             .filter(|d| group_members.as_ref().is_none_or(|m| m.contains(&d.id)))
-            .filter(|d| compatible(&verified, d))
-            .filter(|d| {
-                self.inner
-                    .handlers
-                    .for_device_type(&d.device_type)
-                    .is_some_and(|h| step_handlers.contains(h.manifest.name.as_str()))
-            })
             .collect();
-        if targeted.is_empty() {
-            return Err(RolloutError::Invalid(format!(
-                "no device matches: {} needs a device compatible with {} whose type has an \
-                 installed handler among [{}] and that the target selects",
-                manifest.update_id,
-                serde_json::to_string(&manifest.compatibility).unwrap_or_default(),
-                step_handlers.into_iter().collect::<Vec<_>>().join(", ")
-            )));
-        }
         targeted.sort_by(|a, b| a.id.cmp(&b.id));
-        for file in &manifest.files {
-            self.inner
-                .firmware
-                .pin(file.sha256, &pin_holder(&id))
-                .await
-                .map_err(|err| RolloutError::Invalid(format!("file {}: {err}", file.id)))?;
-            self.inner.firmware.prefetch(file.sha256);
-        }
+        Ok(targeted)
+    }
+
+    /// Stores a new rollout and its devices in their waves, then starts it.
+    async fn insert(
+        &self,
+        id: &str,
+        row: NewRollout,
+        spec: &RolloutSpec,
+        targeted: &[Device],
+    ) -> Result<RolloutView, RolloutError> {
         let now = now_millis();
         let state = match spec.start_millis() {
             Some(start) if start > now => RolloutState::Scheduled,
@@ -448,16 +546,28 @@ impl Rollouts {
             .enumerate()
             .map(|(i, d)| (d.id.clone(), spec.wave_of(i, total)))
             .collect();
-        let spec_json = serde_json::to_string(&spec).expect("serialisable");
-        let (id2, jws2, update_id) = (id.clone(), jws.to_owned(), manifest.update_id.to_string());
+        let spec_json = serde_json::to_string(spec).expect("serialisable");
+        let id2 = id.to_owned();
+        let update_id = row.update_id.clone();
         self.inner
             .store
             .call(move |conn| {
                 let tx = conn.transaction()?;
                 tx.execute(
-                    "INSERT INTO rollouts (id, origin, manifest, update_id, spec, state, wave, created_at, updated_at) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7, ?7)",
-                    params![id2, origin.as_str(), jws2, update_id, spec_json, state, now],
+                    "INSERT INTO rollouts (id, origin, manifest, update_id, spec, state, wave, \
+                     created_at, updated_at, kind, network) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0, ?7, ?7, ?8, ?9)",
+                    params![
+                        id2,
+                        row.origin.as_str(),
+                        row.manifest,
+                        row.update_id,
+                        spec_json,
+                        state,
+                        now,
+                        row.kind,
+                        row.network
+                    ],
                 )?;
                 for (device, wave) in rows {
                     tx.execute(
@@ -471,10 +581,10 @@ impl Rollouts {
             })
             .await
             .map_err(RolloutError::from)?;
-        tracing::info!(rollout = %id, update = %manifest.update_id, devices = total, %state, "rollout created");
-        self.publish_status(&id).await;
+        tracing::info!(rollout = %id, update = %update_id, devices = total, %state, "rollout created");
+        self.publish_status(id).await;
         self.wake();
-        self.view(&id, false).await
+        self.view(id, false).await
     }
 
     /// One step of the engine for rollout `id`.
@@ -543,7 +653,7 @@ impl Rollouts {
         // The jobs in memory, not the store's rows: a job just started may not have
         // marked its row yet.
         let mut running = self.running().values().filter(|j| j.rollout == id).count();
-        let manifest = self.manifest_of(id).await?;
+        let work = self.work_of(id).await?;
         // Devices pull: one that is not connected (no poll for a minute) stays pending
         // until it checks in again, as after a gateway restart or a power cut.
         for device in in_wave
@@ -554,7 +664,7 @@ impl Rollouts {
             if running >= limit || shutdown.is_cancelled() {
                 break;
             }
-            if self.start_device(id, &device.device_id, &manifest, &spec) {
+            if self.start_device(id, &device.device_id, &work, &spec) {
                 running += 1;
             }
         }
@@ -576,52 +686,58 @@ impl Rollouts {
         Ok(())
     }
 
-    async fn manifest_of(&self, id: &str) -> Result<Arc<VerifiedManifest>, RolloutError> {
-        if let Some(known) = self.lock_manifests().get(id) {
-            return Ok(Arc::clone(known));
+    /// What rollout `id` carries: its manifest, verified again as read back (once per
+    /// process: the store is not trusted with signatures), or its network change.
+    async fn work_of(&self, id: &str) -> Result<Work, RolloutError> {
+        if let Some(known) = self.lock_works().get(id) {
+            return Ok(known.clone());
         }
         let id2 = id.to_owned();
-        let jws: String = self
+        let (kind, jws, network): (String, String, Option<String>) = self
             .inner
             .store
             .call(move |conn| {
-                Ok(
-                    conn.query_row("SELECT manifest FROM rollouts WHERE id = ?1", [id2], |r| {
-                        r.get(0)
-                    })?,
-                )
+                Ok(conn.query_row(
+                    "SELECT kind, manifest, network FROM rollouts WHERE id = ?1",
+                    [id2],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )?)
             })
             .await
             .map_err(RolloutError::from)?;
-        // Verified again as read back (once per process): the store is not trusted with
-        // signatures.
-        let verified = Arc::new(
-            self.inner
-                .firmware
-                .add_manifest(&jws)
-                .await
-                .map_err(|err| RolloutError::Internal(format!("the stored manifest: {err}")))?,
-        );
-        self.lock_manifests()
-            .insert(id.to_owned(), Arc::clone(&verified));
-        Ok(verified)
+        let work = if kind == "wifi" {
+            let rotation: WifiRotation = network
+                .as_deref()
+                .and_then(|text| serde_json::from_str(text).ok())
+                .ok_or_else(|| {
+                    RolloutError::Conflict(format!(
+                        "rollout {id} ended and its Wi-Fi passphrase was dropped; start a new \
+                         rotation"
+                    ))
+                })?;
+            Work::Wifi(Arc::new(rotation))
+        } else {
+            Work::Update(Arc::new(
+                self.inner
+                    .firmware
+                    .add_manifest(&jws)
+                    .await
+                    .map_err(|err| RolloutError::Internal(format!("the stored manifest: {err}")))?,
+            ))
+        };
+        self.lock_works().insert(id.to_owned(), work.clone());
+        Ok(work)
     }
 
-    fn lock_manifests(&self) -> MutexGuard<'_, HashMap<String, Arc<VerifiedManifest>>> {
+    fn lock_works(&self) -> MutexGuard<'_, HashMap<String, Work>> {
         self.inner
-            .manifests
+            .works
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Starts the update of one device unless it already has one in flight.
-    fn start_device(
-        &self,
-        rollout: &str,
-        device: &str,
-        manifest: &Arc<VerifiedManifest>,
-        spec: &RolloutSpec,
-    ) -> bool {
+    fn start_device(&self, rollout: &str, device: &str, work: &Work, spec: &RolloutSpec) -> bool {
         if self.running().contains_key(device) {
             return false;
         }
@@ -631,7 +747,7 @@ impl Rollouts {
             rollouts: self.clone(),
             rollout: rollout.to_owned(),
             device: device.to_owned(),
-            manifest: Arc::clone(manifest),
+            work: work.clone(),
             spec: spec.clone(),
             reports: rx,
             cancel: cancel.clone(),
@@ -747,6 +863,8 @@ impl Rollouts {
     /// Puts the failed devices back in line and runs the rollout again.
     pub async fn retry(&self, id: &str) -> Result<RolloutView, RolloutError> {
         let view = self.view(id, false).await?;
+        // A rotation whose passphrase is gone cannot run again: refused before any change.
+        let work = self.work_of(id).await?;
         if view.state == RolloutState::Cancelled {
             return Err(RolloutError::Conflict(format!(
                 "rollout {id} was cancelled"
@@ -779,8 +897,10 @@ impl Rollouts {
             })
             .await
             .map_err(RolloutError::from)?;
-        for file in &self.manifest_of(id).await?.manifest.files {
-            let _ = self.inner.firmware.pin(file.sha256, &pin_holder(id)).await;
+        if let Work::Update(manifest) = &work {
+            for file in &manifest.manifest.files {
+                let _ = self.inner.firmware.pin(file.sha256, &pin_holder(id)).await;
+            }
         }
         self.set_state(
             id,
@@ -813,7 +933,7 @@ impl Rollouts {
     }
 
     async fn unpin(&self, id: &str) {
-        if let Ok(manifest) = self.manifest_of(id).await {
+        if let Ok(Work::Update(manifest)) = self.work_of(id).await {
             for file in &manifest.manifest.files {
                 if let Err(err) = self
                     .inner
@@ -836,19 +956,28 @@ impl Rollouts {
     ) -> Result<(), RolloutError> {
         let id2 = id.to_owned();
         let ends = state.has_ended();
+        // A rotation that is over for good drops its Wi-Fi passphrase (a stopped one keeps
+        // it: its failed devices may be retried).
+        let forget = matches!(state, RolloutState::Finished | RolloutState::Cancelled);
         self.inner
             .store
             .call(move |conn| {
                 let now = now_millis();
                 conn.execute(
                     "UPDATE rollouts SET state = ?2, reason = ?3, wave = COALESCE(?4, wave), \
-                     updated_at = ?5, finished_at = CASE WHEN ?6 THEN ?5 ELSE NULL END WHERE id = ?1",
-                    params![id2, state, reason, wave, now, ends],
+                     updated_at = ?5, finished_at = CASE WHEN ?6 THEN ?5 ELSE NULL END, \
+                     network = CASE WHEN ?7 AND kind = 'wifi' \
+                         THEN json_set(network, '$.passphrase', NULL) ELSE network END \
+                     WHERE id = ?1",
+                    params![id2, state, reason, wave, now, ends, forget],
                 )?;
                 Ok(())
             })
             .await
             .map_err(RolloutError::from)?;
+        if forget && matches!(self.lock_works().get(id), Some(Work::Wifi(_))) {
+            self.lock_works().remove(id);
+        }
         self.publish_status(id).await;
         Ok(())
     }
@@ -913,7 +1042,7 @@ impl Rollouts {
             .call(move |conn| {
                 let head = conn
                     .query_row(
-                        "SELECT origin, update_id, spec, state, reason, wave, created_at, updated_at, finished_at \
+                        "SELECT origin, update_id, spec, state, reason, wave, created_at, updated_at, finished_at, kind \
                          FROM rollouts WHERE id = ?1",
                         [&id2],
                         |r| {
@@ -927,6 +1056,7 @@ impl Rollouts {
                                 r.get::<_, i64>(6)?,
                                 r.get::<_, i64>(7)?,
                                 r.get::<_, Option<i64>>(8)?,
+                                r.get::<_, String>(9)?,
                             ))
                         },
                     )
@@ -958,7 +1088,7 @@ impl Rollouts {
             .await
             .map_err(RolloutError::from)?;
         let Some((
-            (origin, update_id, spec, state, reason, wave, created, updated, finished),
+            (origin, update_id, spec, state, reason, wave, created, updated, finished, kind),
             rows,
         )) = found
         else {
@@ -989,6 +1119,7 @@ impl Rollouts {
         Ok(RolloutView {
             id: id.to_owned(),
             origin,
+            kind,
             update_id,
             state,
             reason,

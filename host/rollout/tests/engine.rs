@@ -17,6 +17,7 @@ use outpost_cache::manifest::{self, ManifestFile, Step, TrustedSigner, UpdateId,
 use outpost_cache::{CacheConfig, FetchConfig, FirmwareCache};
 use outpost_rollout::{
     DeviceStatus, Mailbox, Origin, RolloutError, RolloutSpec, RolloutState, RolloutView, Rollouts,
+    WifiRotation,
 };
 use outpost_runtime::package::{Manifest, Package, RequestedLimits, TrustedVendor};
 use outpost_runtime::{HandlerRegistry, Runtime, RuntimeConfig};
@@ -694,5 +695,116 @@ async fn a_cloud_deployment_becomes_a_rollout_and_a_bad_one_is_refused_to_the_cl
         );
         assert!(engine.rollouts.view(id, false).await.is_err());
     }
+    engine.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wifi_rotation_reaches_the_agents_only_and_forgets_its_passphrase_when_it_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::start(dir.path()).await;
+    engine
+        .add_devices(&["agent-1", "agent-2", "no-agent"])
+        .await;
+    for id in ["agent-1", "agent-2"] {
+        engine.store.issue_device_credential(id).await.unwrap();
+    }
+    let rotation = |ssid: &str, passphrase: &str| WifiRotation {
+        ssid: ssid.into(),
+        passphrase: passphrase.into(),
+        fallback_secs: 30,
+    };
+    let settings = spec(serde_json::json!({"waves": [100], "successThreshold": 50}));
+    // What no device could use is refused, and nothing is created.
+    for (bad, needle) in [
+        (rotation("", "correct horse battery"), "ssid must be"),
+        (rotation("site-new", "short"), "passphrase must be"),
+    ] {
+        let err = engine
+            .rollouts
+            .create_wifi(Some("w-0".into()), bad, settings.clone())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, RolloutError::Invalid(m) if m.contains(needle)),
+            "{err:?}"
+        );
+    }
+    assert!(engine.rollouts.list().await.unwrap().is_empty());
+
+    let view = engine
+        .rollouts
+        .create_wifi(
+            Some("w-1".into()),
+            rotation("site-new", "correct horse battery"),
+            settings,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (view.kind.as_str(), view.update_id.as_str()),
+        ("wifi", "wifi/site-new")
+    );
+    // Only the devices that run the agent (they hold a credential) are targeted.
+    assert_eq!(view.counts.values().sum::<u64>(), 2, "{view:?}");
+
+    // The agents: each gets the network, answers, and reports.
+    let mut agents = Vec::new();
+    for (id, joins) in [("agent-1", true), ("agent-2", false)] {
+        let (mailbox, rollouts) = (Arc::clone(&engine.mailbox), engine.rollouts.clone());
+        agents.push(tokio::spawn(async move {
+            let pending = mailbox
+                .next(id, PATIENCE)
+                .await
+                .expect("a command in time");
+            assert_eq!(pending.command, "wifi-rotate");
+            let payload: serde_json::Value =
+                serde_json::from_str(pending.payload.as_deref().unwrap()).unwrap();
+            assert_eq!(
+                payload,
+                serde_json::json!({"ssid": "site-new", "passphrase": "correct horse battery", "fallbackSecs": 30})
+            );
+            assert!(mailbox.reply(id, pending.id, Ok(Vec::new())));
+            let (kind, text) = if joins {
+                ("done", "site-new")
+            } else {
+                ("failed", "cannot join site-new: no such network in range; back on old")
+            };
+            assert!(rollouts.report(id, kind.into(), text.as_bytes().to_vec()));
+        }));
+    }
+    for agent in agents {
+        agent.await.unwrap();
+    }
+    let ended = engine
+        .until("w-1", "finished", |v| v.state == RolloutState::Finished)
+        .await;
+    assert_eq!(status_of(&ended, "agent-1"), DeviceStatus::Succeeded);
+    assert_eq!(status_of(&ended, "agent-2"), DeviceStatus::Failed);
+    let details = ended.devices.as_ref().unwrap()[1].result.as_ref().unwrap()["lastInstallResult"]
+        ["resultDetails"]
+        .clone();
+    assert_eq!(
+        details,
+        "device failed: cannot join site-new: no such network in range; back on old"
+    );
+    // Finished: the passphrase is gone from the state database, so a retry is refused
+    // with the reason instead of sending devices nothing.
+    let stored: String = engine
+        .store
+        .call(|conn| {
+            Ok(
+                conn.query_row("SELECT network FROM rollouts WHERE id = 'w-1'", [], |r| {
+                    r.get(0)
+                })?,
+            )
+        })
+        .await
+        .unwrap();
+    assert!(!stored.contains("correct horse"), "{stored}");
+    let err = engine.rollouts.retry("w-1").await.unwrap_err();
+    assert!(
+        matches!(&err, RolloutError::Conflict(m) if m.contains("passphrase was dropped")),
+        "{err:?}"
+    );
     engine.stop().await;
 }

@@ -110,6 +110,21 @@ impl Store {
         Ok(expected.is_some_and(|hash| bool::from(hash.ct_eq(&digest))))
     }
 
+    /// The devices that hold a credential for the device API: those that run the Outpost
+    /// agent (handed one at onboarding, or issued one by the operator).
+    pub async fn devices_with_credentials(
+        &self,
+    ) -> Result<std::collections::HashSet<String>, StoreError> {
+        self.call(|conn| {
+            let mut stmt = conn.prepare_cached("SELECT device_id FROM device_credentials")?;
+            let ids = stmt
+                .query_map([], |row| row.get::<_, String>(0))?
+                .collect::<Result<_, _>>()?;
+            Ok(ids)
+        })
+        .await
+    }
+
     /// Revokes `device_id`'s credential at once. True when there was one.
     pub async fn revoke_device_credential(&self, device_id: &str) -> Result<bool, StoreError> {
         let id = device_id.to_owned();

@@ -49,6 +49,10 @@ const MIGRATIONS: &[Migration] = &[
         version: 8,
         sql: include_str!("../migrations/0008_api_tokens.sql"),
     },
+    Migration {
+        version: 9,
+        sql: include_str!("../migrations/0009_network_rollouts.sql"),
+    },
 ];
 
 /// The schema version this build writes and the newest it can open.

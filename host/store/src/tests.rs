@@ -100,10 +100,15 @@ async fn migrates_from_the_previous_schema_keeping_data() {
             [],
         )
         .unwrap();
+        conn.execute(
+            "INSERT INTO rollouts (id, origin, manifest, update_id, spec, state, created_at, updated_at) \
+             VALUES ('r-1', 'local', 'a.b.c', 'acme/fw/1', '{}', 'running', 1, 1)",
+            [],
+        )
+        .unwrap();
         conn.close().unwrap();
     }
     assert_eq!(user_version(&path), SCHEMA_VERSION - 1);
-    assert!(!table_names(&path).contains(&"api_tokens".to_owned()));
 
     let store = Store::open(&path).await.unwrap();
     let device = store
@@ -125,6 +130,18 @@ async fn migrates_from_the_previous_schema_keeping_data() {
         .await
         .unwrap();
     assert_eq!(queued, 1);
+    // Rollouts (schema 9) gain their kind: what was there is an update rollout.
+    let (kind, network): (String, Option<String>) = store
+        .call(|conn| {
+            Ok(conn.query_row(
+                "SELECT kind, network FROM rollouts WHERE id = 'r-1'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?)
+        })
+        .await
+        .unwrap();
+    assert_eq!((kind.as_str(), network), ("update", None));
     // The uplink's deployments (schema 6) gain the outcome column.
     store
         .call(|conn| {

@@ -38,29 +38,53 @@ fn rollout_error(err: RolloutError) -> ApiError {
 struct CreateRollout {
     #[serde(default)]
     id: Option<String>,
-    /// The signed manifest (JWS).
-    manifest: String,
+    /// The signed manifest (JWS) of an update rollout.
+    #[serde(default)]
+    manifest: Option<String>,
+    /// A Wi-Fi credential rotation instead of a manifest.
+    #[serde(default)]
+    wifi: Option<outpost_rollout::WifiRotation>,
     #[serde(default)]
     rollout: Option<RolloutSpec>,
 }
 
-/// `POST /api/v1/rollouts`: a local rollout (offline sites).
+/// `POST /api/v1/rollouts`: a local rollout (offline sites) of a signed manifest, or a
+/// Wi-Fi credential rotation (`wifi`; only over the TLS device listener, since the
+/// passphrase travels in the command).
 pub(crate) async fn create(
     state: &ApiState,
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, ApiError> {
     let body = super::read_body(request, MAX_BODY).await?;
     let create: CreateRollout = super::parse_json(&body, "a rollout")?;
-    let view = state
-        .rollouts
-        .create(
-            create.id,
-            Origin::Local,
-            create.manifest.trim(),
-            create.rollout.unwrap_or_default(),
-        )
-        .await
-        .map_err(rollout_error)?;
+    let spec = create.rollout.unwrap_or_default();
+    let view = match (create.manifest, create.wifi) {
+        (Some(manifest), None) => {
+            state
+                .rollouts
+                .create(create.id, Origin::Local, manifest.trim(), spec)
+                .await
+        }
+        (None, Some(rotation)) => {
+            if state.health.devices_url.is_none() {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "no_device_listener",
+                    "a Wi-Fi rotation sends the passphrase to the devices, which this gateway \
+                     would do in the clear: configure the TLS device listener ([devices] bind) \
+                     first",
+                ));
+            }
+            state.rollouts.create_wifi(create.id, rotation, spec).await
+        }
+        _ => {
+            return Err(ApiError::malformed(
+                "a rollout",
+                "give either manifest (a signed update manifest) or wifi (a Wi-Fi rotation)",
+            ));
+        }
+    }
+    .map_err(rollout_error)?;
     Ok(json_response(StatusCode::CREATED, &view))
 }
 

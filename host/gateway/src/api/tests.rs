@@ -672,3 +672,62 @@ async fn tokens_are_made_listed_and_revoked_by_an_admin_and_shown_once() {
     running.shutdown.cancel();
     running.server.await.unwrap();
 }
+
+#[tokio::test]
+async fn a_wifi_rotation_needs_the_tls_device_listener_and_one_kind_of_rollout() {
+    let running = start().await;
+    running.lobby_device_with_token("esp-1").await;
+    let admin = format!("Bearer {TOKEN}");
+    let post = |body: serde_json::Value| {
+        request_with_body(
+            running.addr,
+            Method::POST,
+            "/api/v1/rollouts",
+            Some(&admin),
+            body.to_string().into_bytes(),
+        )
+    };
+    let wifi = serde_json::json!({"ssid": "site-new", "passphrase": "correct horse battery"});
+    // This gateway has no TLS device listener: the passphrase would travel in the clear.
+    let refused = post(serde_json::json!({"wifi": wifi})).await;
+    assert_error_shape(&refused, StatusCode::CONFLICT, "no_device_listener");
+    assert!(
+        !refused.json.to_string().contains("correct horse"),
+        "{}",
+        refused.json
+    );
+    // Either a manifest or a rotation, not both, not neither.
+    for body in [
+        serde_json::json!({"wifi": wifi, "manifest": "a.b.c"}),
+        serde_json::json!({"rollout": {}}),
+    ] {
+        let answer = post(body).await;
+        assert_error_shape(&answer, StatusCode::BAD_REQUEST, "malformed_request");
+        assert!(
+            answer.json["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("give either manifest"),
+            "{}",
+            answer.json
+        );
+    }
+    // An unknown field in the rotation is named.
+    let typo = post(
+        serde_json::json!({"wifi": {"ssid": "s", "passphrase": "correct horse", "fallback": 5}}),
+    )
+    .await;
+    assert_error_shape(&typo, StatusCode::BAD_REQUEST, "malformed_request");
+    assert!(
+        typo.json.to_string().contains("unknown field `fallback`"),
+        "{}",
+        typo.json
+    );
+    assert!(
+        !typo.json.to_string().contains("correct horse"),
+        "{}",
+        typo.json
+    );
+    running.shutdown.cancel();
+    running.server.await.unwrap();
+}

@@ -35,12 +35,14 @@ mod handler;
 mod onboard;
 mod rollout;
 mod tokens;
+mod wifi;
 
 use firmware::FirmwareCommand;
 use handler::HandlerCommand;
 use onboard::OnboardCommand;
 use rollout::RolloutCommand;
 use tokens::TokensCommand;
+use wifi::WifiCommand;
 
 use crate::config::{self, Config, LogFormat};
 use crate::{daemon, logging};
@@ -89,6 +91,9 @@ enum Command {
     /// Device groups that rollouts target.
     #[command(subcommand)]
     Groups(GroupsCommand),
+    /// The site's Wi-Fi on the devices: rotate credentials as a rollout.
+    #[command(subcommand)]
+    Wifi(WifiCommand),
     /// API tokens with a role (viewer, operator, admin).
     #[command(subcommand)]
     Tokens(TokensCommand),
@@ -206,6 +211,7 @@ pub(crate) async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Firmware(command) => firmware::run(command, &cli.config).await?,
         Command::Rollout(command) => rollout::run(command, &cli.config).await?,
         Command::Groups(command) => groups(command, &cli.config).await?,
+        Command::Wifi(command) => wifi::run(command, &cli.config).await?,
         Command::Tokens(command) => tokens::run(command, &cli.config).await?,
         Command::Devices(DevicesCommand::Set { id, properties }) => {
             let mut changes = serde_json::Map::new();

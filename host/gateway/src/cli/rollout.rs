@@ -63,6 +63,19 @@ pub(crate) struct CreateArgs {
     /// The signed update manifest (JWS), as `outpost firmware manifest sign` writes it.
     #[arg(long)]
     manifest: PathBuf,
+    #[command(flatten)]
+    settings: SpecArgs,
+    /// Seconds a device gets to come back with the new version.
+    #[arg(long)]
+    rollback_window: Option<u64>,
+    /// Allow images older than a device's anti-rollback counter (secure_version).
+    #[arg(long)]
+    allow_downgrade: bool,
+}
+
+/// The settings every rollout takes: its id, waves, thresholds, pacing and target.
+#[derive(Debug, clap::Args)]
+pub(crate) struct SpecArgs {
     /// The rollout id (default: a new one).
     #[arg(long)]
     id: Option<String>,
@@ -97,12 +110,6 @@ pub(crate) struct CreateArgs {
     /// Maintenance window time zone (IANA), default UTC.
     #[arg(long, requires = "window_cron")]
     window_tz: Option<String>,
-    /// Seconds a device gets to come back with the new version.
-    #[arg(long)]
-    rollback_window: Option<u64>,
-    /// Allow images older than a device's anti-rollback counter (secure_version).
-    #[arg(long)]
-    allow_downgrade: bool,
     /// Only devices of this type (repeatable).
     #[arg(long)]
     device_type: Vec<String>,
@@ -120,8 +127,20 @@ fn parse_pair(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("{s:?}: expected KEY=VALUE"))
 }
 
-impl CreateArgs {
-    fn spec(&self) -> anyhow::Result<RolloutSpec> {
+impl SpecArgs {
+    /// The settings, checked (`--spec` first, the flags over it).
+    pub(crate) fn spec(&self) -> anyhow::Result<RolloutSpec> {
+        let spec = self.unchecked()?;
+        spec.validate().map_err(anyhow::Error::msg)?;
+        Ok(spec)
+    }
+
+    /// The rollout id asked for.
+    pub(crate) fn id(&self) -> Option<&str> {
+        self.id.as_deref()
+    }
+
+    fn unchecked(&self) -> anyhow::Result<RolloutSpec> {
         let mut spec = match &self.spec {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
@@ -160,12 +179,6 @@ impl CreateArgs {
                 timezone: self.window_tz.clone().unwrap_or_else(|| "UTC".into()),
             });
         }
-        if let Some(v) = self.rollback_window {
-            spec.rollback_window_secs = v;
-        }
-        if self.allow_downgrade {
-            spec.allow_downgrade = true;
-        }
         if !self.device_type.is_empty() {
             spec.target.device_types.clone_from(&self.device_type);
         }
@@ -175,6 +188,19 @@ impl CreateArgs {
         spec.target
             .properties
             .extend(self.properties.iter().cloned());
+        Ok(spec)
+    }
+}
+
+impl CreateArgs {
+    fn spec(&self) -> anyhow::Result<RolloutSpec> {
+        let mut spec = self.settings.unchecked()?;
+        if let Some(v) = self.rollback_window {
+            spec.rollback_window_secs = v;
+        }
+        if self.allow_downgrade {
+            spec.allow_downgrade = true;
+        }
         spec.validate().map_err(anyhow::Error::msg)?;
         Ok(spec)
     }
@@ -188,7 +214,7 @@ pub(crate) async fn run(command: RolloutCommand, config_path: &Path) -> anyhow::
             let manifest = std::fs::read_to_string(&args.manifest)
                 .with_context(|| format!("cannot read {}", args.manifest.display()))?;
             let body = serde_json::json!({
-                "id": args.id,
+                "id": args.settings.id,
                 "manifest": manifest.trim(),
                 "rollout": spec,
             });
@@ -274,7 +300,7 @@ async fn action(config_path: &Path, id: &str, what: &str) -> anyhow::Result<()> 
     Ok(())
 }
 
-fn total(view: &serde_json::Value) -> u64 {
+pub(crate) fn total(view: &serde_json::Value) -> u64 {
     view["counts"].as_object().map_or(0, |c| {
         c.values().filter_map(serde_json::Value::as_u64).sum()
     })

@@ -48,17 +48,17 @@ fn manifest(image: &[u8]) -> serde_json::Value {
 }
 
 /// One C agent per credential esp-sim handed off, each with its own flash directory
-/// holding `first` in slot 0, and `faults[i]` for the i-th.
+/// holding `first` in slot 0, and `extra[i]` as further arguments of the i-th.
 fn start_agents(
     dir: &Path,
     handoffs: &[serde_json::Value],
     first: &Path,
-    faults: &[&[&str]],
+    extra: Vec<Vec<String>>,
 ) -> Vec<(String, Agent)> {
     handoffs
         .iter()
-        .zip(faults)
-        .map(|(handoff, faults)| {
+        .zip(extra)
+        .map(|(handoff, extra)| {
             let id = handoff["device_id"].as_str().unwrap().to_owned();
             let flash = dir.join(format!("flash-{id}"));
             let mut args: Vec<String> = vec![
@@ -75,13 +75,24 @@ fn start_agents(
                 "--confirm-timeout-ms".into(),
                 "6000".into(),
             ];
-            for fault in *faults {
-                args.push("--fault".into());
-                args.push((*fault).into());
-            }
+            args.extend(extra);
             (id.clone(), Agent::start(&id, &args))
         })
         .collect()
+}
+
+/// The result details a rollout view records for `id`.
+fn result_details(view: &serde_json::Value, id: &str) -> String {
+    view["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["device_id"] == id)
+        .unwrap_or_else(|| panic!("{id} not in {view}"))["result"]["lastInstallResult"]
+        ["resultDetails"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
 }
 
 #[test]
@@ -155,11 +166,18 @@ fn the_c_agent_updates_resumes_refuses_a_corrupted_image_and_is_rolled_back() {
     std::fs::write(&first, app_image("1.0.0")).unwrap();
     let cut = format!("cut:{CUT_AT}");
     let corrupt = format!("corrupt:{CORRUPT_AT}");
+    let fault = |f: &str| vec!["--fault".to_owned(), f.to_owned()];
     let mut agents = start_agents(
         &dir,
         &handoffs,
         &first,
-        &[&[], &[], &[&cut], &[&corrupt], &["offline-new-image"]],
+        vec![
+            vec![],
+            vec![],
+            fault(&cut),
+            fault(&corrupt),
+            fault("offline-new-image"),
+        ],
     );
     for (_, agent) in &mut agents {
         agent.wait_for("registered", |e| e["version"] == "1.0.0");
@@ -209,18 +227,7 @@ fn the_c_agent_updates_resumes_refuses_a_corrupted_image_and_is_rolled_back() {
     let done = wait_rollout(addr, &admin, "c-agents", "settled", DEADLINE * 2, |v| {
         v["counts"]["running"] == 0 && v["counts"]["pending"] == 0
     });
-    let details = |id: &str| -> String {
-        done["devices"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|d| d["device_id"] == id)
-            .unwrap_or_else(|| panic!("{id} not in {done}"))["result"]["lastInstallResult"]
-            ["resultDetails"]
-            .as_str()
-            .unwrap_or_default()
-            .to_owned()
-    };
+    let details = |id: &str| result_details(&done, id);
     let succeeded: Vec<&str> = by_status(&done, "succeeded")
         .iter()
         .map(|d| d["device_id"].as_str().unwrap())
@@ -327,4 +334,270 @@ fn the_c_agent_updates_resumes_refuses_a_corrupted_image_and_is_rolled_back() {
         eprintln!("agent {id}: peak heap {peak} bytes (its own and cJSON's)");
     }
     drop(sim);
+}
+
+/// The stored rotation of rollout `id`, read from the state database.
+fn stored_network(site: &super::Site, id: &str) -> serde_json::Value {
+    let conn = outpost_store::rusqlite::Connection::open_with_flags(
+        site.state().join("outpost.db"),
+        outpost_store::rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let text: String = conn
+        .query_row("SELECT network FROM rollouts WHERE id = ?1", [id], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+#[test]
+fn a_wifi_rotation_moves_the_fleet_and_a_device_with_a_wrong_passphrase_falls_back() {
+    let fleet =
+        FleetSite::new("[devices]\nbind = \"127.0.0.1:0\"\nmax_connections_per_client = 64\n");
+    let mut gateway = Gateway::spawn(&fleet.site.config(), &[]);
+    let addr = gateway.ready();
+    let admin = fleet.site.admin_token();
+    let dir = fleet.site.dir.path().to_owned();
+    let old = ("outpost-site", "correct horse battery");
+    let new = ("site-new", "staple battery horse 2");
+
+    // Two devices whose firmware runs the C agent (PROV_5E0000, PROV_5E0001) and four
+    // esp-sim agents (PROV_5E0008..0B), all onboarded onto the old network. The second C
+    // device's access point for the new network has another passphrase; so has esp-sim's
+    // second device's.
+    let handoff_dir = dir.join("handoff");
+    std::fs::create_dir(&handoff_dir).unwrap();
+    let common = [
+        "--security",
+        "1",
+        "--pop",
+        "abcd1234",
+        "--agent",
+        "--device-type",
+        "esp32-app",
+        "--connect-delay-ms",
+        "20",
+        "--reboot-ms",
+        "100",
+    ];
+    let c_manifest = dir.join("c-devices.json");
+    let mut c_args = vec![
+        "--softap",
+        "2",
+        "--agent-handoff",
+        handoff_dir.to_str().unwrap(),
+    ];
+    c_args.extend(common);
+    let mut c_sim = Sim::start(&c_args, &c_manifest);
+    let sim_manifest = dir.join("sim-devices.json");
+    let extra = format!("{}:{}", new.0, new.1);
+    let mut sim_args = vec![
+        "--softap",
+        "4",
+        "--first-index",
+        "8",
+        "--ap-extra",
+        &extra,
+        "--update-fault",
+        "1=wifi-refused",
+    ];
+    sim_args.extend(common);
+    let mut sim = Sim::start(&sim_args, &sim_manifest);
+    for manifest in [&c_manifest, &sim_manifest] {
+        super::onboarding::import(&fleet.site, manifest);
+    }
+    let report = super::onboarding::run_json(&fleet.site);
+    assert!(
+        report["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["outcome"] == "provisioned"),
+        "{report}"
+    );
+    let mut handoffs = Vec::new();
+    while handoffs.len() < 2 {
+        let seen: Vec<serde_json::Value> = handoffs
+            .iter()
+            .map(|h: &serde_json::Value| h["device"].clone())
+            .collect();
+        handoffs.push(c_sim.wait_for("handed_off", |e| !seen.contains(&e["device"])));
+    }
+    handoffs.sort_by_key(|h| h["device_id"].as_str().unwrap().to_owned());
+    let first = dir.join("light-1.0.0.bin");
+    std::fs::write(&first, app_image("1.0.0")).unwrap();
+    let in_range = |passphrase: &str| -> Vec<String> {
+        vec![
+            "--network".into(),
+            format!("{}:{}", old.0, old.1),
+            "--network".into(),
+            format!("{}:{passphrase}", new.0),
+        ]
+    };
+    let mut agents = start_agents(
+        &dir,
+        &handoffs,
+        &first,
+        vec![in_range(new.1), in_range("another passphrase")],
+    );
+    for (_, agent) in &mut agents {
+        agent.wait_for("registered", |_| true);
+    }
+    let mut ready = 0;
+    while ready < 4 {
+        sim.wait_for("agent_ready", |_| true);
+        ready = sim
+            .drain()
+            .iter()
+            .filter(|e| e["event"] == "agent_ready")
+            .count();
+        if ready < 4 {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    // Bad input is refused before anything is created.
+    let passphrase = dir.join("new-passphrase");
+    super::write_secret(&passphrase, &format!("{}\n", new.1));
+    let rotate = |args: &[&str]| {
+        let mut all = vec!["wifi", "rotate", "--ssid", new.0];
+        all.extend_from_slice(args);
+        fleet.site.command(&all)
+    };
+    let refused = |args: &[&str], needle: &str| {
+        let out = rotate(args);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "{args:?} was accepted");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    };
+    let loose = dir.join("loose-passphrase");
+    std::fs::write(&loose, new.1).unwrap();
+    refused(
+        &["--passphrase-file", loose.to_str().unwrap()],
+        "can be read by other users",
+    );
+    let short = dir.join("short-passphrase");
+    super::write_secret(&short, "short");
+    refused(
+        &["--passphrase-file", short.to_str().unwrap()],
+        "passphrase must be 8-63",
+    );
+    refused(
+        &[
+            "--passphrase-file",
+            passphrase.to_str().unwrap(),
+            "--fallback-secs",
+            "5",
+        ],
+        "fallbackSecs must be 30-3600",
+    );
+    assert_eq!(
+        stdout_of(&fleet.site.command(&["rollout", "list"])),
+        "No rollouts.\n"
+    );
+
+    // The rotation: two waves of three; the second failure stops it.
+    let created = stdout_of(&rotate(&[
+        "--passphrase-file",
+        passphrase.to_str().unwrap(),
+        "--fallback-secs",
+        "30",
+        "--id",
+        "wifi-1",
+        "--waves",
+        "50,100",
+        "--success-threshold",
+        "50",
+        "--error-threshold",
+        "2",
+        "--priority",
+        "immediate",
+    ]));
+    assert!(
+        created.starts_with("Rollout wifi-1 created: Wi-Fi site-new to 6 devices in 2 wave(s)"),
+        "{created}"
+    );
+    let stopped = wait_rollout(addr, &admin, "wifi-1", "stopped", DEADLINE, |v| {
+        v["state"] == "stopped" && v["counts"]["running"] == 0
+    });
+    assert_eq!(stopped["kind"], "wifi");
+    assert_eq!(stopped["update_id"], "wifi/site-new");
+    assert!(
+        stopped["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("error threshold crossed: 2 of 6 devices failed"),
+        "{stopped}"
+    );
+    // Wave 1 went through with its one failure (2 of 3 is above the 50 % threshold).
+    let wave1 = &stopped["wave_counts"][0];
+    assert_eq!(
+        (
+            wave1["devices"].as_u64(),
+            wave1["succeeded"].as_u64(),
+            wave1["failed"].as_u64()
+        ),
+        (Some(3), Some(2), Some(1)),
+        "{stopped}"
+    );
+    let result = |id: &str| result_details(&stopped, id);
+    let failed: Vec<&str> = by_status(&stopped, "failed")
+        .iter()
+        .map(|d| d["device_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(failed, ["PROV_5E0001", "PROV_5E0009"], "{stopped}");
+    for id in ["PROV_5E0001", "PROV_5E0009"] {
+        let details = result(id);
+        assert!(
+            details.starts_with(
+                "device failed: cannot join site-new: wrong passphrase (4-way handshake failed); \
+                 back on outpost-site"
+            ),
+            "{id}: {details}"
+        );
+    }
+    assert_eq!(result("PROV_5E0000"), "device is on site-new");
+    assert_eq!(result("PROV_5E0008"), "device is on site-new");
+    // The C agents: one moved, one fell back by itself; both still reach the gateway.
+    let (_, moved) = &mut agents[0];
+    moved.wait_for("wifi_joined", |e| e["ssid"] == "site-new");
+    moved.wait_for("report", |e| {
+        e["kind"] == "done" && e["payload"] == "site-new"
+    });
+    let (_, fell_back) = &mut agents[1];
+    fell_back.wait_for("wifi_fallback", |e| e["ssid"] == "outpost-site");
+    sim.wait_for("wifi_fallback", |e| e["back_on"] == "outpost-site");
+    // The passphrase shows nowhere: not in the API, not in the CLI.
+    let (_, view) = http_get(addr, "/api/v1/rollouts/wifi-1", Some(&admin));
+    let listed = stdout_of(&fleet.site.command(&["rollout", "list", "--json"]));
+    for text in [view.to_string(), listed, created] {
+        assert!(!text.contains(new.1), "{text}");
+    }
+    // A stopped rotation keeps it for a retry; cancelled, it is dropped, and nothing can
+    // run it again.
+    assert_eq!(stored_network(&fleet.site, "wifi-1")["passphrase"], new.1);
+    stdout_of(&fleet.site.command(&["rollout", "cancel", "wifi-1"]));
+    assert_eq!(
+        stored_network(&fleet.site, "wifi-1")["passphrase"],
+        serde_json::Value::Null
+    );
+    let retry = fleet.site.command(&["rollout", "retry", "wifi-1"]);
+    assert!(!retry.status.success());
+
+    for (id, agent) in &mut agents {
+        let out = fleet.site.command(&["devices", "revoke", id]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            agent.wait_exit().code(),
+            Some(3),
+            "{id}: {}",
+            agent.stderr()
+        );
+    }
+    drop((sim, c_sim));
 }

@@ -176,6 +176,23 @@ void outpost_port_ota_abort(outpost_ota_t *ota);
 /** Boots the slot last finished with outpost_port_ota_end next time. Returns 0 or -1. */
 int outpost_port_ota_set_boot(void);
 
+/* --- Wi-Fi ------------------------------------------------------------------------- */
+
+/**
+ * The network the device is on: its SSID (at most 32 bytes) and passphrase (at most 64).
+ * Returns 0 or -1.
+ */
+int outpost_port_wifi_current(char ssid[33], char passphrase[65]);
+
+/**
+ * Leaves the current network and joins `ssid` with `passphrase`, waiting at most
+ * `timeout_ms` for an address; the joined network is the one the device comes back to
+ * after a restart. Returns 0, or -1 with the reason in `why` (the device is then on no
+ * network: join the old one again).
+ */
+int outpost_port_wifi_join(const char *ssid, const char *passphrase, uint32_t timeout_ms,
+                           char *why, size_t why_cap);
+
 /** Restarts the device. Does not return. */
 void outpost_port_reboot(void)
 #if defined(__GNUC__)

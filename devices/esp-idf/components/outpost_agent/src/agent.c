@@ -856,6 +856,106 @@ static void ota_rollback(agent_t *agent, uint64_t id)
     }
 }
 
+/* What wifi-rotate asks for. */
+typedef struct {
+    char ssid[33];
+    char passphrase[65];
+    uint32_t fallback_secs;
+} rotate_t;
+
+/* Reads wifi-rotate's payload {ssid, passphrase, fallbackSecs}; NULL or the reason. */
+static const char *wifi_rotate_parse(const char *payload, size_t len, rotate_t *out)
+{
+    cJSON *rotate = parse_object("wifi-rotate", payload, len);
+    if (rotate == NULL) {
+        return "wifi-rotate: the payload is not a JSON object";
+    }
+    const char *ssid = string_field(rotate, "ssid");
+    const char *passphrase = string_field(rotate, "passphrase");
+    const cJSON *fallback = cJSON_GetObjectItemCaseSensitive(rotate, "fallbackSecs");
+    const char *error = NULL;
+    if (ssid == NULL || ssid[0] == '\0' || !copy_string(out->ssid, sizeof out->ssid, ssid)) {
+        error = "wifi-rotate: ssid is missing or longer than 32 bytes";
+    } else if (passphrase == NULL || strlen(passphrase) < 8 ||
+               !copy_string(out->passphrase, sizeof out->passphrase, passphrase)) {
+        error = "wifi-rotate: passphrase is missing or not 8-64 characters";
+    } else if (!cJSON_IsNumber(fallback) || fallback->valuedouble < 30 ||
+               fallback->valuedouble > 3600) {
+        error = "wifi-rotate: fallbackSecs is missing or not 30-3600";
+    } else {
+        out->fallback_secs = (uint32_t)fallback->valuedouble;
+    }
+    cJSON_Delete(rotate);
+    return error;
+}
+
+/* Joins `ssid` again after a failed rotation, retrying: the device must not end up on no
+ * network. */
+static void wifi_fall_back(const char *ssid, const char *passphrase)
+{
+    char why[96];
+    for (int attempt = 0; attempt < 5; attempt++) {
+        if (outpost_port_wifi_join(ssid, passphrase, 30000, why, sizeof why) == 0) {
+            event2("wifi_fallback", "ssid", ssid);
+            return;
+        }
+        LOG_E("cannot join %s again: %s", ssid, why);
+        outpost_port_sleep_ms(2000u << attempt);
+    }
+}
+
+/* wifi-rotate: joins the new network with the old one as the fallback for fallbackSecs;
+ * reports done (the new SSID) once the gateway is reached over it, or falls back and
+ * reports failed. */
+static void wifi_rotate(agent_t *agent, uint64_t id, const rotate_t *rotate)
+{
+    char old_ssid[33];
+    char old_passphrase[65];
+    if (outpost_port_wifi_current(old_ssid, old_passphrase) != 0) {
+        reply(agent, id, false, "wifi-rotate: the current network cannot be read");
+        return;
+    }
+    /* The reply goes out over the old network, before the device leaves it. */
+    if (reply(agent, id, true, "") != CALL_OK) {
+        return;
+    }
+    uint64_t fallback_ms = (uint64_t)rotate->fallback_secs * 1000u;
+    uint64_t deadline = outpost_port_now_ms() + fallback_ms;
+    char why[96];
+    char reason[REASON_MAX + 96];
+    event2("wifi_joining", "ssid", rotate->ssid);
+    if (outpost_port_wifi_join(rotate->ssid, rotate->passphrase,
+                               fallback_ms < 30000 ? (uint32_t)fallback_ms : 30000, why,
+                               sizeof why) != 0) {
+        snprintf(reason, sizeof reason, "cannot join %s: %s; back on %s", rotate->ssid, why,
+                 old_ssid);
+        wifi_fall_back(old_ssid, old_passphrase);
+        report(agent, "failed", reason);
+        return;
+    }
+    unsigned attempt = 0;
+    for (;;) {
+        call_t rc = register_device(agent);
+        if (rc == CALL_OK || rc == CALL_REVOKED || rc == CALL_REFUSED) {
+            event2("wifi_joined", "ssid", rotate->ssid);
+            report(agent, "done", rotate->ssid);
+            return;
+        }
+        if (outpost_port_now_ms() >= deadline) {
+            break;
+        }
+        backoff(&attempt);
+        if (attempt > 3) {
+            attempt = 3;
+        }
+    }
+    snprintf(reason, sizeof reason,
+             "joined %s but the gateway was not reachable within %" PRIu32 " s; back on %s",
+             rotate->ssid, rotate->fallback_secs, old_ssid);
+    wifi_fall_back(old_ssid, old_passphrase);
+    report(agent, "failed", reason);
+}
+
 static void command(agent_t *agent, size_t len)
 {
     cJSON *root = parse_object("command", agent->buffer, len);
@@ -913,6 +1013,20 @@ static void command(agent_t *agent, size_t len)
         } else {
             reply(agent, id, false, "ota-apply: the version is longer than 31 bytes");
         }
+        return;
+    }
+    if (strcmp(command_name, "wifi-rotate") == 0) {
+        rotate_t rotate;
+        const char *error = wifi_rotate_parse((const char *)payload, (size_t)payload_len, &rotate);
+        /* The passphrase does not stay on the heap longer than needed. */
+        memset(payload, 0, (size_t)payload_len);
+        agent_free(payload);
+        if (error != NULL) {
+            reply(agent, id, false, error);
+        } else {
+            wifi_rotate(agent, id, &rotate);
+        }
+        memset(&rotate, 0, sizeof rotate);
         return;
     }
     agent_free(payload);

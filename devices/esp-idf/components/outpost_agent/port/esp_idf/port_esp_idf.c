@@ -15,12 +15,16 @@
 #include <strings.h>
 
 #include "esp_app_desc.h"
+#include "esp_event.h"
 #include "esp_http_client.h"
 #include "esp_log.h"
+#include "esp_netif.h"
 #include "esp_ota_ops.h"
 #include "esp_system.h"
 #include "esp_timer.h"
+#include "esp_wifi.h"
 #include "freertos/FreeRTOS.h"
+#include "freertos/event_groups.h"
 #include "freertos/task.h"
 #include "mbedtls/base64.h"
 #include "mbedtls/sha256.h"
@@ -446,6 +450,99 @@ void outpost_port_ota_abort(outpost_ota_t *ota)
 int outpost_port_ota_set_boot(void)
 {
     return finished != NULL && esp_ota_set_boot_partition(finished) == ESP_OK ? 0 : -1;
+}
+
+/* --- Wi-Fi (esp_wifi) ------------------------------------------------------------------------ */
+
+int outpost_port_wifi_current(char ssid[33], char passphrase[65])
+{
+    wifi_config_t config;
+    if (esp_wifi_get_config(WIFI_IF_STA, &config) != ESP_OK) {
+        return -1;
+    }
+    /* Neither field needs a terminating NUL in wifi_config_t. */
+    memcpy(ssid, config.sta.ssid, 32);
+    ssid[32] = '\0';
+    memcpy(passphrase, config.sta.password, 64);
+    passphrase[64] = '\0';
+    return ssid[0] != '\0' ? 0 : -1;
+}
+
+#define JOIN_GOT_IP BIT0
+#define JOIN_FAILED BIT1
+
+typedef struct {
+    EventGroupHandle_t events;
+    char ssid[33];
+    uint8_t reason;
+} join_t;
+
+static void on_join_event(void *arg, esp_event_base_t base, int32_t id, void *data)
+{
+    join_t *join = arg;
+    if (base == IP_EVENT && id == IP_EVENT_STA_GOT_IP) {
+        xEventGroupSetBits(join->events, JOIN_GOT_IP);
+    } else if (base == WIFI_EVENT && id == WIFI_EVENT_STA_DISCONNECTED) {
+        const wifi_event_sta_disconnected_t *event = data;
+        /* Only the new network's failures count: leaving the old one is expected. */
+        size_t len = event->ssid_len < 32 ? event->ssid_len : 32;
+        if (len == strlen(join->ssid) && memcmp(event->ssid, join->ssid, len) == 0) {
+            join->reason = event->reason;
+            xEventGroupSetBits(join->events, JOIN_FAILED);
+        }
+    }
+}
+
+int outpost_port_wifi_join(const char *ssid, const char *passphrase, uint32_t timeout_ms,
+                           char *why, size_t why_cap)
+{
+    join_t join = {.events = xEventGroupCreate()};
+    if (join.events == NULL) {
+        snprintf(why, why_cap, "out of memory");
+        return -1;
+    }
+    snprintf(join.ssid, sizeof join.ssid, "%s", ssid);
+    wifi_config_t config = {0};
+    memcpy(config.sta.ssid, ssid, strnlen(ssid, sizeof config.sta.ssid));
+    memcpy(config.sta.password, passphrase, strnlen(passphrase, sizeof config.sta.password));
+    config.sta.threshold.authmode = WIFI_AUTH_WPA2_PSK;
+    esp_event_handler_instance_t on_ip = NULL;
+    esp_event_handler_instance_t on_wifi = NULL;
+    esp_event_handler_instance_register(IP_EVENT, IP_EVENT_STA_GOT_IP, on_join_event, &join,
+                                        &on_ip);
+    esp_event_handler_instance_register(WIFI_EVENT, WIFI_EVENT_STA_DISCONNECTED, on_join_event,
+                                        &join, &on_wifi);
+    esp_wifi_disconnect();
+    /* Stored in NVS by the Wi-Fi driver (WIFI_STORAGE_FLASH): a restart comes back here. */
+    esp_err_t err = esp_wifi_set_config(WIFI_IF_STA, &config);
+    if (err == ESP_OK) {
+        err = esp_wifi_connect();
+    }
+    EventBits_t bits = 0;
+    if (err == ESP_OK) {
+        bits = xEventGroupWaitBits(join.events, JOIN_GOT_IP | JOIN_FAILED, pdTRUE, pdFALSE,
+                                   pdMS_TO_TICKS(timeout_ms));
+    }
+    esp_event_handler_instance_unregister(IP_EVENT, IP_EVENT_STA_GOT_IP, on_ip);
+    esp_event_handler_instance_unregister(WIFI_EVENT, WIFI_EVENT_STA_DISCONNECTED, on_wifi);
+    vEventGroupDelete(join.events);
+    if (bits & JOIN_GOT_IP) {
+        return 0;
+    }
+    if (err != ESP_OK) {
+        snprintf(why, why_cap, "esp_wifi: %s", esp_err_to_name(err));
+    } else if (!(bits & JOIN_FAILED)) {
+        snprintf(why, why_cap, "no address within %" PRIu32 " s", timeout_ms / 1000);
+    } else if (join.reason == WIFI_REASON_4WAY_HANDSHAKE_TIMEOUT ||
+               join.reason == WIFI_REASON_AUTH_FAIL ||
+               join.reason == WIFI_REASON_HANDSHAKE_TIMEOUT) {
+        snprintf(why, why_cap, "wrong passphrase (4-way handshake failed)");
+    } else if (join.reason == WIFI_REASON_NO_AP_FOUND) {
+        snprintf(why, why_cap, "no such network in range");
+    } else {
+        snprintf(why, why_cap, "disconnected (reason %u)", (unsigned)join.reason);
+    }
+    return -1;
 }
 
 void outpost_port_reboot(void)

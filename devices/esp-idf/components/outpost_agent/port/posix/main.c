@@ -6,7 +6,8 @@
  *   outpost-agent-posix --flash DIR [--image FIRST.bin] [--credential FILE]
  *       --model DEVICE-TYPE [--manufacturer M] [--property KEY=VALUE]...
  *       [--poll-wait S] [--confirm-timeout-ms MS]
- *       [--fault cut:BYTES|corrupt:OFFSET|offline-new-image]...
+ *       [--network SSID:PASSPHRASE]...
+ *       [--fault cut:BYTES|corrupt:OFFSET|offline-new-image|unreachable-on:SSID]...
  *
  * Events go to stdout, one JSON object per line; the log goes to stderr.
  * Exit codes: 2 no credential, 3 the credential was revoked, 1 other errors, 64 usage.
@@ -32,7 +33,8 @@ static int usage(const char *why)
             "usage: outpost-agent-posix --flash DIR [--image FIRST.bin] [--credential FILE]\n"
             "       --model DEVICE-TYPE [--manufacturer M] [--property KEY=VALUE]...\n"
             "       [--poll-wait S] [--confirm-timeout-ms MS]\n"
-            "       [--fault cut:BYTES|corrupt:OFFSET|offline-new-image]...\n",
+            "       [--network SSID:PASSPHRASE]...\n"
+            "       [--fault cut:BYTES|corrupt:OFFSET|offline-new-image|unreachable-on:SSID]...\n",
             why);
     return 64;
 }
@@ -76,6 +78,7 @@ int main(int argc, char **argv)
         {"poll-wait", required_argument, NULL, 'w'},
         {"confirm-timeout-ms", required_argument, NULL, 't'},
         {"fault", required_argument, NULL, 'F'},
+        {"network", required_argument, NULL, 'n'},
         {NULL, 0, NULL, 0},
     };
     const char *flash = NULL;
@@ -129,10 +132,26 @@ int main(int argc, char **argv)
                 faults.corrupt_at = number;
             } else if (strcmp(optarg, "offline-new-image") == 0) {
                 faults.offline_new_image = 1;
+            } else if (strncmp(optarg, "unreachable-on:", 15) == 0 && optarg[15] != '\0' &&
+                       strlen(optarg + 15) < sizeof faults.unreachable_on) {
+                strcpy(faults.unreachable_on, optarg + 15);
             } else {
-                return usage("--fault takes cut:BYTES, corrupt:OFFSET or offline-new-image");
+                return usage("--fault takes cut:BYTES, corrupt:OFFSET, offline-new-image or "
+                             "unreachable-on:SSID");
             }
             break;
+        case 'n': {
+            char *colon = strchr(optarg, ':');
+            if (colon == NULL) {
+                return usage("--network takes SSID:PASSPHRASE");
+            }
+            *colon = '\0';
+            if (outpost_posix_add_network(optarg, colon + 1) != 0) {
+                return usage("--network: at most 4, SSID 1-32 bytes, passphrase up to 64");
+            }
+            *colon = ':';
+            break;
+        }
         default: return usage("unknown option");
         }
     }

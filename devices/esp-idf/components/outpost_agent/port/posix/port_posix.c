@@ -33,6 +33,27 @@ static const char *trusted_ca;
 /* Whether the fault-injected cut already happened (it happens once). */
 static bool cut_done;
 
+/* The access points in range. */
+typedef struct {
+    char ssid[33];
+    char passphrase[65];
+} network_t;
+static network_t networks[4];
+static size_t network_count;
+
+int outpost_posix_add_network(const char *ssid, const char *passphrase)
+{
+    if (network_count == sizeof networks / sizeof networks[0] || strlen(ssid) >= 33 ||
+        strlen(passphrase) >= 65 || ssid[0] == '\0') {
+        return -1;
+    }
+    snprintf(networks[network_count].ssid, sizeof networks[0].ssid, "%s", ssid);
+    snprintf(networks[network_count].passphrase, sizeof networks[0].passphrase, "%s",
+             passphrase);
+    network_count++;
+    return 0;
+}
+
 /* --- otadata: which slot boots and in what state ------------------------------------- */
 
 typedef enum { STATE_VALID, STATE_NEW, STATE_PENDING } slot_state_t;
@@ -163,6 +184,16 @@ int outpost_posix_boot(const char *dir, const char *seed_image, char **argv,
         fprintf(stderr, "outpost-agent: cannot make %s: %s\n", nvs, strerror(errno));
         return -1;
     }
+    char wifi[600];
+    path_of(wifi, sizeof wifi, "wifi");
+    if (network_count > 0 && access(wifi, F_OK) != 0) {
+        char text[100];
+        int n = snprintf(text, sizeof text, "%s\n%s\n", networks[0].ssid, networks[0].passphrase);
+        if (write_file(wifi, text, (size_t)n) != 0) {
+            fprintf(stderr, "outpost-agent: cannot write %s\n", wifi);
+            return -1;
+        }
+    }
     otadata_t ota;
     if (otadata_load(&ota) != 0) {
         if (seed_image == NULL) {
@@ -285,9 +316,78 @@ void outpost_port_http_set_ca(const char *ca_pem)
     trusted_ca = ca_pem;
 }
 
+/* Reads the network the device is on; an empty SSID when it is on none. */
+static void wifi_load(char ssid[33], char passphrase[65])
+{
+    ssid[0] = '\0';
+    passphrase[0] = '\0';
+    char path[600];
+    path_of(path, sizeof path, "wifi");
+    FILE *f = fopen(path, "r");
+    if (f == NULL) {
+        return;
+    }
+    char line[100];
+    if (fgets(line, sizeof line, f) != NULL) {
+        line[strcspn(line, "\n")] = '\0';
+        snprintf(ssid, 33, "%.32s", line);
+    }
+    if (fgets(line, sizeof line, f) != NULL) {
+        line[strcspn(line, "\n")] = '\0';
+        snprintf(passphrase, 65, "%.64s", line);
+    }
+    fclose(f);
+}
+
 static bool network_down(void)
 {
-    return faults.offline_new_image && outpost_port_image_state() == OUTPOST_IMAGE_PENDING;
+    if (faults.offline_new_image && outpost_port_image_state() == OUTPOST_IMAGE_PENDING) {
+        return true;
+    }
+    if (network_count == 0) {
+        return false; /* no simulated Wi-Fi: the host's network */
+    }
+    char ssid[33];
+    char passphrase[65];
+    wifi_load(ssid, passphrase);
+    return ssid[0] == '\0' || strcmp(ssid, faults.unreachable_on) == 0;
+}
+
+int outpost_port_wifi_current(char ssid[33], char passphrase[65])
+{
+    wifi_load(ssid, passphrase);
+    return ssid[0] == '\0' ? -1 : 0;
+}
+
+int outpost_port_wifi_join(const char *ssid, const char *passphrase, uint32_t timeout_ms,
+                           char *why, size_t why_cap)
+{
+    (void)timeout_ms;
+    char path[600];
+    path_of(path, sizeof path, "wifi");
+    /* Leaving the current network first, as the radio does. */
+    if (write_file(path, "", 0) != 0) {
+        snprintf(why, why_cap, "cannot write %s", path);
+        return -1;
+    }
+    for (size_t i = 0; i < network_count; i++) {
+        if (strcmp(networks[i].ssid, ssid) != 0) {
+            continue;
+        }
+        if (strcmp(networks[i].passphrase, passphrase) != 0) {
+            snprintf(why, why_cap, "wrong passphrase (4-way handshake failed)");
+            return -1;
+        }
+        char text[100];
+        int n = snprintf(text, sizeof text, "%s\n%s\n", ssid, passphrase);
+        if (write_file(path, text, (size_t)n) != 0) {
+            snprintf(why, why_cap, "cannot write %s", path);
+            return -1;
+        }
+        return 0;
+    }
+    snprintf(why, why_cap, "no such network in range");
+    return -1;
 }
 
 /* A handle for `url`: http(s) only, no redirects, TLS trusting the handed-over CA only. */

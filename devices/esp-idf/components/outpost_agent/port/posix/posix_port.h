@@ -5,7 +5,9 @@
  *
  * The directory holds slot0.bin and slot1.bin (ESP-IDF app images), otadata (which slot
  * boots and in what state, as ESP-IDF's bootloader keeps it) and nvs/ (one file per
- * key). A reboot re-executes the process, which "boots" through outpost_posix_boot.
+ * key), and wifi (the network the device is on). A reboot re-executes the process,
+ * which "boots" through outpost_posix_boot. Wi-Fi is simulated: the access points in
+ * range are given with outpost_posix_add_network; joining one needs its passphrase.
  */
 #ifndef OUTPOST_POSIX_PORT_H
 #define OUTPOST_POSIX_PORT_H
@@ -20,7 +22,16 @@ typedef struct {
     uint64_t corrupt_at;
     /** A new image that runs unconfirmed cannot reach the network. */
     int offline_new_image;
+    /** The gateway cannot be reached over this network (SSID; empty: none). */
+    char unreachable_on[33];
 } outpost_posix_faults_t;
+
+/**
+ * An access point in the device's range (at most 4). The first one added is the network
+ * the device is on when its flash directory is new. Call before outpost_posix_boot.
+ * Returns 0, or -1 when there are too many or a field is too long.
+ */
+int outpost_posix_add_network(const char *ssid, const char *passphrase);
 
 /**
  * Opens the flash directory `dir` (made when missing; `seed_image` is then written to
