@@ -108,7 +108,18 @@ struct State {
     wifi: Wifi,
     claim: Claim,
     gone: bool,
-    agent_started: bool,
+    agent: AgentHandover,
+}
+
+/// The credential as it comes to the `outpost-agent` endpoint: in one request, or in
+/// chunks (`{"chunk": i, "of": n, "base64": …}`) when it is larger than a BLE write.
+#[derive(Default)]
+struct AgentHandover {
+    started: bool,
+    /// The requests so far, as they came (what a handed-off agent is given).
+    requests: Vec<Vec<u8>>,
+    /// The decoded chunks so far.
+    assembly: Vec<u8>,
 }
 
 /// A simulated device.
@@ -189,31 +200,65 @@ impl SimDevice {
                 wifi: Wifi::Idle,
                 claim: Claim::KeyGenerated,
                 gone: false,
-                agent_started: false,
+                agent: AgentHandover::default(),
             }),
         })
     }
 
-    /// `outpost-agent`: takes the device API credential and starts the update agent.
-    fn agent(&self, started: &mut bool, plain: &[u8]) -> Result<Vec<u8>, Error> {
+    /// `outpost-agent`: takes the device API credential (whole or in chunks) and starts
+    /// the update agent.
+    fn agent(&self, handover: &mut AgentHandover, plain: &[u8]) -> Result<Vec<u8>, Error> {
+        use base64::Engine as _;
         let Some(profile) = &self.identity.agent else {
             return Err(Error::Invalid {
                 what: "endpoint",
                 detail: format!("{AGENT_ENDPOINT} is not served"),
             });
         };
+        let invalid = |detail: String| Error::Invalid {
+            what: "agent credential",
+            detail,
+        };
+        let message: serde_json::Value =
+            serde_json::from_slice(plain).map_err(|err| invalid(err.to_string()))?;
+        if let Some(chunk) = message.get("chunk") {
+            let (i, n) = (chunk.as_u64(), message["of"].as_u64());
+            let part = message["base64"].as_str();
+            let (Some(i), Some(n), Some(part)) = (i, n, part) else {
+                return Err(invalid(format!("a malformed chunk: {message}")));
+            };
+            if i == 0 {
+                handover.requests.clear();
+                handover.assembly.clear();
+            }
+            if i != handover.requests.len() as u64 || i >= n {
+                return Err(invalid(format!("chunk {i} of {n} out of order")));
+            }
+            handover.requests.push(plain.to_vec());
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(part)
+                .map_err(|err| invalid(format!("chunk {i}: {err}")))?;
+            handover.assembly.extend_from_slice(&decoded);
+            if i + 1 < n {
+                return Ok(br#"{"status":"more"}"#.to_vec());
+            }
+        } else {
+            handover.requests = vec![plain.to_vec()];
+            handover.assembly = plain.to_vec();
+        }
+        let whole = std::mem::take(&mut handover.assembly);
+        let requests = std::mem::take(&mut handover.requests);
+        let started = &mut handover.started;
         let credential: crate::agent::Credential =
-            serde_json::from_slice(plain).map_err(|err| Error::Invalid {
-                what: "agent credential",
-                detail: err.to_string(),
-            })?;
+            serde_json::from_slice(&whole).map_err(|err| invalid(err.to_string()))?;
         emit(
             &serde_json::json!({"event": "credential", "device": self.identity.name, "api": credential.api}),
         );
         if let Some(dir) = &profile.handoff {
-            // The exact bytes the gateway sent, as the endpoint of a real device gets them.
+            // The requests exactly as the gateway sent them, one per line, as the endpoint
+            // of a real device gets them.
             let path = dir.join(format!("{}.json", self.identity.name));
-            std::fs::write(&path, plain).map_err(|err| Error::Invalid {
+            std::fs::write(&path, requests.join(&b'\n')).map_err(|err| Error::Invalid {
                 what: "agent credential",
                 detail: format!("cannot write {}: {err}", path.display()),
             })?;
@@ -260,10 +305,10 @@ impl SimDevice {
         let name = &self.identity.name;
         let wifi = &mut state.wifi;
         let claim_state = &mut state.claim;
-        let agent_started = &mut state.agent_started;
+        let handover = &mut state.agent;
         let mut app = |endpoint: &str, plain: &[u8]| -> Result<Vec<u8>, Error> {
             match endpoint {
-                AGENT_ENDPOINT => self.agent(agent_started, plain),
+                AGENT_ENDPOINT => self.agent(handover, plain),
                 CONFIG_ENDPOINT => self.config(wifi, plain),
                 SCAN_ENDPOINT => Ok(self.scan(plain)?),
                 CTRL_ENDPOINT => Ok(ctrl(wifi, plain)?),

@@ -329,6 +329,37 @@ impl Run {
 /// The custom protocomm endpoint a device running the Outpost agent serves.
 pub const AGENT_ENDPOINT: &str = "outpost-agent";
 
+/// The largest credential written to [`AGENT_ENDPOINT`] in one request. A BLE write
+/// carries at most 512 bytes (an ATT attribute), and the site CA alone is about 600, so a
+/// larger credential goes in chunks: `{"chunk": i, "of": n, "base64": "…"}`, each part a
+/// piece of the credential's base64, answered `{"status":"more"}` until the last, which is
+/// answered as the whole credential would be.
+pub const AGENT_CHUNK_LIMIT: usize = 400;
+
+/// Base64 characters per chunk (a multiple of 4, so each part decodes alone).
+const AGENT_CHUNK_BASE64: usize = 300;
+
+/// The requests that hand over `credential` (JSON text): itself when it fits in one,
+/// else its chunks.
+pub fn credential_chunks(credential: &str) -> Vec<String> {
+    use base64::Engine as _;
+    if credential.len() <= AGENT_CHUNK_LIMIT {
+        return vec![credential.to_owned()];
+    }
+    let encoded = base64::engine::general_purpose::STANDARD.encode(credential);
+    let parts: Vec<&str> = encoded
+        .as_bytes()
+        .chunks(AGENT_CHUNK_BASE64)
+        .map(|c| std::str::from_utf8(c).expect("base64 is ASCII"))
+        .collect();
+    let n = parts.len();
+    parts
+        .into_iter()
+        .enumerate()
+        .map(|(i, part)| serde_json::json!({"chunk": i, "of": n, "base64": part}).to_string())
+        .collect()
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -854,16 +885,21 @@ impl Onboarder {
         if let Some(ca) = &self.device_api_ca {
             message["caPem"] = serde_json::Value::String(ca.clone());
         }
-        let answer = client
-            .request(AGENT_ENDPOINT, message.to_string().as_bytes())
-            .await
-            .context("handing over the device credential")?;
-        let answer: serde_json::Value = serde_json::from_slice(&answer)
-            .context("the device answered the credential with something that is not JSON")?;
-        if answer["status"] != "ok" {
-            bail!("the device refused its credential: {answer}");
+        let chunks = credential_chunks(&message.to_string());
+        let last = chunks.len() - 1;
+        for (i, chunk) in chunks.iter().enumerate() {
+            let answer = client
+                .request(AGENT_ENDPOINT, chunk.as_bytes())
+                .await
+                .context("handing over the device credential")?;
+            let answer: serde_json::Value = serde_json::from_slice(&answer)
+                .context("the device answered the credential with something that is not JSON")?;
+            let expected = if i == last { "ok" } else { "more" };
+            if answer["status"] != expected {
+                bail!("the device refused its credential: {answer}");
+            }
         }
-        tracing::info!("device credential handed over");
+        tracing::info!(chunks = chunks.len(), "device credential handed over");
         Ok(())
     }
 
@@ -960,5 +996,38 @@ impl Onboarder {
             "Wi-Fi failed on every configured network ({})",
             failures.join("; ")
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_credential_larger_than_a_ble_write_goes_in_chunks_that_add_up() {
+        use base64::Engine as _;
+        let small = r#"{"api":"http://127.0.0.1:8080","deviceId":"PROV_1","token":"odt_1"}"#;
+        assert_eq!(credential_chunks(small), vec![small.to_owned()]);
+        let large = serde_json::json!({
+            "api": "https://192.168.4.10:8443", "deviceId": "PROV_5E0000", "token": "odt_x",
+            "caPem": format!("-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n", "A".repeat(700)),
+        })
+        .to_string();
+        let chunks = credential_chunks(&large);
+        assert!(chunks.len() > 1);
+        let mut whole = Vec::new();
+        for (i, chunk) in chunks.iter().enumerate() {
+            // Each one fits a BLE write with room for Security 2's tag.
+            assert!(chunk.len() <= AGENT_CHUNK_LIMIT, "{} bytes", chunk.len());
+            let chunk: serde_json::Value = serde_json::from_str(chunk).unwrap();
+            assert_eq!(chunk["chunk"], i);
+            assert_eq!(chunk["of"], chunks.len());
+            whole.extend(
+                base64::engine::general_purpose::STANDARD
+                    .decode(chunk["base64"].as_str().unwrap())
+                    .unwrap(),
+            );
+        }
+        assert_eq!(whole, large.as_bytes());
     }
 }

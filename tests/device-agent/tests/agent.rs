@@ -39,7 +39,16 @@ struct Seen {
     method: String,
     path: String,
     authorization: Option<String>,
+    range: Option<String>,
     body: String,
+}
+
+/// A file the scripted API serves; `ranges` says whether it honours Range requests (a
+/// server that does not answers 200 with the whole file).
+struct File {
+    path: &'static str,
+    bytes: Vec<u8>,
+    ranges: bool,
 }
 
 /// A device API that answers `next` from a script, everything else with 200, and
@@ -52,10 +61,7 @@ struct ScriptedApi {
 
 impl ScriptedApi {
     /// Listens on loopback; `script(base URL)` gives the answers to `next`, in order.
-    fn start(
-        files: Vec<(&'static str, Vec<u8>)>,
-        script: impl FnOnce(&str) -> Vec<(u16, String)>,
-    ) -> Self {
+    fn start(files: Vec<File>, script: impl FnOnce(&str) -> Vec<(u16, String)>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let script = script(&format!("http://{addr}"));
@@ -128,7 +134,7 @@ fn serve(
     stream: TcpStream,
     tx: &Sender<Seen>,
     script: &Mutex<VecDeque<(u16, String)>>,
-    files: &[(&'static str, Vec<u8>)],
+    files: &[File],
 ) {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut first = String::new();
@@ -137,6 +143,7 @@ fn serve(
     }
     let mut length = 0usize;
     let mut authorization = None;
+    let mut range = None;
     loop {
         let mut line = String::new();
         if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
@@ -147,6 +154,8 @@ fn serve(
                 length = value.trim().parse().unwrap_or(0);
             } else if name.eq_ignore_ascii_case("authorization") {
                 authorization = Some(value.trim().to_owned());
+            } else if name.eq_ignore_ascii_case("range") {
+                range = Some(value.trim().to_owned());
             }
         }
     }
@@ -159,8 +168,10 @@ fn serve(
         method,
         path: path.clone(),
         authorization,
+        range: range.clone(),
         body: String::from_utf8_lossy(&body).into_owned(),
     });
+    let mut content_range = String::new();
     let (status, answer): (u16, Vec<u8>) = if path.contains("/next?") {
         let next = script.lock().unwrap().pop_front();
         match next {
@@ -171,8 +182,24 @@ fn serve(
                 (204, Vec::new())
             }
         }
-    } else if let Some((_, bytes)) = files.iter().find(|(p, _)| *p == path) {
-        (200, bytes.clone())
+    } else if let Some(file) = files.iter().find(|f| f.path == path) {
+        // bytes=FIRST-LAST, as the agent asks.
+        let asked = range
+            .as_deref()
+            .and_then(|r| r.strip_prefix("bytes="))
+            .and_then(|r| r.split_once('-'))
+            .and_then(|(a, b)| Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?)));
+        match asked {
+            Some((first, last)) if file.ranges && first < file.bytes.len() => {
+                let last = last.min(file.bytes.len() - 1);
+                content_range = format!(
+                    "Content-Range: bytes {first}-{last}/{}\r\n",
+                    file.bytes.len()
+                );
+                (206, file.bytes[first..=last].to_vec())
+            }
+            _ => (200, file.bytes.clone()),
+        }
     } else if path.starts_with("/firmware/") {
         (404, b"no such file".to_vec())
     } else {
@@ -180,6 +207,7 @@ fn serve(
     };
     let reason = match status {
         200 => "OK",
+        206 => "Partial Content",
         204 => "No Content",
         401 => "Unauthorized",
         _ => "Other",
@@ -187,7 +215,7 @@ fn serve(
     let mut stream = stream;
     let _ = write!(
         stream,
-        "HTTP/1.1 {status} {reason}\r\nContent-Length: {}\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n",
+        "HTTP/1.1 {status} {reason}\r\nContent-Length: {}\r\n{content_range}Content-Type: application/json\r\nConnection: close\r\n\r\n",
         answer.len()
     );
     let _ = stream.write_all(&answer);
@@ -247,7 +275,15 @@ fn a_bad_credential_is_refused_with_its_reason_and_nothing_is_stored() {
         ),
         (
             r#"{"api":"http://127.0.0.1:1","deviceId":"../admin","token":"t"}"#.into(),
+            "starts with a dot",
+        ),
+        (
+            r#"{"api":"http://127.0.0.1:1","deviceId":"a/b","token":"t"}"#.into(),
             "characters a URL path cannot carry",
+        ),
+        (
+            r#"{"chunk":1,"of":2,"base64":"e30="}"#.into(),
+            "a credential chunk out of order",
         ),
         (
             r#"{"api":"http://127.0.0.1:1","deviceId":"a","token":"t\r\nX-Evil: 1"}"#.into(),
@@ -312,8 +348,13 @@ fn malformed_commands_get_clear_replies_and_the_agent_keeps_serving() {
         serde_json::json!({"url": url, "size": size, "sha256": sha256, "version": "2.0.0"})
             .to_string()
     };
+    // A server that ignores Range and sends more than was announced.
     let mut api = ScriptedApi::start(
-        vec![("/firmware/longer", app_image("2.0.0", 3, 2000))],
+        vec![File {
+            path: "/firmware/longer",
+            bytes: app_image("2.0.0", 3, 2000),
+            ranges: false,
+        }],
         |base| {
             vec![
                 (200, "not json".into()),
@@ -387,7 +428,7 @@ fn malformed_commands_get_clear_replies_and_the_agent_keeps_serving() {
     assert_eq!(error(api.reply(4)), "unknown command reboot-now");
     assert!(error(api.reply(5)).contains("not an http(s) URL"));
     assert!(error(api.reply(6)).contains("sha256 is not 64 lowercase hex digits"));
-    assert!(error(api.reply(7)).contains("size is missing or not between"));
+    assert!(error(api.reply(7)).contains("size is missing or not a whole number"));
     assert_eq!(error(api.reply(8)), "nothing downloaded");
     // A file longer than announced: accepted, then refused at the first extra byte.
     assert_eq!(api.reply(9)["ok"], true);
@@ -482,7 +523,12 @@ fn an_update_goes_as_documented_and_the_new_image_is_confirmed() {
     };
     let sha_for_script = sha.clone();
     let size = new.len() as u64;
-    let mut api = ScriptedApi::start(vec![("/firmware/new", new)], move |base| {
+    let file = File {
+        path: "/firmware/new",
+        bytes: new,
+        ranges: true,
+    };
+    let mut api = ScriptedApi::start(vec![file], move |base| {
         vec![
             command(
                 1,
@@ -498,10 +544,9 @@ fn an_update_goes_as_documented_and_the_new_image_is_confirmed() {
         ]
     });
     let credential = api.credential(dir.path());
-    let mut agent = Agent::start(
-        "happy",
-        &agent_args(&dir.path().join("flash"), &image, Some(&credential)),
-    );
+    let mut args = agent_args(&dir.path().join("flash"), &image, Some(&credential));
+    args.extend(["--segment-bytes".to_owned(), "16384".to_owned()]);
+    let mut agent = Agent::start("happy", &args);
     let body = |seen: Seen| -> serde_json::Value { serde_json::from_str(&seen.body).unwrap() };
     let register = body(api.wait_for("register", |s| s.path.ends_with("/register")));
     assert_eq!(register["firmwareVersion"], "1.0.0");
@@ -512,7 +557,8 @@ fn an_update_goes_as_documented_and_the_new_image_is_confirmed() {
         s.path.ends_with("/reports") && s.body.contains(r#""payload":"100""#)
     }));
     assert!(same_shape(&documented("report"), &progress), "{progress}");
-    // Progress came in quarters before the check, then 100 once the image was checked.
+    // Progress came in quarters between the segments, then 100 once the image was
+    // checked.
     let reports: Vec<String> = api
         .seen
         .iter()
@@ -544,8 +590,8 @@ fn an_update_goes_as_documented_and_the_new_image_is_confirmed() {
         .map(|s| body(s.clone()))
         .unwrap();
     assert_eq!(after["firmwareVersion"], "1.0.0");
-    // The download was one plain GET of the signed URL, and every API call carried the
-    // device token.
+    // The download was five aligned segments of 16 KiB, each asked only of this file
+    // (If-Range), and every API call carried the device token, the downloads none.
     for s in &api.seen {
         eprintln!("{} {} {}", s.method, s.path, s.body);
         if s.path.starts_with("/api/") {
@@ -558,11 +604,20 @@ fn an_update_goes_as_documented_and_the_new_image_is_confirmed() {
             assert_eq!(s.authorization, None, "the token went to {}", s.path);
         }
     }
+    let ranges: Vec<&str> = api
+        .seen
+        .iter()
+        .filter(|s| s.path == "/firmware/new")
+        .filter_map(|s| s.range.as_deref())
+        .collect();
     assert_eq!(
-        api.seen
-            .iter()
-            .filter(|s| s.path == "/firmware/new")
-            .count(),
-        1
+        ranges,
+        [
+            "bytes=0-16383",
+            "bytes=16384-32767",
+            "bytes=32768-49151",
+            "bytes=49152-65535",
+            "bytes=65536-69999"
+        ]
     );
 }

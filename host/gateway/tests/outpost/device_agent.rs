@@ -15,6 +15,8 @@ use super::{DEADLINE, Gateway, http_get, stdout_of};
 /// Where the first download of the resuming device is cut, and the byte the corrupting
 /// device receives flipped.
 const CUT_AT: u64 = 100_000;
+/// The agents download in segments of this many bytes (the image is four).
+const SEGMENT: u64 = 65_536;
 const CORRUPT_AT: u64 = 200_000;
 
 /// An esp32-app image made by `esp-sim firmware` (the simulated vendor's build output).
@@ -74,11 +76,47 @@ fn start_agents(
                 "2".into(),
                 "--confirm-timeout-ms".into(),
                 "6000".into(),
+                "--segment-bytes".into(),
+                SEGMENT.to_string(),
             ];
             args.extend(extra);
             (id.clone(), Agent::start(&id, &args))
         })
         .collect()
+}
+
+/// The credential esp-sim handed off: the gateway's requests to `outpost-agent`, one per
+/// line, each at most the chunk limit; reassembled here.
+fn handed_over(path: &Path) -> serde_json::Value {
+    use base64::Engine as _;
+    let text = std::fs::read_to_string(path).unwrap();
+    let requests: Vec<serde_json::Value> = text
+        .lines()
+        .map(|line| {
+            assert!(
+                line.len() <= outpost_onboarding::AGENT_CHUNK_LIMIT,
+                "{line}"
+            );
+            serde_json::from_str(line).unwrap()
+        })
+        .collect();
+    assert!(
+        requests.len() > 1,
+        "a credential with the CA comes in chunks"
+    );
+    let mut whole = Vec::new();
+    for (i, request) in requests.iter().enumerate() {
+        assert_eq!(
+            (request["chunk"].as_u64(), request["of"].as_u64()),
+            (Some(i as u64), Some(requests.len() as u64))
+        );
+        whole.extend(
+            base64::engine::general_purpose::STANDARD
+                .decode(request["base64"].as_str().unwrap())
+                .unwrap(),
+        );
+    }
+    serde_json::from_slice(&whole).unwrap()
 }
 
 /// The result details a rollout view records for `id`.
@@ -145,10 +183,9 @@ fn the_c_agent_updates_resumes_refuses_a_corrupted_image_and_is_rolled_back() {
         handoffs.push(sim.wait_for("handed_off", |e| !seen.contains(&e["device"])));
     }
     handoffs.sort_by_key(|h| h["device_id"].as_str().unwrap().to_owned());
-    // What the gateway handed over: the TLS device API and the site CA to trust.
-    let credential: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(handoffs[0]["path"].as_str().unwrap()).unwrap())
-            .unwrap();
+    // What the gateway handed over: the TLS device API and the site CA to trust, in
+    // chunks (a BLE write carries at most 512 bytes).
+    let credential = handed_over(Path::new(handoffs[0]["path"].as_str().unwrap()));
     assert!(
         credential["api"]
             .as_str()
@@ -246,8 +283,9 @@ fn the_c_agent_updates_resumes_refuses_a_corrupted_image_and_is_rolled_back() {
         agent.wait_for("confirmed", |e| e["version"] == "2.0.0");
         agent.wait_for("report", |e| e["kind"] == "done" && e["payload"] == "2.0.0");
     }
-    // The third lost its connection at byte 100,000 and resumed there with a Range
-    // request the firmware server answered with 206.
+    // The third fetched the image in four segments; it lost its connection at byte
+    // 100,000, in the second, and resumed there with a Range request the firmware
+    // server answered with 206.
     let (_, resumed) = &mut agents[2];
     resumed.wait_for("confirmed", |e| e["version"] == "2.0.0");
     let downloads: Vec<(u64, u64)> = resumed
@@ -256,7 +294,23 @@ fn the_c_agent_updates_resumes_refuses_a_corrupted_image_and_is_rolled_back() {
         .filter(|e| e["event"] == "download")
         .map(|e| (e["offset"].as_u64().unwrap(), e["status"].as_u64().unwrap()))
         .collect();
-    assert_eq!(downloads, vec![(0, 200), (CUT_AT, 206)]);
+    assert_eq!(
+        downloads,
+        vec![
+            (0, 206),
+            (SEGMENT, 206),
+            (CUT_AT, 206),
+            (2 * SEGMENT, 206),
+            (3 * SEGMENT, 206)
+        ]
+    );
+    let progress: Vec<&str> = resumed
+        .events()
+        .iter()
+        .filter(|e| e["event"] == "report" && e["kind"] == "progress")
+        .filter_map(|e| e["payload"].as_str())
+        .collect();
+    assert_eq!(progress, ["25", "50", "75", "100"]);
 
     // The fourth received a flipped byte: its sha256 check failed, it reported so, and
     // nothing was applied (no rollback either).

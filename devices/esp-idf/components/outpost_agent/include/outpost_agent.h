@@ -72,6 +72,11 @@ typedef struct {
      * and boots the previous one, in milliseconds (0 means 120000).
      */
     uint32_t confirm_timeout_ms;
+    /**
+     * Bytes fetched per download request (0 means 256 KiB): progress is reported between
+     * segments, and a cut connection costs one segment at most.
+     */
+    uint32_t segment_bytes;
 } outpost_agent_config_t;
 
 /**

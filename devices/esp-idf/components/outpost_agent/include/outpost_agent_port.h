@@ -88,13 +88,14 @@ typedef int (*outpost_sink_fn)(void *ctx, const outpost_http_head_t *head, const
                                size_t len);
 
 /**
- * GET `url`, from byte `offset` (a `Range: bytes=offset-` request when non-zero, with
- * `If-Range: "if_range"` when `if_range` is not NULL). Body bytes go to `sink`.
- * Returns 0 when the response ended normally (`head` says how), 1 when the sink
- * stopped it, -1 on a connection error or a cut transfer.
+ * GET bytes `first` to `last` (inclusive) of `url`: `Range: bytes=first-last`, with
+ * `If-Range: "if_range"` when `if_range` is not NULL. Body bytes go to `sink`. Returns 0
+ * when the response ended normally (`head` says how), 1 when the sink stopped it, -1 on
+ * a connection error or a cut transfer.
  */
-int outpost_port_http_download(const char *url, uint64_t offset, const char *if_range,
-                               outpost_sink_fn sink, void *ctx, outpost_http_head_t *head);
+int outpost_port_http_download(const char *url, uint64_t first, uint64_t last,
+                               const char *if_range, outpost_sink_fn sink, void *ctx,
+                               outpost_http_head_t *head);
 
 /* --- SHA-256 and base64 ------------------------------------------------------------ */
 
@@ -144,10 +145,19 @@ outpost_image_state_t outpost_port_image_state(void);
 int outpost_port_image_confirm(void);
 
 /**
- * Gives up the running (pending) image and boots the previous one
+ * Gives up the running pending image and boots the previous one
  * (esp_ota_mark_app_invalid_rollback_and_reboot). Returns only on failure (-1).
  */
 int outpost_port_image_rollback(void);
+
+/** The label of the slot the running image was booted from (at most 16 characters). */
+int outpost_port_running_slot(char label[17]);
+
+/** Whether slot `label` holds an image the bootloader would start: 1 or 0. */
+int outpost_port_slot_bootable(const char *label);
+
+/** Boots slot `label` next time (esp_ota_set_boot_partition). Returns 0 or -1. */
+int outpost_port_boot_slot(const char *label);
 
 /** Whether the last boot attempt of a new image failed and the previous one booted again. */
 int outpost_port_image_last_rejected(void);

@@ -12,6 +12,7 @@
 #include "outpost_agent.h"
 
 #include <inttypes.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -33,16 +34,22 @@
 
 /* --- heap accounting ---------------------------------------------------------------- */
 
-/* Every allocation of the core and of cJSON goes through here, so the agent can say
- * what it costs (docs/device-agent.md gives the figure). The size lives in front of the
- * block, padded to keep the block aligned for any type. */
+/* Every allocation of the core goes through here, so the agent can say what it costs
+ * (docs/device-agent.md gives the figure). The size lives in front of the block, padded
+ * to keep the block aligned for any type. The counters are atomic: the protocomm
+ * endpoint runs on another task than the agent.
+ *
+ * cJSON's allocations are counted too only in a build that defines
+ * OUTPOST_AGENT_COUNT_CJSON (the POSIX test build): that installs cJSON's global hooks,
+ * which would break any other cJSON user in a firmware that frees cJSON's memory with
+ * plain free(). */
 typedef union {
     size_t size;
     max_align_t align;
 } heap_header_t;
 
-static size_t heap_now;
-static size_t heap_peak;
+static atomic_size_t heap_now;
+static atomic_size_t heap_peak;
 
 static void *agent_malloc(size_t size)
 {
@@ -54,9 +61,9 @@ static void *agent_malloc(size_t size)
         return NULL;
     }
     block->size = size;
-    heap_now += size;
-    if (heap_now > heap_peak) {
-        heap_peak = heap_now;
+    size_t now = atomic_fetch_add(&heap_now, size) + size;
+    size_t peak = atomic_load(&heap_peak);
+    while (now > peak && !atomic_compare_exchange_weak(&heap_peak, &peak, now)) {
     }
     return block + 1;
 }
@@ -67,28 +74,29 @@ static void agent_free(void *ptr)
         return;
     }
     heap_header_t *block = (heap_header_t *)ptr - 1;
-    heap_now -= block->size;
+    atomic_fetch_sub(&heap_now, block->size);
     free(block);
 }
 
 size_t outpost_agent_heap_peak(void)
 {
-    return heap_peak;
+    return atomic_load(&heap_peak);
 }
 
 size_t outpost_agent_heap_now(void)
 {
-    return heap_now;
+    return atomic_load(&heap_now);
 }
 
 static void use_agent_heap(void)
 {
-    static bool done;
-    if (!done) {
+#ifdef OUTPOST_AGENT_COUNT_CJSON
+    static atomic_bool done;
+    if (!atomic_exchange(&done, true)) {
         cJSON_Hooks hooks = {.malloc_fn = agent_malloc, .free_fn = agent_free};
         cJSON_InitHooks(&hooks);
-        done = true;
     }
+#endif
 }
 
 /* --- small helpers -------------------------------------------------------------------- */
@@ -157,6 +165,12 @@ static cJSON *parse_object(const char *what, const char *text, size_t len)
         return NULL;
     }
     return json;
+}
+
+/* Whether `value` is a whole number from 0 to `max`. */
+static bool whole_number(double value, double max)
+{
+    return value >= 0 && value <= max && value == (double)(uint64_t)value;
 }
 
 static const char *string_field(const cJSON *object, const char *name)
@@ -262,6 +276,10 @@ static outpost_err_t credential_parse(const char *json, size_t len, credential_t
         *why = "the credential's deviceId or token is empty";
         goto done;
     }
+    if (out->device_id[0] == '.') {
+        *why = "the credential's deviceId starts with a dot (a URL path segment)";
+        goto done;
+    }
     for (const char *p = out->device_id; *p != '\0'; p++) {
         if (!id_char(*p)) {
             *why = "the credential's deviceId has characters a URL path cannot carry";
@@ -334,16 +352,99 @@ outpost_err_t outpost_agent_set_credential(const char *json, size_t len)
     return set_credential(json, len, &why);
 }
 
+/* A credential coming in chunks ({"chunk": i, "of": n, "base64": …}: a BLE write holds at
+ * most 512 bytes, less than a credential with the site CA). One handover at a time. */
+static struct {
+    char *text;
+    size_t len;
+    int next;
+    int of;
+} assembly;
+
+static void assembly_reset(void)
+{
+    agent_free(assembly.text);
+    memset(&assembly, 0, sizeof assembly);
+}
+
+/* Takes one chunk. Returns NULL when more are expected (`*done` false), or with `*done`
+ * the reason it is refused; on the last chunk `*done` is set and the reason is NULL. */
+static const char *assembly_add(const cJSON *message, bool *done)
+{
+    const cJSON *chunk = cJSON_GetObjectItemCaseSensitive(message, "chunk");
+    const cJSON *of = cJSON_GetObjectItemCaseSensitive(message, "of");
+    const char *part = string_field(message, "base64");
+    *done = true;
+    if (!cJSON_IsNumber(chunk) || !cJSON_IsNumber(of) || part == NULL ||
+        !whole_number(chunk->valuedouble, 15) || !whole_number(of->valuedouble, 16) ||
+        chunk->valuedouble >= of->valuedouble) {
+        assembly_reset();
+        return "a credential chunk without chunk, of (at most 16) or base64";
+    }
+    int i = (int)chunk->valuedouble;
+    int n = (int)of->valuedouble;
+    if (i == 0) {
+        assembly_reset();
+        assembly.text = agent_malloc(OUTPOST_AGENT_MAX_MESSAGE + 1);
+        if (assembly.text == NULL) {
+            return "out of memory";
+        }
+        assembly.of = n;
+    }
+    if (assembly.text == NULL || i != assembly.next || n != assembly.of) {
+        assembly_reset();
+        return "a credential chunk out of order";
+    }
+    size_t part_len = strlen(part);
+    if (part_len / 4 * 3 > OUTPOST_AGENT_MAX_MESSAGE - assembly.len) {
+        assembly_reset();
+        return "the credential is too large";
+    }
+    int decoded = outpost_port_base64_decode(part, part_len, (uint8_t *)assembly.text + assembly.len,
+                                             OUTPOST_AGENT_MAX_MESSAGE - assembly.len);
+    if (decoded < 0) {
+        assembly_reset();
+        return "a credential chunk that is not base64";
+    }
+    assembly.len += (size_t)decoded;
+    assembly.next++;
+    *done = assembly.next == assembly.of;
+    return NULL;
+}
+
 size_t outpost_agent_endpoint(const uint8_t *in, size_t in_len, char *out, size_t cap)
 {
+    use_agent_heap();
     const char *why = NULL;
-    outpost_err_t err = set_credential((const char *)in, in_len, &why);
+    outpost_err_t err = OUTPOST_ERR_INVALID;
+    bool more = false;
+    /* A chunk is a small object with "chunk"; anything else is a whole credential. */
+    cJSON *message = in_len <= 1024 ? cJSON_ParseWithLength((const char *)in, in_len) : NULL;
+    if (message != NULL && cJSON_IsObject(message) &&
+        cJSON_GetObjectItemCaseSensitive(message, "chunk") != NULL) {
+        bool done = false;
+        why = assembly_add(message, &done);
+        if (why == NULL && done) {
+            err = set_credential(assembly.text, assembly.len, &why);
+            assembly_reset();
+        } else if (why == NULL) {
+            more = true;
+        } else {
+            LOG_E("credential refused: %s", why);
+        }
+    } else {
+        assembly_reset();
+        err = set_credential((const char *)in, in_len, &why);
+    }
+    cJSON_Delete(message);
     int n;
-    if (err == OUTPOST_OK) {
+    if (more) {
+        n = snprintf(out, cap, "{\"status\":\"more\"}");
+    } else if (err == OUTPOST_OK) {
         n = snprintf(out, cap, "{\"status\":\"ok\"}");
     } else {
         char quoted[REASON_MAX];
-        json_quote(quoted, sizeof quoted, why);
+        json_quote(quoted, sizeof quoted, why != NULL ? why : "refused");
         n = snprintf(out, cap, "{\"status\":\"error\",\"reason\":%s}", quoted);
     }
     return (n < 0 || (size_t)n >= cap) ? 0 : (size_t)n;
@@ -391,6 +492,8 @@ static outpost_err_t credential_load(credential_t *out)
 typedef struct {
     char version[VERSION_MAX];
     char from[VERSION_MAX];
+    /* The slot `from` ran from: where a rollback goes. */
+    char slot[17];
     /* "applied", "reported", "rolled-back", or "" when there is none. */
     char state[16];
     char reason[REASON_MAX];
@@ -399,7 +502,7 @@ typedef struct {
 static void record_load(update_record_t *record)
 {
     memset(record, 0, sizeof *record);
-    char text[384];
+    char text[1024];
     size_t len = 0;
     if (outpost_port_kv_get("update", text, sizeof text, &len) != 0) {
         return;
@@ -412,12 +515,16 @@ static void record_load(update_record_t *record)
     const char *from = string_field(root, "from");
     const char *state = string_field(root, "state");
     const char *reason = string_field(root, "reason");
+    const char *slot = string_field(root, "slot");
     if (version != NULL && from != NULL && state != NULL &&
         copy_string(record->version, sizeof record->version, version) &&
         copy_string(record->from, sizeof record->from, from) &&
         copy_string(record->state, sizeof record->state, state)) {
         if (reason != NULL) {
             copy_string(record->reason, sizeof record->reason, reason);
+        }
+        if (slot != NULL) {
+            copy_string(record->slot, sizeof record->slot, slot);
         }
     } else {
         memset(record, 0, sizeof *record);
@@ -431,6 +538,7 @@ static int record_store(const update_record_t *record)
     if (root == NULL || cJSON_AddStringToObject(root, "version", record->version) == NULL ||
         cJSON_AddStringToObject(root, "from", record->from) == NULL ||
         cJSON_AddStringToObject(root, "state", record->state) == NULL ||
+        cJSON_AddStringToObject(root, "slot", record->slot) == NULL ||
         (record->reason[0] != '\0' &&
          cJSON_AddStringToObject(root, "reason", record->reason) == NULL)) {
         cJSON_Delete(root);
@@ -442,7 +550,7 @@ static int record_store(const update_record_t *record)
         return -1;
     }
     int rc = outpost_port_kv_set("update", text, strlen(text));
-    agent_free(text);
+    cJSON_free(text);
     return rc;
 }
 
@@ -459,7 +567,9 @@ typedef struct {
     char *buffer;
 } agent_t;
 
-typedef enum { CALL_OK, CALL_NETWORK, CALL_REVOKED, CALL_REFUSED } call_t;
+/* How a call to the device API went. CALL_REFUSED is an HTTP answer (4xx) from the
+ * server; CALL_LOCAL a failure before anything was sent (a URL too long, no memory). */
+typedef enum { CALL_OK, CALL_NETWORK, CALL_REVOKED, CALL_REFUSED, CALL_LOCAL } call_t;
 
 /* One call to the device API; on CALL_OK the status is 2xx and `agent->buffer` holds
  * the body (NUL-terminated, `*len` bytes). */
@@ -471,7 +581,7 @@ static call_t api_call(agent_t *agent, const char *method, const char *path, con
                      agent->credential.device_id, path);
     if (n < 0 || (size_t)n >= sizeof url) {
         LOG_E("the URL for %s is too long", path);
-        return CALL_REFUSED;
+        return CALL_LOCAL;
     }
     size_t got = 0;
     *status = 0;
@@ -499,16 +609,16 @@ static call_t api_call(agent_t *agent, const char *method, const char *path, con
 static call_t api_post(agent_t *agent, const char *path, cJSON *body)
 {
     if (body == NULL) {
-        return CALL_REFUSED;
+        return CALL_LOCAL;
     }
     char *text = cJSON_PrintUnformatted(body);
     cJSON_Delete(body);
     if (text == NULL) {
-        return CALL_REFUSED;
+        return CALL_LOCAL;
     }
     int status = 0;
     call_t rc = api_call(agent, "POST", path, text, 15000, &status, NULL);
-    agent_free(text);
+    cJSON_free(text);
     return rc;
 }
 
@@ -536,7 +646,7 @@ static call_t register_device(agent_t *agent)
     if (body == NULL || properties == NULL) {
         cJSON_Delete(body);
         cJSON_Delete(properties);
-        return CALL_REFUSED;
+        return CALL_LOCAL;
     }
     char secure[12];
     snprintf(secure, sizeof secure, "%" PRIu32, agent->app.secure_version);
@@ -660,14 +770,6 @@ static int download_sink(void *ctx, const outpost_http_head_t *head, const uint8
     }
     outpost_port_sha256_update(dl->sha, data, len);
     dl->written += len;
-    int pct = (int)(dl->written * 100 / dl->size);
-    /* Progress every quarter; 100 % only once the image is checked. */
-    if (pct >= dl->reported_pct + 25 && pct < 100) {
-        dl->reported_pct = pct - pct % 25;
-        char text[8];
-        snprintf(text, sizeof text, "%d", dl->reported_pct);
-        report(dl->agent, "progress", text);
-    }
     return 0;
 }
 
@@ -699,32 +801,53 @@ static void download(agent_t *agent, const char *url, uint64_t size, const char 
         report(agent, "failed", "cannot open the passive OTA slot for the image");
         return;
     }
+    /* The image comes in segments, one request each (Range: bytes=N-M): progress is
+     * reported between them, never while a connection is open (on a device that would
+     * be a second TLS session and a deep stack), and a cut costs one segment at most.
+     * A segment that fails is retried from where it stopped, up to DOWNLOAD_ATTEMPTS
+     * times in a row. */
+    uint64_t segment = agent->config->segment_bytes ? agent->config->segment_bytes : 256 * 1024;
     unsigned attempt = 0;
-    for (int tries = 0; tries < DOWNLOAD_ATTEMPTS && dl.written < size; tries++) {
+    int failures = 0;
+    while (dl.written < size && failures < DOWNLOAD_ATTEMPTS) {
         outpost_http_head_t head;
+        uint64_t before = dl.written;
+        /* Segments are aligned: a resumed one ends where it would have. */
+        uint64_t end = (dl.written / segment + 1) * segment;
+        uint64_t last = (end < size ? end : size) - 1;
         dl.asked = dl.written;
         dl.started = false;
         dl.error[0] = '\0';
-        /* The firmware server's ETag is the sha256: a resumed range only continues the
-         * same file. */
-        int rc = outpost_port_http_download(url, dl.written, dl.written > 0 ? sha256 : NULL,
-                                            download_sink, &dl, &head);
+        /* The firmware server's ETag is the sha256: a range only continues the same file. */
+        int rc = outpost_port_http_download(url, dl.written, last, sha256, download_sink, &dl,
+                                            &head);
         if (rc == 1 || (rc == 0 && dl.error[0] != '\0')) {
             break; /* refused: not worth another try */
         }
-        if (rc == 0 && dl.started && head.status != 200 && head.status != 206) {
+        if (rc == 0 && head.status != 200 && head.status != 206) {
             snprintf(dl.error, sizeof dl.error, "HTTP %d", head.status);
             break;
         }
-        if (rc == 0 && !dl.started && head.status != 200 && head.status != 206) {
-            snprintf(dl.error, sizeof dl.error, "HTTP %d", head.status);
-            break;
-        }
-        if (dl.written < size) {
+        if (dl.written > last || dl.written == size) {
+            failures = 0;
+            attempt = 0;
+        } else {
+            failures++;
             snprintf(dl.error, sizeof dl.error,
                      "the connection ended at byte %" PRIu64 " of %" PRIu64, dl.written, size);
             LOG_W("download cut at byte %" PRIu64 "; resuming", dl.written);
+            if (dl.written > before) {
+                failures = 1; /* it moved: only this stall counts */
+            }
             backoff(&attempt);
+        }
+        /* Progress every quarter; 100 % only once the image is checked. */
+        int pct = (int)(dl.written * 100 / size);
+        if (pct >= dl.reported_pct + 25 && pct < 100) {
+            dl.reported_pct = pct - pct % 25;
+            char text[8];
+            snprintf(text, sizeof text, "%d", dl.reported_pct);
+            report(agent, "progress", text);
         }
     }
     if (dl.written < size) {
@@ -787,8 +910,8 @@ static const char *ota_begin_parse(const char *payload, size_t len, begin_t *out
         (strncmp(url, "http://", 7) != 0 && strncmp(url, "https://", 8) != 0)) {
         error = "ota-begin: url is missing, too long or not an http(s) URL";
     } else if (!cJSON_IsNumber(size) || size->valuedouble < 1 ||
-               size->valuedouble > 16.0 * 1024 * 1024) {
-        error = "ota-begin: size is missing or not between 1 byte and 16 MiB";
+               !whole_number(size->valuedouble, 16.0 * 1024 * 1024)) {
+        error = "ota-begin: size is missing or not a whole number from 1 byte to 16 MiB";
     } else if (sha256 == NULL || !hex_sha256(sha256)) {
         error = "ota-begin: sha256 is not 64 lowercase hex digits";
     } else if (version == NULL || version[0] == '\0' ||
@@ -809,7 +932,7 @@ static void ota_apply(agent_t *agent, uint64_t id, const char *payload)
         reply(agent, id, false, "nothing downloaded");
         return;
     }
-    if (payload[0] != '\0' && strcmp(payload, agent->staged_version) != 0) {
+    if (strcmp(payload, agent->staged_version) != 0) {
         char why[96];
         snprintf(why, sizeof why, "the downloaded image is %s, not %.32s", agent->staged_version,
                  payload);
@@ -820,7 +943,9 @@ static void ota_apply(agent_t *agent, uint64_t id, const char *payload)
     copy_string(record.version, sizeof record.version, agent->staged_version);
     copy_string(record.from, sizeof record.from, agent->app.version);
     copy_string(record.state, sizeof record.state, "applied");
-    if (record_store(&record) != 0 || outpost_port_ota_set_boot() != 0) {
+    if (outpost_port_running_slot(record.slot) != 0 || record_store(&record) != 0 ||
+        outpost_port_ota_set_boot() != 0) {
+        outpost_port_kv_erase("update");
         reply(agent, id, false, "cannot select the new image for the next boot");
         return;
     }
@@ -844,6 +969,19 @@ static void ota_rollback(agent_t *agent, uint64_t id)
         reply(agent, id, true, agent->app.version);
         return;
     }
+    /* Checked before answering: the reply says what the device will run. */
+    char why[96];
+    bool pending = outpost_port_image_state() == OUTPOST_IMAGE_PENDING;
+    if (record.slot[0] == '\0' || !outpost_port_slot_bootable(record.slot)) {
+        snprintf(why, sizeof why, "the previous image (slot %s) cannot be booted", record.slot);
+        reply(agent, id, false, why);
+        return;
+    }
+    if (!pending && outpost_port_boot_slot(record.slot) != 0) {
+        snprintf(why, sizeof why, "slot %s cannot be selected for the next boot", record.slot);
+        reply(agent, id, false, why);
+        return;
+    }
     copy_string(record.state, sizeof record.state, "rolled-back");
     if (record_store(&record) != 0) {
         reply(agent, id, false, "cannot record the rollback");
@@ -851,8 +989,12 @@ static void ota_rollback(agent_t *agent, uint64_t id)
     }
     reply(agent, id, true, record.from);
     event2("rolled_back", "version", record.from);
-    if (outpost_port_image_rollback() != 0) {
-        LOG_E("the previous image cannot be booted");
+    if (pending) {
+        /* Marks the new image invalid; the bootloader starts the previous one. */
+        outpost_port_image_rollback();
+        LOG_E("the pending image cannot be given up");
+    } else {
+        outpost_port_reboot();
     }
 }
 
@@ -965,17 +1107,15 @@ static void command(agent_t *agent, size_t len)
     const cJSON *id_item = cJSON_GetObjectItemCaseSensitive(root, "id");
     const char *name = string_field(root, "command");
     const char *encoded = string_field(root, "payloadBase64");
-    if (!cJSON_IsNumber(id_item) || id_item->valuedouble < 0 || name == NULL ||
-        encoded == NULL) {
-        LOG_E("a command without id, command or payloadBase64");
+    if (!cJSON_IsNumber(id_item) || !whole_number(id_item->valuedouble, 9007199254740991.0) ||
+        name == NULL || encoded == NULL) {
+        LOG_E("a command without id (a whole number), command or payloadBase64");
         cJSON_Delete(root);
         return;
     }
     uint64_t id = (uint64_t)id_item->valuedouble;
     char command_name[24];
-    if (!copy_string(command_name, sizeof command_name, name)) {
-        command_name[0] = '\0';
-    }
+    snprintf(command_name, sizeof command_name, "%s", name);
     /* The payload is decoded out of the response buffer: replies reuse it. */
     size_t encoded_len = strlen(encoded);
     size_t cap = encoded_len / 4 * 3;
@@ -1052,20 +1192,22 @@ static void report_update(agent_t *agent)
     if (strcmp(record.state, "applied") != 0) {
         return;
     }
+    bool runs = strcmp(record.version, agent->app.version) == 0;
+    char why[REASON_MAX + 128];
+    snprintf(why, sizeof why, "%s did not start (%s); the device runs %s again", record.version,
+             record.reason[0]                    ? record.reason
+             : outpost_port_image_last_rejected() ? "the bootloader rejected it"
+                                                  : "the previous image booted",
+             agent->app.version);
+    /* The gateway must hear it: until it does, the update looks unfinished and may be
+     * rolled back. Network errors are retried; an answer (even a refusal) ends it. */
     call_t rc;
-    if (strcmp(record.version, agent->app.version) == 0) {
-        rc = report(agent, "done", agent->app.version);
-    } else {
-        char why[REASON_MAX + 128];
-        snprintf(why, sizeof why, "%s did not start (%s); the device runs %s again",
-                 record.version,
-                 record.reason[0]   ? record.reason
-                 : outpost_port_image_last_rejected() ? "the bootloader rejected it"
-                                                      : "the previous image booted",
-                 agent->app.version);
-        rc = report(agent, "failed", why);
+    unsigned attempt = 0;
+    while ((rc = runs ? report(agent, "done", agent->app.version) : report(agent, "failed", why)) ==
+           CALL_NETWORK) {
+        backoff(&attempt);
     }
-    if (rc == CALL_OK || rc == CALL_REFUSED) {
+    if (rc != CALL_REVOKED) {
         copy_string(record.state, sizeof record.state, "reported");
         record_store(&record);
     }
@@ -1167,11 +1309,13 @@ outpost_err_t outpost_agent_run(const outpost_agent_config_t *config)
         }
         command(&agent, len);
         char line[96];
-        snprintf(line, sizeof line, "{\"event\":\"heap\",\"now\":%zu,\"peak\":%zu}", heap_now,
-                 heap_peak);
+        snprintf(line, sizeof line, "{\"event\":\"heap\",\"now\":%zu,\"peak\":%zu}",
+                 outpost_agent_heap_now(), outpost_agent_heap_peak());
         outpost_port_event(line);
     }
 out:
+    /* The port must not keep a pointer to the CA freed here. */
+    outpost_port_http_set_ca(NULL);
     agent_free(agent.buffer);
     credential_free(&agent.credential);
     return err;

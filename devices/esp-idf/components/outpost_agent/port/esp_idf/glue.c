@@ -5,13 +5,15 @@
 #include <string.h>
 
 #include "esp_log.h"
+#include "esp_system.h"
 #include "freertos/FreeRTOS.h"
 #include "freertos/task.h"
 #include "outpost_agent_esp.h"
 
-/* The agent's own stack use is about 3 KiB (fixed buffers for URLs and the credential);
- * TLS and the HTTP client allocate on the heap. */
-#define AGENT_STACK 8192
+/* The agent's own frames take about 4 KiB on its deepest path (a registration from the
+ * command loop: URL and message buffers); an mbedTLS handshake needs several more. No
+ * HTTP call is ever made while another is open (downloads report between segments). */
+#define AGENT_STACK 16384
 
 const char *outpost_agent_capabilities[1] = {"agent"};
 
@@ -40,10 +42,14 @@ static void agent_task(void *arg)
     const outpost_agent_config_t *config = arg;
     for (;;) {
         outpost_err_t err = outpost_agent_run(config);
-        if (err == OUTPOST_ERR_REVOKED) {
-            /* The gateway no longer knows this device: wait for onboarding again. */
-            ESP_LOGW("outpost", "the credential was revoked; onboard the device again");
+        if (err == OUTPOST_ERR_REVOKED || err == OUTPOST_ERR_INVALID ||
+            err == OUTPOST_ERR_TOO_LARGE) {
+            /* The gateway no longer takes this credential, or it cannot be used: forget it
+             * and restart, so the app provisions again (it does when none is stored). */
+            ESP_LOGW("outpost", "the credential is %s; restarting to be onboarded again",
+                     err == OUTPOST_ERR_REVOKED ? "revoked" : "unusable");
             outpost_agent_forget_credential();
+            esp_restart();
         }
         vTaskDelay(pdMS_TO_TICKS(err == OUTPOST_ERR_NO_CREDENTIAL ? 2000 : 10000));
     }

@@ -32,6 +32,12 @@
 #include "outpost_agent_port.h"
 #include "sdkconfig.h"
 
+/* The core formats 64-bit numbers (offsets, command ids) and size_t: newlib's nano printf
+ * has neither, and would put wrong numbers in paths and Range headers. */
+#if defined(CONFIG_LIBC_NEWLIB_NANO_FORMAT) || defined(CONFIG_NEWLIB_NANO_FORMAT)
+#error "the Outpost agent needs full printf: disable CONFIG_LIBC_NEWLIB_NANO_FORMAT (ESP32-C2 enables it by default)"
+#endif
+
 static const char *TAG = "outpost";
 
 /* The HTTP client's receive and send buffers, and the chunk a download reads at once. */
@@ -238,8 +244,9 @@ static esp_err_t download_event(esp_http_client_event_t *event)
     return ESP_OK;
 }
 
-int outpost_port_http_download(const char *url, uint64_t offset, const char *if_range,
-                               outpost_sink_fn sink, void *ctx, outpost_http_head_t *head)
+int outpost_port_http_download(const char *url, uint64_t first, uint64_t last,
+                               const char *if_range, outpost_sink_fn sink, void *ctx,
+                               outpost_http_head_t *head)
 {
     memset(head, 0, sizeof *head);
     head->range_start = -1;
@@ -247,15 +254,13 @@ int outpost_port_http_download(const char *url, uint64_t offset, const char *if_
     if (client == NULL) {
         return -1;
     }
-    char range[40];
+    char range[48];
     char condition[72];
-    if (offset > 0) {
-        snprintf(range, sizeof range, "bytes=%" PRIu64 "-", offset);
-        esp_http_client_set_header(client, "Range", range);
-        if (if_range != NULL) {
-            snprintf(condition, sizeof condition, "\"%.64s\"", if_range);
-            esp_http_client_set_header(client, "If-Range", condition);
-        }
+    snprintf(range, sizeof range, "bytes=%" PRIu64 "-%" PRIu64, first, last);
+    esp_http_client_set_header(client, "Range", range);
+    if (if_range != NULL) {
+        snprintf(condition, sizeof condition, "\"%.64s\"", if_range);
+        esp_http_client_set_header(client, "If-Range", condition);
     }
     static uint8_t chunk[CHUNK];
     int rc = -1;
@@ -368,20 +373,48 @@ int outpost_port_image_confirm(void)
 
 int outpost_port_image_rollback(void)
 {
-    if (outpost_port_image_state() == OUTPOST_IMAGE_PENDING) {
-        /* Marks the running image invalid and restarts into the previous one. */
-        esp_ota_mark_app_invalid_rollback_and_reboot();
+    /* Marks the running image invalid and restarts into the previous one (the last valid
+     * OTA slot, or the factory app). Returns only when there is none. */
+    esp_ota_mark_app_invalid_rollback_and_reboot();
+    return -1;
+}
+
+int outpost_port_running_slot(char label[17])
+{
+    const esp_partition_t *running = esp_ota_get_running_partition();
+    if (running == NULL) {
         return -1;
     }
-    /* Confirmed already: boot the other slot, if it holds an app. */
-    const esp_partition_t *other = esp_ota_get_next_update_partition(NULL);
+    snprintf(label, 17, "%s", running->label);
+    return 0;
+}
+
+static const esp_partition_t *app_slot(const char *label)
+{
+    return esp_partition_find_first(ESP_PARTITION_TYPE_APP, ESP_PARTITION_SUBTYPE_ANY, label);
+}
+
+int outpost_port_slot_bootable(const char *label)
+{
+    const esp_partition_t *slot = app_slot(label);
     esp_app_desc_t desc;
-    if (other == NULL || esp_ota_get_partition_description(other, &desc) != ESP_OK ||
-        esp_ota_set_boot_partition(other) != ESP_OK) {
-        ESP_LOGE(TAG, "the other slot holds no bootable image");
-        return -1;
+    esp_ota_img_states_t state;
+    if (slot == NULL || esp_ota_get_partition_description(slot, &desc) != ESP_OK) {
+        return 0;
     }
-    esp_restart();
+    /* The factory app has no OTA state; an OTA slot must not be marked invalid. */
+    if (esp_ota_get_state_partition(slot, &state) == ESP_OK &&
+        (state == ESP_OTA_IMG_INVALID || state == ESP_OTA_IMG_ABORTED)) {
+        return 0;
+    }
+    return 1;
+}
+
+int outpost_port_boot_slot(const char *label)
+{
+    const esp_partition_t *slot = app_slot(label);
+    /* esp_ota_set_boot_partition checks the image before it selects it. */
+    return slot != NULL && esp_ota_set_boot_partition(slot) == ESP_OK ? 0 : -1;
 }
 
 int outpost_port_image_last_rejected(void)

@@ -5,7 +5,7 @@
  *
  *   outpost-agent-posix --flash DIR [--image FIRST.bin] [--credential FILE]
  *       --model DEVICE-TYPE [--manufacturer M] [--property KEY=VALUE]...
- *       [--poll-wait S] [--confirm-timeout-ms MS]
+ *       [--poll-wait S] [--confirm-timeout-ms MS] [--segment-bytes N]
  *       [--network SSID:PASSPHRASE]...
  *       [--fault cut:BYTES|corrupt:OFFSET|offline-new-image|unreachable-on:SSID]...
  *
@@ -17,6 +17,7 @@
 #include <curl/curl.h>
 #include <errno.h>
 #include <getopt.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,7 +33,7 @@ static int usage(const char *why)
             "outpost-agent-posix: %s\n"
             "usage: outpost-agent-posix --flash DIR [--image FIRST.bin] [--credential FILE]\n"
             "       --model DEVICE-TYPE [--manufacturer M] [--property KEY=VALUE]...\n"
-            "       [--poll-wait S] [--confirm-timeout-ms MS]\n"
+            "       [--poll-wait S] [--confirm-timeout-ms MS] [--segment-bytes N]\n"
             "       [--network SSID:PASSPHRASE]...\n"
             "       [--fault cut:BYTES|corrupt:OFFSET|offline-new-image|unreachable-on:SSID]...\n",
             why);
@@ -47,6 +48,8 @@ static int parse_u64(const char *text, unsigned long long *out)
     return (errno != 0 || end == text || *end != '\0' || text[0] == '-') ? -1 : 0;
 }
 
+/* Hands the agent's endpoint the requests in `path`, one per line, as the gateway wrote
+ * them to the `outpost-agent` protocomm endpoint (the credential whole, or in chunks). */
 static int read_credential(const char *path)
 {
     FILE *f = fopen(path, "rb");
@@ -54,16 +57,28 @@ static int read_credential(const char *path)
         fprintf(stderr, "outpost-agent-posix: cannot read %s: %s\n", path, strerror(errno));
         return -1;
     }
-    char text[OUTPOST_AGENT_MAX_MESSAGE + 1];
-    size_t len = fread(text, 1, sizeof text, f);
+    /* A request over the limit reaches the endpoint with one byte too many: refused there. */
+    char text[OUTPOST_AGENT_MAX_MESSAGE + 2];
+    int ok = -1;
+    while (fgets(text, sizeof text, f) != NULL) {
+        size_t len = strcspn(text, "\n");
+        bool whole_line = text[len] == '\n' || feof(f);
+        text[len] = '\0';
+        if (len == 0) {
+            continue;
+        }
+        char answer[160];
+        size_t n = outpost_agent_endpoint((const uint8_t *)text, len, answer, sizeof answer);
+        printf("{\"event\":\"endpoint\",\"answer\":%.*s}\n", (int)n, answer);
+        fflush(stdout);
+        ok = n > 0 && strcmp(answer, "{\"status\":\"ok\"}") == 0 ? 0 : -1;
+        if (n == 0 || strstr(answer, "\"error\"") != NULL || !whole_line) {
+            ok = -1;
+            break;
+        }
+    }
     fclose(f);
-    /* A file over the limit reaches the endpoint with one byte too many: refused there. */
-    /* As the ESP-IDF example's `outpost-agent` endpoint takes it from the gateway. */
-    char answer[160];
-    size_t n = outpost_agent_endpoint((const uint8_t *)text, len, answer, sizeof answer);
-    printf("{\"event\":\"endpoint\",\"answer\":%.*s}\n", (int)n, answer);
-    fflush(stdout);
-    return n > 0 && strcmp(answer, "{\"status\":\"ok\"}") == 0 ? 0 : -1;
+    return ok;
 }
 
 int main(int argc, char **argv)
@@ -79,6 +94,7 @@ int main(int argc, char **argv)
         {"confirm-timeout-ms", required_argument, NULL, 't'},
         {"fault", required_argument, NULL, 'F'},
         {"network", required_argument, NULL, 'n'},
+        {"segment-bytes", required_argument, NULL, 's'},
         {NULL, 0, NULL, 0},
     };
     const char *flash = NULL;
@@ -139,6 +155,12 @@ int main(int argc, char **argv)
                 return usage("--fault takes cut:BYTES, corrupt:OFFSET, offline-new-image or "
                              "unreachable-on:SSID");
             }
+            break;
+        case 's':
+            if (parse_u64(optarg, &number) != 0 || number < 1024 || number > 16u * 1024 * 1024) {
+                return usage("--segment-bytes takes 1024 to 16 MiB");
+            }
+            config.segment_bytes = (uint32_t)number;
             break;
         case 'n': {
             char *colon = strchr(optarg, ':');

@@ -537,9 +537,9 @@ static size_t download_write(char *data, size_t size, size_t nmemb, void *ctx)
     }
     /* Injected faults: the connection drops after cut_after bytes (once), or a byte
      * arrives flipped. */
-    if (faults.cut_after > 0 && !cut_done && dl->offset == 0 &&
-        dl->delivered + n > faults.cut_after) {
-        size_t keep = (size_t)(faults.cut_after - dl->delivered);
+    if (faults.cut_after > 0 && !cut_done && dl->offset <= faults.cut_after &&
+        dl->offset + dl->delivered + n > faults.cut_after) {
+        size_t keep = (size_t)(faults.cut_after - dl->offset - dl->delivered);
         cut_done = true;
         dl->cut = true;
         if (keep > 0 && dl->sink(dl->ctx, dl->head, (const uint8_t *)data, keep) != 0) {
@@ -560,8 +560,9 @@ static size_t download_write(char *data, size_t size, size_t nmemb, void *ctx)
     return n;
 }
 
-int outpost_port_http_download(const char *url, uint64_t offset, const char *if_range,
-                               outpost_sink_fn sink, void *ctx, outpost_http_head_t *head)
+int outpost_port_http_download(const char *url, uint64_t first, uint64_t last,
+                               const char *if_range, outpost_sink_fn sink, void *ctx,
+                               outpost_http_head_t *head)
 {
     memset(head, 0, sizeof *head);
     head->range_start = -1;
@@ -573,17 +574,15 @@ int outpost_port_http_download(const char *url, uint64_t offset, const char *if_
         return -1;
     }
     download_ctx_t dl = {
-        .curl = curl, .head = head, .sink = sink, .ctx = ctx, .offset = offset};
+        .curl = curl, .head = head, .sink = sink, .ctx = ctx, .offset = first};
     struct curl_slist *headers = NULL;
-    char range[32];
+    char range[48];
     char condition[100];
-    if (offset > 0) {
-        snprintf(range, sizeof range, "%" PRIu64 "-", offset);
-        curl_easy_setopt(curl, CURLOPT_RANGE, range);
-        if (if_range != NULL) {
-            snprintf(condition, sizeof condition, "If-Range: \"%.64s\"", if_range);
-            headers = curl_slist_append(headers, condition);
-        }
+    snprintf(range, sizeof range, "%" PRIu64 "-%" PRIu64, first, last);
+    curl_easy_setopt(curl, CURLOPT_RANGE, range);
+    if (if_range != NULL) {
+        snprintf(condition, sizeof condition, "If-Range: \"%.64s\"", if_range);
+        headers = curl_slist_append(headers, condition);
     }
     curl_easy_setopt(curl, CURLOPT_HTTPHEADER, headers);
     curl_easy_setopt(curl, CURLOPT_HEADERFUNCTION, download_header);
@@ -653,8 +652,10 @@ int outpost_port_base64_decode(const char *in, size_t in_len, uint8_t *out, size
     }
     for (size_t i = 0; i < in_len; i++) {
         char c = in[i];
+        /* '=' only as the padding at the end: "AB==" or "ABC=", never "AB=C". */
+        bool padding = c == '=' && (i == in_len - 1 || (i == in_len - 2 && in[in_len - 1] == '='));
         bool ok = (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||
-                  c == '+' || c == '/' || (c == '=' && i >= in_len - 2);
+                  c == '+' || c == '/' || padding;
         if (!ok) {
             return -1;
         }
@@ -767,6 +768,50 @@ int outpost_port_image_rollback(void)
     outpost_port_reboot();
 }
 
+int outpost_port_running_slot(char label[17])
+{
+    otadata_t ota;
+    if (otadata_load(&ota) != 0) {
+        return -1;
+    }
+    snprintf(label, 17, "slot%d", ota.boot);
+    return 0;
+}
+
+/* The slot number of "slot0"/"slot1"; -1 otherwise. */
+static int slot_number(const char *label)
+{
+    if (strcmp(label, "slot0") == 0) {
+        return 0;
+    }
+    return strcmp(label, "slot1") == 0 ? 1 : -1;
+}
+
+int outpost_port_slot_bootable(const char *label)
+{
+    int slot = slot_number(label);
+    char path[600];
+    outpost_app_info_t info;
+    if (slot < 0) {
+        return 0;
+    }
+    slot_path(path, sizeof path, slot);
+    return read_app_info(path, &info) == 0;
+}
+
+int outpost_port_boot_slot(const char *label)
+{
+    otadata_t ota;
+    int slot = slot_number(label);
+    if (slot < 0 || !outpost_port_slot_bootable(label) || otadata_load(&ota) != 0) {
+        return -1;
+    }
+    ota.boot = slot;
+    ota.state = STATE_VALID;
+    ota.rejected = 0;
+    return otadata_store(&ota);
+}
+
 int outpost_port_image_last_rejected(void)
 {
     otadata_t ota;
@@ -836,8 +881,10 @@ int outpost_port_ota_write(outpost_ota_t *ota, const uint8_t *data, size_t len)
 int outpost_port_ota_end(outpost_ota_t *ota)
 {
     int rc = -1;
-    if (fsync(ota->fd) == 0 && close(ota->fd) == 0) {
-        ota->fd = -1;
+    int synced = fsync(ota->fd);
+    int closed = close(ota->fd);
+    ota->fd = -1;
+    if (synced == 0 && closed == 0) {
         outpost_app_info_t info;
         /* As esp_ota_end does: an image the bootloader would not start is refused. */
         if (ota->written == ota->size && read_app_info(ota->path, &info) == 0) {
@@ -850,9 +897,6 @@ int outpost_port_ota_end(outpost_ota_t *ota)
         } else {
             outpost_port_log(OUTPOST_LOG_ERROR, "%s is not a complete ESP app image", ota->path);
         }
-    }
-    if (ota->fd >= 0) {
-        close(ota->fd);
     }
     if (rc != 0) {
         unlink(ota->path);

@@ -16,7 +16,7 @@
 
 /** Failures the port injects on purpose, for the tests (all off by default). */
 typedef struct {
-    /** The first download from offset 0 is cut after this many bytes (0: never). */
+    /** The download is cut once, when it reaches this byte of the file (0: never). */
     uint64_t cut_after;
     /** The byte at this offset of the downloaded file arrives flipped (0: never). */
     uint64_t corrupt_at;
