@@ -79,7 +79,76 @@ fn main() {
             path.display().to_string()
         ));
     }
+    consts.push_str(&python_example(&root, &target_dir));
     std::fs::write(out_dir.join("guests.rs"), consts).expect("write guests.rs");
+}
+
+/// The componentize-py that `cargo xtask test` installs (PyPI, pinned there), or
+/// `OUTPOST_COMPONENTIZE_PY`.
+fn componentize_py(root: &Path) -> PathBuf {
+    std::env::var_os("OUTPOST_COMPONENTIZE_PY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target/tools/componentize-py/bin/componentize-py"))
+}
+
+/// Builds `plugins/handlers/python-example` with componentize-py. The constant is the
+/// component's path, or empty with `PYTHON_EXAMPLE_MISSING` saying why: the build goes on
+/// (the rest of the workspace does not need Python), and the test that runs the Python
+/// handler fails with that reason.
+fn python_example(root: &Path, target_dir: &Path) -> String {
+    println!("cargo:rerun-if-env-changed=OUTPOST_COMPONENTIZE_PY");
+    let tool = componentize_py(root);
+    println!("cargo:rerun-if-changed={}", tool.display());
+    let out = target_dir.join("python").join("python_example.wasm");
+    let built = if tool.exists() {
+        // Built from a copy: componentize-py leaves __pycache__ beside the sources, which
+        // in plugins/ would make this script run again.
+        let sources = target_dir.join("python").join("src");
+        let _ = std::fs::remove_dir_all(&sources);
+        std::fs::create_dir_all(&sources).expect("the python guest dir");
+        for entry in std::fs::read_dir(root.join("plugins/handlers/python-example"))
+            .expect("plugins/handlers/python-example")
+            .flatten()
+        {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "py") {
+                std::fs::copy(&path, sources.join(entry.file_name())).expect("copy a source");
+            }
+        }
+        let status = Command::new(&tool)
+            .current_dir(&sources)
+            .arg("-d")
+            .arg(root.join("wit/outpost-handler-0.1.0"))
+            .args(["-w", "update-handler", "componentize", "app", "-o"])
+            .arg(&out)
+            .status();
+        match status {
+            Ok(s) if s.success() => Ok(out),
+            Ok(s) => Err(format!("componentize-py failed ({s})")),
+            Err(err) => Err(format!("cannot run {}: {err}", tool.display())),
+        }
+    } else {
+        Err(format!(
+            "componentize-py is missing at {}: `cargo xtask test` installs it (python3 -m venv \
+             target/tools/componentize-py && target/tools/componentize-py/bin/pip install \
+             componentize-py==0.25.1)",
+            tool.display()
+        ))
+    };
+    let (path, missing) = match built {
+        Ok(path) => (path.display().to_string(), String::new()),
+        Err(why) => {
+            println!("cargo:warning=the Python handler example was not built: {why}");
+            (String::new(), why)
+        }
+    };
+    format!(
+        "/// `python_example.wasm`, `plugins/handlers/python-example` built by componentize-py\n\
+         /// (empty when it could not be built: see [`PYTHON_EXAMPLE_MISSING`]).\n\
+         pub const PYTHON_EXAMPLE: &str = {path:?};\n\
+         /// Why [`PYTHON_EXAMPLE`] is empty, if it is.\n\
+         pub const PYTHON_EXAMPLE_MISSING: &str = {missing:?};\n"
+    )
 }
 
 fn choose_toolchain() -> Toolchain {

@@ -196,6 +196,7 @@ fn prepare(root: &Path) -> anyhow::Result<()> {
     eprintln!("  {}", String::from_utf8_lossy(&rustc.stdout).trim());
     ensure_rust_target(root, WASM_TARGET)?;
     ensure_bluezoo(root)?;
+    ensure_componentize_py(root)?;
     ensure_mosquitto()?;
     // The dashboard test drives Debian's headless Chromium through chromedriver.
     if !Path::new("/usr/bin/chromium").exists() || !Path::new("/usr/bin/chromedriver").exists() {
@@ -241,6 +242,30 @@ fn curl_header_present() -> bool {
                 .map(|entry| entry.path().join("curl/curl.h")),
         )
         .any(|path| path.exists())
+}
+
+/// The pinned componentize-py (PyPI) that builds the Python handler example.
+const COMPONENTIZE_PY: &str = "componentize-py==0.25.1";
+
+/// Makes `target/tools/componentize-py`, a venv with componentize-py, unless it is there:
+/// `tests/guests` builds `plugins/handlers/python-example` with it.
+fn ensure_componentize_py(root: &Path) -> anyhow::Result<()> {
+    let venv = root.join("target/tools/componentize-py");
+    if venv.join("bin/componentize-py").exists() {
+        eprintln!("  {COMPONENTIZE_PY}: installed");
+        return Ok(());
+    }
+    step(&format!(
+        "python3 -m venv target/tools/componentize-py && pip install {COMPONENTIZE_PY}"
+    ));
+    let ok = |cmd: &mut Command| cmd.status().is_ok_and(|s| s.success());
+    if !ok(Command::new("python3").args(["-m", "venv"]).arg(&venv)) {
+        bail!("python3 -m venv failed: install python3 and python3-venv (Debian)");
+    }
+    if !ok(Command::new(venv.join("bin/pip")).args(["install", "-q", COMPONENTIZE_PY])) {
+        bail!("pip install {COMPONENTIZE_PY} failed (needs PyPI)");
+    }
+    Ok(())
 }
 
 /// The pinned BlueZoo (an emulated BlueZ on D-Bus) for the BLE tests.

@@ -101,6 +101,41 @@ pub enum InstallError {
     },
 }
 
+/// What [`HandlerRegistry::prune_cache`] keeps of `.compiled/`: the current engine's
+/// directory, and in it the entries of the installed components.
+struct PrunePlan {
+    cache_dir: PathBuf,
+    current: Option<PathBuf>,
+    keep: std::collections::HashSet<std::ffi::OsString>,
+}
+
+impl PrunePlan {
+    /// Removes the rest; returns how many entries went.
+    fn run(self) -> usize {
+        let mut removed = 0;
+        let Ok(entries) = std::fs::read_dir(&self.cache_dir) else {
+            return removed;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if Some(&path) != self.current.as_ref() {
+                if std::fs::remove_dir_all(&path).is_ok() {
+                    removed += 1;
+                }
+                continue;
+            }
+            for file in std::fs::read_dir(&path).into_iter().flatten().flatten() {
+                if !self.keep.contains(&file.file_name())
+                    && std::fs::remove_file(file.path()).is_ok()
+                {
+                    removed += 1;
+                }
+            }
+        }
+        removed
+    }
+}
+
 /// The set of installed handlers.
 pub struct HandlerRegistry {
     dir: PathBuf,
@@ -174,7 +209,38 @@ impl HandlerRegistry {
                 }
             }
         }
+        registry.prune_cache().await;
         Ok((registry, warnings))
+    }
+
+    /// Drops the compiled code no installed handler uses: other components, and every
+    /// entry of another engine (an older gateway, other settings). Run after start-up,
+    /// installs and removals; a failure only costs disk space.
+    async fn prune_cache(&self) {
+        let plan = self.prune_plan();
+        let removed = tokio::task::spawn_blocking(move || plan.run())
+            .await
+            .unwrap_or(0);
+        if removed > 0 {
+            tracing::info!(removed, "compiled handler code no handler uses was removed");
+        }
+    }
+
+    fn prune_plan(&self) -> PrunePlan {
+        let cache_dir = self.dir.join(CACHE_DIR);
+        let current = cache::entry_path(self.runtime.engine(), &cache_dir, b"")
+            .parent()
+            .map(Path::to_path_buf);
+        let keep = self
+            .read_map()
+            .values()
+            .map(|h| format!("{}.cwasm", h.component_sha256).into())
+            .collect();
+        PrunePlan {
+            cache_dir,
+            current,
+            keep,
+        }
     }
 
     /// Verifies, compiles and installs a package, replacing an installed handler of the same
@@ -207,6 +273,7 @@ impl HandlerRegistry {
             replaced = previous.as_ref().map(|p| p.manifest.version.as_str()),
             "handler installed"
         );
+        self.prune_cache().await;
         Ok((installed, outcome))
     }
 
@@ -218,6 +285,13 @@ impl HandlerRegistry {
             .ok_or_else(|| InstallError::NotInstalled(name.to_owned()))?;
         let dir = self.dir.join(name);
         std::fs::remove_dir_all(&dir).map_err(|source| InstallError::Io { path: dir, source })?;
+        let removed_entries = self.prune_plan().run();
+        if removed_entries > 0 {
+            tracing::info!(
+                removed = removed_entries,
+                "compiled handler code no handler uses was removed"
+            );
+        }
         Ok(removed)
     }
 

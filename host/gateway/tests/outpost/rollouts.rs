@@ -192,7 +192,7 @@ impl FleetSite {
              [[cache.trusted_signers]]\nname = \"fleet\"\npublic_key = \"{fleet}\"\n\n\
              [handlers]\nmax_concurrent = 16\n\n\
              [[handlers.trusted_vendors]]\nname = \"outpost-demo\"\npublic_key = \"{vendor}\"\n\
-             device_types = [\"esp32-app\", \"zigbee-sensor\"]\n\n\
+             device_types = [\"esp32-app\", \"zigbee-sensor\", \"py-light\"]\n\n\
              [ble]\nenabled = false\n\n\
              [onboarding]\nstatus_poll_ms = 50\n\n\
              [[onboarding.wifi]]\nssid = \"outpost-site\"\npassphrase = {{ file = \"wifi\" }}\n\n\
@@ -207,47 +207,48 @@ impl FleetSite {
 
     /// Packs, signs and installs both handlers into the running gateway.
     pub(crate) fn install_handlers(&self) {
-        for (wasm, name, device_type) in [
-            (outpost_test_guests::ESP32_APP, "esp32-app", "esp32-app"),
-            (
-                outpost_test_guests::ZIGBEE_OTA,
-                "zigbee-ota",
-                "zigbee-sensor",
-            ),
+        self.install(outpost_test_guests::ESP32_APP, "esp32-app", "esp32-app");
+        self.install(
+            outpost_test_guests::ZIGBEE_OTA,
+            "zigbee-ota",
+            "zigbee-sensor",
+        );
+    }
+
+    /// Packs, signs and installs the handler `wasm` into the running gateway.
+    pub(crate) fn install(&self, wasm: &str, name: &str, device_type: &str) {
+        let package = self.site.dir.path().join(format!("{name}.tar"));
+        for args in [
+            vec![
+                "handler",
+                "pack",
+                wasm,
+                "--name",
+                name,
+                "--version",
+                "1.0.0",
+                "--vendor",
+                "outpost-demo",
+                "--device-type",
+                device_type,
+                "--out",
+                package.to_str().unwrap(),
+            ],
+            vec![
+                "handler",
+                "sign",
+                package.to_str().unwrap(),
+                "--key",
+                self.vendor_key.to_str().unwrap(),
+            ],
+            vec!["handler", "install", package.to_str().unwrap()],
         ] {
-            let package = self.site.dir.path().join(format!("{name}.tar"));
-            for args in [
-                vec![
-                    "handler",
-                    "pack",
-                    wasm,
-                    "--name",
-                    name,
-                    "--version",
-                    "1.0.0",
-                    "--vendor",
-                    "outpost-demo",
-                    "--device-type",
-                    device_type,
-                    "--out",
-                    package.to_str().unwrap(),
-                ],
-                vec![
-                    "handler",
-                    "sign",
-                    package.to_str().unwrap(),
-                    "--key",
-                    self.vendor_key.to_str().unwrap(),
-                ],
-                vec!["handler", "install", package.to_str().unwrap()],
-            ] {
-                let out = self.site.command(&args);
-                assert!(
-                    out.status.success(),
-                    "{args:?}: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
+            let out = self.site.command(&args);
+            assert!(
+                out.status.success(),
+                "{args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
     }
 
@@ -1021,4 +1022,127 @@ fn a_gateway_killed_mid_rollout_starts_the_devices_in_flight_over_after_restart(
             .contains("3 of 4 devices succeeded (75%), below the 100% success threshold"),
         "{view}"
     );
+}
+
+#[test]
+fn a_python_handler_built_with_componentize_py_updates_its_devices_through_a_rollout() {
+    let wasm = outpost_test_guests::python_example();
+    let fleet = FleetSite::new("");
+    let mut gateway = Gateway::spawn(&fleet.site.config(), &[]);
+    let addr = gateway.ready();
+    let admin = fleet.site.admin_token();
+    // Packed with the limits its describe asks for (CPython needs more than a Rust guest),
+    // signed, installed into the running gateway.
+    fleet.install(wasm, "python-example", "py-light");
+    let listed = stdout_of(&fleet.site.command(&["handler", "list"]));
+    assert!(listed.contains("python-example"), "{listed}");
+    assert!(listed.contains("py-light"), "{listed}");
+
+    // Three py-light devices with the agent; the third's flash fails during the download.
+    let dir = fleet.site.dir.path();
+    let manifest_path = dir.join("py-lights.json");
+    let mut sim = Sim::start(
+        &[
+            "--softap",
+            "3",
+            "--security",
+            "1",
+            "--pop",
+            "abcd1234",
+            "--agent",
+            "--device-type",
+            "py-light",
+            "--reboot-ms",
+            "100",
+            "--connect-delay-ms",
+            "20",
+            "--update-fault",
+            "2=download-fails",
+        ],
+        &manifest_path,
+    );
+    super::onboarding::import(&fleet.site, &manifest_path);
+    let report = super::onboarding::run_json(&fleet.site);
+    assert_eq!(
+        report["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|d| d["outcome"] == "provisioned")
+            .count(),
+        3,
+        "{report}"
+    );
+    let end = Instant::now() + DEADLINE;
+    while sim
+        .drain()
+        .iter()
+        .filter(|e| e["event"] == "agent_ready")
+        .count()
+        < 3
+    {
+        assert!(Instant::now() < end, "agents did not register");
+        sim.wait_for("agent_ready", |_| true);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // The handler checks no image format: any file is an image.
+    let image: Vec<u8> = (0..150_000u32).map(|i| (i % 251) as u8).collect();
+    let file = dir.join("py-light-2.0.0.bin");
+    std::fs::write(&file, &image).unwrap();
+    stdout_of(
+        &fleet
+            .site
+            .command(&["firmware", "import", file.to_str().unwrap()]),
+    );
+    let jws = fleet.sign(&serde_json::json!({
+        "manifestVersion": 1,
+        "updateId": {"provider": "Outpost", "name": "py-light", "version": "2.0.0"},
+        "compatibility": [{"manufacturer": "Espressif", "model": "py-light"}],
+        "steps": [{"handler": "python-example", "files": ["app"]}],
+        "files": [{"id": "app", "fileName": "py-light-2.0.0.bin",
+            "sizeInBytes": image.len(), "sha256": sha256_hex(&image)}],
+    }));
+    let created = stdout_of(&fleet.site.command(&[
+        "rollout",
+        "create",
+        "--manifest",
+        jws.to_str().unwrap(),
+        "--id",
+        "py-1",
+        "--waves",
+        "100",
+        "--success-threshold",
+        "50",
+        "--error-threshold",
+        "5",
+        "--priority",
+        "immediate",
+    ]));
+    assert!(created.contains("to 3 devices"), "{created}");
+    let done = wait_rollout(addr, &admin, "py-1", "finished", DEADLINE * 2, |v| {
+        v["state"] == "finished"
+    });
+    assert_eq!(done["counts"]["succeeded"], 2, "{done}");
+    let failed = by_status(&done, "failed");
+    assert_eq!(failed.len(), 1, "{done}");
+    assert_eq!(
+        failed[0]["result"]["lastInstallResult"]["resultDetails"],
+        "device failed: flash write error at 0x110000",
+        "{done}"
+    );
+    // The Python handler's own extended code (facility 1, component 0x50, value 4).
+    assert_eq!(
+        failed[0]["result"]["lastInstallResult"]["extendedResultCode"],
+        (1 << 28) | (0x50 << 20) | 4,
+        "{done}"
+    );
+    let (_, devices) = http_get(addr, "/api/v1/devices", Some(&admin));
+    let updated = devices["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["firmware_version"] == "2.0.0")
+        .count();
+    assert_eq!(updated, 2, "{devices}");
 }

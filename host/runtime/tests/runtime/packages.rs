@@ -199,6 +199,41 @@ async fn a_damaged_compile_cache_entry_is_recompiled_not_trusted() {
     assert_eq!(outcome, CacheOutcome::Hit);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compiled_code_no_installed_handler_uses_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = registry_in(dir.path()).await;
+    registry.install(&good_package("0.1.0")).await.unwrap();
+    let compiled = dir.path().join(".compiled");
+    let cwasm = |dir: &std::path::Path| -> Vec<std::path::PathBuf> {
+        walk(dir)
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "cwasm"))
+            .collect()
+    };
+    let kept = cwasm(&compiled);
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    // Code of an older gateway's engine, and of a component no longer installed.
+    let stale_engine = compiled.join("0000000000000000");
+    std::fs::create_dir_all(&stale_engine).unwrap();
+    std::fs::write(
+        stale_engine.join(format!("{}.cwasm", "a".repeat(64))),
+        b"old",
+    )
+    .unwrap();
+    let stale_component = kept[0].with_file_name(format!("{}.cwasm", "b".repeat(64)));
+    std::fs::write(&stale_component, b"gone").unwrap();
+    drop(registry);
+
+    // A start keeps the installed handler's entry and drops the rest.
+    let registry = registry_in(dir.path()).await;
+    assert_eq!(cwasm(&compiled), kept);
+    assert!(!stale_engine.exists());
+    // Removing the handler drops its entry too.
+    registry.remove("hostile").unwrap();
+    assert!(cwasm(&compiled).is_empty());
+}
+
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir(dir).unwrap().flatten() {
