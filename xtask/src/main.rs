@@ -250,22 +250,7 @@ const COMPONENTIZE_PY: &str = "componentize-py==0.25.1";
 /// Makes `target/tools/componentize-py`, a venv with componentize-py, unless it is there:
 /// `tests/guests` builds `plugins/handlers/python-example` with it.
 fn ensure_componentize_py(root: &Path) -> anyhow::Result<()> {
-    let venv = root.join("target/tools/componentize-py");
-    if venv.join("bin/componentize-py").exists() {
-        eprintln!("  {COMPONENTIZE_PY}: installed");
-        return Ok(());
-    }
-    step(&format!(
-        "python3 -m venv target/tools/componentize-py && pip install {COMPONENTIZE_PY}"
-    ));
-    let ok = |cmd: &mut Command| cmd.status().is_ok_and(|s| s.success());
-    if !ok(Command::new("python3").args(["-m", "venv"]).arg(&venv)) {
-        bail!("python3 -m venv failed: install python3 and python3-venv (Debian)");
-    }
-    if !ok(Command::new(venv.join("bin/pip")).args(["install", "-q", COMPONENTIZE_PY])) {
-        bail!("pip install {COMPONENTIZE_PY} failed (needs PyPI)");
-    }
-    Ok(())
+    ensure_venv(root, "componentize-py", COMPONENTIZE_PY).map(|_| ())
 }
 
 /// The pinned BlueZoo (an emulated BlueZ on D-Bus) for the BLE tests.
@@ -273,23 +258,29 @@ const BLUEZOO: &str = "bluezoo==1.0.2";
 
 /// Makes `target/tools/bluezoo`, a Python venv with BlueZoo, unless it is there.
 fn ensure_bluezoo(root: &Path) -> anyhow::Result<PathBuf> {
-    let venv = root.join("target/tools/bluezoo");
-    let launcher = venv.join("bin/bluezoo");
-    if launcher.exists() {
-        eprintln!("  {BLUEZOO}: installed");
-        return Ok(launcher);
+    ensure_venv(root, "bluezoo", BLUEZOO)
+}
+
+/// Makes `target/tools/<tool>`, a Python venv with `requirement` from PyPI, unless its
+/// `bin/<tool>` is there; returns that program.
+fn ensure_venv(root: &Path, tool: &str, requirement: &str) -> anyhow::Result<PathBuf> {
+    let venv = root.join("target/tools").join(tool);
+    let program = venv.join("bin").join(tool);
+    if program.exists() {
+        eprintln!("  {requirement}: installed");
+        return Ok(program);
     }
     step(&format!(
-        "python3 -m venv target/tools/bluezoo && pip install {BLUEZOO}"
+        "python3 -m venv target/tools/{tool} && pip install {requirement}"
     ));
     let ok = |cmd: &mut Command| cmd.status().is_ok_and(|s| s.success());
     if !ok(Command::new("python3").args(["-m", "venv"]).arg(&venv)) {
         bail!("python3 -m venv failed: install python3 and python3-venv (Debian)");
     }
-    if !ok(Command::new(venv.join("bin/pip")).args(["install", "-q", BLUEZOO])) {
-        bail!("pip install {BLUEZOO} failed (needs PyPI)");
+    if !ok(Command::new(venv.join("bin/pip")).args(["install", "-q", requirement])) {
+        bail!("pip install {requirement} failed (needs PyPI)");
     }
-    Ok(launcher)
+    Ok(program)
 }
 
 /// The onboarding benchmark: N simulated devices (Security 2 + Wi-Fi + claim) over

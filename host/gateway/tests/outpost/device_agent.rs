@@ -8,8 +8,7 @@ use std::path::Path;
 use outpost_test_device_agent::Agent;
 
 use super::firmware::sha256_hex;
-use super::onboarding::Sim;
-use super::rollouts::{FleetSite, by_status, firmware_file, wait_rollout};
+use super::rollouts::{FleetSite, SimFleet, by_status, firmware_file, onboard_sims, wait_rollout};
 use super::{DEADLINE, Gateway, http_get, stdout_of};
 
 /// Where the first download of the resuming device is cut, and the byte the corrupting
@@ -148,41 +147,29 @@ fn the_c_agent_updates_resumes_refuses_a_corrupted_image_and_is_rolled_back() {
     // credential, which esp-sim hands to a C agent instead of running its own.
     let handoff_dir = dir.join("handoff");
     std::fs::create_dir(&handoff_dir).unwrap();
-    let manifest_path = dir.join("devices.json");
-    let mut sim = Sim::start(
-        &[
-            "--softap",
-            "5",
-            "--security",
-            "1",
-            "--pop",
-            "abcd1234",
-            "--agent",
-            "--agent-handoff",
-            handoff_dir.to_str().unwrap(),
-            "--device-type",
-            "esp32-app",
-            "--connect-delay-ms",
-            "20",
-        ],
-        &manifest_path,
+    let mut onboarded = onboard_sims(
+        &fleet,
+        vec![SimFleet {
+            args: vec![
+                "--softap",
+                "5",
+                "--security",
+                "1",
+                "--pop",
+                "abcd1234",
+                "--agent",
+                "--agent-handoff",
+                handoff_dir.to_str().unwrap(),
+                "--device-type",
+                "esp32-app",
+                "--connect-delay-ms",
+                "20",
+            ],
+            devices: 5,
+            ready: "handed_off",
+        }],
     );
-    super::onboarding::import(&fleet.site, &manifest_path);
-    let report = super::onboarding::run_json(&fleet.site);
-    assert!(
-        report["devices"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|d| d["outcome"] == "provisioned"),
-        "{report}"
-    );
-    let mut handoffs: Vec<serde_json::Value> = Vec::new();
-    while handoffs.len() < 5 {
-        let seen: Vec<serde_json::Value> = handoffs.iter().map(|h| h["device"].clone()).collect();
-        handoffs.push(sim.wait_for("handed_off", |e| !seen.contains(&e["device"])));
-    }
-    handoffs.sort_by_key(|h| h["device_id"].as_str().unwrap().to_owned());
+    let (sim, handoffs) = onboarded.remove(0);
     // What the gateway handed over: the TLS device API and the site CA to trust, in
     // chunks (a BLE write carries at most 512 bytes).
     let credential = handed_over(Path::new(handoffs[0]["path"].as_str().unwrap()));
@@ -435,7 +422,6 @@ fn a_wifi_rotation_moves_the_fleet_and_a_device_with_a_wrong_passphrase_falls_ba
         "--reboot-ms",
         "100",
     ];
-    let c_manifest = dir.join("c-devices.json");
     let mut c_args = vec![
         "--softap",
         "2",
@@ -443,8 +429,6 @@ fn a_wifi_rotation_moves_the_fleet_and_a_device_with_a_wrong_passphrase_falls_ba
         handoff_dir.to_str().unwrap(),
     ];
     c_args.extend(common);
-    let mut c_sim = Sim::start(&c_args, &c_manifest);
-    let sim_manifest = dir.join("sim-devices.json");
     let extra = format!("{}:{}", new.0, new.1);
     let mut sim_args = vec![
         "--softap",
@@ -457,28 +441,23 @@ fn a_wifi_rotation_moves_the_fleet_and_a_device_with_a_wrong_passphrase_falls_ba
         "1=wifi-refused",
     ];
     sim_args.extend(common);
-    let mut sim = Sim::start(&sim_args, &sim_manifest);
-    for manifest in [&c_manifest, &sim_manifest] {
-        super::onboarding::import(&fleet.site, manifest);
-    }
-    let report = super::onboarding::run_json(&fleet.site);
-    assert!(
-        report["devices"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|d| d["outcome"] == "provisioned"),
-        "{report}"
+    let mut onboarded = onboard_sims(
+        &fleet,
+        vec![
+            SimFleet {
+                args: c_args,
+                devices: 2,
+                ready: "handed_off",
+            },
+            SimFleet {
+                args: sim_args,
+                devices: 4,
+                ready: "agent_ready",
+            },
+        ],
     );
-    let mut handoffs = Vec::new();
-    while handoffs.len() < 2 {
-        let seen: Vec<serde_json::Value> = handoffs
-            .iter()
-            .map(|h: &serde_json::Value| h["device"].clone())
-            .collect();
-        handoffs.push(c_sim.wait_for("handed_off", |e| !seen.contains(&e["device"])));
-    }
-    handoffs.sort_by_key(|h| h["device_id"].as_str().unwrap().to_owned());
+    let (mut sim, _) = onboarded.pop().unwrap();
+    let (c_sim, handoffs) = onboarded.pop().unwrap();
     let first = dir.join("light-1.0.0.bin");
     std::fs::write(&first, app_image("1.0.0")).unwrap();
     let in_range = |passphrase: &str| -> Vec<String> {
@@ -498,19 +477,6 @@ fn a_wifi_rotation_moves_the_fleet_and_a_device_with_a_wrong_passphrase_falls_ba
     for (_, agent) in &mut agents {
         agent.wait_for("registered", |_| true);
     }
-    let mut ready = 0;
-    while ready < 4 {
-        sim.wait_for("agent_ready", |_| true);
-        ready = sim
-            .drain()
-            .iter()
-            .filter(|e| e["event"] == "agent_ready")
-            .count();
-        if ready < 4 {
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-    }
-
     // Bad input is refused before anything is created.
     let passphrase = dir.join("new-passphrase");
     super::write_secret(&passphrase, &format!("{}\n", new.1));

@@ -376,6 +376,59 @@ pub(crate) fn onboard_fleet(
     (lights_sim, sensors_sim)
 }
 
+/// One esp-sim fleet to onboard: its arguments (without `--manifest`), how many devices
+/// it has, and the event each device prints once it is ready (`agent_ready`, or
+/// `handed_off` when the credential goes to another agent).
+pub(crate) struct SimFleet<'a> {
+    pub(crate) args: Vec<&'a str>,
+    pub(crate) devices: usize,
+    pub(crate) ready: &'static str,
+}
+
+/// Starts each simulator, onboards all their devices in one run (every one must be
+/// provisioned), and returns each simulator with its devices' ready events, sorted by
+/// device.
+pub(crate) fn onboard_sims(
+    fleet: &FleetSite,
+    sims: Vec<SimFleet<'_>>,
+) -> Vec<(Sim, Vec<serde_json::Value>)> {
+    let dir = fleet.site.dir.path();
+    let started: Vec<(Sim, SimFleet<'_>)> = sims
+        .into_iter()
+        .enumerate()
+        .map(|(i, sim)| {
+            let manifest = dir.join(format!("sim-{i}.json"));
+            let started = Sim::start(&sim.args, &manifest);
+            super::onboarding::import(&fleet.site, &manifest);
+            (started, sim)
+        })
+        .collect();
+    let report = super::onboarding::run_json(&fleet.site);
+    let devices = report["devices"].as_array().unwrap();
+    assert!(
+        devices.iter().all(|d| d["outcome"] == "provisioned"),
+        "{report}"
+    );
+    assert_eq!(
+        devices.len(),
+        started.iter().map(|(_, s)| s.devices).sum::<usize>(),
+        "{report}"
+    );
+    started
+        .into_iter()
+        .map(|(mut sim, spec)| {
+            let mut ready: Vec<serde_json::Value> = Vec::new();
+            while ready.len() < spec.devices {
+                let seen: Vec<serde_json::Value> =
+                    ready.iter().map(|e| e["device"].clone()).collect();
+                ready.push(sim.wait_for(spec.ready, |e| !seen.contains(&e["device"])));
+            }
+            ready.sort_by_key(|e| e["device"].as_str().unwrap_or_default().to_owned());
+            (sim, ready)
+        })
+        .collect()
+}
+
 /// Polls the rollout until `pred` holds.
 pub(crate) fn wait_rollout(
     addr: SocketAddr,
@@ -1040,51 +1093,31 @@ fn a_python_handler_built_with_componentize_py_updates_its_devices_through_a_rol
 
     // Three py-light devices with the agent; the third's flash fails during the download.
     let dir = fleet.site.dir.path();
-    let manifest_path = dir.join("py-lights.json");
-    let mut sim = Sim::start(
-        &[
-            "--softap",
-            "3",
-            "--security",
-            "1",
-            "--pop",
-            "abcd1234",
-            "--agent",
-            "--device-type",
-            "py-light",
-            "--reboot-ms",
-            "100",
-            "--connect-delay-ms",
-            "20",
-            "--update-fault",
-            "2=download-fails",
-        ],
-        &manifest_path,
+    // (kept to the end: dropping a simulator stops its devices)
+    let _onboarded = onboard_sims(
+        &fleet,
+        vec![SimFleet {
+            args: vec![
+                "--softap",
+                "3",
+                "--security",
+                "1",
+                "--pop",
+                "abcd1234",
+                "--agent",
+                "--device-type",
+                "py-light",
+                "--reboot-ms",
+                "100",
+                "--connect-delay-ms",
+                "20",
+                "--update-fault",
+                "2=download-fails",
+            ],
+            devices: 3,
+            ready: "agent_ready",
+        }],
     );
-    super::onboarding::import(&fleet.site, &manifest_path);
-    let report = super::onboarding::run_json(&fleet.site);
-    assert_eq!(
-        report["devices"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|d| d["outcome"] == "provisioned")
-            .count(),
-        3,
-        "{report}"
-    );
-    let end = Instant::now() + DEADLINE;
-    while sim
-        .drain()
-        .iter()
-        .filter(|e| e["event"] == "agent_ready")
-        .count()
-        < 3
-    {
-        assert!(Instant::now() < end, "agents did not register");
-        sim.wait_for("agent_ready", |_| true);
-        std::thread::sleep(Duration::from_millis(20));
-    }
 
     // The handler checks no image format: any file is an image.
     let image: Vec<u8> = (0..150_000u32).map(|i| (i % 251) as u8).collect();
