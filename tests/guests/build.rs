@@ -79,7 +79,7 @@ fn main() {
             path.display().to_string()
         ));
     }
-    consts.push_str(&python_example(&root, &target_dir));
+    consts.push_str(&python_example(&root, &out_dir));
     std::fs::write(out_dir.join("guests.rs"), consts).expect("write guests.rs");
 }
 
@@ -95,15 +95,16 @@ fn componentize_py(root: &Path) -> PathBuf {
 /// component's path, or empty with `PYTHON_EXAMPLE_MISSING` saying why: the build goes on
 /// (the rest of the workspace does not need Python), and the test that runs the Python
 /// handler fails with that reason.
-fn python_example(root: &Path, target_dir: &Path) -> String {
+fn python_example(root: &Path, out_dir: &Path) -> String {
     println!("cargo:rerun-if-env-changed=OUTPOST_COMPONENTIZE_PY");
     let tool = componentize_py(root);
     println!("cargo:rerun-if-changed={}", tool.display());
-    let out = target_dir.join("python").join("python_example.wasm");
+    // In this build script's own OUT_DIR: builds of other profiles do not race for it.
+    let out = out_dir.join("python_example.wasm");
     let built = if tool.exists() {
         // Built from a copy: componentize-py leaves __pycache__ beside the sources, which
         // in plugins/ would make this script run again.
-        let sources = target_dir.join("python").join("src");
+        let sources = out_dir.join("python-src");
         let _ = std::fs::remove_dir_all(&sources);
         std::fs::create_dir_all(&sources).expect("the python guest dir");
         for entry in std::fs::read_dir(root.join("plugins/handlers/python-example"))

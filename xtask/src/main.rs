@@ -266,9 +266,16 @@ fn ensure_bluezoo(root: &Path) -> anyhow::Result<PathBuf> {
 fn ensure_venv(root: &Path, tool: &str, requirement: &str) -> anyhow::Result<PathBuf> {
     let venv = root.join("target/tools").join(tool);
     let program = venv.join("bin").join(tool);
-    if program.exists() {
+    // What the venv was made for: a new pin makes it again.
+    let marker = venv.join("outpost-requirement");
+    let made_for = std::fs::read_to_string(&marker).unwrap_or_default();
+    if program.exists() && made_for.trim() == requirement {
         eprintln!("  {requirement}: installed");
         return Ok(program);
+    }
+    if venv.exists() {
+        std::fs::remove_dir_all(&venv)
+            .with_context(|| format!("cannot remove the old {}", venv.display()))?;
     }
     step(&format!(
         "python3 -m venv target/tools/{tool} && pip install {requirement}"
@@ -280,6 +287,8 @@ fn ensure_venv(root: &Path, tool: &str, requirement: &str) -> anyhow::Result<Pat
     if !ok(Command::new(venv.join("bin/pip")).args(["install", "-q", requirement])) {
         bail!("pip install {requirement} failed (needs PyPI)");
     }
+    std::fs::write(&marker, requirement)
+        .with_context(|| format!("cannot write {}", marker.display()))?;
     Ok(program)
 }
 

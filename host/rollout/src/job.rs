@@ -175,23 +175,25 @@ impl Job {
     }
 
     /// Marks the device running, at `step`, one attempt more.
-    pub(crate) async fn mark_running(&self, step: &'static str) {
+    /// With `only_pending`, only a device still pending is marked (one cancelled since
+    /// the engine looked is not): false then.
+    pub(crate) async fn mark_running(&self, step: &'static str, only_pending: bool) -> bool {
         let id = self.device.clone();
         let rollout = self.rollout.clone();
-        let _ = self
-            .rollouts
+        self.rollouts
             .inner
             .store
             .call(move |conn| {
-                conn.execute(
+                let changed = conn.execute(
                     "UPDATE rollout_devices SET status = 'running', attempts = attempts + 1, \
                      started_at = ?3, finished_at = NULL, step = ?4, updated_at = ?3 \
-                     WHERE rollout_id = ?1 AND device_id = ?2",
-                    params![rollout, id, now_millis(), step],
+                     WHERE rollout_id = ?1 AND device_id = ?2 AND (NOT ?5 OR status = 'pending')",
+                    params![rollout, id, now_millis(), step, only_pending],
                 )?;
-                Ok(())
+                Ok(changed > 0)
             })
-            .await;
+            .await
+            .unwrap_or(false)
     }
 
     /// The update manifest (a job of a network rollout has none and never asks).
@@ -204,7 +206,7 @@ impl Job {
 
     /// Finds the device, its handler and the manifest step; marks the device running.
     async fn prepare(&mut self) -> Result<Ctx, Stop> {
-        self.mark_running("is-installed").await;
+        self.mark_running("is-installed", false).await;
         let inner = &self.rollouts.inner;
         let fail = |code: u32, details: String| {
             Stop(
@@ -576,9 +578,10 @@ impl Job {
         last: Option<contract::InstallResult>,
         status: DeviceStatus,
     ) -> contract::AgentState {
+        // A network change installs no update: the device's update id stays unsaid.
         let installed_update_id = match &self.work {
-            Work::Update(manifest) => manifest.manifest.update_id.to_string(),
-            Work::Wifi(rotation) => rotation.update_id(),
+            Work::Update(manifest) => Some(manifest.manifest.update_id.to_string()),
+            Work::Wifi(_) => None,
         };
         contract::AgentState {
             device_properties: ctx
@@ -598,8 +601,8 @@ impl Job {
                 id: self.rollout.clone(),
                 retry_timestamp: None,
             }),
-            installed_update_id: matches!(status, DeviceStatus::Succeeded | DeviceStatus::Skipped)
-                .then_some(installed_update_id),
+            installed_update_id: installed_update_id
+                .filter(|_| matches!(status, DeviceStatus::Succeeded | DeviceStatus::Skipped)),
         }
     }
 

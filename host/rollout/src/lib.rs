@@ -863,8 +863,6 @@ impl Rollouts {
     /// Puts the failed devices back in line and runs the rollout again.
     pub async fn retry(&self, id: &str) -> Result<RolloutView, RolloutError> {
         let view = self.view(id, false).await?;
-        // A rotation whose passphrase is gone cannot run again: refused before any change.
-        let work = self.work_of(id).await?;
         if view.state == RolloutState::Cancelled {
             return Err(RolloutError::Conflict(format!(
                 "rollout {id} was cancelled"
@@ -875,6 +873,8 @@ impl Rollouts {
                 "rollout {id} has no failed devices"
             )));
         }
+        // A rotation whose passphrase is gone cannot run again: refused before any change.
+        let work = self.work_of(id).await?;
         let id2 = id.to_owned();
         // The retried devices form the current wave again, so thresholds apply to them.
         let first_failed_wave: u32 = self
@@ -956,27 +956,52 @@ impl Rollouts {
     ) -> Result<(), RolloutError> {
         let id2 = id.to_owned();
         let ends = state.has_ended();
-        // A rotation that is over for good drops its Wi-Fi passphrase (a stopped one keeps
-        // it: its failed devices may be retried).
-        let forget = matches!(state, RolloutState::Finished | RolloutState::Cancelled);
-        self.inner
+        // A rotation that can no longer run drops its Wi-Fi passphrase: cancelled, or
+        // finished with every device on the new network. (Stopped, or finished with
+        // failures, it keeps it: those devices may be retried.) The old bytes are
+        // overwritten (secure_delete) and the write-ahead log emptied, so the passphrase
+        // does not linger on disk either.
+        let cancelled = state == RolloutState::Cancelled;
+        let finished = state == RolloutState::Finished;
+        let forgot = self
+            .inner
             .store
             .call(move |conn| {
                 let now = now_millis();
                 conn.execute(
                     "UPDATE rollouts SET state = ?2, reason = ?3, wave = COALESCE(?4, wave), \
-                     updated_at = ?5, finished_at = CASE WHEN ?6 THEN ?5 ELSE NULL END, \
-                     network = CASE WHEN ?7 AND kind = 'wifi' \
-                         THEN json_set(network, '$.passphrase', NULL) ELSE network END \
-                     WHERE id = ?1",
-                    params![id2, state, reason, wave, now, ends, forget],
+                     updated_at = ?5, finished_at = CASE WHEN ?6 THEN ?5 ELSE NULL END WHERE id = ?1",
+                    params![id2, state, reason, wave, now, ends],
                 )?;
-                Ok(())
+                if !(cancelled || finished) {
+                    return Ok(false);
+                }
+                let secret_kept: bool = conn.query_row(
+                    "SELECT kind = 'wifi' AND json_extract(network, '$.passphrase') IS NOT NULL \
+                     AND (?2 OR NOT EXISTS (SELECT 1 FROM rollout_devices WHERE rollout_id = ?1 \
+                          AND status NOT IN ('succeeded', 'skipped'))) \
+                     FROM rollouts WHERE id = ?1",
+                    params![id2, cancelled],
+                    |r| r.get(0),
+                )?;
+                if !secret_kept {
+                    return Ok(false);
+                }
+                conn.pragma_update(None, "secure_delete", true)?;
+                let dropped = conn.execute(
+                    "UPDATE rollouts SET network = json_set(network, '$.passphrase', NULL) WHERE id = ?1",
+                    [&id2],
+                );
+                conn.pragma_update(None, "secure_delete", false)?;
+                dropped?;
+                conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+                Ok(true)
             })
             .await
             .map_err(RolloutError::from)?;
-        if forget && matches!(self.lock_works().get(id), Some(Work::Wifi(_))) {
+        if forgot {
             self.lock_works().remove(id);
+            tracing::info!(rollout = %id, "the rotation's Wi-Fi passphrase was dropped");
         }
         self.publish_status(id).await;
         Ok(())

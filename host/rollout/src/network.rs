@@ -20,8 +20,9 @@ pub(crate) const COMMAND: &str = "wifi-rotate";
 
 /// How long the device gets to accept the command.
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Added to the fallback time for the device's report to arrive over either network.
-const REPORT_MARGIN: Duration = Duration::from_secs(30);
+/// Added to the fallback time for the device's report to arrive: it may first have to
+/// join the old network again (the C agent tries three times, 30 s each at most).
+const REPORT_MARGIN: Duration = Duration::from_secs(120);
 
 /// Extended codes (facility 2, gateway component).
 const WIFI_REFUSED: u32 = 6;
@@ -112,12 +113,15 @@ impl Job {
         rotation: &WifiRotation,
         phases: &mut Vec<Phase>,
     ) -> Result<Outcome, Stop> {
-        self.mark_running("send").await;
+        // A device cancelled since the engine looked gets nothing: no passphrase goes out.
+        if !self.mark_running("send", true).await {
+            return Err(cancelled("cancelled before the network was sent"));
+        }
         let mailbox = self.rollouts.inner.mailbox.clone();
         let payload = rotation.payload();
         let accepted = tokio::select! {
             answer = mailbox.request(&self.device, COMMAND, &payload, ACCEPT_TIMEOUT) => answer,
-            () = self.cancel.cancelled() => return Err(cancelled()),
+            () = self.cancel.cancelled() => return Err(cancelled("cancelled before the device accepted the network")),
         };
         let sent = match accepted {
             Ok(_) => outcome(1, 0, format!("the device is joining {}", rotation.ssid)),
@@ -138,7 +142,11 @@ impl Job {
             let report: Option<Report> = tokio::select! {
                 report = self.reports.recv() => report,
                 () = tokio::time::sleep_until(deadline) => None,
-                () = self.cancel.cancelled() => return Err(cancelled()),
+                () = self.cancel.cancelled() => return Err(cancelled(&format!(
+                    "cancelled while the device was joining {}: it goes on by itself, and may be \
+                     on it or back on the old network",
+                    rotation.ssid
+                ))),
             };
             let Some(report) = report else {
                 let timeout = outcome(
@@ -178,11 +186,8 @@ impl Job {
     }
 }
 
-fn cancelled() -> Stop {
-    Stop(
-        DeviceStatus::Cancelled,
-        outcome(-1, 0, "cancelled before the device reported"),
-    )
+fn cancelled(details: &str) -> Stop {
+    Stop(DeviceStatus::Cancelled, outcome(-1, 0, details))
 }
 
 #[cfg(test)]

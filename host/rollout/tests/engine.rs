@@ -699,7 +699,7 @@ async fn a_cloud_deployment_becomes_a_rollout_and_a_bad_one_is_refused_to_the_cl
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_wifi_rotation_reaches_the_agents_only_and_forgets_its_passphrase_when_it_ends() {
+async fn a_wifi_rotation_reaches_the_agents_only_and_forgets_its_passphrase_once_all_moved() {
     let dir = tempfile::tempdir().unwrap();
     let engine = Engine::start(dir.path()).await;
     engine
@@ -747,15 +747,12 @@ async fn a_wifi_rotation_reaches_the_agents_only_and_forgets_its_passphrase_when
     // Only the devices that run the agent (they hold a credential) are targeted.
     assert_eq!(view.counts.values().sum::<u64>(), 2, "{view:?}");
 
-    // The agents: each gets the network, answers, and reports.
-    let mut agents = Vec::new();
-    for (id, joins) in [("agent-1", true), ("agent-2", false)] {
+    // The agents: each gets the network, answers, and reports; agent-2 cannot join at
+    // first, and can on the retry.
+    let agent = |id: &'static str, joins: bool| {
         let (mailbox, rollouts) = (Arc::clone(&engine.mailbox), engine.rollouts.clone());
-        agents.push(tokio::spawn(async move {
-            let pending = mailbox
-                .next(id, PATIENCE)
-                .await
-                .expect("a command in time");
+        tokio::spawn(async move {
+            let pending = mailbox.next(id, PATIENCE).await.expect("a command in time");
             assert_eq!(pending.command, "wifi-rotate");
             let payload: serde_json::Value =
                 serde_json::from_str(pending.payload.as_deref().unwrap()).unwrap();
@@ -767,13 +764,16 @@ async fn a_wifi_rotation_reaches_the_agents_only_and_forgets_its_passphrase_when
             let (kind, text) = if joins {
                 ("done", "site-new")
             } else {
-                ("failed", "cannot join site-new: no such network in range; back on old")
+                (
+                    "failed",
+                    "cannot join site-new: no such network in range; back on old",
+                )
             };
             assert!(rollouts.report(id, kind.into(), text.as_bytes().to_vec()));
-        }));
-    }
-    for agent in agents {
-        agent.await.unwrap();
+        })
+    };
+    for task in [agent("agent-1", true), agent("agent-2", false)] {
+        task.await.unwrap();
     }
     let ended = engine
         .until("w-1", "finished", |v| v.state == RolloutState::Finished)
@@ -787,24 +787,37 @@ async fn a_wifi_rotation_reaches_the_agents_only_and_forgets_its_passphrase_when
         details,
         "device failed: cannot join site-new: no such network in range; back on old"
     );
-    // Finished: the passphrase is gone from the state database, so a retry is refused
-    // with the reason instead of sending devices nothing.
-    let stored: String = engine
-        .store
-        .call(|conn| {
-            Ok(
-                conn.query_row("SELECT network FROM rollouts WHERE id = 'w-1'", [], |r| {
-                    r.get(0)
-                })?,
-            )
+    let stored = |engine: &Engine| {
+        let store = engine.store.clone();
+        async move {
+            store
+                .call(|conn| {
+                    Ok(conn.query_row(
+                        "SELECT network FROM rollouts WHERE id = 'w-1'",
+                        [],
+                        |r| r.get::<_, String>(0),
+                    )?)
+                })
+                .await
+                .unwrap()
+        }
+    };
+    // Finished with a failure, it keeps the passphrase: the failed device is retried.
+    assert!(stored(&engine).await.contains("correct horse"));
+    engine.rollouts.retry("w-1").await.unwrap();
+    agent("agent-2", true).await.unwrap();
+    let ended = engine
+        .until("w-1", "finished again", |v| {
+            v.state == RolloutState::Finished && v.counts["succeeded"] == 2
         })
-        .await
-        .unwrap();
-    assert!(!stored.contains("correct horse"), "{stored}");
-    let err = engine.rollouts.retry("w-1").await.unwrap_err();
-    assert!(
-        matches!(&err, RolloutError::Conflict(m) if m.contains("passphrase was dropped")),
-        "{err:?}"
+        .await;
+    assert_eq!(status_of(&ended, "agent-2"), DeviceStatus::Succeeded);
+    // Every device is on the new network: the passphrase is gone from the database.
+    let network = stored(&engine).await;
+    assert!(!network.contains("correct horse"), "{network}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&network).unwrap()["passphrase"],
+        serde_json::Value::Null
     );
     engine.stop().await;
 }

@@ -1,8 +1,12 @@
 //! Handler call latency and throughput.
 //!
 //! ```sh
-//! cargo run --release -p outpost-runtime --example handler-bench
+//! cargo run --release -p outpost-runtime --example handler-bench [-- --wasm FILE ...]
 //! ```
+//!
+//! Beside the small Rust guest it measures the Python handler example (built by the
+//! test build with componentize-py, when it could be) and every `--wasm` component given:
+//! their first load and their warm instantiate + is-installed.
 //!
 //! Measures what the gateway pays per handler call: a fresh `Store` with its limits and
 //! WASI context, instantiation from the pooling allocator via `InstancePre`, the
@@ -17,6 +21,9 @@ use outpost_runtime::{Device, Runtime, RuntimeConfig, Services, Step, Update};
 const CALLS: usize = 5_000;
 const WARMUP: usize = 500;
 const SWEEP_DEVICES: usize = 10_000;
+/// Calls measured (after warm-up ones) for the other guests, which cost milliseconds.
+const OTHER_CALLS: usize = 50;
+const OTHER_WARMUP: usize = 5;
 
 fn device(id: String) -> Device {
     Device {
@@ -121,5 +128,52 @@ async fn main() {
         sweep.as_secs_f64(),
         SWEEP_DEVICES as f64 / sweep.as_secs_f64()
     );
+
+    // Other guests: the Python example and any component named with --wasm.
+    let mut others: Vec<(String, String)> = Vec::new();
+    if !outpost_test_guests::PYTHON_EXAMPLE.is_empty() {
+        others.push((
+            "python-example (componentize-py)".into(),
+            outpost_test_guests::PYTHON_EXAMPLE.into(),
+        ));
+    } else {
+        println!(
+            "  python-example: not built ({})",
+            outpost_test_guests::PYTHON_EXAMPLE_MISSING
+        );
+    }
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut given = args.iter();
+    while let Some(arg) = given.next() {
+        match (arg.as_str(), given.next()) {
+            ("--wasm", Some(path)) => others.push((path.clone(), path.clone())),
+            _ => panic!("usage: handler-bench [--wasm FILE]..."),
+        }
+    }
+    for (name, path) in others {
+        let wasm = std::fs::read(&path).unwrap_or_else(|err| panic!("{path}: {err}"));
+        let started = Instant::now();
+        let handler = runtime.load(&name, &wasm).expect("load");
+        let compile = started.elapsed();
+        let mut samples = Vec::with_capacity(OTHER_CALLS);
+        for i in 0..OTHER_WARMUP + OTHER_CALLS {
+            let t = Instant::now();
+            runtime
+                .step(&handler, &services, Step::IsInstalled, &one, &update)
+                .await
+                .expect("call");
+            if i >= OTHER_WARMUP {
+                samples.push(t.elapsed());
+            }
+        }
+        samples.sort();
+        println!(
+            "  {name} ({} KiB): compile {compile:.2?}; warm instantiate + call, {OTHER_CALLS} calls: \
+             median {:.2} ms   p90 {:.2} ms",
+            wasm.len() / 1024,
+            percentile(&samples, 0.5).as_secs_f64() * 1e3,
+            percentile(&samples, 0.9).as_secs_f64() * 1e3,
+        );
+    }
     println!("rerun: cargo run --release -p outpost-runtime --example handler-bench");
 }

@@ -119,13 +119,22 @@ impl PrunePlan {
         for entry in entries.flatten() {
             let path = entry.path();
             if Some(&path) != self.current.as_ref() {
-                if std::fs::remove_dir_all(&path).is_ok() {
+                let gone = if path.is_dir() {
+                    std::fs::remove_dir_all(&path)
+                } else {
+                    std::fs::remove_file(&path)
+                };
+                if gone.is_ok() {
                     removed += 1;
                 }
                 continue;
             }
             for file in std::fs::read_dir(&path).into_iter().flatten().flatten() {
-                if !self.keep.contains(&file.file_name())
+                // Only finished entries: a `.tmp` is an install writing its code now.
+                let name = file.file_name();
+                let finished = Path::new(&name).extension().is_some_and(|e| e == "cwasm");
+                if finished
+                    && !self.keep.contains(&name)
                     && std::fs::remove_file(file.path()).is_ok()
                 {
                     removed += 1;
@@ -142,6 +151,9 @@ pub struct HandlerRegistry {
     runtime: Arc<Runtime>,
     trusted: RwLock<Vec<TrustedVendor>>,
     installed: RwLock<BTreeMap<String, Arc<InstalledHandler>>>,
+    /// Held by an install from its compile until its handler is in `installed`, and by a
+    /// prune: a prune never takes the code of an install in flight.
+    changes: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for HandlerRegistry {
@@ -171,6 +183,7 @@ impl HandlerRegistry {
             runtime,
             trusted: RwLock::new(trusted),
             installed: RwLock::new(BTreeMap::new()),
+            changes: tokio::sync::Mutex::new(()),
         };
         let mut warnings = Vec::new();
         let mut names: Vec<PathBuf> = std::fs::read_dir(&registry.dir)
@@ -217,6 +230,12 @@ impl HandlerRegistry {
     /// entry of another engine (an older gateway, other settings). Run after start-up,
     /// installs and removals; a failure only costs disk space.
     async fn prune_cache(&self) {
+        let _changes = self.changes.lock().await;
+        self.prune_locked().await;
+    }
+
+    /// [`prune_cache`](Self::prune_cache) for a caller that holds `changes`.
+    async fn prune_locked(&self) {
         let plan = self.prune_plan();
         let removed = tokio::task::spawn_blocking(move || plan.run())
             .await
@@ -251,6 +270,7 @@ impl HandlerRegistry {
     ) -> Result<(Arc<InstalledHandler>, CacheOutcome), InstallError> {
         let verified = Package::read(archive)?.verify(&self.trusted())?;
         self.check_conflicts(verified.manifest())?;
+        let changes = self.changes.lock().await;
         let (installed, outcome) = self.load_verified(verified).await?;
         limits_agree(&installed.info, &installed.manifest)?;
         let name = installed.manifest.name.clone();
@@ -273,7 +293,8 @@ impl HandlerRegistry {
             replaced = previous.as_ref().map(|p| p.manifest.version.as_str()),
             "handler installed"
         );
-        self.prune_cache().await;
+        self.prune_locked().await;
+        drop(changes);
         Ok((installed, outcome))
     }
 
@@ -285,7 +306,11 @@ impl HandlerRegistry {
             .ok_or_else(|| InstallError::NotInstalled(name.to_owned()))?;
         let dir = self.dir.join(name);
         std::fs::remove_dir_all(&dir).map_err(|source| InstallError::Io { path: dir, source })?;
-        let removed_entries = self.prune_plan().run();
+        // An install in flight prunes when it ends, with this removal in its view.
+        let removed_entries = match self.changes.try_lock() {
+            Ok(_changes) => self.prune_plan().run(),
+            Err(_) => 0,
+        };
         if removed_entries > 0 {
             tracing::info!(
                 removed = removed_entries,

@@ -73,7 +73,7 @@ class Handler(exports.Handler):
             name=NAME,
             version=VERSION,
             device_types=DEVICE_TYPES,
-            requested_limits=Limits(memory_mib=64, cpu_ms=2_000),
+            requested_limits=Limits(memory_mib=64, cpu_ms=1_000),
         )
 
     def is_installed(self, device, update) -> Outcome:
@@ -128,7 +128,10 @@ class Handler(exports.Handler):
     def interpret_report(self, device, update, report: DeviceReport):
         text = bytes(report.payload).decode("utf-8", "replace").strip()
         if report.kind == "progress":
-            percent = int(text) if text.isdigit() and int(text) <= 100 else None
+            # ASCII digits only ("²".isdigit() is true, and int() would raise).
+            percent = int(text) if text.isascii() and text.isdecimal() and len(text) <= 3 else None
+            if percent is not None and percent > 100:
+                percent = None
             return ReportVerdict_InProgress(percent)
         if report.kind == "done" and text == update.version:
             return ReportVerdict_Finished(success(700, f"device runs {text}"))

@@ -423,7 +423,14 @@ pub(crate) fn onboard_sims(
                     ready.iter().map(|e| e["device"].clone()).collect();
                 ready.push(sim.wait_for(spec.ready, |e| !seen.contains(&e["device"])));
             }
-            ready.sort_by_key(|e| e["device"].as_str().unwrap_or_default().to_owned());
+            // By the gateway's device id (esp-sim names it; a hand-off event carries it).
+            ready.sort_by_key(|e| {
+                e.get("device_id")
+                    .unwrap_or(&e["device"])
+                    .as_str()
+                    .expect("a ready event names its device")
+                    .to_owned()
+            });
             (sim, ready)
         })
         .collect()

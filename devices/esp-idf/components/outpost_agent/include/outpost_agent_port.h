@@ -196,12 +196,15 @@ int outpost_port_wifi_current(char ssid[33], char passphrase[65]);
 
 /**
  * Leaves the current network and joins `ssid` with `passphrase`, waiting at most
- * `timeout_ms` for an address; the joined network is the one the device comes back to
- * after a restart. Returns 0, or -1 with the reason in `why` (the device is then on no
- * network: join the old one again).
+ * `timeout_ms` for an address. It is a trial: a restart still comes back to the network
+ * last kept. Returns 0, or -1 with the reason in `why` (the device is then on no network:
+ * join the old one again).
  */
 int outpost_port_wifi_join(const char *ssid, const char *passphrase, uint32_t timeout_ms,
                            char *why, size_t why_cap);
+
+/** Keeps the network joined last: the one the device comes back to after a restart. */
+int outpost_port_wifi_keep(void);
 
 /** Restarts the device. Does not return. */
 void outpost_port_reboot(void)

@@ -167,6 +167,16 @@ static cJSON *parse_object(const char *what, const char *text, size_t len)
     return json;
 }
 
+/* Overwrites a secret; through a volatile pointer, so the compiler cannot drop it as a
+ * dead store. */
+static void wipe(void *secret, size_t len)
+{
+    volatile unsigned char *p = secret;
+    while (len-- > 0) {
+        *p++ = 0;
+    }
+}
+
 /* Whether `value` is a whole number from 0 to `max`. */
 static bool whole_number(double value, double max)
 {
@@ -1036,13 +1046,27 @@ static const char *wifi_rotate_parse(const char *payload, size_t len, rotate_t *
 static void wifi_fall_back(const char *ssid, const char *passphrase)
 {
     char why[96];
-    for (int attempt = 0; attempt < 5; attempt++) {
+    for (int attempt = 0; attempt < 3; attempt++) {
         if (outpost_port_wifi_join(ssid, passphrase, 30000, why, sizeof why) == 0) {
+            outpost_port_wifi_keep();
             event2("wifi_fallback", "ssid", ssid);
             return;
         }
         LOG_E("cannot join %s again: %s", ssid, why);
-        outpost_port_sleep_ms(2000u << attempt);
+        outpost_port_sleep_ms(2000);
+    }
+    /* The old network is kept in flash: a restart joins it again. */
+    LOG_E("the old network %s cannot be joined; restarting", ssid);
+    outpost_port_reboot();
+}
+
+/* Reports the outcome of a rotation, retrying a few times: the device may have just
+ * changed networks. */
+static void report_rotation(agent_t *agent, const char *kind, const char *payload)
+{
+    unsigned attempt = 0;
+    for (int tries = 0; tries < 5 && report(agent, kind, payload) == CALL_NETWORK; tries++) {
+        backoff(&attempt);
     }
 }
 
@@ -1072,15 +1096,19 @@ static void wifi_rotate(agent_t *agent, uint64_t id, const rotate_t *rotate)
         snprintf(reason, sizeof reason, "cannot join %s: %s; back on %s", rotate->ssid, why,
                  old_ssid);
         wifi_fall_back(old_ssid, old_passphrase);
-        report(agent, "failed", reason);
+        wipe(old_passphrase, sizeof old_passphrase);
+        report_rotation(agent, "failed", reason);
         return;
     }
     unsigned attempt = 0;
     for (;;) {
         call_t rc = register_device(agent);
         if (rc == CALL_OK || rc == CALL_REVOKED || rc == CALL_REFUSED) {
+            /* The new network works: it becomes the one the device comes back to. */
+            outpost_port_wifi_keep();
+            wipe(old_passphrase, sizeof old_passphrase);
             event2("wifi_joined", "ssid", rotate->ssid);
-            report(agent, "done", rotate->ssid);
+            report_rotation(agent, "done", rotate->ssid);
             return;
         }
         if (outpost_port_now_ms() >= deadline) {
@@ -1095,7 +1123,8 @@ static void wifi_rotate(agent_t *agent, uint64_t id, const rotate_t *rotate)
              "joined %s but the gateway was not reachable within %" PRIu32 " s; back on %s",
              rotate->ssid, rotate->fallback_secs, old_ssid);
     wifi_fall_back(old_ssid, old_passphrase);
-    report(agent, "failed", reason);
+    wipe(old_passphrase, sizeof old_passphrase);
+    report_rotation(agent, "failed", reason);
 }
 
 static void command(agent_t *agent, size_t len)
@@ -1158,15 +1187,17 @@ static void command(agent_t *agent, size_t len)
     if (strcmp(command_name, "wifi-rotate") == 0) {
         rotate_t rotate;
         const char *error = wifi_rotate_parse((const char *)payload, (size_t)payload_len, &rotate);
-        /* The passphrase does not stay on the heap longer than needed. */
-        memset(payload, 0, (size_t)payload_len);
+        /* The passphrase does not stay in memory longer than needed: the decoded payload,
+         * the command as it came (payload and payloadBase64) and the parsed copy. */
+        wipe(payload, (size_t)payload_len);
         agent_free(payload);
+        wipe(agent->buffer, OUTPOST_AGENT_MAX_MESSAGE);
         if (error != NULL) {
             reply(agent, id, false, error);
         } else {
             wifi_rotate(agent, id, &rotate);
         }
-        memset(&rotate, 0, sizeof rotate);
+        wipe(&rotate, sizeof rotate);
         return;
     }
     agent_free(payload);

@@ -546,8 +546,12 @@ int outpost_port_wifi_join(const char *ssid, const char *passphrase, uint32_t ti
     esp_event_handler_instance_register(WIFI_EVENT, WIFI_EVENT_STA_DISCONNECTED, on_join_event,
                                         &join, &on_wifi);
     esp_wifi_disconnect();
-    /* Stored in NVS by the Wi-Fi driver (WIFI_STORAGE_FLASH): a restart comes back here. */
-    esp_err_t err = esp_wifi_set_config(WIFI_IF_STA, &config);
+    /* A trial: kept in RAM only, so a power cut now brings the device back to the network
+     * in flash (outpost_port_wifi_keep stores the new one once it is known to work). */
+    esp_err_t err = esp_wifi_set_storage(WIFI_STORAGE_RAM);
+    if (err == ESP_OK) {
+        err = esp_wifi_set_config(WIFI_IF_STA, &config);
+    }
     if (err == ESP_OK) {
         err = esp_wifi_connect();
     }
@@ -576,6 +580,17 @@ int outpost_port_wifi_join(const char *ssid, const char *passphrase, uint32_t ti
         snprintf(why, why_cap, "disconnected (reason %u)", (unsigned)join.reason);
     }
     return -1;
+}
+
+int outpost_port_wifi_keep(void)
+{
+    wifi_config_t config;
+    if (esp_wifi_get_config(WIFI_IF_STA, &config) != ESP_OK ||
+        esp_wifi_set_storage(WIFI_STORAGE_FLASH) != ESP_OK) {
+        return -1;
+    }
+    /* Written again with flash storage on: the driver keeps it in NVS. */
+    return esp_wifi_set_config(WIFI_IF_STA, &config) == ESP_OK ? 0 : -1;
 }
 
 void outpost_port_reboot(void)

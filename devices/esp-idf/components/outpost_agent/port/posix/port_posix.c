@@ -69,6 +69,31 @@ static void path_of(char *out, size_t cap, const char *name)
     snprintf(out, cap, "%s/%s", flash_dir, name);
 }
 
+/* The network the device is on now (a trial one until kept); an empty SSID: none. */
+static network_t joined;
+
+/* Reads the network kept in flash into `out`. */
+static void wifi_load(network_t *out)
+{
+    memset(out, 0, sizeof *out);
+    char path[600];
+    path_of(path, sizeof path, "wifi");
+    FILE *f = fopen(path, "r");
+    if (f == NULL) {
+        return;
+    }
+    char line[100];
+    if (fgets(line, sizeof line, f) != NULL) {
+        line[strcspn(line, "\n")] = '\0';
+        snprintf(out->ssid, sizeof out->ssid, "%.32s", line);
+    }
+    if (fgets(line, sizeof line, f) != NULL) {
+        line[strcspn(line, "\n")] = '\0';
+        snprintf(out->passphrase, sizeof out->passphrase, "%.64s", line);
+    }
+    fclose(f);
+}
+
 /* Writes `len` bytes to `path` durably: a temporary file, fsync, rename. */
 static int write_file(const char *path, const void *data, size_t len)
 {
@@ -194,6 +219,7 @@ int outpost_posix_boot(const char *dir, const char *seed_image, char **argv,
             return -1;
         }
     }
+    wifi_load(&joined);
     otadata_t ota;
     if (otadata_load(&ota) != 0) {
         if (seed_image == NULL) {
@@ -316,29 +342,6 @@ void outpost_port_http_set_ca(const char *ca_pem)
     trusted_ca = ca_pem;
 }
 
-/* Reads the network the device is on; an empty SSID when it is on none. */
-static void wifi_load(char ssid[33], char passphrase[65])
-{
-    ssid[0] = '\0';
-    passphrase[0] = '\0';
-    char path[600];
-    path_of(path, sizeof path, "wifi");
-    FILE *f = fopen(path, "r");
-    if (f == NULL) {
-        return;
-    }
-    char line[100];
-    if (fgets(line, sizeof line, f) != NULL) {
-        line[strcspn(line, "\n")] = '\0';
-        snprintf(ssid, 33, "%.32s", line);
-    }
-    if (fgets(line, sizeof line, f) != NULL) {
-        line[strcspn(line, "\n")] = '\0';
-        snprintf(passphrase, 65, "%.64s", line);
-    }
-    fclose(f);
-}
-
 static bool network_down(void)
 {
     if (faults.offline_new_image && outpost_port_image_state() == OUTPOST_IMAGE_PENDING) {
@@ -347,29 +350,31 @@ static bool network_down(void)
     if (network_count == 0) {
         return false; /* no simulated Wi-Fi: the host's network */
     }
-    char ssid[33];
-    char passphrase[65];
-    wifi_load(ssid, passphrase);
-    return ssid[0] == '\0' || strcmp(ssid, faults.unreachable_on) == 0;
+    return joined.ssid[0] == '\0' || strcmp(joined.ssid, faults.unreachable_on) == 0;
 }
 
 int outpost_port_wifi_current(char ssid[33], char passphrase[65])
 {
-    wifi_load(ssid, passphrase);
+    memcpy(ssid, joined.ssid, 33);
+    memcpy(passphrase, joined.passphrase, 65);
     return ssid[0] == '\0' ? -1 : 0;
+}
+
+int outpost_port_wifi_keep(void)
+{
+    char path[600];
+    char text[100];
+    path_of(path, sizeof path, "wifi");
+    int n = snprintf(text, sizeof text, "%s\n%s\n", joined.ssid, joined.passphrase);
+    return write_file(path, text, (size_t)n);
 }
 
 int outpost_port_wifi_join(const char *ssid, const char *passphrase, uint32_t timeout_ms,
                            char *why, size_t why_cap)
 {
     (void)timeout_ms;
-    char path[600];
-    path_of(path, sizeof path, "wifi");
     /* Leaving the current network first, as the radio does. */
-    if (write_file(path, "", 0) != 0) {
-        snprintf(why, why_cap, "cannot write %s", path);
-        return -1;
-    }
+    memset(&joined, 0, sizeof joined);
     for (size_t i = 0; i < network_count; i++) {
         if (strcmp(networks[i].ssid, ssid) != 0) {
             continue;
@@ -378,12 +383,7 @@ int outpost_port_wifi_join(const char *ssid, const char *passphrase, uint32_t ti
             snprintf(why, why_cap, "wrong passphrase (4-way handshake failed)");
             return -1;
         }
-        char text[100];
-        int n = snprintf(text, sizeof text, "%s\n%s\n", ssid, passphrase);
-        if (write_file(path, text, (size_t)n) != 0) {
-            snprintf(why, why_cap, "cannot write %s", path);
-            return -1;
-        }
+        joined = networks[i];
         return 0;
     }
     snprintf(why, why_cap, "no such network in range");
