@@ -156,22 +156,55 @@ async fn start(
         }
     };
 
-    let (handlers, warnings) = open_registry(config).await?;
+    // The handlers compile (or load from the precompile cache) after the API listens:
+    // the gateway serves meanwhile, lists them as compiling, and rollouts wait for them.
+    let (handlers, warnings) = outpost_runtime::HandlerRegistry::start(
+        config.handlers_dir(),
+        handler_runtime(config)?,
+        config.handlers.trusted(),
+    )?;
     for warning in warnings {
         tracing::warn!("{warning}");
     }
     let handlers = Arc::new(handlers);
     let registry = Arc::clone(&handlers);
-    let installed = handlers.list();
+    let found = handlers.summaries();
     tracing::info!(
-        count = installed.len(),
-        handlers = %installed
+        count = found.len(),
+        handlers = %found
             .iter()
-            .map(|h| format!("{}@{}", h.manifest.name, h.manifest.version))
+            .map(|h| format!("{}@{}", h.name, h.version))
             .collect::<Vec<_>>()
             .join(","),
-        "update handlers loaded"
+        "update handlers found; loading them"
     );
+    {
+        let (handlers, shutdown) = (Arc::clone(&handlers), shutdown.clone());
+        tasks.spawn(
+            async move {
+                // A shutdown stops a compile in flight (its child is killed).
+                tokio::select! {
+                    warnings = handlers.load_pending() => {
+                        for warning in warnings {
+                            tracing::warn!("{warning}");
+                        }
+                        let loaded = handlers.list();
+                        tracing::info!(
+                            count = loaded.len(),
+                            handlers = %loaded
+                                .iter()
+                                .map(|h| format!("{}@{}", h.manifest.name, h.manifest.version))
+                                .collect::<Vec<_>>()
+                                .join(","),
+                            "update handlers loaded"
+                        );
+                    }
+                    () = shutdown.cancelled() => {}
+                }
+            }
+            .instrument(tracing::info_span!("task", name = "handler-load")),
+        );
+    }
 
     let listener = bind(config.api.bind, "local API", "api.bind", config_path).await?;
     let addr = listener.local_addr()?;
@@ -465,15 +498,32 @@ async fn start(
 pub(crate) async fn open_registry(
     config: &Config,
 ) -> anyhow::Result<(outpost_runtime::HandlerRegistry, Vec<String>)> {
-    let runtime = Arc::new(outpost_runtime::Runtime::new(
-        config.handlers.runtime_config(),
-    )?);
     Ok(outpost_runtime::HandlerRegistry::open(
         config.handlers_dir(),
-        runtime,
+        handler_runtime(config)?,
         config.handlers.trusted(),
     )
     .await?)
+}
+
+/// The handler runtime of the config. Components are compiled by this binary in a
+/// child process (`outpost compile-handler`), so the compiler's memory (some 300 MB for
+/// a CPython guest) goes back to the system when it exits.
+fn handler_runtime(config: &Config) -> anyhow::Result<Arc<outpost_runtime::Runtime>> {
+    let mut settings = config.handlers.runtime_config();
+    match std::env::current_exe() {
+        Ok(program) => {
+            settings.compiler = outpost_runtime::Compiler::Child {
+                program,
+                args: vec!["compile-handler".to_owned()],
+            };
+        }
+        Err(err) => tracing::warn!(
+            error = %err,
+            "cannot find this program to compile handlers in a child; compiling in process"
+        ),
+    }
+    Ok(Arc::new(outpost_runtime::Runtime::new(settings)?))
 }
 
 /// Binds a listener for `what` (the config key `key` sets its address), turning the

@@ -225,6 +225,18 @@ impl Gateway {
         json["addr"].as_str().unwrap().parse().unwrap()
     }
 
+    /// The gateway's resident memory, MiB (VmRSS).
+    fn rss_mib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().strip_suffix("kB"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("VmRSS in /proc/PID/status");
+        kib >> 10
+    }
+
     fn signal(&self, signal: libc::c_int) {
         let pid = libc::pid_t::try_from(self.child.id()).unwrap();
         #[allow(unsafe_code)]
@@ -857,8 +869,9 @@ fn a_vendor_packs_and_signs_a_handler_and_the_operator_installs_it() {
     assert_eq!(list["handlers"][0]["name"], "hostile");
     assert_eq!(list["handlers"][0]["version"], "1.2.0");
 
-    // The gateway loads it at start.
+    // The gateway loads it at start, once its API listens.
     let mut gateway = site.run();
+    gateway.ready();
     let line = gateway.wait_for_line("handlers loaded", |json, _| {
         json["message"] == "update handlers loaded"
     });
@@ -866,7 +879,6 @@ fn a_vendor_packs_and_signs_a_handler_and_the_operator_installs_it() {
         line.contains("\"count\":1") && line.contains("hostile@1.2.0"),
         "{line}"
     );
-    gateway.ready();
     gateway.stop_cleanly(libc::SIGTERM, &site);
 
     assert_eq!(

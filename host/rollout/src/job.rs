@@ -224,7 +224,20 @@ impl Job {
             }
             Err(err) => return Err(fail(NO_DEVICE, format!("the store failed: {err}"))),
         };
-        let Some(handler) = inner.handlers.for_device_type(&device.device_type) else {
+        if inner.handlers.is_compiling(&device.device_type) {
+            // A gateway just started, or the handler is being installed: wait for it.
+            self.set_step("handler-compiling", None).await;
+        }
+        let handler = tokio::select! {
+            handler = inner.handlers.ready_for_device_type(&device.device_type) => handler,
+            () = self.cancel.cancelled() => {
+                return Err(Stop(
+                    DeviceStatus::Cancelled,
+                    outcome(-1, 0, "cancelled while its handler was compiling"),
+                ));
+            }
+        };
+        let Some(handler) = handler else {
             return Err(fail(
                 NO_HANDLER,
                 format!(

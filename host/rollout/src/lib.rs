@@ -402,10 +402,11 @@ impl Rollouts {
             .into_iter()
             .filter(|d| compatible(&verified, d))
             .filter(|d| {
+                // A handler still compiling counts: the device's job waits for it.
                 self.inner
                     .handlers
-                    .for_device_type(&d.device_type)
-                    .is_some_and(|h| step_handlers.contains(h.manifest.name.as_str()))
+                    .handler_name_for(&d.device_type)
+                    .is_some_and(|name| step_handlers.contains(name.as_str()))
             })
             .collect();
         if targeted.is_empty() {

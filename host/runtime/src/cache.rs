@@ -37,56 +37,72 @@ pub(crate) fn entry_path(engine: &Engine, dir: &Path, wasm: &[u8]) -> PathBuf {
         .join(format!("{}.cwasm", sha256_hex(wasm)))
 }
 
-pub(crate) fn load(
-    engine: &Engine,
-    dir: &Path,
-    wasm: &[u8],
-) -> Result<(Component, CacheOutcome), LoadError> {
-    let path = entry_path(engine, dir, wasm);
-    let mut outcome = CacheOutcome::Compiled;
-    match std::fs::read(&path) {
-        Ok(bytes) => match verified_body(&bytes) {
-            Some(body) => {
-                // SAFETY: `body` is machine code this gateway compiled with an engine of
-                // the same compatibility hash and wrote to its own state directory; its
-                // SHA-256 was checked just now, so it is exactly what was written.
-                #[allow(unsafe_code)]
-                let component = unsafe { Component::deserialize(engine, body) };
-                match component {
-                    Ok(component) => return Ok((component, CacheOutcome::Hit)),
-                    Err(err) => {
-                        tracing::warn!(path = %path.display(), error = %err, "cached handler code is unusable; recompiling");
+/// What the cache holds for one entry.
+pub(crate) enum Lookup {
+    /// A valid entry, loaded.
+    Hit(Component),
+    /// No entry.
+    Missing,
+    /// An entry that was damaged or unusable; it has been deleted.
+    Damaged,
+}
+
+/// Loads the entry at `path` if it is valid; deletes it if it is not.
+pub(crate) fn lookup(engine: &Engine, path: &Path) -> Lookup {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            match verified_body(&bytes) {
+                Some(body) => {
+                    // SAFETY: `body` is machine code this gateway compiled (itself or in
+                    // its compiler child) with an engine of the same compatibility hash
+                    // and wrote to its own state directory; its SHA-256 was checked just
+                    // now, so it is exactly what was written.
+                    #[allow(unsafe_code)]
+                    let component = unsafe { Component::deserialize(engine, body) };
+                    match component {
+                        Ok(component) => return Lookup::Hit(component),
+                        Err(err) => {
+                            tracing::warn!(path = %path.display(), error = %err, "cached handler code is unusable; recompiling");
+                        }
                     }
                 }
-                outcome = CacheOutcome::Recompiled;
+                None => {
+                    tracing::warn!(path = %path.display(), "cached handler code is damaged; recompiling");
+                }
             }
-            None => {
-                tracing::warn!(path = %path.display(), "cached handler code is damaged; recompiling");
-                outcome = CacheOutcome::Recompiled;
-            }
-        },
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+        }
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Lookup::Missing,
         Err(err) => {
             tracing::warn!(path = %path.display(), error = %err, "cannot read cached handler code; recompiling");
-            outcome = CacheOutcome::Recompiled;
         }
     }
-    if outcome == CacheOutcome::Recompiled {
-        let _ = std::fs::remove_file(&path);
-    }
+    let _ = std::fs::remove_file(path);
+    Lookup::Damaged
+}
 
-    let code = engine
-        .precompile_component(wasm)
-        .map_err(|err| LoadError::Invalid(format!("{err:#}")))?;
-    if let Err(err) = store(&path, &code) {
+/// Compiles `wasm` in this process, stores the entry and loads it.
+pub(crate) fn compile_and_store(
+    engine: &Engine,
+    path: &Path,
+    wasm: &[u8],
+) -> Result<Component, LoadError> {
+    let code = compile(engine, wasm)?;
+    if let Err(err) = store(path, &code) {
         // The handler still runs; only the next start compiles again.
         tracing::warn!(path = %path.display(), error = %err, "cannot store compiled handler code");
     }
     // SAFETY: `code` was produced by `precompile_component` on this very engine, just now.
     #[allow(unsafe_code)]
-    let component = unsafe { Component::deserialize(engine, &code) }
-        .map_err(|err| LoadError::Invalid(format!("{err:#}")))?;
-    Ok((component, outcome))
+    unsafe { Component::deserialize(engine, &code) }
+        .map_err(|err| LoadError::Invalid(format!("{err:#}")))
+}
+
+/// The machine code of `wasm` for `engine`.
+pub(crate) fn compile(engine: &Engine, wasm: &[u8]) -> Result<Vec<u8>, LoadError> {
+    crate::check_header(wasm)?;
+    engine
+        .precompile_component(wasm)
+        .map_err(|err| LoadError::Invalid(format!("{err:#}")))
 }
 
 fn verified_body(bytes: &[u8]) -> Option<&[u8]> {
@@ -95,7 +111,7 @@ fn verified_body(bytes: &[u8]) -> Option<&[u8]> {
 }
 
 /// Writes `code` with its digest, atomically: a crash leaves the old entry or none.
-fn store(path: &Path, code: &[u8]) -> std::io::Result<()> {
+pub(crate) fn store(path: &Path, code: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().expect("entries live in a directory");
     std::fs::create_dir_all(dir)?;
     let tmp = path.with_extension("cwasm.tmp");

@@ -30,6 +30,8 @@ pub struct RuntimeConfig {
     pub log_bytes: usize,
     /// The epoch tick: the granularity of CPU accounting (default 10 ms).
     pub epoch_tick: Duration,
+    /// Where components without cached code are compiled (default: in this process).
+    pub compiler: crate::Compiler,
 }
 
 impl Default for RuntimeConfig {
@@ -44,6 +46,7 @@ impl Default for RuntimeConfig {
             log_lines: 1000,
             log_bytes: 256 << 10,
             epoch_tick: Duration::from_millis(10),
+            compiler: crate::Compiler::InProcess,
         }
     }
 }

@@ -32,6 +32,10 @@ pub enum LoadError {
     /// The component does not export the handler interface of a WIT version the gateway runs.
     #[error("the component does not export outpost:handler/handler@0.1.0: {0}")]
     WrongExports(String),
+    /// The compiler (a child process, see [`crate::Compiler`]) failed for a reason other
+    /// than the component: it crashed, ran out of time or could not write its output.
+    #[error("the handler compiler failed: {0}")]
+    Compiler(String),
 }
 
 /// Why a call into a handler failed. The gateway carries on either way; the store the

@@ -35,6 +35,7 @@
 mod bindings;
 mod cache;
 mod call;
+mod compiler;
 mod engine;
 mod error;
 mod host;
@@ -54,10 +55,11 @@ pub use bindings::outpost::handler::types::{
     Artifact, Device, DeviceReport, HandlerInfo, Limits, Outcome, ReportVerdict, Update,
 };
 pub use cache::CacheOutcome;
+pub use compiler::{COMPILE_REFUSED, Compiler, compile_entry};
 pub use engine::RuntimeConfig;
 pub use error::{CallError, LoadError, RuntimeError, SUMMARY_MAX, TrapKind, truncate};
 pub use registry::{
-    HandlerRegistry, HandlerSummary, InstallError, InstalledHandler, check_package,
+    HandlerRegistry, HandlerState, HandlerSummary, InstallError, InstalledHandler, check_package,
 };
 pub use services::{
     ArtifactSource, BoxFuture, ChannelError, DeviceChannel, MAX_KEY_LEN, MemoryState, ReadError,

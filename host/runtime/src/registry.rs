@@ -49,6 +49,19 @@ pub struct HandlerSummary {
     pub wit: String,
     /// The component's SHA-256.
     pub component_sha256: String,
+    /// Whether it runs yet.
+    pub state: HandlerState,
+}
+
+/// Whether an installed handler runs yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HandlerState {
+    /// Its code is being compiled (or loaded from the precompile cache); rollouts that
+    /// need it wait.
+    Compiling,
+    /// Loaded and ready to call.
+    Ready,
 }
 
 impl From<&InstalledHandler> for HandlerSummary {
@@ -60,6 +73,46 @@ impl From<&InstalledHandler> for HandlerSummary {
             device_types: h.manifest.device_types.clone(),
             wit: h.manifest.wit.clone(),
             component_sha256: h.component_sha256.clone(),
+            state: HandlerState::Ready,
+        }
+    }
+}
+
+/// Settles a pending handler when dropped.
+struct Settle<'a>(&'a HandlerRegistry, String);
+
+impl Drop for Settle<'_> {
+    fn drop(&mut self) {
+        self.0.settle(&self.1);
+    }
+}
+
+/// A handler whose package verified and whose code is not loaded yet.
+#[derive(Debug)]
+struct Pending {
+    manifest: Manifest,
+    vendor: String,
+    component_sha256: String,
+}
+
+impl Pending {
+    fn of(verified: &VerifiedPackage) -> Self {
+        Self {
+            manifest: verified.manifest().clone(),
+            vendor: verified.vendor().to_owned(),
+            component_sha256: sha256_hex(verified.component()),
+        }
+    }
+
+    fn summary(&self) -> HandlerSummary {
+        HandlerSummary {
+            name: self.manifest.name.clone(),
+            version: self.manifest.version.clone(),
+            vendor: self.vendor.clone(),
+            device_types: self.manifest.device_types.clone(),
+            wit: self.manifest.wit.clone(),
+            component_sha256: self.component_sha256.clone(),
+            state: HandlerState::Compiling,
         }
     }
 }
@@ -151,8 +204,15 @@ pub struct HandlerRegistry {
     runtime: Arc<Runtime>,
     trusted: RwLock<Vec<TrustedVendor>>,
     installed: RwLock<BTreeMap<String, Arc<InstalledHandler>>>,
-    /// Held by an install from its compile until its handler is in `installed`, and by a
-    /// prune: a prune never takes the code of an install in flight.
+    /// Handlers being compiled, by name: found at start, or being installed.
+    pending: RwLock<BTreeMap<String, Pending>>,
+    /// The packages found at start, for [`load_pending`](Self::load_pending).
+    queued: std::sync::Mutex<Vec<(PathBuf, VerifiedPackage)>>,
+    /// Bumped whenever a pending handler is loaded or given up.
+    changed: tokio::sync::watch::Sender<u64>,
+    /// Held by an install from its compile until its handler is in `installed`, by the
+    /// start-up load of each handler, and by a prune: a prune never takes the code of a
+    /// compile in flight.
     changes: tokio::sync::Mutex<()>,
 }
 
@@ -165,10 +225,26 @@ impl std::fmt::Debug for HandlerRegistry {
 }
 
 impl HandlerRegistry {
-    /// Loads every handler installed under `dir`. A package that no longer verifies (its
-    /// vendor key was withdrawn) or no longer loads is left on disk, skipped, and named in
-    /// the returned warnings.
+    /// Loads every handler installed under `dir`: [`start`](Self::start), then
+    /// [`load_pending`](Self::load_pending). A package that no longer verifies (its vendor
+    /// key was withdrawn) or no longer loads is left on disk, skipped, and named in the
+    /// returned warnings.
     pub async fn open(
+        dir: impl Into<PathBuf>,
+        runtime: Arc<Runtime>,
+        trusted: Vec<TrustedVendor>,
+    ) -> Result<(Self, Vec<String>), InstallError> {
+        let (registry, mut warnings) = Self::start(dir, runtime, trusted)?;
+        warnings.extend(registry.load_pending().await);
+        Ok((registry, warnings))
+    }
+
+    /// Finds and verifies the handlers installed under `dir` without compiling them:
+    /// they are listed as [`HandlerState::Compiling`] until
+    /// [`load_pending`](Self::load_pending) has loaded them, and rollouts that need them
+    /// wait ([`ready_for_device_type`](Self::ready_for_device_type)). A gateway serves
+    /// meanwhile. The warnings name packages that no longer verify.
+    pub fn start(
         dir: impl Into<PathBuf>,
         runtime: Arc<Runtime>,
         trusted: Vec<TrustedVendor>,
@@ -178,17 +254,9 @@ impl HandlerRegistry {
             path: dir.clone(),
             source,
         })?;
-        let registry = Self {
-            dir,
-            runtime,
-            trusted: RwLock::new(trusted),
-            installed: RwLock::new(BTreeMap::new()),
-            changes: tokio::sync::Mutex::new(()),
-        };
-        let mut warnings = Vec::new();
-        let mut names: Vec<PathBuf> = std::fs::read_dir(&registry.dir)
+        let mut names: Vec<PathBuf> = std::fs::read_dir(&dir)
             .map_err(|source| InstallError::Io {
-                path: registry.dir.clone(),
+                path: dir.clone(),
                 source,
             })?
             .filter_map(Result::ok)
@@ -196,34 +264,87 @@ impl HandlerRegistry {
             .filter(|path| path.join(PACKAGE_FILE).is_file())
             .collect();
         names.sort();
+        let mut warnings = Vec::new();
+        let mut pending = BTreeMap::new();
+        let mut queued = Vec::new();
         for path in names {
             let package_path = path.join(PACKAGE_FILE);
-            let loaded = match std::fs::read(&package_path) {
-                Ok(bytes) => registry.prepare(&bytes).await,
-                Err(source) => Err(InstallError::Io {
+            let verified = std::fs::read(&package_path)
+                .map_err(|source| InstallError::Io {
                     path: package_path.clone(),
                     source,
-                }),
-            };
-            match loaded {
-                Ok((installed, _)) => {
-                    if let Err(err) = limits_agree(&installed.info, &installed.manifest) {
-                        warnings.push(format!(
-                            "handler {} runs under its signed manifest's limits: {err}",
-                            installed.manifest.name
-                        ));
-                    }
-                    registry
-                        .write_map()
-                        .insert(installed.manifest.name.clone(), Arc::new(installed));
+                })
+                .and_then(|bytes| Ok(Package::read(bytes.as_slice())?.verify(&trusted)?));
+            match verified {
+                Ok(verified) => {
+                    pending.insert(verified.manifest().name.clone(), Pending::of(&verified));
+                    queued.push((path, verified));
                 }
                 Err(err) => {
                     warnings.push(format!("handler in {} not loaded: {err}", path.display()));
                 }
             }
         }
-        registry.prune_cache().await;
+        let registry = Self {
+            dir,
+            runtime,
+            trusted: RwLock::new(trusted),
+            installed: RwLock::new(BTreeMap::new()),
+            pending: RwLock::new(pending),
+            queued: std::sync::Mutex::new(queued),
+            changed: tokio::sync::watch::Sender::new(0),
+            changes: tokio::sync::Mutex::new(()),
+        };
         Ok((registry, warnings))
+    }
+
+    /// Compiles (or loads from the precompile cache) and checks the handlers
+    /// [`start`](Self::start) found, one at a time, each ready as soon as it loads; then
+    /// drops the compiled code no handler uses. Returns warnings for the handlers that
+    /// did not load (left on disk, skipped) or run under their manifest's limits.
+    pub async fn load_pending(&self) -> Vec<String> {
+        let queued = std::mem::take(
+            &mut *self
+                .queued
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        let mut warnings = Vec::new();
+        for (path, verified) in queued {
+            let name = verified.manifest().name.clone();
+            let changes = self.changes.lock().await;
+            if self.read_map().contains_key(&name) {
+                // Installed anew while it waited its turn: the new version stands.
+                continue;
+            }
+            match self.load_verified(verified).await {
+                Ok((installed, _)) => {
+                    if let Err(err) = limits_agree(&installed.info, &installed.manifest) {
+                        warnings.push(format!(
+                            "handler {name} runs under its signed manifest's limits: {err}"
+                        ));
+                    }
+                    tracing::info!(handler = %name, version = %installed.manifest.version, "handler ready");
+                    self.write_map().insert(name.clone(), Arc::new(installed));
+                }
+                Err(err) => {
+                    warnings.push(format!("handler in {} not loaded: {err}", path.display()));
+                }
+            }
+            self.settle(&name);
+            drop(changes);
+        }
+        self.prune_cache().await;
+        warnings
+    }
+
+    /// Ends a compile of `name`: it is no longer pending, and waiters look again.
+    fn settle(&self, name: &str) {
+        self.pending
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(name);
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Drops the compiled code no installed handler uses: other components, and every
@@ -250,10 +371,18 @@ impl HandlerRegistry {
         let current = cache::entry_path(self.runtime.engine(), &cache_dir, b"")
             .parent()
             .map(Path::to_path_buf);
+        let pending = self
+            .pending
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .map(|p| format!("{}.cwasm", p.component_sha256).into())
+            .collect::<Vec<_>>();
         let keep = self
             .read_map()
             .values()
             .map(|h| format!("{}.cwasm", h.component_sha256).into())
+            .chain(pending)
             .collect();
         PrunePlan {
             cache_dir,
@@ -271,6 +400,29 @@ impl HandlerRegistry {
         let verified = Package::read(archive)?.verify(&self.trusted())?;
         self.check_conflicts(verified.manifest())?;
         let changes = self.changes.lock().await;
+        let name = verified.manifest().name.clone();
+        // Listed as compiling meanwhile (unless a version of it runs already).
+        self.pending
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(name.clone(), Pending::of(&verified));
+        // Settled however the install ends, even if its caller stops waiting.
+        let settle = Settle(self, name);
+        let result = self.install_locked(verified, archive).await;
+        drop(settle);
+        if result.is_ok() {
+            self.prune_locked().await;
+        }
+        drop(changes);
+        result
+    }
+
+    /// [`install`](Self::install) for a caller that holds `changes`.
+    async fn install_locked(
+        &self,
+        verified: VerifiedPackage,
+        archive: &[u8],
+    ) -> Result<(Arc<InstalledHandler>, CacheOutcome), InstallError> {
         let (installed, outcome) = self.load_verified(verified).await?;
         limits_agree(&installed.info, &installed.manifest)?;
         let name = installed.manifest.name.clone();
@@ -293,8 +445,6 @@ impl HandlerRegistry {
             replaced = previous.as_ref().map(|p| p.manifest.version.as_str()),
             "handler installed"
         );
-        self.prune_locked().await;
-        drop(changes);
         Ok((installed, outcome))
     }
 
@@ -323,6 +473,60 @@ impl HandlerRegistry {
     /// Every installed handler, by name.
     pub fn list(&self) -> Vec<Arc<InstalledHandler>> {
         self.read_map().values().cloned().collect()
+    }
+
+    /// What the local API lists: every installed handler, ready or still compiling.
+    pub fn summaries(&self) -> Vec<HandlerSummary> {
+        let mut all: BTreeMap<String, HandlerSummary> = self
+            .read_map()
+            .values()
+            .map(|h| (h.manifest.name.clone(), h.as_ref().into()))
+            .collect();
+        for (name, pending) in self
+            .pending
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+        {
+            all.entry(name.clone()).or_insert_with(|| pending.summary());
+        }
+        all.into_values().collect()
+    }
+
+    /// The name of the handler that serves a device type, ready or still compiling.
+    pub fn handler_name_for(&self, device_type: &str) -> Option<String> {
+        if let Some(ready) = self.for_device_type(device_type) {
+            return Some(ready.manifest.name.clone());
+        }
+        self.pending_for(device_type)
+    }
+
+    fn pending_for(&self, device_type: &str) -> Option<String> {
+        self.pending
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .find(|p| p.manifest.device_types.iter().any(|t| t == device_type))
+            .map(|p| p.manifest.name.clone())
+    }
+
+    /// Whether the handler for a device type is still compiling (none is ready yet).
+    pub fn is_compiling(&self, device_type: &str) -> bool {
+        self.for_device_type(device_type).is_none() && self.pending_for(device_type).is_some()
+    }
+
+    /// The handler for a device type, once it is ready: waits while it compiles. None
+    /// when no handler serves the type, or its compile failed.
+    pub async fn ready_for_device_type(&self, device_type: &str) -> Option<Arc<InstalledHandler>> {
+        let mut changed = self.changed.subscribe();
+        loop {
+            changed.borrow_and_update();
+            if let Some(ready) = self.for_device_type(device_type) {
+                return Some(ready);
+            }
+            self.pending_for(device_type)?;
+            changed.changed().await.ok()?;
+        }
     }
 
     /// The handler for a device type.
@@ -359,33 +563,16 @@ impl HandlerRegistry {
         Ok(())
     }
 
-    /// Everything short of writing: verify, compile (through the cache), describe.
-    async fn prepare(
-        &self,
-        archive: &[u8],
-    ) -> Result<(InstalledHandler, CacheOutcome), InstallError> {
-        let verified = Package::read(archive)?.verify(&self.trusted())?;
-        self.load_verified(verified).await
-    }
-
     async fn load_verified(
         &self,
         verified: VerifiedPackage,
     ) -> Result<(InstalledHandler, CacheOutcome), InstallError> {
         let manifest = verified.manifest().clone();
         let wasm = verified.component();
-        // Compiling takes up to a second of CPU: keep it off the async workers.
-        let (engine, cache_dir, owned) = (
-            self.runtime.engine().clone(),
-            self.dir.join(CACHE_DIR),
-            wasm.to_vec(),
-        );
-        let (component, outcome) = tokio::task::spawn_blocking(move || {
-            crate::check_header(&owned)?;
-            cache::load(&engine, &cache_dir, &owned)
-        })
-        .await
-        .map_err(|err| LoadError::Invalid(format!("compiling the component failed: {err}")))??;
+        let (component, outcome) = self
+            .runtime
+            .load_cached(&self.dir.join(CACHE_DIR), wasm)
+            .await?;
         let handler = self.runtime.prepare(&manifest.name, &component)?;
         let handler = self.runtime.with_requested_limits(
             handler,

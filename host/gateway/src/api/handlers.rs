@@ -15,12 +15,7 @@ use super::{ApiError, ApiState, json_response};
 pub(crate) const MAX_PACKAGE_BYTES: usize = 64 << 20;
 
 pub(crate) fn list(state: &ApiState) -> Response<Full<Bytes>> {
-    let handlers: Vec<HandlerSummary> = state
-        .handlers
-        .list()
-        .iter()
-        .map(|h| h.as_ref().into())
-        .collect();
+    let handlers: Vec<HandlerSummary> = state.handlers.summaries();
     json_response(StatusCode::OK, &serde_json::json!({ "handlers": handlers }))
 }
 

@@ -4,6 +4,7 @@
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
 use super::client::{GatewayApi, error_message};
 use crate::config::Config;
@@ -12,7 +13,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use hyper::{Method, StatusCode};
 use outpost_runtime::package::{self, Manifest, Package, RequestedLimits};
-use outpost_runtime::{HandlerRegistry, HandlerSummary, Runtime};
+use outpost_runtime::{HandlerRegistry, HandlerState, HandlerSummary, Runtime};
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum HandlerCommand {
@@ -238,25 +239,43 @@ pub(crate) async fn run(command: HandlerCommand, config_path: &Path) -> anyhow::
         }
         HandlerCommand::List { json } => {
             let config = Config::load(config_path)?;
-            let registry = open_registry_cli(&config).await?;
-            let handlers = registry.list();
+            // The running gateway knows which handlers are still compiling; without one,
+            // the packages on disk are loaded here.
+            let handlers: Vec<HandlerSummary> = match running_gateway(&config.gateway.state_dir)? {
+                Some(addr) => {
+                    let (status, body) = GatewayApi::new(&config, addr)?
+                        .send(Method::GET, "/api/v1/handlers", Vec::new())
+                        .await?;
+                    if status != StatusCode::OK {
+                        bail!(
+                            "the gateway did not list its handlers: {}",
+                            error_message(&body)
+                        );
+                    }
+                    serde_json::from_value(body["handlers"].clone())
+                        .context("the gateway's handler list is not as expected")?
+                }
+                None => open_registry_cli(&config).await?.summaries(),
+            };
             if json {
-                let entries: Vec<HandlerSummary> =
-                    handlers.iter().map(|h| h.as_ref().into()).collect();
                 outln!(
                     "{}",
-                    serde_json::to_string_pretty(&serde_json::json!({ "handlers": entries }))?
+                    serde_json::to_string_pretty(&serde_json::json!({ "handlers": handlers }))?
                 );
             } else if handlers.is_empty() {
                 outln!("No handlers installed.");
             } else {
                 for h in &handlers {
+                    let state = match h.state {
+                        HandlerState::Ready => "",
+                        HandlerState::Compiling => "  (compiling)",
+                    };
                     outln!(
-                        "{}  {}  by {}  for {}",
-                        h.manifest.name,
-                        h.manifest.version,
+                        "{}  {}  by {}  for {}{state}",
+                        h.name,
+                        h.version,
                         h.vendor,
-                        h.manifest.device_types.join(", ")
+                        h.device_types.join(", ")
                     );
                 }
             }
@@ -294,6 +313,40 @@ pub(crate) async fn run(command: HandlerCommand, config_path: &Path) -> anyhow::
         }
     }
     Ok(())
+}
+
+/// `outpost compile-handler`, the gateway's compiler child (see
+/// [`outpost_runtime::Compiler::Child`]): the component on stdin, the cache entry to
+/// `out`. A component that does not compile exits with
+/// [`outpost_runtime::COMPILE_REFUSED`] and the reason alone on stderr.
+pub(crate) fn compile_child(engine: &str, out: &Path) -> ExitCode {
+    use std::io::Read as _;
+    let mut wasm = Vec::new();
+    // A package holds no entry larger than this, so no component is.
+    let limit = package::MAX_ENTRY_SIZE;
+    if let Err(err) = std::io::stdin()
+        .lock()
+        .take(limit + 1)
+        .read_to_end(&mut wasm)
+    {
+        eprintln!("error: cannot read the component: {err}");
+        return ExitCode::FAILURE;
+    }
+    if wasm.len() as u64 > limit {
+        eprintln!("error: the component is over {} MiB", limit >> 20);
+        return ExitCode::FAILURE;
+    }
+    match outpost_runtime::compile_entry(engine, &wasm, out) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(outpost_runtime::LoadError::Invalid(why)) => {
+            eprintln!("{why}");
+            ExitCode::from(outpost_runtime::COMPILE_REFUSED as u8)
+        }
+        Err(err) => {
+            eprintln!("error: {err}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// [`open_registry`] for the CLI: warnings go to stderr.

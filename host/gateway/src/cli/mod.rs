@@ -97,6 +97,18 @@ enum Command {
     /// API tokens with a role (viewer, operator, admin).
     #[command(subcommand)]
     Tokens(TokensCommand),
+    /// Internal: compiles a handler component (on stdin) into a precompile cache entry.
+    /// The gateway runs it as a child process, so the compiler's memory goes back to
+    /// the system when it exits.
+    #[command(name = "compile-handler", hide = true)]
+    CompileHandler {
+        /// The engine settings, as the gateway passes them.
+        #[arg(long)]
+        engine: String,
+        /// The cache entry to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -208,6 +220,9 @@ pub(crate) async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Handler(command) => handler::run(command, &cli.config).await?,
+        Command::CompileHandler { engine, out } => {
+            return Ok(handler::compile_child(&engine, &out));
+        }
         Command::Firmware(command) => firmware::run(command, &cli.config).await?,
         Command::Rollout(command) => rollout::run(command, &cli.config).await?,
         Command::Groups(command) => groups(command, &cli.config).await?,

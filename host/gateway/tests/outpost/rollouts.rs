@@ -1087,9 +1087,11 @@ fn a_gateway_killed_mid_rollout_starts_the_devices_in_flight_over_after_restart(
 #[test]
 fn a_python_handler_built_with_componentize_py_updates_its_devices_through_a_rollout() {
     let wasm = outpost_test_guests::python_example();
-    let fleet = FleetSite::new("");
+    // A fixed API port: the devices' agents find the gateway again after its restart.
+    let api = format!("127.0.0.1:{}", super::uplink::free_port());
+    let fleet = FleetSite::with_api(&api, "");
     let mut gateway = Gateway::spawn(&fleet.site.config(), &[]);
-    let addr = gateway.ready();
+    gateway.ready();
     let admin = fleet.site.admin_token();
     // Packed with the limits its describe asks for (CPython needs more than a Rust guest),
     // signed, installed into the running gateway.
@@ -1097,6 +1099,14 @@ fn a_python_handler_built_with_componentize_py_updates_its_devices_through_a_rol
     let listed = stdout_of(&fleet.site.command(&["handler", "list"]));
     assert!(listed.contains("python-example"), "{listed}");
     assert!(listed.contains("py-light"), "{listed}");
+    assert!(!listed.contains("compiling"), "{listed}");
+    // The compiler ran in a child process: its few hundred MB went with it.
+    let rss = gateway.rss_mib();
+    eprintln!("gateway RSS after installing the Python handler live: {rss} MiB");
+    assert!(
+        rss <= 80,
+        "the gateway holds {rss} MiB after installing the Python handler live"
+    );
 
     // Three py-light devices with the agent; the third's flash fails during the download.
     let dir = fleet.site.dir.path();
@@ -1125,6 +1135,20 @@ fn a_python_handler_built_with_componentize_py_updates_its_devices_through_a_rol
             ready: "agent_ready",
         }],
     );
+
+    // The gateway restarts with no compiled code: it serves at once and lists the
+    // handler as compiling; a rollout created meanwhile waits for it.
+    gateway.stop_cleanly(libc::SIGTERM, &fleet.site);
+    std::fs::remove_dir_all(fleet.site.state().join("handlers/.compiled")).unwrap();
+    let mut gateway = Gateway::spawn(&fleet.site.config(), &[]);
+    let addr = gateway.ready();
+    let (status, handlers) = http_get(addr, "/api/v1/handlers", Some(&admin));
+    assert_eq!(status, 200, "{handlers}");
+    assert_eq!(
+        handlers["handlers"][0]["name"], "python-example",
+        "{handlers}"
+    );
+    assert_eq!(handlers["handlers"][0]["state"], "compiling", "{handlers}");
 
     // The handler checks no image format: any file is an image.
     let image: Vec<u8> = (0..150_000u32).map(|i| (i % 251) as u8).collect();

@@ -557,12 +557,7 @@ async fn remove_forgets_the_handler_across_restarts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_withdrawn_vendor_key_skips_the_handler_with_a_warning_and_keeps_its_file() {
-    let dir = tempfile::tempdir().unwrap();
-    registry_in(dir.path())
-        .await
-        .install(&good_package("0.1.0"))
-        .await
-        .unwrap();
+    let dir = with_hostile_installed().await;
     let runtime = Arc::new(Runtime::new(RuntimeConfig::default()).unwrap());
     let (registry, warnings) = HandlerRegistry::open(dir.path(), runtime, vec![])
         .await
@@ -671,4 +666,139 @@ async fn a_manifest_whose_limits_contradict_describe_is_refused() {
     );
     assert!(registry.list().is_empty());
     assert!(!dir.path().join("hostile").exists());
+}
+
+fn runtime_with(compiler: outpost_runtime::Compiler) -> Arc<Runtime> {
+    Arc::new(
+        Runtime::new(RuntimeConfig {
+            compiler,
+            ..RuntimeConfig::default()
+        })
+        .unwrap(),
+    )
+}
+
+/// A state directory with the hostile handler installed.
+async fn with_hostile_installed() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    registry_in(dir.path())
+        .await
+        .install(&good_package("0.1.0"))
+        .await
+        .unwrap();
+    dir
+}
+
+/// A registry started (not loaded) on a directory with the hostile handler installed and
+/// no compiled code, compiling with `compiler`.
+async fn started_uncompiled(
+    compiler: outpost_runtime::Compiler,
+) -> (tempfile::TempDir, Arc<HandlerRegistry>) {
+    let dir = with_hostile_installed().await;
+    std::fs::remove_dir_all(dir.path().join(".compiled")).unwrap();
+    let (registry, warnings) =
+        HandlerRegistry::start(dir.path(), runtime_with(compiler), trusted()).unwrap();
+    assert!(warnings.is_empty(), "{warnings:?}");
+    (dir, Arc::new(registry))
+}
+
+/// A gateway starts before its handlers compile: `start` lists them as compiling, a
+/// rollout's wait for one ends when `load_pending` has loaded it, and a wait for a
+/// device type no handler serves ends at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handlers_found_at_start_are_listed_as_compiling_until_loaded() {
+    let (_dir, registry) = started_uncompiled(outpost_runtime::Compiler::InProcess).await;
+    let listed = registry.summaries();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].state, outpost_runtime::HandlerState::Compiling);
+    assert!(registry.is_compiling("hostile-device"));
+    assert_eq!(
+        registry.handler_name_for("hostile-device").as_deref(),
+        Some("hostile")
+    );
+    assert!(registry.for_device_type("hostile-device").is_none());
+    assert!(
+        registry
+            .ready_for_device_type("other-device")
+            .await
+            .is_none()
+    );
+
+    let waiter = tokio::spawn({
+        let registry = Arc::clone(&registry);
+        async move { registry.ready_for_device_type("hostile-device").await }
+    });
+    let warnings = registry.load_pending().await;
+    assert!(warnings.is_empty(), "{warnings:?}");
+    let ready = waiter.await.unwrap().expect("the waiter gets the handler");
+    assert_eq!(ready.manifest.version, "0.1.0");
+    assert_eq!(
+        registry.summaries()[0].state,
+        outpost_runtime::HandlerState::Ready
+    );
+    assert!(!registry.is_compiling("hostile-device"));
+}
+
+/// A handler that fails to load at start is given up: its waiters hear there is none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_for_a_handler_whose_compile_fails_ends_with_none() {
+    // A compiler that crashes.
+    let (dir, registry) = started_uncompiled(outpost_runtime::Compiler::Child {
+        program: "sh".into(),
+        args: vec!["-c".into(), "kill -9 $$".into(), "sh".into()],
+    })
+    .await;
+    let waiter = tokio::spawn({
+        let registry = Arc::clone(&registry);
+        async move { registry.ready_for_device_type("hostile-device").await }
+    });
+    let warnings = registry.load_pending().await;
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains("the handler compiler failed") && warnings[0].contains("signal: 9"),
+        "{warnings:?}"
+    );
+    assert!(waiter.await.unwrap().is_none());
+    assert!(registry.summaries().is_empty());
+    // The package stays on disk for the next start.
+    assert!(dir.path().join("hostile/package.tar").is_file());
+}
+
+/// The compiler child's refusal reaches the installer as the component's error; a
+/// compiler that cannot be started at all is replaced by a compile in process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compiler_child_refusal_is_the_install_error_and_a_missing_one_falls_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let refusing = runtime_with(outpost_runtime::Compiler::Child {
+        program: "sh".into(),
+        args: vec![
+            "-c".into(),
+            format!(
+                "cat >/dev/null; echo 'unknown import: acme:magic' >&2; exit {}",
+                outpost_runtime::COMPILE_REFUSED
+            ),
+            "sh".into(),
+        ],
+    });
+    let (registry, _) = HandlerRegistry::open(dir.path(), refusing, trusted())
+        .await
+        .unwrap();
+    let err = registry.install(&good_package("0.1.0")).await.unwrap_err();
+    assert!(
+        matches!(&err, InstallError::Load(LoadError::Invalid(why)) if why == "unknown import: acme:magic"),
+        "{err:?}"
+    );
+    assert!(registry.summaries().is_empty());
+    assert!(!dir.path().join("hostile").exists());
+
+    let missing = runtime_with(outpost_runtime::Compiler::Child {
+        program: dir.path().join("no-such-compiler"),
+        args: vec![],
+    });
+    let (registry, _) = HandlerRegistry::open(dir.path(), missing, trusted())
+        .await
+        .unwrap();
+    let (installed, outcome) = registry.install(&good_package("0.1.0")).await.unwrap();
+    assert_eq!(outcome, CacheOutcome::Compiled);
+    assert_eq!(installed.info.name, "hostile");
 }
