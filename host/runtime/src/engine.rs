@@ -58,6 +58,12 @@ const MAX_WASM_STACK: usize = 512 << 10;
 /// (its module plus the canonical-ABI shims), each with its tables.
 const CORE_INSTANCES_PER_COMPONENT: u32 = 8;
 
+/// Bytes of a linear memory a slot keeps resident between calls (at most this much per
+/// memory slot in use: a few MiB for a gateway's handful of slots).
+const KEEP_RESIDENT_MEMORY: usize = 1 << 20;
+/// Bytes of a table a slot keeps resident between calls.
+const KEEP_RESIDENT_TABLE: usize = 64 << 10;
+
 pub(crate) fn build_engine(config: &RuntimeConfig) -> Result<Engine, RuntimeError> {
     let instances = config.max_instances.max(1);
     let mut pool = PoolingAllocationConfig::default();
@@ -68,7 +74,16 @@ pub(crate) fn build_engine(config: &RuntimeConfig) -> Result<Engine, RuntimeErro
         .total_stacks(instances)
         .max_memory_size(usize::try_from(config.memory_limit).unwrap_or(usize::MAX))
         .max_memories_per_module(1)
-        .max_tables_per_module(2);
+        .max_tables_per_module(2)
+        // Resetting a slot for the next call: the pages a call wrote, found with Linux's
+        // PAGEMAP_SCAN (6.7+), are set back with memcpy/memset up to these sizes and
+        // stay resident; only the rest is given back with madvise. An madvise on every
+        // call costs a TLB shoot-down on every core: handler-bench measured 31 µs a
+        // call and 0.69 s for the 10,000-device sweep with it, 15 µs and 0.10 s
+        // without. On older kernels wasmtime falls back to madvise.
+        .linear_memory_keep_resident(KEEP_RESIDENT_MEMORY)
+        .table_keep_resident(KEEP_RESIDENT_TABLE)
+        .pagemap_scan(wasmtime::Enabled::Auto);
 
     let mut wasm = Config::new();
     wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
