@@ -511,7 +511,14 @@ pub(crate) async fn open_registry(
 /// a CPython guest) goes back to the system when it exits.
 fn handler_runtime(config: &Config) -> anyhow::Result<Arc<outpost_runtime::Runtime>> {
     let mut settings = config.handlers.runtime_config();
-    match std::env::current_exe() {
+    // /proc/self/exe runs this very build even after a package upgrade replaced the file.
+    let this_program = Path::new("/proc/self/exe");
+    let program = if this_program.exists() {
+        Ok(this_program.to_path_buf())
+    } else {
+        std::env::current_exe()
+    };
+    match program {
         Ok(program) => {
             settings.compiler = outpost_runtime::Compiler::Child {
                 program,

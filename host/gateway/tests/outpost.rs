@@ -869,12 +869,22 @@ fn a_vendor_packs_and_signs_a_handler_and_the_operator_installs_it() {
     assert_eq!(list["handlers"][0]["name"], "hostile");
     assert_eq!(list["handlers"][0]["version"], "1.2.0");
 
-    // The gateway loads it at start, once its API listens.
+    // The gateway loads it at start, while its API starts listening (in either order).
     let mut gateway = site.run();
-    gateway.ready();
-    let line = gateway.wait_for_line("handlers loaded", |json, _| {
-        json["message"] == "update handlers loaded"
-    });
+    let (mut line, mut listening) = (String::new(), false);
+    while line.is_empty() || !listening {
+        let next = gateway.wait_for_line("handlers loaded and the API listening", |json, _| {
+            json["message"] == "update handlers loaded"
+                || json["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("local API listening"))
+        });
+        if next.contains("update handlers loaded") {
+            line = next;
+        } else {
+            listening = true;
+        }
+    }
     assert!(
         line.contains("\"count\":1") && line.contains("hostile@1.2.0"),
         "{line}"

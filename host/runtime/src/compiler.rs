@@ -157,12 +157,16 @@ impl Runtime {
             .map_err(ChildError::Spawn)?;
         let failed = |why: String| ChildError::Failed(LoadError::Compiler(why));
         let mut stdin = child.stdin.take().expect("stdin is piped");
-        // The child reads the whole component before it compiles or writes anything.
-        let written = stdin.write_all(wasm).await;
-        drop(stdin);
-        let output = match tokio::time::timeout(CHILD_TIMEOUT, child.wait_with_output()).await {
-            Ok(Ok(output)) => output,
-            Ok(Err(err)) => return Err(failed(format!("waiting for the compiler: {err}"))),
+        // The child reads the whole component before it compiles or writes anything. One
+        // deadline covers writing it and the compile.
+        let run = async move {
+            let written = stdin.write_all(wasm).await;
+            drop(stdin);
+            (written, child.wait_with_output().await)
+        };
+        let (written, output) = match tokio::time::timeout(CHILD_TIMEOUT, run).await {
+            Ok((written, Ok(output))) => (written, output),
+            Ok((_, Err(err))) => return Err(failed(format!("waiting for the compiler: {err}"))),
             // Dropping the future kills the child (kill_on_drop).
             Err(_) => {
                 return Err(failed(format!(
@@ -172,7 +176,8 @@ impl Runtime {
             }
         };
         let stderr = String::from_utf8_lossy(&output.stderr);
-        // A refusal is the compiler's message alone; after a crash, its last line.
+        // A refusal is the compiler's message alone; after a crash, its last lines
+        // (a panic's message, not Rust's note about backtraces).
         let said = stderr.trim();
         match output.status.code() {
             Some(0) if written.is_ok() => Ok(()),
@@ -183,8 +188,18 @@ impl Runtime {
                 "{} ({}): {}",
                 program.display(),
                 output.status,
-                crate::truncate(said.lines().last().unwrap_or(""), 2000)
+                crate::truncate(&last_lines(said), 2000)
             ))),
         }
     }
+}
+
+/// The last three lines of a crashed compiler's stderr that are not Rust's notes.
+fn last_lines(stderr: &str) -> String {
+    let lines: Vec<&str> = stderr
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("note:"))
+        .collect();
+    lines[lines.len().saturating_sub(3)..].join(" / ")
 }

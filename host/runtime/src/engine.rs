@@ -74,16 +74,19 @@ pub(crate) fn build_engine(config: &RuntimeConfig) -> Result<Engine, RuntimeErro
         .total_stacks(instances)
         .max_memory_size(usize::try_from(config.memory_limit).unwrap_or(usize::MAX))
         .max_memories_per_module(1)
-        .max_tables_per_module(2)
-        // Resetting a slot for the next call: the pages a call wrote, found with Linux's
-        // PAGEMAP_SCAN (6.7+), are set back with memcpy/memset up to these sizes and
-        // stay resident; only the rest is given back with madvise. An madvise on every
-        // call costs a TLB shoot-down on every core: handler-bench measured 31 µs a
-        // call and 0.69 s for the 10,000-device sweep with it, 15 µs and 0.10 s
-        // without. On older kernels wasmtime falls back to madvise.
-        .linear_memory_keep_resident(KEEP_RESIDENT_MEMORY)
-        .table_keep_resident(KEEP_RESIDENT_TABLE)
-        .pagemap_scan(wasmtime::Enabled::Auto);
+        .max_tables_per_module(2);
+    // Resetting a slot for the next call: the pages a call wrote, found with Linux's
+    // PAGEMAP_SCAN (6.7+), are set back with memcpy/memset up to these sizes and stay
+    // resident; only the rest is given back with madvise. An madvise on every call costs
+    // a TLB shoot-down on every core: handler-bench measured 31 µs a call and 0.69 s for
+    // the 10,000-device sweep with it, 15 µs and 0.10 s without. Without PAGEMAP_SCAN
+    // wasmtime would memset the whole kept size every call, so an older kernel keeps
+    // nothing resident and resets with madvise alone.
+    if pagemap_scan_available() {
+        pool.linear_memory_keep_resident(KEEP_RESIDENT_MEMORY)
+            .table_keep_resident(KEEP_RESIDENT_TABLE)
+            .pagemap_scan(wasmtime::Enabled::Auto);
+    }
 
     let mut wasm = Config::new();
     wasm.allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
@@ -96,6 +99,19 @@ pub(crate) fn build_engine(config: &RuntimeConfig) -> Result<Engine, RuntimeErro
         .wasm_memory64(false)
         .concurrency_support(false);
     Engine::new(&wasm).map_err(|err| RuntimeError::Engine(format!("{err:#}")))
+}
+
+/// Whether this kernel has the PAGEMAP_SCAN ioctl (Linux 6.7).
+fn pagemap_scan_available() -> bool {
+    let Ok(release) = std::fs::read_to_string("/proc/sys/kernel/osrelease") else {
+        return false;
+    };
+    let mut parts = release
+        .trim()
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    (major, minor) >= (6, 7)
 }
 
 /// Advances the engine's epoch every tick on its own thread, for as long as the engine

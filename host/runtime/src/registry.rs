@@ -78,12 +78,36 @@ impl From<&InstalledHandler> for HandlerSummary {
     }
 }
 
-/// Settles a pending handler when dropped.
-struct Settle<'a>(&'a HandlerRegistry, String);
+/// Ends an install's compiling entry when dropped, however the install ends (even if
+/// its caller stops waiting). A start-up entry the install superseded comes back if the
+/// install did not succeed: that version loads in its turn.
+struct Settle<'a> {
+    registry: &'a HandlerRegistry,
+    name: String,
+    superseded: Option<(PathBuf, VerifiedPackage)>,
+    succeeded: bool,
+}
 
 impl Drop for Settle<'_> {
     fn drop(&mut self) {
-        self.0.settle(&self.1);
+        match self.superseded.take() {
+            Some((path, verified)) if !self.succeeded => {
+                self.registry
+                    .pending
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(self.name.clone(), Pending::of(&verified));
+                self.registry
+                    .queued
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push_front((path, verified));
+                self.registry
+                    .changed
+                    .send_modify(|n| *n = n.wrapping_add(1));
+            }
+            _ => self.registry.settle(&self.name),
+        }
     }
 }
 
@@ -143,6 +167,9 @@ pub enum InstallError {
     /// No handler of that name is installed.
     #[error("no handler named {0:?} is installed")]
     NotInstalled(String),
+    /// The handler is still compiling (the gateway just started).
+    #[error("handler {0:?} is still compiling; remove it once it is ready")]
+    Compiling(String),
     /// The state directory could not be written.
     #[error("cannot store the handler in {path}: {source}")]
     Io {
@@ -207,7 +234,7 @@ pub struct HandlerRegistry {
     /// Handlers being compiled, by name: found at start, or being installed.
     pending: RwLock<BTreeMap<String, Pending>>,
     /// The packages found at start, for [`load_pending`](Self::load_pending).
-    queued: std::sync::Mutex<Vec<(PathBuf, VerifiedPackage)>>,
+    queued: std::sync::Mutex<std::collections::VecDeque<(PathBuf, VerifiedPackage)>>,
     /// Bumped whenever a pending handler is loaded or given up.
     changed: tokio::sync::watch::Sender<u64>,
     /// Held by an install from its compile until its handler is in `installed`, by the
@@ -266,7 +293,7 @@ impl HandlerRegistry {
         names.sort();
         let mut warnings = Vec::new();
         let mut pending = BTreeMap::new();
-        let mut queued = Vec::new();
+        let mut queued = std::collections::VecDeque::new();
         for path in names {
             let package_path = path.join(PACKAGE_FILE);
             let verified = std::fs::read(&package_path)
@@ -278,7 +305,7 @@ impl HandlerRegistry {
             match verified {
                 Ok(verified) => {
                     pending.insert(verified.manifest().name.clone(), Pending::of(&verified));
-                    queued.push((path, verified));
+                    queued.push_back((path, verified));
                 }
                 Err(err) => {
                     warnings.push(format!("handler in {} not loaded: {err}", path.display()));
@@ -303,21 +330,27 @@ impl HandlerRegistry {
     /// drops the compiled code no handler uses. Returns warnings for the handlers that
     /// did not load (left on disk, skipped) or run under their manifest's limits.
     pub async fn load_pending(&self) -> Vec<String> {
-        let queued = std::mem::take(
-            &mut *self
+        let mut warnings = Vec::new();
+        loop {
+            let changes = self.changes.lock().await;
+            let next = self
                 .queued
                 .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
-        let mut warnings = Vec::new();
-        for (path, verified) in queued {
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .pop_front();
+            let Some((path, verified)) = next else {
+                break;
+            };
             let name = verified.manifest().name.clone();
-            let changes = self.changes.lock().await;
-            if self.read_map().contains_key(&name) {
-                // Installed anew while it waited its turn: the new version stands.
-                continue;
-            }
-            match self.load_verified(verified).await {
+            // The vendor keys may have changed (SIGHUP) since the package was found.
+            let loaded = match self.verify_on_disk(&name, &self.trusted()) {
+                Err(why) => Err(why),
+                Ok(()) => self
+                    .load_verified(verified)
+                    .await
+                    .map_err(|err| err.to_string()),
+            };
+            match loaded {
                 Ok((installed, _)) => {
                     if let Err(err) = limits_agree(&installed.info, &installed.manifest) {
                         warnings.push(format!(
@@ -336,6 +369,16 @@ impl HandlerRegistry {
         }
         self.prune_cache().await;
         warnings
+    }
+
+    /// Whether the package installed under `name` verifies against `trusted`.
+    fn verify_on_disk(&self, name: &str, trusted: &[TrustedVendor]) -> Result<(), String> {
+        let path = self.dir.join(name).join(PACKAGE_FILE);
+        let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Package::read(bytes.as_slice())
+            .and_then(|p| p.verify(trusted))
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 
     /// Ends a compile of `name`: it is no longer pending, and waiters look again.
@@ -401,14 +444,30 @@ impl HandlerRegistry {
         self.check_conflicts(verified.manifest())?;
         let changes = self.changes.lock().await;
         let name = verified.manifest().name.clone();
+        // A version found at start and not loaded yet is superseded by this one.
+        let superseded = {
+            let mut queued = self
+                .queued
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            queued
+                .iter()
+                .position(|(_, v)| v.manifest().name == name)
+                .and_then(|at| queued.remove(at))
+        };
         // Listed as compiling meanwhile (unless a version of it runs already).
         self.pending
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(name.clone(), Pending::of(&verified));
-        // Settled however the install ends, even if its caller stops waiting.
-        let settle = Settle(self, name);
+        let mut settle = Settle {
+            registry: self,
+            name,
+            superseded,
+            succeeded: false,
+        };
         let result = self.install_locked(verified, archive).await;
+        settle.succeeded = result.is_ok();
         drop(settle);
         if result.is_ok() {
             self.prune_locked().await;
@@ -450,6 +509,14 @@ impl HandlerRegistry {
 
     /// Removes an installed handler. Calls in flight finish with the version they hold.
     pub fn remove(&self, name: &str) -> Result<Arc<InstalledHandler>, InstallError> {
+        let is_pending = self
+            .pending
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains_key(name);
+        if is_pending && !self.read_map().contains_key(name) {
+            return Err(InstallError::Compiling(name.to_owned()));
+        }
         let removed = self
             .write_map()
             .remove(name)
@@ -495,10 +562,13 @@ impl HandlerRegistry {
 
     /// The name of the handler that serves a device type, ready or still compiling.
     pub fn handler_name_for(&self, device_type: &str) -> Option<String> {
+        // Pending first: a handler that loads meanwhile is in `installed` before it
+        // leaves `pending`, so it is seen in one or the other.
+        let pending = self.pending_for(device_type);
         if let Some(ready) = self.for_device_type(device_type) {
             return Some(ready.manifest.name.clone());
         }
-        self.pending_for(device_type)
+        pending
     }
 
     fn pending_for(&self, device_type: &str) -> Option<String> {
@@ -512,7 +582,7 @@ impl HandlerRegistry {
 
     /// Whether the handler for a device type is still compiling (none is ready yet).
     pub fn is_compiling(&self, device_type: &str) -> bool {
-        self.for_device_type(device_type).is_none() && self.pending_for(device_type).is_some()
+        self.pending_for(device_type).is_some() && self.for_device_type(device_type).is_none()
     }
 
     /// The handler for a device type, once it is ready: waits while it compiles. None
@@ -521,10 +591,12 @@ impl HandlerRegistry {
         let mut changed = self.changed.subscribe();
         loop {
             changed.borrow_and_update();
+            // Pending first (see handler_name_for).
+            let pending = self.pending_for(device_type);
             if let Some(ready) = self.for_device_type(device_type) {
                 return Some(ready);
             }
-            self.pending_for(device_type)?;
+            pending?;
             changed.changed().await.ok()?;
         }
     }
@@ -548,15 +620,27 @@ impl HandlerRegistry {
     }
 
     /// A handler of another name must not already serve one of the device types.
+    /// Handlers still compiling count.
     fn check_conflicts(&self, manifest: &Manifest) -> Result<(), InstallError> {
         let map = self.read_map();
-        for device_type in &manifest.device_types {
-            if let Some(other) = map.values().find(|h| {
-                h.manifest.name != manifest.name && h.manifest.device_types.contains(device_type)
-            }) {
+        let pending = self
+            .pending
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let others = map
+            .values()
+            .map(|h| &h.manifest)
+            .chain(pending.values().map(|p| &p.manifest))
+            .filter(|other| other.name != manifest.name);
+        for other in others {
+            if let Some(device_type) = manifest
+                .device_types
+                .iter()
+                .find(|t| other.device_types.contains(t))
+            {
                 return Err(InstallError::Conflict {
                     device_type: device_type.clone(),
-                    other: other.manifest.name.clone(),
+                    other: other.name.clone(),
                 });
             }
         }
@@ -608,15 +692,7 @@ impl HandlerRegistry {
         let installed: Vec<String> = self.read_map().keys().cloned().collect();
         let mut withdrawn = Vec::new();
         for name in installed {
-            let path = self.dir.join(&name).join(PACKAGE_FILE);
-            let verdict = std::fs::read(&path)
-                .map_err(|e| e.to_string())
-                .and_then(|bytes| {
-                    Package::read(bytes.as_slice())
-                        .and_then(|p| p.verify(&trusted))
-                        .map(|_| ())
-                        .map_err(|e| e.to_string())
-                });
+            let verdict = self.verify_on_disk(&name, &trusted);
             if let Err(why) = verdict {
                 self.write_map().remove(&name);
                 tracing::warn!(handler = %name, reason = %why, "handler unloaded: its package no longer verifies");

@@ -56,6 +56,7 @@ fn install_error(err: &InstallError) -> ApiError {
     match err {
         InstallError::NotInstalled(_) => ApiError::new(StatusCode::NOT_FOUND, "not_found", message),
         InstallError::Conflict { .. } => ApiError::new(StatusCode::CONFLICT, "conflict", message),
+        InstallError::Compiling(_) => ApiError::new(StatusCode::CONFLICT, "compiling", message),
         InstallError::Io { .. } => {
             tracing::error!(error = %message, "storing a handler failed");
             ApiError::internal(message)

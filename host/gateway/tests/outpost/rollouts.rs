@@ -1184,6 +1184,24 @@ fn a_python_handler_built_with_componentize_py_updates_its_devices_through_a_rol
         "immediate",
     ]));
     assert!(created.contains("to 3 devices"), "{created}");
+    // Created while the handler compiles (a Python component takes seconds); its devices
+    // wait for it.
+    let (_, handlers) = http_get(addr, "/api/v1/handlers", Some(&admin));
+    assert_eq!(handlers["handlers"][0]["state"], "compiling", "{handlers}");
+    wait_rollout(
+        addr,
+        &admin,
+        "py-1",
+        "a device waiting for its handler",
+        DEADLINE,
+        |v| {
+            v["devices"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|d| d["step"] == "handler-compiling")
+        },
+    );
     let done = wait_rollout(addr, &admin, "py-1", "finished", DEADLINE * 2, |v| {
         v["state"] == "finished"
     });

@@ -724,13 +724,13 @@ async fn handlers_found_at_start_are_listed_as_compiling_until_loaded() {
             .is_none()
     );
 
-    let waiter = tokio::spawn({
-        let registry = Arc::clone(&registry);
-        async move { registry.ready_for_device_type("hostile-device").await }
-    });
-    let warnings = registry.load_pending().await;
+    // join polls the wait first: it is waiting when the load begins.
+    let (ready, warnings) = tokio::join!(
+        registry.ready_for_device_type("hostile-device"),
+        registry.load_pending()
+    );
     assert!(warnings.is_empty(), "{warnings:?}");
-    let ready = waiter.await.unwrap().expect("the waiter gets the handler");
+    let ready = ready.expect("the waiter gets the handler");
     assert_eq!(ready.manifest.version, "0.1.0");
     assert_eq!(
         registry.summaries()[0].state,
@@ -748,17 +748,16 @@ async fn a_wait_for_a_handler_whose_compile_fails_ends_with_none() {
         args: vec!["-c".into(), "kill -9 $$".into(), "sh".into()],
     })
     .await;
-    let waiter = tokio::spawn({
-        let registry = Arc::clone(&registry);
-        async move { registry.ready_for_device_type("hostile-device").await }
-    });
-    let warnings = registry.load_pending().await;
+    let (ready, warnings) = tokio::join!(
+        registry.ready_for_device_type("hostile-device"),
+        registry.load_pending()
+    );
     assert_eq!(warnings.len(), 1, "{warnings:?}");
     assert!(
         warnings[0].contains("the handler compiler failed") && warnings[0].contains("signal: 9"),
         "{warnings:?}"
     );
-    assert!(waiter.await.unwrap().is_none());
+    assert!(ready.is_none());
     assert!(registry.summaries().is_empty());
     // The package stays on disk for the next start.
     assert!(dir.path().join("hostile/package.tar").is_file());
@@ -801,4 +800,91 @@ async fn a_compiler_child_refusal_is_the_install_error_and_a_missing_one_falls_b
     let (installed, outcome) = registry.install(&good_package("0.1.0")).await.unwrap();
     assert_eq!(outcome, CacheOutcome::Compiled);
     assert_eq!(installed.info.name, "hostile");
+}
+
+/// An install whose caller stops waiting (an HTTP client that hung up) leaves nothing
+/// behind: not listed as compiling, no files, its compiler child stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_install_dropped_mid_compile_is_no_longer_listed() {
+    let dir = tempfile::tempdir().unwrap();
+    // A compiler that never finishes.
+    let slow = runtime_with(outpost_runtime::Compiler::Child {
+        program: "sh".into(),
+        args: vec![
+            "-c".into(),
+            "cat >/dev/null; exec sleep 600".into(),
+            "sh".into(),
+        ],
+    });
+    let (registry, _) = HandlerRegistry::open(dir.path(), slow, trusted())
+        .await
+        .unwrap();
+    let package = good_package("0.1.0");
+    let mut install = Box::pin(registry.install(&package));
+    // Poll the install until it is listed as compiling.
+    while registry.summaries().is_empty() {
+        tokio::select! {
+            biased;
+            result = &mut install => panic!("the install ended: {:?}", result.map(|_| ())),
+            () = tokio::task::yield_now() => {}
+        }
+    }
+    assert_eq!(
+        registry.summaries()[0].state,
+        outpost_runtime::HandlerState::Compiling
+    );
+    assert!(registry.is_compiling("hostile-device"));
+    drop(install);
+    assert!(registry.summaries().is_empty());
+    assert!(
+        registry
+            .ready_for_device_type("hostile-device")
+            .await
+            .is_none()
+    );
+    assert!(!dir.path().join("hostile").exists());
+}
+
+/// While a handler found at start is compiling, another handler cannot take its device
+/// type, and it cannot be removed until it is ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compiling_handler_keeps_its_device_types_and_cannot_be_removed_yet() {
+    let (_dir, registry) = started_uncompiled(outpost_runtime::Compiler::InProcess).await;
+    let mut rival = manifest("rival", "1.0.0");
+    rival.device_types = vec!["hostile-device".into()];
+    let err = registry
+        .install(&signed(rival, hostile_wasm(), &acme_key()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, InstallError::Conflict { other, .. } if other == "hostile"),
+        "{err:?}"
+    );
+    assert!(matches!(
+        registry.remove("hostile"),
+        Err(InstallError::Compiling(_))
+    ));
+    assert!(registry.load_pending().await.is_empty());
+    registry.remove("hostile").unwrap();
+}
+
+/// A version installed while the one found at start waits its turn replaces it; if the
+/// install fails, the version found at start loads as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_install_supersedes_the_version_found_at_start_or_gives_it_back() {
+    let (_dir, registry) = started_uncompiled(outpost_runtime::Compiler::InProcess).await;
+    let mut greedy = manifest("hostile", "0.2.0");
+    greedy.limits = RequestedLimits {
+        memory_mib: 4096,
+        cpu_ms: 600_000,
+    };
+    registry
+        .install(&signed(greedy, hostile_wasm(), &acme_key()))
+        .await
+        .unwrap_err();
+    assert_eq!(registry.summaries()[0].version, "0.1.0");
+    assert!(registry.is_compiling("hostile-device"));
+    registry.install(&good_package("0.3.0")).await.unwrap();
+    assert!(registry.load_pending().await.is_empty());
+    assert_eq!(registry.get("hostile").unwrap().manifest.version, "0.3.0");
 }
