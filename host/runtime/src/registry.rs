@@ -343,7 +343,12 @@ impl HandlerRegistry {
             };
             let name = verified.manifest().name.clone();
             // The vendor keys may have changed (SIGHUP) since the package was found.
-            let loaded = match self.verify_on_disk(&name, &self.trusted()) {
+            // Reading and checking a package of tens of MB: off the async workers.
+            let (dir, key, trusted) = (self.dir.clone(), name.clone(), self.trusted());
+            let verdict = tokio::task::spawn_blocking(move || verify_on_disk(&dir, &key, &trusted))
+                .await
+                .unwrap_or_else(|err| Err(format!("verifying the package failed: {err}")));
+            let loaded = match verdict {
                 Err(why) => Err(why),
                 Ok(()) => self
                     .load_verified(verified)
@@ -369,16 +374,6 @@ impl HandlerRegistry {
         }
         self.prune_cache().await;
         warnings
-    }
-
-    /// Whether the package installed under `name` verifies against `trusted`.
-    fn verify_on_disk(&self, name: &str, trusted: &[TrustedVendor]) -> Result<(), String> {
-        let path = self.dir.join(name).join(PACKAGE_FILE);
-        let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        Package::read(bytes.as_slice())
-            .and_then(|p| p.verify(trusted))
-            .map(|_| ())
-            .map_err(|e| e.to_string())
     }
 
     /// Ends a compile of `name`: it is no longer pending, and waiters look again.
@@ -692,7 +687,7 @@ impl HandlerRegistry {
         let installed: Vec<String> = self.read_map().keys().cloned().collect();
         let mut withdrawn = Vec::new();
         for name in installed {
-            let verdict = self.verify_on_disk(&name, &trusted);
+            let verdict = verify_on_disk(&self.dir, &name, &trusted);
             if let Err(why) = verdict {
                 self.write_map().remove(&name);
                 tracing::warn!(handler = %name, reason = %why, "handler unloaded: its package no longer verifies");
@@ -719,6 +714,16 @@ impl HandlerRegistry {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+}
+
+/// Whether the package installed in `dir` under `name` verifies against `trusted`.
+fn verify_on_disk(dir: &Path, name: &str, trusted: &[TrustedVendor]) -> Result<(), String> {
+    let path = dir.join(name).join(PACKAGE_FILE);
+    let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    Package::read(bytes.as_slice())
+        .and_then(|p| p.verify(trusted))
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 /// Calls `describe` (with no doors open) and checks it against the manifest: the name
