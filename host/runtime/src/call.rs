@@ -9,7 +9,7 @@ use wasmtime::{Store, Trap, UpdateDeadline};
 use wasmtime_wasi::WasiCtxBuilder;
 
 use crate::bindings::UpdateHandler;
-use crate::bindings::exports::outpost::handler::handler::Guest;
+use crate::exports::Exports;
 use crate::host::{CallScope, HostState, MemoryLimiter};
 use crate::output::BoundedOutput;
 use crate::{
@@ -155,7 +155,7 @@ impl Runtime {
         let name = request.name();
         let run = async {
             let instance = pre.instantiate_async(&mut store).await?;
-            call_export(instance.outpost_handler_handler(), &mut store, request).await
+            call_export(&handler.exports, instance, &mut store, request).await
         };
         let outcome = tokio::time::timeout(config.wall_time, run).await;
 
@@ -202,25 +202,21 @@ impl Runtime {
 }
 
 async fn call_export(
-    guest: &Guest,
+    exports: &Exports,
+    instance: wasmtime::component::Instance,
     store: &mut Store<HostState>,
     request: Request<'_>,
 ) -> wasmtime::Result<Response> {
     Ok(match request {
-        Request::Describe => Response::Info(guest.call_describe(&mut *store).await?),
+        Request::Describe => Response::Info(exports.describe(store, instance).await?),
         Request::Report(device, update, report) => Response::Verdict(
-            guest
-                .call_interpret_report(&mut *store, device, update, report)
+            exports
+                .interpret_report(store, instance, device, update, report)
                 .await?,
         ),
-        Request::Step(step, device, update) => Response::Outcome(match step {
-            Step::IsInstalled => guest.call_is_installed(&mut *store, device, update).await?,
-            Step::Download => guest.call_download(&mut *store, device, update).await?,
-            Step::Install => guest.call_install(&mut *store, device, update).await?,
-            Step::Apply => guest.call_apply(&mut *store, device, update).await?,
-            Step::Cancel => guest.call_cancel(&mut *store, device, update).await?,
-            Step::Rollback => guest.call_rollback(&mut *store, device, update).await?,
-        }),
+        Request::Step(step, device, update) => {
+            Response::Outcome(exports.step(store, instance, step, device, update).await?)
+        }
     })
 }
 

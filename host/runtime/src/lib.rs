@@ -38,6 +38,7 @@ mod call;
 mod compiler;
 mod engine;
 mod error;
+mod exports;
 mod host;
 pub mod metrics;
 mod output;
@@ -66,8 +67,8 @@ pub use services::{
     Services, StateError, StateStore,
 };
 
-use bindings::UpdateHandlerPre;
 use call::{Request, Response};
+use exports::Exports;
 use host::HostState;
 
 /// The WIT package versions this runtime offers handlers.
@@ -126,7 +127,8 @@ impl std::fmt::Debug for Runtime {
 #[derive(Clone)]
 pub struct Handler {
     name: Arc<str>,
-    pre: UpdateHandlerPre<HostState>,
+    pre: wasmtime::component::InstancePre<HostState>,
+    exports: Exports,
     limits: CallLimits,
 }
 
@@ -200,11 +202,12 @@ impl Runtime {
             .linker
             .instantiate_pre(component)
             .map_err(|err| LoadError::UnsupportedImport(format!("{err:#}")))?;
-        let pre = UpdateHandlerPre::new(pre)
-            .map_err(|err| LoadError::WrongExports(format!("{err:#}")))?;
+        let exports =
+            Exports::new(&pre).map_err(|err| LoadError::WrongExports(format!("{err:#}")))?;
         Ok(Handler {
             name: name.into(),
             pre,
+            exports,
             limits: CallLimits {
                 memory: self.config.memory_limit,
                 cpu_time: self.config.cpu_time,

@@ -388,6 +388,46 @@ fn loading_refuses_what_is_not_a_handler_component() {
         load(&no_exports)
     );
 
+    // The interface with every export, each of the wrong type: refused when loaded, not
+    // at each call.
+    let exports: String = [
+        "describe",
+        "is-installed",
+        "download",
+        "install",
+        "apply",
+        "cancel",
+        "rollback",
+        "interpret-report",
+    ]
+    .iter()
+    .map(|name| format!(r#"(export "{name}" (func $f))"#))
+    .collect();
+    let mistyped = |exports: &str| {
+        wat::parse_str(format!(
+            r#"(component
+                (core module $m (func (export "f")))
+                (core instance $i (instantiate $m))
+                (func $f (canon lift (core func $i "f")))
+                (instance $h {exports})
+                (export "outpost:handler/handler@0.1.0" (instance $h)))"#
+        ))
+        .unwrap()
+    };
+    let err = load(&mistyped(&exports));
+    assert!(matches!(err, LoadError::WrongExports(_)), "{err}");
+    assert!(
+        err.to_string()
+            .contains("the export `describe` does not have the WIT's type"),
+        "{err}"
+    );
+    let err = load(&mistyped(r#"(export "describe" (func $f))"#));
+    assert!(matches!(err, LoadError::WrongExports(_)), "{err}");
+    assert!(
+        err.to_string().contains("has no export `is-installed`"),
+        "{err}"
+    );
+
     let mut truncated = hostile_wasm().to_vec();
     truncated.truncate(truncated.len() / 2);
     assert!(
