@@ -292,33 +292,16 @@ fn ensure_venv(root: &Path, tool: &str, requirement: &str) -> anyhow::Result<Pat
     Ok(program)
 }
 
-/// The onboarding benchmark: N simulated devices (Security 2 + Wi-Fi + claim) over
-/// BlueZoo, onboarded by the release `outpost` through its CLI.
-/// The uplink benchmark: the release gateway and the bench example against a local
-/// Mosquitto (Debian package, installed here if missing).
+/// The uplink benchmark: the release gateway and the bench (its own package, so that it
+/// does not rebuild the gateway with other features) against a local Mosquitto (Debian
+/// package, installed here if missing).
 fn bench_uplink(args: &[String]) -> anyhow::Result<()> {
     let root = workspace_root();
     ensure_mosquitto()?;
-    step("cargo build --release -p outpost-gateway --bin outpost --example uplink-bench");
-    let status = Command::new(cargo())
-        .current_dir(&root)
-        .args([
-            "build",
-            "--release",
-            "--locked",
-            "-p",
-            "outpost-gateway",
-            "--bin",
-            "outpost",
-            "--example",
-            "uplink-bench",
-        ])
-        .status()?;
-    if !status.success() {
-        bail!("the release build failed ({status})");
-    }
+    build_release_gateway_and_sim(&root)?;
+    build_release(&root, &["outpost-uplink-bench"])?;
     let bench_args: Vec<&String> = args.iter().skip_while(|a| *a == "--").collect();
-    let status = Command::new(root.join("target/release/examples/uplink-bench"))
+    let status = Command::new(root.join("target/release/uplink-bench"))
         .current_dir(&root)
         .arg("--outpost")
         .arg(root.join("target/release/outpost"))
@@ -330,6 +313,8 @@ fn bench_uplink(args: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The onboarding benchmark: N simulated devices (Security 2 + Wi-Fi + claim) over
+/// BlueZoo, onboarded by the release `outpost` through its CLI.
 fn bench_onboard(args: &[String]) -> anyhow::Result<()> {
     let mut devices = 100usize;
     let mut rest = args.iter();

@@ -1,7 +1,7 @@
 //! Telemetry throughput through the gateway, next to raw Mosquitto, in one run.
 //!
 //! Run with `cargo xtask bench-uplink` (release build), or directly:
-//! `cargo run --release -p outpost-gateway --example uplink-bench -- --outpost target/release/outpost`.
+//! `cargo run --release -p outpost-uplink-bench -- --outpost target/release/outpost`.
 //!
 //! 1. **Raw**: a rumqttc publisher sends N QoS 1 messages to a local Mosquitto and a
 //!    QoS 1 subscriber receives them; messages/s from first publish to last receipt.
