@@ -197,6 +197,7 @@ fn prepare(root: &Path) -> anyhow::Result<()> {
     ensure_rust_target(root, WASM_TARGET)?;
     ensure_bluezoo(root)?;
     ensure_componentize_py(root)?;
+    ensure_azure_iot_device(root)?;
     ensure_mosquitto()?;
     // The dashboard test drives Debian's headless Chromium through chromedriver.
     if !Path::new("/usr/bin/chromium").exists() || !Path::new("/usr/bin/chromedriver").exists() {
@@ -216,15 +217,24 @@ fn prepare(root: &Path) -> anyhow::Result<()> {
         apt_install("prometheus")?;
     }
     step(
-        "cargo build -p esp-sim -p cloud-sim (the onboarding and uplink tests run these binaries)",
+        "cargo build -p esp-sim -p cloud-sim -p hub-sim (the onboarding and uplink tests run these binaries)",
     );
     let status = Command::new(cargo())
         .current_dir(root)
-        .args(["build", "--locked", "-p", "esp-sim", "-p", "cloud-sim"])
+        .args([
+            "build",
+            "--locked",
+            "-p",
+            "esp-sim",
+            "-p",
+            "cloud-sim",
+            "-p",
+            "hub-sim",
+        ])
         .status()
         .context("cannot run cargo build")?;
     if !status.success() {
-        bail!("building esp-sim and cloud-sim failed ({status})");
+        bail!("building esp-sim, cloud-sim and hub-sim failed ({status})");
     }
     Ok(())
 }
@@ -250,7 +260,7 @@ const COMPONENTIZE_PY: &str = "componentize-py==0.25.1";
 /// Makes `target/tools/componentize-py`, a venv with componentize-py, unless it is there:
 /// `tests/guests` builds `plugins/handlers/python-example` with it.
 fn ensure_componentize_py(root: &Path) -> anyhow::Result<()> {
-    ensure_venv(root, "componentize-py", COMPONENTIZE_PY).map(|_| ())
+    ensure_venv(root, "componentize-py", COMPONENTIZE_PY, "componentize-py").map(|_| ())
 }
 
 /// The pinned BlueZoo (an emulated BlueZ on D-Bus) for the BLE tests.
@@ -258,14 +268,29 @@ const BLUEZOO: &str = "bluezoo==1.0.2";
 
 /// Makes `target/tools/bluezoo`, a Python venv with BlueZoo, unless it is there.
 fn ensure_bluezoo(root: &Path) -> anyhow::Result<PathBuf> {
-    ensure_venv(root, "bluezoo", BLUEZOO)
+    ensure_venv(root, "bluezoo", BLUEZOO, "bluezoo")
+}
+
+/// The pinned Microsoft device SDK for Python (PyPI), the referee of hub-sim's Azure IoT
+/// dialect (its paho-mqtt comes pinned below 2 by the SDK itself).
+const AZURE_IOT_DEVICE: &str = "azure-iot-device==2.14.0";
+
+/// Makes `target/tools/azure-iot-device`, a venv with Microsoft's device SDK, unless it is
+/// there: the hub-sim tests run it against hub-sim before Outpost.
+fn ensure_azure_iot_device(root: &Path) -> anyhow::Result<()> {
+    ensure_venv(root, "azure-iot-device", AZURE_IOT_DEVICE, "python").map(|_| ())
 }
 
 /// Makes `target/tools/<tool>`, a Python venv with `requirement` from PyPI, unless its
-/// `bin/<tool>` is there; returns that program.
-fn ensure_venv(root: &Path, tool: &str, requirement: &str) -> anyhow::Result<PathBuf> {
+/// `bin/<program>` is there (made for the same requirement); returns that program.
+fn ensure_venv(
+    root: &Path,
+    tool: &str,
+    requirement: &str,
+    program: &str,
+) -> anyhow::Result<PathBuf> {
     let venv = root.join("target/tools").join(tool);
-    let program = venv.join("bin").join(tool);
+    let program = venv.join("bin").join(program);
     // What the venv was made for: a new pin makes it again.
     let marker = venv.join("outpost-requirement");
     let made_for = std::fs::read_to_string(&marker).unwrap_or_default();

@@ -21,16 +21,22 @@ pub fn repo_root() -> PathBuf {
 
 /// The `esp-sim` binary in the target directory of the running test.
 pub fn esp_sim_binary() -> PathBuf {
+    sibling_binary("esp-sim")
+}
+
+/// The binary `name` of this workspace beside the running test (target/<profile>/), which
+/// `cargo xtask test` builds before the tests.
+fn sibling_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("the test's own path");
-    // target/<profile>/deps/<test> -> target/<profile>/esp-sim
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
     let path = exe
         .parent()
         .and_then(Path::parent)
         .expect("a test binary lives in target/<profile>/deps")
-        .join("esp-sim");
+        .join(name);
     assert!(
         path.exists(),
-        "{} is missing: build it with `cargo build -p esp-sim` (cargo xtask test does)",
+        "{} is missing: build it with `cargo build -p {name}` (cargo xtask test does)",
         path.display()
     );
     path
@@ -45,6 +51,23 @@ pub fn bluezoo() -> PathBuf {
         path.exists(),
         "BlueZoo is missing at {}: `cargo xtask test` installs it (python3 -m venv \
          target/tools/bluezoo && target/tools/bluezoo/bin/pip install bluezoo==1.0.2)",
+        path.display()
+    );
+    path
+}
+
+/// The Python of the venv with Microsoft's device SDK (`azure-iot-device` from PyPI), the
+/// referee of hub-sim's Azure dialect; `cargo xtask test` makes it (or
+/// `OUTPOST_AZURE_PYTHON`).
+pub fn azure_sdk_python() -> PathBuf {
+    let path = std::env::var_os("OUTPOST_AZURE_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/tools/azure-iot-device/bin/python"));
+    assert!(
+        path.exists(),
+        "Microsoft's azure-iot-device SDK is missing at {}: `cargo xtask test` installs it \
+         (python3 -m venv target/tools/azure-iot-device && \
+         target/tools/azure-iot-device/bin/pip install azure-iot-device==2.14.0)",
         path.display()
     );
     path
@@ -225,6 +248,112 @@ impl Drop for Sim {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `hub-sim` binary (IoT Hub and DPS stand-in) in the target directory of the running
+/// test (`cargo build -p hub-sim`, which `cargo xtask test` runs first).
+pub fn hub_sim_binary() -> PathBuf {
+    sibling_binary("hub-sim")
+}
+
+/// A running `hub-sim`: its `ready` event (DPS and hub addresses, id scope), its CA
+/// file, operator commands on its stdin and the events it prints. Killed when dropped.
+pub struct HubSim {
+    child: Child,
+    stdin: std::process::ChildStdin,
+    /// What it printed.
+    pub events: EventLog,
+    /// Its `ready` event.
+    pub ready: serde_json::Value,
+    dir: tempfile::TempDir,
+}
+
+impl std::fmt::Debug for HubSim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HubSim")
+            .field("pid", &self.child.id())
+            .field("ready", &self.ready)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HubSim {
+    /// Starts `binary` (see [`hub_sim_binary`]) with `args` and waits until it is ready.
+    pub fn start(binary: &Path, args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let mut child = Command::new(binary)
+            .args(args)
+            .arg("--ca-out")
+            .arg(dir.path().join("ca.pem"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("hub-sim starts");
+        let stdin = child.stdin.take().expect("piped");
+        let mut events = EventLog::read(child.stdout.take().expect("piped"));
+        let ready = events
+            .wait_for("ready", |_| true)
+            .expect("hub-sim says it is ready");
+        Self {
+            child,
+            stdin,
+            events,
+            ready,
+            dir,
+        }
+    }
+
+    /// DPS's host (an address in 127.0.0.0/8, port 8883).
+    pub fn dps(&self) -> &str {
+        self.ready["dps"].as_str().expect("dps")
+    }
+
+    /// The first hub's host name.
+    pub fn hub(&self) -> &str {
+        self.ready["hubs"][0].as_str().expect("a hub")
+    }
+
+    /// The `index`th hub's host name.
+    pub fn hub_at(&self, index: usize) -> &str {
+        self.ready["hubs"][index].as_str().expect("that hub")
+    }
+
+    /// DPS's id scope.
+    pub fn id_scope(&self) -> &str {
+        self.ready["id_scope"].as_str().expect("id_scope")
+    }
+
+    /// The CA certificate (PEM file) its listeners' certificates chain to.
+    pub fn ca(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// Sends an operator command (`{"op": …}`).
+    pub fn command(&mut self, command: &serde_json::Value) {
+        use std::io::Write;
+        writeln!(self.stdin, "{command}").expect("hub-sim reads commands");
+    }
+
+    /// The first event `event` that `pred` accepts (one seen earlier counts); panics with
+    /// what was seen after [`DEADLINE`].
+    pub fn wait(
+        &mut self,
+        event: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        match self.events.wait_for(event, pred) {
+            Some(found) => found,
+            None => panic!("hub-sim: no {event} event; saw {:#?}", self.events.drain()),
+        }
+    }
+}
+
+impl Drop for HubSim {
+    fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
