@@ -11,8 +11,9 @@
 //!
 //! Limits per connection: TLS handshake and CONNECT within 10 s, a packet at most
 //! [`MAX_PACKET`] bytes (IoT Hub's 256 KiB message and its topic), silence at most 1.5
-//! times the keep-alive (which IoT Hub caps at 1177 s), 32 subscriptions, 256 messages
-//! queued to a slow reader before it is disconnected, 64 unacknowledged QoS 1 messages;
+//! times the keep-alive (which IoT Hub caps at 1177 s), 32 subscriptions, 256 packets
+//! queued to a slow reader and 30 s for one to go out before it is disconnected, 64
+//! unacknowledged QoS 1 messages;
 //! at most [`MAX_CONNECTIONS`] connections per listener. A token that expires while
 //! connected ends the connection, as IoT Hub does.
 
@@ -38,6 +39,8 @@ pub(crate) const MAX_PACKET: usize = 256 * 1024 + 64 * 1024;
 /// Connections served at once per listener.
 pub(crate) const MAX_CONNECTIONS: usize = 1024;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one packet may take to go out before the connection ends.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// IoT Hub's largest keep-alive; also what a client asking for none gets.
 const MAX_KEEP_ALIVE_SECS: u64 = 1177;
 const MAX_SUBSCRIPTIONS: usize = 32;
@@ -91,9 +94,13 @@ struct Conn {
 struct Session {
     subscriptions: Vec<(String, QoS)>,
     conn: Option<Conn>,
-    inflight: BTreeMap<u16, Publish>,
+    /// Sent, not yet acknowledged; `true` for durable (cloud-to-device) messages.
+    inflight: BTreeMap<u16, (Publish, bool)>,
     next_pkid: u16,
+    /// Durable messages waiting for a connection and subscription.
     queued: VecDeque<Publish>,
+    /// The live (or last) connection asked for a clean session.
+    clean: bool,
 }
 
 impl Session {
@@ -115,7 +122,7 @@ impl Session {
     }
 
     /// Sends `publish` on the live connection if it has a subscription for it.
-    fn send(&mut self, mut publish: Publish) -> Result<Delivery, Publish> {
+    fn send(&mut self, mut publish: Publish, durable: bool) -> Result<Delivery, Publish> {
         let Some(granted) = self.granted(&publish.topic) else {
             return Err(publish);
         };
@@ -128,7 +135,8 @@ impl Session {
                 return Err(publish);
             }
             publish.pkid = self.pkid();
-            self.inflight.insert(publish.pkid, publish.clone());
+            self.inflight
+                .insert(publish.pkid, (publish.clone(), durable));
         } else {
             publish.pkid = 0;
         }
@@ -144,7 +152,7 @@ impl Session {
     fn flush(&mut self) {
         let waiting = std::mem::take(&mut self.queued);
         for publish in waiting {
-            if let Err(publish) = self.send(publish) {
+            if let Err(publish) = self.send(publish, true) {
                 self.queued.push_back(publish);
             }
         }
@@ -199,7 +207,7 @@ impl Broker {
             None if durable => sessions.entry((listener, client.to_owned())).or_default(),
             None => return Delivery::Dropped,
         };
-        match session.send(publish) {
+        match session.send(publish, durable) {
             Ok(delivery) => delivery,
             Err(publish) if durable && session.queued.len() < MAX_QUEUED => {
                 session.queued.push_back(publish);
@@ -252,8 +260,14 @@ impl Broker {
     ) {
         let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         loop {
-            let Ok((socket, peer)) = tcp.accept().await else {
-                continue;
+            let (socket, peer) = match tcp.accept().await {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // Out of file descriptors and the like: do not spin.
+                    tracing::warn!(error = %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
             };
             let Ok(permit) = slots.clone().try_acquire_owned() else {
                 drop(socket);
@@ -273,8 +287,10 @@ impl Broker {
         }
     }
 
-    /// Binds a new connection to `client`'s session, ending any connection it had;
-    /// returns the connection id, whether a session was present, and what to resend.
+    /// Binds a new connection to `client`'s session, ending any connection it had, and
+    /// queues its CONNACK, then what it missed (unacknowledged messages again, then what
+    /// was queued), all under the lock so nothing is sent before the CONNACK; returns the
+    /// connection id.
     fn attach(
         &self,
         listener: ListenerId,
@@ -282,7 +298,7 @@ impl Broker {
         clean: bool,
         tx: mpsc::Sender<Packet>,
         kick: Arc<Notify>,
-    ) -> (u64, bool) {
+    ) -> u64 {
         let id = self
             .next_conn
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -291,61 +307,82 @@ impl Broker {
         if let Some(old) = session.conn.take() {
             old.kick.notify_one();
         }
-        let present = !clean && !session.subscriptions.is_empty();
-        if clean {
+        let present = !clean && !session.clean && !session.subscriptions.is_empty();
+        if clean || session.clean {
             // Subscriptions and QoS 1 state end; durable messages wait (IoT Hub keeps a
             // device's cloud-to-device queue whatever its sessions do).
             session.subscriptions.clear();
             let inflight = std::mem::take(&mut session.inflight);
-            for (_, publish) in inflight.into_iter().rev() {
-                session.queued.push_front(publish);
+            for (_, (publish, durable)) in inflight.into_iter().rev() {
+                if durable {
+                    session.queued.push_front(publish);
+                }
             }
         }
-        session.conn = Some(Conn { id, tx, kick });
-        (id, present)
-    }
-
-    /// After CONNACK: resends unacknowledged messages, then what was queued.
-    fn resume(&self, listener: ListenerId, client: &str) {
-        let mut sessions = self.sessions.lock().expect("sessions lock");
-        let Some(session) = sessions.get_mut(&(listener, client.to_owned())) else {
-            return;
-        };
-        let Some(conn) = &session.conn else {
-            return;
-        };
-        for publish in session.inflight.values() {
+        session.clean = clean;
+        let _ = tx.try_send(Packet::ConnAck(ConnAck::new(
+            ConnectReturnCode::Success,
+            present,
+        )));
+        for (publish, _) in session.inflight.values() {
             let mut again = publish.clone();
             again.dup = true;
-            if conn.tx.try_send(Packet::Publish(again)).is_err() {
-                conn.kick.notify_one();
+            if tx.try_send(Packet::Publish(again)).is_err() {
+                kick.notify_one();
                 break;
             }
         }
+        session.conn = Some(Conn { id, tx, kick });
         session.flush();
+        id
+    }
+
+    /// The session of `client` while connection `id` is its live one.
+    fn live<'a>(
+        sessions: &'a mut HashMap<(ListenerId, String), Session>,
+        listener: ListenerId,
+        client: &str,
+        id: u64,
+    ) -> Option<&'a mut Session> {
+        sessions
+            .get_mut(&(listener, client.to_owned()))
+            .filter(|session| session.conn.as_ref().is_some_and(|conn| conn.id == id))
     }
 
     fn detach(&self, listener: ListenerId, client: &str, id: u64) {
         let mut sessions = self.sessions.lock().expect("sessions lock");
-        if let Some(session) = sessions.get_mut(&(listener, client.to_owned()))
-            && session.conn.as_ref().is_some_and(|conn| conn.id == id)
-        {
+        if let Some(session) = Self::live(&mut sessions, listener, client, id) {
             session.conn = None;
+            if session.clean {
+                session.subscriptions.clear();
+                let inflight = std::mem::take(&mut session.inflight);
+                for (_, (publish, durable)) in inflight.into_iter().rev() {
+                    if durable {
+                        session.queued.push_front(publish);
+                    }
+                }
+            }
         }
     }
 
-    fn acked(&self, listener: ListenerId, client: &str, pkid: u16) {
+    fn acked(&self, listener: ListenerId, client: &str, id: u64, pkid: u16) {
         let mut sessions = self.sessions.lock().expect("sessions lock");
-        if let Some(session) = sessions.get_mut(&(listener, client.to_owned())) {
+        if let Some(session) = Self::live(&mut sessions, listener, client, id) {
             session.inflight.remove(&pkid);
             session.flush();
         }
     }
 
     /// Records the granted filters and sends what was waiting for them.
-    fn subscribe(&self, listener: ListenerId, client: &str, granted: &[(String, QoS)]) -> bool {
+    fn subscribe(
+        &self,
+        listener: ListenerId,
+        client: &str,
+        id: u64,
+        granted: &[(String, QoS)],
+    ) -> bool {
         let mut sessions = self.sessions.lock().expect("sessions lock");
-        let Some(session) = sessions.get_mut(&(listener, client.to_owned())) else {
+        let Some(session) = Self::live(&mut sessions, listener, client, id) else {
             return false;
         };
         for (filter, qos) in granted {
@@ -358,16 +395,16 @@ impl Broker {
         true
     }
 
-    fn flush(&self, listener: ListenerId, client: &str) {
+    fn flush(&self, listener: ListenerId, client: &str, id: u64) {
         let mut sessions = self.sessions.lock().expect("sessions lock");
-        if let Some(session) = sessions.get_mut(&(listener, client.to_owned())) {
+        if let Some(session) = Self::live(&mut sessions, listener, client, id) {
             session.flush();
         }
     }
 
-    fn unsubscribe(&self, listener: ListenerId, client: &str, filters: &[String]) {
+    fn unsubscribe(&self, listener: ListenerId, client: &str, id: u64, filters: &[String]) {
         let mut sessions = self.sessions.lock().expect("sessions lock");
-        if let Some(session) = sessions.get_mut(&(listener, client.to_owned())) {
+        if let Some(session) = Self::live(&mut sessions, listener, client, id) {
             session.subscriptions.retain(|(f, _)| !filters.contains(f));
         }
     }
@@ -405,29 +442,29 @@ impl Broker {
         let client = connect.client_id.clone();
         let (tx, mut rx) = mpsc::channel::<Packet>(OUTGOING_QUEUE);
         let kick = Arc::new(Notify::new());
-        // CONNACK goes first on the channel, before anything a resume sends.
-        let (id, present) = self.attach(
+        let id = self.attach(
             listener,
             &client,
             connect.clean_session,
             tx.clone(),
             kick.clone(),
         );
-        let _ = tx.try_send(Packet::ConnAck(ConnAck::new(
-            ConnectReturnCode::Success,
-            present,
-        )));
-        self.resume(listener, &client);
-        let writer = tokio::spawn(async move {
+        let writer_kick = kick.clone();
+        let mut writer = tokio::spawn(async move {
             let mut out = BytesMut::with_capacity(4096);
             while let Some(packet) = rx.recv().await {
                 out.clear();
-                if packet.write(&mut out, MAX_PACKET).is_err() || wr.write_all(&out).await.is_err()
-                {
+                if packet.write(&mut out, MAX_PACKET).is_err() {
                     break;
                 }
+                // A reader that takes nothing for this long is stuck or hostile.
+                match tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(&out)).await {
+                    Ok(Ok(())) => {}
+                    _ => break,
+                }
             }
-            let _ = wr.shutdown().await;
+            writer_kick.notify_one();
+            let _ = tokio::time::timeout(WRITE_TIMEOUT, wr.shutdown()).await;
         });
         let keep_alive = match u64::from(connect.keep_alive) {
             0 => MAX_KEEP_ALIVE_SECS,
@@ -439,7 +476,9 @@ impl Broker {
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap_or_default()
                 .as_secs();
-            tokio::time::Instant::now() + Duration::from_secs(unix.saturating_sub(now))
+            // A far-off expiry (a client can sign any) is capped at a year.
+            let left = Duration::from_secs(unix.saturating_sub(now).min(365 * 24 * 3600));
+            tokio::time::Instant::now() + left
         });
         let why = loop {
             let token_expired = async {
@@ -466,18 +505,17 @@ impl Broker {
                     }
                     if publish.qos == QoS::AtLeastOnce
                         && tx
-                            .send(Packet::PubAck(PubAck::new(publish.pkid)))
-                            .await
+                            .try_send(Packet::PubAck(PubAck::new(publish.pkid)))
                             .is_err()
                     {
-                        break Cow::Borrowed("connection error");
+                        break Cow::Borrowed("too far behind in reading");
                     }
                     if let Err(why) = service.publish(listener, &client, publish) {
                         tracing::info!(client, "{why}");
                         break Cow::Borrowed("published to a topic it may not");
                     }
                 }
-                Packet::PubAck(ack) => self.acked(listener, &client, ack.pkid),
+                Packet::PubAck(ack) => self.acked(listener, &client, id, ack.pkid),
                 Packet::Subscribe(Subscribe { pkid, filters }) => {
                     let mut granted = Vec::new();
                     let codes = filters
@@ -494,33 +532,31 @@ impl Broker {
                             }
                         })
                         .collect();
-                    if !self.subscribe(listener, &client, &granted) {
+                    if !self.subscribe(listener, &client, id, &granted) {
                         break Cow::Borrowed("too many subscriptions");
                     }
                     let filters: Vec<String> = granted.into_iter().map(|(f, _)| f).collect();
                     service.subscribed(listener, &client, &filters);
                     if tx
-                        .send(Packet::SubAck(SubAck::new(pkid, codes)))
-                        .await
+                        .try_send(Packet::SubAck(SubAck::new(pkid, codes)))
                         .is_err()
                     {
-                        break Cow::Borrowed("connection error");
+                        break Cow::Borrowed("too far behind in reading");
                     }
-                    self.flush(listener, &client);
+                    self.flush(listener, &client, id);
                 }
                 Packet::Unsubscribe(unsubscribe) => {
-                    self.unsubscribe(listener, &client, &unsubscribe.topics);
+                    self.unsubscribe(listener, &client, id, &unsubscribe.topics);
                     if tx
-                        .send(Packet::UnsubAck(UnsubAck::new(unsubscribe.pkid)))
-                        .await
+                        .try_send(Packet::UnsubAck(UnsubAck::new(unsubscribe.pkid)))
                         .is_err()
                     {
-                        break Cow::Borrowed("connection error");
+                        break Cow::Borrowed("too far behind in reading");
                     }
                 }
                 Packet::PingReq => {
-                    if tx.send(Packet::PingResp).await.is_err() {
-                        break Cow::Borrowed("connection error");
+                    if tx.try_send(Packet::PingResp).is_err() {
+                        break Cow::Borrowed("too far behind in reading");
                     }
                 }
                 Packet::Disconnect => break Cow::Borrowed("disconnected"),
@@ -529,7 +565,13 @@ impl Broker {
         };
         self.detach(listener, &client, id);
         drop(tx);
-        let _ = writer.await;
+        // What is queued goes out if the reader takes it; a stuck one is cut off.
+        if tokio::time::timeout(WRITE_TIMEOUT, &mut writer)
+            .await
+            .is_err()
+        {
+            writer.abort();
+        }
         service.disconnected(listener, &client, &why);
     }
 }

@@ -19,6 +19,19 @@ use serde_json::{Value, json};
 use crate::broker::{Broker, Delivery, ListenerId, Service};
 use crate::emit;
 
+/// The largest device-to-cloud message IoT Hub takes.
+const MAX_MESSAGE: usize = 256 * 1024;
+
+/// Whether DPS takes `id` as a registration id: lowercase letters, digits, `-._:`, at most
+/// 128.
+fn valid_registration_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._:".contains(&b))
+}
+
 /// The listener DPS answers on; hubs are 1..
 pub(crate) const DPS: ListenerId = 0;
 
@@ -261,11 +274,22 @@ impl Cloud {
         let resource = sas::dps_resource(&self.id_scope, registration);
         let now = now();
         let mut state = self.state();
+        if !valid_registration_id(registration) {
+            return Err((
+                ConnectReturnCode::BadClientId,
+                format!("registration id {registration:?}: DPS takes 1-128 of a-z 0-9 - . _ :"),
+            ));
+        }
         let mut last = None;
+        // An individual enrollment decides alone; groups only for ids without one.
+        let individual = state
+            .enrollments
+            .iter()
+            .any(|e| !e.group && &e.name == registration);
         for enrollment in &state.enrollments {
-            let key = if enrollment.group {
+            let key = if enrollment.group && !individual {
                 sas::derive_device_key(&enrollment.key, registration).ok()
-            } else if &enrollment.name == registration {
+            } else if !enrollment.group && &enrollment.name == registration {
                 Some(enrollment.key.clone())
             } else {
                 None
@@ -360,9 +384,16 @@ impl Cloud {
                     "substatus": state.substatus,
                     "payload": body.payload,
                 }));
-                self.state()
-                    .operations
-                    .insert(operation_id.clone(), Operation { state });
+                {
+                    // Only a registration's latest operation is kept.
+                    let mut guard = self.state();
+                    guard
+                        .operations
+                        .retain(|_, op| op.state.registration_id != client);
+                    guard
+                        .operations
+                        .insert(operation_id.clone(), Operation { state });
+                }
                 let body = OperationStatus {
                     operation_id,
                     status: "assigning".into(),
@@ -539,6 +570,12 @@ impl Cloud {
             now(),
         )
         .map_err(|err| (ConnectReturnCode::NotAuthorized, err.to_string()))?;
+        if token.key_name.is_some() {
+            return Err((
+                ConnectReturnCode::NotAuthorized,
+                "a device token has no `skn` (hub-sim has no shared access policies)".into(),
+            ));
+        }
         device.model_id = query.get("model-id").map(str::to_owned);
         Ok(Some(token.expiry))
     }
@@ -547,6 +584,12 @@ impl Cloud {
         let request = HubRequest::parse(device, &publish.topic).map_err(|err| err.to_string())?;
         let listener = hub + 1;
         match request {
+            HubRequest::Telemetry(_) if publish.payload.len() > MAX_MESSAGE => {
+                return Err(format!(
+                    "a {} byte message is over IoT Hub's 256 KiB",
+                    publish.payload.len()
+                ));
+            }
             HubRequest::Telemetry(props) => {
                 self.state().telemetry += 1;
                 emit(&json!({

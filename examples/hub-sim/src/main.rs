@@ -92,7 +92,7 @@ async fn bind(spec: &str) -> anyhow::Result<TcpListener> {
     if spec == "auto" {
         let mut seed = [0u8; 64];
         getrandom::fill(&mut seed).context("the OS's random source")?;
-        for chunk in seed.chunks(3) {
+        for chunk in seed.chunks_exact(3) {
             let [a, b, c] = [chunk[0], chunk[1], chunk[2]];
             // 127.x.y.z with z not 0 or 255, away from 127.0.0.1.
             let ip = Ipv4Addr::new(127, a.max(1), b, c.clamp(1, 254));

@@ -150,7 +150,7 @@ pub async fn register(settings: &DpsSettings) -> Result<Assignment, ProvisionErr
         .device_key()
         .map_err(|err| ProvisionError::Settings(err.to_string()))?;
     let resource = sas::dps_resource(&settings.id_scope, &settings.registration_id);
-    let expiry = unix_now() + settings.token_ttl.as_secs().max(60);
+    let expiry = unix_now().saturating_add(settings.token_ttl.as_secs().clamp(60, 365 * 24 * 3600));
     let password = sas::token(&key, &resource, expiry, None)
         .map_err(|err| ProvisionError::Settings(err.to_string()))?;
     let mut options = MqttOptions::new(&settings.registration_id, &settings.host, settings.port);
@@ -171,7 +171,14 @@ pub async fn register(settings: &DpsSettings) -> Result<Assignment, ProvisionErr
         )));
     let (client, mut events) = AsyncClient::new(options, 16);
     let outcome = converse(settings, &client, &mut events).await;
-    let _ = client.try_disconnect();
+    // Let the DISCONNECT go out (bounded) from a live connection. After an error the
+    // event loop would connect again when polled, so it is dropped instead.
+    if outcome.is_ok() && client.disconnect().await.is_ok() {
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            while events.poll().await.is_ok() {}
+        })
+        .await;
+    }
     outcome
 }
 
@@ -180,7 +187,7 @@ async fn converse(
     client: &AsyncClient,
     events: &mut rumqttc::EventLoop,
 ) -> Result<Assignment, ProvisionError> {
-    let deadline = tokio::time::Instant::now() + settings.timeout;
+    let deadline = tokio::time::Instant::now() + settings.timeout.min(Duration::from_secs(3600));
     let body = serde_json::to_vec(&RegistrationRequest {
         registration_id: settings.registration_id.clone(),
         payload: settings.payload.clone(),
@@ -276,6 +283,9 @@ async fn converse(
                     }
                 }
                 Ok(_) => {}
+                Err(ConnectionError::ConnectionRefused(rumqttc::ConnectReturnCode::ServiceUnavailable)) => {
+                    return Err(ProvisionError::Transient("DPS is unavailable (CONNACK 3)".into()));
+                }
                 Err(ConnectionError::ConnectionRefused(code)) => {
                     return Err(ProvisionError::Refused(format!("DPS refused the connection ({code:?})")));
                 }

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use outpost_store::{DeviceState, NewDevice, Store};
 
+#[path = "outpost/azure.rs"]
+mod azure;
 #[path = "outpost/dashboard.rs"]
 mod dashboard;
 #[path = "outpost/device_agent.rs"]

@@ -9,7 +9,13 @@
 //!   credentials, and registers DPS-style with reprovisioning policies.
 //! * [`inbox`]: deployments from the cloud, handed durably to the rollout engine.
 //! * [`sas`]: SAS-style HMAC-SHA256 registration tokens.
+//!
+//! The `azure-iot` profile ([`Endpoint::Azure`]) runs the same outbox, retries and inbox
+//! over Azure IoT Hub's MQTT dialect (`outpost-azure`): DPS instead of the registration
+//! service, telemetry as device-to-cloud messages, state in the gateway's twin, commands
+//! as direct methods.
 
+mod azure;
 pub mod contract;
 pub mod inbox;
 pub mod metrics;
@@ -25,7 +31,8 @@ pub use outbox::{Message, Outbox, OutboxError, OutboxLimits, OutboxStats, Priori
 pub use registration::RegistrationError;
 pub use session::{ClaimError, LinkState, Uplink, UplinkStatus};
 pub use settings::{
-    BrokerAddr, Credentials, Endpoint, RegistrationSettings, TlsSettings, UplinkSettings,
+    AzureIdentity, AzureSettings, BrokerAddr, Credentials, Endpoint, RegistrationSettings,
+    TlsSettings, UplinkSettings,
 };
 
 pub(crate) use outpost_store::now_millis;

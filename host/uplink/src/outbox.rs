@@ -103,6 +103,8 @@ pub struct Message {
 pub struct Queued {
     /// Position in the outbox (the acknowledgement names it).
     pub seq: i64,
+    /// The message's unique id (a dialect may carry it beside the payload).
+    pub message_id: String,
     /// The MQTT topic.
     pub topic: String,
     /// The payload.
@@ -428,7 +430,7 @@ impl Outbox {
                 .call(move |conn| {
                     let now = now_millis();
                     let mut stmt = conn.prepare_cached(
-                        "SELECT seq, topic, payload, retain FROM outbox \
+                        "SELECT seq, topic, payload, retain, message_id FROM outbox \
                          WHERE priority = ?1 AND seq > ?2 AND expires_at > ?3 ORDER BY seq LIMIT ?4",
                     )?;
                     let mut rows = stmt.query(params![class as i64, after, now, want as i64])?;
@@ -438,6 +440,7 @@ impl Outbox {
                         last = row.get(0)?;
                         out.push(Queued {
                             seq: last,
+                            message_id: row.get(4)?,
                             topic: row.get(1)?,
                             payload: Bytes::from(row.get::<_, Vec<u8>>(2)?),
                             retain: row.get::<_, i64>(3)? != 0,
@@ -662,6 +665,7 @@ async fn commit(inner: &Arc<Inner>, work: Vec<Work>) {
                     live.push(Live {
                         queued: Queued {
                             seq: tx.last_insert_rowid(),
+                            message_id: message.message_id,
                             topic: message.topic,
                             payload: Bytes::from(message.payload),
                             retain: message.retain,

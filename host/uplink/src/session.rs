@@ -17,12 +17,15 @@ use tokio_util::sync::CancellationToken;
 
 use outpost_store::backoff::Backoff;
 
+use crate::azure;
 use crate::contract::{self, Assignment, DesiredState, schema, topics};
 use crate::inbox::DeploymentInbox;
 use crate::now_millis;
 use crate::outbox::{Message, Outbox, OutboxError, Priority};
 use crate::registration::{self, RegistrationError};
-use crate::settings::{BrokerAddr, Credentials, Endpoint, UplinkSettings, rustls_config};
+use crate::settings::{
+    AzureIdentity, AzureSettings, BrokerAddr, Credentials, Endpoint, UplinkSettings, rustls_config,
+};
 
 /// A publish that is not an outbox row (status, online): acknowledged but not deleted.
 const UNTRACKED: i64 = -1;
@@ -240,12 +243,30 @@ fn set_status(shared: &Shared, change: impl FnOnce(&mut UplinkStatus)) {
 /// How one connection ended.
 enum Ended {
     Shutdown,
+    /// The cloud asked for a new registration (IoT Hub's `reprovision` method).
+    Reprovision,
     /// The broker refused the credentials.
     AuthRefused(String),
     /// The broker could not be reached for longer than `reregister_after`.
     Unreachable(String),
     /// A configuration problem no retry fixes.
     Fatal(String),
+}
+
+/// Registers with the registration service or DPS, as the endpoint says.
+async fn register(
+    settings: &UplinkSettings,
+    gateway: &str,
+) -> Result<Assignment, RegistrationError> {
+    match &settings.endpoint {
+        Endpoint::Registration(registration) => {
+            registration::register(registration, settings, gateway).await
+        }
+        Endpoint::Azure(azure) => azure::assignment(azure, settings).await,
+        Endpoint::Fixed { .. } => Err(RegistrationError::Fatal(
+            "a fixed broker needs no registration".to_owned(),
+        )),
+    }
 }
 
 async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
@@ -260,7 +281,7 @@ async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
                 broker,
                 credentials,
             } => (broker.clone(), credentials.clone(), gateway.clone()),
-            Endpoint::Registration(registration_settings) => {
+            Endpoint::Registration(_) | Endpoint::Azure(_) => {
                 let cached = match cached_assignment(&store).await {
                     Ok(cached) => cached,
                     Err(err) => {
@@ -274,11 +295,7 @@ async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
                         set_status(&shared, |s| s.state = LinkState::Registering);
                         let registered = tokio::select! {
                             () = shutdown.cancelled() => break None,
-                            registered = registration::register(
-                                registration_settings,
-                                &shared.settings,
-                                &gateway,
-                            ) => registered,
+                            registered = register(&shared.settings, &gateway) => registered,
                         };
                         match registered {
                             Ok(assignment) => {
@@ -317,9 +334,17 @@ async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
         match connect_and_pump(&shared, &broker, &credentials, &client_id, &shutdown).await {
             Ended::Shutdown => break None,
             Ended::Fatal(why) => break Some(why),
+            Ended::Reprovision => {
+                tracing::info!("the cloud asked the gateway to provision again");
+                let _ = forget_assignment(&store).await;
+            }
             Ended::AuthRefused(why) => match &shared.settings.endpoint {
-                Endpoint::Fixed { .. } => break Some(why),
-                Endpoint::Registration(_) => {
+                Endpoint::Fixed { .. }
+                | Endpoint::Azure(AzureSettings {
+                    identity: AzureIdentity::Direct { .. },
+                    ..
+                }) => break Some(why),
+                Endpoint::Registration(_) | Endpoint::Azure(_) => {
                     tracing::warn!(reason = %why, "the assigned broker refused our credentials; registering again");
                     let _ = forget_assignment(&store).await;
                 }
@@ -340,12 +365,14 @@ async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
     }
 }
 
+/// The options of one connection attempt, and for the `azure-iot` profile when its token
+/// must be renewed (a new token each attempt).
 fn mqtt_options(
     shared: &Shared,
     broker: &BrokerAddr,
     credentials: &Credentials,
     client_id: &str,
-) -> Result<MqttOptions, String> {
+) -> Result<(MqttOptions, Option<Duration>), String> {
     let settings = &shared.settings;
     let mut options = MqttOptions::new(client_id, broker.host.clone(), broker.port);
     options.set_keep_alive(settings.keepalive);
@@ -356,25 +383,40 @@ fn mqtt_options(
     options.set_inflight(window.saturating_add(8));
     options.set_max_packet_size(contract::MAX_PAYLOAD + 4096, contract::MAX_PAYLOAD + 4096);
     options.set_request_channel_capacity(settings.window + 64);
-    if let Some(username) = &credentials.username {
-        options.set_credentials(
-            username.clone(),
-            credentials.password.clone().unwrap_or_default(),
+    let mut renew_in = None;
+    if let Endpoint::Azure(azure) = &settings.endpoint {
+        let login = azure::login(azure, &broker.host, client_id)?;
+        options.set_credentials(login.username, login.password);
+        renew_in = Some(login.renew_in);
+        // IoT Hub sends a will as a device-to-cloud message (it keeps nothing retained).
+        let (topic, payload) = azure::d2c(
+            client_id,
+            &contract::message_id(),
+            "status",
+            &status_payload(shared, "offline", 0).into(),
         );
-    } else if credentials.password.is_some() {
-        options.set_credentials("", credentials.password.clone().unwrap_or_default());
+        options.set_last_will(LastWill::new(topic, payload, QoS::AtLeastOnce, false));
+    } else {
+        if let Some(username) = &credentials.username {
+            options.set_credentials(
+                username.clone(),
+                credentials.password.clone().unwrap_or_default(),
+            );
+        } else if credentials.password.is_some() {
+            options.set_credentials("", credentials.password.clone().unwrap_or_default());
+        }
+        options.set_last_will(LastWill::new(
+            topics::status(&settings.gateway_id),
+            status_payload(shared, "offline", 0),
+            QoS::AtLeastOnce,
+            true,
+        ));
     }
-    options.set_last_will(LastWill::new(
-        topics::status(&settings.gateway_id),
-        status_payload(shared, "offline", 0),
-        QoS::AtLeastOnce,
-        true,
-    ));
     if broker.tls {
         let config = rustls_config(&settings.tls)?;
         options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(config)));
     }
-    Ok(options)
+    Ok((options, renew_in))
 }
 
 fn status_payload(shared: &Shared, state: &str, since: i64) -> Vec<u8> {
@@ -395,20 +437,28 @@ async fn connect_and_pump(
     client_id: &str,
     shutdown: &CancellationToken,
 ) -> Ended {
-    let options = match mqtt_options(shared, broker, credentials, client_id) {
-        Ok(options) => options,
-        Err(why) => return Ended::Fatal(format!("uplink TLS settings: {why}")),
-    };
-    let registration = matches!(shared.settings.endpoint, Endpoint::Registration(_));
+    let registration = matches!(
+        shared.settings.endpoint,
+        Endpoint::Registration(_)
+            | Endpoint::Azure(AzureSettings {
+                identity: AzureIdentity::Dps { .. },
+                ..
+            })
+    );
     let mut backoff = Backoff::new(shared.settings.backoff_min, shared.settings.backoff_max);
     let mut failing_since: Option<Instant> = None;
     set_status(shared, |s| s.broker = Some(broker.to_string()));
     loop {
+        // Made for each attempt: an IoT Hub token is good for one connection's life.
+        let (options, renew_in) = match mqtt_options(shared, broker, credentials, client_id) {
+            Ok(options) => options,
+            Err(why) => return Ended::Fatal(format!("uplink settings: {why}")),
+        };
         set_status(shared, |s| {
             s.state = LinkState::Connecting;
             s.connect_attempts += 1;
         });
-        let (client, mut events) = AsyncClient::new(options.clone(), shared.settings.window + 64);
+        let (client, mut events) = AsyncClient::new(options, shared.settings.window + 64);
         let connected = tokio::select! {
             () = shutdown.cancelled() => return Ended::Shutdown,
             first = events.poll() => first,
@@ -425,11 +475,27 @@ async fn connect_and_pump(
                     s.last_error = None;
                 });
                 tracing::info!(broker = %broker, "uplink connected");
-                let ended = pump(shared, &client, &mut events, since, shutdown).await;
+                let dialect = match &shared.settings.endpoint {
+                    Endpoint::Azure(_) => Dialect::Azure {
+                        device_id: client_id.to_owned(),
+                        renew_at: renew_in.map(|after| tokio::time::Instant::now() + after),
+                    },
+                    _ => Dialect::Outpost,
+                };
+                let ended = pump(shared, &client, &mut events, since, &dialect, shutdown).await;
                 set_status(shared, |s| s.connected_since = None);
                 match ended {
                     Ok(()) => return Ended::Shutdown,
-                    Err(why) => format!("{broker}: {why}"),
+                    Err(Broken::Renew) => {
+                        tracing::info!("reconnecting with a new SAS token before this one expires");
+                        disconnect(&client, &mut events).await;
+                        continue;
+                    }
+                    Err(Broken::Reprovision) => {
+                        disconnect(&client, &mut events).await;
+                        return Ended::Reprovision;
+                    }
+                    Err(Broken::Lost(why)) => format!("{broker}: {why}"),
                 }
             }
             Ok(other) => format!("the broker answered CONNECT with {other:?}"),
@@ -484,15 +550,52 @@ fn tls_advice(error: &str) -> &'static str {
     }
 }
 
+/// Which dialect a connection speaks.
+enum Dialect {
+    /// Outpost's MQTT contract.
+    Outpost,
+    /// IoT Hub's, as the device `device_id`; `renew_at` is when the token needs renewing.
+    Azure {
+        device_id: String,
+        renew_at: Option<tokio::time::Instant>,
+    },
+}
+
+/// Why a connection ended other than by shutdown.
+enum Broken {
+    /// Lost, in words.
+    Lost(String),
+    /// The SAS token is about to expire: connect again with a new one.
+    Renew,
+    /// The cloud asked the gateway to provision again.
+    Reprovision,
+}
+
+impl From<String> for Broken {
+    fn from(why: String) -> Self {
+        Self::Lost(why)
+    }
+}
+
+/// Sends DISCONNECT and lets it go out (bounded), so the broker does not send our will.
+async fn disconnect(client: &AsyncClient, events: &mut EventLoop) {
+    let _ = client.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while events.poll().await.is_ok() {}
+    })
+    .await;
+}
+
 /// Runs one connection: drains the outbox, dispatches what arrives. `Ok` on shutdown,
-/// `Err(why)` when the connection broke.
+/// `Err` when the connection broke or must be made again.
 async fn pump(
     shared: &Arc<Shared>,
     client: &AsyncClient,
     events: &mut EventLoop,
     since: i64,
+    dialect: &Dialect,
     shutdown: &CancellationToken,
-) -> Result<(), String> {
+) -> Result<(), Broken> {
     let gateway = shared.settings.gateway_id.clone();
     let outbox = &shared.outbox;
     let window = shared.settings.window.max(1);
@@ -503,18 +606,38 @@ async fn pump(
     let mut in_flight: HashMap<u16, i64> = HashMap::new();
     let mut cursors = [0i64; 3];
     let mut exhausted = false;
+    // IoT Hub's twin requests of this connection: `get-N` and `patch-N`.
+    let mut next_rid = 0u64;
+    let mut rid = |kind: &str| {
+        next_rid += 1;
+        format!("{kind}-{next_rid}")
+    };
+    let renew_at = match dialect {
+        Dialect::Azure { renew_at, .. } => *renew_at,
+        Dialect::Outpost => None,
+    };
 
     let (acks_tx, acks) = mpsc::unbounded_channel::<i64>();
     let acker = tokio::spawn(acker(outbox.clone(), acks));
     let result = async {
-        for filter in topics::gateway_subscriptions(&gateway) {
+        let subscriptions = match dialect {
+            Dialect::Outpost => topics::gateway_subscriptions(&gateway),
+            Dialect::Azure { device_id, .. } => azure::subscriptions(device_id),
+        };
+        for filter in subscriptions {
             client
                 .subscribe(filter, QoS::AtLeastOnce)
                 .await
                 .map_err(|e| format!("subscribe: {e}"))?;
         }
-        publish_direct(client, &mut handed, topics::status(&gateway), status_payload(shared, "online", since), true)
-            .await?;
+        let online = status_payload(shared, "online", since);
+        let (topic, payload, retain) = status_message(dialect, &gateway, online, &rid("patch"));
+        publish_direct(client, &mut handed, topic, payload, retain).await?;
+        if let Dialect::Azure { .. } = dialect {
+            // The whole twin: the desired state may have changed while we were away.
+            let get = outpost_azure::topics::twin_get(&rid("get"));
+            publish_direct(client, &mut handed, get, Vec::new(), false).await?;
+        }
         queue_after_connect(shared).await;
         loop {
             let room = window.saturating_sub(in_flight.len() + handed.len());
@@ -528,8 +651,22 @@ async fn pump(
                 }
                 for message in batch {
                     handed.push_back(message.seq);
+                    let (topic, payload, retain) = match dialect {
+                        Dialect::Outpost => (message.topic, message.payload, message.retain),
+                        Dialect::Azure { device_id, .. } => {
+                            let (topic, payload) = azure::outgoing(
+                                &gateway,
+                                device_id,
+                                &message.message_id,
+                                &message.topic,
+                                &message.payload,
+                                &rid("patch"),
+                            );
+                            (topic, payload, false)
+                        }
+                    };
                     client
-                        .publish_bytes(message.topic, QoS::AtLeastOnce, message.retain, message.payload)
+                        .publish_bytes(topic, QoS::AtLeastOnce, retain, payload)
                         .await
                         .map_err(|e| format!("publish: {e}"))?;
                 }
@@ -537,7 +674,9 @@ async fn pump(
             }
             tokio::select! {
                 () = shutdown.cancelled() => {
-                    let _ = publish_direct(client, &mut handed, topics::status(&gateway), status_payload(shared, "offline", now_millis()), true).await;
+                    let offline = status_payload(shared, "offline", now_millis());
+                    let (topic, payload, retain) = status_message(dialect, &gateway, offline, &rid("patch"));
+                    let _ = publish_direct(client, &mut handed, topic, payload, retain).await;
                     let _ = client.disconnect().await;
                     // Let the offline status and the DISCONNECT go out (bounded).
                     let _ = tokio::time::timeout(Duration::from_secs(2), async {
@@ -547,19 +686,35 @@ async fn pump(
                     }).await;
                     return Ok(());
                 }
+                () = async { tokio::time::sleep_until(renew_at.unwrap_or_else(tokio::time::Instant::now)).await }, if renew_at.is_some() => {
+                    return Err(Broken::Renew);
+                }
                 () = outbox.committed(), if exhausted => exhausted = false,
                 event = events.poll() => match event {
                     Ok(Event::Outgoing(Outgoing::AwaitAck(pkid))) => {
-                        return Err(format!("packet id {pkid} reused before its acknowledgement; reconnecting"));
+                        return Err(format!("packet id {pkid} reused before its acknowledgement; reconnecting").into());
                     }
-                    Ok(Event::Incoming(Incoming::Publish(publish))) => {
-                        inbound(shared, &publish.topic, &publish.payload).await;
-                    }
+                    Ok(Event::Incoming(Incoming::Publish(publish))) => match dialect {
+                        Dialect::Outpost => inbound(shared, &publish.topic, &publish.payload).await,
+                        Dialect::Azure { device_id, .. } => {
+                            let answer = azure_inbound(shared, device_id, &publish.topic, &publish.payload).await;
+                            for (topic, payload) in answer.publish {
+                                publish_direct(client, &mut handed, topic, payload, false).await?;
+                            }
+                            if answer.get_twin {
+                                let get = outpost_azure::topics::twin_get(&rid("get"));
+                                publish_direct(client, &mut handed, get, Vec::new(), false).await?;
+                            }
+                            if answer.reprovision {
+                                return Err(Broken::Reprovision);
+                            }
+                        }
+                    },
                     Ok(Event::Incoming(Incoming::Disconnect)) => {
-                        return Err("the broker closed the session".to_owned());
+                        return Err("the broker closed the session".to_owned().into());
                     }
                     Ok(event) => track(&event, &mut handed, &mut in_flight, &acks_tx),
-                    Err(err) => return Err(format!("connection lost: {err}")),
+                    Err(err) => return Err(format!("connection lost: {err}").into()),
                 },
             }
         }
@@ -568,6 +723,109 @@ async fn pump(
     drop(acks_tx);
     let _ = acker.await;
     result
+}
+
+/// The gateway's status as the dialect publishes it: retained on its own topic, or a
+/// patch of the twin's reported properties.
+fn status_message(
+    dialect: &Dialect,
+    gateway: &str,
+    payload: Vec<u8>,
+    rid: &str,
+) -> (String, Vec<u8>, bool) {
+    match dialect {
+        Dialect::Outpost => (topics::status(gateway), payload, true),
+        Dialect::Azure { device_id, .. } => {
+            let (topic, payload) = azure::outgoing(
+                gateway,
+                device_id,
+                "",
+                &topics::status(gateway),
+                &payload.into(),
+                rid,
+            );
+            (topic, payload.to_vec(), false)
+        }
+    }
+}
+
+/// What the session does after something IoT Hub sent.
+#[derive(Default)]
+struct AzureAnswer {
+    /// Publishes to make (method responses).
+    publish: Vec<(String, Vec<u8>)>,
+    /// Fetch the whole twin (a desired patch arrived).
+    get_twin: bool,
+    /// Provision again (the `reprovision` method).
+    reprovision: bool,
+}
+
+/// What IoT Hub sent us.
+async fn azure_inbound(
+    shared: &Arc<Shared>,
+    device_id: &str,
+    topic: &str,
+    payload: &[u8],
+) -> AzureAnswer {
+    let mut answer = AzureAnswer::default();
+    let message = match azure::inbound(device_id, topic) {
+        Ok(message) => message,
+        Err(why) => {
+            tracing::warn!(topic, reason = %why, "ignoring a message from IoT Hub on a topic we do not know");
+            return answer;
+        }
+    };
+    match message {
+        azure::Inbound::TwinResponse { status, rid } if rid.starts_with("get-") => {
+            if status != 200 {
+                tracing::warn!(status, "IoT Hub did not give the twin");
+                return answer;
+            }
+            match azure::desired_of_twin(payload) {
+                Ok(desired) => {
+                    if let Err(err) = store_desired(shared, "gateway", &desired).await {
+                        tracing::warn!(error = %err, "cannot store the desired state");
+                    }
+                }
+                Err(why) => tracing::warn!(reason = %why, "ignoring a twin we cannot read"),
+            }
+        }
+        azure::Inbound::TwinResponse { status, rid } => {
+            if status >= 300 {
+                tracing::warn!(
+                    status,
+                    rid,
+                    body = %String::from_utf8_lossy(payload),
+                    "IoT Hub refused a reported-properties patch"
+                );
+            }
+        }
+        azure::Inbound::DesiredPatch => answer.get_twin = true,
+        azure::Inbound::Method { name, rid } => {
+            let (status, body) = if name == "reprovision" {
+                answer.reprovision = true;
+                (200, serde_json::json!({ "reprovisioning": true }))
+            } else {
+                command_answer(shared, &name).await
+            };
+            answer.publish.push((
+                outpost_azure::topics::method_response(i32::from(status), &rid),
+                serde_json::to_vec(&body).expect("serialisable"),
+            ));
+        }
+        azure::Inbound::C2d(props) => {
+            if props.get("outpost-schema") == Some(schema::DEPLOYMENT) {
+                deployment(shared, topic, None, payload).await;
+            } else {
+                tracing::info!(
+                    properties = ?props,
+                    bytes = payload.len(),
+                    "a cloud-to-device message that is not an Outpost deployment; ignored"
+                );
+            }
+        }
+    }
+    answer
 }
 
 /// Packet-id bookkeeping: a new publish takes the next handed seq; a PUBACK releases its
@@ -716,21 +974,7 @@ async fn inbound(shared: &Arc<Shared>, topic: &str, payload: &[u8]) {
             Err(err) => tracing::warn!(topic, error = %err, "ignoring malformed desired state"),
         },
         ["commands", rid] => command(shared, rid, payload).await,
-        ["deployments", id] => match serde_json::from_slice::<contract::Deployment>(payload) {
-            Ok(deployment) if contract::valid_id(id) && deployment.deployment_id == *id => {
-                match shared.inbox.receive(&deployment).await {
-                    Ok(()) => {
-                        tracing::info!(deployment = %deployment.deployment_id, "deployment received");
-                    }
-                    Err(err) => tracing::warn!(error = %err, "cannot store a deployment"),
-                }
-            }
-            Ok(_) => tracing::warn!(
-                topic,
-                "ignoring a deployment whose id does not match its topic"
-            ),
-            Err(err) => tracing::warn!(topic, error = %err, "ignoring a malformed deployment"),
-        },
+        ["deployments", id] => deployment(shared, topic, Some(id), payload).await,
         ["claims", rid, "res"] => {
             match serde_json::from_slice::<contract::ClaimResponse>(payload) {
                 Ok(response) => {
@@ -754,6 +998,47 @@ async fn inbound(shared: &Arc<Shared>, topic: &str, payload: &[u8]) {
     }
 }
 
+/// A deployment from the cloud into the inbox; `id` is the one its topic names.
+async fn deployment(shared: &Arc<Shared>, topic: &str, id: Option<&str>, payload: &[u8]) {
+    match serde_json::from_slice::<contract::Deployment>(payload) {
+        Ok(deployment)
+            if contract::valid_id(&deployment.deployment_id)
+                && id.is_none_or(|id| deployment.deployment_id == id) =>
+        {
+            match shared.inbox.receive(&deployment).await {
+                Ok(()) => {
+                    tracing::info!(deployment = %deployment.deployment_id, "deployment received");
+                }
+                Err(err) => tracing::warn!(error = %err, "cannot store a deployment"),
+            }
+        }
+        Ok(_) => tracing::warn!(
+            topic,
+            "ignoring a deployment whose id does not match its topic or is unusable"
+        ),
+        Err(err) => tracing::warn!(topic, error = %err, "ignoring a malformed deployment"),
+    }
+}
+
+/// A command's status and answer body.
+async fn command_answer(shared: &Arc<Shared>, name: &str) -> (u16, serde_json::Value) {
+    match name {
+        "ping" => (200, serde_json::json!({ "pong": now_millis() })),
+        "report-state" => match queue_reported(shared).await {
+            Ok(()) => (200, serde_json::json!({ "queued": true })),
+            Err(err) => (500, serde_json::json!({ "error": err })),
+        },
+        "outbox-stats" => (
+            200,
+            serde_json::to_value(shared.outbox.stats()).expect("serialisable"),
+        ),
+        other => (
+            404,
+            serde_json::json!({ "error": format!("unknown command {other:?}") }),
+        ),
+    }
+}
+
 async fn command(shared: &Arc<Shared>, rid: &str, payload: &[u8]) {
     if !contract::valid_id(rid) {
         tracing::warn!(rid, "ignoring a command with an unusable request id");
@@ -764,21 +1049,7 @@ async fn command(shared: &Arc<Shared>, rid: &str, payload: &[u8]) {
             400,
             serde_json::json!({ "error": format!("malformed command: {err}") }),
         ),
-        Ok(cmd) => match cmd.name.as_str() {
-            "ping" => (200, serde_json::json!({ "pong": now_millis() })),
-            "report-state" => match queue_reported(shared).await {
-                Ok(()) => (200, serde_json::json!({ "queued": true })),
-                Err(err) => (500, serde_json::json!({ "error": err })),
-            },
-            "outbox-stats" => (
-                200,
-                serde_json::to_value(shared.outbox.stats()).expect("serialisable"),
-            ),
-            other => (
-                404,
-                serde_json::json!({ "error": format!("unknown command {other:?}") }),
-            ),
-        },
+        Ok(cmd) => command_answer(shared, &cmd.name).await,
     };
     let id = contract::message_id();
     let result = contract::CommandResult {

@@ -126,6 +126,73 @@ pub enum Endpoint {
     },
     /// DPS-style: register with an enrollment, then connect where assigned.
     Registration(RegistrationSettings),
+    /// The `azure-iot` profile: Azure IoT Hub (through DPS or directly), speaking IoT
+    /// Hub's MQTT dialect instead of Outpost's contract.
+    Azure(AzureSettings),
+}
+
+/// How an `azure-iot` gateway finds its hub and proves who it is.
+#[derive(Clone)]
+pub enum AzureIdentity {
+    /// Register with Azure's Device Provisioning Service, then connect where assigned.
+    Dps {
+        /// DPS's host (`global.azure-devices-provisioning.net`).
+        host: String,
+        /// The id scope.
+        id_scope: String,
+        /// The registration id (the device id DPS assigns with it).
+        registration_id: String,
+        /// The enrollment's key, or its group's.
+        attestation: outpost_azure::provision::Attestation,
+    },
+    /// A device registered at a hub directly (what its connection string holds).
+    Direct {
+        /// The hub's host name (`{name}.azure-devices.net`).
+        hub: String,
+        /// The device id.
+        device_id: String,
+        /// The device's symmetric key (base64).
+        key: String,
+    },
+}
+
+impl std::fmt::Debug for AzureIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Dps {
+                host,
+                id_scope,
+                registration_id,
+                attestation,
+            } => f
+                .debug_struct("Dps")
+                .field("host", host)
+                .field("id_scope", id_scope)
+                .field("registration_id", registration_id)
+                .field("attestation", attestation)
+                .finish(),
+            Self::Direct { hub, device_id, .. } => f
+                .debug_struct("Direct")
+                .field("hub", hub)
+                .field("device_id", device_id)
+                .field("key", &"<redacted>")
+                .finish(),
+        }
+    }
+}
+
+/// The `azure-iot` profile's settings.
+#[derive(Clone, Debug)]
+pub struct AzureSettings {
+    /// Where the hub comes from.
+    pub identity: AzureIdentity,
+    /// The MQTT port of DPS and the hub (8883).
+    pub port: u16,
+    /// How long each SAS token lives; the gateway reconnects with a new one before it
+    /// expires.
+    pub token_ttl: Duration,
+    /// The IoT Plug and Play model id announced at connect.
+    pub model_id: Option<String>,
 }
 
 /// The registration service and the gateway's enrollment.

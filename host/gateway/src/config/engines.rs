@@ -4,10 +4,54 @@
 use std::time::Duration;
 
 use outpost_uplink::{
-    Credentials, Endpoint, OutboxLimits, RegistrationSettings, TlsSettings, UplinkSettings,
+    AzureIdentity, AzureSettings, Credentials, Endpoint, OutboxLimits, RegistrationSettings,
+    TlsSettings, UplinkSettings,
 };
 
-use crate::config::{Config, UplinkSection};
+use crate::config::{AzureSection, Config, UplinkProfile, UplinkSection};
+
+/// The Plug and Play model the gateway announces to IoT Hub: Device Update's, whose
+/// `deviceUpdate` component its twin carries.
+const AZURE_MODEL_ID: &str = "dtmi:azure:iot:deviceUpdateModel;3";
+
+/// The `azure-iot` profile's settings from `[uplink.azure]` (checked by the parser).
+fn azure(gateway: &str, section: &AzureSection) -> AzureSettings {
+    let key = section
+        .symmetric_key
+        .as_ref()
+        .or(section.group_key.as_ref())
+        .map(|key| key.expose().to_owned())
+        .unwrap_or_default();
+    let identity = match (&section.id_scope, &section.hub) {
+        (Some(id_scope), _) => AzureIdentity::Dps {
+            host: section.dps_host.clone(),
+            id_scope: id_scope.clone(),
+            registration_id: section
+                .registration_id
+                .clone()
+                .unwrap_or_else(|| gateway.to_owned()),
+            attestation: if section.group_key.is_some() {
+                outpost_azure::provision::Attestation::GroupKey(key)
+            } else {
+                outpost_azure::provision::Attestation::SymmetricKey(key)
+            },
+        },
+        (None, hub) => AzureIdentity::Direct {
+            hub: hub.clone().unwrap_or_default(),
+            device_id: section
+                .device_id
+                .clone()
+                .unwrap_or_else(|| gateway.to_owned()),
+            key,
+        },
+    };
+    AzureSettings {
+        identity,
+        port: section.port,
+        token_ttl: Duration::from_secs(u64::from(section.token_ttl_secs.get())),
+        model_id: Some(AZURE_MODEL_ID.to_owned()),
+    }
+}
 
 /// The outbox bounds from `[outbox]`.
 pub(crate) fn outbox_limits(config: &Config) -> OutboxLimits {
@@ -22,6 +66,13 @@ pub(crate) fn outbox_limits(config: &Config) -> OutboxLimits {
 pub(crate) fn settings(config: &Config, uplink: &UplinkSection) -> UplinkSettings {
     let gateway = config.gateway.id.as_str().to_owned();
     let endpoint = match (&uplink.registration, &uplink.broker) {
+        _ if uplink.profile == UplinkProfile::AzureIot => Endpoint::Azure(azure(
+            &gateway,
+            uplink
+                .azure
+                .as_ref()
+                .expect("the config parser requires [uplink.azure] for azure-iot"),
+        )),
         (Some(registration), _) => Endpoint::Registration(RegistrationSettings {
             broker: registration.broker.clone(),
             credentials: Credentials {

@@ -214,6 +214,10 @@ pub(crate) struct BleSection {
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct UplinkSection {
+    /// Which cloud dialect: `outpost` (Outpost's MQTT contract, the default) or
+    /// `azure-iot` (Azure IoT Hub and DPS, configured in `[uplink.azure]`).
+    #[serde(default)]
+    pub(crate) profile: UplinkProfile,
     /// A fixed broker; absent when `[uplink.registration]` assigns one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) broker: Option<BrokerAddr>,
@@ -247,6 +251,63 @@ pub(crate) struct UplinkSection {
     pub(crate) window: NonZeroU32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) registration: Option<RegistrationSection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) azure: Option<AzureSection>,
+}
+
+/// `uplink.profile`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum UplinkProfile {
+    /// Outpost's own MQTT contract (docs/cloud-contract.md).
+    #[default]
+    Outpost,
+    /// Azure IoT Hub and DPS (docs/azure-iot.md).
+    AzureIot,
+}
+
+/// `[uplink.azure]`: the `azure-iot` profile's hub, through DPS (`id_scope`) or directly
+/// (`hub`).
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AzureSection {
+    /// DPS's host.
+    #[serde(default = "default_dps_host")]
+    pub(crate) dps_host: String,
+    /// DPS's id scope (with DPS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) id_scope: Option<String>,
+    /// The registration id (with DPS); absent: the gateway id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) registration_id: Option<String>,
+    /// The hub's host name (without DPS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) hub: Option<String>,
+    /// The device id at the hub (without DPS); absent: the gateway id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) device_id: Option<String>,
+    /// The individual enrollment's (or the device's) symmetric key, base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) symmetric_key: Option<Secret>,
+    /// An enrollment group's key, base64 (with DPS): the gateway derives its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) group_key: Option<Secret>,
+    /// The MQTT port of DPS and the hub.
+    #[serde(default = "default_azure_port")]
+    pub(crate) port: u16,
+    /// How long each SAS token lives (renewed 2 minutes before it expires).
+    #[serde(default = "default_token_ttl_secs")]
+    pub(crate) token_ttl_secs: NonZeroU32,
+}
+
+fn default_dps_host() -> String {
+    "global.azure-devices-provisioning.net".to_owned()
+}
+fn default_azure_port() -> u16 {
+    8883
+}
+fn default_token_ttl_secs() -> NonZeroU32 {
+    NonZeroU32::new(3600).expect("non-zero")
 }
 
 /// `[uplink.registration]`: DPS-style registration with an enrollment.
@@ -289,6 +350,86 @@ impl Default for OutboxSection {
             max_messages: default_outbox_messages(),
             max_size_mib: default_outbox_mib(),
             ttl_secs: default_outbox_ttl(),
+        }
+    }
+}
+
+/// What each profile needs and refuses in `[uplink]`.
+fn check_profile(uplink: &UplinkSection) -> Result<(), String> {
+    match uplink.profile {
+        UplinkProfile::Outpost => {
+            if uplink.azure.is_some() {
+                return Err(
+                    "[uplink.azure] is for uplink.profile = \"azure-iot\"; set the profile or \
+                     remove the section"
+                        .into(),
+                );
+            }
+            if uplink.broker.is_none() && uplink.registration.is_none() {
+                return Err(
+                    "[uplink] needs a broker, or an [uplink.registration] that assigns one".into(),
+                );
+            }
+            Ok(())
+        }
+        UplinkProfile::AzureIot => {
+            if uplink.broker.is_some() || uplink.registration.is_some() {
+                return Err("uplink.profile = \"azure-iot\" finds its hub through \
+                     [uplink.azure]: remove uplink.broker and [uplink.registration]"
+                    .into());
+            }
+            if uplink.username.is_some() || uplink.password.is_some() {
+                return Err(
+                    "uplink.profile = \"azure-iot\" signs its own SAS tokens: remove \
+                     uplink.username and uplink.password"
+                        .into(),
+                );
+            }
+            let azure = uplink.azure.as_ref().ok_or(
+                "uplink.profile = \"azure-iot\" needs [uplink.azure] with id_scope (DPS) or hub",
+            )?;
+            match (&azure.id_scope, &azure.hub) {
+                (Some(_), Some(_)) => {
+                    return Err(
+                        "[uplink.azure]: give id_scope (through DPS) or hub (a device \
+                         registered at the hub), not both"
+                            .into(),
+                    );
+                }
+                (None, None) => {
+                    return Err("[uplink.azure] needs id_scope (through DPS) or hub".into());
+                }
+                (None, Some(_)) if azure.group_key.is_some() => {
+                    return Err(
+                        "[uplink.azure]: a group_key needs DPS (id_scope); a hub takes \
+                         the device's symmetric_key"
+                            .into(),
+                    );
+                }
+                (None, Some(_)) if azure.registration_id.is_some() => {
+                    return Err(
+                        "[uplink.azure]: registration_id is for DPS; a hub takes device_id".into(),
+                    );
+                }
+                (Some(_), None) if azure.device_id.is_some() => {
+                    return Err(
+                        "[uplink.azure]: DPS assigns the device id; give registration_id".into(),
+                    );
+                }
+                _ => {}
+            }
+            match (&azure.symmetric_key, &azure.group_key) {
+                (Some(_), Some(_)) => {
+                    Err("[uplink.azure]: give symmetric_key or group_key, not both".into())
+                }
+                (None, None) => Err(
+                    "[uplink.azure] needs symmetric_key (or group_key for an enrollment group)"
+                        .into(),
+                ),
+                (Some(key), None) | (None, Some(key)) => outpost_azure::sas::sign(key.expose(), "")
+                    .map(|_| ())
+                    .map_err(|err| format!("[uplink.azure]: {err}")),
+            }
         }
     }
 }
@@ -815,11 +956,8 @@ impl Config {
             if let Some(cert) = &mut uplink.client_cert {
                 *cert = base.join(&*cert);
             }
-            if uplink.broker.is_none() && uplink.registration.is_none() {
-                return Err(located(
-                    None,
-                    "[uplink] needs a broker, or an [uplink.registration] that assigns one".into(),
-                ));
+            if let Err(why) = check_profile(uplink) {
+                return Err(located(None, why));
             }
             if uplink.client_cert.is_some() != uplink.client_key.is_some() {
                 return Err(located(
@@ -908,6 +1046,10 @@ impl Config {
             if let Some(registration) = uplink.registration.as_mut() {
                 uplink_secrets.push(&mut registration.key);
                 uplink_secrets.extend(registration.password.as_mut());
+            }
+            if let Some(azure) = uplink.azure.as_mut() {
+                uplink_secrets.extend(azure.symmetric_key.as_mut());
+                uplink_secrets.extend(azure.group_key.as_mut());
             }
         }
         let claim_key = self.onboarding.claim.as_mut().map(|c| &mut c.ca_key);

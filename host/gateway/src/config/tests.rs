@@ -289,3 +289,74 @@ fn redacted_toml_reparses_to_the_same_effective_config() {
     assert_eq!(again.api.bind, config.api.bind);
     assert!(text.contains("runs offline"), "{text}");
 }
+
+#[test]
+fn the_azure_iot_profile_takes_dps_or_a_hub_and_says_what_is_wrong() {
+    const KEY: &str = "a2V5IGZvciB0aGUgYXp1cmUgY29uZmlnIHRlc3Q=";
+    let dps = parse(&format!(
+        "[gateway]\nid = \"gw\"\n[uplink]\nprofile = \"azure-iot\"\n[uplink.azure]\n\
+         id_scope = \"0ne0001\"\ngroup_key = \"{KEY}\"\n"
+    ))
+    .unwrap();
+    let azure = dps.uplink.as_ref().unwrap().azure.as_ref().unwrap();
+    assert_eq!(azure.dps_host, "global.azure-devices-provisioning.net");
+    assert_eq!((azure.port, azure.token_ttl_secs.get()), (8883, 3600));
+    let shown = dps.to_redacted_toml();
+    assert!(!shown.contains(KEY), "the group key leaked: {shown}");
+    parse(&format!(
+        "[gateway]\nid = \"gw\"\n[uplink]\nprofile = \"azure-iot\"\n[uplink.azure]\n\
+         hub = \"site.azure-devices.net\"\ndevice_id = \"gw-1\"\nsymmetric_key = \"{KEY}\"\n"
+    ))
+    .unwrap();
+    let base = "[gateway]\nid = \"gw\"\n[uplink]\n";
+    for (uplink, needle) in [
+        ("profile = \"azure-iot\"\n", "needs [uplink.azure]"),
+        (
+            "profile = \"azure-iot\"\nbroker = \"mqtt://h\"\n[uplink.azure]\nhub = \"h\"\nsymmetric_key = \"a2V5\"\n",
+            "remove uplink.broker",
+        ),
+        (
+            "profile = \"azure-iot\"\npassword = \"x\"\n[uplink.azure]\nhub = \"h\"\nsymmetric_key = \"a2V5\"\n",
+            "signs its own SAS tokens",
+        ),
+        (
+            "profile = \"azure-iot\"\n[uplink.azure]\nsymmetric_key = \"a2V5\"\n",
+            "needs id_scope (through DPS) or hub",
+        ),
+        (
+            "profile = \"azure-iot\"\n[uplink.azure]\nhub = \"h\"\nid_scope = \"s\"\nsymmetric_key = \"a2V5\"\n",
+            "not both",
+        ),
+        (
+            "profile = \"azure-iot\"\n[uplink.azure]\nhub = \"h\"\ngroup_key = \"a2V5\"\n",
+            "a group_key needs DPS",
+        ),
+        (
+            "profile = \"azure-iot\"\n[uplink.azure]\nid_scope = \"s\"\n",
+            "needs symmetric_key",
+        ),
+        (
+            "profile = \"azure-iot\"\n[uplink.azure]\nid_scope = \"s\"\nsymmetric_key = \"a2V5\"\ngroup_key = \"a2V5\"\n",
+            "not both",
+        ),
+        (
+            "profile = \"azure-iot\"\n[uplink.azure]\nid_scope = \"s\"\nsymmetric_key = \"not base64!\"\n",
+            "not base64",
+        ),
+        (
+            "profile = \"azure-iot\"\n[uplink.azure]\nid_scope = \"s\"\ndevice_id = \"d\"\nsymmetric_key = \"a2V5\"\n",
+            "DPS assigns the device id",
+        ),
+        (
+            "broker = \"mqtt://h\"\n[uplink.azure]\nhub = \"h\"\nsymmetric_key = \"a2V5\"\n",
+            "is for uplink.profile = \"azure-iot\"",
+        ),
+        (
+            "profile = \"aws\"\nbroker = \"mqtt://h\"\n",
+            "unknown variant",
+        ),
+    ] {
+        let err = parse(&format!("{base}{uplink}")).unwrap_err();
+        assert!(err.to_string().contains(needle), "{needle:?} not in: {err}");
+    }
+}

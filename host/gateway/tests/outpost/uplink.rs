@@ -234,7 +234,7 @@ fn uplink_site(uplink: &str, outbox: &str) -> Site {
 }
 
 /// Polls `/api/v1/uplink` until `pred` holds.
-fn wait_uplink(
+pub(crate) fn wait_uplink(
     addr: SocketAddr,
     token: &str,
     what: &str,
@@ -280,14 +280,14 @@ pub(crate) fn http(
 }
 
 /// A device token for esp-1.
-fn device_token(addr: SocketAddr, admin: &str) -> String {
+pub(crate) fn device_token(addr: SocketAddr, admin: &str) -> String {
     let (status, json) = http(addr, "POST", "/api/v1/devices/esp-1/credential", admin, "");
     assert_eq!(status, 201, "{json}");
     json["token"].as_str().unwrap().to_owned()
 }
 
 /// Posts `n` telemetry records for esp-1 in batches; returns their message ids.
-fn post_telemetry(addr: SocketAddr, token: &str, n: usize, tag: &str) -> Vec<String> {
+pub(crate) fn post_telemetry(addr: SocketAddr, token: &str, n: usize, tag: &str) -> Vec<String> {
     let mut ids = Vec::new();
     let mut sent = 0;
     while sent < n {

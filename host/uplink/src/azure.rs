@@ -1,0 +1,411 @@
+//! The `azure-iot` profile's side of the session: where the hub comes from (DPS or a
+//! directly registered device), the credentials of each connection, the subscriptions,
+//! what each outbox message becomes on IoT Hub, and what IoT Hub sends.
+//!
+//! | Outpost (outbox topic under `gw/{gateway}/`) | IoT Hub |
+//! |---|---|
+//! | `status` (online/offline) | reported `outpost.status` of the gateway's twin |
+//! | `reported` (the gateway's state) | reported `outpost.gateway` |
+//! | `lobby/{device}` | reported `outpost.devices.{device}.lobby` |
+//! | `reported/{device}` | reported `outpost.devices.{device}.reported` |
+//! | anything else (telemetry, results, rollouts, claims) | a device-to-cloud message on `devices/{gateway}/messages/events/` with `$.mid` (the message id), `$.ct`/`$.ce` (JSON, UTF-8), `outpost-topic` (the Outpost topic below the gateway), `outpost-schema` and, for a device's message, `outpost-device` |
+//! | desired state `gateway` | the twin's desired properties (`$version` orders them) |
+//! | commands | direct methods, answered on `$iothub/methods/res/{status}` |
+//! | deployments | cloud-to-device messages with `outpost-schema=outpost.deployment/1` |
+//!
+//! A device id with a `.` (which twin property names may not hold) is written with `%2E`.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use outpost_azure::props::Props;
+use outpost_azure::provision::{self, DpsSettings, ProvisionError};
+use outpost_azure::sas;
+use outpost_azure::topics::{self, HubMessage};
+use outpost_store::backoff::Backoff;
+use serde_json::{Value, json};
+
+use crate::contract::{self, Assignment, ReprovisionPolicy};
+use crate::registration::RegistrationError;
+use crate::settings::{AzureIdentity, AzureSettings, UplinkSettings, rustls_config};
+
+/// IoT Hub's MQTT API version the gateway speaks.
+pub(crate) const API_VERSION: &str = "2021-04-12";
+/// How long a registration with DPS may take before it counts as a transient failure.
+const DPS_TIMEOUT: Duration = Duration::from_secs(60);
+/// Transient DPS failures: the first retry after 10–20 s, doubling up to 100 s.
+const DPS_BACKOFF_MIN: Duration = Duration::from_secs(10);
+const DPS_BACKOFF_MAX: Duration = Duration::from_secs(100);
+/// A token is renewed this long before it expires (as Microsoft's SDKs do); one that lives
+/// less than ten times as long, at 90 % of its life.
+const RENEW_MARGIN: Duration = Duration::from_secs(120);
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
+fn assignment_for(
+    azure: &AzureSettings,
+    hub: &str,
+    device_id: &str,
+    substatus: &str,
+) -> Assignment {
+    Assignment {
+        broker: format!("mqtts://{hub}:{}", azure.port),
+        device_id: device_id.to_owned(),
+        // The username and the token are made at each connect (the token expires).
+        username: None,
+        password: None,
+        substatus: substatus.to_owned(),
+        policy: ReprovisionPolicy::default(),
+        initial_state: None,
+    }
+}
+
+/// The hub assignment: registered through DPS until assigned or refused (a transient
+/// failure backs off and tries again), or the directly registered device's.
+pub(crate) async fn assignment(
+    azure: &AzureSettings,
+    settings: &UplinkSettings,
+) -> Result<Assignment, RegistrationError> {
+    let (host, id_scope, registration_id, attestation) = match &azure.identity {
+        AzureIdentity::Direct { hub, device_id, .. } => {
+            return Ok(assignment_for(azure, hub, device_id, "initialAssignment"));
+        }
+        AzureIdentity::Dps {
+            host,
+            id_scope,
+            registration_id,
+            attestation,
+        } => (host, id_scope, registration_id, attestation),
+    };
+    let tls = rustls_config(&settings.tls)
+        .map_err(|why| RegistrationError::Fatal(format!("uplink TLS settings: {why}")))?;
+    let dps = DpsSettings {
+        host: host.clone(),
+        port: azure.port,
+        id_scope: id_scope.clone(),
+        registration_id: registration_id.clone(),
+        attestation: attestation.clone(),
+        tls,
+        payload: None,
+        token_ttl: azure.token_ttl,
+        timeout: DPS_TIMEOUT,
+        client_version: format!("outpost/{}", settings.version),
+    };
+    let mut backoff = Backoff::new(DPS_BACKOFF_MIN, DPS_BACKOFF_MAX);
+    loop {
+        match provision::register(&dps).await {
+            Ok(assigned) => {
+                tracing::info!(hub = %assigned.hub, device = %assigned.device_id, substatus = %assigned.substatus, "DPS assigned the gateway");
+                return Ok(assignment_for(
+                    azure,
+                    &assigned.hub,
+                    &assigned.device_id,
+                    &assigned.substatus,
+                ));
+            }
+            Err(ProvisionError::Refused(why)) => {
+                return Err(RegistrationError::Refused(format!(
+                    "DPS refused the registration ({why}); not retrying. Fix [uplink.azure] \
+                     (id_scope, registration_id, symmetric_key or group_key) and restart"
+                )));
+            }
+            Err(err @ (ProvisionError::Failed { .. } | ProvisionError::Settings(_))) => {
+                return Err(RegistrationError::Fatal(err.to_string()));
+            }
+            Err(ProvisionError::Transient(why)) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(reason = %why, retry_in = ?delay, "DPS registration did not finish; trying again");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+/// The key the gateway signs its hub tokens with.
+fn device_key(azure: &AzureSettings) -> Result<String, String> {
+    match &azure.identity {
+        AzureIdentity::Direct { key, .. } => Ok(key.clone()),
+        AzureIdentity::Dps {
+            registration_id,
+            attestation,
+            ..
+        } => match attestation {
+            provision::Attestation::SymmetricKey(key) => Ok(key.clone()),
+            provision::Attestation::GroupKey(group) => {
+                sas::derive_device_key(group, registration_id).map_err(|err| err.to_string())
+            }
+        },
+    }
+}
+
+/// A connection's credentials at the hub and when to renew them.
+pub(crate) struct HubLogin {
+    /// `{hub}/{deviceId}/?api-version=…[&model-id=…]`.
+    pub(crate) username: String,
+    /// A SAS token for `{hub}/devices/{deviceId}`.
+    pub(crate) password: String,
+    /// When to reconnect with a fresh token.
+    pub(crate) renew_in: Duration,
+}
+
+/// Credentials for one connection to `hub` as `device_id`.
+pub(crate) fn login(azure: &AzureSettings, hub: &str, device_id: &str) -> Result<HubLogin, String> {
+    let mut query = Props::default();
+    query.push("api-version", API_VERSION);
+    if let Some(model) = &azure.model_id {
+        query.push("model-id", model.clone());
+    }
+    let ttl = azure.token_ttl.max(Duration::from_secs(5));
+    let expiry = unix_now() + ttl.as_secs();
+    let password = sas::token(
+        &device_key(azure)?,
+        &sas::hub_resource(hub, device_id),
+        expiry,
+        None,
+    )
+    .map_err(|err| err.to_string())?;
+    let renew_in = if ttl > RENEW_MARGIN * 10 {
+        ttl - RENEW_MARGIN
+    } else {
+        ttl.mul_f64(0.9)
+    };
+    Ok(HubLogin {
+        username: format!("{hub}/{device_id}/?{query}"),
+        password,
+        renew_in,
+    })
+}
+
+/// What the gateway subscribes to at its hub.
+pub(crate) fn subscriptions(device_id: &str) -> Vec<String> {
+    vec![
+        topics::TWIN_RESPONSES.to_owned(),
+        topics::DESIRED_PATCHES.to_owned(),
+        topics::METHOD_CALLS.to_owned(),
+        topics::c2d_filter(device_id),
+    ]
+}
+
+/// A twin property name for a device id (`.` is not allowed in one).
+fn twin_name(device: &str) -> String {
+    device.replace('.', "%2E")
+}
+
+/// A reported-properties patch for the gateway's twin.
+fn reported(patch: &Value, rid: &str) -> (String, Bytes) {
+    (
+        topics::twin_patch_reported(rid),
+        Bytes::from(json!({ "outpost": patch }).to_string()),
+    )
+}
+
+/// What an outbox message becomes at the hub: a reported-properties patch (state) or a
+/// device-to-cloud message (everything else). `rid` names a twin patch's request.
+pub(crate) fn outgoing(
+    gateway: &str,
+    device_id: &str,
+    message_id: &str,
+    topic: &str,
+    payload: &Bytes,
+    rid: &str,
+) -> (String, Bytes) {
+    let prefix = format!("{}/gw/{gateway}/", contract::ROOT);
+    let tail = topic.strip_prefix(&prefix).unwrap_or(topic);
+    let parts: Vec<&str> = tail.split('/').collect();
+    let body = || serde_json::from_slice::<Value>(payload).unwrap_or(Value::Null);
+    match parts.as_slice() {
+        ["status"] => return reported(&json!({ "status": body() }), rid),
+        ["reported"] => return reported(&json!({ "gateway": body() }), rid),
+        ["lobby", device] => {
+            return reported(
+                &json!({ "devices": { twin_name(device): { "lobby": body() } } }),
+                rid,
+            );
+        }
+        ["reported", device] => {
+            return reported(
+                &json!({ "devices": { twin_name(device): { "reported": body() } } }),
+                rid,
+            );
+        }
+        _ => {}
+    }
+    d2c(device_id, message_id, tail, payload)
+}
+
+/// A device-to-cloud message for the Outpost topic `tail` (below `gw/{gateway}/`).
+pub(crate) fn d2c(
+    device_id: &str,
+    message_id: &str,
+    tail: &str,
+    payload: &Bytes,
+) -> (String, Bytes) {
+    let parts: Vec<&str> = tail.split('/').collect();
+    let mut props = Props::default();
+    props
+        .push("$.mid", message_id)
+        .push("$.ct", "application/json")
+        .push("$.ce", "utf-8")
+        .push("outpost-topic", tail);
+    if let Some(schema) = serde_json::from_slice::<SchemaOnly>(payload)
+        .ok()
+        .and_then(|s| s.schema)
+    {
+        props.push("outpost-schema", schema);
+    }
+    let device = match parts.as_slice() {
+        ["telemetry", device] | ["claimed", device] | ["results", _, device] => Some(*device),
+        _ => None,
+    };
+    if let Some(device) = device {
+        props.push("outpost-device", device);
+    }
+    (topics::telemetry(device_id, &props), payload.clone())
+}
+
+#[derive(serde::Deserialize)]
+struct SchemaOnly {
+    schema: Option<String>,
+}
+
+/// What the hub sent, as the session acts on it.
+pub(crate) enum Inbound {
+    /// The answer to a twin request.
+    TwinResponse {
+        /// Its status.
+        status: u16,
+        /// The request id.
+        rid: String,
+    },
+    /// A desired-properties patch (the session fetches the whole twin for it).
+    DesiredPatch,
+    /// A direct method.
+    Method {
+        /// Its name.
+        name: String,
+        /// The request id to answer.
+        rid: String,
+    },
+    /// A cloud-to-device message.
+    C2d(Props),
+}
+
+/// Reads a topic the hub published to `device_id`.
+pub(crate) fn inbound(device_id: &str, topic: &str) -> Result<Inbound, String> {
+    match HubMessage::parse(device_id, topic).map_err(|err| err.to_string())? {
+        HubMessage::TwinResponse { status, rid, .. } => Ok(Inbound::TwinResponse { status, rid }),
+        HubMessage::DesiredPatch { .. } => Ok(Inbound::DesiredPatch),
+        HubMessage::MethodCall { name, rid } => Ok(Inbound::Method { name, rid }),
+        HubMessage::C2d(props) => Ok(Inbound::C2d(props)),
+    }
+}
+
+/// The desired properties of a twin GET's body as the gateway's desired state: the
+/// version and the properties without IoT Hub's `$version` and `$metadata`.
+pub(crate) fn desired_of_twin(body: &[u8]) -> Result<contract::DesiredState, String> {
+    let twin: Value =
+        serde_json::from_slice(body).map_err(|err| format!("the twin is not JSON: {err}"))?;
+    let mut desired = twin
+        .get("desired")
+        .and_then(Value::as_object)
+        .cloned()
+        .ok_or("the twin has no desired properties")?;
+    let version = desired
+        .remove("$version")
+        .and_then(|v| v.as_u64())
+        .ok_or("the desired properties have no $version")?;
+    desired.retain(|name, _| !name.starts_with('$'));
+    Ok(contract::DesiredState {
+        schema: contract::schema::DESIRED.to_owned(),
+        version,
+        body: Value::Object(desired),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_goes_to_the_twin_and_the_rest_to_device_to_cloud_messages() {
+        let gateway = "gw-1";
+        let reported_topic = contract::topics::device_reported(gateway, "esp.7");
+        let (topic, body) = outgoing(
+            gateway,
+            "gw-1",
+            "m1",
+            &reported_topic,
+            &Bytes::from_static(b"{\"fw\":\"1.2\"}"),
+            "5",
+        );
+        assert_eq!(topic, "$iothub/twin/PATCH/properties/reported/?$rid=5");
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            body,
+            json!({"outpost": {"devices": {"esp%2E7": {"reported": {"fw": "1.2"}}}}})
+        );
+
+        let telemetry = contract::topics::telemetry(gateway, "esp-1");
+        let payload = Bytes::from_static(b"{\"schema\":\"outpost.telemetry/1\",\"t\":1}");
+        let (topic, body) = outgoing(gateway, "gw-1", "m2", &telemetry, &payload, "6");
+        assert_eq!(body, payload);
+        let props =
+            Props::parse(topic.strip_prefix("devices/gw-1/messages/events/").unwrap()).unwrap();
+        assert_eq!(props.get("$.mid"), Some("m2"));
+        assert_eq!(props.get("$.ct"), Some("application/json"));
+        assert_eq!(props.get("outpost-device"), Some("esp-1"));
+        assert_eq!(props.get("outpost-topic"), Some("telemetry/esp-1"));
+        assert_eq!(props.get("outpost-schema"), Some("outpost.telemetry/1"));
+    }
+
+    #[test]
+    fn a_twin_gives_the_desired_state_without_iot_hub_metadata() {
+        let body =
+            br#"{"desired":{"interval":5,"$version":7,"$metadata":{}},"reported":{"$version":2}}"#;
+        let desired = desired_of_twin(body).unwrap();
+        assert_eq!(desired.version, 7);
+        assert_eq!(desired.body, json!({"interval": 5}));
+        assert!(desired_of_twin(b"{}").is_err());
+        assert!(desired_of_twin(br#"{"desired":{}}"#).is_err());
+    }
+
+    #[test]
+    fn the_login_names_the_hub_device_model_and_renews_before_expiry() {
+        let azure = AzureSettings {
+            identity: AzureIdentity::Direct {
+                hub: "hub.example".into(),
+                device_id: "gw-1".into(),
+                key: "a2V5".into(),
+            },
+            port: 8883,
+            token_ttl: Duration::from_secs(3600),
+            model_id: Some("dtmi:azure:iot:deviceUpdateModel;3".into()),
+        };
+        let login = login(&azure, "hub.example", "gw-1").unwrap();
+        assert_eq!(
+            login.username,
+            "hub.example/gw-1/?api-version=2021-04-12&model-id=dtmi%3Aazure%3Aiot%3AdeviceUpdateModel%3B3"
+        );
+        assert!(
+            login
+                .password
+                .starts_with("SharedAccessSignature sr=hub.example%2Fdevices%2Fgw-1&sig=")
+        );
+        assert_eq!(login.renew_in, Duration::from_secs(3480));
+        let short = AzureSettings {
+            token_ttl: Duration::from_secs(60),
+            ..azure
+        };
+        assert_eq!(
+            super::login(&short, "hub.example", "gw-1")
+                .unwrap()
+                .renew_in,
+            Duration::from_secs(54)
+        );
+    }
+}
