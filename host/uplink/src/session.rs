@@ -176,7 +176,9 @@ impl Uplink {
             .await
     }
 
-    /// Asks the cloud to sign a device's CSR; returns the certificate (PEM).
+    /// Asks the cloud to sign a device's CSR; returns the certificate (PEM). Offline (and
+    /// with the `azure-iot` profile, which has no claim service) it is
+    /// [`ClaimError::Offline`], so the caller may sign with its local CA.
     pub async fn claim(
         &self,
         device_id: &str,
@@ -184,7 +186,10 @@ impl Uplink {
         csr_pem: &str,
         timeout: Duration,
     ) -> Result<String, ClaimError> {
-        if self.status().state != LinkState::Connected {
+        // IoT Hub has no claim service: the caller's local CA signs, as when offline.
+        if self.status().state != LinkState::Connected
+            || matches!(self.shared.settings.endpoint, Endpoint::Azure(_))
+        {
             return Err(ClaimError::Offline);
         }
         let rid = contract::message_id();
@@ -454,6 +459,8 @@ async fn connect_and_pump(
             Ok(options) => options,
             Err(why) => return Ended::Fatal(format!("uplink settings: {why}")),
         };
+        // Counted from when the token was made, not from when the connection came up.
+        let renew_at = renew_in.map(|after| tokio::time::Instant::now() + after);
         set_status(shared, |s| {
             s.state = LinkState::Connecting;
             s.connect_attempts += 1;
@@ -478,7 +485,7 @@ async fn connect_and_pump(
                 let dialect = match &shared.settings.endpoint {
                     Endpoint::Azure(_) => Dialect::Azure {
                         device_id: client_id.to_owned(),
-                        renew_at: renew_in.map(|after| tokio::time::Instant::now() + after),
+                        renew_at,
                     },
                     _ => Dialect::Outpost,
                 };

@@ -161,8 +161,8 @@ fn the_token_is_renewed_before_it_expires_and_a_wrong_key_stops_the_uplink() {
         &["--enrollment", &format!("gw-test:{KEY}")],
     );
     let hub = sim.hub().to_owned();
-    // Tokens that live 6 s: renewed at 90 % of their life, each on a new connection
-    // that ends with DISCONNECT, never by IoT Hub for an expired token.
+    // Tokens that live 6 s: renewed at half their life, each on a new connection that
+    // ends with DISCONNECT, never by IoT Hub for an expired token.
     let site = azure_site(&sim, KEY, "token_ttl_secs = 6");
     let mut gateway = Gateway::spawn(&site.config(), &[]);
     gateway.ready();
