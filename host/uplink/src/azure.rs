@@ -320,7 +320,9 @@ pub(crate) fn desired_of_twin(body: &[u8]) -> Result<contract::DesiredState, Str
         .remove("$version")
         .and_then(|v| v.as_u64())
         .ok_or("the desired properties have no $version")?;
-    desired.retain(|name, _| !name.starts_with('$'));
+    // IoT Hub's own `$version`/`$metadata`, and Plug and Play components (`"__t": "c"`,
+    // such as Device Update's `deviceUpdate`), which are not the gateway's desired state.
+    desired.retain(|name, value| !name.starts_with('$') && value.get("__t") != Some(&json!("c")));
     Ok(contract::DesiredState {
         schema: contract::schema::DESIRED.to_owned(),
         version,

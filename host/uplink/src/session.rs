@@ -287,53 +287,73 @@ async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
                 credentials,
             } => (broker.clone(), credentials.clone(), gateway.clone()),
             Endpoint::Registration(_) | Endpoint::Azure(_) => {
-                let cached = match cached_assignment(&store).await {
-                    Ok(cached) => cached,
-                    Err(err) => {
-                        tracing::warn!(error = %err, "the cached assignment is unreadable; registering again");
-                        None
-                    }
-                };
-                let (assignment, fresh) = match cached {
-                    Some(assignment) => (assignment, false),
-                    None => {
-                        set_status(&shared, |s| s.state = LinkState::Registering);
-                        let registered = tokio::select! {
-                            () = shutdown.cancelled() => break None,
-                            registered = register(&shared.settings, &gateway) => registered,
-                        };
-                        match registered {
-                            Ok(assignment) => {
-                                set_status(&shared, |s| s.registrations += 1);
-                                (assignment, true)
-                            }
-                            Err(RegistrationError::Refused(why)) => break Some(why),
-                            Err(RegistrationError::Fatal(why)) => break Some(why),
-                        }
-                    }
-                };
-                let broker = match BrokerAddr::parse(&assignment.broker) {
-                    Ok(broker) => broker,
-                    Err(err) => {
-                        tracing::warn!(error = %err, "the assignment names an unusable broker; registering again");
-                        let _ = forget_assignment(&store).await;
-                        continue;
-                    }
-                };
-                if fresh && let Err(err) = apply_assignment(&shared, &store, &assignment).await {
-                    tracing::error!(error = %err, "cannot record the new assignment");
-                }
-                set_status(&shared, |s| {
-                    s.substatus = Some(assignment.substatus.clone());
-                });
-                (
-                    broker,
-                    Credentials {
-                        username: assignment.username.clone(),
-                        password: assignment.password.clone(),
+                // A device registered at its hub directly has its assignment in the config
+                // (never cached, so a changed config takes effect).
+                if let Endpoint::Azure(
+                    azure @ AzureSettings {
+                        identity: AzureIdentity::Direct { .. },
+                        ..
                     },
-                    assignment.device_id.clone(),
-                )
+                ) = &shared.settings.endpoint
+                {
+                    let assignment = match azure::assignment(azure, &shared.settings).await {
+                        Ok(assignment) => assignment,
+                        Err(err) => break Some(err.to_string()),
+                    };
+                    match BrokerAddr::parse(&assignment.broker) {
+                        Ok(broker) => (broker, Credentials::default(), assignment.device_id),
+                        Err(err) => break Some(format!("[uplink.azure] hub: {err}")),
+                    }
+                } else {
+                    let cached = match cached_assignment(&store).await {
+                        Ok(cached) => cached,
+                        Err(err) => {
+                            tracing::warn!(error = %err, "the cached assignment is unreadable; registering again");
+                            None
+                        }
+                    };
+                    let (assignment, fresh) = match cached {
+                        Some(assignment) => (assignment, false),
+                        None => {
+                            set_status(&shared, |s| s.state = LinkState::Registering);
+                            let registered = tokio::select! {
+                                () = shutdown.cancelled() => break None,
+                                registered = register(&shared.settings, &gateway) => registered,
+                            };
+                            match registered {
+                                Ok(assignment) => {
+                                    set_status(&shared, |s| s.registrations += 1);
+                                    (assignment, true)
+                                }
+                                Err(RegistrationError::Refused(why)) => break Some(why),
+                                Err(RegistrationError::Fatal(why)) => break Some(why),
+                            }
+                        }
+                    };
+                    let broker = match BrokerAddr::parse(&assignment.broker) {
+                        Ok(broker) => broker,
+                        Err(err) => {
+                            tracing::warn!(error = %err, "the assignment names an unusable broker; registering again");
+                            let _ = forget_assignment(&store).await;
+                            continue;
+                        }
+                    };
+                    if fresh && let Err(err) = apply_assignment(&shared, &store, &assignment).await
+                    {
+                        tracing::error!(error = %err, "cannot record the new assignment");
+                    }
+                    set_status(&shared, |s| {
+                        s.substatus = Some(assignment.substatus.clone());
+                    });
+                    (
+                        broker,
+                        Credentials {
+                            username: assignment.username.clone(),
+                            password: assignment.password.clone(),
+                        },
+                        assignment.device_id.clone(),
+                    )
+                }
             }
         };
         match connect_and_pump(&shared, &broker, &credentials, &client_id, &shutdown).await {
@@ -352,6 +372,14 @@ async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
                 Endpoint::Registration(_) | Endpoint::Azure(_) => {
                     tracing::warn!(reason = %why, "the assigned broker refused our credentials; registering again");
                     let _ = forget_assignment(&store).await;
+                    if let Endpoint::Azure(_) = &shared.settings.endpoint {
+                        // DPS may assign the same hub, which may refuse again (a disabled
+                        // device): do not hammer either.
+                        tokio::select! {
+                            () = shutdown.cancelled() => break None,
+                            () = tokio::time::sleep(shared.settings.backoff_max) => {}
+                        }
+                    }
                 }
             },
             Ended::Unreachable(why) => {
@@ -377,6 +405,7 @@ fn mqtt_options(
     broker: &BrokerAddr,
     credentials: &Credentials,
     client_id: &str,
+    tls: Option<&Arc<rustls::ClientConfig>>,
 ) -> Result<(MqttOptions, Option<Duration>), String> {
     let settings = &shared.settings;
     let mut options = MqttOptions::new(client_id, broker.host.clone(), broker.port);
@@ -417,9 +446,10 @@ fn mqtt_options(
             true,
         ));
     }
-    if broker.tls {
-        let config = rustls_config(&settings.tls)?;
-        options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(config)));
+    if let Some(config) = tls {
+        options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+            config.clone(),
+        )));
     }
     Ok((options, renew_in))
 }
@@ -450,15 +480,24 @@ async fn connect_and_pump(
                 ..
             })
     );
+    let tls = if broker.tls {
+        match rustls_config(&shared.settings.tls) {
+            Ok(config) => Some(config),
+            Err(why) => return Ended::Fatal(format!("uplink TLS settings: {why}")),
+        }
+    } else {
+        None
+    };
     let mut backoff = Backoff::new(shared.settings.backoff_min, shared.settings.backoff_max);
     let mut failing_since: Option<Instant> = None;
     set_status(shared, |s| s.broker = Some(broker.to_string()));
     loop {
         // Made for each attempt: an IoT Hub token is good for one connection's life.
-        let (options, renew_in) = match mqtt_options(shared, broker, credentials, client_id) {
-            Ok(options) => options,
-            Err(why) => return Ended::Fatal(format!("uplink settings: {why}")),
-        };
+        let (options, renew_in) =
+            match mqtt_options(shared, broker, credentials, client_id, tls.as_ref()) {
+                Ok(options) => options,
+                Err(why) => return Ended::Fatal(format!("uplink settings: {why}")),
+            };
         // Counted from when the token was made, not from when the connection came up.
         let renew_at = renew_in.map(|after| tokio::time::Instant::now() + after);
         set_status(shared, |s| {
@@ -508,9 +547,15 @@ async fn connect_and_pump(
             Ok(other) => format!("the broker answered CONNECT with {other:?}"),
             Err(ConnectionError::ConnectionRefused(code)) => match code {
                 ConnectReturnCode::BadUserNamePassword | ConnectReturnCode::NotAuthorized => {
+                    let fix = match &shared.settings.endpoint {
+                        Endpoint::Azure(_) => {
+                            "Check [uplink.azure] (the key, the device at its hub)"
+                        }
+                        _ => "Fix uplink.username/password (or the assignment)",
+                    };
                     let why = format!(
                         "the broker {broker} refused the credentials ({code:?}); not retrying. \
-                         Fix uplink.username/password (or the assignment) and restart"
+                         {fix} and restart"
                     );
                     set_status(shared, |s| s.last_error = Some(why.clone()));
                     return Ended::AuthRefused(why);

@@ -10,10 +10,6 @@ use outpost_uplink::{
 
 use crate::config::{AzureSection, Config, UplinkProfile, UplinkSection};
 
-/// The Plug and Play model the gateway announces to IoT Hub: Device Update's, whose
-/// `deviceUpdate` component its twin carries.
-const AZURE_MODEL_ID: &str = "dtmi:azure:iot:deviceUpdateModel;3";
-
 /// The `azure-iot` profile's settings from `[uplink.azure]` (checked by the parser).
 fn azure(gateway: &str, section: &AzureSection) -> AzureSettings {
     let key = section
@@ -49,7 +45,9 @@ fn azure(gateway: &str, section: &AzureSection) -> AzureSettings {
         identity,
         port: section.port,
         token_ttl: Duration::from_secs(u64::from(section.token_ttl_secs.get())),
-        model_id: Some(AZURE_MODEL_ID.to_owned()),
+        // No Plug and Play model yet: Device Update's (`dtmi:azure:iot:deviceUpdateModel;3`)
+        // is announced once the gateway's twin carries its `deviceUpdate` component.
+        model_id: None,
     }
 }
 

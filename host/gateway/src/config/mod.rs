@@ -354,6 +354,15 @@ impl Default for OutboxSection {
     }
 }
 
+/// Whether `host` is a host name or IP address alone (no scheme, port, path or spaces).
+fn valid_host(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 253
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+}
+
 /// What each profile needs and refuses in `[uplink]`.
 fn check_profile(uplink: &UplinkSection) -> Result<(), String> {
     match uplink.profile {
@@ -418,6 +427,33 @@ fn check_profile(uplink: &UplinkSection) -> Result<(), String> {
                 }
                 _ => {}
             }
+            if let Some(hub) = &azure.hub
+                && !valid_host(hub)
+            {
+                return Err(format!(
+                    "[uplink.azure] hub {hub:?}: give the hub's host name only \
+                     (site.azure-devices.net), no scheme, port or path"
+                ));
+            }
+            if !valid_host(&azure.dps_host) {
+                return Err(format!(
+                    "[uplink.azure] dps_host {:?}: give a host name only",
+                    azure.dps_host
+                ));
+            }
+            for (key, id) in [
+                ("device_id", &azure.device_id),
+                ("registration_id", &azure.registration_id),
+                ("id_scope", &azure.id_scope),
+            ] {
+                if let Some(id) = id
+                    && !outpost_uplink::contract::valid_id(id)
+                {
+                    return Err(format!(
+                        "[uplink.azure] {key} {id:?}: use 1-128 of A-Z a-z 0-9 . _ : -"
+                    ));
+                }
+            }
             match (&azure.symmetric_key, &azure.group_key) {
                 (Some(_), Some(_)) => {
                     Err("[uplink.azure]: give symmetric_key or group_key, not both".into())
@@ -426,9 +462,8 @@ fn check_profile(uplink: &UplinkSection) -> Result<(), String> {
                     "[uplink.azure] needs symmetric_key (or group_key for an enrollment group)"
                         .into(),
                 ),
-                (Some(key), None) | (None, Some(key)) => outpost_azure::sas::sign(key.expose(), "")
-                    .map(|_| ())
-                    .map_err(|err| format!("[uplink.azure]: {err}")),
+                // Whether the key is base64 is checked once secrets are read.
+                _ => Ok(()),
             }
         }
     }
@@ -1027,6 +1062,13 @@ impl Config {
                 Ok(warning) => warnings.extend(warning),
                 Err(message) => return Err(located(Some(span), message)),
             }
+        }
+        // An Azure key must be base64 (read from its file or variable by now).
+        if let Some(azure) = config.uplink.as_ref().and_then(|u| u.azure.as_ref())
+            && let Some(key) = azure.symmetric_key.as_ref().or(azure.group_key.as_ref())
+            && let Err(err) = outpost_azure::sas::sign(key.expose(), "")
+        {
+            return Err(located(Some(key.span()), format!("[uplink.azure]: {err}")));
         }
         // What `run` would refuse, `config check` refuses too.
         if let Some(token) = &config.api.admin_token

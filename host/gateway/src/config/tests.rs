@@ -352,6 +352,14 @@ fn the_azure_iot_profile_takes_dps_or_a_hub_and_says_what_is_wrong() {
             "is for uplink.profile = \"azure-iot\"",
         ),
         (
+            "profile = \"azure-iot\"\n[uplink.azure]\nhub = \"mqtts://h:8883\"\nsymmetric_key = \"a2V5\"\n",
+            "host name only",
+        ),
+        (
+            "profile = \"azure-iot\"\n[uplink.azure]\nhub = \"h\"\ndevice_id = \"a/b\"\nsymmetric_key = \"a2V5\"\n",
+            "device_id \"a/b\"",
+        ),
+        (
             "profile = \"aws\"\nbroker = \"mqtt://h\"\n",
             "unknown variant",
         ),

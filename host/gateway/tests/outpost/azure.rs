@@ -1,6 +1,6 @@
 //! The `azure-iot` uplink profile against hub-sim, whose dialect Microsoft's own device
 //! SDK referees first (examples/hub-sim/tests/referee.rs): the gateway provisions
-//! through DPS, announces Device Update's model, reports its state in its twin, relays
+//! through DPS, reports its state in its twin, relays
 //! telemetry with properties, follows desired-property patches, answers direct methods,
 //! renews its SAS token before it expires, provisions again when told, and stops on a
 //! refused key.
@@ -49,12 +49,13 @@ fn a_gateway_provisions_through_dps_and_speaks_iot_hub() {
     let addr = gateway.ready();
     let admin = site.admin_token();
 
-    // DPS, then the hub with Device Update's model id and a persistent session.
+    // DPS, then the hub with a persistent session (no Plug and Play model announced
+    // until the twin carries Device Update's component).
     sim.wait("dps_registered", |e| e["registration"] == "gw-test");
     let connected = sim.wait("connected", |e| {
         e["client"] == "gw-test" && e["service"] == hub.as_str()
     });
-    assert_eq!(connected["model_id"], "dtmi:azure:iot:deviceUpdateModel;3");
+    assert!(connected["model_id"].is_null(), "{connected}");
     assert_eq!(connected["clean_session"], false);
     let status = wait_uplink(addr, &admin, "connected", |j| {
         j["link"]["state"] == "connected"
@@ -217,4 +218,41 @@ fn the_token_is_renewed_before_it_expires_and_a_wrong_key_stops_the_uplink() {
         1,
         "DPS was asked again after refusing: {refused:#?}"
     );
+}
+
+#[test]
+fn a_device_registered_at_the_hub_connects_without_dps() {
+    let mut sim = HubSim::start(&hub_sim_binary(), &["--device", &format!("site-gw:{KEY}")]);
+    let hub = sim.hub().to_owned();
+    let site = Site::new(&format!(
+        "[ble]\nenabled = false\n\n[uplink]\nprofile = \"azure-iot\"\nca_file = \"{}\"\n\n\
+         [uplink.azure]\nhub = \"{hub}\"\ndevice_id = \"site-gw\"\nsymmetric_key = \"{KEY}\"\n",
+        sim.ca().display(),
+    ));
+    site.seed(vec![NewDevice::new(
+        "esp-1",
+        "thermostat",
+        DeviceState::Claimed,
+    )]);
+    let mut gateway = Gateway::spawn(&site.config(), &[]);
+    let addr = gateway.ready();
+    let admin = site.admin_token();
+    let status = wait_uplink(addr, &admin, "connected", |j| {
+        j["link"]["state"] == "connected"
+    });
+    assert_eq!(status["link"]["registrations"], 0, "no DPS: {status}");
+    sim.wait("connected", |e| {
+        e["client"] == "site-gw" && e["service"] == hub.as_str()
+    });
+    let token = device_token(addr, &admin);
+    let ids = post_telemetry(addr, &token, 1, "direct");
+    let message = sim.wait("telemetry", |e| e["properties"]["$.mid"] == ids[0].as_str());
+    assert_eq!(message["device"], "site-gw");
+    // Disabled at the hub: the connection ends, the next CONNECT is refused, and the
+    // uplink stops saying what to check.
+    sim.command(&json!({"op": "disable", "device": "site-gw"}));
+    let status = wait_uplink(addr, &admin, "stopped", |j| j["link"]["state"] == "stopped");
+    let error = status["link"]["last_error"].as_str().unwrap();
+    assert!(error.contains("[uplink.azure]"), "{error}");
+    gateway.stop_cleanly(libc::SIGTERM, &site);
 }
