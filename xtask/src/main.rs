@@ -407,7 +407,7 @@ fn bench_onboard(args: &[String]) -> anyhow::Result<()> {
         .arg(dir.join("bus"))
         .env("OUTPOST_BLUEZOO", &bluezoo)
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("esp-sim.log"))?)
         .spawn()?;
     let mut bus = None;
     let stdout = sim.stdout.take().context("no stdout")?;
@@ -486,8 +486,18 @@ fn bench_onboard(args: &[String]) -> anyhow::Result<()> {
         esp_prov_floor_s / total_s.max(0.001)
     );
     println!("  rerun: cargo xtask bench-onboard -- --devices {devices}");
+    for device in list.iter().filter(|d| d["error"].is_string()).take(10) {
+        println!(
+            "  failed: {} ({})",
+            device["name"].as_str().unwrap_or("?"),
+            device["error"].as_str().unwrap_or_default()
+        );
+    }
     if report["failed"].as_u64() != Some(0) {
-        bail!("some devices failed; see target/bench-onboard/outpost.log");
+        bail!(
+            "some devices failed; see target/bench-onboard/outpost.log and bus/bluezoo.log, \
+             esp-sim.log beside it"
+        );
     }
     Ok(())
 }

@@ -37,6 +37,13 @@ impl Emulation {
     <allow send_destination="*" eavesdrop="true"/>
     <allow receive_sender="*"/>
   </policy>
+  <!-- One BlueZoo connection serves the gateway's adapter and every simulated device,
+       so the system bus's per-connection defaults (512 match rules, 128 pending
+       replies) are too small for a hundred devices at once. -->
+  <limit name="max_match_rules_per_connection">50000</limit>
+  <limit name="max_replies_per_connection">50000</limit>
+  <limit name="max_connections_per_user">10000</limit>
+  <limit name="max_completed_connections">10000</limit>
 </busconfig>
 "#,
                 dir.display()
