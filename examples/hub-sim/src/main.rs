@@ -16,8 +16,9 @@
 //!   `$version`s, desired patches), direct methods and cloud-to-device messages.
 //!
 //! It writes its CA certificate (PEM) to `--ca-out` for clients to trust. Operator
-//! commands are JSON lines on stdin (`desired`, `method`, `c2d`, `twin`, `reassign`,
-//! `disable`, `enable`, `kick`, `stats`); every event is a JSON line on stdout.
+//! commands are JSON lines on stdin (`desired`, `deploy` and `cancel-deployment` for Device
+//! Update's service, `method`, `c2d`, `twin`, `reassign`, `disable`, `enable`, `kick`,
+//! `stats`); every event is a JSON line on stdout.
 
 mod broker;
 mod cloud;
@@ -306,6 +307,31 @@ fn operator(cloud: &Arc<Cloud>, line: &str) -> anyhow::Result<Value> {
             &command["payload"],
             &command["properties"],
         ),
+        // Device Update's service: a deployment (action 3) or a cancel (255) in the
+        // device's `deviceUpdate` component, as a desired-property patch.
+        "deploy" => {
+            let deployment: outpost_azure::adu::AduDeployment =
+                serde_json::from_value(command["deployment"].clone()).context(
+                    "deploy needs `deployment` {updateManifest, updateManifestSignature, fileUrls}",
+                )?;
+            let mut service = serde_json::to_value(&deployment)?;
+            service["workflow"] = serde_json::json!({
+                "action": outpost_azure::adu::ACTION_PROCESS_DEPLOYMENT,
+                "id": text("workflow")?,
+            });
+            let patch = serde_json::json!({ outpost_azure::adu::COMPONENT: {
+                "__t": "c", "service": service } });
+            cloud.desired(&text("device")?, &patch)
+        }
+        "cancel-deployment" => {
+            let patch = serde_json::json!({ outpost_azure::adu::COMPONENT: { "__t": "c",
+                "service": {
+                    "workflow": { "action": outpost_azure::adu::ACTION_CANCEL,
+                                  "id": outpost_azure::adu::NO_DEPLOYMENT },
+                    "updateManifest": null, "updateManifestSignature": null, "fileUrls": null,
+                } } });
+            cloud.desired(&text("device")?, &patch)
+        }
         "twin" => cloud.twin(&text("device")?),
         "reassign" => cloud.reassign(&text("enrollment")?, &text("hub")?),
         "disable" => cloud.set_enabled(&text("device")?, false),
@@ -313,7 +339,8 @@ fn operator(cloud: &Arc<Cloud>, line: &str) -> anyhow::Result<Value> {
         "kick" => cloud.kick(&text("device")?),
         "stats" => Ok(cloud.stats()),
         other => bail!(
-            "unknown op {other:?} (desired, method, c2d, twin, reassign, disable, enable, kick, stats)"
+            "unknown op {other:?} (desired, deploy, cancel-deployment, method, c2d, twin, \
+             reassign, disable, enable, kick, stats)"
         ),
     }
 }

@@ -199,6 +199,7 @@ async fn serve_cache(
         max_bytes: 1 << 30,
         memory_bytes,
         trusted_signers,
+        adu_roots: Vec::new(),
         fetch: FetchConfig::default(),
     };
     let cache = FirmwareCache::open(store, config).await?;

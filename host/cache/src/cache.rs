@@ -32,6 +32,9 @@ pub struct CacheConfig {
     pub memory_bytes: u64,
     /// Keys trusted to sign update manifests.
     pub trusted_signers: Vec<TrustedSigner>,
+    /// Device Update root keys: a deployment from IoT Hub's Device Update is accepted
+    /// when its signing key is signed by one of these.
+    pub adu_roots: Vec<crate::adu::AduRootKey>,
     /// Upstream download behaviour.
     pub fetch: FetchConfig,
 }
@@ -310,6 +313,16 @@ impl FirmwareCache {
             .clone()
     }
 
+    /// Verifies a signed manifest in either form: an Outpost JWS against the trusted
+    /// signers, or a Device Update deployment against the Device Update roots.
+    pub fn verify_signed(&self, signed: &str) -> Result<VerifiedManifest, CacheError> {
+        if crate::adu::is_adu(signed) {
+            crate::adu::verify(signed, &self.inner.config.adu_roots)
+        } else {
+            manifest::verify(signed, &self.signers())
+        }
+    }
+
     /// Replaces the keys whose manifests are accepted (the gateway does on SIGHUP).
     /// Manifests accepted before stay; new ones, and recorded ones checked again at
     /// start, verify against these.
@@ -357,7 +370,7 @@ impl FirmwareCache {
     /// Verifies a signed manifest and records it; its files may then be fetched. The
     /// files are not fetched yet: see [`FirmwareCache::prefetch`].
     pub async fn add_manifest(&self, jws: &str) -> Result<VerifiedManifest, CacheError> {
-        let verified = manifest::verify(jws, &self.signers())?;
+        let verified = self.verify_signed(jws)?;
         let record = verified.clone();
         self.inner
             .store
@@ -405,9 +418,7 @@ impl FirmwareCache {
             })
             .await?;
         // Re-verified on the way out: a row edited on disk does not become trusted.
-        rows.iter()
-            .map(|jws| manifest::verify(jws, &self.signers()))
-            .collect()
+        rows.iter().map(|jws| self.verify_signed(jws)).collect()
     }
 
     /// Forgets a manifest; its files may no longer be fetched unless another names them.

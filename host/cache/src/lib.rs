@@ -17,6 +17,7 @@
 //! * **Fan-out over HTTP** ([`server`]): `GET`/`HEAD /firmware/{sha256}` with Range,
 //!   ETag, `If-None-Match` and `If-Range`.
 
+pub mod adu;
 mod cache;
 mod error;
 mod fetch;

@@ -344,6 +344,16 @@ impl Rollouts {
             let id = inbound.id;
             let outcome = match inbound.deployment {
                 Err(reason) => Err(RolloutError::Invalid(reason)),
+                Ok(deployment) if deployment.schema == schema::DEPLOYMENT_CANCEL => {
+                    // Never answered on the rollouts topic: the cancelled rollouts are.
+                    let cancelled = self.cancel_prefixed(&deployment.manifest, None).await;
+                    self.inner
+                        .inbox
+                        .settle(&id, cancelled.map_err(|err| err.to_string()))
+                        .await
+                        .map_err(RolloutError::from)?;
+                    continue;
+                }
                 Ok(deployment) => {
                     let spec = if deployment.rollout.is_null() {
                         Ok(RolloutSpec::default())
@@ -352,10 +362,23 @@ impl Rollouts {
                             .map_err(|err| RolloutError::Invalid(format!("rollout: {err}")))
                     };
                     match spec {
-                        Ok(spec) => self
-                            .create(Some(id.clone()), Origin::Cloud, &deployment.manifest, spec)
-                            .await
-                            .map(drop),
+                        Ok(spec) => {
+                            let created = self
+                                .create(Some(id.clone()), Origin::Cloud, &deployment.manifest, spec)
+                                .await
+                                .map(drop);
+                            // Device Update deploys a goal state: the new one replaces
+                            // the one in progress (once it is known to be usable).
+                            if created.is_ok() && id.starts_with(contract::ADU_ROLLOUT_PREFIX) {
+                                let replaced = self
+                                    .cancel_prefixed(contract::ADU_ROLLOUT_PREFIX, Some(&id))
+                                    .await;
+                                if let Err(err) = replaced {
+                                    tracing::warn!(error = %err, "cannot cancel the deployment replaced");
+                                }
+                            }
+                            created
+                        }
                         Err(err) => Err(err),
                     }
                 }
@@ -839,9 +862,43 @@ impl Rollouts {
         self.view(id, false).await
     }
 
+    /// Cancels every active rollout whose id starts with `prefix` (never empty), except
+    /// `keep`.
+    async fn cancel_prefixed(&self, prefix: &str, keep: Option<&str>) -> Result<(), RolloutError> {
+        if prefix.is_empty() {
+            return Err(RolloutError::Invalid(
+                "an empty prefix would cancel everything".into(),
+            ));
+        }
+        let prefix_owned = prefix.to_owned();
+        let ids: Vec<String> = self
+            .inner
+            .store
+            .call(move |conn| {
+                let mut stmt = conn.prepare_cached(
+                    "SELECT id FROM rollouts WHERE state IN ('scheduled', 'running', 'paused') \
+                     AND substr(id, 1, length(?1)) = ?1 ORDER BY created_at",
+                )?;
+                let ids = stmt
+                    .query_map([prefix_owned], |row| row.get(0))?
+                    .collect::<Result<Vec<String>, _>>()?;
+                Ok(ids)
+            })
+            .await?;
+        for id in ids.iter().filter(|id| Some(id.as_str()) != keep) {
+            tracing::info!(rollout = %id, "cancelled by the cloud");
+            self.cancel_because(id, "cancelled by the cloud").await?;
+        }
+        Ok(())
+    }
+
     /// Cancels a rollout: devices in flight are cancelled through their handler, pending
     /// ones never start, and the files are unpinned.
     pub async fn cancel(&self, id: &str) -> Result<RolloutView, RolloutError> {
+        self.cancel_because(id, "cancelled by the operator").await
+    }
+
+    async fn cancel_because(&self, id: &str, reason: &str) -> Result<RolloutView, RolloutError> {
         let view = self.view(id, false).await?;
         if matches!(view.state, RolloutState::Cancelled | RolloutState::Finished) {
             return Err(RolloutError::Conflict(format!(
@@ -850,13 +907,8 @@ impl Rollouts {
             )));
         }
         self.cancel_devices(id).await?;
-        self.set_state(
-            id,
-            RolloutState::Cancelled,
-            Some("cancelled by the operator".into()),
-            None,
-        )
-        .await?;
+        self.set_state(id, RolloutState::Cancelled, Some(reason.into()), None)
+            .await?;
         self.unpin(id).await;
         self.view(id, false).await
     }

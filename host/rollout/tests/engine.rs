@@ -88,6 +88,7 @@ impl Engine {
                     name: "fleet".into(),
                     key: fleet_key().verifying_key(),
                 }],
+                adu_roots: Vec::new(),
                 fetch: FetchConfig::default(),
             },
         )
@@ -695,6 +696,88 @@ async fn a_cloud_deployment_becomes_a_rollout_and_a_bad_one_is_refused_to_the_cl
         );
         assert!(engine.rollouts.view(id, false).await.is_err());
     }
+    engine.stop().await;
+}
+
+/// Device Update deploys a goal state: a new `adu-` deployment cancels the one in
+/// progress, and a cancel from the cloud cancels the `adu-` rollouts and nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_update_goal_replaces_the_one_in_progress_and_a_cancel_stops_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::start(dir.path()).await;
+    // The device never reports: every rollout stays in progress until cancelled.
+    engine.add_devices(&["dev-1"]).await;
+    let jws = engine.manifest(dir.path()).await;
+    let deployment = |schema: &str, id: &str, manifest: &str| Deployment {
+        schema: schema.into(),
+        deployment_id: id.into(),
+        manifest: manifest.into(),
+        rollout: serde_json::json!({"successThreshold": 0}),
+    };
+    let active =
+        |v: &RolloutView| matches!(v.state, RolloutState::Running | RolloutState::Scheduled);
+    for id in ["dep-other", "adu-wf-1"] {
+        engine
+            .inbox
+            .receive(&deployment(schema::DEPLOYMENT, id, &jws))
+            .await
+            .unwrap();
+        engine.until(id, "started", active).await;
+    }
+    engine
+        .inbox
+        .receive(&deployment(schema::DEPLOYMENT, "adu-wf-2", &jws))
+        .await
+        .unwrap();
+    engine.until("adu-wf-2", "started", active).await;
+    let replaced = engine
+        .until("adu-wf-1", "replaced", |v| {
+            v.state == RolloutState::Cancelled
+        })
+        .await;
+    assert_eq!(replaced.reason.as_deref(), Some("cancelled by the cloud"));
+    // A cancel with no prefix would cancel everything: refused, nothing cancelled.
+    engine
+        .inbox
+        .receive(&deployment(schema::DEPLOYMENT_CANCEL, "adu-cancel-0", ""))
+        .await
+        .unwrap();
+    engine
+        .inbox
+        .receive(&deployment(
+            schema::DEPLOYMENT_CANCEL,
+            "adu-cancel-1",
+            "adu-",
+        ))
+        .await
+        .unwrap();
+    engine
+        .until("adu-wf-2", "cancelled", |v| {
+            v.state == RolloutState::Cancelled
+        })
+        .await;
+    let other = engine.rollouts.view("dep-other", false).await.unwrap();
+    assert!(active(&other), "{other:?}");
+    // Cancels are settled, not answered on the rollouts topic (the rollouts are).
+    let outbox = engine.outbox_rows().await;
+    assert!(
+        !outbox
+            .iter()
+            .any(|(_, t, _)| t.contains("/rollouts/adu-cancel-")),
+        "{outbox:?}"
+    );
+    let outcome: String = engine
+        .store
+        .call(|c| {
+            Ok(c.query_row(
+                "SELECT outcome FROM inbound_deployments WHERE id = 'adu-cancel-0'",
+                [],
+                |r| r.get(0),
+            )?)
+        })
+        .await
+        .unwrap();
+    assert!(outcome.contains("empty prefix"), "{outcome}");
     engine.stop().await;
 }
 

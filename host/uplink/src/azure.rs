@@ -18,6 +18,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use outpost_azure::adu;
 use outpost_azure::props::Props;
 use outpost_azure::provision::{self, DpsSettings, ProvisionError};
 use outpost_azure::sas;
@@ -157,8 +158,8 @@ pub(crate) struct HubLogin {
 pub(crate) fn login(azure: &AzureSettings, hub: &str, device_id: &str) -> Result<HubLogin, String> {
     let mut query = Props::default();
     query.push("api-version", API_VERSION);
-    if let Some(model) = &azure.model_id {
-        query.push("model-id", model.clone());
+    if azure.device_update.is_some() {
+        query.push("model-id", adu::MODEL_ID);
     }
     let ttl = azure.token_ttl.max(Duration::from_secs(5));
     let expiry = unix_now() + ttl.as_secs();
@@ -205,6 +206,89 @@ fn reported(patch: &Value, rid: &str) -> (String, Bytes) {
     )
 }
 
+/// The outbox topic (below `gw/{gateway}/`) of the Device Update agent's own reports:
+/// their payload is the `deviceUpdate` component's patch.
+pub(crate) const ADU_TOPIC: &str = "adu";
+pub(crate) use contract::ADU_ROLLOUT_PREFIX;
+
+/// A reported patch of Device Update's component (not under `outpost`).
+fn reported_component(fields: Value, rid: &str) -> (String, Bytes) {
+    (
+        topics::twin_patch_reported(rid),
+        Bytes::from(adu::component_patch(fields).to_string()),
+    )
+}
+
+/// The `deviceUpdate.agent` a Device Update deployment's rollout status gives: in
+/// progress (6), applied (0 with result 700 and the installed update id), cancelled (0,
+/// `nodeployment`, result -1), or failed (255 with an extended result code that says
+/// whether the signature, the manifest, compatibility or the devices failed).
+pub(crate) fn adu_agent_of_rollout(workflow: &str, status: &contract::RolloutStatus) -> Value {
+    let count = |key: &str| status.counts.get(key).copied().unwrap_or(0);
+    let deploying = json!({ "action": adu::ACTION_PROCESS_DEPLOYMENT, "id": workflow });
+    let total: u64 = status.counts.values().sum();
+    match status.state.as_str() {
+        "scheduled" | "running" | "paused" => json!({ "agent": {
+            "state": adu::state::DEPLOYMENT_IN_PROGRESS,
+            "workflow": deploying,
+        }}),
+        "finished" if count("failed") == 0 && count("succeeded") + count("skipped") > 0 => {
+            let details = format!(
+                "{} of {total} devices updated, {} already up to date",
+                count("succeeded"),
+                count("skipped")
+            );
+            json!({ "agent": {
+                "state": adu::state::IDLE,
+                "workflow": deploying,
+                "installedUpdateId": adu::installed_update_id(&status.update_id),
+                "lastInstallResult": adu::install_result(
+                    adu::result::APPLY_SUCCESS, 0, &details,
+                    &[(adu::result::APPLY_SUCCESS, 0, details.clone())]),
+            }})
+        }
+        "cancelled" => json!({ "agent": {
+            "state": adu::state::IDLE,
+            "workflow": { "action": adu::ACTION_CANCEL, "id": adu::NO_DEPLOYMENT },
+            "lastInstallResult": adu::install_result(
+                adu::result::CANCELLED, 0, status.reason.as_deref().unwrap_or("cancelled"), &[]),
+        }}),
+        state => {
+            let reason = status.reason.clone().unwrap_or_default();
+            let (erc, details) = match state {
+                "refused" if reason.contains("signature refused") => {
+                    (adu::erc::SIGNATURE_REFUSED, reason)
+                }
+                "refused" if reason.starts_with("no device matches") => {
+                    (adu::erc::NO_COMPATIBLE_COMPONENT, reason)
+                }
+                "refused" => (adu::erc::MALFORMED, reason),
+                "stopped" => (
+                    adu::erc::STOPPED,
+                    format!(
+                        "stopped with {} of {total} devices failed: {reason}",
+                        count("failed")
+                    ),
+                ),
+                _ => (
+                    adu::erc::COMPONENT_FAILED,
+                    format!("{} of {total} devices failed", count("failed")),
+                ),
+            };
+            let steps = if state == "refused" {
+                Vec::new()
+            } else {
+                vec![(adu::result::FAILURE, erc, details.clone())]
+            };
+            json!({ "agent": {
+                "state": adu::state::FAILED,
+                "workflow": deploying,
+                "lastInstallResult": adu::install_result(adu::result::FAILURE, erc, &details, &steps),
+            }})
+        }
+    }
+}
+
 /// What an outbox message becomes at the hub: a reported-properties patch (state) or a
 /// device-to-cloud message (everything else). `rid` names a twin patch's request.
 pub(crate) fn outgoing(
@@ -233,6 +317,15 @@ pub(crate) fn outgoing(
                 &json!({ "devices": { twin_name(device): { "reported": body() } } }),
                 rid,
             );
+        }
+        // The Device Update agent's own reports (acknowledgements, start-up).
+        [ADU_TOPIC] => return reported_component(body(), rid),
+        // A Device Update deployment's rollout: the agent's state and result.
+        ["rollouts", id] if id.starts_with(ADU_ROLLOUT_PREFIX) => {
+            if let Ok(status) = serde_json::from_slice::<contract::RolloutStatus>(payload) {
+                let workflow = &id[ADU_ROLLOUT_PREFIX.len()..];
+                return reported_component(adu_agent_of_rollout(workflow, &status), rid);
+            }
         }
         _ => {}
     }
@@ -387,7 +480,10 @@ mod tests {
             },
             port: 8883,
             token_ttl: Duration::from_secs(3600),
-            model_id: Some("dtmi:azure:iot:deviceUpdateModel;3".into()),
+            device_update: Some(crate::DeviceUpdateSettings {
+                manufacturer: "Acme".into(),
+                model: "site-gateway".into(),
+            }),
         };
         let login = login(&azure, "hub.example", "gw-1").unwrap();
         assert_eq!(
@@ -410,5 +506,104 @@ mod tests {
                 .renew_in,
             Duration::from_secs(30)
         );
+    }
+
+    fn rollout(state: &str, counts: &[(&str, u64)], reason: Option<&str>) -> Bytes {
+        let status = contract::RolloutStatus {
+            schema: contract::schema::ROLLOUT.into(),
+            message_id: "m".into(),
+            deployment_id: "adu-wf-9".into(),
+            update_id: "Acme/sensor-fw/2.0.0".into(),
+            state: state.into(),
+            reason: reason.map(str::to_owned),
+            wave: 0,
+            waves: 1,
+            counts: counts.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect(),
+            at: 1,
+        };
+        Bytes::from(serde_json::to_vec(&status).unwrap())
+    }
+
+    fn agent(state: &str, counts: &[(&str, u64)], reason: Option<&str>) -> Value {
+        let (topic, body) = outgoing(
+            "gw",
+            "gw",
+            "m",
+            "outpost/v1/gw/gw/rollouts/adu-wf-9",
+            &rollout(state, counts, reason),
+            "r1",
+        );
+        assert_eq!(topic, "$iothub/twin/PATCH/properties/reported/?$rid=r1");
+        let patch: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(patch["deviceUpdate"]["__t"], "c", "{patch}");
+        patch["deviceUpdate"]["agent"].clone()
+    }
+
+    #[test]
+    fn a_device_update_rollout_reports_as_the_agent_does() {
+        let running = agent("running", &[("running", 2)], None);
+        assert_eq!(running["state"], 6);
+        assert_eq!(running["workflow"], json!({"action": 3, "id": "wf-9"}));
+        let done = agent("finished", &[("succeeded", 2), ("skipped", 1)], None);
+        assert_eq!(done["state"], 0);
+        assert_eq!(
+            done["installedUpdateId"],
+            r#"{"provider":"Acme","name":"sensor-fw","version":"2.0.0"}"#
+        );
+        assert_eq!(done["lastInstallResult"]["resultCode"], 700);
+        assert_eq!(
+            done["lastInstallResult"]["stepResults"]["step_0"]["resultCode"],
+            700
+        );
+        let failed = agent("finished", &[("succeeded", 1), ("failed", 1)], None);
+        assert_eq!(failed["state"], 255);
+        assert_eq!(failed["lastInstallResult"]["resultCode"], 0);
+        assert_eq!(
+            failed["lastInstallResult"]["extendedResultCodes"],
+            "30000001"
+        );
+        assert!(failed.get("installedUpdateId").is_none(), "{failed}");
+        let stopped = agent("stopped", &[("failed", 3)], Some("error threshold"));
+        assert_eq!(
+            stopped["lastInstallResult"]["extendedResultCodes"],
+            "30000002"
+        );
+        for (reason, erc) in [
+            (
+                "the manifest was refused: update manifest signature refused: sjwk: …",
+                "A0000001",
+            ),
+            (
+                "no device matches: Acme/sensor-fw/2.0.0 needs …",
+                "70000001",
+            ),
+            ("the manifest was refused: updateManifest: …", "20000001"),
+        ] {
+            let refused = agent("refused", &[], Some(reason));
+            assert_eq!(refused["state"], 255);
+            assert_eq!(refused["lastInstallResult"]["extendedResultCodes"], erc);
+            assert_eq!(refused["lastInstallResult"]["resultDetails"], reason);
+        }
+        let cancelled = agent(
+            "cancelled",
+            &[("cancelled", 2)],
+            Some("cancelled by the cloud"),
+        );
+        assert_eq!(cancelled["state"], 0);
+        assert_eq!(
+            cancelled["workflow"],
+            json!({"action": 255, "id": "nodeployment"})
+        );
+        assert_eq!(cancelled["lastInstallResult"]["resultCode"], -1);
+        // Other rollouts stay device-to-cloud messages.
+        let (topic, _) = outgoing(
+            "gw",
+            "gw",
+            "m",
+            "outpost/v1/gw/gw/rollouts/local-1",
+            &rollout("running", &[], None),
+            "r1",
+        );
+        assert!(topic.starts_with("devices/gw/messages/events/"), "{topic}");
     }
 }

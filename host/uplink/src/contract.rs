@@ -132,6 +132,10 @@ pub mod schema {
     pub const COMMAND_RESULT: &str = "outpost.command-result/1";
     /// [`super::Deployment`].
     pub const DEPLOYMENT: &str = "outpost.deployment/1";
+    /// A [`super::Deployment`] that cancels: the active rollouts whose ids start with its
+    /// `manifest` (a prefix, never empty) are cancelled. Made by the gateway itself for
+    /// Device Update's cancel; not part of the MQTT contract.
+    pub const DEPLOYMENT_CANCEL: &str = "outpost.deployment-cancel/1";
     /// [`super::DeploymentResult`].
     pub const RESULT: &str = "outpost.result/1";
     /// [`super::RolloutStatus`].
@@ -480,6 +484,10 @@ pub struct RolloutStatus {
     /// Unix milliseconds.
     pub at: i64,
 }
+
+/// The rollouts made from Device Update deployments are named this and the workflow
+/// id. Device Update deploys a goal state: a new one replaces the one in progress.
+pub const ADU_ROLLOUT_PREFIX: &str = "adu-";
 
 /// `claims/{rid}/req`: sign this device's CSR.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

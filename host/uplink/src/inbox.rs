@@ -68,6 +68,18 @@ impl DeploymentInbox {
         Ok(())
     }
 
+    /// Whether a deployment with this id was received (waiting or settled).
+    pub async fn contains(&self, id: &str) -> Result<bool, StoreError> {
+        let id = id.to_owned();
+        self.store
+            .call(move |conn| {
+                Ok(conn
+                    .prepare_cached("SELECT 1 FROM inbound_deployments WHERE id = ?1")?
+                    .exists([id])?)
+            })
+            .await
+    }
+
     /// Resolves when a deployment arrived since the last call (at once if one arrived
     /// while nobody waited).
     pub async fn arrived(&self) {
@@ -149,6 +161,8 @@ mod tests {
             .await
             .expect("woken");
         inbox.receive(&deployment("d-2")).await.unwrap();
+        assert!(inbox.contains("d-2").await.unwrap());
+        assert!(!inbox.contains("d-3").await.unwrap());
         let pending = inbox.pending().await.unwrap();
         assert_eq!(
             pending.iter().map(|p| p.id.as_str()).collect::<Vec<_>>(),

@@ -31,8 +31,8 @@ pub use outbox::{Message, Outbox, OutboxError, OutboxLimits, OutboxStats, Priori
 pub use registration::RegistrationError;
 pub use session::{ClaimError, LinkState, Uplink, UplinkStatus};
 pub use settings::{
-    AzureIdentity, AzureSettings, BrokerAddr, Credentials, Endpoint, RegistrationSettings,
-    TlsSettings, UplinkSettings,
+    AzureIdentity, AzureSettings, BrokerAddr, Credentials, DeviceUpdateSettings, Endpoint,
+    RegistrationSettings, TlsSettings, UplinkSettings,
 };
 
 pub(crate) use outpost_store::now_millis;

@@ -841,6 +841,9 @@ async fn azure_inbound(
                 }
                 Err(why) => tracing::warn!(reason = %why, "ignoring a twin we cannot read"),
             }
+            if device_update(shared).is_some() {
+                device_update_goal(shared, payload).await;
+            }
         }
         azure::Inbound::TwinResponse { status, rid } => {
             if status >= 300 {
@@ -932,10 +935,146 @@ async fn acker(outbox: Outbox, mut acks: mpsc::UnboundedReceiver<i64>) {
     }
 }
 
+/// The Device Update settings, when the profile is `azure-iot` with Device Update.
+fn device_update(shared: &Shared) -> Option<&crate::DeviceUpdateSettings> {
+    match &shared.settings.endpoint {
+        Endpoint::Azure(azure) => azure.device_update.as_ref(),
+        _ => None,
+    }
+}
+
+/// Queues a patch of Device Update's twin component (durable, in order with the
+/// rollout reports that follow it).
+async fn queue_device_update(shared: &Arc<Shared>, fields: serde_json::Value) {
+    let id = contract::message_id();
+    let message = Message {
+        message_id: id,
+        topic: format!(
+            "{}/gw/{}/{}",
+            contract::ROOT,
+            shared.settings.gateway_id,
+            azure::ADU_TOPIC
+        ),
+        payload: serde_json::to_vec(&fields).expect("serialisable"),
+        priority: Priority::State,
+        retain: false,
+        ttl: None,
+    };
+    if let Err(err) = shared.outbox.enqueue(message).await {
+        tracing::warn!(error = %err, "cannot queue a Device Update report");
+    }
+}
+
+/// Acts on Device Update's goal in a twin (at each connect and after each desired
+/// patch): a deployment goes to the inbox once, as the rollout `adu-{workflow}`; a
+/// cancel cancels the `adu-` rollouts; either is acknowledged in the component, and a
+/// goal that cannot be read is answered 400 and reported failed.
+async fn device_update_goal(shared: &Arc<Shared>, twin: &[u8]) {
+    use outpost_azure::adu::{self, Goal};
+    use serde_json::json;
+    let Ok(twin) = serde_json::from_slice::<serde_json::Value>(twin) else {
+        return;
+    };
+    let Some((version, service)) = adu::service_of_twin(&twin) else {
+        // No deployment was ever made for this device: nothing can be in progress.
+        queue_device_update(shared, json!({ "agent": { "state": adu::state::IDLE } })).await;
+        return;
+    };
+    let merged = |mut a: serde_json::Value, b: serde_json::Value| {
+        if let (Some(a), serde_json::Value::Object(b)) = (a.as_object_mut(), b) {
+            a.extend(b);
+        }
+        a
+    };
+    let (inbox_id, deployment, agent) = match adu::goal(&service) {
+        Ok(Goal::Deploy { id, deployment }) => {
+            let rollout = format!("{}{id}", azure::ADU_ROLLOUT_PREFIX);
+            if !contract::valid_id(&rollout) || rollout.starts_with("adu-cancel-") {
+                let why =
+                    format!("workflow id {id:?} must be 1-124 characters of A-Z a-z 0-9 . _ : -");
+                refuse_goal(shared, &service, version, &why).await;
+                return;
+            }
+            let deployment = contract::Deployment {
+                schema: schema::DEPLOYMENT.into(),
+                deployment_id: rollout.clone(),
+                manifest: deployment.to_stored(),
+                // One wave to every compatible device that ends when each has: Device
+                // Update reports one result, failed if any device failed (a pause for
+                // the operator would leave the twin in progress for good).
+                rollout: json!({ "successThreshold": 0 }),
+            };
+            let agent = json!({ "agent": {
+                "state": adu::state::DEPLOYMENT_IN_PROGRESS,
+                "workflow": { "action": adu::ACTION_PROCESS_DEPLOYMENT, "id": id },
+            }});
+            (rollout, deployment, agent)
+        }
+        Ok(Goal::Cancel) => {
+            let id = format!("adu-cancel-{version}");
+            let deployment = contract::Deployment {
+                schema: schema::DEPLOYMENT_CANCEL.into(),
+                deployment_id: id.clone(),
+                manifest: azure::ADU_ROLLOUT_PREFIX.into(),
+                rollout: serde_json::Value::Null,
+            };
+            let agent = json!({ "agent": {
+                "state": adu::state::IDLE,
+                "workflow": { "action": adu::ACTION_CANCEL, "id": adu::NO_DEPLOYMENT },
+            }});
+            (id, deployment, agent)
+        }
+        Err(why) => {
+            refuse_goal(shared, &service, version, &why).await;
+            return;
+        }
+    };
+    // Seen before (this twin again after a reconnect or a restart): its rollout reports.
+    match shared.inbox.contains(&inbox_id).await {
+        Ok(false) => {}
+        Ok(true) => return,
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot read the deployment inbox");
+            return;
+        }
+    }
+    if let Err(err) = shared.inbox.receive(&deployment).await {
+        tracing::warn!(error = %err, "cannot store a Device Update deployment");
+        return;
+    }
+    tracing::info!(deployment = %inbox_id, "Device Update goal received");
+    queue_device_update(
+        shared,
+        merged(adu::service_ack(&service, version, 200, ""), agent),
+    )
+    .await;
+}
+
+/// Answers a Device Update goal that cannot be acted on: 400 and the agent failed.
+async fn refuse_goal(shared: &Arc<Shared>, service: &serde_json::Value, version: u64, why: &str) {
+    use outpost_azure::adu;
+    tracing::warn!(reason = %why, "refusing a Device Update deployment");
+    let mut patch = adu::service_ack(service, version, 400, why);
+    patch["agent"] = serde_json::json!({
+        "state": adu::state::FAILED,
+        "workflow": service.get("workflow").cloned().unwrap_or_default(),
+        "lastInstallResult": adu::install_result(adu::result::FAILURE, adu::erc::MALFORMED, why, &[]),
+    });
+    queue_device_update(shared, patch).await;
+}
+
 /// After each connect: the gateway's reported state, and claims made offline.
 async fn queue_after_connect(shared: &Arc<Shared>) {
     if let Err(err) = queue_reported(shared).await {
         tracing::warn!(error = %err, "cannot queue the reported state");
+    }
+    if let Some(du) = device_update(shared) {
+        let startup = outpost_azure::adu::agent_startup(
+            &du.manufacturer,
+            &du.model,
+            &shared.settings.version,
+        );
+        queue_device_update(shared, startup).await;
     }
     let store = shared.outbox.store().clone();
     let gateway = &shared.settings.gateway_id;

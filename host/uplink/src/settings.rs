@@ -191,8 +191,19 @@ pub struct AzureSettings {
     /// How long each SAS token lives; the gateway reconnects with a new one before it
     /// expires.
     pub token_ttl: Duration,
-    /// The IoT Plug and Play model id announced at connect.
-    pub model_id: Option<String>,
+    /// Device Update for IoT Hub: when set, the gateway announces Device Update's model,
+    /// reports the `deviceUpdate` component and turns its deployments into rollouts.
+    pub device_update: Option<DeviceUpdateSettings>,
+}
+
+/// The gateway as a Device Update agent (its devices are the agent's components).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceUpdateSettings {
+    /// `deviceProperties.manufacturer`: with `model`, what Device Update groups the
+    /// gateway by.
+    pub manufacturer: String,
+    /// `deviceProperties.model`.
+    pub model: String,
 }
 
 /// The registration service and the gateway's enrollment.

@@ -355,6 +355,7 @@ impl Site {
             max_bytes: 64 * MIB as u64,
             memory_bytes: 16 * MIB as u64,
             trusted_signers: vec![signer().1],
+            adu_roots: Vec::new(),
             fetch: FetchConfig {
                 connect_timeout: Duration::from_secs(5),
                 idle_timeout: Duration::from_secs(10),

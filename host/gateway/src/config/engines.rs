@@ -45,9 +45,12 @@ fn azure(gateway: &str, section: &AzureSection) -> AzureSettings {
         identity,
         port: section.port,
         token_ttl: Duration::from_secs(u64::from(section.token_ttl_secs.get())),
-        // No Plug and Play model yet: Device Update's (`dtmi:azure:iot:deviceUpdateModel;3`)
-        // is announced once the gateway's twin carries its `deviceUpdate` component.
-        model_id: None,
+        device_update: section.device_update.as_ref().map(|du| {
+            outpost_uplink::DeviceUpdateSettings {
+                manufacturer: du.manufacturer.clone(),
+                model: du.model.clone(),
+            }
+        }),
     }
 }
 

@@ -298,6 +298,20 @@ pub(crate) struct AzureSection {
     /// How long each SAS token lives (renewed 2 minutes before it expires).
     #[serde(default = "default_token_ttl_secs")]
     pub(crate) token_ttl_secs: NonZeroU32,
+    /// Device Update for IoT Hub: absent, the gateway is no Device Update agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) device_update: Option<DeviceUpdateSection>,
+}
+
+/// `[uplink.azure.device_update]`: the gateway as a Device Update agent whose components
+/// are its devices. Deployments need `[[cache.adu_roots]]`.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DeviceUpdateSection {
+    /// `deviceProperties.manufacturer` (Device Update groups devices by it and `model`).
+    pub(crate) manufacturer: String,
+    /// `deviceProperties.model`.
+    pub(crate) model: String,
 }
 
 fn default_dps_host() -> String {
@@ -619,6 +633,58 @@ pub(crate) struct CacheSection {
     /// Keys whose signed update manifests this gateway accepts.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub(crate) trusted_signers: Vec<TrustedSignerEntry>,
+    /// Device Update root keys whose signing keys may sign the deployments that IoT
+    /// Hub's Device Update sends (uplink profile `azure-iot`). None is built in.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) adu_roots: Vec<AduRootEntry>,
+}
+
+/// `[[cache.adu_roots]]`: a Device Update root key (RSA, as Device Update publishes
+/// them: `kid`, base64 modulus `n`, exponent `e`).
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(
+    deny_unknown_fields,
+    try_from = "AduRootFields",
+    into = "AduRootFields"
+)]
+pub(crate) struct AduRootEntry(pub(crate) outpost_cache::adu::AduRootKey);
+
+/// The fields of `[[cache.adu_roots]]` as written.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AduRootFields {
+    kid: String,
+    n: String,
+    #[serde(default = "default_rsa_exponent")]
+    e: String,
+}
+
+fn default_rsa_exponent() -> String {
+    "AQAB".into()
+}
+
+impl TryFrom<AduRootFields> for AduRootEntry {
+    type Error = String;
+    fn try_from(fields: AduRootFields) -> Result<Self, String> {
+        outpost_cache::adu::AduRootKey::from_base64(&fields.kid, &fields.n, &fields.e).map(Self)
+    }
+}
+
+impl From<AduRootEntry> for AduRootFields {
+    fn from(entry: AduRootEntry) -> Self {
+        let (n, e) = entry.0.to_base64();
+        Self {
+            kid: entry.0.kid,
+            n,
+            e,
+        }
+    }
+}
+
+impl Clone for AduRootEntry {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
 }
 
 /// `[[cache.trusted_signers]]`: a key allowed to sign update manifests.
@@ -654,6 +720,7 @@ impl CacheSection {
                     key: s.public_key.0,
                 })
                 .collect(),
+            adu_roots: self.adu_roots.iter().map(|r| r.0.clone()).collect(),
             fetch: outpost_cache::FetchConfig {
                 attempts: self.download_attempts.get(),
                 ca_file: self.ca_file.clone(),
@@ -859,6 +926,7 @@ impl Default for CacheSection {
             ca_file: None,
             public_url: None,
             trusted_signers: Vec::new(),
+            adu_roots: Vec::new(),
         }
     }
 }
@@ -993,6 +1061,27 @@ impl Config {
             }
             if let Err(why) = check_profile(uplink) {
                 return Err(located(None, why));
+            }
+            if let Some(du) = uplink.azure.as_ref().and_then(|a| a.device_update.as_ref()) {
+                for (key, value) in [("manufacturer", &du.manufacturer), ("model", &du.model)] {
+                    if value.trim().is_empty() || value.len() > 64 || value.contains(',') {
+                        return Err(located(
+                            None,
+                            format!(
+                                "[uplink.azure.device_update] {key} {value:?}: give 1-64 \
+                                 characters without ','"
+                            ),
+                        ));
+                    }
+                }
+                if config.cache.adu_roots.is_empty() {
+                    return Err(located(
+                        None,
+                        "[uplink.azure.device_update] needs the Device Update root keys that \
+                         may vouch for deployment signers: add [[cache.adu_roots]] (kid, n, e)"
+                            .into(),
+                    ));
+                }
             }
             if uplink.client_cert.is_some() != uplink.client_key.is_some() {
                 return Err(located(

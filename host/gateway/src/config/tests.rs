@@ -363,8 +363,57 @@ fn the_azure_iot_profile_takes_dps_or_a_hub_and_says_what_is_wrong() {
             "profile = \"aws\"\nbroker = \"mqtt://h\"\n",
             "unknown variant",
         ),
+        (
+            "profile = \"azure-iot\"\n[uplink.azure]\nhub = \"h\"\nsymmetric_key = \"a2V5\"\n\
+             [uplink.azure.device_update]\nmanufacturer = \"Acme\"\nmodel = \"gw\"\n",
+            "needs the Device Update root keys",
+        ),
+        (
+            "profile = \"azure-iot\"\n[uplink.azure]\nhub = \"h\"\nsymmetric_key = \"a2V5\"\n\
+             [uplink.azure.device_update]\nmanufacturer = \"\"\nmodel = \"gw\"\n",
+            "manufacturer \"\": give 1-64",
+        ),
     ] {
         let err = parse(&format!("{base}{uplink}")).unwrap_err();
+        assert!(err.to_string().contains(needle), "{needle:?} not in: {err}");
+    }
+}
+
+/// Device Update: the agent's identity and the operator's root keys, checked as read.
+#[test]
+fn device_update_takes_root_keys_as_device_update_publishes_them() {
+    // A 2048-bit modulus of 0xFF bytes stands in for a root's (only its form is read here).
+    let n = outpost_cache::adu::AduRootKey {
+        kid: String::new(),
+        n: vec![0xFF; 256],
+        e: Vec::new(),
+    }
+    .to_base64()
+    .0;
+    let config = parse(&format!(
+        "[gateway]\nid = \"gw\"\n[[cache.adu_roots]]\nkid = \"ADU.200702.R\"\nn = \"{n}\"\n\
+         [uplink]\nprofile = \"azure-iot\"\n[uplink.azure]\nhub = \"h\"\nsymmetric_key = \"a2V5\"\n\
+         [uplink.azure.device_update]\nmanufacturer = \"Acme\"\nmodel = \"site-gateway\"\n"
+    ))
+    .unwrap();
+    let roots = config.cache.cache_config(Path::new("/x")).adu_roots;
+    assert_eq!(roots[0].kid, "ADU.200702.R");
+    assert_eq!(roots[0].e, [1, 0, 1], "e defaults to AQAB (65537)");
+    assert_eq!(roots[0].n.len(), 256);
+    let settings = super::engines::settings(&config, config.uplink.as_ref().unwrap());
+    let outpost_uplink::Endpoint::Azure(azure) = settings.endpoint else {
+        panic!("not the azure profile")
+    };
+    assert_eq!(azure.device_update.unwrap().model, "site-gateway");
+    for (root, needle) in [
+        ("kid = \"r\"\nn = \"AQAB\"\n", "2048-8192 bits"),
+        ("kid = \"r\"\nn = \"not base64!\"\n", "n: not base64"),
+        ("kid = \"r\"\n", "missing field `n`"),
+    ] {
+        let err = parse(&format!(
+            "[gateway]\nid = \"gw\"\n[[cache.adu_roots]]\n{root}"
+        ))
+        .unwrap_err();
         assert!(err.to_string().contains(needle), "{needle:?} not in: {err}");
     }
 }

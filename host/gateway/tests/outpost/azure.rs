@@ -9,7 +9,7 @@ use outpost_test_support::{HubSim, hub_sim_binary};
 use serde_json::json;
 
 use super::uplink::{device_token, http, post_telemetry, wait_uplink};
-use super::{Gateway, Site};
+use super::{DEADLINE, Gateway, Site};
 use outpost_store::{DeviceState, NewDevice};
 
 const KEY: &str = "YXp1cmUgcHJvZmlsZSBnYXRld2F5IGtleSBmb3IgdGVzdHM=";
@@ -138,7 +138,7 @@ fn a_gateway_provisions_through_dps_and_speaks_iot_hub() {
             .filter(|e| e["event"] == "dps_registered")
             .count()
     };
-    let end = std::time::Instant::now() + outpost_test_support::DEADLINE;
+    let end = std::time::Instant::now() + DEADLINE;
     while registrations(&mut sim) < 2 {
         assert!(std::time::Instant::now() < end, "no second registration");
         sim.events.next_before(end);
@@ -167,7 +167,7 @@ fn the_token_is_renewed_before_it_expires_and_a_wrong_key_stops_the_uplink() {
     let site = azure_site(&sim, KEY, "token_ttl_secs = 6");
     let mut gateway = Gateway::spawn(&site.config(), &[]);
     gateway.ready();
-    let end = std::time::Instant::now() + outpost_test_support::DEADLINE;
+    let end = std::time::Instant::now() + DEADLINE;
     let mut connects = 0;
     while connects < 4 {
         let event = sim
@@ -255,4 +255,253 @@ fn a_device_registered_at_the_hub_connects_without_dps() {
     let error = status["link"]["last_error"].as_str().unwrap();
     assert!(error.contains("[uplink.azure]"), "{error}");
     gateway.stop_cleanly(libc::SIGTERM, &site);
+}
+
+/// Device Update's keys made for the tests (tests/support/fixtures/adu).
+fn adu_key(name: &str, kid: &str) -> outpost_cache::adu::AduSigner {
+    let path = outpost_test_support::repo_root()
+        .join("tests/support/fixtures/adu")
+        .join(format!("{name}.pk8.der"));
+    outpost_cache::adu::AduSigner::from_pkcs8(kid, &std::fs::read(path).unwrap()).unwrap()
+}
+
+/// An ADU update manifest (v5) for esp32-app lights: one inline step for the
+/// `outpost/esp32-app:1` handler, one file.
+fn adu_manifest(model: &str, firmware: &[u8]) -> String {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    json!({
+        "manifestVersion": "5",
+        "updateId": {"provider": "Outpost", "name": "light-fw", "version": "2.0.0"},
+        "compatibility": [{"manufacturer": "Espressif", "model": model}],
+        "instructions": {"steps": [{
+            "type": "inline",
+            "handler": "outpost/esp32-app:1",
+            "files": ["f0"],
+            "handlerProperties": {"installedCriteria": "2.0.0"}
+        }]},
+        "files": {"f0": {
+            "fileName": "light-2.0.0.bin",
+            "sizeInBytes": firmware.len(),
+            "hashes": {"sha256": base64::engine::general_purpose::STANDARD
+                .encode(sha2::Sha256::digest(firmware))}
+        }},
+        "createdDateTime": "2026-12-05T10:00:00Z"
+    })
+    .to_string()
+}
+
+/// The reported `deviceUpdate.agent` once its workflow is `workflow` and `done` holds.
+fn adu_agent(
+    sim: &mut HubSim,
+    workflow: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let found = sim.wait("reported", |e| {
+        let agent = &e["patch"]["deviceUpdate"]["agent"];
+        agent["workflow"]["id"] == workflow && done(agent)
+    });
+    found["patch"]["deviceUpdate"]["agent"].clone()
+}
+
+/// Device Update end to end: the gateway is a Device Update agent whose components are
+/// its esp-sim lights. A deployment signed root -> signing key -> manifest rolls out
+/// through the esp32-app handler and the twin ends at 700; an unknown root, a file
+/// whose bytes do not match the manifest's hash and a manifest for other devices each
+/// end failed (255) with their own extended result code and nothing installed; a cancel
+/// leaves the agent idle with `nodeployment`.
+#[test]
+fn device_update_deployments_roll_out_to_the_devices_behind_the_gateway() {
+    use super::rollouts::{
+        CountingOrigin, FleetSite, Release, SimFleet, onboard_sims, wait_rollout,
+    };
+    let mut sim = HubSim::start(
+        &hub_sim_binary(),
+        &["--enrollment", &format!("gw-test:{KEY}")],
+    );
+    let root = adu_key("root", "ADU.test.R");
+    let signing = adu_key("signing", "ADU.test.S");
+    let (n, e) = root.root().to_base64();
+    let fleet = FleetSite::new(&format!(
+        "[uplink]\nprofile = \"azure-iot\"\nca_file = \"{}\"\nbackoff_min_ms = 100\n\
+         backoff_max_ms = 400\n\n[uplink.azure]\ndps_host = \"{}\"\nid_scope = \"{}\"\n\
+         symmetric_key = \"{KEY}\"\n\n[uplink.azure.device_update]\nmanufacturer = \"Outpost\"\n\
+         model = \"site-gateway\"\n\n[[cache.adu_roots]]\nkid = \"ADU.test.R\"\nn = \"{n}\"\n\
+         e = \"{e}\"\n",
+        sim.ca().display(),
+        sim.dps(),
+        sim.id_scope(),
+    ));
+    let mut gateway = Gateway::spawn(&fleet.site.config(), &[]);
+    let addr = gateway.ready();
+    let admin = fleet.site.admin_token();
+    fleet.install(outpost_test_guests::ESP32_APP, "esp32-app", "esp32-app");
+
+    // The agent announces Device Update's model and reports who it is, and idle (no
+    // deployment was ever made).
+    let hub = sim.hub().to_owned();
+    let connected = sim.wait("connected", |e| {
+        e["client"] == "gw-test" && e["service"] == hub.as_str()
+    });
+    assert_eq!(connected["model_id"], "dtmi:azure:iot:deviceUpdateModel;3");
+    let startup = sim.wait("reported", |e| {
+        e["patch"]["deviceUpdate"]["agent"]["deviceProperties"].is_object()
+    });
+    let component = &startup["patch"]["deviceUpdate"];
+    assert_eq!(component["__t"], "c");
+    assert_eq!(
+        component["agent"]["deviceProperties"]["contractModelId"],
+        "dtmi:azure:iot:deviceUpdateContractModel;3"
+    );
+    assert_eq!(
+        component["agent"]["deviceProperties"]["model"],
+        "site-gateway"
+    );
+    assert_eq!(
+        component["agent"]["compatPropertyNames"],
+        "manufacturer,model"
+    );
+    sim.wait("reported", |e| {
+        e["patch"]["deviceUpdate"]["agent"]["state"] == 0
+    });
+
+    let mut onboarded = onboard_sims(
+        &fleet,
+        vec![SimFleet {
+            args: [&["--softap", "3"], super::rollouts::LIGHT_ARGS].concat(),
+            devices: 3,
+            ready: "agent_ready",
+        }],
+    );
+    let (mut lights, _) = onboarded.remove(0);
+    let firmware = Release::new().app;
+    let mut other = firmware.clone();
+    other[1000] ^= 0xFF;
+    let origin = CountingOrigin::start(vec![
+        ("/light-2.0.0.bin", firmware.clone()),
+        ("/tampered.bin", other),
+    ]);
+    let deploy = |sim: &mut HubSim, workflow: &str, manifest: &str, signer_root: &_, path: &str| {
+        let signature = signing.sign_manifest(signer_root, manifest);
+        sim.command(&json!({
+            "op": "deploy", "device": "gw-test", "workflow": workflow,
+            "deployment": {
+                "updateManifest": manifest,
+                "updateManifestSignature": signature,
+                "fileUrls": {"f0": origin.url(path)},
+            }
+        }));
+    };
+    let good = adu_manifest("esp32-app", &firmware);
+
+    // 1. Signed through a root the operator does not trust: refused before any download.
+    let stranger = adu_key("other-root", "ADU.other.R");
+    deploy(
+        &mut sim,
+        "wf-unknown-root",
+        &good,
+        &stranger,
+        "/light-2.0.0.bin",
+    );
+    let agent = adu_agent(&mut sim, "wf-unknown-root", |a| a["state"] == 255);
+    let result = &agent["lastInstallResult"];
+    assert_eq!(result["resultCode"], 0, "{agent}");
+    assert_eq!(result["extendedResultCodes"], "A0000001", "{agent}");
+    assert!(
+        result["resultDetails"]
+            .as_str()
+            .unwrap()
+            .contains("\"ADU.other.R\" is not a trusted"),
+        "{agent}"
+    );
+    // The service property was acknowledged with its version.
+    sim.wait("reported", |e| {
+        e["patch"]["deviceUpdate"]["service"]["value"]["workflow"]["id"] == "wf-unknown-root"
+            && e["patch"]["deviceUpdate"]["service"]["ac"] == 200
+    });
+
+    // 2. A manifest for devices the gateway does not have.
+    deploy(
+        &mut sim,
+        "wf-incompatible",
+        &adu_manifest("esp32-s3-cam", &firmware),
+        &root,
+        "/light-2.0.0.bin",
+    );
+    let agent = adu_agent(&mut sim, "wf-incompatible", |a| a["state"] == 255);
+    assert_eq!(
+        agent["lastInstallResult"]["extendedResultCodes"], "70000001",
+        "{agent}"
+    );
+    assert_eq!(origin.gets("/light-2.0.0.bin"), 0, "nothing was downloaded");
+
+    // 3. The URL serves bytes that are not the manifest's: the cache refuses them, every
+    // device fails before install, the rollout stops.
+    deploy(&mut sim, "wf-tampered", &good, &root, "/tampered.bin");
+    let agent = adu_agent(&mut sim, "wf-tampered", |a| a["state"] == 255);
+    assert_eq!(agent["lastInstallResult"]["resultCode"], 0, "{agent}");
+    assert_eq!(
+        agent["lastInstallResult"]["extendedResultCodes"], "30000001",
+        "{agent}"
+    );
+    assert_eq!(
+        agent["lastInstallResult"]["resultDetails"], "3 of 3 devices failed",
+        "{agent}"
+    );
+    assert!(agent.get("installedUpdateId").is_none(), "{agent}");
+    let view = wait_rollout(addr, &admin, "adu-wf-tampered", "ended", DEADLINE, |v| {
+        v["state"] == "finished"
+    });
+    assert_eq!(view["counts"]["failed"], 3, "{view}");
+    let failed = super::rollouts::by_status(&view, "failed");
+    assert_eq!(failed.len(), 3, "{view}");
+    for device in failed {
+        let details = device["result"]["lastInstallResult"]["resultDetails"].to_string();
+        assert!(details.contains("sha256"), "{details}");
+    }
+    assert!(origin.gets("/tampered.bin") >= 1);
+
+    // 4. The real thing: every light updates and the twin says 700 with the update id.
+    deploy(&mut sim, "wf-good", &good, &root, "/light-2.0.0.bin");
+    adu_agent(&mut sim, "wf-good", |a| a["state"] == 6);
+    let agent = adu_agent(&mut sim, "wf-good", |a| a["state"] == 0);
+    assert_eq!(agent["lastInstallResult"]["resultCode"], 700, "{agent}");
+    assert_eq!(
+        agent["lastInstallResult"]["stepResults"]["step_0"]["resultCode"],
+        700
+    );
+    assert_eq!(
+        agent["installedUpdateId"],
+        r#"{"provider":"Outpost","name":"light-fw","version":"2.0.0"}"#
+    );
+    let view = wait_rollout(addr, &admin, "adu-wf-good", "finished", DEADLINE, |v| {
+        v["state"] == "finished"
+    });
+    assert_eq!(view["counts"]["succeeded"], 3, "{view}");
+    assert_eq!(view["origin"], "cloud");
+    // One verified download served every device.
+    assert_eq!(origin.gets("/light-2.0.0.bin"), 1);
+    let ready = lights.wait_for("ready", |_| true);
+    assert_eq!(ready["devices"].as_array().unwrap().len(), 3);
+
+    // 5. A cancel: the agent goes idle with `nodeployment` and a cancelled result.
+    sim.command(&json!({"op": "cancel-deployment", "device": "gw-test"}));
+    let agent = adu_agent(&mut sim, "nodeployment", |a| a["state"] == 0);
+    assert_eq!(agent["workflow"]["action"], 255);
+
+    let (status, list) = super::http_get(addr, "/api/v1/rollouts", Some(&admin));
+    assert_eq!(status, 200);
+    let mut adu: Vec<(&str, &str)> = list["rollouts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["id"].as_str().unwrap(), r["state"].as_str().unwrap()))
+        .filter(|(id, _)| id.starts_with("adu-"))
+        .collect();
+    adu.sort_unstable();
+    assert_eq!(
+        adu,
+        [("adu-wf-good", "finished"), ("adu-wf-tampered", "finished")],
+        "only usable deployments became rollouts: {list}"
+    );
 }

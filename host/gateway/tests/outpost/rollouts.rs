@@ -36,7 +36,7 @@ pub(crate) struct CountingOrigin {
 }
 
 impl CountingOrigin {
-    fn start(files: Vec<(&'static str, Vec<u8>)>) -> Self {
+    pub(crate) fn start(files: Vec<(&'static str, Vec<u8>)>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let gets = Arc::new(Mutex::new(HashMap::new()));
@@ -77,11 +77,11 @@ impl CountingOrigin {
         Self { addr, gets }
     }
 
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
 
-    fn gets(&self, path: &str) -> usize {
+    pub(crate) fn gets(&self, path: &str) -> usize {
         self.gets.lock().unwrap().get(path).copied().unwrap_or(0)
     }
 }
@@ -278,6 +278,26 @@ impl FleetSite {
     }
 }
 
+/// esp-sim's arguments (after `--softap N`) for esp32-app lights that run the Outpost
+/// agent, onboarded over SoftAP with Security 1.
+pub(crate) const LIGHT_ARGS: &[&str] = &[
+    "--security",
+    "1",
+    "--pop",
+    "abcd1234",
+    "--agent",
+    "--device-type",
+    "esp32-app",
+    "--chip",
+    "esp32c3",
+    "--project",
+    "outpost-light",
+    "--reboot-ms",
+    "200",
+    "--connect-delay-ms",
+    "20",
+];
+
 /// Two simulators (esp32-app lights, Zigbee sensors), all onboarded over SoftAP;
 /// returns them once every agent has registered.
 pub(crate) fn onboard_fleet(
@@ -290,25 +310,8 @@ pub(crate) fn onboard_fleet(
     let light_manifest = dir.join("lights.json");
     let sensor_manifest = dir.join("sensors.json");
     let lights_n = lights.to_string();
-    let mut light_args = vec![
-        "--softap",
-        &lights_n,
-        "--security",
-        "1",
-        "--pop",
-        "abcd1234",
-        "--agent",
-        "--device-type",
-        "esp32-app",
-        "--chip",
-        "esp32c3",
-        "--project",
-        "outpost-light",
-        "--reboot-ms",
-        "200",
-        "--connect-delay-ms",
-        "20",
-    ];
+    let mut light_args = vec!["--softap", &lights_n];
+    light_args.extend_from_slice(LIGHT_ARGS);
     for fault in light_faults {
         light_args.push("--update-fault");
         light_args.push(fault);
