@@ -142,6 +142,25 @@ pub fn goal(service: &Value) -> Result<Goal, String> {
     }
 }
 
+/// Whether a deployment's manifest is for this agent: one of its `compatibility` entries
+/// matches the agent's `deviceProperties` in every key (as Device Update matched before
+/// it deployed). A manifest that cannot be read is left to its verification to refuse.
+pub fn is_for_agent(update_manifest: &str, device_properties: &Value) -> bool {
+    let Ok(manifest) = serde_json::from_str::<Value>(update_manifest) else {
+        return true;
+    };
+    let Some(entries) = manifest.get("compatibility").and_then(Value::as_array) else {
+        return true;
+    };
+    entries.iter().any(|entry| {
+        entry.as_object().is_some_and(|entry| {
+            entry
+                .iter()
+                .all(|(key, value)| device_properties.get(key) == Some(value))
+        })
+    })
+}
+
 /// A reported patch of the component: `{"deviceUpdate": {"__t": "c", ...fields}}`.
 pub fn component_patch(fields: Value) -> Value {
     let mut component = json!({ "__t": "c" });
@@ -258,6 +277,13 @@ mod tests {
             installed_update_id("Acme/fw/2.0").unwrap(),
             r#"{"provider":"Acme","name":"fw","version":"2.0"}"#
         );
+        let agent = agent_startup("Contoso", "site-gateway", "0.1.0");
+        let properties = &agent["agent"]["deviceProperties"];
+        let manifest = |model: &str| {
+            json!({"compatibility": [{"manufacturer": "Contoso", "model": model}]}).to_string()
+        };
+        assert!(is_for_agent(&manifest("site-gateway"), properties));
+        assert!(!is_for_agent(&manifest("toaster"), properties));
         let result = install_result(700, 0, "", &[(700, 0, "2 devices".into())]);
         assert_eq!(
             result["stepResults"]["step_0"]["extendedResultCodes"],

@@ -18,7 +18,10 @@
 //! against the manifest's bytes, and only then the manifest is parsed, mapped and
 //! validated. A step's handler `outpost/{name}:{major}` names the WASM handler
 //! `{name}` (Device Update's proxy-update model, with the gateway's devices as its
-//! components). Each file must have a URL; its `sha256` is the name the firmware cache
+//! components). The manifest's `compatibility` is the agent's (the gateway's, which
+//! Device Update matched); the devices a step updates are those its
+//! `handlerProperties.compatibility` entries match, or else every device whose type
+//! the step's handler serves. Each file must have a URL; its `sha256` is the name the firmware cache
 //! fetches and checks it under, so a file that does not match never reaches a device.
 
 use std::collections::BTreeMap;
@@ -53,12 +56,22 @@ impl AduRootKey {
     /// From the base64 (standard or URL-safe, padded or not) modulus and exponent, as
     /// JWKs and Device Update's documentation give them.
     pub fn from_base64(kid: &str, n: &str, e: &str) -> Result<Self, String> {
+        // Leading zero bytes (a DER INTEGER's sign byte) are not part of the number.
+        let strip = |bytes: Vec<u8>| {
+            bytes
+                .into_iter()
+                .skip_while(|b| *b == 0)
+                .collect::<Vec<u8>>()
+        };
         let key = Self {
             kid: kid.to_owned(),
-            n: decode_any(n).map_err(|err| format!("root key {kid:?}: n: {err}"))?,
-            e: decode_any(e).map_err(|err| format!("root key {kid:?}: e: {err}"))?,
+            n: strip(decode_any(n).map_err(|err| format!("root key {kid:?}: n: {err}"))?),
+            e: strip(decode_any(e).map_err(|err| format!("root key {kid:?}: e: {err}"))?),
         };
-        let bits = key.n.iter().skip_while(|b| **b == 0).count() * 8;
+        let bits = key
+            .n
+            .first()
+            .map_or(0, |top| key.n.len() * 8 - top.leading_zeros() as usize);
         if !(2048..=8192).contains(&bits) {
             return Err(format!(
                 "root key {kid:?}: a {bits}-bit modulus; RSA keys of 2048-8192 bits are accepted"
@@ -247,7 +260,7 @@ pub fn verify(stored: &str, roots: &[AduRootKey]) -> Result<VerifiedManifest, Ca
 struct AduManifest {
     manifest_version: Value,
     update_id: UpdateId,
-    compatibility: Vec<BTreeMap<String, Value>>,
+    compatibility: Vec<serde_json::Map<String, Value>>,
     instructions: AduInstructions,
     #[serde(default)]
     files: BTreeMap<String, AduFile>,
@@ -300,17 +313,14 @@ fn read_manifest(
             "manifestVersion {version} is not supported (4 and 5 are)"
         )));
     }
-    let mut compatibility = Vec::new();
-    for entry in adu.compatibility {
-        let mut map = BTreeMap::new();
-        for (key, value) in entry {
-            let Value::String(value) = value else {
-                return Err(bad(format!("compatibility.{key} is not a string")));
-            };
-            map.insert(key, value);
-        }
-        compatibility.push(map);
+    // The manifest's own compatibility names the agent (the gateway), which Device
+    // Update matched before it deployed; the devices behind the gateway are chosen per
+    // step below.
+    for (index, entry) in adu.compatibility.iter().enumerate() {
+        string_map(entry)
+            .map_err(|key| bad(format!("compatibility[{index}].{key} is not a string")))?;
     }
+    let mut compatibility = Vec::new();
     let mut steps = Vec::new();
     for (index, step) in adu.instructions.steps.into_iter().enumerate() {
         if step.kind.as_deref().is_some_and(|k| k != "inline") {
@@ -324,6 +334,33 @@ fn read_manifest(
             .handler
             .ok_or_else(|| bad(format!("steps[{index}] has no handler")))?;
         let handler = outpost_handler(&handler).unwrap_or(handler);
+        // Which devices: `handlerProperties.compatibility` (entries of device
+        // properties), or else every device whose type this handler serves.
+        match step.handler_properties.get("compatibility") {
+            None => compatibility.push(BTreeMap::from([(
+                crate::manifest::HANDLER_KEY.to_owned(),
+                handler.clone(),
+            )])),
+            Some(Value::Array(entries)) => {
+                for entry in entries {
+                    let map = entry.as_object().ok_or_else(|| {
+                        bad(format!(
+                            "steps[{index}].handlerProperties.compatibility holds objects"
+                        ))
+                    })?;
+                    compatibility.push(string_map(map).map_err(|key| {
+                        bad(format!(
+                            "steps[{index}].handlerProperties.compatibility.{key} is not a string"
+                        ))
+                    })?);
+                }
+            }
+            Some(_) => {
+                return Err(bad(format!(
+                    "steps[{index}].handlerProperties.compatibility is a list of objects"
+                )));
+            }
+        }
         steps.push(Step {
             handler,
             files: step.files,
@@ -359,6 +396,17 @@ fn read_manifest(
         files,
         created_date_time: adu.created_date_time,
     })
+}
+
+/// A JSON object whose values are all strings, as a map; else the key that is not.
+fn string_map(entry: &serde_json::Map<String, Value>) -> Result<BTreeMap<String, String>, String> {
+    entry
+        .iter()
+        .map(|(key, value)| match value {
+            Value::String(value) => Ok((key.clone(), value.clone())),
+            _ => Err(key.clone()),
+        })
+        .collect()
 }
 
 /// The Outpost handler a Device Update handler name picks: `outpost/{name}:{major}`

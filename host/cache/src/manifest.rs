@@ -36,6 +36,11 @@ pub const MAX_TOTAL_BYTES: u64 = 2 << 30;
 /// A signed manifest larger than this is refused unread.
 pub const MAX_JWS_BYTES: usize = 256 * 1024;
 
+/// A compatibility key that matches the devices whose type the named update handler
+/// serves (`{"handler": "esp32-app"}`); other keys are device properties (and
+/// `deviceType`).
+pub const HANDLER_KEY: &str = "handler";
+
 /// A key allowed to sign update manifests, under the name its JWS `kid` gives.
 #[derive(Clone, Debug)]
 pub struct TrustedSigner {

@@ -346,7 +346,9 @@ impl Rollouts {
                 Err(reason) => Err(RolloutError::Invalid(reason)),
                 Ok(deployment) if deployment.schema == schema::DEPLOYMENT_CANCEL => {
                     // Never answered on the rollouts topic: the cancelled rollouts are.
-                    let cancelled = self.cancel_prefixed(&deployment.manifest, None).await;
+                    let cancelled = self
+                        .cancel_prefixed(&deployment.manifest, "cancelled by the cloud")
+                        .await;
                     self.inner
                         .inbox
                         .settle(&id, cancelled.map_err(|err| err.to_string()))
@@ -363,21 +365,23 @@ impl Rollouts {
                     };
                     match spec {
                         Ok(spec) => {
-                            let created = self
-                                .create(Some(id.clone()), Origin::Cloud, &deployment.manifest, spec)
-                                .await
-                                .map(drop);
-                            // Device Update deploys a goal state: the new one replaces
-                            // the one in progress (once it is known to be usable).
-                            if created.is_ok() && id.starts_with(contract::ADU_ROLLOUT_PREFIX) {
+                            // Device Update deploys a goal state: a new one replaces
+                            // the one in progress, usable or not (cancelled first, so
+                            // the new one's reports are the last word).
+                            if id.starts_with(contract::ADU_ROLLOUT_PREFIX) {
                                 let replaced = self
-                                    .cancel_prefixed(contract::ADU_ROLLOUT_PREFIX, Some(&id))
+                                    .cancel_prefixed(
+                                        contract::ADU_ROLLOUT_PREFIX,
+                                        contract::ADU_REPLACED,
+                                    )
                                     .await;
                                 if let Err(err) = replaced {
                                     tracing::warn!(error = %err, "cannot cancel the deployment replaced");
                                 }
                             }
-                            created
+                            self.create(Some(id.clone()), Origin::Cloud, &deployment.manifest, spec)
+                                .await
+                                .map(drop)
                         }
                         Err(err) => Err(err),
                     }
@@ -409,7 +413,7 @@ impl Rollouts {
         jws: &str,
         spec: RolloutSpec,
     ) -> Result<RolloutView, RolloutError> {
-        let id = self.new_id(id, &spec).await?;
+        let id = self.new_id(id, origin, &spec).await?;
         let verified = self
             .inner
             .firmware
@@ -423,7 +427,7 @@ impl Rollouts {
             .targets(&spec)
             .await?
             .into_iter()
-            .filter(|d| compatible(&verified, d))
+            .filter(|d| compatible(&verified, d, |t| self.inner.handlers.handler_name_for(t)))
             .filter(|d| {
                 // A handler still compiling counts: the device's job waits for it.
                 self.inner
@@ -469,7 +473,7 @@ impl Rollouts {
         spec: RolloutSpec,
     ) -> Result<RolloutView, RolloutError> {
         rotation.validate().map_err(RolloutError::Invalid)?;
-        let id = self.new_id(id, &spec).await?;
+        let id = self.new_id(id, Origin::Local, &spec).await?;
         let agents = self
             .inner
             .store
@@ -502,9 +506,20 @@ impl Rollouts {
     }
 
     /// Checks the settings and the id (a fresh one when none is given).
-    async fn new_id(&self, id: Option<String>, spec: &RolloutSpec) -> Result<String, RolloutError> {
+    async fn new_id(
+        &self,
+        id: Option<String>,
+        origin: Origin,
+        spec: &RolloutSpec,
+    ) -> Result<String, RolloutError> {
         spec.validate().map_err(RolloutError::Invalid)?;
         let id = id.unwrap_or_else(|| format!("local-{}", contract::message_id()));
+        if origin == Origin::Local && id.starts_with(contract::ADU_ROLLOUT_PREFIX) {
+            return Err(RolloutError::Invalid(format!(
+                "rollout ids starting with {:?} are Device Update's",
+                contract::ADU_ROLLOUT_PREFIX
+            )));
+        }
         if !contract::valid_id(&id) {
             return Err(RolloutError::Invalid(format!(
                 "rollout id {id:?} must be 1-128 characters of A-Z a-z 0-9 . _ : -"
@@ -862,9 +877,9 @@ impl Rollouts {
         self.view(id, false).await
     }
 
-    /// Cancels every active rollout whose id starts with `prefix` (never empty), except
-    /// `keep`.
-    async fn cancel_prefixed(&self, prefix: &str, keep: Option<&str>) -> Result<(), RolloutError> {
+    /// Cancels every active rollout whose id starts with `prefix` (never empty), saying
+    /// `reason`.
+    async fn cancel_prefixed(&self, prefix: &str, reason: &str) -> Result<(), RolloutError> {
         if prefix.is_empty() {
             return Err(RolloutError::Invalid(
                 "an empty prefix would cancel everything".into(),
@@ -885,9 +900,9 @@ impl Rollouts {
                 Ok(ids)
             })
             .await?;
-        for id in ids.iter().filter(|id| Some(id.as_str()) != keep) {
-            tracing::info!(rollout = %id, "cancelled by the cloud");
-            self.cancel_because(id, "cancelled by the cloud").await?;
+        for id in &ids {
+            tracing::info!(rollout = %id, reason, "rollout cancelled");
+            self.cancel_because(id, reason).await?;
         }
         Ok(())
     }
@@ -1287,10 +1302,17 @@ fn pin_holder(rollout: &str) -> String {
 }
 
 /// Whether the device matches one of the manifest's compatibility entries.
-fn compatible(manifest: &VerifiedManifest, device: &Device) -> bool {
+fn compatible(
+    manifest: &VerifiedManifest,
+    device: &Device,
+    handler_of: impl Fn(&str) -> Option<String>,
+) -> bool {
     manifest.manifest.compatibility.iter().any(|entry| {
         entry.iter().all(|(key, value)| match key.as_str() {
             "deviceType" => device.device_type == *value,
+            outpost_cache::manifest::HANDLER_KEY => {
+                handler_of(&device.device_type).as_deref() == Some(value.as_str())
+            }
             _ => spec::property(device, key) == Some(value.as_str()),
         })
     })

@@ -735,7 +735,22 @@ async fn a_device_update_goal_replaces_the_one_in_progress_and_a_cancel_stops_it
             v.state == RolloutState::Cancelled
         })
         .await;
-    assert_eq!(replaced.reason.as_deref(), Some("cancelled by the cloud"));
+    assert_eq!(
+        replaced.reason.as_deref(),
+        Some(outpost_uplink::contract::ADU_REPLACED)
+    );
+    // Device Update's ids are its own: a local rollout cannot take one.
+    let err = engine
+        .rollouts
+        .create(
+            Some("adu-mine".into()),
+            Origin::Local,
+            &jws,
+            RolloutSpec::default(),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("are Device Update's"), "{err}");
     // A cancel with no prefix would cancel everything: refused, nothing cancelled.
     engine
         .inbox

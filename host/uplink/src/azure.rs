@@ -15,6 +15,7 @@
 //!
 //! A device id with a `.` (which twin property names may not hold) is written with `%2E`.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -289,8 +290,136 @@ pub(crate) fn adu_agent_of_rollout(workflow: &str, status: &contract::RolloutSta
     }
 }
 
+/// The bytes of the twin's reported properties that device summaries may take: IoT
+/// Hub refuses a twin whose reported section passes 32 KiB, and the gateway's status,
+/// its own state and Device Update's component need the rest.
+pub(crate) const TWIN_DEVICES_BUDGET: usize = 24 * 1024;
+
+/// The devices behind the gateway as its twin shows them: one small summary each
+/// (`outpost.devices.{id}` = type, lobby state, installed update, update state, last
+/// result), sent coalesced, as many as fit in [`TWIN_DEVICES_BUDGET`]; the detail
+/// (every lobby event and reported state) goes as device-to-cloud messages.
+#[derive(Debug, Default)]
+pub(crate) struct TwinDevices {
+    /// Each known device's summary.
+    summaries: BTreeMap<String, serde_json::Map<String, Value>>,
+    /// Devices in the twin, with the bytes their entry takes.
+    placed: BTreeMap<String, usize>,
+    /// Devices whose summary changed since the last patch.
+    dirty: BTreeSet<String>,
+    /// Devices left out of the twin (no room).
+    omitted: BTreeSet<String>,
+    /// How many were left out when the last patch said so.
+    omitted_reported: Option<usize>,
+}
+
+impl TwinDevices {
+    /// Takes what a lobby event or a device's reported state says into its summary.
+    fn note(&mut self, kind: &str, device: &str, payload: &[u8]) {
+        let summary = self.summaries.entry(twin_name(device)).or_default();
+        let changed = match kind {
+            "lobby" => serde_json::from_slice::<contract::LobbyEvent>(payload)
+                .ok()
+                .map(|lobby| {
+                    summary.insert("type".into(), lobby.device_type.into());
+                    summary.insert("state".into(), lobby.state.into());
+                }),
+            _ => serde_json::from_slice::<contract::DeviceReported>(payload)
+                .ok()
+                .map(|reported| {
+                    let agent = reported.agent;
+                    summary.insert("update".into(), agent.state.into());
+                    summary.insert(
+                        "installed".into(),
+                        agent.installed_update_id.map_or(Value::Null, Value::from),
+                    );
+                    summary.insert(
+                        "result".into(),
+                        agent
+                            .last_install_result
+                            .map_or(Value::Null, |r| r.result_code.into()),
+                    );
+                }),
+        };
+        if changed.is_some() {
+            self.dirty.insert(twin_name(device));
+        }
+    }
+
+    /// Every known summary goes again with the next patch (after a reconnect).
+    pub(crate) fn resend_all(&mut self) {
+        self.dirty.extend(self.summaries.keys().cloned());
+        self.omitted_reported = None;
+    }
+
+    /// Counts the devices already in the twin (`outpost.devices` of a twin GET's
+    /// reported properties) against the budget.
+    pub(crate) fn seed(&mut self, twin: &[u8]) {
+        let Ok(twin) = serde_json::from_slice::<Value>(twin) else {
+            return;
+        };
+        if let Some(devices) = twin
+            .pointer("/reported/outpost/devices")
+            .and_then(Value::as_object)
+        {
+            for (name, entry) in devices {
+                self.placed
+                    .entry(name.clone())
+                    .or_insert_with(|| entry_size(name, entry));
+            }
+        }
+    }
+
+    /// The coalesced patch of `outpost` for the summaries that changed, if any: a device
+    /// already in the twin is updated; a new one is added while the budget allows and
+    /// counted in `devicesNotInTwin` when not.
+    pub(crate) fn patch(&mut self) -> Option<Value> {
+        let mut devices = serde_json::Map::new();
+        for name in std::mem::take(&mut self.dirty) {
+            let Some(summary) = self.summaries.get(&name) else {
+                continue;
+            };
+            let entry = Value::Object(summary.clone());
+            let size = entry_size(&name, &entry);
+            let used: usize = self.placed.values().sum();
+            let now = self.placed.get(&name).copied().unwrap_or(0);
+            if used - now + size <= TWIN_DEVICES_BUDGET {
+                self.placed.insert(name.clone(), size);
+                self.omitted.remove(&name);
+                devices.insert(name, entry);
+            } else if now == 0 {
+                self.omitted.insert(name);
+            }
+            // A placed device whose summary grew past the budget keeps its old entry.
+        }
+        let omitted = self.omitted.len();
+        let omitted_changed = self.omitted_reported != Some(omitted);
+        if devices.is_empty() && !omitted_changed {
+            return None;
+        }
+        self.omitted_reported = Some(omitted);
+        let mut patch = json!({ "devicesNotInTwin": omitted });
+        if !devices.is_empty() {
+            patch["devices"] = Value::Object(devices);
+        }
+        Some(patch)
+    }
+}
+
+/// The bytes `"name":{…},` takes in the twin's JSON.
+fn entry_size(name: &str, entry: &Value) -> usize {
+    name.len() + entry.to_string().len() + 4
+}
+
+/// The reported-properties patch of the device summaries (see [`TwinDevices`]).
+pub(crate) fn devices_patch(patch: &Value, rid: &str) -> (String, Bytes) {
+    reported(patch, rid)
+}
+
 /// What an outbox message becomes at the hub: a reported-properties patch (state) or a
-/// device-to-cloud message (everything else). `rid` names a twin patch's request.
+/// device-to-cloud message (everything else). `rid` names a twin patch's request. A
+/// device's lobby events and reported state go as device-to-cloud messages and into
+/// its summary in `devices` (sent coalesced by the session).
 pub(crate) fn outgoing(
     gateway: &str,
     device_id: &str,
@@ -298,6 +427,7 @@ pub(crate) fn outgoing(
     topic: &str,
     payload: &Bytes,
     rid: &str,
+    devices: &mut TwinDevices,
 ) -> (String, Bytes) {
     let prefix = format!("{}/gw/{gateway}/", contract::ROOT);
     let tail = topic.strip_prefix(&prefix).unwrap_or(topic);
@@ -306,23 +436,14 @@ pub(crate) fn outgoing(
     match parts.as_slice() {
         ["status"] => return reported(&json!({ "status": body() }), rid),
         ["reported"] => return reported(&json!({ "gateway": body() }), rid),
-        ["lobby", device] => {
-            return reported(
-                &json!({ "devices": { twin_name(device): { "lobby": body() } } }),
-                rid,
-            );
-        }
-        ["reported", device] => {
-            return reported(
-                &json!({ "devices": { twin_name(device): { "reported": body() } } }),
-                rid,
-            );
-        }
+        [kind @ ("lobby" | "reported"), device] => devices.note(kind, device, payload),
         // The Device Update agent's own reports (acknowledgements, start-up).
         [ADU_TOPIC] => return reported_component(body(), rid),
         // A Device Update deployment's rollout: the agent's state and result.
         ["rollouts", id] if id.starts_with(ADU_ROLLOUT_PREFIX) => {
-            if let Ok(status) = serde_json::from_slice::<contract::RolloutStatus>(payload) {
+            if let Ok(status) = serde_json::from_slice::<contract::RolloutStatus>(payload)
+                && status.reason.as_deref() != Some(contract::ADU_REPLACED)
+            {
                 let workflow = &id[ADU_ROLLOUT_PREFIX.len()..];
                 return reported_component(adu_agent_of_rollout(workflow, &status), rid);
             }
@@ -353,7 +474,9 @@ pub(crate) fn d2c(
         props.push("outpost-schema", schema);
     }
     let device = match parts.as_slice() {
-        ["telemetry", device] | ["claimed", device] | ["results", _, device] => Some(*device),
+        ["telemetry" | "claimed" | "lobby" | "reported", device] | ["results", _, device] => {
+            Some(*device)
+        }
         _ => None,
     };
     if let Some(device) = device {
@@ -430,25 +553,55 @@ mod tests {
     #[test]
     fn state_goes_to_the_twin_and_the_rest_to_device_to_cloud_messages() {
         let gateway = "gw-1";
-        let reported_topic = contract::topics::device_reported(gateway, "esp.7");
+        let mut devices = TwinDevices::default();
+        let (topic, body) = outgoing(
+            gateway,
+            "gw-1",
+            "m0",
+            &contract::topics::status(gateway),
+            &Bytes::from_static(b"{\"state\":\"online\"}"),
+            "5",
+            &mut devices,
+        );
+        assert_eq!(topic, "$iothub/twin/PATCH/properties/reported/?$rid=5");
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body, json!({"outpost": {"status": {"state": "online"}}}));
+
+        // A device's reported state: the detail as a device-to-cloud message, and a
+        // summary for the coalesced twin patch.
+        let reported = reported_payload("esp.7", "Acme/fw/1.2", 700);
         let (topic, body) = outgoing(
             gateway,
             "gw-1",
             "m1",
-            &reported_topic,
-            &Bytes::from_static(b"{\"fw\":\"1.2\"}"),
-            "5",
+            &contract::topics::device_reported(gateway, "esp.7"),
+            &reported,
+            "6",
+            &mut devices,
         );
-        assert_eq!(topic, "$iothub/twin/PATCH/properties/reported/?$rid=5");
-        let body: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body, reported);
+        let props =
+            Props::parse(topic.strip_prefix("devices/gw-1/messages/events/").unwrap()).unwrap();
+        assert_eq!(props.get("outpost-device"), Some("esp.7"));
+        assert_eq!(props.get("outpost-topic"), Some("reported/esp.7"));
         assert_eq!(
-            body,
-            json!({"outpost": {"devices": {"esp%2E7": {"reported": {"fw": "1.2"}}}}})
+            devices.patch().unwrap(),
+            json!({"devicesNotInTwin": 0, "devices": {"esp%2E7":
+                {"update": 0, "installed": "Acme/fw/1.2", "result": 700}}})
         );
+        assert_eq!(devices.patch(), None, "nothing changed since");
 
         let telemetry = contract::topics::telemetry(gateway, "esp-1");
         let payload = Bytes::from_static(b"{\"schema\":\"outpost.telemetry/1\",\"t\":1}");
-        let (topic, body) = outgoing(gateway, "gw-1", "m2", &telemetry, &payload, "6");
+        let (topic, body) = outgoing(
+            gateway,
+            "gw-1",
+            "m2",
+            &telemetry,
+            &payload,
+            "7",
+            &mut devices,
+        );
         assert_eq!(body, payload);
         let props =
             Props::parse(topic.strip_prefix("devices/gw-1/messages/events/").unwrap()).unwrap();
@@ -457,6 +610,172 @@ mod tests {
         assert_eq!(props.get("outpost-device"), Some("esp-1"));
         assert_eq!(props.get("outpost-topic"), Some("telemetry/esp-1"));
         assert_eq!(props.get("outpost-schema"), Some("outpost.telemetry/1"));
+    }
+
+    fn reported_payload(device: &str, installed: &str, result: i32) -> Bytes {
+        let reported = contract::DeviceReported {
+            schema: contract::schema::DEVICE_REPORTED.into(),
+            message_id: contract::message_id(),
+            device_id: device.into(),
+            agent: contract::AgentState {
+                device_properties: serde_json::Map::from_iter([
+                    ("manufacturer".to_owned(), json!("Espressif")),
+                    ("model".to_owned(), json!("esp32-app")),
+                ]),
+                compat_property_names: "manufacturer,model".into(),
+                last_install_result: Some(contract::InstallResult {
+                    result_code: result,
+                    result_details: "applied and back with the new version".into(),
+                    ..contract::InstallResult::default()
+                }),
+                state: 0,
+                workflow: None,
+                installed_update_id: Some(installed.into()),
+            },
+            desired_version: 3,
+            at: 1_796_000_000_000,
+        };
+        Bytes::from(serde_json::to_vec(&reported).unwrap())
+    }
+
+    fn lobby_payload(device: &str) -> Bytes {
+        let lobby = contract::LobbyEvent {
+            schema: contract::schema::LOBBY.into(),
+            message_id: contract::message_id(),
+            device_id: device.into(),
+            device_type: "esp32-app".into(),
+            state: "claimed".into(),
+            at: 1_796_000_000_000,
+        };
+        Bytes::from(serde_json::to_vec(&lobby).unwrap())
+    }
+
+    /// Applies a JSON merge patch (as IoT Hub does to reported properties).
+    fn merge(target: &mut Value, patch: &Value) {
+        match (target.as_object_mut(), patch.as_object()) {
+            (Some(target), Some(patch)) => {
+                for (key, value) in patch {
+                    if value.is_null() {
+                        target.remove(key);
+                    } else {
+                        merge(target.entry(key.clone()).or_insert(json!({})), value);
+                    }
+                }
+            }
+            _ => *target = patch.clone(),
+        }
+    }
+
+    /// The twin's reported section with `n` devices behind the gateway whose ids are
+    /// `id_len` characters: each device's lobby event and reported state pass through
+    /// `outgoing` in batches of 64, each batch followed by its coalesced patch, as the
+    /// session does. Returns the section and how many devices are in it.
+    fn twin_with(n: usize, id_len: usize) -> (Value, usize, usize) {
+        let gateway = "gw-1";
+        let mut devices = TwinDevices::default();
+        let mut twin = json!({});
+        // The rest of what the gateway reports, at its largest.
+        merge(
+            &mut twin,
+            &json!({"outpost": {"status": {"schema": "outpost.status/1",
+            "state": "online", "since": 1_796_000_000_000_i64, "version": "0.1.0"}}}),
+        );
+        let ids: Vec<String> = (0..n).map(|i| format!("{i:0>id_len$}")).collect();
+        let messages: Vec<(String, Bytes)> = ids
+            .iter()
+            .flat_map(|id| {
+                [
+                    (contract::topics::lobby(gateway, id), lobby_payload(id)),
+                    (
+                        contract::topics::device_reported(gateway, id),
+                        reported_payload(id, "Outpost/light-fw/2.0.0", 700),
+                    ),
+                ]
+            })
+            .collect();
+        let mut patches = 0;
+        for batch in messages.chunks(64) {
+            for (topic, payload) in batch {
+                outgoing(gateway, "gw-1", "m", topic, payload, "r", &mut devices);
+            }
+            if let Some(patch) = devices.patch() {
+                patches += 1;
+                merge(&mut twin, &json!({ "outpost": patch }));
+            }
+        }
+        let placed = twin["outpost"]["devices"]
+            .as_object()
+            .map_or(0, |d| d.len());
+        (twin, placed, patches)
+    }
+
+    /// IoT Hub refuses reported properties over 32 KiB: with 200 devices behind the
+    /// gateway the twin stays under it with every device's summary in it, and with ids
+    /// long enough that not all fit, the rest are counted and their detail goes as
+    /// device-to-cloud messages. Prints the sizes (`cargo test -p outpost-uplink twin_size
+    /// -- --nocapture`).
+    #[test]
+    fn twin_size_with_200_devices_stays_under_iot_hubs_limit() {
+        let (twin, placed, patches) = twin_with(200, 12);
+        let size = twin.to_string().len();
+        println!(
+            "200 devices, 12-character ids: reported twin {size} bytes, {placed} devices in it, {patches} patches"
+        );
+        assert_eq!(placed, 200);
+        assert_eq!(twin["outpost"]["devicesNotInTwin"], 0);
+        assert!(size <= 32 * 1024, "{size}");
+        assert_eq!(patches, 7, "one patch per batch of 64 messages");
+
+        let (twin, placed, _) = twin_with(200, 64);
+        let size = twin.to_string().len();
+        println!(
+            "200 devices, 64-character ids: reported twin {size} bytes, {placed} devices in it"
+        );
+        assert!(size <= 32 * 1024, "{size}");
+        assert!(placed < 200 && placed > 100, "{placed}");
+        assert_eq!(twin["outpost"]["devicesNotInTwin"], 200 - placed as u64);
+    }
+
+    #[test]
+    fn devices_already_in_the_twin_count_and_a_reconnect_sends_every_summary_again() {
+        let mut devices = TwinDevices::default();
+        let big = "x".repeat(TWIN_DEVICES_BUDGET);
+        devices.seed(
+            json!({"reported": {"outpost": {"devices": {"old": {"type": big}}}}})
+                .to_string()
+                .as_bytes(),
+        );
+        outgoing(
+            "gw",
+            "gw",
+            "m",
+            "outpost/v1/gw/gw/lobby/new",
+            &lobby_payload("new"),
+            "r",
+            &mut devices,
+        );
+        assert_eq!(
+            devices.patch().unwrap(),
+            json!({"devicesNotInTwin": 1}),
+            "no room left next to the device already in the twin"
+        );
+        let mut devices = TwinDevices::default();
+        outgoing(
+            "gw",
+            "gw",
+            "m",
+            "outpost/v1/gw/gw/lobby/a",
+            &lobby_payload("a"),
+            "r",
+            &mut devices,
+        );
+        assert!(devices.patch().is_some());
+        assert_eq!(devices.patch(), None);
+        devices.resend_all();
+        assert_eq!(
+            devices.patch().unwrap()["devices"]["a"],
+            json!({"type": "esp32-app", "state": "claimed"})
+        );
     }
 
     #[test]
@@ -532,6 +851,7 @@ mod tests {
             "outpost/v1/gw/gw/rollouts/adu-wf-9",
             &rollout(state, counts, reason),
             "r1",
+            &mut TwinDevices::default(),
         );
         assert_eq!(topic, "$iothub/twin/PATCH/properties/reported/?$rid=r1");
         let patch: Value = serde_json::from_slice(&body).unwrap();
@@ -603,6 +923,7 @@ mod tests {
             "outpost/v1/gw/gw/rollouts/local-1",
             &rollout("running", &[], None),
             "r1",
+            &mut TwinDevices::default(),
         );
         assert!(topic.starts_with("devices/gw/messages/events/"), "{topic}");
     }

@@ -489,6 +489,10 @@ pub struct RolloutStatus {
 /// id. Device Update deploys a goal state: a new one replaces the one in progress.
 pub const ADU_ROLLOUT_PREFIX: &str = "adu-";
 
+/// The reason a Device Update rollout is cancelled with when a newer deployment
+/// replaces it (its end is not reported to Device Update: the new one's state is).
+pub const ADU_REPLACED: &str = "replaced by a newer Device Update deployment";
+
 /// `claims/{rid}/req`: sign this device's CSR.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

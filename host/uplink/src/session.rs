@@ -105,6 +105,8 @@ struct Shared {
     inbox: DeploymentInbox,
     status: watch::Sender<UplinkStatus>,
     claims: Mutex<HashMap<String, oneshot::Sender<contract::ClaimResponse>>>,
+    /// The azure-iot profile's device summaries in the twin.
+    twin_devices: Mutex<azure::TwinDevices>,
 }
 
 /// A handle on the running uplink.
@@ -137,6 +139,7 @@ impl Uplink {
             inbox,
             status,
             claims: Mutex::new(HashMap::new()),
+            twin_devices: Mutex::new(azure::TwinDevices::default()),
         });
         let task = tokio::spawn(run(Arc::clone(&shared), shutdown));
         (Self { shared }, task)
@@ -689,6 +692,9 @@ async fn pump(
             // The whole twin: the desired state may have changed while we were away.
             let get = outpost_azure::topics::twin_get(&rid("get"));
             publish_direct(client, &mut handed, get, Vec::new(), false).await?;
+            // The device summaries again: a patch may have been lost with the connection.
+            lock(&shared.twin_devices).resend_all();
+            publish_twin_devices(shared, client, &mut handed, &rid("devices")).await?;
         }
         queue_after_connect(shared).await;
         loop {
@@ -713,6 +719,7 @@ async fn pump(
                                 &message.topic,
                                 &message.payload,
                                 &rid("patch"),
+                                &mut lock(&shared.twin_devices),
                             );
                             (topic, payload, false)
                         }
@@ -721,6 +728,9 @@ async fn pump(
                         .publish_bytes(topic, QoS::AtLeastOnce, retain, payload)
                         .await
                         .map_err(|e| format!("publish: {e}"))?;
+                }
+                if let Dialect::Azure { .. } = dialect {
+                    publish_twin_devices(shared, client, &mut handed, &rid("devices")).await?;
                 }
                 continue;
             }
@@ -777,6 +787,28 @@ async fn pump(
     result
 }
 
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Sends the device summaries that changed as one twin patch (untracked: they are sent
+/// again after a reconnect or a refusal, and the detail is in the outbox's messages).
+async fn publish_twin_devices(
+    shared: &Arc<Shared>,
+    client: &AsyncClient,
+    handed: &mut VecDeque<i64>,
+    rid: &str,
+) -> Result<(), String> {
+    let patch = lock(&shared.twin_devices).patch();
+    if let Some(patch) = patch {
+        let (topic, payload) = azure::devices_patch(&patch, rid);
+        publish_direct(client, handed, topic, payload.to_vec(), false).await?;
+    }
+    Ok(())
+}
+
 /// The gateway's status as the dialect publishes it: retained on its own topic, or a
 /// patch of the twin's reported properties.
 fn status_message(
@@ -795,6 +827,7 @@ fn status_message(
                 &topics::status(gateway),
                 &payload.into(),
                 rid,
+                &mut azure::TwinDevices::default(),
             );
             (topic, payload.to_vec(), false)
         }
@@ -833,6 +866,7 @@ async fn azure_inbound(
                 tracing::warn!(status, "IoT Hub did not give the twin");
                 return answer;
             }
+            lock(&shared.twin_devices).seed(payload);
             match azure::desired_of_twin(payload) {
                 Ok(desired) => {
                     if let Err(err) = store_desired(shared, "gateway", &desired).await {
@@ -846,6 +880,10 @@ async fn azure_inbound(
             }
         }
         azure::Inbound::TwinResponse { status, rid } => {
+            // Throttled or a hub error: the summaries go again with the next patch.
+            if rid.starts_with("devices-") && (status == 429 || status >= 500) {
+                lock(&shared.twin_devices).resend_all();
+            }
             if status >= 300 {
                 tracing::warn!(
                     status,
@@ -992,7 +1030,28 @@ async fn device_update_goal(shared: &Arc<Shared>, twin: &[u8]) {
             if !contract::valid_id(&rollout) || rollout.starts_with("adu-cancel-") {
                 let why =
                     format!("workflow id {id:?} must be 1-124 characters of A-Z a-z 0-9 . _ : -");
-                refuse_goal(shared, &service, version, &why).await;
+                refuse_goal(shared, &service, version, (400, adu::erc::MALFORMED), &why).await;
+                return;
+            }
+            let du = device_update(shared).expect("only called with Device Update");
+            let agent = adu::agent_startup(&du.manufacturer, &du.model, &shared.settings.version);
+            if !adu::is_for_agent(
+                &deployment.update_manifest,
+                &agent["agent"]["deviceProperties"],
+            ) {
+                let why = format!(
+                    "the update is not for this gateway: no compatibility entry matches \
+                     manufacturer {:?}, model {:?}",
+                    du.manufacturer, du.model
+                );
+                refuse_goal(
+                    shared,
+                    &service,
+                    version,
+                    (200, adu::erc::NO_COMPATIBLE_COMPONENT),
+                    &why,
+                )
+                .await;
                 return;
             }
             let deployment = contract::Deployment {
@@ -1025,7 +1084,7 @@ async fn device_update_goal(shared: &Arc<Shared>, twin: &[u8]) {
             (id, deployment, agent)
         }
         Err(why) => {
-            refuse_goal(shared, &service, version, &why).await;
+            refuse_goal(shared, &service, version, (400, adu::erc::MALFORMED), &why).await;
             return;
         }
     };
@@ -1050,15 +1109,22 @@ async fn device_update_goal(shared: &Arc<Shared>, twin: &[u8]) {
     .await;
 }
 
-/// Answers a Device Update goal that cannot be acted on: 400 and the agent failed.
-async fn refuse_goal(shared: &Arc<Shared>, service: &serde_json::Value, version: u64, why: &str) {
+/// Answers a Device Update goal that is not acted on: the acknowledgement `ac` and the
+/// agent failed with the extended result code `erc`.
+async fn refuse_goal(
+    shared: &Arc<Shared>,
+    service: &serde_json::Value,
+    version: u64,
+    (ac, erc): (u16, u32),
+    why: &str,
+) {
     use outpost_azure::adu;
     tracing::warn!(reason = %why, "refusing a Device Update deployment");
-    let mut patch = adu::service_ack(service, version, 400, why);
+    let mut patch = adu::service_ack(service, version, ac, if ac == 200 { "" } else { why });
     patch["agent"] = serde_json::json!({
         "state": adu::state::FAILED,
         "workflow": service.get("workflow").cloned().unwrap_or_default(),
-        "lastInstallResult": adu::install_result(adu::result::FAILURE, adu::erc::MALFORMED, why, &[]),
+        "lastInstallResult": adu::install_result(adu::result::FAILURE, erc, why, &[]),
     });
     queue_device_update(shared, patch).await;
 }
@@ -1192,6 +1258,25 @@ async fn inbound(shared: &Arc<Shared>, topic: &str, payload: &[u8]) {
 /// A deployment from the cloud into the inbox; `id` is the one its topic names.
 async fn deployment(shared: &Arc<Shared>, topic: &str, id: Option<&str>, payload: &[u8]) {
     match serde_json::from_slice::<contract::Deployment>(payload) {
+        // Only deployments come from the wire: a cancel is the gateway's own (Device
+        // Update's), and `adu-` ids are Device Update's rollouts.
+        Ok(deployment) if deployment.schema != schema::DEPLOYMENT => tracing::warn!(
+            topic,
+            schema = %deployment.schema,
+            "ignoring a deployment whose schema is not {}",
+            schema::DEPLOYMENT
+        ),
+        Ok(deployment)
+            if deployment
+                .deployment_id
+                .starts_with(contract::ADU_ROLLOUT_PREFIX) =>
+        {
+            tracing::warn!(
+                topic,
+                "ignoring a deployment whose id starts with {:?} (reserved for Device Update)",
+                contract::ADU_ROLLOUT_PREFIX
+            );
+        }
         Ok(deployment)
             if contract::valid_id(&deployment.deployment_id)
                 && id.is_none_or(|id| deployment.deployment_id == id) =>

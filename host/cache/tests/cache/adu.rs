@@ -33,12 +33,15 @@ fn manifest_text(version: &str, sha256: &[u8]) -> String {
     serde_json::json!({
         "manifestVersion": version,
         "updateId": {"provider": "Acme", "name": "sensor-fw", "version": "2.0.0"},
-        "compatibility": [{"manufacturer": "Acme", "model": "esp32-sensor"}],
+        "compatibility": [{"manufacturer": "Acme", "model": "site-gateway"}],
         "instructions": {"steps": [{
             "type": "inline",
             "handler": "outpost/esp32-app:1",
             "files": ["f0"],
-            "handlerProperties": {"installedCriteria": "2.0.0"}
+            "handlerProperties": {
+                "installedCriteria": "2.0.0",
+                "compatibility": [{"manufacturer": "Acme", "model": "esp32-sensor"}]
+            }
         }]},
         "files": {"f0": {
             "fileName": "sensor-2.0.0.bin",
@@ -84,6 +87,8 @@ fn a_deployment_signed_through_a_trusted_root_reads_as_an_update_manifest() {
     );
     let m = &verified.manifest;
     assert_eq!(m.update_id.to_string(), "Acme/sensor-fw/2.0.0");
+    // The manifest's compatibility is the gateway's; the step's picks the devices.
+    assert_eq!(m.compatibility.len(), 1);
     assert_eq!(m.compatibility[0]["model"], "esp32-sensor");
     assert_eq!(
         m.steps[0].handler, "esp32-app",
@@ -98,15 +103,39 @@ fn a_deployment_signed_through_a_trusted_root_reads_as_an_update_manifest() {
         m.files[0].url.as_deref(),
         Some("http://127.0.0.1:9/sensor.bin")
     );
+    // Without the step's compatibility: every device the step's handler serves.
+    let any_device = text.replace(
+        r#""compatibility":[{"manufacturer":"Acme","model":"esp32-sensor"}],"#,
+        "",
+    );
+    assert_ne!(any_device, text);
+    let verified = adu::verify(&signed(&any_device), &trusted()).unwrap();
+    assert_eq!(
+        verified.manifest.compatibility,
+        [BTreeMap::from([(
+            "handler".to_owned(),
+            "esp32-app".to_owned()
+        )])]
+    );
     // Version 4 manifests read the same, with `filename` as Device Update wrote it then.
     let v4 = manifest_text("4", digest.as_bytes()).replace("fileName", "filename");
     assert!(adu::verify(&signed(&v4), &trusted()).is_ok());
-    // The root as configured (base64 n/e) is the same key.
+    // The root as configured (base64 n/e) is the same key, also when n is written as a
+    // DER INTEGER (a leading zero byte), and it verifies the deployment.
     let (n, e) = root().root().to_base64();
     assert_eq!(
         AduRootKey::from_base64("ADU.test.R", &n, &e).unwrap(),
         root().root()
     );
+    let mut der_n = vec![0];
+    der_n.extend(&root().root().n);
+    let configured = AduRootKey::from_base64("ADU.test.R", &STANDARD.encode(der_n), &e).unwrap();
+    assert!(adu::verify(&signed(&text), &[configured]).is_ok());
+    // A 2047-bit modulus is refused at configuration, not at the first deployment.
+    let mut short = vec![0x7F];
+    short.extend([0xFF; 255]);
+    let err = AduRootKey::from_base64("short", &STANDARD.encode(short), &e).unwrap_err();
+    assert!(err.contains("2047-bit"), "{err}");
 }
 
 #[test]
@@ -210,6 +239,13 @@ fn malformed_deployments_and_manifests_say_what_is_wrong() {
     let reference = text.replace("\"type\":\"inline\"", "\"type\":\"reference\"");
     let err = refused(&signed(&reference));
     assert!(err.contains("only inline steps are supported"), "{err}");
+    // A step's device compatibility is a list of objects of strings.
+    let bad = text.replace(r#""model":"esp32-sensor""#, r#""model":7"#);
+    let err = refused(&signed(&bad));
+    assert!(
+        err.contains("handlerProperties.compatibility.model is not a string"),
+        "{err}"
+    );
     // The mapped manifest is validated as every manifest is (a plain file name).
     let traversal = text.replace("sensor-2.0.0.bin", "../boot.bin");
     let err = refused(&signed(&traversal));

@@ -69,7 +69,7 @@ fn a_gateway_provisions_through_dps_and_speaks_iot_hub() {
         e["patch"]["outpost"]["status"]["state"] == "online"
     });
     sim.wait("reported", |e| {
-        e["patch"]["outpost"]["devices"]["esp-1"]["lobby"]["deviceType"] == "thermostat"
+        e["patch"]["outpost"]["devices"]["esp-1"]["type"] == "thermostat"
     });
     let status = wait_uplink(addr, &admin, "desired v1", |j| {
         j["link"]["desired_version"] == 1
@@ -257,6 +257,72 @@ fn a_device_registered_at_the_hub_connects_without_dps() {
     gateway.stop_cleanly(libc::SIGTERM, &site);
 }
 
+/// 200 devices behind the gateway: each has its summary in the twin, which stays under
+/// IoT Hub's 32 KiB (hub-sim refuses a bigger one as IoT Hub does), in a few coalesced
+/// patches; each device's detail travels as a device-to-cloud message.
+#[test]
+fn two_hundred_devices_fit_the_twin_and_their_detail_goes_as_messages() {
+    let mut sim = HubSim::start(
+        &hub_sim_binary(),
+        &["--enrollment", &format!("gw-test:{KEY}")],
+    );
+    let site = azure_site(&sim, KEY, "");
+    let ids: Vec<String> = (0..200).map(|i| format!("esp32-light-{i:03}")).collect();
+    site.seed(
+        ids.iter()
+            .map(|id| NewDevice::new(id, "esp32-app", DeviceState::Claimed))
+            .collect(),
+    );
+    let _gateway = {
+        let mut gateway = Gateway::spawn(&site.config(), &[]);
+        gateway.ready();
+        gateway
+    };
+    // Every device's lobby event arrives as a message of its own.
+    for id in &ids {
+        sim.wait("telemetry", |e| {
+            e["properties"]["outpost-topic"] == format!("lobby/{id}")
+                && e["properties"]["outpost-device"] == id.as_str()
+        });
+    }
+    // And every device is in the twin, which IoT Hub would accept.
+    let mut patches = 0;
+    let mut in_twin = std::collections::BTreeSet::new();
+    while in_twin.len() < ids.len() {
+        let patch = sim.wait("reported", |e| {
+            e["patch"]["outpost"]["devices"]
+                .as_object()
+                .is_some_and(|d| d.keys().any(|k| !in_twin.contains(k)))
+        });
+        patches += 1;
+        in_twin.extend(
+            patch["patch"]["outpost"]["devices"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .cloned(),
+        );
+    }
+    assert!(patches < 20, "coalesced: {patches} patches for 200 devices");
+    sim.command(&json!({"op": "twin", "device": "gw-test"}));
+    let twin = sim.wait("twin", |e| e["device"] == "gw-test");
+    let reported = twin["reported"].to_string();
+    println!("200 devices: the reported twin is {} bytes", reported.len());
+    assert!(reported.len() <= 32 * 1024, "{}", reported.len());
+    assert_eq!(twin["reported"]["outpost"]["devicesNotInTwin"], 0);
+    assert_eq!(
+        twin["reported"]["outpost"]["devices"]["esp32-light-199"],
+        json!({"type": "esp32-app", "state": "claimed"})
+    );
+    assert!(
+        !sim.events
+            .drain()
+            .iter()
+            .any(|e| e["event"] == "reported_refused"),
+        "IoT Hub would refuse a patch"
+    );
+}
+
 /// Device Update's keys made for the tests (tests/support/fixtures/adu).
 fn adu_key(name: &str, kid: &str) -> outpost_cache::adu::AduSigner {
     let path = outpost_test_support::repo_root()
@@ -265,20 +331,25 @@ fn adu_key(name: &str, kid: &str) -> outpost_cache::adu::AduSigner {
     outpost_cache::adu::AduSigner::from_pkcs8(kid, &std::fs::read(path).unwrap()).unwrap()
 }
 
-/// An ADU update manifest (v5) for esp32-app lights: one inline step for the
-/// `outpost/esp32-app:1` handler, one file.
-fn adu_manifest(model: &str, firmware: &[u8]) -> String {
+/// An ADU update manifest (v5) for the gateway model `gateway_model`, whose one inline
+/// step updates the `model` devices through the `outpost/esp32-app:1` handler.
+fn adu_manifest(gateway_model: &str, model: &str, firmware: &[u8]) -> String {
     use base64::Engine as _;
     use sha2::Digest as _;
     json!({
         "manifestVersion": "5",
         "updateId": {"provider": "Outpost", "name": "light-fw", "version": "2.0.0"},
-        "compatibility": [{"manufacturer": "Espressif", "model": model}],
+        // The agent's (the gateway's) compatibility, which Device Update matches, and
+        // the devices' in the step.
+        "compatibility": [{"manufacturer": "Outpost", "model": gateway_model}],
         "instructions": {"steps": [{
             "type": "inline",
             "handler": "outpost/esp32-app:1",
             "files": ["f0"],
-            "handlerProperties": {"installedCriteria": "2.0.0"}
+            "handlerProperties": {
+                "installedCriteria": "2.0.0",
+                "compatibility": [{"manufacturer": "Espressif", "model": model}]
+            }
         }]},
         "files": {"f0": {
             "fileName": "light-2.0.0.bin",
@@ -392,7 +463,7 @@ fn device_update_deployments_roll_out_to_the_devices_behind_the_gateway() {
             }
         }));
     };
-    let good = adu_manifest("esp32-app", &firmware);
+    let good = adu_manifest("site-gateway", "esp32-app", &firmware);
 
     // 1. Signed through a root the operator does not trust: refused before any download.
     let stranger = adu_key("other-root", "ADU.other.R");
@@ -424,13 +495,31 @@ fn device_update_deployments_roll_out_to_the_devices_behind_the_gateway() {
     deploy(
         &mut sim,
         "wf-incompatible",
-        &adu_manifest("esp32-s3-cam", &firmware),
+        &adu_manifest("site-gateway", "esp32-s3-cam", &firmware),
         &root,
         "/light-2.0.0.bin",
     );
     let agent = adu_agent(&mut sim, "wf-incompatible", |a| a["state"] == 255);
     assert_eq!(
         agent["lastInstallResult"]["extendedResultCodes"], "70000001",
+        "{agent}"
+    );
+    // A manifest for another kind of gateway (Device Update would not send it).
+    deploy(
+        &mut sim,
+        "wf-other-gateway",
+        &adu_manifest("toaster", "esp32-app", &firmware),
+        &root,
+        "/light-2.0.0.bin",
+    );
+    let agent = adu_agent(&mut sim, "wf-other-gateway", |a| a["state"] == 255);
+    let result = &agent["lastInstallResult"];
+    assert_eq!(result["extendedResultCodes"], "70000001", "{agent}");
+    assert!(
+        result["resultDetails"]
+            .as_str()
+            .unwrap()
+            .contains("not for this gateway"),
         "{agent}"
     );
     assert_eq!(origin.gets("/light-2.0.0.bin"), 0, "nothing was downloaded");
@@ -484,11 +573,64 @@ fn device_update_deployments_roll_out_to_the_devices_behind_the_gateway() {
     let ready = lights.wait_for("ready", |_| true);
     assert_eq!(ready["devices"].as_array().unwrap().len(), 3);
 
-    // 5. A cancel: the agent goes idle with `nodeployment` and a cancelled result.
+    // 5. A cancel with nothing in progress: the agent says idle with `nodeployment`,
+    // and the finished rollout stays finished (a cancel in flight: tests/engine.rs and
+    // the twin mapping's unit test).
     sim.command(&json!({"op": "cancel-deployment", "device": "gw-test"}));
     let agent = adu_agent(&mut sim, "nodeployment", |a| a["state"] == 0);
     assert_eq!(agent["workflow"]["action"], 255);
+    sim.wait("reported", |e| {
+        e["patch"]["deviceUpdate"]["service"]["value"]["workflow"]["action"] == 255
+    });
 
+    // Hostile cloud-to-device messages cannot pose as Device Update: a deployment with
+    // the gateway's own cancel schema, and one with an `adu-` id, are ignored. A plain
+    // (unusable) deployment sent after them marks when they were processed.
+    let c2d = |sim: &mut HubSim, body: serde_json::Value| {
+        sim.command(&json!({"op": "c2d", "device": "gw-test", "payload": body,
+            "properties": {"outpost-schema": "outpost.deployment/1"}}));
+    };
+    c2d(
+        &mut sim,
+        json!({"schema": "outpost.deployment-cancel/1", "deploymentId": "evil-1", "manifest": "adu-"}),
+    );
+    c2d(
+        &mut sim,
+        json!({"schema": "outpost.deployment/1", "deploymentId": "adu-evil", "manifest": "x"}),
+    );
+    c2d(
+        &mut sim,
+        json!({"schema": "outpost.deployment/1", "deploymentId": "marker", "manifest": "x"}),
+    );
+    sim.wait("telemetry", |e| {
+        e["properties"]["outpost-topic"] == "rollouts/marker"
+    });
+    let seen = sim.events.drain();
+    assert!(
+        !seen.iter().any(|e| {
+            e["patch"]["deviceUpdate"]["agent"]["workflow"]["id"] == "evil"
+                || e["properties"]["outpost-topic"] == "rollouts/adu-evil"
+                || e["properties"]["outpost-topic"] == "rollouts/evil-1"
+        }),
+        "a hostile message was taken as a deployment"
+    );
+    let db = outpost_store::rusqlite::Connection::open_with_flags(
+        fleet.site.database(),
+        outpost_store::rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let inbox: Vec<String> = db
+        .prepare("SELECT id FROM inbound_deployments WHERE id IN ('evil-1', 'adu-evil', 'marker')")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        inbox,
+        ["marker"],
+        "only the plain deployment reached the inbox"
+    );
     let (status, list) = super::http_get(addr, "/api/v1/rollouts", Some(&admin));
     assert_eq!(status, 200);
     let mut adu: Vec<(&str, &str)> = list["rollouts"]
