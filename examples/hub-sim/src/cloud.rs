@@ -480,9 +480,13 @@ impl Cloud {
                 let moved = state.devices[old].remove(registration);
                 self.broker.forget(old + 1, registration);
                 let (device, substatus) = match (enrollment.policy, moved) {
+                    // The device is created anew at the new hub with the old twin's
+                    // properties: its sections count their `$version`s from 1 again.
                     (Policy::Migrate, Some(mut device)) => {
                         device.key = key.clone();
                         device.model_id = None;
+                        device.desired.version = 1;
+                        device.reported.version = 1;
                         (device, "deviceDataMigrated")
                     }
                     _ => (

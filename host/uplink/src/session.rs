@@ -663,6 +663,8 @@ async fn pump(
     let mut exhausted = false;
     // IoT Hub's twin requests of this connection: `get-N` and `patch-N`.
     let mut next_rid = 0u64;
+    // The newest twin GET answered on this connection.
+    let mut last_get = 0u64;
     let mut rid = |kind: &str| {
         next_rid += 1;
         format!("{kind}-{next_rid}")
@@ -759,7 +761,7 @@ async fn pump(
                     Ok(Event::Incoming(Incoming::Publish(publish))) => match dialect {
                         Dialect::Outpost => inbound(shared, &publish.topic, &publish.payload).await,
                         Dialect::Azure { device_id, .. } => {
-                            let answer = azure_inbound(shared, device_id, &publish.topic, &publish.payload).await;
+                            let answer = azure_inbound(shared, device_id, &publish.topic, &publish.payload, &mut last_get).await;
                             for (topic, payload) in answer.publish {
                                 publish_direct(client, &mut handed, topic, payload, false).await?;
                             }
@@ -851,6 +853,7 @@ async fn azure_inbound(
     device_id: &str,
     topic: &str,
     payload: &[u8],
+    last_get: &mut u64,
 ) -> AzureAnswer {
     let mut answer = AzureAnswer::default();
     let message = match azure::inbound(device_id, topic) {
@@ -866,10 +869,18 @@ async fn azure_inbound(
                 tracing::warn!(status, "IoT Hub did not give the twin");
                 return answer;
             }
+            // The answer to the newest request wins (the twin changed in between).
+            let number = rid["get-".len()..].parse::<u64>().unwrap_or(0);
+            if number <= *last_get {
+                return answer;
+            }
+            *last_get = number;
             lock(&shared.twin_devices).seed(payload);
             match azure::desired_of_twin(payload) {
                 Ok(desired) => {
-                    if let Err(err) = store_desired(shared, "gateway", &desired).await {
+                    // The whole twin is the truth: taken even with a lower `$version`
+                    // (a new hub after reprovisioning counts from 1 again).
+                    if let Err(err) = store_desired(shared, "gateway", &desired, true).await {
                         tracing::warn!(error = %err, "cannot store the desired state");
                     }
                 }
@@ -1224,7 +1235,7 @@ async fn inbound(shared: &Arc<Shared>, topic: &str, payload: &[u8]) {
     match parts.as_slice() {
         ["desired", target] => match serde_json::from_slice::<DesiredState>(payload) {
             Ok(desired) => {
-                if let Err(err) = store_desired(shared, target, &desired).await {
+                if let Err(err) = store_desired(shared, target, &desired, false).await {
                     tracing::warn!(error = %err, target, "cannot store desired state");
                 }
             }
@@ -1351,10 +1362,13 @@ async fn command(shared: &Arc<Shared>, rid: &str, payload: &[u8]) {
     }
 }
 
+/// Stores a desired state: a newer version than held (`whole`: any other version or
+/// body, when it is the whole of the cloud's record, such as a twin).
 async fn store_desired(
     shared: &Arc<Shared>,
     target: &str,
     desired: &DesiredState,
+    whole: bool,
 ) -> Result<(), String> {
     if !contract::valid_id(target) {
         return Err(format!("{target:?} is not a valid target"));
@@ -1370,8 +1384,9 @@ async fn store_desired(
             let changed = conn.execute(
                 "INSERT INTO desired_state (target, version, body, received_at) VALUES (?1, ?2, ?3, ?4) \
                  ON CONFLICT (target) DO UPDATE SET version = excluded.version, body = excluded.body, \
-                 received_at = excluded.received_at WHERE excluded.version > desired_state.version",
-                params![target_owned, version, body, now_millis()],
+                 received_at = excluded.received_at WHERE excluded.version > desired_state.version \
+                 OR (?5 AND (excluded.version != desired_state.version OR excluded.body != desired_state.body))",
+                params![target_owned, version, body, now_millis(), whole],
             )?;
             Ok(changed > 0)
         })

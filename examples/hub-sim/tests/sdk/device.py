@@ -18,8 +18,16 @@ from azure.iot.device.common.auth.sastoken import RenewableSasToken
 from azure.iot.device.common.auth.signing_mechanism import SymmetricKeySigningMechanism
 
 
+EMIT_LOCK = threading.Lock()
+
+
 def emit(event, **fields):
-    print(json.dumps({"event": event, **fields}), flush=True)
+    # The SDK calls back on its own threads: one whole line at a time, or two events
+    # printed at once interleave into lines that are not JSON.
+    line = json.dumps({"event": event, **fields}) + "\n"
+    with EMIT_LOCK:
+        sys.stdout.write(line)
+        sys.stdout.flush()
 
 
 def derive_device_key(group_key, registration_id):

@@ -257,6 +257,60 @@ fn a_device_registered_at_the_hub_connects_without_dps() {
     gateway.stop_cleanly(libc::SIGTERM, &site);
 }
 
+/// Moved to another hub with its data (DPS's migrate policy): the new hub's twin counts
+/// `$version` from 1 again, and the gateway takes the whole twin as the truth instead of
+/// waiting for a version above the old hub's.
+#[test]
+fn a_gateway_migrated_to_another_hub_follows_the_new_twins_versions() {
+    let mut sim = HubSim::start(
+        &hub_sim_binary(),
+        &[
+            "--hub",
+            "auto",
+            "--hub",
+            "auto",
+            "--enrollment",
+            &format!("gw-test:{KEY}:0:migrate"),
+            "--initial-twin",
+            r#"{"interval":60}"#,
+        ],
+    );
+    let (first, second) = (sim.hub_at(0).to_owned(), sim.hub_at(1).to_owned());
+    let site = azure_site(&sim, KEY, "");
+    let mut gateway = Gateway::spawn(&site.config(), &[]);
+    let addr = gateway.ready();
+    let admin = site.admin_token();
+    wait_uplink(addr, &admin, "at the first hub", |j| {
+        j["link"]["broker"] == format!("mqtts://{first}:8883")
+    });
+    for interval in [30, 20, 10] {
+        sim.command(
+            &json!({"op": "desired", "device": "gw-test", "patch": {"interval": interval}}),
+        );
+    }
+    wait_uplink(addr, &admin, "desired v4", |j| {
+        j["link"]["desired_version"] == 4
+    });
+    sim.command(&json!({"op": "reassign", "enrollment": "gw-test", "hub": second}));
+    sim.wait("reassigned", |e| e["enrollment"] == "gw-test");
+    sim.command(
+        &json!({"op": "method", "device": "gw-test", "name": "reprovision", "payload": {}}),
+    );
+    wait_uplink(addr, &admin, "migrated to the second hub", |j| {
+        j["link"]["broker"] == format!("mqtts://{second}:8883")
+            && j["link"]["substatus"] == "deviceDataMigrated"
+    });
+    // The migrated twin (version 1, the operator's last value), then a patch at the new
+    // hub (version 2): both taken.
+    wait_uplink(addr, &admin, "the migrated twin", |j| {
+        j["link"]["desired_version"] == 1 && j["link"]["desired"]["interval"] == 10
+    });
+    sim.command(&json!({"op": "desired", "device": "gw-test", "patch": {"interval": 5}}));
+    wait_uplink(addr, &admin, "the new hub's patch", |j| {
+        j["link"]["desired_version"] == 2 && j["link"]["desired"]["interval"] == 5
+    });
+}
+
 /// 200 devices behind the gateway: each has its summary in the twin, which stays under
 /// IoT Hub's 32 KiB (hub-sim refuses a bigger one as IoT Hub does), in a few coalesced
 /// patches; each device's detail travels as a device-to-cloud message.
