@@ -104,6 +104,14 @@ impl Authority {
                              ([onboarding.claim]); try again when the uplink is connected"
                         ),
                     },
+                    Err(outpost_uplink::ClaimError::NoClaimService) => match fallback {
+                        Some(ca) => local(ca),
+                        None => bail!(
+                            "the azure-iot uplink has no claim service (IoT Hub signs no device \
+                             certificates): configure a local claiming CA ([onboarding.claim], \
+                             made with `outpost onboard ca-init`) to claim devices"
+                        ),
+                    },
                     Err(err) => Err(anyhow::Error::new(err).context("the cloud claim failed")),
                 }
             }

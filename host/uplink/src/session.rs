@@ -83,6 +83,9 @@ pub enum ClaimError {
     /// Not connected: the caller may fall back to a local CA.
     #[error("the cloud uplink is not connected")]
     Offline,
+    /// The uplink's cloud signs no claims (IoT Hub): the caller's local CA must.
+    #[error("the azure-iot uplink has no claim service (IoT Hub signs no device certificates)")]
+    NoClaimService,
     /// No answer in time.
     #[error("the cloud did not answer the claim request within {0:?}")]
     Timeout(Duration),
@@ -179,9 +182,9 @@ impl Uplink {
             .await
     }
 
-    /// Asks the cloud to sign a device's CSR; returns the certificate (PEM). Offline (and
-    /// with the `azure-iot` profile, which has no claim service) it is
-    /// [`ClaimError::Offline`], so the caller may sign with its local CA.
+    /// Asks the cloud to sign a device's CSR; returns the certificate (PEM). Offline it is
+    /// [`ClaimError::Offline`], and with the `azure-iot` profile (no claim service)
+    /// [`ClaimError::NoClaimService`], so the caller may sign with its local CA.
     pub async fn claim(
         &self,
         device_id: &str,
@@ -189,10 +192,11 @@ impl Uplink {
         csr_pem: &str,
         timeout: Duration,
     ) -> Result<String, ClaimError> {
-        // IoT Hub has no claim service: the caller's local CA signs, as when offline.
-        if self.status().state != LinkState::Connected
-            || matches!(self.shared.settings.endpoint, Endpoint::Azure(_))
-        {
+        // IoT Hub has no claim service: the caller's local CA signs.
+        if matches!(self.shared.settings.endpoint, Endpoint::Azure(_)) {
+            return Err(ClaimError::NoClaimService);
+        }
+        if self.status().state != LinkState::Connected {
             return Err(ClaimError::Offline);
         }
         let rid = contract::message_id();

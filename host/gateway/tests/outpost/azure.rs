@@ -311,6 +311,44 @@ fn a_gateway_migrated_to_another_hub_follows_the_new_twins_versions() {
     });
 }
 
+/// IoT Hub signs no device certificates: a device that asks to be claimed is signed by
+/// the local CA, and without one the run says what to configure.
+#[test]
+fn a_claim_without_a_local_ca_says_iot_hub_has_no_claim_service() {
+    use super::rollouts::FleetSite;
+    let sim = HubSim::start(
+        &hub_sim_binary(),
+        &["--enrollment", &format!("gw-test:{KEY}")],
+    );
+    let fleet = FleetSite::new(&format!(
+        "[uplink]\nprofile = \"azure-iot\"\nca_file = \"{}\"\n\n[uplink.azure]\n\
+         dps_host = \"{}\"\nid_scope = \"{}\"\nsymmetric_key = \"{KEY}\"\n",
+        sim.ca().display(),
+        sim.dps(),
+        sim.id_scope(),
+    ));
+    let mut gateway = Gateway::spawn(&fleet.site.config(), &[]);
+    gateway.ready();
+    let manifest = fleet.site.dir.path().join("claim.json");
+    let _device = super::onboarding::Sim::start(
+        &[
+            "--softap",
+            "1",
+            "--security",
+            "1",
+            "--pop",
+            "abcd1234",
+            "--claim",
+        ],
+        &manifest,
+    );
+    super::onboarding::import(&fleet.site, &manifest);
+    let report = super::onboarding::run_json(&fleet.site);
+    let error = report["devices"][0]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("has no claim service"), "{report}");
+    assert!(error.contains("[onboarding.claim]"), "{report}");
+}
+
 /// 200 devices behind the gateway: each has its summary in the twin, which stays under
 /// IoT Hub's 32 KiB (hub-sim refuses a bigger one as IoT Hub does), in a few coalesced
 /// patches; each device's detail travels as a device-to-cloud message.
