@@ -61,6 +61,7 @@ pub(crate) trait Service: Send + Sync + 'static {
         listener: ListenerId,
         peer: SocketAddr,
         connect: &Connect,
+        certificate_cn: Option<&str>,
     ) -> Result<Option<u64>, ConnectReturnCode>;
     /// Whether the client may subscribe to `filter`.
     fn may_subscribe(&self, listener: ListenerId, client: &str, filter: &str) -> bool;
@@ -161,6 +162,16 @@ impl Session {
 
 fn min_qos(a: QoS, b: QoS) -> QoS {
     if (a as u8) <= (b as u8) { a } else { b }
+}
+
+/// The subject CN of a DER certificate.
+fn common_name(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    cert.subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_owned)
 }
 
 /// Whether `topic` matches `filter` (MQTT 3.1.1 §4.7): `+` is one level, `#` the rest, and
@@ -282,7 +293,14 @@ impl Broker {
                 else {
                     return;
                 };
-                broker.connection(service, listener, peer, stream).await;
+                // A client certificate, verified against --client-ca by the handshake.
+                let cn = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|chain| chain.first())
+                    .and_then(|cert| common_name(cert.as_ref()));
+                broker.connection(service, listener, peer, stream, cn).await;
             });
         }
     }
@@ -415,6 +433,7 @@ impl Broker {
         listener: ListenerId,
         peer: SocketAddr,
         stream: S,
+        certificate_cn: Option<String>,
     ) where
         S: AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
@@ -425,7 +444,7 @@ impl Broker {
                 Ok(Ok(Packet::Connect(connect))) => connect,
                 _ => return,
             };
-        let expires = match service.connect(listener, peer, &connect) {
+        let expires = match service.connect(listener, peer, &connect, certificate_cn.as_deref()) {
             Ok(expires) => expires,
             Err(code) => {
                 let mut out = BytesMut::new();

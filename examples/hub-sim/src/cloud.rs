@@ -60,6 +60,10 @@ impl std::str::FromStr for Policy {
     }
 }
 
+/// The `key` of an enrollment or device that authenticates with an X.509 certificate
+/// (never base64, so never a symmetric key).
+pub(crate) const X509: &str = "<x509>";
+
 /// An individual enrollment or an enrollment group.
 #[derive(Debug, Clone)]
 pub(crate) struct Enrollment {
@@ -253,12 +257,16 @@ impl Cloud {
 
     // --- DPS ------------------------------------------------------------------------
 
-    fn dps_connect(&self, connect: &Connect) -> Result<Option<u64>, (ConnectReturnCode, String)> {
+    fn dps_connect(
+        &self,
+        connect: &Connect,
+        certificate_cn: Option<&str>,
+    ) -> Result<Option<u64>, (ConnectReturnCode, String)> {
         let bad = |why: String| (ConnectReturnCode::BadUserNamePassword, why);
         let login = connect
             .login
             .as_ref()
-            .ok_or_else(|| bad("no username and password".into()))?;
+            .ok_or_else(|| bad("no username".into()))?;
         let prefix = format!("{}/registrations/{}/", self.id_scope, connect.client_id);
         let query = login.username.strip_prefix(&prefix).ok_or_else(|| {
             bad(format!(
@@ -279,6 +287,25 @@ impl Cloud {
                 ConnectReturnCode::BadClientId,
                 format!("registration id {registration:?}: DPS takes 1-128 of a-z 0-9 - . _ :"),
             ));
+        }
+        // X.509: a certificate from --client-ca whose CN is the registration id, no token.
+        if let Some(enrollment) = state
+            .enrollments
+            .iter()
+            .find(|e| !e.group && &e.name == registration && e.key == X509)
+        {
+            if certificate_cn != Some(registration.as_str()) {
+                return Err((
+                    ConnectReturnCode::NotAuthorized,
+                    format!(
+                        "enrollment {registration:?} is X.509: a client certificate with CN \
+                         {registration:?} is needed (got {certificate_cn:?})"
+                    ),
+                ));
+            }
+            let name = enrollment.name.clone();
+            state.dps_clients.insert(registration.clone(), name);
+            return Ok(None);
         }
         let mut last = None;
         // An individual enrollment decides alone; groups only for ids without one.
@@ -525,12 +552,13 @@ impl Cloud {
         &self,
         hub: usize,
         connect: &Connect,
+        certificate_cn: Option<&str>,
     ) -> Result<Option<u64>, (ConnectReturnCode, String)> {
         let bad = |why: String| (ConnectReturnCode::BadUserNamePassword, why);
         let login = connect
             .login
             .as_ref()
-            .ok_or_else(|| bad("no username and password".into()))?;
+            .ok_or_else(|| bad("no username".into()))?;
         let device_id = &connect.client_id;
         let (host, rest) = login
             .username
@@ -566,6 +594,20 @@ impl Cloud {
                 ConnectReturnCode::NotAuthorized,
                 "the device is disabled".into(),
             ));
+        }
+        if device.key == X509 {
+            // CA-signed X.509: the certificate's CN is the device id; no token.
+            if certificate_cn != Some(device_id.as_str()) {
+                return Err((
+                    ConnectReturnCode::NotAuthorized,
+                    format!(
+                        "device {device_id:?} authenticates with X.509: a client certificate \
+                         with CN {device_id:?} is needed (got {certificate_cn:?})"
+                    ),
+                ));
+            }
+            device.model_id = query.get("model-id").map(str::to_owned);
+            return Ok(None);
         }
         let token = sas::verify(
             &login.password,
@@ -858,11 +900,12 @@ impl Service for Cloud {
         listener: ListenerId,
         peer: SocketAddr,
         connect: &Connect,
+        certificate_cn: Option<&str>,
     ) -> Result<Option<u64>, ConnectReturnCode> {
         let outcome = if listener == DPS {
-            self.dps_connect(connect)
+            self.dps_connect(connect, certificate_cn)
         } else {
-            self.hub_connect(listener - 1, connect)
+            self.hub_connect(listener - 1, connect, certificate_cn)
         };
         let service = self.service_name(listener);
         match outcome {

@@ -65,6 +65,19 @@ struct Args {
     /// A device registered at the first hub directly: `deviceId:base64key`.
     #[arg(long = "device", value_name = "ID:KEY")]
     devices: Vec<String>,
+    /// An individual enrollment with X.509 attestation: `registrationId[:hubIndex[:policy]]`;
+    /// the device presents a client certificate whose CN is the registration id, issued
+    /// by --client-ca.
+    #[arg(long = "x509-enrollment", value_name = "ID[:HUB[:POLICY]]")]
+    x509_enrollments: Vec<String>,
+    /// A device registered at the first hub directly with X.509 (CA-signed)
+    /// authentication: its client certificate's CN is the device id.
+    #[arg(long = "x509-device", value_name = "ID")]
+    x509_devices: Vec<String>,
+    /// The CA (PEM) whose certificates authenticate X.509 devices; without it no client
+    /// certificate is asked for.
+    #[arg(long)]
+    client_ca: Option<PathBuf>,
     /// The initial twin's desired properties (JSON) of every device DPS creates.
     #[arg(long, default_value = "{}")]
     initial_twin: String,
@@ -142,8 +155,10 @@ fn enrollment(spec: &str, group: bool, hubs: usize) -> anyhow::Result<Enrollment
     })
 }
 
-/// A CA and a server certificate for every listener's address (and `localhost`).
-fn tls(ips: &[IpAddr]) -> anyhow::Result<(String, rustls::ServerConfig)> {
+/// A CA and a server certificate for every listener's address (and `localhost`); with
+/// `client_ca` (PEM), client certificates it issued are asked for (not required: keys
+/// and certificates share the listeners, as at IoT Hub).
+fn tls(ips: &[IpAddr], client_ca: Option<&[u8]>) -> anyhow::Result<(String, rustls::ServerConfig)> {
     let ca_key = rcgen::KeyPair::generate()?;
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
     ca_params
@@ -170,12 +185,27 @@ fn tls(ips: &[IpAddr]) -> anyhow::Result<(String, rustls::ServerConfig)> {
     let private = rustls_pki_types::PrivateKeyDer::try_from(key.serialize_der())
         .map_err(|err| anyhow::anyhow!("the server key: {err}"))?;
     // TLS 1.2 and 1.3: Microsoft's Python SDK asks for TLS 1.2 exactly.
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-    .with_no_client_auth()
-    .with_single_cert(chain, private)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(pem) => {
+            use rustls_pki_types::pem::PemObject as _;
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in rustls_pki_types::CertificateDer::pem_slice_iter(pem) {
+                roots.add(cert.context("--client-ca is not PEM certificates")?)?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .allow_unauthenticated()
+            .build()?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let config = builder.with_single_cert(chain, private)?;
     Ok((ca_cert.pem(), config))
 }
 
@@ -200,12 +230,35 @@ async fn main() -> anyhow::Result<()> {
     for spec in &args.groups {
         enrollments.push(enrollment(spec, true, args.hubs.len())?);
     }
+    for spec in &args.x509_enrollments {
+        let (id, rest) = spec
+            .split_once(':')
+            .map_or((spec.as_str(), None), |(a, b)| (a, Some(b)));
+        let mut enrollment = enrollment(
+            &format!(
+                "{id}:AAAA{}",
+                rest.map(|r| format!(":{r}")).unwrap_or_default()
+            ),
+            false,
+            args.hubs.len(),
+        )?;
+        enrollment.key = cloud::X509.to_owned();
+        enrollments.push(enrollment);
+    }
     let mut devices = Vec::new();
     for spec in &args.devices {
         let (id, key) = spec
             .split_once(':')
             .with_context(|| format!("--device {spec:?} is not ID:KEY"))?;
         devices.push((id.to_owned(), key.to_owned()));
+    }
+    for id in &args.x509_devices {
+        devices.push((id.clone(), cloud::X509.to_owned()));
+    }
+    if (!args.x509_enrollments.is_empty() || !args.x509_devices.is_empty())
+        && args.client_ca.is_none()
+    {
+        bail!("X.509 devices need --client-ca (the CA that issues their certificates)");
     }
 
     let dps = bind(&args.dps).await?;
@@ -219,7 +272,13 @@ async fn main() -> anyhow::Result<()> {
             .map(|hub| hub.local_addr().map(|a| a.ip()))
             .collect::<Result<Vec<_>, _>>()?,
     );
-    let (ca, config) = tls(&ips)?;
+    let client_ca = match &args.client_ca {
+        Some(path) => {
+            Some(std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?)
+        }
+        None => None,
+    };
+    let (ca, config) = tls(&ips, client_ca.as_deref())?;
     std::fs::write(&args.ca_out, &ca)
         .with_context(|| format!("cannot write {}", args.ca_out.display()))?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));

@@ -4,12 +4,14 @@
 //! assigned hub over TLS, sends telemetry with properties, gets and patches its twin, and
 //! takes a desired-property patch, a direct method and a cloud-to-device message. Its SAS
 //! tokens are compared byte for byte with `outpost_azure::sas::token`. A wrong key is
-//! refused. Only then are hub-sim's answers trusted for Outpost's own client.
+//! refused. The same conversation with an X.509 certificate (CN = the registration id,
+//! issued by the CA hub-sim is given), and a certificate for another name refused. Only
+//! then are hub-sim's answers trusted for Outpost's own client.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
-use outpost_test_support::{EventLog, HubSim, azure_sdk_python};
+use outpost_test_support::{EventLog, HubSim, azure_sdk_python, x509_files};
 use serde_json::{Value, json};
 
 const KEY: &str = "cmVmZXJlZSBpbmRpdmlkdWFsIGtleSBmb3IgaHViLXNpbSE=";
@@ -97,7 +99,9 @@ fn whole_conversation(sim: &mut HubSim, registration_id: &str, key: &Value) {
     let mut sdk = Sdk::run(&config(sim, registration_id, key));
 
     let registered = sdk.wait("registered");
-    same_tokens_as_the_sdk(&mut sdk);
+    if key.get("cert").is_none() {
+        same_tokens_as_the_sdk(&mut sdk);
+    }
     assert_eq!(registered["status"], "assigned", "{registered}");
     assert_eq!(registered["assigned_hub"], hub.as_str());
     assert_eq!(registered["device_id"], registration_id);
@@ -209,4 +213,45 @@ fn a_wrong_key_is_refused_at_connect() {
         "{why}"
     );
     sdk.finish();
+}
+
+#[test]
+fn microsofts_device_sdk_registers_and_connects_with_an_x509_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = x509_files(dir.path(), &["referee-x509"]);
+    let (cert, key) = (&cert[0], &key[0]);
+    let mut sim = HubSim::start(
+        Path::new(env!("CARGO_BIN_EXE_hub-sim")),
+        &[
+            "--client-ca",
+            ca.to_str().unwrap(),
+            "--x509-enrollment",
+            "referee-x509",
+            "--x509-enrollment",
+            "someone-else",
+            "--initial-twin",
+            r#"{"telemetryIntervalSecs":60}"#,
+        ],
+    );
+    whole_conversation(
+        &mut sim,
+        "referee-x509",
+        &json!({"cert": cert, "cert_key": key}),
+    );
+    // The same certificate for another registration id: refused at DPS.
+    let mut sdk = Sdk::run(&config(
+        &sim,
+        "someone-else",
+        &json!({"cert": cert, "cert_key": key}),
+    ));
+    let why = sim.wait("auth_refused", |e| e["client"] == "someone-else");
+    assert_eq!(why["service"], "dps");
+    assert!(
+        why["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("CN \"someone-else\"")),
+        "{why}"
+    );
+    let status = sdk.child.wait().expect("the script ends");
+    assert!(!status.success(), "a refused registration fails the script");
 }

@@ -28,6 +28,9 @@ pub enum Attestation {
     /// An enrollment group's key (base64): the device signs with the key derived from it
     /// for its registration id.
     GroupKey(String),
+    /// An X.509 certificate whose CN is the registration id: it travels in the TLS
+    /// handshake (the client certificate of [`DpsSettings::tls`]), and no token is sent.
+    X509,
 }
 
 impl std::fmt::Debug for Attestation {
@@ -35,6 +38,7 @@ impl std::fmt::Debug for Attestation {
         f.write_str(match self {
             Self::SymmetricKey(_) => "SymmetricKey(..)",
             Self::GroupKey(_) => "GroupKey(..)",
+            Self::X509 => "X509",
         })
     }
 }
@@ -65,11 +69,15 @@ pub struct DpsSettings {
 }
 
 impl DpsSettings {
-    /// The symmetric key the device signs with (derived for a group's member).
-    pub fn device_key(&self) -> Result<String, sas::SasError> {
+    /// The symmetric key the device signs with (derived for a group's member); `None`
+    /// with X.509.
+    pub fn device_key(&self) -> Result<Option<String>, sas::SasError> {
         match &self.attestation {
-            Attestation::SymmetricKey(key) => Ok(key.clone()),
-            Attestation::GroupKey(group) => sas::derive_device_key(group, &self.registration_id),
+            Attestation::SymmetricKey(key) => Ok(Some(key.clone())),
+            Attestation::GroupKey(group) => {
+                sas::derive_device_key(group, &self.registration_id).map(Some)
+            }
+            Attestation::X509 => Ok(None),
         }
     }
 }
@@ -151,8 +159,12 @@ pub async fn register(settings: &DpsSettings) -> Result<Assignment, ProvisionErr
         .map_err(|err| ProvisionError::Settings(err.to_string()))?;
     let resource = sas::dps_resource(&settings.id_scope, &settings.registration_id);
     let expiry = unix_now().saturating_add(settings.token_ttl.as_secs().clamp(60, 365 * 24 * 3600));
-    let password = sas::token(&key, &resource, expiry, None)
-        .map_err(|err| ProvisionError::Settings(err.to_string()))?;
+    // X.509: the username alone (an empty password is not sent).
+    let password = match key {
+        Some(key) => sas::token(&key, &resource, expiry, None)
+            .map_err(|err| ProvisionError::Settings(err.to_string()))?,
+        None => String::new(),
+    };
     let mut options = MqttOptions::new(&settings.registration_id, &settings.host, settings.port);
     options
         .set_keep_alive(Duration::from_secs(30))

@@ -12,21 +12,43 @@ use serde_json::json;
 const KEY: &str = "b3V0cG9zdCBnYXRld2F5IGluZGl2aWR1YWwga2V5IQ==";
 const GROUP_KEY: &str = "b3V0cG9zdCBmbGVldCBncm91cCBrZXkgZm9yIGRwcyE=";
 
-fn tls(sim: &HubSim) -> Arc<rustls::ClientConfig> {
+/// A client that trusts hub-sim's CA.
+fn client(
+    sim: &HubSim,
+) -> rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert> {
     use rustls_pki_types::CertificateDer;
     use rustls_pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(sim.ca()).expect("the CA file") {
         roots.add(cert.expect("PEM")).expect("a usable CA");
     }
-    Arc::new(
-        rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
         .expect("TLS versions")
         .with_root_certificates(roots)
-        .with_no_client_auth(),
+}
+
+fn tls(sim: &HubSim) -> Arc<rustls::ClientConfig> {
+    Arc::new(client(sim).with_no_client_auth())
+}
+
+/// As [`tls`], presenting `cert` (PEM files: certificate, key) as the client.
+fn tls_with_certificate(
+    sim: &HubSim,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Arc<rustls::ClientConfig> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_file_iter(cert)
+        .expect("the certificate")
+        .collect::<Result<Vec<_>, _>>()
+        .expect("PEM");
+    let key = PrivateKeyDer::from_pem_file(key).expect("the key");
+    Arc::new(
+        client(sim)
+            .with_client_auth_cert(chain, key)
+            .expect("a usable client certificate"),
     )
 }
 
@@ -211,4 +233,30 @@ async fn reprovisioning_follows_each_enrollments_policy() {
         );
         assert_eq!(twin["hub"], moved_to.as_str());
     }
+}
+
+/// X.509 attestation: the certificate whose CN is the registration id registers, with no
+/// token; without a certificate, or with one for another name, DPS refuses for good.
+#[tokio::test(flavor = "multi_thread")]
+async fn registers_with_an_x509_certificate_and_a_wrong_one_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, certs, keys) = outpost_test_support::x509_files(dir.path(), &["gw-x509", "intruder"]);
+    let sim = start(&[
+        "--client-ca",
+        ca.to_str().unwrap(),
+        "--x509-enrollment",
+        "gw-x509",
+    ]);
+    let mut dps = settings(&sim, "gw-x509", Attestation::X509);
+    dps.tls = tls_with_certificate(&sim, &certs[0], &keys[0]);
+    let assigned = provision::register(&dps).await.expect("assigned");
+    assert_eq!(assigned.hub, sim.hub());
+    assert_eq!(assigned.device_id, "gw-x509");
+    // Another name's certificate, and none at all.
+    dps.tls = tls_with_certificate(&sim, &certs[1], &keys[1]);
+    let err = provision::register(&dps).await.unwrap_err();
+    assert!(matches!(err, ProvisionError::Refused(_)), "{err}");
+    dps.tls = tls(&sim);
+    let err = provision::register(&dps).await.unwrap_err();
+    assert!(matches!(err, ProvisionError::Refused(_)), "{err}");
 }

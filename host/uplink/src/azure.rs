@@ -128,8 +128,9 @@ pub(crate) async fn assignment(
     }
 }
 
-/// The key the gateway signs its hub tokens with.
-fn device_key(azure: &AzureSettings) -> Result<String, String> {
+/// The key the gateway signs its hub tokens with; `None` with X.509 (the client
+/// certificate of `[uplink]` is the credential).
+fn device_key(azure: &AzureSettings) -> Result<Option<String>, String> {
     match &azure.identity {
         AzureIdentity::Direct { key, .. } => Ok(key.clone()),
         AzureIdentity::Dps {
@@ -137,10 +138,13 @@ fn device_key(azure: &AzureSettings) -> Result<String, String> {
             attestation,
             ..
         } => match attestation {
-            provision::Attestation::SymmetricKey(key) => Ok(key.clone()),
+            provision::Attestation::SymmetricKey(key) => Ok(Some(key.clone())),
             provision::Attestation::GroupKey(group) => {
-                sas::derive_device_key(group, registration_id).map_err(|err| err.to_string())
+                sas::derive_device_key(group, registration_id)
+                    .map(Some)
+                    .map_err(|err| err.to_string())
             }
+            provision::Attestation::X509 => Ok(None),
         },
     }
 }
@@ -149,10 +153,10 @@ fn device_key(azure: &AzureSettings) -> Result<String, String> {
 pub(crate) struct HubLogin {
     /// `{hub}/{deviceId}/?api-version=…[&model-id=…]`.
     pub(crate) username: String,
-    /// A SAS token for `{hub}/devices/{deviceId}`.
+    /// A SAS token for `{hub}/devices/{deviceId}`; empty with X.509 (not sent).
     pub(crate) password: String,
-    /// When to reconnect with a fresh token.
-    pub(crate) renew_in: Duration,
+    /// When to reconnect with a fresh token (none with X.509).
+    pub(crate) renew_in: Option<Duration>,
 }
 
 /// Credentials for one connection to `hub` as `device_id`.
@@ -162,15 +166,18 @@ pub(crate) fn login(azure: &AzureSettings, hub: &str, device_id: &str) -> Result
     if azure.device_update.is_some() {
         query.push("model-id", adu::MODEL_ID);
     }
+    let username = format!("{hub}/{device_id}/?{query}");
+    let Some(key) = device_key(azure)? else {
+        return Ok(HubLogin {
+            username,
+            password: String::new(),
+            renew_in: None,
+        });
+    };
     let ttl = azure.token_ttl.max(Duration::from_secs(5));
     let expiry = unix_now() + ttl.as_secs();
-    let password = sas::token(
-        &device_key(azure)?,
-        &sas::hub_resource(hub, device_id),
-        expiry,
-        None,
-    )
-    .map_err(|err| err.to_string())?;
+    let password = sas::token(&key, &sas::hub_resource(hub, device_id), expiry, None)
+        .map_err(|err| err.to_string())?;
     // Renewal is counted from now, when the token is made; expiry is in whole seconds.
     let renew_in = if ttl > RENEW_MARGIN * 4 {
         ttl - RENEW_MARGIN
@@ -178,9 +185,9 @@ pub(crate) fn login(azure: &AzureSettings, hub: &str, device_id: &str) -> Result
         ttl / 2
     };
     Ok(HubLogin {
-        username: format!("{hub}/{device_id}/?{query}"),
+        username,
         password,
-        renew_in,
+        renew_in: Some(renew_in),
     })
 }
 
@@ -795,7 +802,7 @@ mod tests {
             identity: AzureIdentity::Direct {
                 hub: "hub.example".into(),
                 device_id: "gw-1".into(),
-                key: "a2V5".into(),
+                key: Some("a2V5".into()),
             },
             port: 8883,
             token_ttl: Duration::from_secs(3600),
@@ -814,7 +821,7 @@ mod tests {
                 .password
                 .starts_with("SharedAccessSignature sr=hub.example%2Fdevices%2Fgw-1&sig=")
         );
-        assert_eq!(login.renew_in, Duration::from_secs(3480));
+        assert_eq!(login.renew_in, Some(Duration::from_secs(3480)));
         let short = AzureSettings {
             token_ttl: Duration::from_secs(60),
             ..azure
@@ -823,7 +830,7 @@ mod tests {
             super::login(&short, "hub.example", "gw-1")
                 .unwrap()
                 .renew_in,
-            Duration::from_secs(30)
+            Some(Duration::from_secs(30))
         );
     }
 

@@ -428,7 +428,7 @@ fn mqtt_options(
     if let Endpoint::Azure(azure) = &settings.endpoint {
         let login = azure::login(azure, &broker.host, client_id)?;
         options.set_credentials(login.username, login.password);
-        renew_in = Some(login.renew_in);
+        renew_in = login.renew_in;
         // IoT Hub sends a will as a device-to-cloud message (it keeps nothing retained).
         let (topic, payload) = azure::d2c(
             client_id,

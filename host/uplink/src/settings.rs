@@ -151,8 +151,9 @@ pub enum AzureIdentity {
         hub: String,
         /// The device id.
         device_id: String,
-        /// The device's symmetric key (base64).
-        key: String,
+        /// The device's symmetric key (base64); `None`: X.509, the client certificate
+        /// of the TLS settings.
+        key: Option<String>,
     },
 }
 

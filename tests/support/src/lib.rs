@@ -358,3 +358,42 @@ impl Drop for HubSim {
         let _ = self.child.wait();
     }
 }
+
+/// A test CA and one client certificate it issues per common name (the X.509 identity
+/// of a DPS registration or a hub device), as PEM files in `dir`: returns the CA's file
+/// and each name's certificate and key files.
+pub fn x509_files(dir: &Path, names: &[&str]) -> (PathBuf, Vec<PathBuf>, Vec<PathBuf>) {
+    let ca_key = rcgen::KeyPair::generate().expect("a key");
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "test device CA");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_cert = ca_params.self_signed(&ca_key).expect("the CA");
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let ca = dir.join("device-ca.pem");
+    std::fs::write(&ca, ca_cert.pem()).expect("written");
+    let (mut certs, mut keys) = (Vec::new(), Vec::new());
+    for name in names {
+        let key = rcgen::KeyPair::generate().expect("a key");
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, *name);
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.signed_by(&key, &issuer).expect("a certificate");
+        let (cert_file, key_file) = (
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}.key")),
+        );
+        std::fs::write(&cert_file, cert.pem()).expect("written");
+        std::fs::write(&key_file, key.serialize_pem()).expect("written");
+        certs.push(cert_file);
+        keys.push(key_file);
+    }
+    (ca, certs, keys)
+}

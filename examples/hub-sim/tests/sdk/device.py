@@ -13,7 +13,13 @@ import sys
 import threading
 import time
 
-from azure.iot.device import IoTHubDeviceClient, Message, MethodResponse, ProvisioningDeviceClient
+from azure.iot.device import (
+    X509,
+    IoTHubDeviceClient,
+    Message,
+    MethodResponse,
+    ProvisioningDeviceClient,
+)
 from azure.iot.device.common.auth.sastoken import RenewableSasToken
 from azure.iot.device.common.auth.signing_mechanism import SymmetricKeySigningMechanism
 
@@ -42,13 +48,21 @@ def main():
     config = json.loads(sys.argv[1])
     ca = open(config["ca"]).read()
     registration_id = config["registration_id"]
-    key = config.get("key") or derive_device_key(config["group_key"], registration_id)
+    # X.509: a certificate (CN = the registration id) and its key, files in PEM.
+    x509 = None
+    key = None
+    if config.get("cert"):
+        x509 = X509(cert_file=config["cert"], key_file=config["cert_key"])
+    else:
+        key = config.get("key") or derive_device_key(config["group_key"], registration_id)
 
     # The SDK's own SAS token, for the byte-for-byte comparison with ours.
     for resource in [
         "{}/registrations/{}".format(config["id_scope"], registration_id),
         "{}/devices/{}".format(config["hub"], registration_id),
     ]:
+        if key is None:
+            break
         token = RenewableSasToken(resource, SymmetricKeySigningMechanism(key), ttl=3600)
         emit("sas", resource=resource, key=key, expiry=token.expiry_time, token=str(token))
 
@@ -67,13 +81,22 @@ def main():
             emit("wrong_key_refused", error=type(err).__name__)
         return
 
-    provisioning = ProvisioningDeviceClient.create_from_symmetric_key(
-        provisioning_host=config["dps"],
-        registration_id=registration_id,
-        id_scope=config["id_scope"],
-        symmetric_key=key,
-        server_verification_cert=ca,
-    )
+    if x509 is not None:
+        provisioning = ProvisioningDeviceClient.create_from_x509_certificate(
+            provisioning_host=config["dps"],
+            registration_id=registration_id,
+            id_scope=config["id_scope"],
+            x509=x509,
+            server_verification_cert=ca,
+        )
+    else:
+        provisioning = ProvisioningDeviceClient.create_from_symmetric_key(
+            provisioning_host=config["dps"],
+            registration_id=registration_id,
+            id_scope=config["id_scope"],
+            symmetric_key=key,
+            server_verification_cert=ca,
+        )
     provisioning.provisioning_payload = {"site": "referee"}
     result = provisioning.register()
     state = result.registration_state
@@ -88,12 +111,20 @@ def main():
     if result.status != "assigned":
         sys.exit(1)
 
-    client = IoTHubDeviceClient.create_from_symmetric_key(
-        symmetric_key=key,
-        hostname=state.assigned_hub,
-        device_id=state.device_id,
-        server_verification_cert=ca,
-    )
+    if x509 is not None:
+        client = IoTHubDeviceClient.create_from_x509_certificate(
+            x509=x509,
+            hostname=state.assigned_hub,
+            device_id=state.device_id,
+            server_verification_cert=ca,
+        )
+    else:
+        client = IoTHubDeviceClient.create_from_symmetric_key(
+            symmetric_key=key,
+            hostname=state.assigned_hub,
+            device_id=state.device_id,
+            server_verification_cert=ca,
+        )
     received = {"desired": threading.Event(), "method": threading.Event(), "c2d": threading.Event()}
 
     def on_desired(patch):

@@ -12,12 +12,12 @@ use crate::config::{AzureSection, Config, UplinkProfile, UplinkSection};
 
 /// The `azure-iot` profile's settings from `[uplink.azure]` (checked by the parser).
 fn azure(gateway: &str, section: &AzureSection) -> AzureSettings {
+    // No key: X.509, the client certificate of [uplink] (checked when the config is read).
     let key = section
         .symmetric_key
         .as_ref()
         .or(section.group_key.as_ref())
-        .map(|key| key.expose().to_owned())
-        .unwrap_or_default();
+        .map(|key| key.expose().to_owned());
     let identity = match (&section.id_scope, &section.hub) {
         (Some(id_scope), _) => AzureIdentity::Dps {
             host: section.dps_host.clone(),
@@ -26,10 +26,12 @@ fn azure(gateway: &str, section: &AzureSection) -> AzureSettings {
                 .registration_id
                 .clone()
                 .unwrap_or_else(|| gateway.to_owned()),
-            attestation: if section.group_key.is_some() {
-                outpost_azure::provision::Attestation::GroupKey(key)
-            } else {
-                outpost_azure::provision::Attestation::SymmetricKey(key)
+            attestation: match key {
+                None => outpost_azure::provision::Attestation::X509,
+                Some(key) if section.group_key.is_some() => {
+                    outpost_azure::provision::Attestation::GroupKey(key)
+                }
+                Some(key) => outpost_azure::provision::Attestation::SymmetricKey(key),
             },
         },
         (None, hub) => AzureIdentity::Direct {

@@ -472,8 +472,11 @@ fn check_profile(uplink: &UplinkSection) -> Result<(), String> {
                 (Some(_), Some(_)) => {
                     Err("[uplink.azure]: give symmetric_key or group_key, not both".into())
                 }
+                // X.509: the gateway's certificate (CN = its registration or device id).
+                (None, None) if uplink.client_cert.is_some() => Ok(()),
                 (None, None) => Err(
-                    "[uplink.azure] needs symmetric_key (or group_key for an enrollment group)"
+                    "[uplink.azure] needs symmetric_key (or group_key for an enrollment group), \
+                     or uplink.client_cert and uplink.client_key for X.509"
                         .into(),
                 ),
                 // Whether the key is base64 is checked once secrets are read.

@@ -308,6 +308,27 @@ fn the_azure_iot_profile_takes_dps_or_a_hub_and_says_what_is_wrong() {
          hub = \"site.azure-devices.net\"\ndevice_id = \"gw-1\"\nsymmetric_key = \"{KEY}\"\n"
     ))
     .unwrap();
+    // X.509: no key, the gateway's certificate instead.
+    let x509 = parse(
+        "[gateway]\nid = \"gw\"\n[uplink]\nprofile = \"azure-iot\"\nclient_cert = \"gw.pem\"\n\
+         client_key = \"-----BEGIN PRIVATE KEY-----\"\n[uplink.azure]\nid_scope = \"0ne0001\"\n",
+    )
+    .unwrap();
+    let settings = super::engines::settings(&x509, x509.uplink.as_ref().unwrap());
+    let outpost_uplink::Endpoint::Azure(azure) = settings.endpoint else {
+        panic!("not the azure profile")
+    };
+    assert!(
+        matches!(
+            azure.identity,
+            outpost_uplink::AzureIdentity::Dps {
+                attestation: outpost_azure::provision::Attestation::X509,
+                ..
+            }
+        ),
+        "{:?}",
+        azure.identity
+    );
     let base = "[gateway]\nid = \"gw\"\n[uplink]\n";
     for (uplink, needle) in [
         ("profile = \"azure-iot\"\n", "needs [uplink.azure]"),

@@ -15,6 +15,15 @@ use outpost_store::{DeviceState, NewDevice};
 const KEY: &str = "YXp1cmUgcHJvZmlsZSBnYXRld2F5IGtleSBmb3IgdGVzdHM=";
 const OTHER_KEY: &str = "bm90IHRoZSBlbnJvbGxtZW50J3Mga2V5IGF0IGFsbCEhIQ==";
 
+/// One device in the lobby, whose telemetry the tests post.
+fn seed_thermostat(site: &Site) {
+    site.seed(vec![NewDevice::new(
+        "esp-1",
+        "thermostat",
+        DeviceState::Claimed,
+    )]);
+}
+
 fn azure_site(sim: &HubSim, key: &str, extra: &str) -> Site {
     let site = Site::new(&format!(
         "[ble]\nenabled = false\n\n[uplink]\nprofile = \"azure-iot\"\nca_file = \"{}\"\n\
@@ -24,11 +33,7 @@ fn azure_site(sim: &HubSim, key: &str, extra: &str) -> Site {
         sim.dps(),
         sim.id_scope(),
     ));
-    site.seed(vec![NewDevice::new(
-        "esp-1",
-        "thermostat",
-        DeviceState::Claimed,
-    )]);
+    seed_thermostat(&site);
     site
 }
 
@@ -229,11 +234,7 @@ fn a_device_registered_at_the_hub_connects_without_dps() {
          [uplink.azure]\nhub = \"{hub}\"\ndevice_id = \"site-gw\"\nsymmetric_key = \"{KEY}\"\n",
         sim.ca().display(),
     ));
-    site.seed(vec![NewDevice::new(
-        "esp-1",
-        "thermostat",
-        DeviceState::Claimed,
-    )]);
+    seed_thermostat(&site);
     let mut gateway = Gateway::spawn(&site.config(), &[]);
     let addr = gateway.ready();
     let admin = site.admin_token();
@@ -309,6 +310,67 @@ fn a_gateway_migrated_to_another_hub_follows_the_new_twins_versions() {
     wait_uplink(addr, &admin, "the new hub's patch", |j| {
         j["link"]["desired_version"] == 2 && j["link"]["desired"]["interval"] == 5
     });
+}
+
+/// X.509: the gateway's certificate (CN = its registration id, or its device id at the
+/// hub) is its credential, with no key in the config and no token: through DPS, and as a
+/// device registered at the hub.
+#[test]
+fn a_gateway_with_an_x509_certificate_registers_and_connects_without_a_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, certs, keys) = outpost_test_support::x509_files(dir.path(), &["gw-x509", "hub-x509"]);
+    let mut sim = HubSim::start(
+        &hub_sim_binary(),
+        &[
+            "--client-ca",
+            ca.to_str().unwrap(),
+            "--x509-enrollment",
+            "gw-x509",
+            "--x509-device",
+            "hub-x509",
+        ],
+    );
+    let hub = sim.hub().to_owned();
+    for (index, identity) in [
+        format!(
+            "dps_host = \"{}\"\nid_scope = \"{}\"\nregistration_id = \"gw-x509\"\n",
+            sim.dps(),
+            sim.id_scope()
+        ),
+        format!("hub = \"{hub}\"\ndevice_id = \"hub-x509\"\n"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let site = Site::new(&format!(
+            "[ble]\nenabled = false\n\n[uplink]\nprofile = \"azure-iot\"\nca_file = \"{}\"\n\
+             client_cert = \"{}\"\nclient_key = {{ file = \"gateway.key\" }}\n\
+             backoff_min_ms = 100\nbackoff_max_ms = 400\n\n[uplink.azure]\n{identity}",
+            sim.ca().display(),
+            certs[index].display(),
+        ));
+        super::write_secret(
+            &site.dir.path().join("gateway.key"),
+            &std::fs::read_to_string(&keys[index]).unwrap(),
+        );
+        seed_thermostat(&site);
+        let mut gateway = Gateway::spawn(&site.config(), &[]);
+        let addr = gateway.ready();
+        let admin = site.admin_token();
+        let client = ["gw-x509", "hub-x509"][index];
+        let connected = sim.wait("connected", |e| {
+            e["client"] == client && e["service"] == hub.as_str()
+        });
+        assert!(connected["token_expiry"].is_null(), "no token: {connected}");
+        let token = device_token(addr, &admin);
+        let ids = post_telemetry(addr, &token, 1, client);
+        let message = sim.wait("telemetry", |e| e["properties"]["$.mid"] == ids[0].as_str());
+        assert_eq!(message["device"], client);
+        gateway.stop_cleanly(libc::SIGTERM, &site);
+    }
+    // At DPS it registered with its certificate (no token either).
+    let registered = sim.wait("dps_registered", |e| e["registration"] == "gw-x509");
+    assert_eq!(registered["registration"], "gw-x509");
 }
 
 /// IoT Hub signs no device certificates: a device that asks to be claimed is signed by
