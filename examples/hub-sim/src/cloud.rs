@@ -303,6 +303,11 @@ impl Cloud {
                     ),
                 ));
             }
+            if !login.password.is_empty() {
+                return Err(bad(format!(
+                    "enrollment {registration:?} is X.509: the CONNECT carries no token"
+                )));
+            }
             let name = enrollment.name.clone();
             state.dps_clients.insert(registration.clone(), name);
             return Ok(None);
@@ -605,6 +610,11 @@ impl Cloud {
                          with CN {device_id:?} is needed (got {certificate_cn:?})"
                     ),
                 ));
+            }
+            if !login.password.is_empty() {
+                return Err(bad(format!(
+                    "device {device_id:?} authenticates with X.509: the CONNECT carries no token"
+                )));
             }
             device.model_id = query.get("model-id").map(str::to_owned);
             return Ok(None);

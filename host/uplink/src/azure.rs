@@ -302,11 +302,20 @@ pub(crate) fn adu_agent_of_rollout(workflow: &str, status: &contract::RolloutSta
 /// its own state and Device Update's component need the rest.
 pub(crate) const TWIN_DEVICES_BUDGET: usize = 24 * 1024;
 
+/// After IoT Hub refuses a device-summary patch, the summaries wait this long before
+/// they go again.
+const REFUSED_HOLD: Duration = Duration::from_secs(10);
+
+/// The keys an entry of `outpost.devices` may hold; others (an earlier build's `lobby`
+/// and `reported` objects) are removed from the twin.
+const SUMMARY_KEYS: [&str; 5] = ["type", "state", "update", "installed", "result"];
+
 /// The devices behind the gateway as its twin shows them: one small summary each
 /// (`outpost.devices.{id}` = type, lobby state, installed update, update state, last
-/// result), sent coalesced, as many as fit in [`TWIN_DEVICES_BUDGET`]; the detail
-/// (every lobby event and reported state) goes as device-to-cloud messages.
-#[derive(Debug, Default)]
+/// result), sent coalesced, as many as fit in the budget ([`TWIN_DEVICES_BUDGET`], made
+/// smaller each time IoT Hub refuses a patch as too large); the detail (every lobby
+/// event and reported state) goes as device-to-cloud messages.
+#[derive(Debug)]
 pub(crate) struct TwinDevices {
     /// Each known device's summary.
     summaries: BTreeMap<String, serde_json::Map<String, Value>>,
@@ -318,6 +327,30 @@ pub(crate) struct TwinDevices {
     omitted: BTreeSet<String>,
     /// How many were left out when the last patch said so.
     omitted_reported: Option<usize>,
+    /// Entries in the twin with keys to remove, and those keys.
+    stale: BTreeMap<String, Vec<String>>,
+    /// The bytes the summaries may take.
+    budget: usize,
+    /// Whether the twin's own entries are known (after a connect, once its GET answered).
+    seeded: bool,
+    /// No patch before this (after a refusal).
+    hold_until: Option<std::time::Instant>,
+}
+
+impl Default for TwinDevices {
+    fn default() -> Self {
+        Self {
+            summaries: BTreeMap::new(),
+            placed: BTreeMap::new(),
+            dirty: BTreeSet::new(),
+            omitted: BTreeSet::new(),
+            omitted_reported: None,
+            stale: BTreeMap::new(),
+            budget: TWIN_DEVICES_BUDGET,
+            seeded: true,
+            hold_until: None,
+        }
+    }
 }
 
 impl TwinDevices {
@@ -359,29 +392,76 @@ impl TwinDevices {
         self.omitted_reported = None;
     }
 
-    /// Counts the devices already in the twin (`outpost.devices` of a twin GET's
-    /// reported properties) against the budget.
+    /// A new connection: nothing is patched until the twin's GET has said what the twin
+    /// holds ([`seed`](Self::seed)), then every summary goes again.
+    pub(crate) fn reconnected(&mut self) {
+        self.seeded = false;
+        self.resend_all();
+    }
+
+    /// IoT Hub refused a summary patch: with 400 (too large) the budget shrinks by a
+    /// quarter; either way the summaries go again after a pause, placed anew against
+    /// what the next twin GET shows.
+    pub(crate) fn refused(&mut self, status: u16) {
+        if status == 400 {
+            self.budget = (self.budget / 4 * 3).max(4 * 1024);
+        }
+        self.hold_until = Some(std::time::Instant::now() + REFUSED_HOLD);
+        self.reconnected();
+    }
+
+    /// Takes the devices in the twin (`outpost.devices` of a twin GET's reported
+    /// properties) as what is placed: they count against the budget, and keys an
+    /// earlier build left in them are removed with the next patch.
     pub(crate) fn seed(&mut self, twin: &[u8]) {
+        self.seeded = true;
         let Ok(twin) = serde_json::from_slice::<Value>(twin) else {
             return;
         };
+        self.placed.clear();
         if let Some(devices) = twin
             .pointer("/reported/outpost/devices")
             .and_then(Value::as_object)
         {
             for (name, entry) in devices {
+                let mut kept = entry.as_object().cloned().unwrap_or_default();
+                let stale: Vec<String> = kept
+                    .keys()
+                    .filter(|key| !SUMMARY_KEYS.contains(&key.as_str()))
+                    .cloned()
+                    .collect();
+                kept.retain(|key, _| SUMMARY_KEYS.contains(&key.as_str()));
                 self.placed
-                    .entry(name.clone())
-                    .or_insert_with(|| entry_size(name, entry));
+                    .insert(name.clone(), entry_size(name, &Value::Object(kept)));
+                if !stale.is_empty() {
+                    self.stale.insert(name.clone(), stale);
+                }
             }
         }
+    }
+
+    /// The twin's GET was not answered with the twin: patch without knowing it.
+    pub(crate) fn seed_unknown(&mut self) {
+        self.seeded = true;
     }
 
     /// The coalesced patch of `outpost` for the summaries that changed, if any: a device
     /// already in the twin is updated; a new one is added while the budget allows and
     /// counted in `devicesNotInTwin` when not.
     pub(crate) fn patch(&mut self) -> Option<Value> {
+        if !self.seeded
+            || self
+                .hold_until
+                .is_some_and(|until| std::time::Instant::now() < until)
+        {
+            return None;
+        }
+        self.hold_until = None;
         let mut devices = serde_json::Map::new();
+        for (name, keys) in std::mem::take(&mut self.stale) {
+            let removals = keys.into_iter().map(|key| (key, Value::Null)).collect();
+            devices.insert(name, Value::Object(removals));
+        }
         for name in std::mem::take(&mut self.dirty) {
             let Some(summary) = self.summaries.get(&name) else {
                 continue;
@@ -390,10 +470,15 @@ impl TwinDevices {
             let size = entry_size(&name, &entry);
             let used: usize = self.placed.values().sum();
             let now = self.placed.get(&name).copied().unwrap_or(0);
-            if used - now + size <= TWIN_DEVICES_BUDGET {
+            if used - now + size <= self.budget {
                 self.placed.insert(name.clone(), size);
                 self.omitted.remove(&name);
-                devices.insert(name, entry);
+                match devices.get_mut(&name).and_then(Value::as_object_mut) {
+                    Some(removals) => removals.extend(summary.clone()),
+                    None => {
+                        devices.insert(name, entry);
+                    }
+                }
             } else if now == 0 {
                 self.omitted.insert(name);
             }
@@ -645,6 +730,12 @@ mod tests {
         Bytes::from(serde_json::to_vec(&reported).unwrap())
     }
 
+    /// Passes device `id`'s lobby event through `outgoing`.
+    fn lobby(devices: &mut TwinDevices, id: &str) {
+        let topic = format!("outpost/v1/gw/gw/lobby/{id}");
+        outgoing("gw", "gw", "m", &topic, &lobby_payload(id), "r", devices);
+    }
+
     fn lobby_payload(device: &str) -> Bytes {
         let lobby = contract::LobbyEvent {
             schema: contract::schema::LOBBY.into(),
@@ -744,6 +835,39 @@ mod tests {
     }
 
     #[test]
+    fn an_earlier_builds_entries_are_cleaned_and_a_refusal_shrinks_the_budget() {
+        let mut devices = TwinDevices::default();
+        devices.reconnected();
+        lobby(&mut devices, "a");
+        assert_eq!(devices.patch(), None, "nothing before the twin is known");
+        devices.seed(
+            json!({"reported": {"outpost": {"devices": {
+                "old": {"lobby": {"deviceType": "x".repeat(400)}, "type": "esp32-app"}
+            }}}})
+            .to_string()
+            .as_bytes(),
+        );
+        let patch = devices.patch().unwrap();
+        assert_eq!(patch["devices"]["old"], json!({"lobby": null}), "{patch}");
+        assert_eq!(patch["devices"]["a"]["state"], "claimed");
+        assert!(
+            devices.placed["old"] < 100,
+            "counted without what is removed"
+        );
+        // Refused as too large: a smaller budget, nothing until the twin is read again
+        // and the pause is over, then every summary again.
+        devices.refused(400);
+        assert_eq!(devices.budget, TWIN_DEVICES_BUDGET / 4 * 3);
+        devices.seed(b"{}");
+        assert_eq!(devices.patch(), None, "paused");
+        devices.hold_until = Some(std::time::Instant::now());
+        assert_eq!(
+            devices.patch().unwrap()["devices"]["a"]["type"],
+            "esp32-app"
+        );
+    }
+
+    #[test]
     fn devices_already_in_the_twin_count_and_a_reconnect_sends_every_summary_again() {
         let mut devices = TwinDevices::default();
         let big = "x".repeat(TWIN_DEVICES_BUDGET);
@@ -767,15 +891,7 @@ mod tests {
             "no room left next to the device already in the twin"
         );
         let mut devices = TwinDevices::default();
-        outgoing(
-            "gw",
-            "gw",
-            "m",
-            "outpost/v1/gw/gw/lobby/a",
-            &lobby_payload("a"),
-            "r",
-            &mut devices,
-        );
+        lobby(&mut devices, "a");
         assert!(devices.patch().is_some());
         assert_eq!(devices.patch(), None);
         devices.resend_all();

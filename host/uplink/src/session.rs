@@ -698,9 +698,9 @@ async fn pump(
             // The whole twin: the desired state may have changed while we were away.
             let get = outpost_azure::topics::twin_get(&rid("get"));
             publish_direct(client, &mut handed, get, Vec::new(), false).await?;
-            // The device summaries again: a patch may have been lost with the connection.
-            lock(&shared.twin_devices).resend_all();
-            publish_twin_devices(shared, client, &mut handed, &rid("devices")).await?;
+            // The device summaries again once the twin has answered: a patch may have
+            // been lost with the connection.
+            lock(&shared.twin_devices).reconnected();
         }
         queue_after_connect(shared).await;
         loop {
@@ -773,6 +773,8 @@ async fn pump(
                                 let get = outpost_azure::topics::twin_get(&rid("get"));
                                 publish_direct(client, &mut handed, get, Vec::new(), false).await?;
                             }
+                            // The summaries wait for the twin's answer after a connect.
+                            publish_twin_devices(shared, client, &mut handed, &rid("devices")).await?;
                             if answer.reprovision {
                                 return Err(Broken::Reprovision);
                             }
@@ -871,6 +873,7 @@ async fn azure_inbound(
         azure::Inbound::TwinResponse { status, rid } if rid.starts_with("get-") => {
             if status != 200 {
                 tracing::warn!(status, "IoT Hub did not give the twin");
+                lock(&shared.twin_devices).seed_unknown();
                 return answer;
             }
             // The answer to the newest request wins (the twin changed in between).
@@ -895,9 +898,11 @@ async fn azure_inbound(
             }
         }
         azure::Inbound::TwinResponse { status, rid } => {
-            // Throttled or a hub error: the summaries go again with the next patch.
-            if rid.starts_with("devices-") && (status == 429 || status >= 500) {
-                lock(&shared.twin_devices).resend_all();
+            // Refused (too large, throttled, a hub error): the summaries go again after
+            // a pause, placed against the twin as a new GET shows it.
+            if rid.starts_with("devices-") && status >= 400 {
+                lock(&shared.twin_devices).refused(status);
+                answer.get_twin = true;
             }
             if status >= 300 {
                 tracing::warn!(
