@@ -206,8 +206,8 @@ fn twin_name(device: &str) -> String {
     device.replace('.', "%2E")
 }
 
-/// A reported-properties patch for the gateway's twin.
-fn reported(patch: &Value, rid: &str) -> (String, Bytes) {
+/// A reported-properties patch of the gateway's twin (`outpost.*`).
+pub(crate) fn reported(patch: &Value, rid: &str) -> (String, Bytes) {
     (
         topics::twin_patch_reported(rid),
         Bytes::from(json!({ "outpost": patch }).to_string()),
@@ -462,15 +462,16 @@ impl TwinDevices {
             let removals = keys.into_iter().map(|key| (key, Value::Null)).collect();
             devices.insert(name, Value::Object(removals));
         }
+        let mut used: usize = self.placed.values().sum();
         for name in std::mem::take(&mut self.dirty) {
             let Some(summary) = self.summaries.get(&name) else {
                 continue;
             };
             let entry = Value::Object(summary.clone());
             let size = entry_size(&name, &entry);
-            let used: usize = self.placed.values().sum();
             let now = self.placed.get(&name).copied().unwrap_or(0);
             if used - now + size <= self.budget {
+                used = used - now + size;
                 self.placed.insert(name.clone(), size);
                 self.omitted.remove(&name);
                 match devices.get_mut(&name).and_then(Value::as_object_mut) {
@@ -501,11 +502,6 @@ impl TwinDevices {
 /// The bytes `"name":{…},` takes in the twin's JSON.
 fn entry_size(name: &str, entry: &Value) -> usize {
     name.len() + entry.to_string().len() + 4
-}
-
-/// The reported-properties patch of the device summaries (see [`TwinDevices`]).
-pub(crate) fn devices_patch(patch: &Value, rid: &str) -> (String, Bytes) {
-    reported(patch, rid)
 }
 
 /// What an outbox message becomes at the hub: a reported-properties patch (state) or a

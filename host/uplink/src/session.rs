@@ -811,7 +811,7 @@ async fn publish_twin_devices(
 ) -> Result<(), String> {
     let patch = lock(&shared.twin_devices).patch();
     if let Some(patch) = patch {
-        let (topic, payload) = azure::devices_patch(&patch, rid);
+        let (topic, payload) = azure::reported(&patch, rid);
         publish_direct(client, handed, topic, payload.to_vec(), false).await?;
     }
     Ok(())
