@@ -50,9 +50,10 @@ pub(crate) async fn run(config: Config, config_path: &Path) -> anyhow::Result<()
     // The outbox's writer stops after every other task, so nothing queued during
     // shutdown is lost; it is closed before the store.
     let outbox_shutdown = CancellationToken::new();
-    let (outbox, outbox_writer) = match outpost_uplink::Outbox::open(
+    let (outbox, outbox_writer) = match outpost_uplink::Outbox::open_with_lanes(
         store.clone(),
         crate::config::outbox_limits(&config),
+        crate::config::outbox_lanes(&config),
         outbox_shutdown.clone(),
     )
     .await

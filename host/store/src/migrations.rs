@@ -53,6 +53,10 @@ const MIGRATIONS: &[Migration] = &[
         version: 9,
         sql: include_str!("../migrations/0009_network_rollouts.sql"),
     },
+    Migration {
+        version: 10,
+        sql: include_str!("../migrations/0010_outbox_lanes.sql"),
+    },
 ];
 
 /// The schema version this build writes and the newest it can open.

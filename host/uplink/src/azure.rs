@@ -922,6 +922,7 @@ mod tests {
                 manufacturer: "Acme".into(),
                 model: "site-gateway".into(),
             }),
+            devices: Vec::new(),
         };
         let login = login(&azure, "hub.example", "gw-1").unwrap();
         assert_eq!(

@@ -108,6 +108,16 @@ pub fn valid_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
 }
 
+/// The device whose own traffic `topic` is (`gw/{gateway}/telemetry|lobby|reported/{device}`):
+/// what goes out on the device's own connection when it has a cloud identity of its own.
+pub fn lane_device(topic: &str) -> Option<&str> {
+    let rest = topic.strip_prefix(ROOT)?.strip_prefix("/gw/")?;
+    let mut levels = rest.split('/');
+    let (_gateway, kind, device) = (levels.next()?, levels.next()?, levels.next()?);
+    (levels.next().is_none() && matches!(kind, "telemetry" | "lobby" | "reported"))
+        .then_some(device)
+}
+
 /// Schema names, one per payload type.
 pub mod schema {
     /// [`super::GatewayStatus`].
@@ -569,6 +579,27 @@ pub fn message_id() -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_devices_own_traffic_is_its_telemetry_lobby_events_and_reported_state() {
+        for (kind, own) in [
+            ("telemetry", true),
+            ("lobby", true),
+            ("reported", true),
+            ("claimed", false),
+            ("desired", false),
+        ] {
+            let topic = format!("{ROOT}/gw/gw-1/{kind}/esp-1");
+            assert_eq!(lane_device(&topic), own.then_some("esp-1"), "{topic}");
+        }
+        assert_eq!(lane_device(&topics::result("gw-1", "d1", "esp-1")), None);
+        assert_eq!(lane_device(&topics::status("gw-1")), None);
+        assert_eq!(lane_device("other/v1/gw/gw-1/telemetry/esp-1"), None);
+        assert_eq!(
+            lane_device(&format!("{ROOT}/gw/gw-1/telemetry/esp-1/x")),
+            None
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -20,6 +20,7 @@ pub mod contract;
 pub mod inbox;
 pub mod metrics;
 pub mod outbox;
+mod own_identity;
 mod registration;
 pub mod sas;
 mod session;
@@ -28,11 +29,12 @@ pub mod telemetry;
 
 pub use inbox::{DeploymentInbox, InboundDeployment};
 pub use outbox::{Message, Outbox, OutboxError, OutboxLimits, OutboxStats, Priority};
+pub use own_identity::OwnIdentityStatus;
 pub use registration::RegistrationError;
 pub use session::{ClaimError, LinkState, Uplink, UplinkStatus};
 pub use settings::{
     AzureIdentity, AzureSettings, BrokerAddr, Credentials, DeviceUpdateSettings, Endpoint,
-    RegistrationSettings, TlsSettings, UplinkSettings,
+    OwnIdentity, OwnKey, RegistrationSettings, TlsSettings, UplinkSettings,
 };
 
 pub(crate) use outpost_store::now_millis;

@@ -12,6 +12,10 @@
 //!   messages are deleted and counted, never sent.
 //! * **Priorities.** [`Priority::Control`] before [`Priority::State`] before
 //!   [`Priority::Telemetry`]; in order of writing within a class.
+//! * **Lanes.** A device with a cloud identity of its own (see [`Outbox::open_with_lanes`])
+//!   has its telemetry and state in a lane of its own, which only its connection reads
+//!   ([`Outbox::fetch_lane`]); everything else is the gateway's lane ([`Outbox::fetch`]).
+//!   A lane that cannot deliver holds back nothing of the others'.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,7 +25,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use outpost_store::rusqlite::params;
 use outpost_store::{Store, StoreError};
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::now_millis;
@@ -192,9 +196,9 @@ struct Usage {
     bytes: u64,
 }
 
-/// The freshest committed messages, kept in memory so the publisher need not read back
-/// what was just written: per class, **every** committed row with `seq > floor` is
-/// here, in order. Serving a message pops it and raises the floor to it; when the bytes
+/// The freshest committed messages of the gateway's lane, kept in memory so the
+/// publisher need not read back what was just written: per class, **every** committed
+/// row of that lane with `seq > floor` is here, in order. Serving a message pops it and raises the floor to it; when the bytes
 /// exceed [`MIRROR_BYTES`] the oldest are dropped the same way. A publisher whose cursor
 /// is below the floor (after a reconnect, a restart, or an overflow) reads SQLite
 /// instead until it catches up. SQLite stays the only record: nothing is deleted or
@@ -237,6 +241,10 @@ impl Mirror {
 struct Inner {
     store: Store,
     limits: OutboxLimits,
+    /// The devices with a lane of their own.
+    lanes: std::collections::BTreeSet<String>,
+    /// Counts commits that wrote to a device's lane (their connections wait on it).
+    lane_commits: watch::Sender<u64>,
     usage: Mutex<Usage>,
     mirror: Mutex<Mirror>,
     writes: mpsc::Sender<Work>,
@@ -270,8 +278,39 @@ impl Outbox {
         limits: OutboxLimits,
         shutdown: CancellationToken,
     ) -> Result<(Self, tokio::task::JoinHandle<()>), StoreError> {
+        Self::open_with_lanes(store, limits, std::collections::BTreeSet::new(), shutdown).await
+    }
+
+    /// As [`open`](Self::open), with a lane for each of `lanes` (device ids): their
+    /// telemetry, lobby events and reported state ([`contract::lane_device`]) are
+    /// fetched with [`fetch_lane`](Self::fetch_lane) only. Rows of a lane no longer
+    /// configured go back to the gateway's lane, so nothing waits for a connection
+    /// that will never come.
+    ///
+    /// [`contract::lane_device`]: crate::contract::lane_device
+    pub async fn open_with_lanes(
+        store: Store,
+        limits: OutboxLimits,
+        lanes: std::collections::BTreeSet<String>,
+        shutdown: CancellationToken,
+    ) -> Result<(Self, tokio::task::JoinHandle<()>), StoreError> {
+        let kept: Vec<String> = lanes.iter().cloned().collect();
         let (messages, bytes, high, refused, expired, delivered) = store
-            .call(|conn| {
+            .call(move |conn| {
+                let returned = {
+                    let mut lanes = conn.prepare("SELECT DISTINCT lane FROM outbox WHERE lane != ''")?;
+                    let found = lanes
+                        .query_map([], |row| row.get::<_, String>(0))?
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let mut returned = 0;
+                    for lane in found.iter().filter(|lane| !kept.contains(lane)) {
+                        returned += conn.execute("UPDATE outbox SET lane = '' WHERE lane = ?1", [lane])?;
+                    }
+                    returned
+                };
+                if returned > 0 {
+                    tracing::info!(messages = returned, "messages of devices without an identity of their own any more go through the gateway");
+                }
                 let (messages, bytes, high): (i64, i64, i64) = conn.query_row(
                     "SELECT count(*), coalesce(sum(length(payload)), 0), coalesce(max(seq), 0) \
                      FROM outbox",
@@ -299,6 +338,8 @@ impl Outbox {
         let inner = Arc::new(Inner {
             store,
             limits,
+            lanes,
+            lane_commits: watch::Sender::new(0),
             usage: Mutex::new(Usage {
                 messages: to_u64(messages),
                 bytes: to_u64(bytes),
@@ -404,12 +445,37 @@ impl Outbox {
         self.inner.ready.notified().await;
     }
 
-    /// Up to `limit` unexpired messages in delivery order, after `cursors[class]` in each
-    /// class, and advances the cursors past what it returns (and past what it found
+    /// Up to `limit` unexpired messages of the gateway's lane in delivery order, after
+    /// `cursors[class]` in each class, and advances the cursors past what it returns (and past what it found
     /// nothing beyond). The publisher keeps the cursors; all zero after a reconnect
     /// starts over from the oldest unacknowledged message.
     pub async fn fetch(
         &self,
+        cursors: &mut [i64; 3],
+        limit: usize,
+    ) -> Result<Vec<Queued>, StoreError> {
+        self.fetch_from("", cursors, limit).await
+    }
+
+    /// As [`fetch`](Self::fetch), for the lane of the device `lane` (read from SQLite:
+    /// a device's own connection carries a device's traffic, not a flood).
+    pub async fn fetch_lane(
+        &self,
+        lane: &str,
+        cursors: &mut [i64; 3],
+        limit: usize,
+    ) -> Result<Vec<Queued>, StoreError> {
+        if lane.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.fetch_from(lane, cursors, limit).await
+    }
+
+    /// Up to `limit` messages of `lane` ('': the gateway's, served from the mirror when
+    /// it can) in delivery order.
+    async fn fetch_from(
+        &self,
+        lane: &str,
         cursors: &mut [i64; 3],
         limit: usize,
     ) -> Result<Vec<Queued>, StoreError> {
@@ -420,50 +486,73 @@ impl Outbox {
             if want == 0 {
                 break;
             }
-            if self.take_mirrored(c, &mut cursors[c], want, &mut out) {
+            if lane.is_empty() && self.take_mirrored(c, &mut cursors[c], want, &mut out) {
                 continue;
             }
-            let after = cursors[c];
-            let (rows, high) = self
-                .inner
-                .store
-                .call(move |conn| {
-                    let now = now_millis();
-                    let mut stmt = conn.prepare_cached(
-                        "SELECT seq, topic, payload, retain, message_id FROM outbox \
-                         WHERE priority = ?1 AND seq > ?2 AND expires_at > ?3 ORDER BY seq LIMIT ?4",
-                    )?;
-                    let mut rows = stmt.query(params![class as i64, after, now, want as i64])?;
-                    let mut out = Vec::new();
-                    let mut last = after;
-                    while let Some(row) = rows.next()? {
-                        last = row.get(0)?;
-                        out.push(Queued {
-                            seq: last,
-                            message_id: row.get(4)?,
-                            topic: row.get(1)?,
-                            payload: Bytes::from(row.get::<_, Vec<u8>>(2)?),
-                            retain: row.get::<_, i64>(3)? != 0,
-                            priority: class,
-                        });
-                    }
-                    drop(rows);
-                    // Nothing more in this class: everything up to the newest row is
-                    // seen (a later insert takes a larger seq).
-                    let high = if out.len() < want {
-                        conn.query_row("SELECT coalesce(max(seq), 0) FROM outbox", [], |row| {
-                            row.get(0)
-                        })?
-                    } else {
-                        last
-                    };
-                    Ok((out, high))
-                })
-                .await?;
+            let (rows, high) = self.read_class(lane, class, cursors[c], want).await?;
             cursors[c] = cursors[c].max(high);
             out.extend(rows);
         }
         Ok(out)
+    }
+
+    /// A watch that changes when a commit wrote to some device's lane (the device
+    /// connections wait on it, then fetch their own).
+    pub fn lane_commits(&self) -> watch::Receiver<u64> {
+        self.inner.lane_commits.subscribe()
+    }
+
+    /// Whether `device` has a lane of its own.
+    pub fn has_lane(&self, device: &str) -> bool {
+        self.inner.lanes.contains(device)
+    }
+
+    /// Up to `want` unexpired rows of `lane` and `class` after `after`, and the seq up to
+    /// which the class is seen.
+    async fn read_class(
+        &self,
+        lane: &str,
+        class: Priority,
+        after: i64,
+        want: usize,
+    ) -> Result<(Vec<Queued>, i64), StoreError> {
+        let lane = lane.to_owned();
+        self.inner
+            .store
+            .call(move |conn| {
+                let now = now_millis();
+                let mut stmt = conn.prepare_cached(
+                    "SELECT seq, topic, payload, retain, message_id FROM outbox \
+                     WHERE lane = ?5 AND priority = ?1 AND seq > ?2 AND expires_at > ?3 \
+                     ORDER BY seq LIMIT ?4",
+                )?;
+                let mut rows = stmt.query(params![class as i64, after, now, want as i64, lane])?;
+                let mut out = Vec::new();
+                let mut last = after;
+                while let Some(row) = rows.next()? {
+                    last = row.get(0)?;
+                    out.push(Queued {
+                        seq: last,
+                        message_id: row.get(4)?,
+                        topic: row.get(1)?,
+                        payload: Bytes::from(row.get::<_, Vec<u8>>(2)?),
+                        retain: row.get::<_, i64>(3)? != 0,
+                        priority: class,
+                    });
+                }
+                drop(rows);
+                // Nothing more in this class: everything up to the newest row is seen (a
+                // later insert takes a larger seq).
+                let high = if out.len() < want {
+                    conn.query_row("SELECT coalesce(max(seq), 0) FROM outbox", [], |row| {
+                        row.get(0)
+                    })?
+                } else {
+                    last
+                };
+                Ok((out, high))
+            })
+            .await
     }
 
     /// Serves class `c` from the mirror when it holds everything after `cursor`.
@@ -618,6 +707,16 @@ async fn commit(inner: &Arc<Inner>, work: Vec<Work>) {
         }
     }
     let default_ttl = inner.limits.default_ttl;
+    let lanes: Vec<String> = rows
+        .iter()
+        .map(|message| {
+            crate::contract::lane_device(&message.topic)
+                .filter(|device| inner.lanes.contains(*device))
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect();
+    let laned = lanes.iter().any(|lane| !lane.is_empty());
     let result = inner
         .store
         .call(move |conn| {
@@ -641,10 +740,10 @@ async fn commit(inner: &Arc<Inner>, work: Vec<Work>) {
             {
                 let mut stmt = tx.prepare_cached(
                     "INSERT INTO outbox (message_id, topic, payload, qos, priority, created_at, \
-                     expires_at, retain) VALUES (?1, ?2, ?3, 1, ?4, ?5, ?6, ?7) \
+                     expires_at, retain, lane) VALUES (?1, ?2, ?3, 1, ?4, ?5, ?6, ?7, ?8) \
                      ON CONFLICT (message_id) DO NOTHING",
                 )?;
-                for message in rows {
+                for (message, lane) in rows.into_iter().zip(lanes) {
                     let ttl = message.ttl.unwrap_or(default_ttl);
                     let expires =
                         now.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX));
@@ -656,10 +755,15 @@ async fn commit(inner: &Arc<Inner>, work: Vec<Work>) {
                         now,
                         expires,
                         i64::from(message.retain),
+                        lane,
                     ])?;
                     if inserted == 0 {
                         duplicates.0 += 1;
                         duplicates.1 += message.payload.len() as u64;
+                        continue;
+                    }
+                    if !lane.is_empty() {
+                        // Read from SQLite by its connection; the mirror is the gateway's.
                         continue;
                     }
                     live.push(Live {
@@ -701,6 +805,9 @@ async fn commit(inner: &Arc<Inner>, work: Vec<Work>) {
                 let _ = done.send(Ok(()));
             }
             inner.ready.notify_one();
+            if laned {
+                inner.lane_commits.send_modify(|commits| *commits += 1);
+            }
         }
         Err(err) => {
             inner.refused_unsaved.fetch_add(refused, Ordering::Relaxed);

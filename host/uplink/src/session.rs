@@ -1,7 +1,7 @@
 //! The uplink task: register if needed, connect, drain the outbox, take what the cloud
 //! sends, and reconnect with backoff when the broker goes away.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,6 +22,7 @@ use crate::contract::{self, Assignment, DesiredState, schema, topics};
 use crate::inbox::DeploymentInbox;
 use crate::now_millis;
 use crate::outbox::{Message, Outbox, OutboxError, Priority};
+use crate::own_identity::{self, OwnIdentityStatus};
 use crate::registration::{self, RegistrationError};
 use crate::settings::{
     AzureIdentity, AzureSettings, BrokerAddr, Credentials, Endpoint, UplinkSettings, rustls_config,
@@ -75,6 +76,9 @@ pub struct UplinkStatus {
     /// The gateway's desired state.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub desired: Option<serde_json::Value>,
+    /// The devices with a hub identity of their own (`azure-iot`), by device id.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub own_identities: BTreeMap<String, OwnIdentityStatus>,
 }
 
 /// Why a cloud claim failed.
@@ -102,11 +106,14 @@ pub enum ClaimError {
     Outbox(#[from] OutboxError),
 }
 
-struct Shared {
-    settings: UplinkSettings,
-    outbox: Outbox,
+pub(crate) struct Shared {
+    pub(crate) settings: UplinkSettings,
+    pub(crate) outbox: Outbox,
     inbox: DeploymentInbox,
     status: watch::Sender<UplinkStatus>,
+    /// The gateway's hub (`azure-iot`), once known: devices with a key of their own
+    /// connect there.
+    pub(crate) hub: watch::Sender<Option<String>>,
     claims: Mutex<HashMap<String, oneshot::Sender<contract::ClaimResponse>>>,
     /// The azure-iot profile's device summaries in the twin.
     twin_devices: Mutex<azure::TwinDevices>,
@@ -143,6 +150,7 @@ impl Uplink {
             status,
             claims: Mutex::new(HashMap::new()),
             twin_devices: Mutex::new(azure::TwinDevices::default()),
+            hub: watch::Sender::new(None),
         });
         let task = tokio::spawn(run(Arc::clone(&shared), shutdown));
         (Self { shared }, task)
@@ -248,7 +256,7 @@ impl Uplink {
     }
 }
 
-fn set_status(shared: &Shared, change: impl FnOnce(&mut UplinkStatus)) {
+pub(crate) fn set_status(shared: &Shared, change: impl FnOnce(&mut UplinkStatus)) {
     shared.status.send_modify(change);
 }
 
@@ -286,6 +294,34 @@ async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
     if let Err(err) = load_desired(&shared, &store).await {
         tracing::warn!(error = %err, "cannot read the stored desired state");
     }
+    // Devices with a hub identity of their own: a connection each, ended with the
+    // gateway's (and waited for, so their acknowledgements are committed).
+    let own_stop = shutdown.child_token();
+    let own_identities: Vec<_> = match &shared.settings.endpoint {
+        Endpoint::Azure(azure) => azure
+            .devices
+            .iter()
+            .map(|own| {
+                tokio::spawn(own_identity::run(
+                    Arc::clone(&shared),
+                    own.clone(),
+                    own_stop.clone(),
+                ))
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    run_gateway(&shared, &store, &shutdown).await;
+    own_stop.cancel();
+    for task in own_identities {
+        let _ = task.await;
+    }
+}
+
+async fn run_gateway(shared: &Arc<Shared>, store: &Store, shutdown: &CancellationToken) {
+    let shared = Arc::clone(shared);
+    let store = store.clone();
+    let shutdown = shutdown.clone();
     let gateway = shared.settings.gateway_id.clone();
     let fatal = loop {
         let (broker, credentials, client_id) = match &shared.settings.endpoint {
@@ -363,6 +399,16 @@ async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
                 }
             }
         };
+        if let Endpoint::Azure(_) = &shared.settings.endpoint {
+            // Devices at the gateway's hub reconnect only when it is another.
+            shared.hub.send_if_modified(|hub| {
+                let moved = hub.as_deref() != Some(broker.host.as_str());
+                if moved {
+                    *hub = Some(broker.host.clone());
+                }
+                moved
+            });
+        }
         match connect_and_pump(&shared, &broker, &credentials, &client_id, &shutdown).await {
             Ended::Shutdown => break None,
             Ended::Fatal(why) => break Some(why),
@@ -637,7 +683,7 @@ impl From<String> for Broken {
 }
 
 /// Sends DISCONNECT and lets it go out (bounded), so the broker does not send our will.
-async fn disconnect(client: &AsyncClient, events: &mut EventLoop) {
+pub(crate) async fn disconnect(client: &AsyncClient, events: &mut EventLoop) {
     let _ = client.disconnect().await;
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         while events.poll().await.is_ok() {}
@@ -943,7 +989,7 @@ async fn azure_inbound(
 
 /// Packet-id bookkeeping: a new publish takes the next handed seq; a PUBACK releases its
 /// seq for deletion (status publishes are untracked).
-fn track(
+pub(crate) fn track(
     event: &Event,
     handed: &mut VecDeque<i64>,
     in_flight: &mut HashMap<u16, i64>,
@@ -968,7 +1014,7 @@ fn track(
     }
 }
 
-async fn publish_direct(
+pub(crate) async fn publish_direct(
     client: &AsyncClient,
     handed: &mut VecDeque<i64>,
     topic: String,
@@ -983,7 +1029,7 @@ async fn publish_direct(
 }
 
 /// Deletes acknowledged messages in batches.
-async fn acker(outbox: Outbox, mut acks: mpsc::UnboundedReceiver<i64>) {
+pub(crate) async fn acker(outbox: Outbox, mut acks: mpsc::UnboundedReceiver<i64>) {
     let mut batch = Vec::with_capacity(4096);
     while acks.recv_many(&mut batch, 4096).await > 0 {
         if let Err(err) = outbox.ack(std::mem::take(&mut batch)).await {
@@ -1373,7 +1419,7 @@ async fn command(shared: &Arc<Shared>, rid: &str, payload: &[u8]) {
 
 /// Stores a desired state: a newer version than held (`whole`: any other version or
 /// body, when it is the whole of the cloud's record, such as a twin).
-async fn store_desired(
+pub(crate) async fn store_desired(
     shared: &Arc<Shared>,
     target: &str,
     desired: &DesiredState,

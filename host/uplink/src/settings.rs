@@ -195,6 +195,47 @@ pub struct AzureSettings {
     /// Device Update for IoT Hub: when set, the gateway announces Device Update's model,
     /// reports the `deviceUpdate` component and turns its deployments into rollouts.
     pub device_update: Option<DeviceUpdateSettings>,
+    /// Devices behind the gateway that have a hub identity of their own: each gets a
+    /// connection of its own, on which its telemetry, lobby events and reported state go
+    /// (and its twin's desired properties come) instead of through the gateway's.
+    pub devices: Vec<OwnIdentity>,
+}
+
+/// A device behind the gateway with its own IoT Hub identity.
+#[derive(Clone)]
+pub struct OwnIdentity {
+    /// The device's id at the gateway (in the lobby, in Outpost topics).
+    pub device: String,
+    /// Its device id at the hub (and, through DPS, its registration id).
+    pub hub_device_id: String,
+    /// How it proves who it is.
+    pub key: OwnKey,
+}
+
+/// How a device with its own hub identity signs its tokens.
+#[derive(Clone)]
+pub enum OwnKey {
+    /// A device registered at the gateway's hub with this symmetric key (base64).
+    Hub(String),
+    /// Registered through DPS in the gateway's enrollment group: the key is derived from
+    /// the group's for the registration id, and DPS assigns the hub.
+    Group,
+}
+
+impl std::fmt::Debug for OwnIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OwnIdentity")
+            .field("device", &self.device)
+            .field("hub_device_id", &self.hub_device_id)
+            .field(
+                "key",
+                &match self.key {
+                    OwnKey::Hub(_) => "<redacted>",
+                    OwnKey::Group => "<derived from the group key>",
+                },
+            )
+            .finish()
+    }
 }
 
 /// The gateway as a Device Update agent (its devices are the agent's components).

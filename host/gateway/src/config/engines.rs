@@ -53,7 +53,34 @@ fn azure(gateway: &str, section: &AzureSection) -> AzureSettings {
                 model: du.model.clone(),
             }
         }),
+        devices: section
+            .devices
+            .iter()
+            .map(|device| outpost_uplink::OwnIdentity {
+                device: device.device.clone(),
+                hub_device_id: device
+                    .device_id
+                    .clone()
+                    .unwrap_or_else(|| device.device.clone()),
+                key: match &device.symmetric_key {
+                    Some(key) => outpost_uplink::OwnKey::Hub(key.expose().to_owned()),
+                    None => outpost_uplink::OwnKey::Group,
+                },
+            })
+            .collect(),
     }
+}
+
+/// The devices whose messages have a lane of their own in the outbox (those with a hub
+/// identity of their own).
+pub(crate) fn outbox_lanes(config: &Config) -> std::collections::BTreeSet<String> {
+    config
+        .uplink
+        .as_ref()
+        .filter(|uplink| uplink.profile == UplinkProfile::AzureIot)
+        .and_then(|uplink| uplink.azure.as_ref())
+        .map(|azure| azure.devices.iter().map(|d| d.device.clone()).collect())
+        .unwrap_or_default()
 }
 
 /// The outbox bounds from `[outbox]`.

@@ -8,7 +8,7 @@
 mod engines;
 mod secret;
 
-pub(crate) use engines::{outbox_limits, settings as uplink_settings};
+pub(crate) use engines::{outbox_lanes, outbox_limits, settings as uplink_settings};
 
 use std::net::SocketAddr;
 use std::num::{NonZeroU32, NonZeroU64};
@@ -301,6 +301,27 @@ pub(crate) struct AzureSection {
     /// Device Update for IoT Hub: absent, the gateway is no Device Update agent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) device_update: Option<DeviceUpdateSection>,
+    /// `[[uplink.azure.devices]]`: devices behind the gateway with a hub identity of
+    /// their own (a connection each).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) devices: Vec<OwnIdentitySection>,
+}
+
+/// `[[uplink.azure.devices]]`: a device behind the gateway that IoT Hub knows as itself.
+/// Its telemetry, lobby events and reported state go on its own connection (its own
+/// twin and messages) instead of the gateway's.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct OwnIdentitySection {
+    /// The device's id at the gateway (as in the lobby).
+    pub(crate) device: String,
+    /// Its device id at the hub (its registration id through DPS); absent: `device`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) device_id: Option<String>,
+    /// Its symmetric key at the gateway's hub, base64. Absent: it registers through DPS
+    /// in the gateway's enrollment group with the key derived from `group_key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) symmetric_key: Option<Secret>,
 }
 
 /// `[uplink.azure.device_update]`: the gateway as a Device Update agent whose components
@@ -378,7 +399,7 @@ fn valid_host(host: &str) -> bool {
 }
 
 /// What each profile needs and refuses in `[uplink]`.
-fn check_profile(uplink: &UplinkSection) -> Result<(), String> {
+fn check_profile(uplink: &UplinkSection, gateway: &str) -> Result<(), String> {
     match uplink.profile {
         UplinkProfile::Outpost => {
             if uplink.azure.is_some() {
@@ -465,6 +486,52 @@ fn check_profile(uplink: &UplinkSection) -> Result<(), String> {
                 {
                     return Err(format!(
                         "[uplink.azure] {key} {id:?}: use 1-128 of A-Z a-z 0-9 . _ : -"
+                    ));
+                }
+            }
+            let mut own = std::collections::BTreeSet::new();
+            let mut own_hub_ids = std::collections::BTreeSet::new();
+            for device in &azure.devices {
+                let hub_id = device.device_id.as_deref().unwrap_or(&device.device);
+                for (key, id) in [("device", device.device.as_str()), ("device_id", hub_id)] {
+                    if !outpost_uplink::contract::valid_id(id) {
+                        return Err(format!(
+                            "[[uplink.azure.devices]] {key} {id:?}: use 1-128 of \
+                             A-Z a-z 0-9 . _ : -"
+                        ));
+                    }
+                }
+                let gateway_hub_id = azure
+                    .device_id
+                    .as_deref()
+                    .or(azure.registration_id.as_deref())
+                    .unwrap_or(gateway);
+                if hub_id == gateway_hub_id {
+                    return Err(format!(
+                        "[[uplink.azure.devices]] {:?}: {hub_id:?} is the gateway's own id at \
+                         the hub; give the device an id of its own (device_id)",
+                        device.device
+                    ));
+                }
+                if !own.insert(device.device.as_str()) {
+                    return Err(format!(
+                        "[[uplink.azure.devices]]: {:?} is listed twice",
+                        device.device
+                    ));
+                }
+                if !own_hub_ids.insert(hub_id) {
+                    return Err(format!(
+                        "[[uplink.azure.devices]]: two devices have the hub id {hub_id:?}"
+                    ));
+                }
+                if device.symmetric_key.is_none()
+                    && (azure.id_scope.is_none() || azure.group_key.is_none())
+                {
+                    return Err(format!(
+                        "[[uplink.azure.devices]] {:?} has no symmetric_key: give its key at \
+                         the hub, or register the gateway through a DPS enrollment group \
+                         (id_scope and group_key), whose key the device's is derived from",
+                        device.device
                     ));
                 }
             }
@@ -1062,7 +1129,7 @@ impl Config {
             if let Some(cert) = &mut uplink.client_cert {
                 *cert = base.join(&*cert);
             }
-            if let Err(why) = check_profile(uplink) {
+            if let Err(why) = check_profile(uplink, config.gateway.id.as_str()) {
                 return Err(located(None, why));
             }
             if let Some(du) = uplink.azure.as_ref().and_then(|a| a.device_update.as_ref()) {
@@ -1156,11 +1223,21 @@ impl Config {
             }
         }
         // An Azure key must be base64 (read from its file or variable by now).
-        if let Some(azure) = config.uplink.as_ref().and_then(|u| u.azure.as_ref())
-            && let Some(key) = azure.symmetric_key.as_ref().or(azure.group_key.as_ref())
-            && let Err(err) = outpost_azure::sas::sign(key.expose(), "")
-        {
-            return Err(located(Some(key.span()), format!("[uplink.azure]: {err}")));
+        if let Some(azure) = config.uplink.as_ref().and_then(|u| u.azure.as_ref()) {
+            let gateway_key = azure.symmetric_key.as_ref().or(azure.group_key.as_ref());
+            let keys = gateway_key
+                .map(|key| ("[uplink.azure]", key))
+                .into_iter()
+                .chain(azure.devices.iter().filter_map(|d| {
+                    d.symmetric_key
+                        .as_ref()
+                        .map(|key| ("[[uplink.azure.devices]]", key))
+                }));
+            for (section, key) in keys {
+                if let Err(err) = outpost_azure::sas::sign(key.expose(), "") {
+                    return Err(located(Some(key.span()), format!("{section}: {err}")));
+                }
+            }
         }
         // What `run` would refuse, `config check` refuses too.
         if let Some(token) = &config.api.admin_token
@@ -1184,6 +1261,12 @@ impl Config {
             if let Some(azure) = uplink.azure.as_mut() {
                 uplink_secrets.extend(azure.symmetric_key.as_mut());
                 uplink_secrets.extend(azure.group_key.as_mut());
+                uplink_secrets.extend(
+                    azure
+                        .devices
+                        .iter_mut()
+                        .filter_map(|d| d.symmetric_key.as_mut()),
+                );
             }
         }
         let claim_key = self.onboarding.claim.as_mut().map(|c| &mut c.ca_key);

@@ -329,6 +329,34 @@ fn the_azure_iot_profile_takes_dps_or_a_hub_and_says_what_is_wrong() {
         "{:?}",
         azure.identity
     );
+    // Devices with their own hub identity: a key each, or derived from the group's; their
+    // keys are secrets like the gateway's, and they have lanes of their own in the outbox.
+    let own = parse(&format!(
+        "[gateway]\nid = \"gw\"\n[uplink]\nprofile = \"azure-iot\"\n[uplink.azure]\n\
+         id_scope = \"0ne0001\"\ngroup_key = \"{KEY}\"\n[[uplink.azure.devices]]\n\
+         device = \"esp-1\"\ndevice_id = \"site-esp-1\"\nsymmetric_key = \"a2V5IG9mIGVzcC0x\"\n\
+         [[uplink.azure.devices]]\ndevice = \"esp-2\"\n"
+    ))
+    .unwrap();
+    assert!(!own.to_redacted_toml().contains("a2V5IG9mIGVzcC0x"));
+    assert_eq!(
+        super::outbox_lanes(&own).into_iter().collect::<Vec<_>>(),
+        ["esp-1", "esp-2"]
+    );
+    let settings = super::engines::settings(&own, own.uplink.as_ref().unwrap());
+    let outpost_uplink::Endpoint::Azure(azure) = settings.endpoint else {
+        panic!("not the azure profile")
+    };
+    assert_eq!(azure.devices.len(), 2);
+    assert_eq!(azure.devices[0].hub_device_id, "site-esp-1");
+    assert!(
+        matches!(&azure.devices[0].key, outpost_uplink::OwnKey::Hub(key) if key == "a2V5IG9mIGVzcC0x")
+    );
+    assert_eq!(azure.devices[1].hub_device_id, "esp-2");
+    assert!(matches!(
+        azure.devices[1].key,
+        outpost_uplink::OwnKey::Group
+    ));
     let base = "[gateway]\nid = \"gw\"\n[uplink]\n";
     for (uplink, needle) in [
         ("profile = \"azure-iot\"\n", "needs [uplink.azure]"),
@@ -393,6 +421,39 @@ fn the_azure_iot_profile_takes_dps_or_a_hub_and_says_what_is_wrong() {
             "profile = \"azure-iot\"\n[uplink.azure]\nhub = \"h\"\nsymmetric_key = \"a2V5\"\n\
              [uplink.azure.device_update]\nmanufacturer = \"\"\nmodel = \"gw\"\n",
             "manufacturer \"\": give 1-64",
+        ),
+        (
+            "profile = \"azure-iot\"\n[uplink.azure]\nhub = \"h\"\nsymmetric_key = \"a2V5\"\n\
+             [[uplink.azure.devices]]\ndevice = \"esp-1\"\n",
+            "has no symmetric_key: give its key at the hub, or register the gateway through a \
+             DPS enrollment group",
+        ),
+        (
+            "profile = \"azure-iot\"\n[uplink.azure]\nhub = \"h\"\nsymmetric_key = \"a2V5\"\n\
+             [[uplink.azure.devices]]\ndevice = \"esp-1\"\nsymmetric_key = \"a2V5\"\n\
+             [[uplink.azure.devices]]\ndevice = \"esp-1\"\nsymmetric_key = \"a2V5\"\n",
+            "\"esp-1\" is listed twice",
+        ),
+        (
+            "profile = \"azure-iot\"\n[uplink.azure]\nhub = \"h\"\nsymmetric_key = \"a2V5\"\n\
+             [[uplink.azure.devices]]\ndevice = \"esp-1\"\ndevice_id = \"x\"\nsymmetric_key = \"a2V5\"\n\
+             [[uplink.azure.devices]]\ndevice = \"esp-2\"\ndevice_id = \"x\"\nsymmetric_key = \"a2V5\"\n",
+            "two devices have the hub id \"x\"",
+        ),
+        (
+            "profile = \"azure-iot\"\n[uplink.azure]\nhub = \"h\"\nsymmetric_key = \"a2V5\"\n\
+             [[uplink.azure.devices]]\ndevice = \"esp-1\"\ndevice_id = \"gw\"\nsymmetric_key = \"a2V5\"\n",
+            "\"gw\" is the gateway's own id at the hub",
+        ),
+        (
+            "profile = \"azure-iot\"\n[uplink.azure]\nhub = \"h\"\nsymmetric_key = \"a2V5\"\n\
+             [[uplink.azure.devices]]\ndevice = \"esp/1\"\nsymmetric_key = \"a2V5\"\n",
+            "[[uplink.azure.devices]] device \"esp/1\"",
+        ),
+        (
+            "profile = \"azure-iot\"\n[uplink.azure]\nhub = \"h\"\nsymmetric_key = \"a2V5\"\n\
+             [[uplink.azure.devices]]\ndevice = \"esp-1\"\nsymmetric_key = \"not base64!\"\n",
+            "[[uplink.azure.devices]]: ",
         ),
     ] {
         let err = parse(&format!("{base}{uplink}")).unwrap_err();

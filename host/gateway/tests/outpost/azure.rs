@@ -802,3 +802,170 @@ fn device_update_deployments_roll_out_to_the_devices_behind_the_gateway() {
         "only usable deployments became rollouts: {list}"
     );
 }
+
+const DEVICE_KEY: &str = "ZXNwLTEncyBvd24ga2V5IGF0IHRoZSBodWIsIGZvciB0ZXN0cw==";
+
+/// A device behind a directly registered gateway, with its own hub identity.
+fn own_identity_config(sim: &HubSim, device_key: &str) -> String {
+    format!(
+        "[ble]\nenabled = false\n\n[uplink]\nprofile = \"azure-iot\"\nca_file = \"{}\"\n\
+         backoff_min_ms = 100\nbackoff_max_ms = 400\n\n[uplink.azure]\nhub = \"{}\"\n\
+         device_id = \"site-gw\"\nsymmetric_key = \"{KEY}\"\n\n[[uplink.azure.devices]]\n\
+         device = \"esp-1\"\ndevice_id = \"site-esp-1\"\nsymmetric_key = \"{device_key}\"\n",
+        sim.ca().display(),
+        sim.hub(),
+    )
+}
+
+/// IoT Hub's MQTT has no multiplexing: a device given its own identity connects as
+/// itself, beside the gateway. Refused (a wrong key), its messages wait in its lane of
+/// the outbox while the gateway's and the other devices' go on; with the right key
+/// after a restart they arrive as the device's own, its lobby event lands in its own
+/// twin, and its twin's desired properties become its desired state.
+#[test]
+fn a_device_with_its_own_hub_identity_connects_as_itself_and_a_refused_one_loses_nothing() {
+    let mut sim = HubSim::start(
+        &hub_sim_binary(),
+        &[
+            "--device",
+            &format!("site-gw:{KEY}"),
+            "--device",
+            &format!("site-esp-1:{DEVICE_KEY}"),
+        ],
+    );
+    let hub = sim.hub().to_owned();
+    let site = Site::new(&own_identity_config(&sim, OTHER_KEY));
+    site.seed(vec![
+        NewDevice::new("esp-1", "thermostat", DeviceState::Claimed),
+        NewDevice::new("esp-2", "thermostat", DeviceState::Claimed),
+    ]);
+    let mut gateway = Gateway::spawn(&site.config(), &[]);
+    let addr = gateway.ready();
+    let admin = site.admin_token();
+    let status = wait_uplink(addr, &admin, "esp-1 refused", |j| {
+        j["link"]["state"] == "connected"
+            && j["link"]["own_identities"]["esp-1"]["state"] == "refused"
+    });
+    let error = status["link"]["own_identities"]["esp-1"]["last_error"]
+        .as_str()
+        .unwrap();
+    assert!(
+        error.contains("[[uplink.azure.devices]]") && error.contains("site-esp-1"),
+        "{error}"
+    );
+    sim.wait("auth_refused", |e| e["client"] == "site-esp-1");
+    let token = device_token(addr, &admin);
+    let held = post_telemetry(addr, &token, 3, "held");
+    // Another device's telemetry goes through the gateway meanwhile.
+    let (code, credential) = http(addr, "POST", "/api/v1/devices/esp-2/credential", &admin, "");
+    assert_eq!(code, 201, "{credential}");
+    let (code, answer) = http(
+        addr,
+        "POST",
+        "/api/v1/devices/esp-2/telemetry",
+        credential["token"].as_str().unwrap(),
+        "{\"tag\":\"through the gateway\"}",
+    );
+    assert_eq!(code, 202, "{answer}");
+    sim.wait("telemetry", |e| {
+        e["device"] == "site-gw" && e["properties"]["outpost-device"] == "esp-2"
+    });
+    // esp-1's three records wait.
+    wait_uplink(addr, &admin, "esp-1's messages held", |j| {
+        j["outbox"]["queued"].as_u64().unwrap_or(0) >= 3
+    });
+    gateway.stop_cleanly(libc::SIGTERM, &site);
+    let before = sim.events.drain();
+    assert!(
+        !before
+            .iter()
+            .any(|e| e["event"] == "telemetry" && e["properties"]["outpost-device"] == "esp-1"),
+        "esp-1's messages went out without its identity: {before:?}"
+    );
+
+    // The right key: what waited arrives as the device itself.
+    let config = std::fs::read_to_string(site.config()).unwrap();
+    site.write_config(&config.replace(OTHER_KEY, DEVICE_KEY));
+    let mut gateway = Gateway::spawn(&site.config(), &[]);
+    let addr = gateway.ready();
+    for id in &held {
+        let message = sim.wait("telemetry", |e| e["properties"]["$.mid"] == id.as_str());
+        assert_eq!(message["device"], "site-esp-1", "{message}");
+        assert_eq!(message["properties"]["outpost-device"], "esp-1");
+    }
+    let status = wait_uplink(addr, &admin, "esp-1 connected", |j| {
+        j["link"]["own_identities"]["esp-1"]["state"] == "connected"
+    });
+    let own = &status["link"]["own_identities"]["esp-1"];
+    assert_eq!(own["hub"], hub.as_str(), "{own}");
+    assert_eq!(own["hub_device_id"], "site-esp-1");
+    let first = own["desired_version"].as_u64().unwrap();
+    // Its twin's desired properties are its desired state.
+    sim.command(&json!({"op": "desired", "device": "site-esp-1", "patch": {"interval": 5}}));
+    wait_uplink(addr, &admin, "esp-1's desired state", |j| {
+        j["link"]["own_identities"]["esp-1"]["desired_version"]
+            .as_u64()
+            .is_some_and(|v| v > first)
+    });
+    // Everything went: nothing of esp-1's waits any more.
+    wait_uplink(addr, &admin, "the outbox drained", |j| {
+        j["outbox"]["queued"] == 0
+    });
+    gateway.stop_cleanly(libc::SIGTERM, &site);
+}
+
+/// Through DPS in the gateway's enrollment group, a device without a key of its own
+/// registers with its key derived from the group's and connects where DPS assigns it;
+/// its lobby event (announced after the gateway's registration) lands in its own twin,
+/// and the gateway's twin summarises only the devices that have no identity of their own.
+#[test]
+fn a_device_without_a_key_registers_through_the_gateways_enrollment_group() {
+    let mut sim = HubSim::start(
+        &hub_sim_binary(),
+        &["--group", &format!("site-group:{KEY}")],
+    );
+    let site = Site::new(&format!(
+        "[ble]\nenabled = false\n\n[uplink]\nprofile = \"azure-iot\"\nca_file = \"{}\"\n\
+         backoff_min_ms = 100\nbackoff_max_ms = 400\n\n[uplink.azure]\ndps_host = \"{}\"\n\
+         id_scope = \"{}\"\ngroup_key = \"{KEY}\"\n\n[[uplink.azure.devices]]\ndevice = \"esp-1\"\n",
+        sim.ca().display(),
+        sim.dps(),
+        sim.id_scope(),
+    ));
+    site.seed(vec![
+        NewDevice::new("esp-1", "thermostat", DeviceState::Claimed),
+        NewDevice::new("esp-2", "thermostat", DeviceState::Claimed),
+    ]);
+    let hub = sim.hub().to_owned();
+    let mut gateway = Gateway::spawn(&site.config(), &[]);
+    let addr = gateway.ready();
+    let admin = site.admin_token();
+    sim.wait("connected", |e| {
+        e["client"] == "esp-1" && e["service"] == hub.as_str()
+    });
+    let token = device_token(addr, &admin);
+    let ids = post_telemetry(addr, &token, 2, "own");
+    for id in &ids {
+        let message = sim.wait("telemetry", |e| e["properties"]["$.mid"] == id.as_str());
+        assert_eq!(message["device"], "esp-1", "{message}");
+    }
+    let status = wait_uplink(addr, &admin, "both connected", |j| {
+        j["link"]["state"] == "connected"
+            && j["link"]["own_identities"]["esp-1"]["state"] == "connected"
+    });
+    assert_eq!(status["link"]["registrations"], 1, "{status}");
+    sim.wait("reported", |e| {
+        e["device"] == "esp-1"
+            && e["patch"]["outpost"]["lobby"]["deviceId"] == "esp-1"
+            && e["patch"]["outpost"]["lobby"]["state"] == "claimed"
+    });
+    sim.wait("reported", |e| {
+        e["device"] == "gw-test" && e["patch"]["outpost"]["devices"].get("esp-2").is_some()
+    });
+    sim.command(&json!({"op": "twin", "device": "gw-test"}));
+    let twin = sim.wait("twin", |e| e["device"] == "gw-test");
+    let devices = &twin["reported"]["outpost"]["devices"];
+    assert!(devices.get("esp-2").is_some(), "{twin}");
+    assert!(devices.get("esp-1").is_none(), "{twin}");
+    gateway.stop_cleanly(libc::SIGTERM, &site);
+}

@@ -384,3 +384,91 @@ async fn a_failed_commit_reports_its_real_cause() {
     assert_eq!(outbox.stats().queued, 1);
     close(store, shutdown, writer).await;
 }
+
+/// A device with a lane of its own: its telemetry, lobby events and reported state are
+/// read by its connection only, the rest by the gateway's; reopened without the lane,
+/// what waited in it goes through the gateway instead of nowhere.
+#[tokio::test]
+async fn a_devices_lane_is_read_by_its_connection_only_and_returns_to_the_gateway() {
+    use crate::contract::topics;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path().join("outpost.db")).await.unwrap();
+    let shutdown = CancellationToken::new();
+    let lanes = std::collections::BTreeSet::from(["esp-1".to_owned()]);
+    let (outbox, writer) = Outbox::open_with_lanes(
+        store.clone(),
+        OutboxLimits::default(),
+        lanes,
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    assert!(outbox.has_lane("esp-1") && !outbox.has_lane("esp-2"));
+    let mut commits = outbox.lane_commits();
+    commits.borrow_and_update();
+    outbox
+        .enqueue_all(vec![
+            message(
+                &topics::telemetry("gw", "esp-1"),
+                Priority::Telemetry,
+                "own-t",
+            ),
+            message(&topics::lobby("gw", "esp-1"), Priority::State, "own-l"),
+            message(
+                &topics::telemetry("gw", "esp-2"),
+                Priority::Telemetry,
+                "gw-t",
+            ),
+            message(
+                &topics::claim_report("gw", "esp-1"),
+                Priority::Control,
+                "gw-c",
+            ),
+        ])
+        .await
+        .unwrap();
+    assert!(
+        commits.has_changed().unwrap(),
+        "the lane's connection is woken"
+    );
+    let payloads = |batch: Vec<Queued>| -> Vec<String> {
+        batch
+            .iter()
+            .map(|q| String::from_utf8(q.payload.to_vec()).unwrap())
+            .collect()
+    };
+    assert_eq!(
+        payloads(outbox.fetch(&mut [0; 3], 10).await.unwrap()),
+        ["gw-c", "gw-t"]
+    );
+    let mut cursors = [0; 3];
+    let own = outbox.fetch_lane("esp-1", &mut cursors, 10).await.unwrap();
+    let seqs: Vec<i64> = own.iter().map(|q| q.seq).collect();
+    assert_eq!(payloads(own), ["own-l", "own-t"]);
+    assert!(
+        outbox
+            .fetch_lane("esp-1", &mut cursors, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        outbox
+            .fetch_lane("esp-2", &mut [0; 3], 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Acknowledged in its lane: gone; the other waits there until its connection or a
+    // reopen without the lane.
+    outbox.ack(vec![seqs[0]]).await.unwrap();
+    close(store, shutdown, writer).await;
+
+    let (store, outbox, shutdown, writer) = open(&dir, OutboxLimits::default()).await;
+    assert!(!outbox.has_lane("esp-1"));
+    assert_eq!(
+        payloads(outbox.fetch(&mut [0; 3], 10).await.unwrap()),
+        ["gw-c", "own-t", "gw-t"]
+    );
+    close(store, shutdown, writer).await;
+}
