@@ -106,6 +106,12 @@ async fn migrates_from_the_previous_schema_keeping_data() {
             [],
         )
         .unwrap();
+        conn.execute(
+            "INSERT INTO outbox (message_id, topic, payload, priority, created_at, expires_at) \
+             VALUES ('m0', 't', x'00', 0, 1, 2)",
+            [],
+        )
+        .unwrap();
         conn.close().unwrap();
     }
     assert_eq!(user_version(&path), SCHEMA_VERSION - 1);
@@ -118,6 +124,7 @@ async fn migrates_from_the_previous_schema_keeping_data() {
         .expect("device survives migration");
     assert_eq!(device.state, DeviceState::Claimed);
     assert_eq!(device.created_at.unix_millis(), 1000);
+    // Outbox rows (schema 10) gain their lane: what was queued is the gateway's ('').
     let queued: i64 = store
         .call(|conn| {
             conn.execute(
@@ -125,11 +132,15 @@ async fn migrates_from_the_previous_schema_keeping_data() {
                  VALUES ('m1', 't', x'00', 0, 1, 2)",
                 [],
             )?;
-            Ok(conn.query_row("SELECT count(*) FROM outbox", [], |r| r.get(0))?)
+            Ok(
+                conn.query_row("SELECT count(*) FROM outbox WHERE lane = ''", [], |r| {
+                    r.get(0)
+                })?,
+            )
         })
         .await
         .unwrap();
-    assert_eq!(queued, 1);
+    assert_eq!(queued, 2);
     // Rollouts (schema 9) gain their kind: what was there is an update rollout.
     let (kind, network): (String, Option<String>) = store
         .call(|conn| {

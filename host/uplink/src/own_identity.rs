@@ -20,7 +20,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use crate::outbox::Queued;
 use outpost_azure::provision::Attestation;
 use outpost_azure::sas;
 use outpost_store::backoff::Backoff;
@@ -88,6 +88,8 @@ enum Ended {
     Refused(String),
     /// Lost or unreachable: back off and try again.
     Lost(String),
+    /// The hub could not be reached or did not accept the connection.
+    Unreachable(String),
     /// The token is about to expire.
     Renew,
     /// The gateway moved to another hub.
@@ -104,6 +106,14 @@ struct Link<'a> {
 
 /// Runs the connection of one device with its own identity until `shutdown`.
 pub(crate) async fn run(shared: Arc<Shared>, own: OwnIdentity, shutdown: CancellationToken) {
+    run_until_shutdown(&shared, &own, &shutdown).await;
+    note(&shared, &own, |s| {
+        s.state = "stopped".into();
+        s.connected_since = None;
+    });
+}
+
+async fn run_until_shutdown(shared: &Arc<Shared>, own: &OwnIdentity, shutdown: &CancellationToken) {
     let Endpoint::Azure(azure) = &shared.settings.endpoint else {
         return;
     };
@@ -117,21 +127,27 @@ pub(crate) async fn run(shared: Arc<Shared>, own: OwnIdentity, shutdown: Cancell
     let tls = match rustls_config(&tls) {
         Ok(tls) => tls,
         Err(why) => {
-            note(&shared, &own, |s| {
+            note(shared, own, |s| {
                 s.state = "refused".into();
                 s.last_error = Some(format!("uplink TLS settings: {why}"));
             });
+            shutdown.cancelled().await;
             return;
         }
     };
     let settings = &shared.settings;
     let mut backoff = Backoff::new(settings.backoff_min, settings.backoff_max);
     let mut hub_of_gateway = shared.hub.subscribe();
+    // Through DPS: the assignment, kept until the hub refuses the device or stays
+    // unreachable for `reregister_after` (as the gateway's own).
+    let mut assigned: Option<(String, String, AzureSettings)> = None;
+    let mut failing_since: Option<std::time::Instant> = None;
     loop {
         // Where, and as whom.
-        let login = match &own.key {
+        let (hub, device_id, identity) = match &own.key {
             OwnKey::Hub(key) => {
-                note(&shared, &own, |s| s.state = "waiting-for-hub".into());
+                note(shared, own, |s| s.state = "waiting-for-hub".into());
+                // Marks the hub seen: a later move ends the connection (Moved).
                 let hub = tokio::select! {
                     () = shutdown.cancelled() => return,
                     hub = hub_of_gateway.wait_for(Option::is_some) => match hub {
@@ -141,49 +157,52 @@ pub(crate) async fn run(shared: Arc<Shared>, own: OwnIdentity, shutdown: Cancell
                 };
                 direct(azure, &hub, &own.hub_device_id, key.clone())
             }
-            OwnKey::Group => {
-                note(&shared, &own, |s| s.state = "registering".into());
-                let registered = tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    registered = register(&shared, azure, &own) => registered,
-                };
-                match registered {
-                    Ok(login) => login,
-                    Err(why) => {
-                        tracing::warn!(device = %own.device, reason = %why, "the device's own identity did not register");
-                        note(&shared, &own, |s| {
-                            s.state = "refused".into();
-                            s.last_error = Some(why);
-                        });
-                        if sleep(&shutdown, settings.backoff_max).await {
-                            return;
+            OwnKey::Group => match &assigned {
+                Some(login) => login.clone(),
+                None => {
+                    note(shared, own, |s| s.state = "registering".into());
+                    let registered = tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        registered = register(shared, azure, own) => registered,
+                    };
+                    match registered {
+                        Ok(login) => assigned.insert(login).clone(),
+                        Err(why) => {
+                            tracing::warn!(device = %own.device, reason = %why, "the device's own identity did not register");
+                            note(shared, own, |s| {
+                                s.state = "refused".into();
+                                s.last_error = Some(why);
+                            });
+                            if sleep(shutdown, settings.backoff_max).await {
+                                return;
+                            }
+                            continue;
                         }
-                        continue;
                     }
                 }
-            }
+            },
         };
-        let (hub, device_id, identity) = login;
-        note(&shared, &own, |s| {
+        note(shared, own, |s| {
             s.state = "connecting".into();
             s.hub = Some(hub.clone());
         });
         // A device at the gateway's hub follows the gateway when it moves (reprovisioned).
         let moved = match own.key {
-            OwnKey::Hub(_) => {
-                hub_of_gateway.mark_unchanged();
-                Some(&mut hub_of_gateway)
-            }
+            OwnKey::Hub(_) => Some(&mut hub_of_gateway),
             OwnKey::Group => None,
         };
         let link = Link {
-            shared: &shared,
-            own: &own,
+            shared,
+            own,
             device_id: &device_id,
         };
         let ended = link
-            .connect_and_pump(&identity, &hub, &tls, &mut backoff, moved, &shutdown)
+            .connect_and_pump(&identity, &hub, &tls, &mut backoff, moved, shutdown)
             .await;
+        let unreachable = matches!(ended, Ended::Unreachable(_));
+        if !unreachable {
+            failing_since = None;
+        }
         match ended {
             Ended::Shutdown => return,
             Ended::Renew => {}
@@ -192,23 +211,32 @@ pub(crate) async fn run(shared: Arc<Shared>, own: OwnIdentity, shutdown: Cancell
             }
             Ended::Refused(why) => {
                 tracing::warn!(device = %own.device, reason = %why, "the hub refused the device's own identity");
-                note(&shared, &own, |s| {
+                note(shared, own, |s| {
                     s.state = "refused".into();
                     s.connected_since = None;
                     s.last_error = Some(why);
                 });
-                if sleep(&shutdown, settings.backoff_max).await {
+                assigned = None;
+                if sleep(shutdown, settings.backoff_max).await {
                     return;
                 }
             }
-            Ended::Lost(why) => {
+            Ended::Lost(why) | Ended::Unreachable(why) => {
                 tracing::warn!(device = %own.device, reason = %why, "the device's own connection is down");
-                note(&shared, &own, |s| {
+                note(shared, own, |s| {
                     s.state = "connecting".into();
                     s.connected_since = None;
                     s.last_error = Some(why);
                 });
-                if sleep(&shutdown, backoff.next_delay()).await {
+                if unreachable {
+                    let since = *failing_since.get_or_insert_with(std::time::Instant::now);
+                    if since.elapsed() >= settings.reregister_after {
+                        // Perhaps DPS has another hub for it now.
+                        assigned = None;
+                        failing_since = None;
+                    }
+                }
+                if sleep(shutdown, backoff.next_delay()).await {
                     return;
                 }
             }
@@ -327,7 +355,9 @@ impl Link<'_> {
         };
         match connected {
             Ok(Event::Incoming(Incoming::ConnAck(_))) => {}
-            Ok(other) => return Ended::Lost(format!("{hub} answered CONNECT with {other:?}")),
+            Ok(other) => {
+                return Ended::Unreachable(format!("{hub} answered CONNECT with {other:?}"));
+            }
             Err(ConnectionError::ConnectionRefused(
                 code @ (ConnectReturnCode::BadUserNamePassword | ConnectReturnCode::NotAuthorized),
             )) => {
@@ -337,7 +367,9 @@ impl Link<'_> {
                  in the outbox and it is tried again"
                 ));
             }
-            Err(err) => return Ended::Lost(format!("cannot reach {hub} as {device_id}: {err}")),
+            Err(err) => {
+                return Ended::Unreachable(format!("cannot reach {hub} as {device_id}: {err}"));
+            }
         }
         backoff.reset();
         let since = now_millis();
@@ -348,13 +380,8 @@ impl Link<'_> {
             s.last_error = None;
         });
         tracing::info!(device = %own.device, hub, device_id, "the device's own identity connected");
-        let ended = self
-            .pump(&client, &mut events, renew_at, moved, shutdown)
-            .await;
-        if matches!(ended, Ended::Shutdown | Ended::Renew | Ended::Moved) {
-            session::disconnect(&client, &mut events).await;
-        }
-        ended
+        self.pump(&client, &mut events, renew_at, moved, shutdown)
+            .await
     }
 
     /// Drains the device's lane and takes its twin's desired properties.
@@ -366,46 +393,114 @@ impl Link<'_> {
         mut moved: Option<&mut watch::Receiver<Option<String>>>,
         shutdown: &CancellationToken,
     ) -> Ended {
-        let Self {
-            shared,
-            own,
-            device_id,
-        } = *self;
-        let outbox = &shared.outbox;
-        let gateway_prefix = format!("{}/gw/{}/", contract::ROOT, shared.settings.gateway_id);
-        let mut handed: VecDeque<i64> = VecDeque::new();
-        let mut in_flight: HashMap<u16, i64> = HashMap::new();
-        let mut cursors = [0i64; 3];
-        let mut exhausted = false;
-        let mut commits = outbox.lane_commits();
-        let mut next_rid = 0u64;
-        let mut last_get = 0u64;
-        let mut rid = |kind: &str| {
-            next_rid += 1;
-            format!("{kind}-{next_rid}")
-        };
+        let outbox = &self.shared.outbox;
         let (acks_tx, acks) = mpsc::unbounded_channel::<i64>();
         let acker = tokio::spawn(session::acker(outbox.clone(), acks));
-        let ended = async {
+        let mut conn = Conn {
+            link: self,
+            client,
+            gateway_prefix: format!("{}/gw/{}/", contract::ROOT, self.shared.settings.gateway_id),
+            handed: VecDeque::new(),
+            in_flight: HashMap::new(),
+            acks: acks_tx,
+            next_rid: 0,
+            last_get: 0,
+            twin: None,
+            pending: HashMap::new(),
+            again: Vec::new(),
+            again_at: None,
+        };
+        let mut commits = outbox.lane_commits();
+        let ended = conn
+            .run(events, &mut commits, renew_at, &mut moved, shutdown)
+            .await;
+        if matches!(ended, Ended::Shutdown | Ended::Renew | Ended::Moved) {
+            conn.settle(events).await;
+        }
+        drop(conn);
+        let _ = acker.await;
+        ended
+    }
+}
+
+/// Waiting this long after the hub refused a twin patch (throttled, a hub error) before
+/// it goes again.
+const PATCH_RETRY: Duration = Duration::from_secs(10);
+
+/// One connection's bookkeeping.
+struct Conn<'a, 'b> {
+    link: &'a Link<'b>,
+    client: &'a AsyncClient,
+    gateway_prefix: String,
+    /// Outbox seqs of the publishes handed to rumqttc, in order (see the session's pump).
+    handed: VecDeque<i64>,
+    in_flight: HashMap<u16, i64>,
+    acks: mpsc::UnboundedSender<i64>,
+    next_rid: u64,
+    /// The newest twin GET answered.
+    last_get: u64,
+    /// The device's reported `outpost.*` as the hub holds it (from the GET after connect,
+    /// then as patched); `None` until the GET answered, and the lane waits for it, so
+    /// that a new event replaces the old one whole.
+    twin: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Twin patches waiting for the hub's verdict: their outbox row is deleted on a 2xx,
+    /// not on the PUBACK.
+    pending: HashMap<String, Queued>,
+    /// Patches the hub refused for now, to go again at `again_at`.
+    again: Vec<Queued>,
+    again_at: Option<tokio::time::Instant>,
+}
+
+impl Conn<'_, '_> {
+    fn rid(&mut self, kind: &str) -> String {
+        self.next_rid += 1;
+        format!("{kind}-{}", self.next_rid)
+    }
+
+    async fn publish_untracked(&mut self, topic: String, payload: Vec<u8>) -> Result<(), Ended> {
+        session::publish_direct(self.client, &mut self.handed, topic, payload, false)
+            .await
+            .map_err(Ended::Lost)
+    }
+
+    async fn get_twin(&mut self) -> Result<(), Ended> {
+        let get = outpost_azure::topics::twin_get(&self.rid("get"));
+        self.publish_untracked(get, Vec::new()).await
+    }
+
+    async fn run(
+        &mut self,
+        events: &mut EventLoop,
+        commits: &mut watch::Receiver<u64>,
+        renew_at: Option<tokio::time::Instant>,
+        moved: &mut Option<&mut watch::Receiver<Option<String>>>,
+        shutdown: &CancellationToken,
+    ) -> Ended {
+        let Link { shared, own, .. } = *self.link;
         for filter in [
             outpost_azure::topics::TWIN_RESPONSES,
             outpost_azure::topics::DESIRED_PATCHES,
         ] {
-            if let Err(err) = client.subscribe(filter, QoS::AtLeastOnce).await {
+            if let Err(err) = self.client.subscribe(filter, QoS::AtLeastOnce).await {
                 return Ended::Lost(format!("subscribe: {err}"));
             }
         }
-        let get = outpost_azure::topics::twin_get(&rid("get"));
-        if let Err(why) = session::publish_direct(client, &mut handed, get, Vec::new(), false).await
-        {
-            return Ended::Lost(why);
+        if let Err(ended) = self.get_twin().await {
+            return ended;
         }
+        let mut cursors = [0i64; 3];
+        let mut exhausted = false;
         loop {
-            let room = WINDOW.saturating_sub(in_flight.len() + handed.len());
-            if !exhausted && room > 0 {
+            let room = WINDOW
+                .saturating_sub(self.in_flight.len() + self.handed.len() + self.pending.len());
+            if self.twin.is_some() && !exhausted && room > 0 {
                 // Marked seen before the read: a commit meanwhile wakes the next wait.
                 commits.borrow_and_update();
-                let batch = match outbox.fetch_lane(&own.device, &mut cursors, room).await {
+                let batch = match shared
+                    .outbox
+                    .fetch_lane(&own.device, &mut cursors, room)
+                    .await
+                {
                     Ok(batch) => batch,
                     Err(err) => return Ended::Lost(format!("reading the outbox: {err}")),
                 };
@@ -413,23 +508,21 @@ impl Link<'_> {
                     exhausted = true;
                 }
                 for message in batch {
-                    let tail = message
-                        .topic
-                        .strip_prefix(&gateway_prefix)
-                        .unwrap_or(&message.topic);
-                    let (topic, payload) = outgoing(
-                        device_id,
-                        &message.message_id,
-                        tail,
-                        &message.payload,
-                        &rid("patch"),
-                    );
-                    handed.push_back(message.seq);
-                    if let Err(err) = client
-                        .publish_bytes(topic, QoS::AtLeastOnce, false, payload)
-                        .await
-                    {
-                        return Ended::Lost(format!("publish: {err}"));
+                    if let Err(ended) = self.send(message).await {
+                        return ended;
+                    }
+                }
+                continue;
+            }
+            if self.twin.is_some()
+                && self
+                    .again_at
+                    .is_some_and(|at| at <= tokio::time::Instant::now())
+            {
+                self.again_at = None;
+                for message in std::mem::take(&mut self.again) {
+                    if let Err(ended) = self.send(message).await {
+                        return ended;
                     }
                 }
                 continue;
@@ -439,6 +532,7 @@ impl Link<'_> {
                 () = async { tokio::time::sleep_until(renew_at.unwrap_or_else(tokio::time::Instant::now)).await }, if renew_at.is_some() => {
                     return Ended::Renew;
                 }
+                () = async { tokio::time::sleep_until(self.again_at.unwrap_or_else(tokio::time::Instant::now)).await }, if self.again_at.is_some() && self.twin.is_some() => {}
                 () = async {
                     match moved.as_deref_mut() {
                         Some(hub) => {
@@ -455,92 +549,173 @@ impl Link<'_> {
                 }
                 event = events.poll() => match event {
                     Ok(Event::Incoming(Incoming::Publish(publish))) => {
-                        let get_twin = inbound(shared, own, device_id, &publish.topic, &publish.payload, &mut last_get).await;
-                        if get_twin {
-                            let get = outpost_azure::topics::twin_get(&rid("get"));
-                            if let Err(why) = session::publish_direct(client, &mut handed, get, Vec::new(), false).await {
-                                return Ended::Lost(why);
-                            }
+                        if self.inbound(&publish.topic, &publish.payload).await
+                            && let Err(ended) = self.get_twin().await
+                        {
+                            return ended;
                         }
                     }
                     Ok(Event::Incoming(Incoming::Disconnect)) => {
                         return Ended::Lost("the hub closed the session".into());
                     }
-                    Ok(event) => session::track(&event, &mut handed, &mut in_flight, &acks_tx),
+                    Ok(event) => session::track(&event, &mut self.handed, &mut self.in_flight, &self.acks),
                     Err(err) => return Ended::Lost(format!("connection lost: {err}")),
                 },
             }
         }
     }
-    .await;
-        drop(acks_tx);
-        let _ = acker.await;
-        ended
-    }
-}
 
-/// What one of the device's outbox messages (`tail` below `gw/{gateway}/`) becomes at
-/// the hub: its lobby event and reported state a patch of its own twin, its telemetry a
-/// device-to-cloud message of its own.
-fn outgoing(
-    device_id: &str,
-    message_id: &str,
-    tail: &str,
-    payload: &Bytes,
-    rid: &str,
-) -> (String, Bytes) {
-    let kind = tail.split('/').next().unwrap_or_default();
-    if matches!(kind, "lobby" | "reported") {
-        let body =
-            serde_json::from_slice::<serde_json::Value>(payload).unwrap_or(serde_json::Value::Null);
-        return azure::reported(&json!({ kind: body }), rid);
+    /// Publishes one of the lane's messages: telemetry is acknowledged by its PUBACK, a
+    /// twin patch by the hub's verdict.
+    async fn send(&mut self, message: Queued) -> Result<(), Ended> {
+        let Link { device_id, .. } = *self.link;
+        let tail = message
+            .topic
+            .strip_prefix(&self.gateway_prefix)
+            .unwrap_or(&message.topic)
+            .to_owned();
+        let kind = tail.split('/').next().unwrap_or_default();
+        if matches!(kind, "lobby" | "reported") {
+            let body = serde_json::from_slice::<serde_json::Value>(&message.payload)
+                .unwrap_or(serde_json::Value::Null);
+            let twin = self.twin.get_or_insert_with(serde_json::Map::new);
+            let patch = replacing(twin.get(kind).unwrap_or(&serde_json::Value::Null), &body);
+            twin.insert(kind.to_owned(), body);
+            let rid = self.rid("patch");
+            let (topic, payload) = azure::reported(&json!({ kind: patch }), &rid);
+            self.pending.insert(rid, message);
+            return self.publish_untracked(topic, payload.to_vec()).await;
+        }
+        let (topic, payload) = azure::d2c(device_id, &message.message_id, &tail, &message.payload);
+        self.handed.push_back(message.seq);
+        self.client
+            .publish_bytes(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .map_err(|err| Ended::Lost(format!("publish: {err}")))
     }
-    azure::d2c(device_id, message_id, tail, payload)
-}
 
-/// Acts on what the hub sent the device; `true`: read the whole twin again.
-async fn inbound(
-    shared: &Arc<Shared>,
-    own: &OwnIdentity,
-    device_id: &str,
-    topic: &str,
-    payload: &[u8],
-    last_get: &mut u64,
-) -> bool {
-    match azure::inbound(device_id, topic) {
-        Ok(azure::Inbound::TwinResponse { status, rid }) if rid.starts_with("get-") => {
-            let number = rid["get-".len()..].parse::<u64>().unwrap_or(0);
-            if status != 200 || number <= *last_get {
-                return false;
-            }
-            *last_get = number;
-            match azure::desired_of_twin(payload) {
-                Ok(desired) => {
-                    match session::store_desired(shared, &own.device, &desired, true).await {
-                        Ok(()) => note(shared, own, |s| s.desired_version = desired.version),
-                        Err(err) => {
-                            tracing::warn!(device = %own.device, error = %err, "cannot store the device's desired state");
+    /// Acts on what the hub sent the device; `true`: read the whole twin again.
+    async fn inbound(&mut self, topic: &str, payload: &[u8]) -> bool {
+        let Link {
+            shared,
+            own,
+            device_id,
+        } = *self.link;
+        match azure::inbound(device_id, topic) {
+            Ok(azure::Inbound::TwinResponse { status, rid }) if rid.starts_with("get-") => {
+                let number = rid["get-".len()..].parse::<u64>().unwrap_or(0);
+                if number <= self.last_get {
+                    return false;
+                }
+                self.last_get = number;
+                let twin: serde_json::Value = if status == 200 {
+                    serde_json::from_slice(payload).unwrap_or_default()
+                } else {
+                    tracing::warn!(device = %own.device, status, "IoT Hub did not give the device's twin");
+                    serde_json::Value::Null
+                };
+                // What the reported side holds, so that new events replace it whole.
+                self.twin = Some(
+                    twin.pointer("/reported/outpost")
+                        .and_then(serde_json::Value::as_object)
+                        .cloned()
+                        .unwrap_or_default(),
+                );
+                if status != 200 {
+                    return false;
+                }
+                match azure::desired_of_twin(payload) {
+                    Ok(desired) => {
+                        match session::store_desired(shared, &own.device, &desired, true).await {
+                            Ok(()) => note(shared, own, |s| s.desired_version = desired.version),
+                            Err(err) => {
+                                tracing::warn!(device = %own.device, error = %err, "cannot store the device's desired state");
+                            }
                         }
                     }
+                    Err(why) => {
+                        tracing::warn!(device = %own.device, reason = %why, "ignoring a twin we cannot read");
+                    }
                 }
-                Err(why) => {
-                    tracing::warn!(device = %own.device, reason = %why, "ignoring a twin we cannot read");
+                false
+            }
+            Ok(azure::Inbound::TwinResponse { status, rid }) => {
+                let Some(message) = self.pending.remove(&rid) else {
+                    return false;
+                };
+                if (200..300).contains(&status) {
+                    let _ = self.acks.send(message.seq);
+                    return false;
+                }
+                let body = String::from_utf8_lossy(payload);
+                if status == 400 {
+                    // Never taken (too large, a name IoT Hub does not allow): said and dropped.
+                    tracing::warn!(device = %own.device, status, rid, body = %body, "IoT Hub refused a patch of the device's twin; dropped");
+                    note(shared, own, |s| {
+                        s.last_error = Some(format!(
+                            "IoT Hub refused a patch of the twin of {device_id} (400: {body}); it was dropped"
+                        ));
+                    });
+                    let _ = self.acks.send(message.seq);
+                    return false;
+                }
+                // Throttled or a hub error: again after a pause, against the twin as it is.
+                tracing::warn!(device = %own.device, status, rid, body = %body, "IoT Hub refused a patch of the device's twin for now; it goes again");
+                self.again.push(message);
+                self.again_at = Some(tokio::time::Instant::now() + PATCH_RETRY);
+                self.twin = None;
+                true
+            }
+            Ok(azure::Inbound::DesiredPatch) => true,
+            Ok(_) => false,
+            Err(why) => {
+                tracing::warn!(device = %own.device, topic, reason = %why, "ignoring a message from IoT Hub on a topic we do not know");
+                false
+            }
+        }
+    }
+
+    /// Ends the connection with DISCONNECT, taking the acknowledgements (and twin
+    /// verdicts) still on their way for at most 2 s, so that what arrived is not sent
+    /// again by the next connection.
+    async fn settle(&mut self, events: &mut EventLoop) {
+        let end = tokio::time::Instant::now() + Duration::from_secs(2);
+        while (!self.in_flight.is_empty() || !self.pending.is_empty() || !self.handed.is_empty())
+            && tokio::time::Instant::now() < end
+        {
+            match tokio::time::timeout_at(end, events.poll()).await {
+                Ok(Ok(Event::Incoming(Incoming::Publish(publish)))) => {
+                    self.inbound(&publish.topic, &publish.payload).await;
+                }
+                Ok(Ok(event)) => {
+                    session::track(&event, &mut self.handed, &mut self.in_flight, &self.acks);
+                }
+                Ok(Err(_)) | Err(_) => break,
+            }
+        }
+        session::disconnect(self.client, events).await;
+    }
+}
+
+/// The JSON merge patch that turns `old` into `new`: `new`, with `null` for every member
+/// `old` has and `new` has not (at every depth), so that an event replaces the previous
+/// one whole instead of merging into it.
+fn replacing(old: &serde_json::Value, new: &serde_json::Value) -> serde_json::Value {
+    match (old, new) {
+        (serde_json::Value::Object(old), serde_json::Value::Object(new)) => {
+            let mut patch = serde_json::Map::new();
+            for (name, value) in new {
+                let before = old.get(name).unwrap_or(&serde_json::Value::Null);
+                patch.insert(name.clone(), replacing(before, value));
+            }
+            for name in old.keys() {
+                if !new.contains_key(name) {
+                    patch.insert(name.clone(), serde_json::Value::Null);
                 }
             }
-            false
+            serde_json::Value::Object(patch)
         }
-        Ok(azure::Inbound::TwinResponse { status, rid }) => {
-            if status >= 300 {
-                tracing::warn!(device = %own.device, status, rid, body = %String::from_utf8_lossy(payload), "IoT Hub refused a patch of the device's twin");
-            }
-            false
-        }
-        Ok(azure::Inbound::DesiredPatch) => true,
-        Ok(_) => false,
-        Err(why) => {
-            tracing::warn!(device = %own.device, topic, reason = %why, "ignoring a message from IoT Hub on a topic we do not know");
-            false
-        }
+        _ => new.clone(),
     }
 }
 
@@ -549,35 +724,47 @@ mod tests {
     use super::*;
 
     #[test]
-    fn state_goes_to_the_devices_own_twin_and_telemetry_as_its_own_messages() {
-        let (topic, body) = outgoing(
-            "site-esp-1",
-            "m1",
-            "reported/esp-1",
-            &Bytes::from_static(b"{\"agent\":{\"version\":\"1.2\"}}"),
-            "patch-3",
-        );
+    fn a_new_event_replaces_the_previous_one_whole() {
+        let old = json!({
+            "agent": {"version": "1.1", "workflow": {"id": "w1"}, "lastInstallResult": {"resultCode": 700}},
+            "desiredVersion": 3,
+        });
+        let new = json!({"agent": {"version": "1.2"}, "desiredVersion": 4});
+        let patch = replacing(&old, &new);
         assert_eq!(
-            topic,
-            "$iothub/twin/PATCH/properties/reported/?$rid=patch-3"
+            patch,
+            json!({
+                "agent": {"version": "1.2", "workflow": null, "lastInstallResult": null},
+                "desiredVersion": 4,
+            })
         );
-        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
-        assert_eq!(
-            body,
-            json!({"outpost": {"reported": {"agent": {"version": "1.2"}}}})
-        );
-        let (topic, body) = outgoing(
-            "site-esp-1",
-            "m2",
-            "telemetry/esp-1",
-            &Bytes::from_static(b"{\"t\":1}"),
-            "patch-4",
-        );
-        assert!(
-            topic.starts_with("devices/site-esp-1/messages/events/"),
-            "{topic}"
-        );
-        assert!(topic.contains("$.mid=m2"), "{topic}");
-        assert_eq!(&body[..], b"{\"t\":1}");
+        // Applied as IoT Hub applies a reported patch (JSON merge patch), it gives `new`.
+        let mut twin = old.clone();
+        json_patch_merge(&mut twin, &patch);
+        assert_eq!(twin, new);
+        // Nothing before: the event as it is.
+        assert_eq!(replacing(&serde_json::Value::Null, &new), new);
+    }
+
+    /// RFC 7396, as IoT Hub applies a reported-properties patch.
+    fn json_patch_merge(target: &mut serde_json::Value, patch: &serde_json::Value) {
+        let serde_json::Value::Object(patch) = patch else {
+            *target = patch.clone();
+            return;
+        };
+        if !target.is_object() {
+            *target = json!({});
+        }
+        let map = target.as_object_mut().unwrap();
+        for (name, value) in patch {
+            if value.is_null() {
+                map.remove(name);
+            } else {
+                json_patch_merge(
+                    map.entry(name.clone()).or_insert(serde_json::Value::Null),
+                    value,
+                );
+            }
+        }
     }
 }

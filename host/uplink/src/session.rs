@@ -294,9 +294,9 @@ async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
     if let Err(err) = load_desired(&shared, &store).await {
         tracing::warn!(error = %err, "cannot read the stored desired state");
     }
-    // Devices with a hub identity of their own: a connection each, ended with the
-    // gateway's (and waited for, so their acknowledgements are committed).
-    let own_stop = shutdown.child_token();
+    // Devices with a hub identity of their own: a connection each, which goes on when the
+    // gateway's stops for good (a device without a key needs only DPS), ended by the
+    // shutdown and waited for, so their acknowledgements are committed.
     let own_identities: Vec<_> = match &shared.settings.endpoint {
         Endpoint::Azure(azure) => azure
             .devices
@@ -305,14 +305,13 @@ async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
                 tokio::spawn(own_identity::run(
                     Arc::clone(&shared),
                     own.clone(),
-                    own_stop.clone(),
+                    shutdown.clone(),
                 ))
             })
             .collect(),
         _ => Vec::new(),
     };
     run_gateway(&shared, &store, &shutdown).await;
-    own_stop.cancel();
     for task in own_identities {
         let _ = task.await;
     }

@@ -513,6 +513,13 @@ fn check_profile(uplink: &UplinkSection, gateway: &str) -> Result<(), String> {
                         device.device
                     ));
                 }
+                if device.device == "gateway" {
+                    return Err(
+                        "[[uplink.azure.devices]]: \"gateway\" names the gateway's own desired \
+                         state; a device cannot take it"
+                            .into(),
+                    );
+                }
                 if !own.insert(device.device.as_str()) {
                     return Err(format!(
                         "[[uplink.azure.devices]]: {:?} is listed twice",

@@ -447,6 +447,11 @@ fn the_azure_iot_profile_takes_dps_or_a_hub_and_says_what_is_wrong() {
         ),
         (
             "profile = \"azure-iot\"\n[uplink.azure]\nhub = \"h\"\nsymmetric_key = \"a2V5\"\n\
+             [[uplink.azure.devices]]\ndevice = \"gateway\"\ndevice_id = \"g\"\nsymmetric_key = \"a2V5\"\n",
+            "a device cannot take it",
+        ),
+        (
+            "profile = \"azure-iot\"\n[uplink.azure]\nhub = \"h\"\nsymmetric_key = \"a2V5\"\n\
              [[uplink.azure.devices]]\ndevice = \"esp/1\"\nsymmetric_key = \"a2V5\"\n",
             "[[uplink.azure.devices]] device \"esp/1\"",
         ),

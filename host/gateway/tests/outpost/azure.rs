@@ -870,11 +870,25 @@ fn a_device_with_its_own_hub_identity_connects_as_itself_and_a_refused_one_loses
     sim.wait("telemetry", |e| {
         e["device"] == "site-gw" && e["properties"]["outpost-device"] == "esp-2"
     });
-    // esp-1's three records wait.
-    wait_uplink(addr, &admin, "esp-1's messages held", |j| {
-        j["outbox"]["queued"].as_u64().unwrap_or(0) >= 3
-    });
     gateway.stop_cleanly(libc::SIGTERM, &site);
+    // esp-1's three records wait in its lane of the outbox.
+    let database = site.database();
+    let waiting: i64 = tokio::runtime::Runtime::new().unwrap().block_on(async move {
+        let store = outpost_store::Store::open(database).await.unwrap();
+        let waiting = store
+            .call(|conn| {
+                Ok(conn.query_row(
+                    "SELECT count(*) FROM outbox WHERE lane = 'esp-1' AND topic LIKE '%/telemetry/esp-1'",
+                    [],
+                    |row| row.get(0),
+                )?)
+            })
+            .await
+            .unwrap();
+        store.close().await.unwrap();
+        waiting
+    });
+    assert_eq!(waiting, 3);
     let before = sim.events.drain();
     assert!(
         !before
@@ -899,8 +913,15 @@ fn a_device_with_its_own_hub_identity_connects_as_itself_and_a_refused_one_loses
     let own = &status["link"]["own_identities"]["esp-1"];
     assert_eq!(own["hub"], hub.as_str(), "{own}");
     assert_eq!(own["hub_device_id"], "site-esp-1");
-    let first = own["desired_version"].as_u64().unwrap();
-    // Its twin's desired properties are its desired state.
+    // Its twin's desired properties are its desired state: read at connect, and again
+    // after a desired patch.
+    let first = wait_uplink(addr, &admin, "esp-1's twin read", |j| {
+        j["link"]["own_identities"]["esp-1"]["desired_version"]
+            .as_u64()
+            .is_some_and(|v| v >= 1)
+    })["link"]["own_identities"]["esp-1"]["desired_version"]
+        .as_u64()
+        .unwrap();
     sim.command(&json!({"op": "desired", "device": "site-esp-1", "patch": {"interval": 5}}));
     wait_uplink(addr, &admin, "esp-1's desired state", |j| {
         j["link"]["own_identities"]["esp-1"]["desired_version"]
