@@ -35,6 +35,11 @@ struct Args {
     /// A hub: `name=mqtt://host:port` (repeat for several).
     #[arg(long = "hub", value_name = "NAME=URL")]
     hubs: Vec<String>,
+    /// Another broker of hub NAME's cluster, named in its assignments after the hub's own
+    /// (repeatable, in order of preference). cloud-sim does not connect to it: give it as
+    /// a hub of its own to hear what arrives there.
+    #[arg(long = "alternate", value_name = "NAME=URL")]
+    alternates: Vec<String>,
     /// An enrollment: `registrationId:base64key:hub[:migrate|reset|never]` (repeatable).
     #[arg(long = "enrollment", value_name = "ID:KEY:HUB[:POLICY]")]
     enrollments: Vec<String>,
@@ -98,6 +103,15 @@ async fn main() -> anyhow::Result<()> {
         let (client, events) = connect(&format!("cloud-sim-{name}"), &addr, false);
         hubs.insert(name.to_owned(), (addr, client));
         loops.push((name.to_owned(), events));
+    }
+    for spec in &args.alternates {
+        let (name, url) = spec
+            .split_once('=')
+            .with_context(|| format!("--alternate {spec:?}: use name=mqtt://host:port"))?;
+        if !hubs.contains_key(name) {
+            bail!("--alternate {spec:?}: no hub named {name:?}");
+        }
+        BrokerAddr::parse(url).map_err(anyhow::Error::msg)?;
     }
     let mut enrollments = HashMap::new();
     for spec in &args.enrollments {
@@ -491,6 +505,14 @@ async fn register(
         None,
         Some(Assignment {
             broker: cloud.hubs[&hub].0.to_string(),
+            alternates: cloud
+                .args
+                .alternates
+                .iter()
+                .filter_map(|spec| spec.split_once('='))
+                .filter(|(name, _)| *name == hub)
+                .map(|(_, url)| url.to_owned())
+                .collect(),
             device_id: gateway.clone(),
             username: None,
             password: None,

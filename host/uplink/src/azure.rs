@@ -57,6 +57,7 @@ fn assignment_for(
 ) -> Assignment {
     Assignment {
         broker: format!("mqtts://{hub}:{}", azure.port),
+        alternates: Vec::new(),
         device_id: device_id.to_owned(),
         // The username and the token are made at each connect (the token expires).
         username: None,

@@ -231,6 +231,10 @@ pub struct RegistrationResponse {
 pub struct Assignment {
     /// `mqtt://host:port` or `mqtts://host:port`.
     pub broker: String,
+    /// Other brokers of the same cluster, in order of preference after `broker`: the
+    /// gateway fails over to them as to `uplink.brokers` (absent: none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alternates: Vec<String>,
     /// The identity on that broker (the gateway id in topics).
     pub device_id: String,
     /// MQTT username on the assigned broker, if it wants one.

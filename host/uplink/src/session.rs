@@ -56,6 +56,8 @@ pub struct UplinkStatus {
     /// The broker it talks to (or tries to).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub broker: Option<String>,
+    /// Times it moved to another of several brokers (lost one, or returned to the first).
+    pub failovers: u64,
     /// Connection attempts since start.
     pub connect_attempts: u64,
     /// Successful connections since start.
@@ -323,11 +325,11 @@ async fn run_gateway(shared: &Arc<Shared>, store: &Store, shutdown: &Cancellatio
     let shutdown = shutdown.clone();
     let gateway = shared.settings.gateway_id.clone();
     let fatal = loop {
-        let (broker, credentials, client_id) = match &shared.settings.endpoint {
+        let (brokers, credentials, client_id) = match &shared.settings.endpoint {
             Endpoint::Fixed {
-                broker,
+                brokers,
                 credentials,
-            } => (broker.clone(), credentials.clone(), gateway.clone()),
+            } => (brokers.clone(), credentials.clone(), gateway.clone()),
             Endpoint::Registration(_) | Endpoint::Azure(_) => {
                 // A device registered at its hub directly has its assignment in the config
                 // (never cached, so a changed config takes effect).
@@ -343,7 +345,7 @@ async fn run_gateway(shared: &Arc<Shared>, store: &Store, shutdown: &Cancellatio
                         Err(err) => break Some(err.to_string()),
                     };
                     match BrokerAddr::parse(&assignment.broker) {
-                        Ok(broker) => (broker, Credentials::default(), assignment.device_id),
+                        Ok(broker) => (vec![broker], Credentials::default(), assignment.device_id),
                         Err(err) => break Some(format!("[uplink.azure] hub: {err}")),
                     }
                 } else {
@@ -380,6 +382,18 @@ async fn run_gateway(shared: &Arc<Shared>, store: &Store, shutdown: &Cancellatio
                             continue;
                         }
                     };
+                    let mut brokers = vec![broker];
+                    for alternate in &assignment.alternates {
+                        match BrokerAddr::parse(alternate) {
+                            Ok(alternate) if !brokers.contains(&alternate) => {
+                                brokers.push(alternate);
+                            }
+                            Ok(_) => {}
+                            Err(err) => {
+                                tracing::warn!(error = %err, "the assignment names an unusable alternate broker; left out");
+                            }
+                        }
+                    }
                     if fresh && let Err(err) = apply_assignment(&shared, &store, &assignment).await
                     {
                         tracing::error!(error = %err, "cannot record the new assignment");
@@ -388,7 +402,7 @@ async fn run_gateway(shared: &Arc<Shared>, store: &Store, shutdown: &Cancellatio
                         s.substatus = Some(assignment.substatus.clone());
                     });
                     (
-                        broker,
+                        brokers,
                         Credentials {
                             username: assignment.username.clone(),
                             password: assignment.password.clone(),
@@ -398,7 +412,7 @@ async fn run_gateway(shared: &Arc<Shared>, store: &Store, shutdown: &Cancellatio
                 }
             }
         };
-        if let Endpoint::Azure(_) = &shared.settings.endpoint {
+        if let (Endpoint::Azure(_), Some(broker)) = (&shared.settings.endpoint, brokers.first()) {
             // Devices at the gateway's hub reconnect only when it is another.
             shared.hub.send_if_modified(|hub| {
                 let moved = hub.as_deref() != Some(broker.host.as_str());
@@ -408,7 +422,7 @@ async fn run_gateway(shared: &Arc<Shared>, store: &Store, shutdown: &Cancellatio
                 moved
             });
         }
-        match connect_and_pump(&shared, &broker, &credentials, &client_id, &shutdown).await {
+        match connect_and_pump(&shared, &brokers, &credentials, &client_id, &shutdown).await {
             Ended::Shutdown => break None,
             Ended::Fatal(why) => break Some(why),
             Ended::Reprovision => {
@@ -519,11 +533,14 @@ fn status_payload(shared: &Shared, state: &str, since: i64) -> Vec<u8> {
 
 async fn connect_and_pump(
     shared: &Arc<Shared>,
-    broker: &BrokerAddr,
+    brokers: &[BrokerAddr],
     credentials: &Credentials,
     client_id: &str,
     shutdown: &CancellationToken,
 ) -> Ended {
+    let Some(first) = brokers.first() else {
+        return Ended::Fatal("no broker to connect to".into());
+    };
     let registration = matches!(
         shared.settings.endpoint,
         Endpoint::Registration(_)
@@ -532,7 +549,7 @@ async fn connect_and_pump(
                 ..
             })
     );
-    let tls = if broker.tls {
+    let tls = if brokers.iter().any(|broker| broker.tls) {
         match rustls_config(&shared.settings.tls) {
             Ok(config) => Some(config),
             Err(why) => return Ended::Fatal(format!("uplink TLS settings: {why}")),
@@ -542,11 +559,15 @@ async fn connect_and_pump(
     };
     let mut backoff = Backoff::new(shared.settings.backoff_min, shared.settings.backoff_max);
     let mut failing_since: Option<Instant> = None;
-    set_status(shared, |s| s.broker = Some(broker.to_string()));
+    // Which of the brokers this attempt goes to.
+    let mut index = 0;
     loop {
+        let broker = &brokers[index];
+        set_status(shared, |s| s.broker = Some(broker.to_string()));
         // Made for each attempt: an IoT Hub token is good for one connection's life.
+        let tls_for = if broker.tls { tls.as_ref() } else { None };
         let (options, renew_in) =
-            match mqtt_options(shared, broker, credentials, client_id, tls.as_ref()) {
+            match mqtt_options(shared, broker, credentials, client_id, tls_for) {
                 Ok(options) => options,
                 Err(why) => return Ended::Fatal(format!("uplink settings: {why}")),
             };
@@ -580,10 +601,28 @@ async fn connect_and_pump(
                     },
                     _ => Dialect::Outpost,
                 };
-                let ended = pump(shared, &client, &mut events, since, &dialect, shutdown).await;
+                // On another than the first broker: watch for the first to answer again.
+                let prefer = (index > 0).then_some(first);
+                let ended = pump(
+                    shared,
+                    &client,
+                    &mut events,
+                    since,
+                    &dialect,
+                    prefer,
+                    shutdown,
+                )
+                .await;
                 set_status(shared, |s| s.connected_since = None);
                 match ended {
                     Ok(()) => return Ended::Shutdown,
+                    Err(Broken::Preferred) => {
+                        tracing::info!(broker = %first, "the first broker answers again; returning to it");
+                        disconnect(&client, &mut events).await;
+                        index = 0;
+                        set_status(shared, |s| s.failovers += 1);
+                        continue;
+                    }
                     Err(Broken::Renew) => {
                         tracing::info!("reconnecting with a new SAS token before this one expires");
                         disconnect(&client, &mut events).await;
@@ -629,6 +668,15 @@ async fn connect_and_pump(
             s.state = LinkState::Connecting;
             s.last_error = Some(why.clone());
         });
+        if brokers.len() > 1 {
+            // The next broker at once; a pause only after each of them failed in turn.
+            index = (index + 1) % brokers.len();
+            set_status(shared, |s| s.failovers += 1);
+            if index != 0 {
+                tracing::info!(broker = %brokers[index], "trying the next broker");
+                continue;
+            }
+        }
         let since = *failing_since.get_or_insert_with(Instant::now);
         if registration && since.elapsed() >= shared.settings.reregister_after {
             return Ended::Unreachable(why);
@@ -673,6 +721,8 @@ enum Broken {
     Renew,
     /// The cloud asked the gateway to provision again.
     Reprovision,
+    /// The first of several brokers answers again: move back to it.
+    Preferred,
 }
 
 impl From<String> for Broken {
@@ -698,9 +748,26 @@ async fn pump(
     events: &mut EventLoop,
     since: i64,
     dialect: &Dialect,
+    prefer: Option<&BrokerAddr>,
     shutdown: &CancellationToken,
 ) -> Result<(), Broken> {
     let gateway = shared.settings.gateway_id.clone();
+    // On a standby broker: probe the first in the background, every `backoff_max`.
+    let probing = CancellationToken::new();
+    let _stop_probing = probing.clone().drop_guard();
+    let mut first_answers = match prefer {
+        Some(first) => {
+            let (found, answer) = oneshot::channel();
+            tokio::spawn(probe(
+                first.clone(),
+                shared.settings.backoff_max.max(Duration::from_millis(100)),
+                found,
+                probing,
+            ));
+            Some(answer)
+        }
+        None => None,
+    };
     let outbox = &shared.outbox;
     let window = shared.settings.window.max(1);
     // Every QoS 1 publish we hand to rumqttc gets its packet id in an Outgoing::Publish
@@ -803,6 +870,17 @@ async fn pump(
                     return Err(Broken::Renew);
                 }
                 () = outbox.committed(), if exhausted => exhausted = false,
+                found = async {
+                    match first_answers.as_mut() {
+                        Some(answer) => answer.await.is_ok(),
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if found {
+                        return Err(Broken::Preferred);
+                    }
+                    first_answers = None;
+                }
                 event = events.poll() => match event {
                     Ok(Event::Outgoing(Outgoing::AwaitAck(pkid))) => {
                         return Err(format!("packet id {pkid} reused before its acknowledgement; reconnecting").into());
@@ -838,6 +916,28 @@ async fn pump(
     drop(acks_tx);
     let _ = acker.await;
     result
+}
+
+/// Connects to `broker` over TCP every `every` until it accepts (then says so on
+/// `found`) or `stop`. A TCP accept is the sign the broker is back; should it still
+/// refuse MQTT, the gateway moves on to the next broker as after any failure.
+async fn probe(
+    broker: BrokerAddr,
+    every: Duration,
+    found: oneshot::Sender<()>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        let connect = tokio::net::TcpStream::connect((broker.host.as_str(), broker.port));
+        if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(2), connect).await {
+            let _ = found.send(());
+            return;
+        }
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -117,11 +117,13 @@ impl std::fmt::Debug for Credentials {
 /// How the gateway finds its broker.
 #[derive(Clone, Debug)]
 pub enum Endpoint {
-    /// A broker given in the config.
+    /// Brokers given in the config: the first is preferred, the others take over when it
+    /// is lost (a cluster's nodes, or a standby), and the gateway returns to the first
+    /// once it answers again.
     Fixed {
-        /// The broker.
-        broker: BrokerAddr,
-        /// Its credentials.
+        /// The brokers, in order of preference (at least one).
+        brokers: Vec<BrokerAddr>,
+        /// Their credentials.
         credentials: Credentials,
     },
     /// DPS-style: register with an enrollment, then connect where assigned.

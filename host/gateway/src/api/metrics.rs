@@ -32,6 +32,8 @@ const UPLINK_STATE: &str = "outpost_uplink_state";
 const UPLINK_ATTEMPTS: &str = "outpost_uplink_connect_attempts_total";
 /// Connections made since start; one more than the reconnects.
 const UPLINK_CONNECTIONS: &str = "outpost_uplink_connections_total";
+/// Moves from one of several brokers to another.
+const UPLINK_FAILOVERS: &str = "outpost_uplink_failovers_total";
 /// Bytes the firmware cache holds.
 const CACHE_USED: &str = "outpost_cache_used_bytes";
 /// The cache's budget.
@@ -110,6 +112,10 @@ fn describe() {
         UPLINK_CONNECTIONS,
         "Uplink connections made since start (reconnects are this minus one)."
     );
+    metrics::describe_counter!(
+        UPLINK_FAILOVERS,
+        "Moves from one of the uplink's brokers to another since start (lost, or back to the first)."
+    );
     metrics::describe_gauge!(
         CACHE_USED,
         metrics::Unit::Bytes,
@@ -150,6 +156,7 @@ pub(crate) async fn render(state: &ApiState) -> Result<Response<Full<Bytes>>, Ap
             let status = uplink.status();
             metrics::counter!(UPLINK_ATTEMPTS).absolute(status.connect_attempts);
             metrics::counter!(UPLINK_CONNECTIONS).absolute(status.connections);
+            metrics::counter!(UPLINK_FAILOVERS).absolute(status.failovers);
             match status.state {
                 outpost_uplink::LinkState::Starting => "starting",
                 outpost_uplink::LinkState::Registering => "registering",

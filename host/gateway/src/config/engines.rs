@@ -119,14 +119,13 @@ pub(crate) fn settings(config: &Config, uplink: &UplinkSection) -> UplinkSetting
                 .unwrap_or_else(|| gateway.clone()),
             key: registration.key.expose().to_owned(),
         }),
-        (None, Some(url)) => Endpoint::Fixed {
-            broker: url.clone(),
+        (None, broker) => Endpoint::Fixed {
+            brokers: broker.iter().chain(&uplink.brokers).cloned().collect(),
             credentials: Credentials {
                 username: uplink.username.clone(),
                 password: uplink.password.as_ref().map(|p| p.expose().to_owned()),
             },
         },
-        (None, None) => unreachable!("the config parser requires a broker or a registration"),
     };
     let mut settings = UplinkSettings::new(gateway, endpoint);
     settings.tls = TlsSettings {

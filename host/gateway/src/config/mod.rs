@@ -221,6 +221,11 @@ pub(crate) struct UplinkSection {
     /// A fixed broker; absent when `[uplink.registration]` assigns one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) broker: Option<BrokerAddr>,
+    /// Several brokers instead of one (a cluster's nodes, a standby), in order of
+    /// preference: the gateway fails over to the next when one is lost and returns to
+    /// the first when it answers again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) brokers: Vec<BrokerAddr>,
     /// A CA bundle (PEM) to trust for `mqtts` instead of the system store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) ca_file: Option<PathBuf>,
@@ -398,6 +403,9 @@ fn valid_host(host: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
 }
 
+/// The most brokers `[uplink] brokers` may list.
+const MAX_BROKERS: usize = 16;
+
 /// What each profile needs and refuses in `[uplink]`.
 fn check_profile(uplink: &UplinkSection, gateway: &str) -> Result<(), String> {
     match uplink.profile {
@@ -409,17 +417,41 @@ fn check_profile(uplink: &UplinkSection, gateway: &str) -> Result<(), String> {
                         .into(),
                 );
             }
-            if uplink.broker.is_none() && uplink.registration.is_none() {
+            if uplink.broker.is_none() && uplink.brokers.is_empty() && uplink.registration.is_none()
+            {
                 return Err(
                     "[uplink] needs a broker, or an [uplink.registration] that assigns one".into(),
                 );
             }
+            if !uplink.brokers.is_empty() {
+                if uplink.broker.is_some() {
+                    return Err("[uplink]: give broker or brokers, not both".into());
+                }
+                if uplink.registration.is_some() {
+                    return Err(
+                        "[uplink]: brokers and [uplink.registration] exclude each other (the \
+                         registration assigns the broker)"
+                            .into(),
+                    );
+                }
+                if uplink.brokers.len() > MAX_BROKERS {
+                    return Err(format!("[uplink] brokers: at most {MAX_BROKERS}"));
+                }
+                for (i, broker) in uplink.brokers.iter().enumerate() {
+                    if uplink.brokers[..i].contains(broker) {
+                        return Err(format!("[uplink] brokers: {broker} is listed twice"));
+                    }
+                }
+            }
             Ok(())
         }
         UplinkProfile::AzureIot => {
-            if uplink.broker.is_some() || uplink.registration.is_some() {
+            if uplink.broker.is_some()
+                || !uplink.brokers.is_empty()
+                || uplink.registration.is_some()
+            {
                 return Err("uplink.profile = \"azure-iot\" finds its hub through \
-                     [uplink.azure]: remove uplink.broker and [uplink.registration]"
+                     [uplink.azure]: remove uplink.broker(s) and [uplink.registration]"
                     .into());
             }
             if uplink.username.is_some() || uplink.password.is_some() {

@@ -291,6 +291,43 @@ fn redacted_toml_reparses_to_the_same_effective_config() {
 }
 
 #[test]
+fn several_brokers_are_taken_in_order_and_what_is_wrong_is_said() {
+    let config = parse(
+        "[gateway]\nid = \"gw\"\n[uplink]\nbrokers = [\"mqtts://a.example\", \"mqtt://b.example:1884\"]\n",
+    )
+    .unwrap();
+    let settings = super::engines::settings(&config, config.uplink.as_ref().unwrap());
+    let outpost_uplink::Endpoint::Fixed { brokers, .. } = settings.endpoint else {
+        panic!("not a fixed endpoint")
+    };
+    let brokers: Vec<String> = brokers.iter().map(ToString::to_string).collect();
+    assert_eq!(brokers, ["mqtts://a.example:8883", "mqtt://b.example:1884"]);
+    let base = "[gateway]\nid = \"gw\"\n[uplink]\n";
+    for (uplink, needle) in [
+        (
+            "broker = \"mqtt://a\"\nbrokers = [\"mqtt://b\"]\n",
+            "give broker or brokers, not both",
+        ),
+        (
+            "brokers = [\"mqtt://a\", \"mqtt://a:1883\"]\n",
+            "mqtt://a:1883 is listed twice",
+        ),
+        (
+            "brokers = [\"mqtt://a\"]\n[uplink.registration]\nbroker = \"mqtt://r\"\nscope = \"s\"\nkey = \"a2V5\"\n",
+            "exclude each other",
+        ),
+        ("brokers = [\"http://a\"]\n", "must start with mqtt://"),
+        (
+            "brokers = []\n",
+            "needs a broker, or an [uplink.registration]",
+        ),
+    ] {
+        let err = parse(&format!("{base}{uplink}")).unwrap_err();
+        assert!(err.to_string().contains(needle), "{needle:?} not in: {err}");
+    }
+}
+
+#[test]
 fn the_azure_iot_profile_takes_dps_or_a_hub_and_says_what_is_wrong() {
     const KEY: &str = "a2V5IGZvciB0aGUgYXp1cmUgY29uZmlnIHRlc3Q=";
     let dps = parse(&format!(

@@ -1026,3 +1026,123 @@ fn mqtts_with_a_private_ca_and_a_client_certificate_and_what_is_refused() {
     assert!(error.contains("set uplink.client_cert"), "{error}");
     drop(gateway);
 }
+
+/// Two brokers (a cluster's nodes, a standby): the first stopped under load, delivery goes
+/// on through the second with nothing lost (what the first acknowledged reaches the
+/// backend from its persistent store when it is back); the gateway returns to the first
+/// once it answers again. Duplicates only ever repeat a message id.
+#[test]
+fn with_two_brokers_the_gateway_fails_over_under_load_and_returns_to_the_first() {
+    let mut first = Mosquitto::start("");
+    let second = Mosquitto::start("");
+    let mut cloud = Cloud::start(&[
+        format!("--hub=a={}", first.url()),
+        format!("--hub=b={}", second.url()),
+    ]);
+    let site = uplink_site(
+        &format!("brokers = [\"{}\", \"{}\"]", first.url(), second.url()),
+        "",
+    );
+    let mut gateway = Gateway::spawn(&site.config(), &[]);
+    let addr = gateway.ready();
+    let admin = site.admin_token();
+    let first_url = first.url();
+    wait_uplink(addr, &admin, "connected to the first", |j| {
+        j["link"]["state"] == "connected" && j["link"]["broker"] == first_url.as_str()
+    });
+    let token = device_token(addr, &admin);
+
+    // Load: 40 posts of 25 records from another thread while the first broker stops.
+    let poster = {
+        let token = token.clone();
+        std::thread::spawn(move || {
+            (0..40)
+                .flat_map(|round| post_telemetry(addr, &token, 25, &format!("load-{round}")))
+                .collect::<Vec<String>>()
+        })
+    };
+    cloud.messages("telemetry", 100);
+    first.stop();
+    let second_url = second.url();
+    wait_uplink(addr, &admin, "failed over to the second", |j| {
+        j["link"]["state"] == "connected" && j["link"]["broker"] == second_url.as_str()
+    });
+    let posted = poster.join().unwrap();
+    assert_eq!(posted.len(), 1000);
+    let during = post_telemetry(addr, &token, 10, "during");
+
+    // The first is back: the gateway returns to it, and what it had taken arrives.
+    first.resume();
+    let status = wait_uplink(addr, &admin, "back on the first", |j| {
+        j["link"]["state"] == "connected" && j["link"]["broker"] == first_url.as_str()
+    });
+    assert!(
+        status["link"]["failovers"].as_u64().unwrap() >= 2,
+        "{status}"
+    );
+    let after = post_telemetry(addr, &token, 10, "after");
+    let seen = cloud.messages("telemetry", 1020);
+    let ids: HashSet<&str> = seen
+        .iter()
+        .map(|e| e["messageId"].as_str().unwrap())
+        .collect();
+    for id in posted.iter().chain(&during).chain(&after) {
+        assert!(ids.contains(id.as_str()), "{id} was lost");
+    }
+    for (batch, hub) in [(&during, "b"), (&after, "a")] {
+        for id in batch {
+            let copy = seen.iter().find(|e| e["messageId"] == id.as_str()).unwrap();
+            assert_eq!(copy["hub"], hub, "{copy}");
+        }
+    }
+    let everything = cloud
+        .seen()
+        .iter()
+        .filter(|e| e["kind"] == "telemetry")
+        .count();
+    println!(
+        "failover: {} distinct telemetry messages, {} copies (at least once), failovers {}",
+        ids.len(),
+        everything,
+        status["link"]["failovers"]
+    );
+    gateway.stop_cleanly(libc::SIGTERM, &site);
+}
+
+/// A registration that names the cluster's other brokers (`alternates`): the gateway
+/// fails over to them as to `uplink.brokers`, without registering again.
+#[test]
+fn an_assignment_with_alternate_brokers_fails_over_without_registering_again() {
+    let registration = Mosquitto::start("");
+    let mut hub_a = Mosquitto::start("");
+    let hub_b = Mosquitto::start("");
+    let mut cloud = Cloud::start(&[
+        format!("--registration={}", registration.url()),
+        format!("--hub=a={}", hub_a.url()),
+        format!("--hub=b={}", hub_b.url()),
+        format!("--alternate=a={}", hub_b.url()),
+        format!("--enrollment=gw-test:{KEY}:a"),
+    ]);
+    let site = registration_site(&registration);
+    let mut gateway = Gateway::spawn(&site.config(), &[("ENROLLMENT_KEY", KEY)]);
+    let addr = gateway.ready();
+    let admin = site.admin_token();
+    wait_uplink(addr, &admin, "connected to a", |j| {
+        j["link"]["state"] == "connected" && j["link"]["broker"] == hub_a.url().as_str()
+    });
+    hub_a.stop();
+    let status = wait_uplink(addr, &admin, "on the alternate", |j| {
+        j["link"]["state"] == "connected" && j["link"]["broker"] == hub_b.url().as_str()
+    });
+    assert_eq!(status["link"]["registrations"], 1, "{status}");
+    let token = device_token(addr, &admin);
+    let ids = post_telemetry(addr, &token, 5, "alternate");
+    let seen = cloud.messages("telemetry", 5);
+    for (id, copy) in ids.iter().zip(&seen) {
+        assert_eq!(
+            (copy["messageId"].as_str(), copy["hub"].as_str()),
+            (Some(id.as_str()), Some("b"))
+        );
+    }
+    gateway.stop_cleanly(libc::SIGTERM, &site);
+}
