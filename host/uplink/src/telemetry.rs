@@ -1,6 +1,7 @@
 //! Device telemetry into outbox messages: what the local device API hands the uplink.
 //!
-//! A body is one JSON object or an array of 1 to [`MAX_RECORDS`] objects. Each record
+//! A body is one JSON object or an array of 1 to [`MAX_RECORDS`] objects ([`messages`]),
+//! or newline-delimited JSON, one object per line ([`ndjson_messages`]). Each record
 //! becomes its own message with its own id, the record relayed exactly as posted
 //! (validated as JSON, never parsed into a tree and serialised again).
 
@@ -59,18 +60,72 @@ pub fn messages(
             ));
         }
     };
+    let records: Vec<(String, &RawValue)> = records
+        .into_iter()
+        .enumerate()
+        .map(|(index, record)| (format!("record {index}"), record))
+        .collect();
+    to_messages(gateway, device_id, records, now)
+}
+
+/// As [`messages`], for newline-delimited JSON (`application/x-ndjson`): one object per
+/// line, 1 to [`MAX_RECORDS`] of them; blank lines (and a `\r` before each newline) are
+/// ignored. An error names the line (from 1).
+pub fn ndjson_messages(
+    gateway: &str,
+    device_id: &str,
+    body: &[u8],
+    now: i64,
+) -> Result<Vec<Message>, TelemetryError> {
+    let text = std::str::from_utf8(body).map_err(|err| {
+        TelemetryError::Malformed(format!("NDJSON telemetry is not UTF-8: {err}"))
+    })?;
+    let mut records = Vec::new();
+    for (index, line) in text.split('\n').enumerate() {
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = format!("line {}", index + 1);
+        outpost_serve::json::check_depth(line.as_bytes(), outpost_serve::json::MAX_JSON_DEPTH)
+            .map_err(|err| TelemetryError::Malformed(format!("{at}: {err}")))?;
+        let record: &RawValue = serde_json::from_str(line).map_err(|err| {
+            TelemetryError::Malformed(format!("{at} is not a JSON object: {err}"))
+        })?;
+        records.push((at, record));
+        if records.len() > MAX_RECORDS {
+            return Err(TelemetryError::Malformed(format!(
+                "NDJSON carries 1 to {MAX_RECORDS} records, not more"
+            )));
+        }
+    }
+    if records.is_empty() {
+        return Err(TelemetryError::Malformed(
+            "NDJSON telemetry carries no record".into(),
+        ));
+    }
+    to_messages(gateway, device_id, records, now)
+}
+
+/// One message per record (each named for errors: `record 3`, `line 4`).
+fn to_messages(
+    gateway: &str,
+    device_id: &str,
+    records: Vec<(String, &RawValue)>,
+    now: i64,
+) -> Result<Vec<Message>, TelemetryError> {
     let topic = topics::telemetry(gateway, device_id);
     let mut messages = Vec::with_capacity(records.len());
-    for (index, record) in records.into_iter().enumerate() {
+    for (at, record) in records {
         if !record.get().starts_with('{') {
             return Err(TelemetryError::Malformed(format!(
-                "record {index} is not a JSON object"
+                "{at} is not a JSON object"
             )));
         }
         let size = record.get().len();
         if size > MAX_TELEMETRY_BODY {
             return Err(TelemetryError::TooLarge(format!(
-                "record {index} is {size} bytes; a record may be at most {MAX_TELEMETRY_BODY}"
+                "{at} is {size} bytes; a record may be at most {MAX_TELEMETRY_BODY}"
             )));
         }
         let id = contract::message_id();
@@ -97,6 +152,32 @@ pub fn messages(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ndjson_is_one_record_per_line_and_a_bad_line_is_named() {
+        let body = b"{\"t\":1}\r\n\n{\"t\": 2, \"s\": \"a b\"}\n";
+        let messages = ndjson_messages("gw", "esp-1", body, 7).unwrap();
+        assert_eq!(messages.len(), 2);
+        let second: serde_json::Value = serde_json::from_slice(&messages[1].payload).unwrap();
+        assert_eq!(second["body"], serde_json::json!({"t": 2, "s": "a b"}));
+        assert!(second.to_string().contains("\"messageId\""));
+        for (body, says) in [
+            (&b"{\"t\":1}\n[1]\n"[..], "line 2 is not a JSON object"),
+            (b"{\"t\":1}\n{oops\n", "line 2 is not a JSON object"),
+            (b"\n\n", "carries no record"),
+            (b"\xff\n", "not UTF-8"),
+        ] {
+            let err = ndjson_messages("gw", "d", body, 0).unwrap_err();
+            assert!(err.to_string().contains(says), "{says}: {err}");
+        }
+        let too_many = "{}\n".repeat(MAX_RECORDS + 1);
+        assert!(ndjson_messages("gw", "d", too_many.as_bytes(), 0).is_err());
+        let big = format!("{{\"blob\":\"{}\"}}\n", "x".repeat(MAX_TELEMETRY_BODY));
+        assert!(matches!(
+            ndjson_messages("gw", "d", big.as_bytes(), 0),
+            Err(TelemetryError::TooLarge(_))
+        ));
+    }
 
     #[test]
     fn each_record_is_its_own_message_with_the_id_inside() {

@@ -151,6 +151,17 @@ async fn request_with_body(
     auth: Option<&str>,
     body: Vec<u8>,
 ) -> Answer {
+    request_with_headers(addr, method, path, auth, &[], body).await
+}
+
+async fn request_with_headers(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    auth: Option<&str>,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> Answer {
     let stream = TcpStream::connect(addr).await.unwrap();
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -162,6 +173,9 @@ async fn request_with_body(
         .header(header::HOST, "localhost");
     if let Some(auth) = auth {
         builder = builder.header(header::AUTHORIZATION, auth);
+    }
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
     }
     let response = sender
         .send_request(builder.body(Full::new(Bytes::from(body))).unwrap())
@@ -396,7 +410,31 @@ async fn telemetry_is_relayed_as_posted_and_bad_shapes_are_refused() {
         let message = refused.json["error"]["message"].as_str().unwrap();
         assert!(message.contains(says), "{message:?} should say {says:?}");
     }
-    // Three messages queued, each carrying the device's object as it was posted.
+    // Newline-delimited JSON (what a log collector sends): a record per line.
+    let ndjson = |body: &[u8]| {
+        request_with_headers(
+            running.addr,
+            Method::POST,
+            path,
+            Some(&auth),
+            &[("content-type", "application/x-ndjson; charset=utf-8")],
+            body.to_vec(),
+        )
+    };
+    let lines = ndjson(b"{\"t\":4}\n{\"t\":5}\n").await;
+    assert_eq!(lines.json["accepted"], 2, "{}", lines.json);
+    let refused = ndjson(b"{\"t\":6}\n[6]\n").await;
+    assert_error_shape(&refused, StatusCode::BAD_REQUEST, "malformed_telemetry");
+    assert!(
+        refused.json["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("line 2"),
+        "{}",
+        refused.json
+    );
+    // Five messages queued, each carrying the device's object as it was posted (nothing
+    // of a refused body).
     let queued = running.outbox.fetch(&mut [0; 3], 10).await.unwrap();
     let bodies: Vec<serde_json::Value> = queued
         .iter()
@@ -408,6 +446,8 @@ async fn telemetry_is_relayed_as_posted_and_bad_shapes_are_refused() {
             serde_json::json!({"t": 1, "nested": {"a": [1, 2]}}),
             serde_json::json!({"t": 2}),
             serde_json::json!({"t": 3}),
+            serde_json::json!({"t": 4}),
+            serde_json::json!({"t": 5}),
         ]
     );
     running.shutdown.cancel();

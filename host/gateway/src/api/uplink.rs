@@ -24,7 +24,9 @@ struct Accepted {
     message_ids: Vec<String>,
 }
 
-/// `POST /api/v1/devices/{id}/telemetry`: one JSON object, or an array of up to 100.
+/// `POST /api/v1/devices/{id}/telemetry`: one JSON object, an array of up to 100, or
+/// (`Content-Type: application/x-ndjson`) up to 100 objects one per line; the records
+/// are committed as one group, each its own message.
 pub(crate) async fn telemetry(
     state: &ApiState,
     device_id: &str,
@@ -43,17 +45,32 @@ pub(crate) async fn telemetry(
         request.headers().get(header::AUTHORIZATION),
     )
     .await?;
+    let ndjson = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| {
+            matches!(
+                v.trim().to_ascii_lowercase().as_str(),
+                "application/x-ndjson" | "application/ndjson" | "application/jsonl"
+            )
+        });
     let body = super::read_body(request, MAX_REQUEST).await?;
     let gateway = state.health.gateway.id.as_str();
-    let messages =
-        telemetry::messages(gateway, device_id, &body, now_millis()).map_err(|err| match err {
-            TelemetryError::Malformed(text) => {
-                ApiError::new(StatusCode::BAD_REQUEST, "malformed_telemetry", text)
-            }
-            TelemetryError::TooLarge(text) => {
-                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", text)
-            }
-        })?;
+    let parse = if ndjson {
+        telemetry::ndjson_messages
+    } else {
+        telemetry::messages
+    };
+    let messages = parse(gateway, device_id, &body, now_millis()).map_err(|err| match err {
+        TelemetryError::Malformed(text) => {
+            ApiError::new(StatusCode::BAD_REQUEST, "malformed_telemetry", text)
+        }
+        TelemetryError::TooLarge(text) => {
+            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", text)
+        }
+    })?;
     let ids: Vec<String> = messages.iter().map(|m| m.message_id.clone()).collect();
     match state.outbox.enqueue_all(messages).await {
         Ok(()) => Ok(json_response(
