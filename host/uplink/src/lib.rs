@@ -19,6 +19,7 @@ mod azure;
 pub mod contract;
 pub mod inbox;
 pub mod metrics;
+pub mod mqtt;
 pub mod outbox;
 mod own_identity;
 mod registration;
@@ -34,7 +35,7 @@ pub use registration::RegistrationError;
 pub use session::{ClaimError, LinkState, Uplink, UplinkStatus};
 pub use settings::{
     AzureIdentity, AzureSettings, BrokerAddr, Credentials, DeviceUpdateSettings, Endpoint,
-    OwnIdentity, OwnKey, RegistrationSettings, TlsSettings, UplinkSettings,
+    OwnIdentity, OwnKey, ProtocolChoice, RegistrationSettings, TlsSettings, UplinkSettings,
 };
 
 pub(crate) use outpost_store::now_millis;

@@ -7,6 +7,8 @@
 pub const PUBLISHED: &str = "outpost_uplink_published_total";
 /// PUBACKs received.
 pub const ACKED: &str = "outpost_uplink_acked_total";
+/// Messages an MQTT 5 broker refused for good in its PUBACK (dropped).
+pub const REFUSED_BY_BROKER: &str = "outpost_uplink_refused_by_broker_total";
 /// Messages the outbox refused because it was full, by priority.
 pub const OUTBOX_REFUSED: &str = "outpost_outbox_refused_total";
 /// Messages whose time to live ran out before delivery, by priority.
@@ -19,6 +21,10 @@ pub fn describe() {
         "MQTT publishes handed to the broker (QoS 1), re-sends included."
     );
     metrics::describe_counter!(ACKED, "MQTT PUBACKs received from the broker.");
+    metrics::describe_counter!(
+        REFUSED_BY_BROKER,
+        "Messages an MQTT 5 broker refused for good in its PUBACK (not authorised, an invalid topic or payload); dropped."
+    );
     metrics::describe_counter!(
         OUTBOX_REFUSED,
         "Messages the outbox refused because it was at its limits, by priority."

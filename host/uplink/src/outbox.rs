@@ -117,6 +117,8 @@ pub struct Queued {
     pub retain: bool,
     /// Its class.
     pub priority: Priority,
+    /// When it expires (unix milliseconds): MQTT 5 tells the broker.
+    pub expires_at: i64,
 }
 
 /// What the outbox holds and has done.
@@ -522,7 +524,7 @@ impl Outbox {
             .call(move |conn| {
                 let now = now_millis();
                 let mut stmt = conn.prepare_cached(
-                    "SELECT seq, topic, payload, retain, message_id FROM outbox \
+                    "SELECT seq, topic, payload, retain, message_id, expires_at FROM outbox \
                      WHERE lane = ?5 AND priority = ?1 AND seq > ?2 AND expires_at > ?3 \
                      ORDER BY seq LIMIT ?4",
                 )?;
@@ -538,6 +540,7 @@ impl Outbox {
                         payload: Bytes::from(row.get::<_, Vec<u8>>(2)?),
                         retain: row.get::<_, i64>(3)? != 0,
                         priority: class,
+                        expires_at: row.get(5)?,
                     });
                 }
                 drop(rows);
@@ -774,6 +777,7 @@ async fn commit(inner: &Arc<Inner>, work: Vec<Work>) {
                             payload: Bytes::from(message.payload),
                             retain: message.retain,
                             priority: message.priority,
+                            expires_at: expires,
                         },
                         expires_at: expires,
                     });

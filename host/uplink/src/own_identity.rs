@@ -24,10 +24,6 @@ use crate::outbox::Queued;
 use outpost_azure::provision::Attestation;
 use outpost_azure::sas;
 use outpost_store::backoff::Backoff;
-use rumqttc::{
-    AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, Incoming, MqttOptions, QoS,
-    TlsConfiguration, Transport,
-};
 use serde::Serialize;
 use serde_json::json;
 use tokio::sync::{mpsc, watch};
@@ -35,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::azure;
 use crate::contract;
+use crate::mqtt::{self, Client, Event, Events, Failure};
 use crate::now_millis;
 use crate::session::{self, Shared};
 use crate::settings::{
@@ -339,36 +336,39 @@ impl Link<'_> {
         let renew_at = login
             .renew_in
             .map(|after| tokio::time::Instant::now() + after);
-        let mut options = MqttOptions::new(device_id, hub, identity.port);
-        options.set_keep_alive(shared.settings.keepalive);
-        options.set_clean_session(false);
-        options.set_inflight(u16::try_from(WINDOW + 8).unwrap_or(u16::MAX));
-        options.set_max_packet_size(contract::MAX_PAYLOAD + 4096, contract::MAX_PAYLOAD + 4096);
-        options.set_credentials(login.username, login.password);
-        options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-            tls.clone(),
-        )));
-        let (client, mut events) = AsyncClient::new(options, WINDOW + 16);
+        // IoT Hub speaks MQTT 3.1.1.
+        let options = mqtt::Options {
+            client_id: device_id.to_owned(),
+            host: hub.to_owned(),
+            port: identity.port,
+            keepalive: shared.settings.keepalive,
+            inflight: u16::try_from(WINDOW + 8).unwrap_or(u16::MAX),
+            max_packet: contract::MAX_PAYLOAD + 4096,
+            request_capacity: WINDOW + 16,
+            credentials: Some((login.username, login.password)),
+            will: None,
+            tls: Some(tls.clone()),
+            session_expiry: 0,
+        };
+        let (client, mut events) = mqtt::client(mqtt::Protocol::V311, options);
         let connected = tokio::select! {
             () = shutdown.cancelled() => return Ended::Shutdown,
             first = events.poll() => first,
         };
         match connected {
-            Ok(Event::Incoming(Incoming::ConnAck(_))) => {}
+            Ok(Event::ConnAck { .. }) => {}
             Ok(other) => {
                 return Ended::Unreachable(format!("{hub} answered CONNECT with {other:?}"));
             }
-            Err(ConnectionError::ConnectionRefused(
-                code @ (ConnectReturnCode::BadUserNamePassword | ConnectReturnCode::NotAuthorized),
-            )) => {
+            Err(Failure::Auth(code)) => {
                 return Ended::Refused(format!(
-                    "the hub {hub} refused {device_id} ({code:?}): check the device's entry in \
+                    "the hub {hub} refused {device_id} ({code}): check the device's entry in \
                  [[uplink.azure.devices]] (its key, the device at its hub); its messages wait \
                  in the outbox and it is tried again"
                 ));
             }
-            Err(err) => {
-                return Ended::Unreachable(format!("cannot reach {hub} as {device_id}: {err}"));
+            Err(Failure::Unsupported(why) | Failure::Fatal(why) | Failure::Other(why)) => {
+                return Ended::Unreachable(format!("cannot reach {hub} as {device_id}: {why}"));
             }
         }
         backoff.reset();
@@ -387,8 +387,8 @@ impl Link<'_> {
     /// Drains the device's lane and takes its twin's desired properties.
     async fn pump(
         &self,
-        client: &AsyncClient,
-        events: &mut EventLoop,
+        client: &Client,
+        events: &mut Events,
         renew_at: Option<tokio::time::Instant>,
         mut moved: Option<&mut watch::Receiver<Option<String>>>,
         shutdown: &CancellationToken,
@@ -430,7 +430,7 @@ const PATCH_RETRY: Duration = Duration::from_secs(10);
 /// One connection's bookkeeping.
 struct Conn<'a, 'b> {
     link: &'a Link<'b>,
-    client: &'a AsyncClient,
+    client: &'a Client,
     gateway_prefix: String,
     /// Outbox seqs of the publishes handed to rumqttc, in order (see the session's pump).
     handed: VecDeque<i64>,
@@ -470,7 +470,7 @@ impl Conn<'_, '_> {
 
     async fn run(
         &mut self,
-        events: &mut EventLoop,
+        events: &mut Events,
         commits: &mut watch::Receiver<u64>,
         renew_at: Option<tokio::time::Instant>,
         moved: &mut Option<&mut watch::Receiver<Option<String>>>,
@@ -481,8 +481,8 @@ impl Conn<'_, '_> {
             outpost_azure::topics::TWIN_RESPONSES,
             outpost_azure::topics::DESIRED_PATCHES,
         ] {
-            if let Err(err) = self.client.subscribe(filter, QoS::AtLeastOnce).await {
-                return Ended::Lost(format!("subscribe: {err}"));
+            if let Err(err) = self.client.subscribe(filter.to_owned()).await {
+                return Ended::Lost(err);
             }
         }
         if let Err(ended) = self.get_twin().await {
@@ -548,18 +548,24 @@ impl Conn<'_, '_> {
                     exhausted = false;
                 }
                 event = events.poll() => match event {
-                    Ok(Event::Incoming(Incoming::Publish(publish))) => {
-                        if self.inbound(&publish.topic, &publish.payload).await
+                    Ok(Event::Publish { topic, payload }) => {
+                        if self.inbound(&topic, &payload).await
                             && let Err(ended) = self.get_twin().await
                         {
                             return ended;
                         }
                     }
-                    Ok(Event::Incoming(Incoming::Disconnect)) => {
+                    Ok(Event::Disconnect(_)) => {
                         return Ended::Lost("the hub closed the session".into());
                     }
-                    Ok(event) => session::track(&event, &mut self.handed, &mut self.in_flight, &self.acks),
-                    Err(err) => return Ended::Lost(format!("connection lost: {err}")),
+                    Ok(event) => {
+                        if let Some(why) = session::track(&event, &mut self.handed, &mut self.in_flight, &self.acks) {
+                            return Ended::Lost(why);
+                        }
+                    }
+                    Err(Failure::Auth(why) | Failure::Unsupported(why) | Failure::Fatal(why) | Failure::Other(why)) => {
+                        return Ended::Lost(format!("connection lost: {why}"));
+                    }
                 },
             }
         }
@@ -589,9 +595,9 @@ impl Conn<'_, '_> {
         let (topic, payload) = azure::d2c(device_id, &message.message_id, &tail, &message.payload);
         self.handed.push_back(message.seq);
         self.client
-            .publish_bytes(topic, QoS::AtLeastOnce, false, payload)
+            .publish(topic, payload, false, mqtt::Extras::default())
             .await
-            .map_err(|err| Ended::Lost(format!("publish: {err}")))
+            .map_err(Ended::Lost)
     }
 
     /// Acts on what the hub sent the device; `true`: read the whole twin again.
@@ -678,17 +684,18 @@ impl Conn<'_, '_> {
     /// Ends the connection with DISCONNECT, taking the acknowledgements (and twin
     /// verdicts) still on their way for at most 2 s, so that what arrived is not sent
     /// again by the next connection.
-    async fn settle(&mut self, events: &mut EventLoop) {
+    async fn settle(&mut self, events: &mut Events) {
         let end = tokio::time::Instant::now() + Duration::from_secs(2);
         while (!self.in_flight.is_empty() || !self.pending.is_empty() || !self.handed.is_empty())
             && tokio::time::Instant::now() < end
         {
             match tokio::time::timeout_at(end, events.poll()).await {
-                Ok(Ok(Event::Incoming(Incoming::Publish(publish)))) => {
-                    self.inbound(&publish.topic, &publish.payload).await;
+                Ok(Ok(Event::Publish { topic, payload })) => {
+                    self.inbound(&topic, &payload).await;
                 }
                 Ok(Ok(event)) => {
-                    session::track(&event, &mut self.handed, &mut self.in_flight, &self.acks);
+                    let _ =
+                        session::track(&event, &mut self.handed, &mut self.in_flight, &self.acks);
                 }
                 Ok(Err(_)) | Err(_) => break,
             }

@@ -7,10 +7,6 @@ use std::time::{Duration, Instant};
 
 use outpost_store::Store;
 use outpost_store::rusqlite::{OptionalExtension, params};
-use rumqttc::{
-    AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, Incoming, LastWill,
-    MqttOptions, Outgoing, QoS, TlsConfiguration, Transport,
-};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -20,12 +16,14 @@ use outpost_store::backoff::Backoff;
 use crate::azure;
 use crate::contract::{self, Assignment, DesiredState, schema, topics};
 use crate::inbox::DeploymentInbox;
+use crate::mqtt::{self, Client, Event, Events, Failure, Protocol};
 use crate::now_millis;
 use crate::outbox::{Message, Outbox, OutboxError, Priority};
 use crate::own_identity::{self, OwnIdentityStatus};
 use crate::registration::{self, RegistrationError};
 use crate::settings::{
-    AzureIdentity, AzureSettings, BrokerAddr, Credentials, Endpoint, UplinkSettings, rustls_config,
+    AzureIdentity, AzureSettings, BrokerAddr, Credentials, Endpoint, ProtocolChoice,
+    UplinkSettings, rustls_config,
 };
 
 /// A publish that is not an outbox row (status, online): acknowledged but not deleted.
@@ -58,6 +56,9 @@ pub struct UplinkStatus {
     pub broker: Option<String>,
     /// Times it moved to another of several brokers (lost one, or returned to the first).
     pub failovers: u64,
+    /// The MQTT it speaks (`3.1.1` or `5`) once connected.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<&'static str>,
     /// Connection attempts since start.
     pub connect_attempts: u64,
     /// Successful connections since start.
@@ -472,21 +473,26 @@ fn mqtt_options(
     credentials: &Credentials,
     client_id: &str,
     tls: Option<&Arc<rustls::ClientConfig>>,
-) -> Result<(MqttOptions, Option<Duration>), String> {
+) -> Result<(mqtt::Options, Option<Duration>), String> {
     let settings = &shared.settings;
-    let mut options = MqttOptions::new(client_id, broker.host.clone(), broker.port);
-    options.set_keep_alive(settings.keepalive);
-    // A persistent session: the broker keeps our subscriptions (and what the cloud sends
-    // to them) while we are away.
-    options.set_clean_session(false);
     let window = u16::try_from(settings.window.clamp(1, 60_000)).unwrap_or(512);
-    options.set_inflight(window.saturating_add(8));
-    options.set_max_packet_size(contract::MAX_PAYLOAD + 4096, contract::MAX_PAYLOAD + 4096);
-    options.set_request_channel_capacity(settings.window + 64);
+    let mut options = mqtt::Options {
+        client_id: client_id.to_owned(),
+        host: broker.host.clone(),
+        port: broker.port,
+        keepalive: settings.keepalive,
+        inflight: window.saturating_add(8),
+        max_packet: contract::MAX_PAYLOAD + 4096,
+        request_capacity: settings.window + 64,
+        credentials: None,
+        will: None,
+        tls: tls.cloned(),
+        session_expiry: u32::try_from(settings.session_expiry.as_secs()).unwrap_or(u32::MAX),
+    };
     let mut renew_in = None;
     if let Endpoint::Azure(azure) = &settings.endpoint {
         let login = azure::login(azure, &broker.host, client_id)?;
-        options.set_credentials(login.username, login.password);
+        options.credentials = Some((login.username, login.password));
         renew_in = login.renew_in;
         // IoT Hub sends a will as a device-to-cloud message (it keeps nothing retained).
         let (topic, payload) = azure::d2c(
@@ -495,27 +501,28 @@ fn mqtt_options(
             "status",
             &status_payload(shared, "offline", 0).into(),
         );
-        options.set_last_will(LastWill::new(topic, payload, QoS::AtLeastOnce, false));
+        options.will = Some(mqtt::Will {
+            topic,
+            payload: payload.to_vec(),
+            retain: false,
+        });
     } else {
         if let Some(username) = &credentials.username {
-            options.set_credentials(
+            options.credentials = Some((
                 username.clone(),
                 credentials.password.clone().unwrap_or_default(),
-            );
+            ));
         } else if credentials.password.is_some() {
-            options.set_credentials("", credentials.password.clone().unwrap_or_default());
+            options.credentials = Some((
+                String::new(),
+                credentials.password.clone().unwrap_or_default(),
+            ));
         }
-        options.set_last_will(LastWill::new(
-            topics::status(&settings.gateway_id),
-            status_payload(shared, "offline", 0),
-            QoS::AtLeastOnce,
-            true,
-        ));
-    }
-    if let Some(config) = tls {
-        options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-            config.clone(),
-        )));
+        options.will = Some(mqtt::Will {
+            topic: topics::status(&settings.gateway_id),
+            payload: status_payload(shared, "offline", 0),
+            retain: true,
+        });
     }
     Ok((options, renew_in))
 }
@@ -561,6 +568,16 @@ async fn connect_and_pump(
     let mut failing_since: Option<Instant> = None;
     // Which of the brokers this attempt goes to.
     let mut index = 0;
+    // IoT Hub speaks 3.1.1. `auto` starts with 5, and after a failed attempt tries the
+    // other version next: a 3.1.1-only broker may answer 5 with "unacceptable protocol
+    // version" or just close the connection. A version that connected is kept until an
+    // attempt with it fails.
+    let auto = shared.settings.protocol == ProtocolChoice::Auto
+        && !matches!(shared.settings.endpoint, Endpoint::Azure(_));
+    let mut protocol = match (&shared.settings.endpoint, shared.settings.protocol) {
+        (Endpoint::Azure(_), _) | (_, ProtocolChoice::V311) => Protocol::V311,
+        _ => Protocol::V5,
+    };
     loop {
         let broker = &brokers[index];
         set_status(shared, |s| s.broker = Some(broker.to_string()));
@@ -577,13 +594,14 @@ async fn connect_and_pump(
             s.state = LinkState::Connecting;
             s.connect_attempts += 1;
         });
-        let (client, mut events) = AsyncClient::new(options, shared.settings.window + 64);
+        let (client, mut events) = mqtt::client(protocol, options);
         let connected = tokio::select! {
             () = shutdown.cancelled() => return Ended::Shutdown,
             first = events.poll() => first,
         };
+        let accepted = matches!(connected, Ok(Event::ConnAck { .. }));
         let why = match connected {
-            Ok(Event::Incoming(Incoming::ConnAck(_))) => {
+            Ok(Event::ConnAck { session_present }) => {
                 backoff.reset();
                 failing_since = None;
                 let since = now_millis();
@@ -592,8 +610,9 @@ async fn connect_and_pump(
                     s.connections += 1;
                     s.connected_since = Some(since);
                     s.last_error = None;
+                    s.protocol = Some(protocol.name());
                 });
-                tracing::info!(broker = %broker, "uplink connected");
+                tracing::info!(broker = %broker, mqtt = protocol.name(), session_present, "uplink connected");
                 let dialect = match &shared.settings.endpoint {
                     Endpoint::Azure(_) => Dialect::Azure {
                         device_id: client_id.to_owned(),
@@ -636,38 +655,54 @@ async fn connect_and_pump(
                 }
             }
             Ok(other) => format!("the broker answered CONNECT with {other:?}"),
-            Err(ConnectionError::ConnectionRefused(code)) => match code {
-                ConnectReturnCode::BadUserNamePassword | ConnectReturnCode::NotAuthorized => {
-                    let fix = match &shared.settings.endpoint {
-                        Endpoint::Azure(_) => {
-                            "Check [uplink.azure] (the key, the device at its hub)"
-                        }
-                        _ => "Fix uplink.username/password (or the assignment)",
-                    };
-                    let why = format!(
-                        "the broker {broker} refused the credentials ({code:?}); not retrying. \
-                         {fix} and restart"
-                    );
-                    set_status(shared, |s| s.last_error = Some(why.clone()));
-                    return Ended::AuthRefused(why);
-                }
-                ConnectReturnCode::BadClientId | ConnectReturnCode::RefusedProtocolVersion => {
-                    return Ended::Fatal(format!(
-                        "the broker {broker} refused the connection ({code:?}); not retrying"
-                    ));
-                }
-                other => format!("the broker {broker} refused the connection ({other:?})"),
-            },
-            Err(err) => {
-                let text = err.to_string();
+            Err(Failure::Auth(code)) => {
+                let fix = match &shared.settings.endpoint {
+                    Endpoint::Azure(_) => "Check [uplink.azure] (the key, the device at its hub)",
+                    _ => "Fix uplink.username/password (or the assignment)",
+                };
+                let why = format!(
+                    "the broker {broker} refused the credentials ({code}); not retrying. \
+                     {fix} and restart"
+                );
+                set_status(shared, |s| s.last_error = Some(why.clone()));
+                return Ended::AuthRefused(why);
+            }
+            Err(Failure::Unsupported(code)) if auto && protocol == Protocol::V5 => {
+                tracing::info!(broker = %broker, code, "the broker does not speak MQTT 5; speaking 3.1.1 to it");
+                protocol = Protocol::V311;
+                continue;
+            }
+            Err(Failure::Unsupported(code)) => {
+                let hint = if protocol == Protocol::V5 {
+                    " (uplink.protocol = \"5\"; \"auto\" falls back to 3.1.1)"
+                } else {
+                    ""
+                };
+                return Ended::Fatal(format!(
+                    "the broker {broker} does not speak MQTT {}{hint} ({code}); not retrying",
+                    protocol.name()
+                ));
+            }
+            Err(Failure::Fatal(code)) => {
+                return Ended::Fatal(format!(
+                    "the broker {broker} refused the connection ({code}); not retrying"
+                ));
+            }
+            Err(Failure::Other(text)) => {
                 format!("cannot reach {broker}: {text}{}", tls_advice(&text))
             }
         };
-        tracing::warn!(reason = %why, "uplink down");
+        tracing::warn!(reason = %why, mqtt = protocol.name(), "uplink down");
         set_status(shared, |s| {
             s.state = LinkState::Connecting;
             s.last_error = Some(why.clone());
         });
+        if auto && !accepted {
+            protocol = match protocol {
+                Protocol::V5 => Protocol::V311,
+                Protocol::V311 => Protocol::V5,
+            };
+        }
         if brokers.len() > 1 {
             // The next broker at once; a pause only after each of them failed in turn.
             index = (index + 1) % brokers.len();
@@ -732,8 +767,8 @@ impl From<String> for Broken {
 }
 
 /// Sends DISCONNECT and lets it go out (bounded), so the broker does not send our will.
-pub(crate) async fn disconnect(client: &AsyncClient, events: &mut EventLoop) {
-    let _ = client.disconnect().await;
+pub(crate) async fn disconnect(client: &Client, events: &mut Events) {
+    client.disconnect().await;
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         while events.poll().await.is_ok() {}
     })
@@ -744,8 +779,8 @@ pub(crate) async fn disconnect(client: &AsyncClient, events: &mut EventLoop) {
 /// `Err` when the connection broke or must be made again.
 async fn pump(
     shared: &Arc<Shared>,
-    client: &AsyncClient,
-    events: &mut EventLoop,
+    client: &Client,
+    events: &mut Events,
     since: i64,
     dialect: &Dialect,
     prefer: Option<&BrokerAddr>,
@@ -798,10 +833,7 @@ async fn pump(
             Dialect::Azure { device_id, .. } => azure::subscriptions(device_id),
         };
         for filter in subscriptions {
-            client
-                .subscribe(filter, QoS::AtLeastOnce)
-                .await
-                .map_err(|e| format!("subscribe: {e}"))?;
+            client.subscribe(filter).await?;
         }
         let online = status_payload(shared, "online", since);
         let (topic, payload, retain) = status_message(dialect, &gateway, online, &rid("patch"));
@@ -825,8 +857,14 @@ async fn pump(
                 if batch.len() < room {
                     exhausted = true;
                 }
+                let now = now_millis();
                 for message in batch {
                     handed.push_back(message.seq);
+                    // MQTT 5: the message's own time to live goes with it, so the broker
+                    // drops what went stale while the backend was away.
+                    let expiry = u32::try_from((message.expires_at - now).max(1_000) / 1_000).ok();
+                    let message_id = message.message_id.clone();
+                    let schema = mqtt::schema_of(&message.payload).map(str::to_owned);
                     let (topic, payload, retain) = match dialect {
                         Dialect::Outpost => (message.topic, message.payload, message.retain),
                         Dialect::Azure { device_id, .. } => {
@@ -842,10 +880,12 @@ async fn pump(
                             (topic, payload, false)
                         }
                     };
-                    client
-                        .publish_bytes(topic, QoS::AtLeastOnce, retain, payload)
-                        .await
-                        .map_err(|e| format!("publish: {e}"))?;
+                    let extras = mqtt::Extras {
+                        message_id: Some(&message_id),
+                        schema: schema.as_deref(),
+                        expiry,
+                    };
+                    client.publish(topic, payload, retain, extras).await?;
                 }
                 if let Dialect::Azure { .. } = dialect {
                     publish_twin_devices(shared, client, &mut handed, &rid("devices")).await?;
@@ -857,11 +897,11 @@ async fn pump(
                     let offline = status_payload(shared, "offline", now_millis());
                     let (topic, payload, retain) = status_message(dialect, &gateway, offline, &rid("patch"));
                     let _ = publish_direct(client, &mut handed, topic, payload, retain).await;
-                    let _ = client.disconnect().await;
+                    client.disconnect().await;
                     // Let the offline status and the DISCONNECT go out (bounded).
                     let _ = tokio::time::timeout(Duration::from_secs(2), async {
                         while let Ok(event) = events.poll().await {
-                            track(&event, &mut handed, &mut in_flight, &acks_tx);
+                            let _ = track(&event, &mut handed, &mut in_flight, &acks_tx);
                         }
                     }).await;
                     return Ok(());
@@ -882,13 +922,13 @@ async fn pump(
                     first_answers = None;
                 }
                 event = events.poll() => match event {
-                    Ok(Event::Outgoing(Outgoing::AwaitAck(pkid))) => {
+                    Ok(Event::AwaitAck(pkid)) => {
                         return Err(format!("packet id {pkid} reused before its acknowledgement; reconnecting").into());
                     }
-                    Ok(Event::Incoming(Incoming::Publish(publish))) => match dialect {
-                        Dialect::Outpost => inbound(shared, &publish.topic, &publish.payload).await,
+                    Ok(Event::Publish { topic, payload }) => match dialect {
+                        Dialect::Outpost => inbound(shared, &topic, &payload).await,
                         Dialect::Azure { device_id, .. } => {
-                            let answer = azure_inbound(shared, device_id, &publish.topic, &publish.payload, &mut last_get).await;
+                            let answer = azure_inbound(shared, device_id, &topic, &payload, &mut last_get).await;
                             for (topic, payload) in answer.publish {
                                 publish_direct(client, &mut handed, topic, payload, false).await?;
                             }
@@ -903,11 +943,18 @@ async fn pump(
                             }
                         }
                     },
-                    Ok(Event::Incoming(Incoming::Disconnect)) => {
-                        return Err("the broker closed the session".to_owned().into());
+                    Ok(Event::Disconnect(why)) => {
+                        let why = why.unwrap_or_else(|| "the broker closed the session".to_owned());
+                        return Err(why.into());
                     }
-                    Ok(event) => track(&event, &mut handed, &mut in_flight, &acks_tx),
-                    Err(err) => return Err(format!("connection lost: {err}").into()),
+                    Ok(event) => {
+                        if let Some(why) = track(&event, &mut handed, &mut in_flight, &acks_tx) {
+                            return Err(why.into());
+                        }
+                    }
+                    Err(Failure::Auth(why) | Failure::Unsupported(why) | Failure::Fatal(why) | Failure::Other(why)) => {
+                        return Err(format!("connection lost: {why}").into());
+                    }
                 },
             }
         }
@@ -950,7 +997,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// again after a reconnect or a refusal, and the detail is in the outbox's messages).
 async fn publish_twin_devices(
     shared: &Arc<Shared>,
-    client: &AsyncClient,
+    client: &Client,
     handed: &mut VecDeque<i64>,
     rid: &str,
 ) -> Result<(), String> {
@@ -1087,34 +1134,51 @@ async fn azure_inbound(
 }
 
 /// Packet-id bookkeeping: a new publish takes the next handed seq; a PUBACK releases its
-/// seq for deletion (status publishes are untracked).
+/// seq for deletion (status publishes are untracked). An MQTT 5 broker may refuse a
+/// publish in its PUBACK: one that cannot succeed (not authorised, an invalid topic or
+/// payload) is logged and deleted; any other refusal is a reason (returned) to reconnect,
+/// after which it goes again.
 pub(crate) fn track(
     event: &Event,
     handed: &mut VecDeque<i64>,
     in_flight: &mut HashMap<u16, i64>,
     acks: &mpsc::UnboundedSender<i64>,
-) {
+) -> Option<String> {
     match event {
-        Event::Outgoing(Outgoing::Publish(pkid)) => {
+        Event::Sent(pkid) => {
             metrics::counter!(crate::metrics::PUBLISHED).increment(1);
             if let Some(seq) = handed.pop_front() {
                 in_flight.insert(*pkid, seq);
             }
+            None
         }
-        Event::Incoming(Incoming::PubAck(ack)) => {
+        Event::PubAck { pkid, refused } => {
             metrics::counter!(crate::metrics::ACKED).increment(1);
-            if let Some(seq) = in_flight.remove(&ack.pkid)
-                && seq != UNTRACKED
-            {
-                let _ = acks.send(seq);
+            let seq = in_flight.remove(pkid);
+            match refused {
+                None => {
+                    if let Some(seq) = seq.filter(|seq| *seq != UNTRACKED) {
+                        let _ = acks.send(seq);
+                    }
+                    None
+                }
+                Some(refusal) if refusal.permanent => {
+                    tracing::error!(reason = %refusal.why, "a message was refused for good and dropped");
+                    metrics::counter!(crate::metrics::REFUSED_BY_BROKER).increment(1);
+                    if let Some(seq) = seq.filter(|seq| *seq != UNTRACKED) {
+                        let _ = acks.send(seq);
+                    }
+                    None
+                }
+                Some(refusal) => Some(refusal.why.clone()),
             }
         }
-        _ => {}
+        _ => None,
     }
 }
 
 pub(crate) async fn publish_direct(
-    client: &AsyncClient,
+    client: &Client,
     handed: &mut VecDeque<i64>,
     topic: String,
     payload: Vec<u8>,
@@ -1122,9 +1186,8 @@ pub(crate) async fn publish_direct(
 ) -> Result<(), String> {
     handed.push_back(UNTRACKED);
     client
-        .publish(topic, QoS::AtLeastOnce, retain, payload)
+        .publish(topic, payload.into(), retain, mqtt::Extras::default())
         .await
-        .map_err(|e| format!("publish: {e}"))
 }
 
 /// Deletes acknowledged messages in batches.

@@ -323,6 +323,23 @@ pub struct UplinkSettings {
     pub reregister_after: Duration,
     /// Messages in flight (sent, not yet acknowledged) at most.
     pub window: usize,
+    /// Which MQTT to speak (the `azure-iot` profile always speaks 3.1.1, as IoT Hub does).
+    pub protocol: ProtocolChoice,
+    /// MQTT 5: how long the broker keeps the gateway's session after the connection is
+    /// lost (its subscriptions and what arrives for them).
+    pub session_expiry: Duration,
+}
+
+/// `uplink.protocol`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ProtocolChoice {
+    /// MQTT 5, and 3.1.1 with a broker that refuses 5.
+    #[default]
+    Auto,
+    /// MQTT 3.1.1 only.
+    V311,
+    /// MQTT 5 only.
+    V5,
 }
 
 impl UplinkSettings {
@@ -338,6 +355,8 @@ impl UplinkSettings {
             backoff_max: Duration::from_secs(60),
             reregister_after: Duration::from_secs(300),
             window: 512,
+            protocol: ProtocolChoice::Auto,
+            session_expiry: Duration::from_secs(3600),
         }
     }
 }

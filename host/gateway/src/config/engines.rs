@@ -137,6 +137,12 @@ pub(crate) fn settings(config: &Config, uplink: &UplinkSection) -> UplinkSetting
     settings.backoff_min = Duration::from_millis(u64::from(uplink.backoff_min_ms.get()));
     settings.backoff_max = Duration::from_millis(u64::from(uplink.backoff_max_ms.get()));
     settings.reregister_after = Duration::from_secs(u64::from(uplink.reregister_after_secs.get()));
+    settings.protocol = match uplink.protocol {
+        crate::config::MqttProtocol::Auto => outpost_uplink::ProtocolChoice::Auto,
+        crate::config::MqttProtocol::V311 => outpost_uplink::ProtocolChoice::V311,
+        crate::config::MqttProtocol::V5 => outpost_uplink::ProtocolChoice::V5,
+    };
+    settings.session_expiry = Duration::from_secs(u64::from(uplink.session_expiry_secs.get()));
     settings.window = uplink.window.get() as usize;
     settings
 }

@@ -254,10 +254,35 @@ pub(crate) struct UplinkSection {
     /// Messages sent but not yet acknowledged, at most.
     #[serde(default = "default_window")]
     pub(crate) window: NonZeroU32,
+    /// Which MQTT: `auto` (5, or 3.1.1 with a broker that refuses 5), `3.1.1` or `5`.
+    #[serde(default)]
+    pub(crate) protocol: MqttProtocol,
+    /// MQTT 5: how long the broker keeps the gateway's session after a lost connection.
+    #[serde(default = "default_session_expiry_secs")]
+    pub(crate) session_expiry_secs: NonZeroU32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) registration: Option<RegistrationSection>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) azure: Option<AzureSection>,
+}
+
+/// `uplink.protocol`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub(crate) enum MqttProtocol {
+    /// MQTT 5 where the broker has it, else 3.1.1.
+    #[default]
+    #[serde(rename = "auto")]
+    Auto,
+    /// MQTT 3.1.1.
+    #[serde(rename = "3.1.1")]
+    V311,
+    /// MQTT 5 only.
+    #[serde(rename = "5")]
+    V5,
+}
+
+fn default_session_expiry_secs() -> NonZeroU32 {
+    NonZeroU32::new(3600).expect("non-zero")
 }
 
 /// `uplink.profile`.
@@ -458,6 +483,13 @@ fn check_profile(uplink: &UplinkSection, gateway: &str) -> Result<(), String> {
                 return Err(
                     "uplink.profile = \"azure-iot\" signs its own SAS tokens: remove \
                      uplink.username and uplink.password"
+                        .into(),
+                );
+            }
+            if uplink.protocol == MqttProtocol::V5 {
+                return Err(
+                    "uplink.profile = \"azure-iot\": IoT Hub speaks MQTT 3.1.1; remove \
+                     uplink.protocol = \"5\""
                         .into(),
                 );
             }

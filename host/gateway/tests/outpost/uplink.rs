@@ -1146,3 +1146,189 @@ fn an_assignment_with_alternate_brokers_fails_over_without_registering_again() {
     }
     gateway.stop_cleanly(libc::SIGTERM, &site);
 }
+
+/// MQTT 5's message expiry: the outbox's time to live goes with each message, so the
+/// broker drops telemetry that went stale while the backend was away; over 3.1.1 (the
+/// control) the same telemetry is delivered late.
+#[test]
+fn mqtt5_message_expiry_drops_stale_telemetry_at_the_broker_while_the_backend_is_away() {
+    for (protocol, stale_arrives) in [("5", false), ("3.1.1", true)] {
+        let broker = Mosquitto::start("");
+        let args = [format!("--hub=a={}", broker.url())];
+        let cloud = Cloud::start(&args);
+        let site = uplink_site(
+            &format!("broker = \"{}\"\nprotocol = \"{protocol}\"", broker.url()),
+            "ttl_secs = 2",
+        );
+        let mut gateway = Gateway::spawn(&site.config(), &[]);
+        let addr = gateway.ready();
+        let admin = site.admin_token();
+        let status = wait_uplink(addr, &admin, "connected", |j| {
+            j["link"]["state"] == "connected"
+        });
+        assert_eq!(status["link"]["protocol"], protocol, "{status}");
+        let token = device_token(addr, &admin);
+        // The backend goes away; its persistent session keeps queueing at the broker.
+        drop(cloud);
+        let stale = post_telemetry(addr, &token, 5, "stale");
+        wait_uplink(addr, &admin, "the stale records at the broker", |j| {
+            j["outbox"]["queued"] == 0
+        });
+        // Their 2 s run out at the broker.
+        std::thread::sleep(Duration::from_secs(3));
+        let fresh = post_telemetry(addr, &token, 5, "fresh");
+        wait_uplink(addr, &admin, "the fresh records at the broker", |j| {
+            j["outbox"]["queued"] == 0
+        });
+        // The backend is back: the broker hands over its session's queue, in order.
+        let mut cloud = Cloud::start(&args);
+        let wanted = if stale_arrives { 10 } else { 5 };
+        let seen = cloud.messages("telemetry", wanted);
+        let ids: HashSet<&str> = seen
+            .iter()
+            .map(|e| e["messageId"].as_str().unwrap())
+            .collect();
+        for id in &fresh {
+            assert!(
+                ids.contains(id.as_str()),
+                "MQTT {protocol}: fresh {id} missing"
+            );
+        }
+        for id in &stale {
+            assert_eq!(
+                ids.contains(id.as_str()),
+                stale_arrives,
+                "MQTT {protocol}: stale {id}"
+            );
+        }
+        gateway.stop_cleanly(libc::SIGTERM, &site);
+    }
+}
+
+/// MQTT 5's session expiry: a gateway killed for 10 s finds its session (and the command
+/// the cloud sent meanwhile) when the session outlives the outage, and not when it
+/// expired first; a second command then proves the first is gone, not late.
+#[test]
+fn mqtt5_session_expiry_keeps_the_session_across_a_10_s_outage_and_no_longer() {
+    for (expiry, kept) in [(60, true), (5, false)] {
+        let broker = Mosquitto::start("");
+        let mut cloud = Cloud::start(&[format!("--hub=a={}", broker.url())]);
+        let site = uplink_site(
+            &format!(
+                "broker = \"{}\"\nprotocol = \"5\"\nsession_expiry_secs = {expiry}",
+                broker.url()
+            ),
+            "",
+        );
+        let mut gateway = Gateway::spawn(&site.config(), &[]);
+        let addr = gateway.ready();
+        let admin = site.admin_token();
+        wait_uplink(addr, &admin, "connected", |j| {
+            j["link"]["state"] == "connected"
+        });
+        cloud.wait_for("message", |e| e["kind"] == "gateway-reported");
+        // Killed: no DISCONNECT, the session's expiry runs from now.
+        gateway.signal(libc::SIGKILL);
+        let _ = gateway.wait();
+        let first = format!("during-{expiry}");
+        cloud.send(&serde_json::json!({"cmd": "command", "gateway": "gw-test", "hub": "a", "rid": first, "name": "ping"}));
+        std::thread::sleep(Duration::from_secs(10));
+        let mut gateway = Gateway::spawn(&site.config(), &[]);
+        let addr = gateway.ready();
+        wait_uplink(addr, &admin, "connected again", |j| {
+            j["link"]["state"] == "connected"
+        });
+        let second = format!("after-{expiry}");
+        cloud.send(&serde_json::json!({"cmd": "command", "gateway": "gw-test", "hub": "a", "rid": second, "name": "ping"}));
+        cloud.wait_for("message", |e| {
+            e["kind"] == "command-result" && e["topic"].as_str().unwrap().contains(&second)
+        });
+        let answered_first = cloud.seen().iter().any(|e| {
+            e["kind"] == "command-result" && e["topic"].as_str().is_some_and(|t| t.contains(&first))
+        });
+        assert_eq!(
+            answered_first, kept,
+            "session expiry {expiry} s, outage 10 s"
+        );
+        gateway.stop_cleanly(libc::SIGTERM, &site);
+    }
+}
+
+/// A broker that speaks MQTT 3.1.1 only: a TCP proxy to a Mosquitto that answers an
+/// MQTT 5 CONNECT as a 3.1.1 broker does (CONNACK 0x01, unacceptable protocol version)
+/// and closes, and passes every 3.1.1 connection through. Counts the refusals.
+struct Mqtt311Only {
+    port: u16,
+    refused: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Mqtt311Only {
+    fn start(upstream: u16) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let refused = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = std::sync::Arc::clone(&refused);
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(mut client) = client else { return };
+                let counter = std::sync::Arc::clone(&counter);
+                std::thread::spawn(move || {
+                    // The CONNECT: fixed header, remaining length, "MQTT", the level.
+                    let mut packet = vec![0u8; 1];
+                    client.read_exact(&mut packet).ok()?;
+                    let mut remaining = 0usize;
+                    for shift in [0, 7, 14, 21] {
+                        let mut byte = [0u8; 1];
+                        client.read_exact(&mut byte).ok()?;
+                        packet.push(byte[0]);
+                        remaining |= usize::from(byte[0] & 0x7f) << shift;
+                        if byte[0] & 0x80 == 0 {
+                            break;
+                        }
+                    }
+                    let start = packet.len();
+                    packet.resize(start + remaining, 0);
+                    client.read_exact(&mut packet[start..]).ok()?;
+                    if packet.get(start + 6) == Some(&5) {
+                        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        client.write_all(&[0x20, 0x02, 0x00, 0x01]).ok()?;
+                        return None;
+                    }
+                    let mut broker = TcpStream::connect(("127.0.0.1", upstream)).ok()?;
+                    broker.write_all(&packet).ok()?;
+                    let (mut from_client, mut to_broker) =
+                        (client.try_clone().ok()?, broker.try_clone().ok()?);
+                    std::thread::spawn(move || std::io::copy(&mut from_client, &mut to_broker));
+                    std::io::copy(&mut broker, &mut client).ok()?;
+                    Some(())
+                });
+            }
+        });
+        Self { port, refused }
+    }
+}
+
+/// `uplink.protocol = "auto"` with a 3.1.1-only broker: the MQTT 5 CONNECT is refused,
+/// the gateway speaks 3.1.1 to it and relays as ever.
+#[test]
+fn auto_speaks_3_1_1_to_a_broker_that_refuses_mqtt5() {
+    let broker = Mosquitto::start("");
+    let old = Mqtt311Only::start(broker.port);
+    let mut cloud = Cloud::start(&[format!("--hub=a={}", broker.url())]);
+    let site = uplink_site(&format!("broker = \"mqtt://127.0.0.1:{}\"", old.port), "");
+    let mut gateway = Gateway::spawn(&site.config(), &[]);
+    let addr = gateway.ready();
+    let admin = site.admin_token();
+    let status = wait_uplink(addr, &admin, "connected", |j| {
+        j["link"]["state"] == "connected"
+    });
+    assert_eq!(status["link"]["protocol"], "3.1.1", "{status}");
+    assert!(old.refused.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    let token = device_token(addr, &admin);
+    let ids = post_telemetry(addr, &token, 3, "old broker");
+    let seen = cloud.messages("telemetry", 3);
+    for (id, copy) in ids.iter().zip(&seen) {
+        assert_eq!(copy["messageId"], id.as_str());
+    }
+    gateway.stop_cleanly(libc::SIGTERM, &site);
+}

@@ -1,0 +1,455 @@
+//! One face for rumqttc's MQTT 3.1.1 and MQTT 5 clients, so that the session drains the
+//! outbox the same way over either.
+//!
+//! MQTT 5 adds what the uplink uses where the broker has it: a session expiry interval (a
+//! persistent session outlives a short outage, and no longer), a message expiry interval
+//! from each outbox message's time to live (the broker drops what went stale while the
+//! backend was away), user properties with the message id and schema (a backend can
+//! route and de-duplicate without parsing), and reason codes on refused connections,
+//! refused publishes and the broker's own DISCONNECT, logged with advice.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rumqttc::v5::mqttbytes::v5 as v5p;
+use rumqttc::{Outgoing, TlsConfiguration, Transport};
+
+/// Which MQTT a connection speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    /// MQTT 3.1.1.
+    V311,
+    /// MQTT 5.
+    V5,
+}
+
+impl Protocol {
+    /// The name in logs and status (`3.1.1`, `5`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::V311 => "3.1.1",
+            Self::V5 => "5",
+        }
+    }
+}
+
+/// The will: published by the broker when the connection dies.
+pub(crate) struct Will {
+    pub(crate) topic: String,
+    pub(crate) payload: Vec<u8>,
+    pub(crate) retain: bool,
+}
+
+/// What one connection is made with, in either protocol.
+pub(crate) struct Options {
+    pub(crate) client_id: String,
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    pub(crate) keepalive: Duration,
+    /// Publishes in flight at most.
+    pub(crate) inflight: u16,
+    pub(crate) max_packet: usize,
+    pub(crate) request_capacity: usize,
+    pub(crate) credentials: Option<(String, String)>,
+    pub(crate) will: Option<Will>,
+    pub(crate) tls: Option<Arc<rustls::ClientConfig>>,
+    /// MQTT 5's session expiry interval (seconds); 3.1.1 keeps a persistent session for
+    /// as long as the broker likes.
+    pub(crate) session_expiry: u32,
+}
+
+/// A client handle of either protocol.
+#[derive(Clone)]
+pub(crate) enum Client {
+    V311(rumqttc::AsyncClient),
+    V5(rumqttc::v5::AsyncClient),
+}
+
+/// The event loop of either protocol.
+pub(crate) enum Events {
+    V311(Box<rumqttc::EventLoop>),
+    V5(Box<rumqttc::v5::EventLoop>),
+}
+
+/// Makes a client for one connection (nothing is sent before the first poll).
+pub(crate) fn client(protocol: Protocol, options: Options) -> (Client, Events) {
+    let capacity = options.request_capacity;
+    match protocol {
+        Protocol::V311 => {
+            let mut o = rumqttc::MqttOptions::new(options.client_id, options.host, options.port);
+            o.set_keep_alive(options.keepalive);
+            // A persistent session: the broker keeps our subscriptions (and what the
+            // cloud sends to them) while we are away.
+            o.set_clean_session(false);
+            o.set_inflight(options.inflight);
+            o.set_max_packet_size(options.max_packet, options.max_packet);
+            o.set_request_channel_capacity(capacity);
+            if let Some((username, password)) = options.credentials {
+                o.set_credentials(username, password);
+            }
+            if let Some(will) = options.will {
+                o.set_last_will(rumqttc::LastWill::new(
+                    will.topic,
+                    will.payload,
+                    rumqttc::QoS::AtLeastOnce,
+                    will.retain,
+                ));
+            }
+            if let Some(tls) = options.tls {
+                o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
+            }
+            let (client, events) = rumqttc::AsyncClient::new(o, capacity);
+            (Client::V311(client), Events::V311(Box::new(events)))
+        }
+        Protocol::V5 => {
+            let mut o =
+                rumqttc::v5::MqttOptions::new(options.client_id, options.host, options.port);
+            o.set_keep_alive(options.keepalive);
+            o.set_clean_start(false);
+            o.set_session_expiry_interval(Some(options.session_expiry));
+            o.set_outgoing_inflight_upper_limit(options.inflight);
+            o.set_max_packet_size(u32::try_from(options.max_packet).ok());
+            o.set_request_channel_capacity(capacity);
+            if let Some((username, password)) = options.credentials {
+                o.set_credentials(username, password);
+            }
+            if let Some(will) = options.will {
+                o.set_last_will(v5p::LastWill::new(
+                    will.topic,
+                    will.payload,
+                    rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                    will.retain,
+                    None,
+                ));
+            }
+            if let Some(tls) = options.tls {
+                o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(tls)));
+            }
+            let (client, events) = rumqttc::v5::AsyncClient::new(o, capacity);
+            (Client::V5(client), Events::V5(Box::new(events)))
+        }
+    }
+}
+
+/// What MQTT 5 adds to a publish.
+#[derive(Default)]
+pub(crate) struct Extras<'a> {
+    /// The outbox message id (user property `messageId`).
+    pub(crate) message_id: Option<&'a str>,
+    /// The payload's schema (user property `schema`).
+    pub(crate) schema: Option<&'a str>,
+    /// Seconds until the broker may drop it undelivered.
+    pub(crate) expiry: Option<u32>,
+}
+
+impl Client {
+    /// Publishes with QoS 1.
+    pub(crate) async fn publish(
+        &self,
+        topic: String,
+        payload: Bytes,
+        retain: bool,
+        extras: Extras<'_>,
+    ) -> Result<(), String> {
+        match self {
+            Self::V311(client) => client
+                .publish_bytes(topic, rumqttc::QoS::AtLeastOnce, retain, payload)
+                .await
+                .map_err(|e| format!("publish: {e}")),
+            Self::V5(client) => {
+                let mut user_properties = Vec::new();
+                if let Some(id) = extras.message_id.filter(|id| !id.is_empty()) {
+                    user_properties.push(("messageId".to_owned(), id.to_owned()));
+                }
+                if let Some(schema) = extras.schema {
+                    user_properties.push(("schema".to_owned(), schema.to_owned()));
+                }
+                let properties = v5p::PublishProperties {
+                    message_expiry_interval: extras.expiry,
+                    user_properties,
+                    content_type: Some("application/json".to_owned()),
+                    ..v5p::PublishProperties::default()
+                };
+                client
+                    .publish_bytes_with_properties(
+                        topic,
+                        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                        retain,
+                        payload,
+                        properties,
+                    )
+                    .await
+                    .map_err(|e| format!("publish: {e}"))
+            }
+        }
+    }
+
+    /// Subscribes with QoS 1.
+    pub(crate) async fn subscribe(&self, filter: String) -> Result<(), String> {
+        match self {
+            Self::V311(client) => client
+                .subscribe(filter, rumqttc::QoS::AtLeastOnce)
+                .await
+                .map_err(|e| format!("subscribe: {e}")),
+            Self::V5(client) => client
+                .subscribe(filter, rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+                .await
+                .map_err(|e| format!("subscribe: {e}")),
+        }
+    }
+
+    /// Sends DISCONNECT (no will).
+    pub(crate) async fn disconnect(&self) {
+        let _ = match self {
+            Self::V311(client) => client.disconnect().await.map_err(|e| e.to_string()),
+            Self::V5(client) => client.disconnect().await.map_err(|e| e.to_string()),
+        };
+    }
+}
+
+/// What a connection reported, in either protocol.
+#[derive(Debug)]
+pub(crate) enum Event {
+    /// The broker accepted the connection.
+    ConnAck {
+        /// It still had our session.
+        session_present: bool,
+    },
+    /// A message for us.
+    Publish { topic: String, payload: Bytes },
+    /// A publish went out with this packet id.
+    Sent(u16),
+    /// rumqttc holds a publish whose packet id is still in flight.
+    AwaitAck(u16),
+    /// The broker acknowledged a publish; MQTT 5 may refuse it (the reason, in words).
+    PubAck { pkid: u16, refused: Option<Refusal> },
+    /// The broker closed the connection (MQTT 5: with its reason and advice).
+    Disconnect(Option<String>),
+    /// Anything else (pings, subscription acknowledgements).
+    Other,
+}
+
+/// A publish the broker refused (MQTT 5 PUBACK reason code).
+#[derive(Debug)]
+pub(crate) struct Refusal {
+    /// The reason and what to do.
+    pub(crate) why: String,
+    /// Sending it again cannot help (not authorised, an invalid topic or payload).
+    pub(crate) permanent: bool,
+}
+
+/// Why a connection attempt or a connection failed.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    /// The broker refused the credentials.
+    Auth(String),
+    /// The broker does not speak this protocol version.
+    Unsupported(String),
+    /// A refusal no retry fixes (a bad client id, banned).
+    Fatal(String),
+    /// Anything else: retried with backoff.
+    Other(String),
+}
+
+impl Events {
+    /// The next event.
+    pub(crate) async fn poll(&mut self) -> Result<Event, Failure> {
+        match self {
+            Self::V311(events) => match events.poll().await {
+                Ok(rumqttc::Event::Incoming(packet)) => Ok(match packet {
+                    rumqttc::Incoming::ConnAck(ack) => Event::ConnAck {
+                        session_present: ack.session_present,
+                    },
+                    rumqttc::Incoming::Publish(publish) => Event::Publish {
+                        topic: publish.topic,
+                        payload: publish.payload,
+                    },
+                    rumqttc::Incoming::PubAck(ack) => Event::PubAck {
+                        pkid: ack.pkid,
+                        refused: None,
+                    },
+                    rumqttc::Incoming::Disconnect => Event::Disconnect(None),
+                    _ => Event::Other,
+                }),
+                Ok(rumqttc::Event::Outgoing(outgoing)) => Ok(outgoing_event(&outgoing)),
+                Err(rumqttc::ConnectionError::ConnectionRefused(code)) => {
+                    use rumqttc::ConnectReturnCode as C;
+                    let text = format!("{code:?}");
+                    Err(match code {
+                        C::BadUserNamePassword | C::NotAuthorized => Failure::Auth(text),
+                        C::RefusedProtocolVersion => Failure::Unsupported(text),
+                        C::BadClientId => Failure::Fatal(text),
+                        _ => Failure::Other(format!("refused ({text})")),
+                    })
+                }
+                Err(err) => Err(Failure::Other(err.to_string())),
+            },
+            Self::V5(events) => match events.poll().await {
+                Ok(rumqttc::v5::Event::Incoming(packet)) => Ok(match packet {
+                    v5p::Packet::ConnAck(ack) => Event::ConnAck {
+                        session_present: ack.session_present,
+                    },
+                    v5p::Packet::Publish(publish) => Event::Publish {
+                        topic: String::from_utf8_lossy(&publish.topic).into_owned(),
+                        payload: publish.payload,
+                    },
+                    v5p::Packet::PubAck(ack) => Event::PubAck {
+                        pkid: ack.pkid,
+                        refused: puback_refusal(&ack),
+                    },
+                    v5p::Packet::Disconnect(disconnect) => {
+                        Event::Disconnect(Some(disconnect_reason(&disconnect)))
+                    }
+                    _ => Event::Other,
+                }),
+                Ok(rumqttc::v5::Event::Outgoing(outgoing)) => Ok(outgoing_event(&outgoing)),
+                Err(rumqttc::v5::ConnectionError::ConnectionRefused(code)) => {
+                    use v5p::ConnectReturnCode as C;
+                    let text = format!("{code:?}");
+                    Err(match code {
+                        C::BadUserNamePassword | C::NotAuthorized | C::BadAuthenticationMethod => {
+                            Failure::Auth(text)
+                        }
+                        C::RefusedProtocolVersion | C::UnsupportedProtocolVersion => {
+                            Failure::Unsupported(text)
+                        }
+                        C::BadClientId | C::ClientIdentifierNotValid | C::Banned => {
+                            Failure::Fatal(text)
+                        }
+                        C::UseAnotherServer | C::ServerMoved => Failure::Other(format!(
+                            "refused ({text}): the broker sends clients elsewhere; list the \
+                             cluster's other nodes in uplink.brokers"
+                        )),
+                        C::ServerBusy | C::ServerUnavailable | C::ConnectionRateExceeded => {
+                            Failure::Other(format!(
+                                "refused ({text}): the broker is overloaded; the gateway backs off"
+                            ))
+                        }
+                        _ => Failure::Other(format!("refused ({text})")),
+                    })
+                }
+                Err(err) => Err(Failure::Other(err.to_string())),
+            },
+        }
+    }
+}
+
+fn outgoing_event(outgoing: &Outgoing) -> Event {
+    match outgoing {
+        Outgoing::Publish(pkid) => Event::Sent(*pkid),
+        Outgoing::AwaitAck(pkid) => Event::AwaitAck(*pkid),
+        _ => Event::Other,
+    }
+}
+
+/// An MQTT 5 PUBACK's refusal, with advice; `None` when it was taken.
+fn puback_refusal(ack: &v5p::PubAck) -> Option<Refusal> {
+    use v5p::PubAckReason as R;
+    let reason = ack
+        .properties
+        .as_ref()
+        .and_then(|p| p.reason_string.clone())
+        .map(|text| format!(": {text}"))
+        .unwrap_or_default();
+    let (advice, permanent) = match ack.reason {
+        R::Success | R::NoMatchingSubscribers => return None,
+        R::NotAuthorized => (
+            "the broker's ACL does not let the gateway publish there; fix the ACL for the gateway's topics",
+            true,
+        ),
+        R::TopicNameInvalid => ("the broker does not take this topic", true),
+        R::PayloadFormatInvalid => ("the broker does not take this payload", true),
+        R::QuotaExceeded => (
+            "the broker's quota for this client is used up; it goes again after a reconnect",
+            false,
+        ),
+        R::PacketIdentifierInUse | R::UnspecifiedError | R::ImplementationSpecificError => {
+            ("it goes again after a reconnect", false)
+        }
+    };
+    Some(Refusal {
+        why: format!(
+            "the broker refused a publish ({:?}{reason}): {advice}",
+            ack.reason
+        ),
+        permanent,
+    })
+}
+
+/// The broker's DISCONNECT in words, with advice.
+fn disconnect_reason(disconnect: &v5p::Disconnect) -> String {
+    use v5p::DisconnectReasonCode as D;
+    let properties = disconnect.properties.as_ref();
+    let text = properties
+        .and_then(|p| p.reason_string.clone())
+        .map(|text| format!(": {text}"))
+        .unwrap_or_default();
+    let elsewhere = properties
+        .and_then(|p| p.server_reference.clone())
+        .map(|server| format!(" (it names {server})"))
+        .unwrap_or_default();
+    let advice = match disconnect.reason_code {
+        D::SessionTakenOver => {
+            "another client connected with the gateway's client id: two gateways share an id"
+        }
+        D::NotAuthorized => "the broker withdrew the gateway's rights; check its ACL",
+        D::ServerShuttingDown => "the broker is shutting down; the gateway reconnects",
+        D::UseAnotherServer | D::ServerMoved => {
+            "the broker sends clients elsewhere; list the cluster's other nodes in uplink.brokers"
+        }
+        D::KeepAliveTimeout => "no packet within 1.5 keep-alives: a slow or lossy link",
+        D::ServerBusy | D::QuotaExceeded | D::MessageRateTooHigh => {
+            "the broker is overloaded or limits the gateway; it backs off and reconnects"
+        }
+        D::PacketTooLarge => "a message was larger than the broker takes",
+        _ => "the gateway reconnects",
+    };
+    format!(
+        "the broker disconnected the gateway ({:?}{text}){elsewhere}: {advice}",
+        disconnect.reason_code
+    )
+}
+
+/// The `schema` of an Outpost payload, read without parsing it: the contract's
+/// serialisers write it first (`{"schema":"outpost.telemetry/1",…`).
+pub(crate) fn schema_of(payload: &[u8]) -> Option<&str> {
+    let rest = payload.strip_prefix(b"{\"schema\":\"")?;
+    let end = rest.iter().position(|b| *b == b'"')?;
+    std::str::from_utf8(&rest[..end]).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_schema_is_read_from_the_front_of_a_payload() {
+        assert_eq!(
+            schema_of(br#"{"schema":"outpost.telemetry/1","messageId":"m"}"#),
+            Some("outpost.telemetry/1")
+        );
+        assert_eq!(schema_of(br#"{"messageId":"m","schema":"x"}"#), None);
+        assert_eq!(schema_of(b"{\"schema\":\"unterminated"), None);
+    }
+
+    #[test]
+    fn refusals_and_disconnects_say_what_to_do() {
+        let ack = |reason| v5p::PubAck {
+            pkid: 1,
+            reason,
+            properties: None,
+        };
+        assert!(puback_refusal(&ack(v5p::PubAckReason::Success)).is_none());
+        assert!(puback_refusal(&ack(v5p::PubAckReason::NoMatchingSubscribers)).is_none());
+        let denied = puback_refusal(&ack(v5p::PubAckReason::NotAuthorized)).unwrap();
+        assert!(denied.permanent && denied.why.contains("ACL"), "{denied:?}");
+        let quota = puback_refusal(&ack(v5p::PubAckReason::QuotaExceeded)).unwrap();
+        assert!(!quota.permanent);
+        let taken = disconnect_reason(&v5p::Disconnect {
+            reason_code: v5p::DisconnectReasonCode::SessionTakenOver,
+            properties: None,
+        });
+        assert!(taken.contains("two gateways share an id"), "{taken}");
+    }
+}
