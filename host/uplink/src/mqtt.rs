@@ -215,6 +215,8 @@ pub(crate) enum Event {
     ConnAck {
         /// It still had our session.
         session_present: bool,
+        /// MQTT 5: the largest packet the broker takes (a larger message cannot be sent).
+        max_packet: Option<u32>,
     },
     /// A message for us.
     Publish { topic: String, payload: Bytes },
@@ -246,10 +248,26 @@ pub(crate) enum Failure {
     Auth(String),
     /// The broker does not speak this protocol version.
     Unsupported(String),
+    /// The connection was made, but closed (or answered with something unreadable)
+    /// before a CONNACK: what a broker may do with a protocol version it does not speak.
+    NoConnAck(String),
     /// A refusal no retry fixes (a bad client id, banned).
     Fatal(String),
     /// Anything else: retried with backoff.
     Other(String),
+}
+
+impl Failure {
+    /// The failure in words.
+    pub(crate) fn text(self) -> String {
+        match self {
+            Self::Auth(text)
+            | Self::Unsupported(text)
+            | Self::NoConnAck(text)
+            | Self::Fatal(text)
+            | Self::Other(text) => text,
+        }
+    }
 }
 
 impl Events {
@@ -260,6 +278,7 @@ impl Events {
                 Ok(rumqttc::Event::Incoming(packet)) => Ok(match packet {
                     rumqttc::Incoming::ConnAck(ack) => Event::ConnAck {
                         session_present: ack.session_present,
+                        max_packet: None,
                     },
                     rumqttc::Incoming::Publish(publish) => Event::Publish {
                         topic: publish.topic,
@@ -283,12 +302,20 @@ impl Events {
                         _ => Failure::Other(format!("refused ({text})")),
                     })
                 }
+                Err(
+                    err @ (rumqttc::ConnectionError::MqttState(_)
+                    | rumqttc::ConnectionError::NotConnAck(_)),
+                ) => Err(no_connack(err.to_string())),
+                Err(rumqttc::ConnectionError::Io(err)) if closed_early(&err) => {
+                    Err(Failure::NoConnAck(err.to_string()))
+                }
                 Err(err) => Err(Failure::Other(err.to_string())),
             },
             Self::V5(events) => match events.poll().await {
                 Ok(rumqttc::v5::Event::Incoming(packet)) => Ok(match packet {
                     v5p::Packet::ConnAck(ack) => Event::ConnAck {
                         session_present: ack.session_present,
+                        max_packet: ack.properties.as_ref().and_then(|p| p.max_packet_size),
                     },
                     v5p::Packet::Publish(publish) => Event::Publish {
                         topic: String::from_utf8_lossy(&publish.topic).into_owned(),
@@ -329,10 +356,51 @@ impl Events {
                         _ => Failure::Other(format!("refused ({text})")),
                     })
                 }
+                Err(rumqttc::v5::ConnectionError::MqttState(
+                    rumqttc::v5::StateError::ServerDisconnect {
+                        reason_code,
+                        reason_string,
+                    },
+                )) => Err(Failure::Other(disconnect_reason(&v5p::Disconnect {
+                    reason_code,
+                    properties: reason_string.map(|text| v5p::DisconnectProperties {
+                        session_expiry_interval: None,
+                        reason_string: Some(text),
+                        user_properties: Vec::new(),
+                        server_reference: None,
+                    }),
+                }))),
+                Err(
+                    err @ (rumqttc::v5::ConnectionError::MqttState(_)
+                    | rumqttc::v5::ConnectionError::NotConnAck(_)),
+                ) => Err(no_connack(err.to_string())),
+                Err(rumqttc::v5::ConnectionError::Io(err)) if closed_early(&err) => {
+                    Err(Failure::NoConnAck(err.to_string()))
+                }
                 Err(err) => Err(Failure::Other(err.to_string())),
             },
         }
     }
+}
+
+/// A connection closed before its CONNACK, unless TLS said why (a TLS 1.3 server reports
+/// a missing client certificate after the handshake, as an alert on the first read).
+fn no_connack(text: String) -> Failure {
+    if text.contains("alert") {
+        Failure::Other(text)
+    } else {
+        Failure::NoConnAck(text)
+    }
+}
+
+/// An I/O error of a connection the peer closed (not one that was never made).
+fn closed_early(err: &std::io::Error) -> bool {
+    matches!(
+        err.kind(),
+        std::io::ErrorKind::UnexpectedEof
+            | std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::ConnectionAborted
+    )
 }
 
 fn outgoing_event(outgoing: &Outgoing) -> Event {

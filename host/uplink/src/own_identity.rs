@@ -367,7 +367,8 @@ impl Link<'_> {
                  in the outbox and it is tried again"
                 ));
             }
-            Err(Failure::Unsupported(why) | Failure::Fatal(why) | Failure::Other(why)) => {
+            Err(failure) => {
+                let why = failure.text();
                 return Ended::Unreachable(format!("cannot reach {hub} as {device_id}: {why}"));
             }
         }
@@ -559,12 +560,12 @@ impl Conn<'_, '_> {
                         return Ended::Lost("the hub closed the session".into());
                     }
                     Ok(event) => {
-                        if let Some(why) = session::track(&event, &mut self.handed, &mut self.in_flight, &self.acks) {
-                            return Ended::Lost(why);
+                        if let Some(refused) = session::track(&event, &mut self.handed, &mut self.in_flight, &self.acks) {
+                            return Ended::Lost(refused.why);
                         }
                     }
-                    Err(Failure::Auth(why) | Failure::Unsupported(why) | Failure::Fatal(why) | Failure::Other(why)) => {
-                        return Ended::Lost(format!("connection lost: {why}"));
+                    Err(failure) => {
+                        return Ended::Lost(format!("connection lost: {}", failure.text()));
                     }
                 },
             }

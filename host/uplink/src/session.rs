@@ -26,6 +26,9 @@ use crate::settings::{
     UplinkSettings, rustls_config,
 };
 
+/// How often a broker may refuse one message (for now) before it is dropped.
+const MAX_REFUSALS: u32 = 5;
+
 /// A publish that is not an outbox row (status, online): acknowledged but not deleted.
 const UNTRACKED: i64 = -1;
 
@@ -384,7 +387,7 @@ async fn run_gateway(shared: &Arc<Shared>, store: &Store, shutdown: &Cancellatio
                         }
                     };
                     let mut brokers = vec![broker];
-                    for alternate in &assignment.alternates {
+                    for alternate in assignment.alternates.iter().take(15) {
                         match BrokerAddr::parse(alternate) {
                             Ok(alternate) if !brokers.contains(&alternate) => {
                                 brokers.push(alternate);
@@ -574,12 +577,29 @@ async fn connect_and_pump(
     // attempt with it fails.
     let auto = shared.settings.protocol == ProtocolChoice::Auto
         && !matches!(shared.settings.endpoint, Endpoint::Azure(_));
-    let mut protocol = match (&shared.settings.endpoint, shared.settings.protocol) {
+    let first_choice = match (&shared.settings.endpoint, shared.settings.protocol) {
         (Endpoint::Azure(_), _) | (_, ProtocolChoice::V311) => Protocol::V311,
         _ => Protocol::V5,
     };
+    // Per broker: the version to speak, and how many of its answers in a row said it
+    // does not speak that one.
+    let mut versions = vec![first_choice; brokers.len()];
+    let mut unsupported = vec![0u8; brokers.len()];
+    // The version each broker last accepted: a connection it closes early after that is
+    // a broker restarting, not one that does not speak the version.
+    let mut spoke: Vec<Option<Protocol>> = vec![None; brokers.len()];
+    // Brokers that refused us for good (credentials, a banned id): with several, the
+    // others are tried, and the uplink stops only when every one refused.
+    let mut refused: Vec<Option<Ended>> = brokers.iter().map(|_| None).collect();
+    // On a standby, how often the first broker is probed: longer after each failed
+    // return, so a first broker that takes TCP but not MQTT does not make it flap.
+    let mut probe_every = shared.settings.backoff_max.max(Duration::from_millis(100));
+    let mut returning = false;
+    // Messages a broker refused for now, by outbox seq: sent again, but not for ever.
+    let mut refusals: HashMap<i64, u32> = HashMap::new();
     loop {
         let broker = &brokers[index];
+        let protocol = versions[index];
         set_status(shared, |s| s.broker = Some(broker.to_string()));
         // Made for each attempt: an IoT Hub token is good for one connection's life.
         let tls_for = if broker.tls { tls.as_ref() } else { None };
@@ -600,10 +620,23 @@ async fn connect_and_pump(
             first = events.poll() => first,
         };
         let accepted = matches!(connected, Ok(Event::ConnAck { .. }));
+        if returning && !accepted {
+            probe_every = (probe_every * 2).min(shared.settings.backoff_max * 16);
+        }
+        returning = false;
         let why = match connected {
-            Ok(Event::ConnAck { session_present }) => {
+            Ok(Event::ConnAck {
+                session_present,
+                max_packet,
+            }) => {
                 backoff.reset();
                 failing_since = None;
+                unsupported[index] = 0;
+                spoke[index] = Some(protocol);
+                refused.iter_mut().for_each(|r| *r = None);
+                if index == 0 {
+                    probe_every = shared.settings.backoff_max.max(Duration::from_millis(100));
+                }
                 let since = now_millis();
                 set_status(shared, |s| {
                     s.state = LinkState::Connected;
@@ -622,24 +655,49 @@ async fn connect_and_pump(
                 };
                 // On another than the first broker: watch for the first to answer again.
                 let prefer = (index > 0).then_some(first);
-                let ended = pump(
-                    shared,
-                    &client,
-                    &mut events,
+                let link = Connection {
+                    client: &client,
                     since,
-                    &dialect,
-                    prefer,
-                    shutdown,
-                )
-                .await;
+                    dialect: &dialect,
+                    prefer: prefer.map(|first| (first, probe_every)),
+                    max_packet,
+                };
+                let ended = pump(shared, &link, &mut events, shutdown).await;
                 set_status(shared, |s| s.connected_since = None);
                 match ended {
                     Ok(()) => return Ended::Shutdown,
                     Err(Broken::Preferred) => {
                         tracing::info!(broker = %first, "the first broker answers again; returning to it");
-                        disconnect(&client, &mut events).await;
                         index = 0;
-                        set_status(shared, |s| s.failovers += 1);
+                        returning = true;
+                        set_status(shared, |s| {
+                            s.failovers += 1;
+                            s.state = LinkState::Connecting;
+                        });
+                        continue;
+                    }
+                    Err(Broken::Refused { seq, why }) => {
+                        // The broker took the connection but not this message: not the
+                        // broker's fault, so no failover; a pause, and the message again
+                        // unless it was refused too often.
+                        if let Some(seq) = seq {
+                            let times = refusals.entry(seq).or_insert(0);
+                            *times += 1;
+                            if *times >= MAX_REFUSALS {
+                                tracing::error!(reason = %why, times = *times, "a message the broker keeps refusing is dropped");
+                                metrics::counter!(crate::metrics::REFUSED_BY_BROKER).increment(1);
+                                refusals.remove(&seq);
+                                if let Err(err) = shared.outbox.ack(vec![seq]).await {
+                                    tracing::warn!(error = %err, "cannot drop the refused message");
+                                }
+                            }
+                        }
+                        tracing::warn!(reason = %why, "reconnecting after a refused message");
+                        set_status(shared, |s| s.last_error = Some(why));
+                        tokio::select! {
+                            () = shutdown.cancelled() => return Ended::Shutdown,
+                            () = tokio::time::sleep(backoff.next_delay()) => {}
+                        }
                         continue;
                     }
                     Err(Broken::Renew) => {
@@ -665,12 +723,32 @@ async fn connect_and_pump(
                      {fix} and restart"
                 );
                 set_status(shared, |s| s.last_error = Some(why.clone()));
-                return Ended::AuthRefused(why);
+                refused[index] = Some(Ended::AuthRefused(why.clone()));
+                why
             }
-            Err(Failure::Unsupported(code)) if auto && protocol == Protocol::V5 => {
-                tracing::info!(broker = %broker, code, "the broker does not speak MQTT 5; speaking 3.1.1 to it");
-                protocol = Protocol::V311;
-                continue;
+            Err(failure @ (Failure::Unsupported(_) | Failure::NoConnAck(_)))
+                if auto
+                    && unsupported[index] < 2
+                    && (matches!(failure, Failure::Unsupported(_))
+                        || spoke[index] != Some(protocol)) =>
+            {
+                // Perhaps a broker that does not speak this version: the other next.
+                let other = match protocol {
+                    Protocol::V5 => Protocol::V311,
+                    Protocol::V311 => Protocol::V5,
+                };
+                let unsupported_now = matches!(failure, Failure::Unsupported(_));
+                let text = failure.text();
+                tracing::info!(broker = %broker, mqtt = protocol.name(), reason = %text, "trying MQTT {} with this broker next", other.name());
+                versions[index] = other;
+                unsupported[index] += 1;
+                if unsupported_now {
+                    continue;
+                }
+                format!(
+                    "{broker} closed the connection before accepting it ({text}){}",
+                    tls_advice(&text)
+                )
             }
             Err(Failure::Unsupported(code)) => {
                 let hint = if protocol == Protocol::V5 {
@@ -678,36 +756,47 @@ async fn connect_and_pump(
                 } else {
                     ""
                 };
-                return Ended::Fatal(format!(
+                let why = format!(
                     "the broker {broker} does not speak MQTT {}{hint} ({code}); not retrying",
                     protocol.name()
-                ));
+                );
+                refused[index] = Some(Ended::Fatal(why.clone()));
+                why
             }
             Err(Failure::Fatal(code)) => {
-                return Ended::Fatal(format!(
-                    "the broker {broker} refused the connection ({code}); not retrying"
-                ));
+                let why =
+                    format!("the broker {broker} refused the connection ({code}); not retrying");
+                refused[index] = Some(Ended::Fatal(why.clone()));
+                why
             }
-            Err(Failure::Other(text)) => {
+            Err(failure @ (Failure::NoConnAck(_) | Failure::Other(_))) => {
+                let text = failure.text();
                 format!("cannot reach {broker}: {text}{}", tls_advice(&text))
             }
         };
+        // Refused for good by every broker there is: stop, saying why.
+        if refused.iter().all(Option::is_some) {
+            return refused[index].take().unwrap_or(Ended::Fatal(why));
+        }
         tracing::warn!(reason = %why, mqtt = protocol.name(), "uplink down");
         set_status(shared, |s| {
             s.state = LinkState::Connecting;
             s.last_error = Some(why.clone());
         });
-        if auto && !accepted {
-            protocol = match protocol {
-                Protocol::V5 => Protocol::V311,
-                Protocol::V311 => Protocol::V5,
-            };
-        }
         if brokers.len() > 1 {
-            // The next broker at once; a pause only after each of them failed in turn.
-            index = (index + 1) % brokers.len();
-            set_status(shared, |s| s.failovers += 1);
-            if index != 0 {
+            // The next broker (that has not refused us) at once; a pause only after each
+            // of them failed in turn.
+            let from = index;
+            loop {
+                index = (index + 1) % brokers.len();
+                if refused[index].is_none() || index == from {
+                    break;
+                }
+            }
+            if index != from {
+                set_status(shared, |s| s.failovers += 1);
+            }
+            if index > from {
                 tracing::info!(broker = %brokers[index], "trying the next broker");
                 continue;
             }
@@ -758,6 +847,25 @@ enum Broken {
     Reprovision,
     /// The first of several brokers answers again: move back to it.
     Preferred,
+    /// The broker refused a message for now (MQTT 5 PUBACK).
+    Refused {
+        /// The message's outbox seq (none for a status publish).
+        seq: Option<i64>,
+        /// The reason and what to do.
+        why: String,
+    },
+}
+
+/// One connection as the pump drives it.
+struct Connection<'a> {
+    client: &'a Client,
+    /// Unix milliseconds since connected.
+    since: i64,
+    dialect: &'a Dialect,
+    /// On a standby: the first broker, and how often to probe it.
+    prefer: Option<(&'a BrokerAddr, Duration)>,
+    /// MQTT 5: the largest packet the broker takes.
+    max_packet: Option<u32>,
 }
 
 impl From<String> for Broken {
@@ -779,26 +887,25 @@ pub(crate) async fn disconnect(client: &Client, events: &mut Events) {
 /// `Err` when the connection broke or must be made again.
 async fn pump(
     shared: &Arc<Shared>,
-    client: &Client,
+    connection: &Connection<'_>,
     events: &mut Events,
-    since: i64,
-    dialect: &Dialect,
-    prefer: Option<&BrokerAddr>,
     shutdown: &CancellationToken,
 ) -> Result<(), Broken> {
+    let Connection {
+        client,
+        since,
+        dialect,
+        prefer,
+        max_packet,
+    } = *connection;
     let gateway = shared.settings.gateway_id.clone();
     // On a standby broker: probe the first in the background, every `backoff_max`.
     let probing = CancellationToken::new();
     let _stop_probing = probing.clone().drop_guard();
     let mut first_answers = match prefer {
-        Some(first) => {
+        Some((first, every)) => {
             let (found, answer) = oneshot::channel();
-            tokio::spawn(probe(
-                first.clone(),
-                shared.settings.backoff_max.max(Duration::from_millis(100)),
-                found,
-                probing,
-            ));
+            tokio::spawn(probe(first.clone(), every, found, probing));
             Some(answer)
         }
         None => None,
@@ -859,10 +966,25 @@ async fn pump(
                 }
                 let now = now_millis();
                 for message in batch {
+                    // MQTT 5: a message larger than the broker takes would end the
+                    // connection each time it is sent: said, counted and dropped.
+                    if let Some(max) = max_packet
+                        && message.topic.len() + message.payload.len() + 512 > max as usize
+                    {
+                        tracing::error!(topic = %message.topic, bytes = message.payload.len(), max, "a message larger than the broker takes is dropped");
+                        metrics::counter!(crate::metrics::REFUSED_BY_BROKER).increment(1);
+                        let _ = acks_tx.send(message.seq);
+                        continue;
+                    }
                     handed.push_back(message.seq);
-                    // MQTT 5: the message's own time to live goes with it, so the broker
-                    // drops what went stale while the backend was away.
-                    let expiry = u32::try_from((message.expires_at - now).max(1_000) / 1_000).ok();
+                    // MQTT 5: the message's own time to live goes with it (rounded up), so
+                    // the broker drops what went stale while the backend was away; not
+                    // retained state, which must stay at the broker.
+                    let expiry = if message.retain {
+                        None
+                    } else {
+                        u32::try_from(((message.expires_at - now).max(1) + 999) / 1_000).ok()
+                    };
                     let message_id = message.message_id.clone();
                     let schema = mqtt::schema_of(&message.payload).map(str::to_owned);
                     let (topic, payload, retain) = match dialect {
@@ -916,10 +1038,23 @@ async fn pump(
                         None => std::future::pending().await,
                     }
                 } => {
-                    if found {
-                        return Err(Broken::Preferred);
+                    if !found {
+                        first_answers = None;
+                        continue;
                     }
-                    first_answers = None;
+                    // Leave as at shutdown: offline status, DISCONNECT, and the
+                    // acknowledgements on their way taken (bounded), so what arrived is
+                    // not sent again.
+                    let offline = status_payload(shared, "offline", now_millis());
+                    let (topic, payload, retain) = status_message(dialect, &gateway, offline, &rid("patch"));
+                    let _ = publish_direct(client, &mut handed, topic, payload, retain).await;
+                    client.disconnect().await;
+                    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                        while let Ok(event) = events.poll().await {
+                            let _ = track(&event, &mut handed, &mut in_flight, &acks_tx);
+                        }
+                    }).await;
+                    return Err(Broken::Preferred);
                 }
                 event = events.poll() => match event {
                     Ok(Event::AwaitAck(pkid)) => {
@@ -948,12 +1083,12 @@ async fn pump(
                         return Err(why.into());
                     }
                     Ok(event) => {
-                        if let Some(why) = track(&event, &mut handed, &mut in_flight, &acks_tx) {
-                            return Err(why.into());
+                        if let Some(refused) = track(&event, &mut handed, &mut in_flight, &acks_tx) {
+                            return Err(Broken::Refused { seq: refused.seq, why: refused.why });
                         }
                     }
-                    Err(Failure::Auth(why) | Failure::Unsupported(why) | Failure::Fatal(why) | Failure::Other(why)) => {
-                        return Err(format!("connection lost: {why}").into());
+                    Err(failure) => {
+                        return Err(format!("connection lost: {}", failure.text()).into());
                     }
                 },
             }
@@ -1143,7 +1278,7 @@ pub(crate) fn track(
     handed: &mut VecDeque<i64>,
     in_flight: &mut HashMap<u16, i64>,
     acks: &mpsc::UnboundedSender<i64>,
-) -> Option<String> {
+) -> Option<Refused> {
     match event {
         Event::Sent(pkid) => {
             metrics::counter!(crate::metrics::PUBLISHED).increment(1);
@@ -1170,11 +1305,22 @@ pub(crate) fn track(
                     }
                     None
                 }
-                Some(refusal) => Some(refusal.why.clone()),
+                Some(refusal) => Some(Refused {
+                    seq: seq.filter(|seq| *seq != UNTRACKED),
+                    why: refusal.why.clone(),
+                }),
             }
         }
         _ => None,
     }
+}
+
+/// A publish the broker refused for now.
+pub(crate) struct Refused {
+    /// Its outbox seq (none for an untracked publish).
+    pub(crate) seq: Option<i64>,
+    /// The reason and what to do.
+    pub(crate) why: String,
 }
 
 pub(crate) async fn publish_direct(

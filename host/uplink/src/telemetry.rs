@@ -80,6 +80,8 @@ pub fn ndjson_messages(
     let text = std::str::from_utf8(body).map_err(|err| {
         TelemetryError::Malformed(format!("NDJSON telemetry is not UTF-8: {err}"))
     })?;
+    // A byte-order mark some writers put first is not part of line 1.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let mut records = Vec::new();
     for (index, line) in text.split('\n').enumerate() {
         let line = line.strip_suffix('\r').unwrap_or(line);
@@ -155,7 +157,7 @@ mod tests {
 
     #[test]
     fn ndjson_is_one_record_per_line_and_a_bad_line_is_named() {
-        let body = b"{\"t\":1}\r\n\n{\"t\": 2, \"s\": \"a b\"}\n";
+        let body = b"\xef\xbb\xbf{\"t\":1}\r\n\n{\"t\": 2, \"s\": \"a b\"}\n";
         let messages = ndjson_messages("gw", "esp-1", body, 7).unwrap();
         assert_eq!(messages.len(), 2);
         let second: serde_json::Value = serde_json::from_slice(&messages[1].payload).unwrap();

@@ -433,6 +433,13 @@ const MAX_BROKERS: usize = 16;
 
 /// What each profile needs and refuses in `[uplink]`.
 fn check_profile(uplink: &UplinkSection, gateway: &str) -> Result<(), String> {
+    // MQTT's keep-alive is 16 bits; rumqttc's MQTT 5 client takes no less than 5 s.
+    if !(5..=65_535).contains(&uplink.keepalive_secs.get()) {
+        return Err(format!(
+            "uplink.keepalive_secs = {}: give 5 to 65535",
+            uplink.keepalive_secs
+        ));
+    }
     match uplink.profile {
         UplinkProfile::Outpost => {
             if uplink.azure.is_some() {
@@ -446,6 +453,13 @@ fn check_profile(uplink: &UplinkSection, gateway: &str) -> Result<(), String> {
             {
                 return Err(
                     "[uplink] needs a broker, or an [uplink.registration] that assigns one".into(),
+                );
+            }
+            if uplink.broker.is_some() && uplink.registration.is_some() {
+                return Err(
+                    "[uplink]: broker and [uplink.registration] exclude each other (the \
+                     registration assigns the broker)"
+                        .into(),
                 );
             }
             if !uplink.brokers.is_empty() {
@@ -463,7 +477,10 @@ fn check_profile(uplink: &UplinkSection, gateway: &str) -> Result<(), String> {
                     return Err(format!("[uplink] brokers: at most {MAX_BROKERS}"));
                 }
                 for (i, broker) in uplink.brokers.iter().enumerate() {
-                    if uplink.brokers[..i].contains(broker) {
+                    let same = |other: &BrokerAddr| {
+                        other.host.eq_ignore_ascii_case(&broker.host) && other.port == broker.port
+                    };
+                    if uplink.brokers[..i].iter().any(same) {
                         return Err(format!("[uplink] brokers: {broker} is listed twice"));
                     }
                 }

@@ -318,6 +318,22 @@ fn several_brokers_are_taken_in_order_and_what_is_wrong_is_said() {
         ),
         ("brokers = [\"http://a\"]\n", "must start with mqtt://"),
         (
+            "brokers = [\"mqtt://A:1883\", \"mqtts://a:1883\"]\n",
+            "is listed twice",
+        ),
+        (
+            "broker = \"mqtt://a\"\nkeepalive_secs = 2\n",
+            "keepalive_secs = 2: give 5 to 65535",
+        ),
+        (
+            "broker = \"mqtt://a\"\n[uplink.registration]\nbroker = \"mqtt://r\"\nscope = \"s\"\nkey = \"a2V5\"\n",
+            "exclude each other",
+        ),
+        (
+            "broker = \"mqtt://a\"\nprotocol = \"4\"\n",
+            "unknown variant",
+        ),
+        (
             "brokers = []\n",
             "needs a broker, or an [uplink.registration]",
         ),

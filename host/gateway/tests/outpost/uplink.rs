@@ -1070,6 +1070,10 @@ fn with_two_brokers_the_gateway_fails_over_under_load_and_returns_to_the_first()
     let posted = poster.join().unwrap();
     assert_eq!(posted.len(), 1000);
     let during = post_telemetry(addr, &token, 10, "during");
+    // Delivered through the second before the first returns.
+    wait_uplink(addr, &admin, "the second took them", |j| {
+        j["outbox"]["queued"] == 0
+    });
 
     // The first is back: the gateway returns to it, and what it had taken arrives.
     first.resume();
@@ -1158,7 +1162,7 @@ fn mqtt5_message_expiry_drops_stale_telemetry_at_the_broker_while_the_backend_is
         let cloud = Cloud::start(&args);
         let site = uplink_site(
             &format!("broker = \"{}\"\nprotocol = \"{protocol}\"", broker.url()),
-            "ttl_secs = 2",
+            "ttl_secs = 5",
         );
         let mut gateway = Gateway::spawn(&site.config(), &[]);
         let addr = gateway.ready();
@@ -1174,8 +1178,8 @@ fn mqtt5_message_expiry_drops_stale_telemetry_at_the_broker_while_the_backend_is
         wait_uplink(addr, &admin, "the stale records at the broker", |j| {
             j["outbox"]["queued"] == 0
         });
-        // Their 2 s run out at the broker.
-        std::thread::sleep(Duration::from_secs(3));
+        // Their 5 s run out at the broker.
+        std::thread::sleep(Duration::from_secs(6));
         let fresh = post_telemetry(addr, &token, 5, "fresh");
         wait_uplink(addr, &admin, "the fresh records at the broker", |j| {
             j["outbox"]["queued"] == 0
@@ -1235,8 +1239,14 @@ fn mqtt5_session_expiry_keeps_the_session_across_a_10_s_outage_and_no_longer() {
         std::thread::sleep(Duration::from_secs(10));
         let mut gateway = Gateway::spawn(&site.config(), &[]);
         let addr = gateway.ready();
-        wait_uplink(addr, &admin, "connected again", |j| {
+        let again = wait_uplink(addr, &admin, "connected again", |j| {
             j["link"]["state"] == "connected"
+        });
+        // Subscribed again: this connection's online status goes after its
+        // subscriptions, in order.
+        let since = again["link"]["connected_since"].clone();
+        cloud.wait_for("message", |e| {
+            e["kind"] == "status" && e["body"]["state"] == "online" && e["body"]["since"] == since
         });
         let second = format!("after-{expiry}");
         cloud.send(&serde_json::json!({"cmd": "command", "gateway": "gw-test", "hub": "a", "rid": second, "name": "ping"}));
