@@ -1016,16 +1016,8 @@ async fn pump(
             }
             tokio::select! {
                 () = shutdown.cancelled() => {
-                    let offline = status_payload(shared, "offline", now_millis());
-                    let (topic, payload, retain) = status_message(dialect, &gateway, offline, &rid("patch"));
-                    let _ = publish_direct(client, &mut handed, topic, payload, retain).await;
-                    client.disconnect().await;
-                    // Let the offline status and the DISCONNECT go out (bounded).
-                    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                        while let Ok(event) = events.poll().await {
-                            let _ = track(&event, &mut handed, &mut in_flight, &acks_tx);
-                        }
-                    }).await;
+                    let book = Book { handed: &mut handed, in_flight: &mut in_flight, acks: &acks_tx };
+                    sign_off(shared, client, events, dialect, &rid("patch"), book).await;
                     return Ok(());
                 }
                 () = async { tokio::time::sleep_until(renew_at.unwrap_or_else(tokio::time::Instant::now)).await }, if renew_at.is_some() => {
@@ -1042,18 +1034,9 @@ async fn pump(
                         first_answers = None;
                         continue;
                     }
-                    // Leave as at shutdown: offline status, DISCONNECT, and the
-                    // acknowledgements on their way taken (bounded), so what arrived is
-                    // not sent again.
-                    let offline = status_payload(shared, "offline", now_millis());
-                    let (topic, payload, retain) = status_message(dialect, &gateway, offline, &rid("patch"));
-                    let _ = publish_direct(client, &mut handed, topic, payload, retain).await;
-                    client.disconnect().await;
-                    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                        while let Ok(event) = events.poll().await {
-                            let _ = track(&event, &mut handed, &mut in_flight, &acks_tx);
-                        }
-                    }).await;
+                    // Leave as at shutdown, so what arrived is not sent again.
+                    let book = Book { handed: &mut handed, in_flight: &mut in_flight, acks: &acks_tx };
+                    sign_off(shared, client, events, dialect, &rid("patch"), book).await;
                     return Err(Broken::Preferred);
                 }
                 event = events.poll() => match event {
@@ -1098,6 +1081,37 @@ async fn pump(
     drop(acks_tx);
     let _ = acker.await;
     result
+}
+
+/// A connection's publish bookkeeping (see [`track`]).
+struct Book<'a> {
+    handed: &'a mut VecDeque<i64>,
+    in_flight: &'a mut HashMap<u16, i64>,
+    acks: &'a mpsc::UnboundedSender<i64>,
+}
+
+/// Ends a connection on purpose: the offline status, DISCONNECT, and the
+/// acknowledgements still on their way taken (bounded, 2 s), so that what arrived is not
+/// sent again by the next connection.
+async fn sign_off(
+    shared: &Shared,
+    client: &Client,
+    events: &mut Events,
+    dialect: &Dialect,
+    rid: &str,
+    book: Book<'_>,
+) {
+    let offline = status_payload(shared, "offline", now_millis());
+    let (topic, payload, retain) =
+        status_message(dialect, &shared.settings.gateway_id, offline, rid);
+    let _ = publish_direct(client, book.handed, topic, payload, retain).await;
+    client.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Ok(event) = events.poll().await {
+            let _ = track(&event, book.handed, book.in_flight, book.acks);
+        }
+    })
+    .await;
 }
 
 /// Connects to `broker` over TCP every `every` until it accepts (then says so on
