@@ -710,16 +710,19 @@ async fn commit(inner: &Arc<Inner>, work: Vec<Work>) {
         }
     }
     let default_ttl = inner.limits.default_ttl;
-    let lanes: Vec<String> = rows
-        .iter()
-        .map(|message| {
-            crate::contract::lane_device(&message.topic)
-                .filter(|device| inner.lanes.contains(*device))
-                .unwrap_or_default()
-                .to_owned()
-        })
-        .collect();
-    let laned = lanes.iter().any(|lane| !lane.is_empty());
+    // Each row's lane: looked up only where devices have lanes (ingest is the hot path).
+    let lanes: Vec<Option<String>> = if inner.lanes.is_empty() {
+        Vec::new()
+    } else {
+        rows.iter()
+            .map(|message| {
+                crate::contract::lane_device(&message.topic)
+                    .filter(|device| inner.lanes.contains(*device))
+                    .map(str::to_owned)
+            })
+            .collect()
+    };
+    let laned = lanes.iter().any(Option::is_some);
     let result = inner
         .store
         .call(move |conn| {
@@ -746,7 +749,8 @@ async fn commit(inner: &Arc<Inner>, work: Vec<Work>) {
                      expires_at, retain, lane) VALUES (?1, ?2, ?3, 1, ?4, ?5, ?6, ?7, ?8) \
                      ON CONFLICT (message_id) DO NOTHING",
                 )?;
-                for (message, lane) in rows.into_iter().zip(lanes) {
+                for (index, message) in rows.into_iter().enumerate() {
+                    let lane = lanes.get(index).and_then(Option::as_deref);
                     let ttl = message.ttl.unwrap_or(default_ttl);
                     let expires =
                         now.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX));
@@ -758,14 +762,14 @@ async fn commit(inner: &Arc<Inner>, work: Vec<Work>) {
                         now,
                         expires,
                         i64::from(message.retain),
-                        lane,
+                        lane.unwrap_or(""),
                     ])?;
                     if inserted == 0 {
                         duplicates.0 += 1;
                         duplicates.1 += message.payload.len() as u64;
                         continue;
                     }
-                    if !lane.is_empty() {
+                    if lane.is_some() {
                         // Read from SQLite by its connection; the mirror is the gateway's.
                         continue;
                     }

@@ -256,18 +256,27 @@ fn direct(
     device_id: &str,
     key: String,
 ) -> (String, String, AzureSettings) {
-    let identity = AzureSettings {
-        identity: AzureIdentity::Direct {
+    let identity = as_device(
+        azure,
+        AzureIdentity::Direct {
             hub: hub.to_owned(),
             device_id: device_id.to_owned(),
             key: Some(key),
         },
+    );
+    (hub.to_owned(), device_id.to_owned(), identity)
+}
+
+/// The gateway's settings for a device's own `identity`: the same port and token life, no
+/// Device Update agent and no devices of its own.
+fn as_device(azure: &AzureSettings, identity: AzureIdentity) -> AzureSettings {
+    AzureSettings {
+        identity,
         port: azure.port,
         token_ttl: azure.token_ttl,
         device_update: None,
         devices: Vec::new(),
-    };
-    (hub.to_owned(), device_id.to_owned(), identity)
+    }
 }
 
 /// Registers the device through DPS in the gateway's enrollment group.
@@ -289,18 +298,15 @@ async fn register(
                 .into(),
         );
     };
-    let registering = AzureSettings {
-        identity: AzureIdentity::Dps {
+    let registering = as_device(
+        azure,
+        AzureIdentity::Dps {
             host: host.clone(),
             id_scope: id_scope.clone(),
             registration_id: own.hub_device_id.clone(),
             attestation: Attestation::GroupKey(group.clone()),
         },
-        port: azure.port,
-        token_ttl: azure.token_ttl,
-        device_update: None,
-        devices: Vec::new(),
-    };
+    );
     let assignment = azure::assignment(&registering, &shared.settings)
         .await
         .map_err(|err| err.to_string())?;

@@ -965,7 +965,7 @@ async fn pump(
                     exhausted = true;
                 }
                 let now = now_millis();
-                for message in batch {
+                for mut message in batch {
                     // MQTT 5: a message larger than the broker takes would end the
                     // connection each time it is sent: said, counted and dropped.
                     if let Some(max) = max_packet
@@ -985,10 +985,13 @@ async fn pump(
                     } else {
                         u32::try_from(((message.expires_at - now).max(1) + 999) / 1_000).ok()
                     };
-                    let message_id = message.message_id.clone();
-                    let schema = mqtt::schema_of(&message.payload).map(str::to_owned);
                     let (topic, payload, retain) = match dialect {
-                        Dialect::Outpost => (message.topic, message.payload, message.retain),
+                        // The payload is shared (Bytes), not copied.
+                        Dialect::Outpost => (
+                            std::mem::take(&mut message.topic),
+                            message.payload.clone(),
+                            message.retain,
+                        ),
                         Dialect::Azure { device_id, .. } => {
                             let (topic, payload) = azure::outgoing(
                                 &gateway,
@@ -1003,8 +1006,8 @@ async fn pump(
                         }
                     };
                     let extras = mqtt::Extras {
-                        message_id: Some(&message_id),
-                        schema: schema.as_deref(),
+                        message_id: Some(&message.message_id),
+                        schema: mqtt::schema_of(&message.payload),
                         expiry,
                     };
                     client.publish(topic, payload, retain, extras).await?;
