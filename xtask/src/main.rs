@@ -26,6 +26,11 @@ commands:
   bench-uplink [-- --messages N --connections C[,C..]] telemetry through the gateway
                                 (API -> outbox -> Mosquitto QoS1) next to raw Mosquitto
                                 QoS1; connections default 64,128
+  bench-fleet [-- --gateways N --devices N --records N --batch N --workers N --faults]
+                                N release gateways on a 3-node NATS cluster (JetStream +
+                                MQTT, Debian nats-server, installed if missing) relaying
+                                telemetry to cloud-sim workers, next to QoS 1 straight
+                                into the cluster; with --faults a node and a worker die
   deb [-- --target TRIPLE]      the Debian package (cargo-deb, installed when missing):
                                 release build, /etc/outpost/outpost.toml from
                                 gateway-config with the state in /var/lib/outpost, the
@@ -52,6 +57,7 @@ fn main() -> ExitCode {
         Some("bench-cache") => bench_cache(&args[1..]),
         Some("bench-onboard") => bench_onboard(&args[1..]),
         Some("bench-uplink") => bench_uplink(&args[1..]),
+        Some("bench-fleet") => bench_fleet(&args[1..]),
         Some("demo") => demo::run(&args[1..]),
         Some("deb") => deb(&args[1..]),
         Some("test-arm64") => arm64::test(&args[1..]),
@@ -199,6 +205,7 @@ fn prepare(root: &Path) -> anyhow::Result<()> {
     ensure_componentize_py(root)?;
     ensure_azure_iot_device(root)?;
     ensure_mosquitto()?;
+    ensure_nats_server()?;
     // The dashboard test drives Debian's headless Chromium through chromedriver.
     if !Path::new("/usr/bin/chromium").exists() || !Path::new("/usr/bin/chromedriver").exists() {
         apt_install("chromium chromium-driver")?;
@@ -217,7 +224,7 @@ fn prepare(root: &Path) -> anyhow::Result<()> {
         apt_install("prometheus")?;
     }
     step(
-        "cargo build -p esp-sim -p cloud-sim -p hub-sim (the onboarding and uplink tests run these binaries)",
+        "cargo build -p esp-sim -p cloud-sim -p hub-sim -p outpost-fleet-bench (the onboarding, uplink and fleet tests run these binaries)",
     );
     let status = Command::new(cargo())
         .current_dir(root)
@@ -230,11 +237,13 @@ fn prepare(root: &Path) -> anyhow::Result<()> {
             "cloud-sim",
             "-p",
             "hub-sim",
+            "-p",
+            "outpost-fleet-bench",
         ])
         .status()
         .context("cannot run cargo build")?;
     if !status.success() {
-        bail!("building esp-sim, cloud-sim and hub-sim failed ({status})");
+        bail!("building esp-sim, cloud-sim, hub-sim and fleet-bench failed ({status})");
     }
     Ok(())
 }
@@ -330,6 +339,30 @@ fn bench_uplink(args: &[String]) -> anyhow::Result<()> {
         .current_dir(&root)
         .arg("--outpost")
         .arg(root.join("target/release/outpost"))
+        .args(bench_args)
+        .status()?;
+    if !status.success() {
+        bail!("the benchmark failed ({status})");
+    }
+    Ok(())
+}
+
+/// The fleet benchmark: release gateways, cloud-sim and the harness (its own package)
+/// against a 3-node NATS cluster (Debian `nats-server`, installed here if missing).
+fn bench_fleet(args: &[String]) -> anyhow::Result<()> {
+    let root = workspace_root();
+    ensure_nats_server()?;
+    build_release(
+        &root,
+        &["outpost-gateway", "cloud-sim", "outpost-fleet-bench"],
+    )?;
+    let bench_args: Vec<&String> = args.iter().skip_while(|a| *a == "--").collect();
+    let status = Command::new(root.join("target/release/fleet-bench"))
+        .current_dir(&root)
+        .arg("--outpost")
+        .arg(root.join("target/release/outpost"))
+        .arg("--cloud-sim")
+        .arg(root.join("target/release/cloud-sim"))
         .args(bench_args)
         .status()?;
     if !status.success() {
@@ -504,22 +537,27 @@ fn bench_onboard(args: &[String]) -> anyhow::Result<()> {
 
 /// Installs Debian's Mosquitto when it is missing.
 fn ensure_mosquitto() -> anyhow::Result<()> {
-    if Command::new("mosquitto").arg("-h").output().is_ok() {
+    ensure_debian_program("mosquitto", &["-h"], "mosquitto")
+}
+
+/// Installs Debian's NATS server (the fleet test's and bench's broker cluster) when it is
+/// missing.
+fn ensure_nats_server() -> anyhow::Result<()> {
+    ensure_debian_program("nats-server", &["--version"], "nats-server")
+}
+
+/// Installs Debian package `package` when `program args` does not run.
+fn ensure_debian_program(program: &str, args: &[&str], package: &str) -> anyhow::Result<()> {
+    if Command::new(program).args(args).output().is_ok() {
         return Ok(());
     }
-    step("installing mosquitto (Debian package)");
+    step(&format!("installing {package} (Debian package)"));
     let status = Command::new("apt-get")
-        .args([
-            "install",
-            "-y",
-            "-qq",
-            "--no-install-recommends",
-            "mosquitto",
-        ])
+        .args(["install", "-y", "-qq", "--no-install-recommends", package])
         .env("DEBIAN_FRONTEND", "noninteractive")
         .status()?;
     if !status.success() {
-        bail!("apt-get install mosquitto failed ({status}); install it and rerun");
+        bail!("apt-get install {package} failed ({status}); install it and rerun");
     }
     Ok(())
 }

@@ -13,6 +13,13 @@
 //!   gateways catch it).
 //! * **Operator commands** as JSON lines on stdin: `reassign`, `desired`, `deploy`,
 //!   `command`. **Events** as JSON lines on stdout, for tests and demos.
+//! * **Scale-out**: several cloud-sim processes share a hub's load as workers
+//!   (`--worker NAME`), each gateway message handled by one of them. On an MQTT broker with
+//!   shared subscriptions (`--share GROUP`: `$share/GROUP/outpost/v1/gw/+/#`, Mosquitto,
+//!   EMQX, HiveMQ); on a NATS cluster through JetStream (`--jetstream NAME=nats://…`): a
+//!   stream captures the gateways' subjects and the workers pull from one durable consumer,
+//!   acknowledging each message after handling it, so a killed worker's unacknowledged
+//!   messages go to the others (at-least-once, by message id).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -61,6 +68,34 @@ struct Args {
     /// Do not print an event per telemetry message (count them in `stats` instead).
     #[arg(long)]
     quiet_telemetry: bool,
+    /// Print a short `telemetry` event per telemetry message (gateway, message id, the
+    /// body's `t` and the receipt time in µs since the epoch) instead of the full message.
+    #[arg(long, conflicts_with = "quiet_telemetry")]
+    telemetry_ids: bool,
+    /// This process is one worker of several sharing the hubs' load: NAME goes into its
+    /// client ids and events.
+    #[arg(long, value_name = "NAME")]
+    worker: Option<String>,
+    /// Subscribe to the hubs as a member of shared-subscription GROUP
+    /// (`$share/GROUP/...`, clean sessions): each message goes to one worker of the group.
+    #[arg(long, value_name = "GROUP")]
+    share: Option<String>,
+    /// Take hub NAME's gateway messages from JetStream on these NATS servers
+    /// (`NAME=nats://host:port[,nats://…]`) instead of an MQTT subscription; the hub's MQTT
+    /// connection (to the cluster's MQTT listener) still publishes.
+    #[arg(long = "jetstream", value_name = "NAME=URLS")]
+    jetstream: Vec<String>,
+    /// Replicas of the JetStream stream cloud-sim creates (at most the cluster's size).
+    #[arg(long, default_value_t = 1)]
+    stream_replicas: usize,
+    /// Where the JetStream stream keeps its messages: `file` or `memory` (replicated in
+    /// memory on each of its replicas: faster, gone if every replica restarts).
+    #[arg(long, default_value = "file", value_parser = ["file", "memory"])]
+    stream_storage: String,
+    /// Seconds a JetStream message may stay unacknowledged before it is delivered again
+    /// (to any worker).
+    #[arg(long, default_value_t = 5)]
+    ack_wait_secs: u64,
 }
 
 struct Enrollment {
@@ -93,6 +128,20 @@ fn emit(event: &serde_json::Value) {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let mut jetstream = HashMap::new();
+    for spec in &args.jetstream {
+        let (name, urls) = spec
+            .split_once('=')
+            .with_context(|| format!("--jetstream {spec:?}: use name=nats://host:port[,…]"))?;
+        let urls: Vec<String> = urls.split(',').map(str::to_owned).collect();
+        if urls.iter().any(|url| !url.starts_with("nats://")) {
+            bail!("--jetstream {spec:?}: the servers are nats://host:port URLs");
+        }
+        jetstream.insert(name.to_owned(), urls);
+    }
+    if args.share.is_some() && !jetstream.is_empty() {
+        bail!("--share and --jetstream are two ways to share the load: use one");
+    }
     let mut hubs = HashMap::new();
     let mut loops = Vec::new();
     for spec in &args.hubs {
@@ -100,9 +149,19 @@ async fn main() -> anyhow::Result<()> {
             .split_once('=')
             .with_context(|| format!("--hub {spec:?}: use name=mqtt://host:port"))?;
         let addr = BrokerAddr::parse(url).map_err(anyhow::Error::msg)?;
-        let (client, events) = connect(&format!("cloud-sim-{name}"), &addr, false);
+        let client_id = match &args.worker {
+            Some(worker) => format!("cloud-sim-{name}-{worker}"),
+            None => format!("cloud-sim-{name}"),
+        };
+        // A shared-subscription member keeps no session: a persistent one would go on
+        // taking its share into a queue while the worker is dead.
+        let clean = args.share.is_some() || jetstream.contains_key(name);
+        let (client, events) = connect(&client_id, &addr, clean);
         hubs.insert(name.to_owned(), (addr, client));
         loops.push((name.to_owned(), events));
+    }
+    if let Some(name) = jetstream.keys().find(|name| !hubs.contains_key(*name)) {
+        bail!("--jetstream {name}=…: no hub named {name:?} (give it with --hub for publishing)");
     }
     for spec in &args.alternates {
         let (name, url) = spec
@@ -165,7 +224,19 @@ async fn main() -> anyhow::Result<()> {
     for (name, events) in loops {
         let (tx, rx) = tokio::sync::oneshot::channel();
         ready.push(rx);
-        tokio::spawn(hub_loop(Arc::clone(&cloud), name, events, tx));
+        let subscribe = !jetstream.contains_key(&name);
+        tokio::spawn(hub_loop(Arc::clone(&cloud), name, events, subscribe, tx));
+    }
+    for (name, urls) in jetstream {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        ready.push(rx);
+        let cloud = Arc::clone(&cloud);
+        tokio::spawn(async move {
+            if let Err(err) = jetstream_loop(&cloud, &name, &urls, tx).await {
+                emit(&json!({ "event": "error", "hub": name, "message": format!("{err:#}") }));
+                std::process::exit(1);
+            }
+        });
     }
     if let Some((client, events)) = registration {
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -220,20 +291,30 @@ fn connect(client_id: &str, addr: &BrokerAddr, clean: bool) -> (AsyncClient, rum
     AsyncClient::new(options, 10_000)
 }
 
+/// A hub's MQTT connection: it publishes, and with `subscribe` it also takes in what the
+/// gateways send (as a member of the shared subscription with `--share`).
 async fn hub_loop(
     cloud: Arc<Cloud>,
     hub: String,
     mut events: rumqttc::EventLoop,
+    subscribe: bool,
     ready: tokio::sync::oneshot::Sender<()>,
 ) {
     let mut ready = Some(ready);
     let client = cloud.hubs[&hub].1.clone();
+    let filter = match &cloud.args.share {
+        Some(group) => format!("$share/{group}/{}/gw/+/#", contract::ROOT),
+        None => format!("{}/gw/+/#", contract::ROOT),
+    };
     loop {
         match events.poll().await {
+            Ok(Event::Incoming(Incoming::ConnAck(_))) if !subscribe => {
+                if let Some(ready) = ready.take() {
+                    let _ = ready.send(());
+                }
+            }
             Ok(Event::Incoming(Incoming::ConnAck(_))) => {
-                let _ = client
-                    .subscribe(format!("{}/gw/+/#", contract::ROOT), QoS::AtLeastOnce)
-                    .await;
+                let _ = client.subscribe(filter.as_str(), QoS::AtLeastOnce).await;
             }
             Ok(Event::Incoming(Incoming::SubAck(_))) => {
                 if let Some(ready) = ready.take() {
@@ -287,12 +368,29 @@ async fn on_hub_message(
     };
     let body: serde_json::Value =
         serde_json::from_slice(payload).unwrap_or(serde_json::Value::Null);
-    if kind == "telemetry" && cloud.args.quiet_telemetry {
+    if kind == "telemetry" {
         *cloud.telemetry.lock().expect("lock") += 1;
-        return;
+        if cloud.args.quiet_telemetry {
+            return;
+        }
+        if cloud.args.telemetry_ids {
+            emit(&json!({
+                "event": "telemetry",
+                "gateway": gateway,
+                "worker": cloud.args.worker,
+                "messageId": body.get("messageId"),
+                "t": body.pointer("/body/t"),
+                "at": std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_micros() as u64)
+                    .unwrap_or(0),
+            }));
+            return;
+        }
     }
     emit(&json!({
         "event": "message",
+        "worker": cloud.args.worker,
         "hub": hub,
         "gateway": gateway,
         "kind": kind,
@@ -302,6 +400,126 @@ async fn on_hub_message(
         "deviceId": body.get("deviceId"),
         "body": body,
     }));
+}
+
+/// The name of the JetStream stream that captures the gateways' subjects, and of the
+/// durable consumer the workers share.
+const STREAM: &str = "OUTPOST_UPLINK";
+const CONSUMER: &str = "cloud-sim";
+
+/// Hub `hub`'s gateway messages from JetStream: the stream `OUTPOST_UPLINK` captures
+/// `outpost.v1.gw.>` (what NATS's MQTT listener publishes for `outpost/v1/gw/#`) as a work
+/// queue, and every worker pulls from the one durable consumer, acknowledging a message
+/// after handling it.
+async fn jetstream_loop(
+    cloud: &Arc<Cloud>,
+    hub: &str,
+    urls: &[String],
+    ready: tokio::sync::oneshot::Sender<()>,
+) -> anyhow::Result<()> {
+    use async_nats::jetstream::{consumer, stream};
+    use futures_util::StreamExt as _;
+
+    let name = match &cloud.args.worker {
+        Some(worker) => format!("cloud-sim-{hub}-{worker}"),
+        None => format!("cloud-sim-{hub}"),
+    };
+    let client = async_nats::ConnectOptions::new()
+        .name(name)
+        .retry_on_initial_connect()
+        .connect(urls)
+        .await
+        .with_context(|| format!("cannot connect to NATS at {}", urls.join(",")))?;
+    let context = async_nats::jetstream::new(client);
+    let config = stream::Config {
+        name: STREAM.into(),
+        subjects: vec![format!("{}.gw.>", contract::ROOT.replace('/', "."))],
+        retention: stream::RetentionPolicy::WorkQueue,
+        storage: if cloud.args.stream_storage == "memory" {
+            stream::StorageType::Memory
+        } else {
+            stream::StorageType::File
+        },
+        num_replicas: cloud.args.stream_replicas,
+        ..Default::default()
+    };
+    let consumer_config = consumer::pull::Config {
+        durable_name: Some(CONSUMER.into()),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: Duration::from_secs(cloud.args.ack_wait_secs),
+        max_ack_pending: 20_000,
+        ..Default::default()
+    };
+    // Workers start together: one creates, the others find (or race and try again while
+    // the cluster elects the stream's leader).
+    let mut attempt = 0;
+    let consumer: consumer::PullConsumer = loop {
+        let made = async {
+            let stream = context.get_or_create_stream(config.clone()).await?;
+            stream
+                .get_or_create_consumer(CONSUMER, consumer_config.clone())
+                .await
+                .map_err(anyhow::Error::from)
+        };
+        match made.await {
+            Ok(consumer) => break consumer,
+            Err(err) if attempt < 40 => {
+                attempt += 1;
+                if attempt % 10 == 0 {
+                    emit(&json!({ "event": "retry", "hub": hub, "message": format!("{err:#}") }));
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(err) => return Err(err.context(format!("cannot make stream {STREAM}"))),
+        }
+    };
+    // Small batches and short pulls: a worker holds little that another would have to
+    // wait out (the ack wait) if it dies, and one whose node died notices within seconds
+    // (missed heartbeats) and pulls again through another.
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(100)
+        .expires(Duration::from_secs(4))
+        .heartbeat(Duration::from_secs(1))
+        .messages()
+        .await
+        .context("cannot pull")?;
+    let _ = ready.send(());
+    while let Some(message) = messages.next().await {
+        let message = match message {
+            Ok(message) => message,
+            Err(err) => {
+                // Missed heartbeats while a node restarts and the like: the client
+                // reconnects and the stream goes on.
+                emit(&json!({ "event": "nats", "hub": hub, "message": err.to_string() }));
+                continue;
+            }
+        };
+        let topic = subject_to_topic(&message.subject);
+        on_hub_message(cloud, hub, &topic, &message.payload, false).await;
+        if let Err(err) = message.ack().await {
+            emit(&json!({ "event": "nats", "hub": hub, "message": format!("ack: {err}") }));
+        }
+    }
+    bail!("the JetStream consumer of hub {hub} ended")
+}
+
+/// An MQTT topic back from the NATS subject NATS's MQTT listener published it on: `/` was
+/// made `.`, and a `.` in the topic `//`.
+fn subject_to_topic(subject: &str) -> String {
+    let mut topic = String::with_capacity(subject.len());
+    let mut chars = subject.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '/' if chars.peek() == Some(&'/') => {
+                chars.next();
+                topic.push('.');
+            }
+            '.' => topic.push('/'),
+            c => topic.push(c),
+        }
+    }
+    topic
 }
 
 async fn sign_claim(cloud: &Arc<Cloud>, hub: &str, gateway: &str, rid: &str, payload: &[u8]) {

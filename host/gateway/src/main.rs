@@ -11,6 +11,7 @@ mod cli;
 mod config;
 mod daemon;
 mod logging;
+mod resident;
 mod state_dir;
 
 use std::process::ExitCode;
@@ -18,6 +19,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    resident::random_access_for_own_code();
     let cli = cli::Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

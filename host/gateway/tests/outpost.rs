@@ -21,6 +21,8 @@ mod device_agent;
 mod disk;
 #[path = "outpost/firmware.rs"]
 mod firmware;
+#[path = "outpost/fleet.rs"]
+mod fleet;
 #[path = "outpost/hostile.rs"]
 mod hostile;
 #[path = "outpost/metrics.rs"]

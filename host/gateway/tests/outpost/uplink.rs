@@ -1342,3 +1342,62 @@ fn auto_speaks_3_1_1_to_a_broker_that_refuses_mqtt5() {
     }
     gateway.stop_cleanly(libc::SIGTERM, &site);
 }
+
+/// cloud-sim as three workers on one shared subscription (`--share`,
+/// `$share/cloud/outpost/v1/gw/+/#` on Mosquitto): each telemetry message reaches exactly
+/// one of them, and each takes a share.
+#[test]
+fn workers_on_a_shared_subscription_each_take_a_share_and_every_message_once() {
+    let broker = Mosquitto::start("");
+    let mut workers: Vec<Cloud> = (0..3)
+        .map(|w| {
+            Cloud::start(&[
+                format!("--hub=a={}", broker.url()),
+                "--share=cloud".to_owned(),
+                format!("--worker=w{w}"),
+            ])
+        })
+        .collect();
+    let site = uplink_site(&format!("broker = \"{}\"", broker.url()), "");
+    let mut gateway = Gateway::spawn(&site.config(), &[]);
+    let addr = gateway.ready();
+    let admin = site.admin_token();
+    wait_uplink(addr, &admin, "connected", |j| {
+        j["link"]["state"] == "connected"
+    });
+    let token = device_token(addr, &admin);
+    let posted = post_telemetry(addr, &token, 300, "shared");
+
+    let end = Instant::now() + DEADLINE;
+    let copies = loop {
+        let mut copies: Vec<(usize, String)> = Vec::new();
+        for (w, worker) in workers.iter_mut().enumerate() {
+            worker.drain();
+            copies.extend(
+                worker
+                    .seen()
+                    .iter()
+                    .filter(|e| e["event"] == "message" && e["kind"] == "telemetry")
+                    .map(|e| (w, e["messageId"].as_str().unwrap().to_owned())),
+            );
+        }
+        let distinct: HashSet<&str> = copies.iter().map(|(_, id)| id.as_str()).collect();
+        if posted.iter().all(|id| distinct.contains(id.as_str())) {
+            break copies;
+        }
+        assert!(
+            Instant::now() < end,
+            "the workers have {} of {} messages",
+            distinct.len(),
+            posted.len()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(copies.len(), posted.len(), "a message reached two workers");
+    let shares: Vec<usize> = (0..3)
+        .map(|w| copies.iter().filter(|(at, _)| *at == w).count())
+        .collect();
+    assert!(shares.iter().all(|&n| n > 0), "shares {shares:?}");
+    println!("shared subscription: 300 messages over 3 workers as {shares:?}");
+    gateway.stop_cleanly(libc::SIGTERM, &site);
+}

@@ -1,0 +1,882 @@
+//! A fleet on a clustered broker, end to end, with faults: `cargo xtask bench-fleet`, and the
+//! gateway's fleet test (`tests/outpost/fleet.rs`, which runs this with debug binaries and
+//! checks the summary it writes).
+//!
+//! 1. A **3-node NATS cluster** (Debian `nats-server`): JetStream and the MQTT listener on
+//!    each node, every port on 127.0.0.1, each node started and killed by pid.
+//! 2. **cloud-sim as W workers** (`--jetstream`): one JetStream work-queue stream over
+//!    `outpost.v1.gw.>` (3 replicas), one durable consumer they all pull from.
+//! 3. **G gateways** (`outpost run`, each its own state dir, port and small config, their
+//!    broker lists rotated so that a third starts on each node), D devices each.
+//! 4. **Anchor**, with the gateways connected and idle: QoS 1 publishers straight into the
+//!    cluster's MQTT listeners, as many as there are gateways, spread over the nodes, the
+//!    same number of records as the fleet, counted at the workers: what the cluster and the
+//!    workers do without the gateways' work, in this run. Then the devices post telemetry
+//!    through the device API (R records per device, `--batch` per POST).
+//! 5. **Faults** (`--faults`): at a third of the records one NATS node is killed
+//!    (SIGKILL) and every gateway's time back to `connected` is taken from its
+//!    `/api/v1/uplink`; it is started again; at two thirds one worker is killed.
+//!
+//! Every record a gateway acknowledged (202, its message id) must reach a worker: counted
+//! by distinct message id, 0 lost, none unknown; copies only with a repeated id. Prints the
+//! totals, msg/s end to end and its ratio to the anchor, p50/p99 latency (the record's
+//! `t` to the worker's receipt), gateway RSS (peak, median and max) and the reconnect
+//! times; `--summary FILE` writes them as JSON. Exits non-zero when a record was lost or a
+//! gateway did not reconnect within its backoff bound.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+const ADMIN: &str = "fleet-admin-token-0123456789abcdef";
+/// The gateways' reconnect backoff (`[uplink] backoff_max_ms`): the bound on how long a
+/// gateway may take to be connected again after its node dies.
+const BACKOFF_MAX_MS: u64 = 5_000;
+
+struct Args {
+    outpost: PathBuf,
+    cloud_sim: PathBuf,
+    gateways: usize,
+    devices: usize,
+    records: usize,
+    batch: usize,
+    workers: usize,
+    faults: bool,
+    summary: Option<PathBuf>,
+}
+
+fn args() -> Result<Args, Error> {
+    let mut args = Args {
+        outpost: PathBuf::from("target/release/outpost"),
+        cloud_sim: PathBuf::from("target/release/cloud-sim"),
+        gateways: 100,
+        devices: 20,
+        records: 20,
+        batch: 1,
+        workers: 3,
+        faults: false,
+        summary: None,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        if arg == "--faults" {
+            args.faults = true;
+            continue;
+        }
+        let value = it.next().ok_or(format!("{arg} needs a value"))?;
+        let count = || -> Result<usize, Error> {
+            match value.parse::<usize>() {
+                Ok(n) if n > 0 => Ok(n),
+                _ => Err(format!("{arg} takes a count above zero, not {value:?}").into()),
+            }
+        };
+        match arg.as_str() {
+            "--outpost" => args.outpost = value.clone().into(),
+            "--cloud-sim" => args.cloud_sim = value.clone().into(),
+            "--gateways" => args.gateways = count()?,
+            "--devices" => args.devices = count()?,
+            "--records" => args.records = count()?,
+            "--batch" => args.batch = count()?.min(100),
+            "--workers" => args.workers = count()?,
+            "--summary" => args.summary = Some(value.clone().into()),
+            other => return Err(format!("unknown argument {other}").into()),
+        }
+    }
+    if args.faults && args.workers < 2 {
+        return Err("--faults kills a worker: give --workers 2 or more".into());
+    }
+    Ok(args)
+}
+
+fn free_port() -> Result<u16, Error> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+fn wait_listening(port: u16, what: &str, within: Duration) -> Result<(), Error> {
+    let end = Instant::now() + within;
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > end {
+            return Err(format!("{what} did not listen on 127.0.0.1:{port}").into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// A child process killed (SIGKILL) and reaped when dropped.
+struct Proc(Option<Child>);
+
+impl Proc {
+    fn kill(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+    fn pid(&self) -> Option<u32> {
+        self.0.as_ref().map(Child::id)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One node of the NATS cluster.
+struct Node {
+    name: String,
+    mqtt: u16,
+    client: u16,
+    config: PathBuf,
+    log: PathBuf,
+    process: Proc,
+}
+
+impl Node {
+    fn start(&mut self) -> Result<(), Error> {
+        let binary = ["/usr/bin/nats-server", "/usr/sbin/nats-server"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .ok_or("nats-server is not installed: apt-get install nats-server (.ci/run does)")?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        self.process = Proc(Some(
+            Command::new(binary)
+                .arg("-c")
+                .arg(&self.config)
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()?,
+        ));
+        wait_listening(self.mqtt, &self.name, Duration::from_secs(30))
+    }
+}
+
+fn cluster(dir: &Path) -> Result<Vec<Node>, Error> {
+    let mut ports = Vec::new();
+    for _ in 0..3 {
+        ports.push((free_port()?, free_port()?, free_port()?));
+    }
+    let routes: Vec<String> = ports
+        .iter()
+        .map(|(_, cluster, _)| format!("nats-route://127.0.0.1:{cluster}"))
+        .collect();
+    let mut nodes = Vec::new();
+    for (i, (client, cluster, mqtt)) in ports.into_iter().enumerate() {
+        let name = format!("n{}", i + 1);
+        let config = dir.join(format!("{name}.conf"));
+        std::fs::write(
+            &config,
+            format!(
+                "server_name: {name}\nlisten: 127.0.0.1:{client}\n\
+                 jetstream {{ store_dir: \"{store}\", max_memory_store: 64MB, max_file_store: 2GB }}\n\
+                 cluster {{ name: outpost-fleet, listen: 127.0.0.1:{cluster}, routes: [{routes}] }}\n\
+                 mqtt {{ listen: 127.0.0.1:{mqtt} }}\n",
+                store = dir.join(format!("{name}-js")).display(),
+                routes = routes.join(", "),
+            ),
+        )?;
+        nodes.push(Node {
+            log: dir.join(format!("{name}.log")),
+            name,
+            mqtt,
+            client,
+            config,
+            process: Proc(None),
+        });
+    }
+    for node in &mut nodes {
+        node.start()?;
+    }
+    Ok(nodes)
+}
+
+/// What the workers received, by message id.
+#[derive(Default)]
+struct Received {
+    copies: HashMap<String, u32>,
+    latencies: Vec<u64>,
+    first: Option<Instant>,
+    last: Option<Instant>,
+    by_worker: HashMap<String, u64>,
+    errors: Vec<String>,
+}
+
+struct Worker {
+    process: Proc,
+}
+
+fn start_worker(
+    cloud_sim: &Path,
+    name: &str,
+    nodes: &[Node],
+    index: usize,
+    received: &Arc<Mutex<Received>>,
+) -> Result<Worker, Error> {
+    let servers: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("nats://127.0.0.1:{}", n.client))
+        .collect();
+    let mut child = Command::new(cloud_sim)
+        .arg("--hub")
+        .arg(format!(
+            "fleet=mqtt://127.0.0.1:{}",
+            nodes[index % nodes.len()].mqtt
+        ))
+        .arg("--jetstream")
+        .arg(format!("fleet={}", servers.join(",")))
+        .args([
+            "--worker",
+            name,
+            "--stream-replicas",
+            "3",
+            "--telemetry-ids",
+        ])
+        .args(
+            std::env::var("FLEET_STORAGE")
+                .map(|s| vec!["--stream-storage".to_owned(), s])
+                .unwrap_or_default(),
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("{}: {e}", cloud_sim.display()))?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let received = Arc::clone(received);
+    let worker = name.to_owned();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            match event["event"].as_str() {
+                Some("ready") => {
+                    let _ = ready_tx.send(());
+                }
+                Some("telemetry") => {
+                    let now = Instant::now();
+                    let mut r = received.lock().expect("lock");
+                    let id = event["messageId"].as_str().unwrap_or_default().to_owned();
+                    *r.copies.entry(id).or_default() += 1;
+                    if let (Some(t), Some(at)) = (event["t"].as_u64(), event["at"].as_u64()) {
+                        r.latencies.push(at.saturating_sub(t));
+                    }
+                    r.first.get_or_insert(now);
+                    r.last = Some(now);
+                    *r.by_worker.entry(worker.clone()).or_default() += 1;
+                }
+                Some("error") => {
+                    received
+                        .lock()
+                        .expect("lock")
+                        .errors
+                        .push(format!("{worker}: {line}"));
+                }
+                _ => {}
+            }
+        }
+    });
+    let process = Proc(Some(child));
+    ready_rx
+        .recv_timeout(Duration::from_secs(60))
+        .map_err(|_| format!("cloud-sim worker {name} was not ready within 60 s"))?;
+    Ok(Worker { process })
+}
+
+/// An HTTP/1.1 connection to `addr` (no Nagle), driven on its own task.
+async fn connect(
+    addr: SocketAddr,
+) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, Error> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    Ok(sender)
+}
+
+/// One HTTP/1.1 request on a fresh connection: (status, JSON body).
+async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: Option<String>,
+) -> Result<(u16, serde_json::Value), Error> {
+    let mut sender = connect(addr).await?;
+    send(&mut sender, addr, method, path, token, body).await
+}
+
+async fn send(
+    sender: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: Option<String>,
+) -> Result<(u16, serde_json::Value), Error> {
+    let request = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string())
+        .header("authorization", format!("Bearer {token}"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.unwrap_or_default())))?;
+    sender.ready().await?;
+    let response = sender.send_request(request).await?;
+    let status = response.status().as_u16();
+    let bytes = response.into_body().collect().await?.to_bytes();
+    Ok((
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+    ))
+}
+
+struct Gateway {
+    id: String,
+    api: SocketAddr,
+    /// Index of the node its broker list starts with.
+    first: usize,
+    process: Proc,
+}
+
+/// Makes and starts gateway `g`: D claimed devices in its store, a small config.
+async fn start_gateway(
+    args: &Args,
+    dir: &Path,
+    nodes: &[Node],
+    g: usize,
+) -> Result<Gateway, Error> {
+    let id = format!("gw-{g:03}");
+    let home = dir.join(&id);
+    let state = home.join("state");
+    std::fs::create_dir_all(&state)?;
+    {
+        let store = outpost_store::Store::open(state.join("outpost.db")).await?;
+        for d in 0..args.devices {
+            store
+                .upsert_device(outpost_store::NewDevice::new(
+                    format!("{id}-dev-{d:02}"),
+                    "thermostat",
+                    outpost_store::DeviceState::Claimed,
+                ))
+                .await?;
+        }
+        store.close().await?;
+    }
+    let first = g % nodes.len();
+    let brokers: Vec<String> = (0..nodes.len())
+        .map(|k| {
+            format!(
+                "\"mqtt://127.0.0.1:{}\"",
+                nodes[(first + k) % nodes.len()].mqtt
+            )
+        })
+        .collect();
+    let port = free_port()?;
+    std::fs::write(
+        home.join("outpost.toml"),
+        format!(
+            "[gateway]\nid = \"{id}\"\nstate_dir = \"state\"\n\
+             [api]\nbind = \"127.0.0.1:{port}\"\nmax_connections_per_client = {conns}\nadmin_token = \"{ADMIN}\"\n\
+             [cache]\nbind = \"127.0.0.1:0\"\n[ble]\nenabled = false\n[log]\nlevel = \"warn\"\n\
+             [uplink]\nbrokers = [{brokers}]\nbackoff_min_ms = 250\nbackoff_max_ms = {BACKOFF_MAX_MS}\n",
+            conns = args.devices + 8,
+            brokers = brokers.join(", "),
+        ),
+    )?;
+    let log = std::fs::File::create(home.join("outpost.log"))?;
+    let process = Proc(Some(
+        Command::new(&args.outpost)
+            .arg("--config")
+            .arg(home.join("outpost.toml"))
+            .arg("run")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("{}: {e}", args.outpost.display()))?,
+    ));
+    Ok(Gateway {
+        id,
+        api: format!("127.0.0.1:{port}").parse()?,
+        first,
+        process,
+    })
+}
+
+/// A gateway's uplink status (`link` of `/api/v1/uplink`) and outbox.
+async fn uplink(gateway: &Gateway) -> Option<serde_json::Value> {
+    match request(gateway.api, "GET", "/api/v1/uplink", ADMIN, None).await {
+        Ok((200, body)) => Some(body),
+        _ => None,
+    }
+}
+
+fn connected_to(status: &serde_json::Value) -> Option<String> {
+    (status["link"]["state"] == "connected")
+        .then(|| status["link"]["broker"].as_str().map(str::to_owned))
+        .flatten()
+}
+
+/// Posts `records` records for one device, `batch` per POST; the acknowledged ids.
+async fn device(
+    addr: SocketAddr,
+    id: String,
+    token: String,
+    records: usize,
+    batch: usize,
+    posted: Arc<AtomicUsize>,
+) -> Result<Vec<String>, Error> {
+    let mut sender = connect(addr).await?;
+    let path = format!("/api/v1/devices/{id}/telemetry");
+    let mut acked = Vec::with_capacity(records);
+    let mut seq = 0;
+    while seq < records {
+        let n = batch.min(records - seq);
+        let body = if batch == 1 {
+            json!({ "t": micros(), "seq": seq }).to_string()
+        } else {
+            let t = micros();
+            serde_json::Value::Array(
+                (seq..seq + n)
+                    .map(|s| json!({ "t": t, "seq": s }))
+                    .collect(),
+            )
+            .to_string()
+        };
+        let (status, answer) = send(&mut sender, addr, "POST", &path, &token, Some(body)).await?;
+        if status != 202 {
+            return Err(format!("{id}: telemetry answered {status}: {answer}").into());
+        }
+        let ids = answer["messageIds"].as_array().ok_or("no messageIds")?;
+        acked.extend(ids.iter().filter_map(|v| v.as_str().map(str::to_owned)));
+        seq += n;
+        posted.fetch_add(n, Ordering::Relaxed);
+    }
+    Ok(acked)
+}
+
+/// Peak resident set and the anonymous part of the current one (the process's own memory;
+/// the rest is its executable's pages, shared by every gateway on a host), in KiB
+/// (`/proc/PID/status`).
+fn rss_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmHWM:"), field("RssAnon:"))
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// The anchor: `n` QoS 1 records published straight into the cluster by `connections`
+/// MQTT clients spread over the nodes (as many as there are gateways), shaped like gateway
+/// telemetry; msg/s until the workers have them all.
+async fn anchor(
+    nodes: &[Node],
+    n: usize,
+    connections: usize,
+    received: &Arc<Mutex<Received>>,
+) -> Result<f64, Error> {
+    let start = Instant::now();
+    let per = n.div_ceil(connections);
+    let mut publishers = Vec::new();
+    let mut ids = Vec::new();
+    for k in 0..connections {
+        let node = &nodes[k % nodes.len()];
+        let count = per.min(n.saturating_sub(k * per));
+        let run: Vec<String> = (0..count).map(|i| format!("anchor-{k}-{i}")).collect();
+        ids.extend(run.iter().cloned());
+        let port = node.mqtt;
+        publishers.push(tokio::spawn(async move {
+            let mut options = rumqttc::MqttOptions::new(format!("anchor-{k}"), "127.0.0.1", port);
+            options.set_inflight(512);
+            options.set_keep_alive(Duration::from_secs(30));
+            let (client, mut events) = rumqttc::AsyncClient::new(options, 1024);
+            let topic = format!("outpost/v1/gw/anchor-{k}/telemetry/dev");
+            let sender = tokio::spawn(async move {
+                for id in run {
+                    let body = json!({ "schema": "outpost.telemetry/1", "messageId": id, "deviceId": "dev", "receivedAt": 0, "body": { "t": micros() } });
+                    if client
+                        .publish(&topic, rumqttc::QoS::AtLeastOnce, false, body.to_string())
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+                client
+            });
+            let mut acked = 0;
+            while acked < count {
+                match events.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Incoming::PubAck(_))) => acked += 1,
+                    Ok(_) => {}
+                    Err(e) => return Err(format!("anchor publisher {k}: {e}")),
+                }
+            }
+            let client = sender.await.map_err(|e| e.to_string())?;
+            let _ = client.disconnect().await;
+            Ok(())
+        }));
+    }
+    for publisher in publishers {
+        publisher.await??;
+    }
+    let end = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (have, last) = {
+            let r = received.lock().expect("lock");
+            (
+                ids.iter().filter(|id| r.copies.contains_key(*id)).count(),
+                r.last,
+            )
+        };
+        if have == ids.len() {
+            let last = last.unwrap_or_else(Instant::now);
+            return Ok(n as f64 / (last - start).as_secs_f64());
+        }
+        if Instant::now() > end {
+            return Err(format!("anchor: the workers got {have} of {} records", ids.len()).into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    let args = args()?;
+    let dir = tempfile::Builder::new()
+        .prefix("outpost-fleet-")
+        .tempdir()?;
+    let total = args.gateways * args.devices * args.records;
+    println!(
+        "fleet bench: {} gateways x {} devices x {} records ({} per POST) = {total}, {} cloud-sim workers, 3 NATS nodes{}",
+        args.gateways,
+        args.devices,
+        args.records,
+        args.batch,
+        args.workers,
+        if args.faults {
+            ", a node and a worker killed on the way"
+        } else {
+            ""
+        }
+    );
+    let version = Command::new("nats-server").arg("--version").output();
+    println!(
+        "  {}",
+        version.map_or_else(
+            |_| "nats-server: version unknown".to_owned(),
+            |o| String::from_utf8_lossy(&o.stdout).trim().to_owned()
+        )
+    );
+    let mut nodes = cluster(dir.path())?;
+    let received = Arc::new(Mutex::new(Received::default()));
+    let mut workers = Vec::new();
+    for w in 0..args.workers {
+        workers.push(start_worker(
+            &args.cloud_sim,
+            &format!("w{w}"),
+            &nodes,
+            w,
+            &received,
+        )?);
+    }
+
+    // The gateways.
+    let started = Instant::now();
+    let mut gateways = Vec::new();
+    for g in 0..args.gateways {
+        gateways.push(start_gateway(&args, dir.path(), &nodes, g).await?);
+    }
+    for gateway in &gateways {
+        let end = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(status) = uplink(gateway).await
+                && connected_to(&status).is_some()
+            {
+                break;
+            }
+            if Instant::now() > end {
+                return Err(format!(
+                    "{} did not connect within 120 s; see {}",
+                    gateway.id,
+                    dir.path().join(&gateway.id).join("outpost.log").display()
+                )
+                .into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    println!(
+        "  {} gateways started and connected in {:.1} s",
+        gateways.len(),
+        started.elapsed().as_secs_f64()
+    );
+    // The anchor runs with the gateways connected: NATS's MQTT listener keeps a JetStream
+    // consumer per QoS 1 subscription of each gateway's session and matches every stored
+    // QoS 1 message against them, so the cluster works harder with the fleet on it than
+    // empty, and the anchor should pay that as the fleet does.
+    let anchor_rate = anchor(&nodes, total, args.gateways, &received).await?;
+    println!(
+        "  anchor: QoS 1 from {} MQTT clients straight into the cluster -> workers: {anchor_rate:>8.0} msg/s",
+        args.gateways
+    );
+    *received.lock().expect("lock") = Received::default();
+    let mut tokens = Vec::new();
+    for gateway in &gateways {
+        for d in 0..args.devices {
+            let device = format!("{}-dev-{d:02}", gateway.id);
+            let (status, body) = request(
+                gateway.api,
+                "POST",
+                &format!("/api/v1/devices/{device}/credential"),
+                ADMIN,
+                None,
+            )
+            .await?;
+            let token = body["token"]
+                .as_str()
+                .ok_or(format!("{device}: credential answered {status}: {body}"))?;
+            tokens.push((gateway.api, device, token.to_owned()));
+        }
+    }
+
+    // The load, and the faults on the way.
+    let posted = Arc::new(AtomicUsize::new(0));
+    let load_start = Instant::now();
+    let mut devices = Vec::new();
+    for (api, device_id, token) in tokens {
+        devices.push(tokio::spawn(device(
+            api,
+            device_id,
+            token,
+            args.records,
+            args.batch,
+            Arc::clone(&posted),
+        )));
+    }
+    let mut reconnects: Vec<u64> = Vec::new();
+    let mut killed_node = None;
+    let mut killed_worker = None;
+    if args.faults {
+        while posted.load(Ordering::Relaxed) < total / 3 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let victim = 0;
+        killed_node = Some(nodes[victim].name.clone());
+        let lost_url = format!("mqtt://127.0.0.1:{}", nodes[victim].mqtt);
+        let kill_at = Instant::now();
+        nodes[victim].process.kill();
+        // Each gateway's time until it is connected to a live node.
+        let mut pending: Vec<usize> = (0..gateways.len()).collect();
+        let mut times = vec![0u64; gateways.len()];
+        let deadline = kill_at + Duration::from_millis(BACKOFF_MAX_MS * 4);
+        while !pending.is_empty() && Instant::now() < deadline {
+            let mut still = Vec::new();
+            for &g in &pending {
+                match uplink(&gateways[g]).await {
+                    Some(status) if connected_to(&status).is_some_and(|b| b != lost_url) => {
+                        times[g] = u64::try_from(kill_at.elapsed().as_millis()).unwrap_or(0);
+                    }
+                    _ => still.push(g),
+                }
+            }
+            pending = still;
+        }
+        if !pending.is_empty() {
+            let names: Vec<&str> = pending.iter().map(|&g| gateways[g].id.as_str()).collect();
+            return Err(format!(
+                "{} gateways not connected {} ms after {} died: {names:?}",
+                names.len(),
+                BACKOFF_MAX_MS * 4,
+                nodes[victim].name
+            )
+            .into());
+        }
+        reconnects = gateways
+            .iter()
+            .enumerate()
+            .filter(|(_, gw)| gw.first == victim)
+            .map(|(g, _)| times[g])
+            .collect();
+        reconnects.sort_unstable();
+        nodes[victim].start()?;
+        while posted.load(Ordering::Relaxed) < 2 * total / 3 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let w = 1 % workers.len();
+        killed_worker = Some(format!("w{w}"));
+        workers[w].process.kill();
+    }
+    let mut acked = HashSet::with_capacity(total);
+    for task in devices {
+        acked.extend(task.await??);
+    }
+    let accepted_in = load_start.elapsed();
+
+    // Every acknowledged record at a worker (a killed worker's unacknowledged ones come
+    // again after the consumer's ack wait).
+    let end = Instant::now() + Duration::from_secs(180);
+    let (missing, unknown) = loop {
+        let (missing, unknown) = {
+            let r = received.lock().expect("lock");
+            let missing = acked
+                .iter()
+                .filter(|id| !r.copies.contains_key(*id))
+                .count();
+            let unknown = r
+                .copies
+                .keys()
+                .filter(|id| !id.starts_with("anchor-") && !acked.contains(*id))
+                .count();
+            (missing, unknown)
+        };
+        if missing == 0 || Instant::now() > end {
+            break (missing, unknown);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut returned = 0;
+    let mut rss = Vec::new();
+    for gateway in &gateways {
+        if let Some(status) = uplink(gateway).await
+            && connected_to(&status)
+                .is_some_and(|b| b.ends_with(&format!(":{}", nodes[gateway.first].mqtt)))
+        {
+            returned += 1;
+        }
+        if let Some(pid) = gateway.process.pid() {
+            rss.push(rss_kib(pid));
+        }
+    }
+    let r = received.lock().expect("lock");
+    let copies: u64 = r.copies.values().map(|&c| u64::from(c)).sum();
+    let duplicates = copies - r.copies.len() as u64;
+    let mut latencies = r.latencies.clone();
+    latencies.sort_unstable();
+    let span = match (r.last, load_start) {
+        (Some(last), start) => (last - start).as_secs_f64(),
+        (None, _) => f64::INFINITY,
+    };
+    let rate = acked.len() as f64 / span;
+    let mut peaks: Vec<u64> = rss.iter().map(|(peak, _)| *peak).collect();
+    peaks.sort_unstable();
+    let mut anon: Vec<u64> = rss.iter().map(|(_, anon)| *anon).collect();
+    anon.sort_unstable();
+    let summary = json!({
+        "gateways": args.gateways,
+        "devicesPerGateway": args.devices,
+        "recordsPerDevice": args.records,
+        "batch": args.batch,
+        "workers": args.workers,
+        "acknowledged": acked.len(),
+        "received": r.copies.len(),
+        "lost": missing,
+        "unknown": unknown,
+        "duplicates": duplicates,
+        "msgPerSec": rate,
+        "anchorMsgPerSec": anchor_rate,
+        "ratio": rate / anchor_rate,
+        "acceptedSecs": accepted_in.as_secs_f64(),
+        "latencyP50Ms": percentile(&latencies, 0.5) as f64 / 1000.0,
+        "latencyP99Ms": percentile(&latencies, 0.99) as f64 / 1000.0,
+        "rssPeakMedianKib": percentile(&peaks, 0.5),
+        "rssPeakMaxKib": peaks.last().copied().unwrap_or(0),
+        "rssAnonMedianKib": percentile(&anon, 0.5),
+        "rssAnonMaxKib": anon.last().copied().unwrap_or(0),
+        "killedNode": killed_node,
+        "killedWorker": killed_worker,
+        "reconnected": reconnects.len(),
+        "reconnectMedianMs": percentile(&reconnects, 0.5),
+        "reconnectMaxMs": reconnects.last().copied().unwrap_or(0),
+        "backoffMaxMs": BACKOFF_MAX_MS,
+        "returnedToFirst": returned,
+        "byWorker": r.by_worker,
+        "workerErrors": r.errors,
+    });
+    println!(
+        "  acknowledged {} records, received {} distinct ({duplicates} duplicate copies, all with repeated ids), lost {missing}, unknown {unknown}",
+        acked.len(),
+        r.copies.len()
+    );
+    println!(
+        "  end to end: {rate:>8.0} msg/s = {:.2}x anchor  (accepted in {:.1} s; latency p50 {:.1} ms, p99 {:.1} ms)",
+        rate / anchor_rate,
+        accepted_in.as_secs_f64(),
+        percentile(&latencies, 0.5) as f64 / 1000.0,
+        percentile(&latencies, 0.99) as f64 / 1000.0,
+    );
+    println!(
+        "  gateway RSS (peak): median {:.1} MB, max {:.1} MB  (goal <= 20 MB); its own (anonymous) memory at the end: median {:.1} MB, max {:.1} MB",
+        percentile(&peaks, 0.5) as f64 / 1024.0,
+        peaks.last().copied().unwrap_or(0) as f64 / 1024.0,
+        percentile(&anon, 0.5) as f64 / 1024.0,
+        anon.last().copied().unwrap_or(0) as f64 / 1024.0,
+    );
+    if let Some(node) = &killed_node {
+        println!(
+            "  {node} killed: its {} gateways connected elsewhere in median {} ms, max {} ms (bound {BACKOFF_MAX_MS} ms); {returned} of {} back on their first node at the end; worker {} killed",
+            reconnects.len(),
+            percentile(&reconnects, 0.5),
+            reconnects.last().copied().unwrap_or(0),
+            gateways.len(),
+            killed_worker.as_deref().unwrap_or("-"),
+        );
+    }
+    println!("  per worker: {:?}", r.by_worker);
+    println!(
+        "  rerun: cargo xtask bench-fleet -- --gateways {} --devices {} --records {} --batch {}{}",
+        args.gateways,
+        args.devices,
+        args.records,
+        args.batch,
+        if args.faults { " --faults" } else { "" }
+    );
+    if let Some(path) = &args.summary {
+        std::fs::write(path, serde_json::to_vec_pretty(&summary)?)?;
+    }
+    if missing > 0 || unknown > 0 {
+        let _ = dir.keep();
+        return Err(format!("{missing} acknowledged records lost, {unknown} unknown").into());
+    }
+    if reconnects.last().copied().unwrap_or(0) > BACKOFF_MAX_MS {
+        return Err("a gateway took longer than its backoff bound to reconnect".into());
+    }
+    Ok(())
+}
