@@ -11,7 +11,6 @@ mod cli;
 mod config;
 mod daemon;
 mod logging;
-mod resident;
 mod state_dir;
 
 use std::process::ExitCode;
@@ -19,7 +18,6 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    resident::random_access_for_own_code();
     let cli = cli::Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
