@@ -88,7 +88,12 @@ fn args() -> Result<Args, Error> {
             "--gateways" => args.gateways = count()?,
             "--devices" => args.devices = count()?,
             "--records" => args.records = count()?,
-            "--batch" => args.batch = count()?.min(100),
+            "--batch" => {
+                args.batch = count()?;
+                if args.batch > 100 {
+                    return Err("--batch takes 1 to 100 records per POST".into());
+                }
+            }
             "--workers" => args.workers = count()?,
             "--summary" => args.summary = Some(value.clone().into()),
             other => return Err(format!("unknown argument {other}").into()),
@@ -121,6 +126,25 @@ fn wait_listening(port: u16, what: &str, within: Duration) -> Result<(), Error> 
     Ok(())
 }
 
+/// `command` with its child killed (SIGKILL) when the thread that spawns it ends: every
+/// child is spawned from `run` on the main thread, so however this process ends (a signal,
+/// a test harness's timeout) no node, worker or gateway outlives it.
+fn dies_with_us(command: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt as _;
+    #[allow(unsafe_code)]
+    // SAFETY: the closure runs in the child between fork and exec and calls only
+    // prctl(2), which is async-signal-safe; it touches no memory of the parent.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    command
+}
+
 /// A child process killed (SIGKILL) and reaped when dropped.
 struct Proc(Option<Child>);
 
@@ -142,6 +166,21 @@ impl Drop for Proc {
     }
 }
 
+/// The `nats-server` program: on the PATH, or where Debian puts it (/usr/sbin).
+fn nats_server() -> Result<PathBuf, Error> {
+    std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/bin")])
+        .map(|dir| dir.join("nats-server"))
+        .find(|candidate| candidate.is_file())
+        .ok_or_else(|| {
+            "nats-server is not installed: apt-get install nats-server (.ci/run and cargo xtask do)"
+                .into()
+        })
+}
+
 /// One node of the NATS cluster.
 struct Node {
     name: String,
@@ -154,16 +193,13 @@ struct Node {
 
 impl Node {
     fn start(&mut self) -> Result<(), Error> {
-        let binary = ["/usr/bin/nats-server", "/usr/sbin/nats-server"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .ok_or("nats-server is not installed: apt-get install nats-server (.ci/run does)")?;
+        let binary = nats_server()?;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&self.log)?;
         self.process = Proc(Some(
-            Command::new(binary)
+            dies_with_us(&mut Command::new(binary))
                 .arg("-c")
                 .arg(&self.config)
                 .stdout(Stdio::null())
@@ -217,10 +253,16 @@ fn cluster(dir: &Path) -> Result<Vec<Node>, Error> {
 #[derive(Default)]
 struct Received {
     copies: HashMap<String, u32>,
+    /// Latency of each id's first copy (a later copy is a resend, not a new record).
     latencies: Vec<u64>,
-    first: Option<Instant>,
+    /// When the last new id arrived.
     last: Option<Instant>,
     by_worker: HashMap<String, u64>,
+    /// Records each worker took after one was killed.
+    after_kill: HashMap<String, u64>,
+    killed: bool,
+    /// The anchor is over: a late copy of one of its records is not the fleet's.
+    anchor_over: bool,
     errors: Vec<String>,
 }
 
@@ -239,7 +281,7 @@ fn start_worker(
         .iter()
         .map(|n| format!("nats://127.0.0.1:{}", n.client))
         .collect();
-    let mut child = Command::new(cloud_sim)
+    let mut child = dies_with_us(&mut Command::new(cloud_sim))
         .arg("--hub")
         .arg(format!(
             "fleet=mqtt://127.0.0.1:{}",
@@ -282,13 +324,21 @@ fn start_worker(
                     let now = Instant::now();
                     let mut r = received.lock().expect("lock");
                     let id = event["messageId"].as_str().unwrap_or_default().to_owned();
-                    *r.copies.entry(id).or_default() += 1;
-                    if let (Some(t), Some(at)) = (event["t"].as_u64(), event["at"].as_u64()) {
-                        r.latencies.push(at.saturating_sub(t));
+                    if r.anchor_over && id.starts_with("anchor-") {
+                        continue;
                     }
-                    r.first.get_or_insert(now);
-                    r.last = Some(now);
+                    let copies = r.copies.entry(id).or_default();
+                    *copies += 1;
+                    if *copies == 1 {
+                        if let (Some(t), Some(at)) = (event["t"].as_u64(), event["at"].as_u64()) {
+                            r.latencies.push(at.saturating_sub(t));
+                        }
+                        r.last = Some(now);
+                    }
                     *r.by_worker.entry(worker.clone()).or_default() += 1;
+                    if r.killed {
+                        *r.after_kill.entry(worker.clone()).or_default() += 1;
+                    }
                 }
                 Some("error") => {
                     received
@@ -319,7 +369,7 @@ async fn connect(
     Ok(sender)
 }
 
-/// One HTTP/1.1 request on a fresh connection: (status, JSON body).
+/// One HTTP/1.1 request on a fresh connection: (status, JSON body); an error after 10 s.
 async fn request(
     addr: SocketAddr,
     method: &str,
@@ -327,8 +377,12 @@ async fn request(
     token: &str,
     body: Option<String>,
 ) -> Result<(u16, serde_json::Value), Error> {
-    let mut sender = connect(addr).await?;
-    send(&mut sender, addr, method, path, token, body).await
+    tokio::time::timeout(Duration::from_secs(10), async {
+        let mut sender = connect(addr).await?;
+        send(&mut sender, addr, method, path, token, body).await
+    })
+    .await
+    .map_err(|_| format!("{method} {path} on {addr}: no answer within 10 s"))?
 }
 
 async fn send(
@@ -411,7 +465,7 @@ async fn start_gateway(
     )?;
     let log = std::fs::File::create(home.join("outpost.log"))?;
     let process = Proc(Some(
-        Command::new(&args.outpost)
+        dies_with_us(&mut Command::new(&args.outpost))
             .arg("--config")
             .arg(home.join("outpost.toml"))
             .arg("run")
@@ -555,7 +609,9 @@ async fn anchor(
         }));
     }
     for publisher in publishers {
-        publisher.await??;
+        tokio::time::timeout(Duration::from_secs(120), publisher)
+            .await
+            .map_err(|_| "anchor: the broker did not acknowledge within 120 s")???;
     }
     let end = Instant::now() + Duration::from_secs(120);
     loop {
@@ -583,6 +639,88 @@ async fn main() -> Result<(), Error> {
     let dir = tempfile::Builder::new()
         .prefix("outpost-fleet-")
         .tempdir()?;
+    let result = run(&args, dir.path()).await;
+    if result.is_err() {
+        // The nodes', workers' and gateways' logs, for the error.
+        eprintln!("fleet-bench: the logs are kept in {}", dir.keep().display());
+    }
+    result
+}
+
+/// Waits until `posted` reaches `count`; an error when the devices stopped before (one
+/// failed) or after `within`.
+async fn wait_posted(
+    posted: &AtomicUsize,
+    count: usize,
+    devices: &[tokio::task::JoinHandle<Result<Vec<String>, Error>>],
+    within: Duration,
+) -> Result<(), Error> {
+    let end = Instant::now() + within;
+    while posted.load(Ordering::Relaxed) < count {
+        if devices.iter().all(tokio::task::JoinHandle::is_finished) {
+            return Err(format!(
+                "the devices stopped at {} records, before {count} (one failed)",
+                posted.load(Ordering::Relaxed)
+            )
+            .into());
+        }
+        if Instant::now() > end {
+            return Err(format!("{count} records not posted within {within:?}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+/// For each gateway in `which`, the milliseconds from `since` until its uplink is
+/// connected to a broker other than `lost` (polled in parallel), or an error after `within`.
+async fn reconnect_times(
+    gateways: &[Gateway],
+    which: &[usize],
+    lost: &str,
+    since: Instant,
+    within: Duration,
+) -> Result<Vec<u64>, Error> {
+    let mut polls = Vec::new();
+    for &g in which {
+        let api = gateways[g].api;
+        let id = gateways[g].id.clone();
+        let lost = lost.to_owned();
+        polls.push(tokio::spawn(async move {
+            let end = since + within;
+            loop {
+                if let Ok((200, status)) = request(api, "GET", "/api/v1/uplink", ADMIN, None).await
+                    && connected_to(&status).is_some_and(|b| b != lost)
+                {
+                    return Ok(u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX));
+                }
+                if Instant::now() > end {
+                    return Err(id);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }));
+    }
+    let mut times = Vec::new();
+    let mut late = Vec::new();
+    for poll in polls {
+        match poll.await? {
+            Ok(ms) => times.push(ms),
+            Err(id) => late.push(id),
+        }
+    }
+    if !late.is_empty() {
+        return Err(format!(
+            "{} gateways not connected elsewhere {within:?} after their node died: {late:?}",
+            late.len()
+        )
+        .into());
+    }
+    times.sort_unstable();
+    Ok(times)
+}
+
+async fn run(args: &Args, dir: &Path) -> Result<(), Error> {
     let total = args.gateways * args.devices * args.records;
     println!(
         "fleet bench: {} gateways x {} devices x {} records ({} per POST) = {total}, {} cloud-sim workers, 3 NATS nodes{}",
@@ -597,15 +735,9 @@ async fn main() -> Result<(), Error> {
             ""
         }
     );
-    let version = Command::new("nats-server").arg("--version").output();
-    println!(
-        "  {}",
-        version.map_or_else(
-            |_| "nats-server: version unknown".to_owned(),
-            |o| String::from_utf8_lossy(&o.stdout).trim().to_owned()
-        )
-    );
-    let mut nodes = cluster(dir.path())?;
+    let version = Command::new(nats_server()?).arg("--version").output()?;
+    println!("  {}", String::from_utf8_lossy(&version.stdout).trim());
+    let mut nodes = cluster(dir)?;
     let received = Arc::new(Mutex::new(Received::default()));
     let mut workers = Vec::new();
     for w in 0..args.workers {
@@ -622,7 +754,7 @@ async fn main() -> Result<(), Error> {
     let started = Instant::now();
     let mut gateways = Vec::new();
     for g in 0..args.gateways {
-        gateways.push(start_gateway(&args, dir.path(), &nodes, g).await?);
+        gateways.push(start_gateway(args, dir, &nodes, g).await?);
     }
     for gateway in &gateways {
         let end = Instant::now() + Duration::from_secs(120);
@@ -636,7 +768,7 @@ async fn main() -> Result<(), Error> {
                 return Err(format!(
                     "{} did not connect within 120 s; see {}",
                     gateway.id,
-                    dir.path().join(&gateway.id).join("outpost.log").display()
+                    dir.join(&gateway.id).join("outpost.log").display()
                 )
                 .into());
             }
@@ -657,7 +789,10 @@ async fn main() -> Result<(), Error> {
         "  anchor: QoS 1 from {} MQTT clients straight into the cluster -> workers: {anchor_rate:>8.0} msg/s",
         args.gateways
     );
-    *received.lock().expect("lock") = Received::default();
+    *received.lock().expect("lock") = Received {
+        anchor_over: true,
+        ..Received::default()
+    };
     let mut tokens = Vec::new();
     for gateway in &gateways {
         for d in 0..args.devices {
@@ -673,7 +808,7 @@ async fn main() -> Result<(), Error> {
             let token = body["token"]
                 .as_str()
                 .ok_or(format!("{device}: credential answered {status}: {body}"))?;
-            tokens.push((gateway.api, device, token.to_owned()));
+            tokens.push((gateway.id.clone(), gateway.api, device, token.to_owned()));
         }
     }
 
@@ -681,7 +816,9 @@ async fn main() -> Result<(), Error> {
     let posted = Arc::new(AtomicUsize::new(0));
     let load_start = Instant::now();
     let mut devices = Vec::new();
-    for (api, device_id, token) in tokens {
+    let mut device_gateway = Vec::new();
+    for (gateway_id, api, device_id, token) in tokens {
+        device_gateway.push(gateway_id);
         devices.push(tokio::spawn(device(
             api,
             device_id,
@@ -694,59 +831,51 @@ async fn main() -> Result<(), Error> {
     let mut reconnects: Vec<u64> = Vec::new();
     let mut killed_node = None;
     let mut killed_worker = None;
+    let mut on_victim = 0;
+    let load_deadline = Duration::from_secs(600);
     if args.faults {
-        while posted.load(Ordering::Relaxed) < total / 3 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        wait_posted(&posted, total / 3, &devices, load_deadline).await?;
         let victim = 0;
         killed_node = Some(nodes[victim].name.clone());
         let lost_url = format!("mqtt://127.0.0.1:{}", nodes[victim].mqtt);
+        // The gateways on the victim when it dies (polled in parallel just before).
+        let mut which = Vec::new();
+        for (g, gateway) in gateways.iter().enumerate() {
+            if let Some(status) = uplink(gateway).await
+                && connected_to(&status).as_deref() == Some(lost_url.as_str())
+            {
+                which.push(g);
+            }
+        }
+        on_victim = which.len();
         let kill_at = Instant::now();
         nodes[victim].process.kill();
-        // Each gateway's time until it is connected to a live node.
-        let mut pending: Vec<usize> = (0..gateways.len()).collect();
-        let mut times = vec![0u64; gateways.len()];
-        let deadline = kill_at + Duration::from_millis(BACKOFF_MAX_MS * 4);
-        while !pending.is_empty() && Instant::now() < deadline {
-            let mut still = Vec::new();
-            for &g in &pending {
-                match uplink(&gateways[g]).await {
-                    Some(status) if connected_to(&status).is_some_and(|b| b != lost_url) => {
-                        times[g] = u64::try_from(kill_at.elapsed().as_millis()).unwrap_or(0);
-                    }
-                    _ => still.push(g),
-                }
-            }
-            pending = still;
-        }
-        if !pending.is_empty() {
-            let names: Vec<&str> = pending.iter().map(|&g| gateways[g].id.as_str()).collect();
-            return Err(format!(
-                "{} gateways not connected {} ms after {} died: {names:?}",
-                names.len(),
-                BACKOFF_MAX_MS * 4,
-                nodes[victim].name
-            )
-            .into());
-        }
-        reconnects = gateways
-            .iter()
-            .enumerate()
-            .filter(|(_, gw)| gw.first == victim)
-            .map(|(g, _)| times[g])
-            .collect();
-        reconnects.sort_unstable();
+        reconnects = reconnect_times(
+            &gateways,
+            &which,
+            &lost_url,
+            kill_at,
+            Duration::from_millis(BACKOFF_MAX_MS * 4),
+        )
+        .await?;
         nodes[victim].start()?;
-        while posted.load(Ordering::Relaxed) < 2 * total / 3 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        wait_posted(&posted, 2 * total / 3, &devices, load_deadline).await?;
         let w = 1 % workers.len();
         killed_worker = Some(format!("w{w}"));
         workers[w].process.kill();
+        received.lock().expect("lock").killed = true;
     }
     let mut acked = HashSet::with_capacity(total);
-    for task in devices {
-        acked.extend(task.await??);
+    // Which gateway acknowledged each record (to say where a lost one went in).
+    let mut gateway_of: HashMap<String, String> = HashMap::with_capacity(total);
+    for (task, gateway_id) in devices.into_iter().zip(device_gateway) {
+        let ids = tokio::time::timeout(load_deadline, task)
+            .await
+            .map_err(|_| format!("a device did not finish within {load_deadline:?}"))???;
+        for id in ids {
+            gateway_of.insert(id.clone(), gateway_id.clone());
+            acked.insert(id);
+        }
     }
     let accepted_in = load_start.elapsed();
 
@@ -822,12 +951,14 @@ async fn main() -> Result<(), Error> {
         "rssAnonMaxKib": anon.last().copied().unwrap_or(0),
         "killedNode": killed_node,
         "killedWorker": killed_worker,
+        "onKilledNode": on_victim,
         "reconnected": reconnects.len(),
         "reconnectMedianMs": percentile(&reconnects, 0.5),
         "reconnectMaxMs": reconnects.last().copied().unwrap_or(0),
         "backoffMaxMs": BACKOFF_MAX_MS,
         "returnedToFirst": returned,
         "byWorker": r.by_worker,
+        "byWorkerAfterKill": r.after_kill,
         "workerErrors": r.errors,
     });
     println!(
@@ -859,7 +990,10 @@ async fn main() -> Result<(), Error> {
             killed_worker.as_deref().unwrap_or("-"),
         );
     }
-    println!("  per worker: {:?}", r.by_worker);
+    println!(
+        "  per worker: {:?}; after the kill: {:?}",
+        r.by_worker, r.after_kill
+    );
     println!(
         "  rerun: cargo xtask bench-fleet -- --gateways {} --devices {} --records {} --batch {}{}",
         args.gateways,
@@ -871,8 +1005,20 @@ async fn main() -> Result<(), Error> {
     if let Some(path) = &args.summary {
         std::fs::write(path, serde_json::to_vec_pretty(&summary)?)?;
     }
+    if missing > 0 {
+        let mut lost_by_gateway: HashMap<&str, usize> = HashMap::new();
+        for id in acked.iter().filter(|id| !r.copies.contains_key(*id)) {
+            *lost_by_gateway
+                .entry(gateway_of.get(id).map_or("?", String::as_str))
+                .or_default() += 1;
+        }
+        let mut lost: Vec<_> = lost_by_gateway.into_iter().collect();
+        lost.sort_unstable();
+        eprintln!(
+            "fleet-bench: lost records by gateway (gw-N starts on node n(N mod 3 + 1)): {lost:?}"
+        );
+    }
     if missing > 0 || unknown > 0 {
-        let _ = dir.keep();
         return Err(format!("{missing} acknowledged records lost, {unknown} unknown").into());
     }
     if reconnects.last().copied().unwrap_or(0) > BACKOFF_MAX_MS {

@@ -7,7 +7,8 @@
 //!   state to the new hub, `reset` starts it from the initial state, `never` keeps the
 //!   first hub. Faults for retry tests: `--throttle N` (429 with retry-after),
 //!   `--server-errors N` (500).
-//! * **Hubs** (`--hub name=mqtt://…`): a persistent subscriber per hub records everything
+//! * **Hubs** (`--hub name=mqtt://…`): a subscriber per hub (a persistent session, unless
+//!   it shares the load) records everything
 //!   gateways send (status, lobby, telemetry, reported state, results, claims) and signs
 //!   claim requests with its CA (`--wrong-claim-key` signs a different key, to test that
 //!   gateways catch it).
@@ -19,7 +20,9 @@
 //!   EMQX, HiveMQ); on a NATS cluster through JetStream (`--jetstream NAME=nats://…`): a
 //!   stream captures the gateways' subjects and the workers pull from one durable consumer,
 //!   acknowledging each message after handling it, so a killed worker's unacknowledged
-//!   messages go to the others (at-least-once, by message id).
+//!   messages go to the others (at-least-once from the stream on, by message id). Each
+//!   worker keeps its own state: its claim CA, the enrollments and desired state it was
+//!   told; a real backend shares those (a database) and de-duplicates on the message id.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -141,6 +144,11 @@ async fn main() -> anyhow::Result<()> {
     }
     if args.share.is_some() && !jetstream.is_empty() {
         bail!("--share and --jetstream are two ways to share the load: use one");
+    }
+    if (args.share.is_some() || !jetstream.is_empty()) && args.worker.is_none() {
+        // Without it every worker connects with the same client id, and the broker keeps
+        // taking the connection from one to give it to the next.
+        bail!("--share and --jetstream run several workers: name each with --worker NAME");
     }
     let mut hubs = HashMap::new();
     let mut loops = Vec::new();
@@ -858,4 +866,23 @@ async fn operator(cloud: &Arc<Cloud>, line: &str) -> anyhow::Result<()> {
         other => bail!("unknown command {other:?}: reassign, desired, deploy, command, stats"),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::subject_to_topic;
+
+    #[test]
+    fn subjects_map_back_to_the_topics_nats_made_them_from() {
+        assert_eq!(
+            subject_to_topic("outpost.v1.gw.gw-1.telemetry.esp-1"),
+            "outpost/v1/gw/gw-1/telemetry/esp-1"
+        );
+        // nats-server 2.10 and later carry a '.' of a topic level as "//".
+        assert_eq!(
+            subject_to_topic("outpost.v1.gw.site//a.telemetry.esp//1"),
+            "outpost/v1/gw/site.a/telemetry/esp.1"
+        );
+        assert_eq!(subject_to_topic(""), "");
+    }
 }

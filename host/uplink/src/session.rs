@@ -581,10 +581,10 @@ async fn connect_and_pump(
         (Endpoint::Azure(_), _) | (_, ProtocolChoice::V311) => Protocol::V311,
         _ => Protocol::V5,
     };
-    // Per broker: the version to speak, and how many of its answers in a row said it
-    // does not speak that one.
+    // Per broker: the version to speak, and the versions it said it does not speak
+    // (CONNACK "unacceptable protocol version").
     let mut versions = vec![first_choice; brokers.len()];
-    let mut unsupported = vec![0u8; brokers.len()];
+    let mut said_no = vec![VersionsRefused::default(); brokers.len()];
     // The version each broker last accepted: a connection it closes early after that is
     // a broker restarting, not one that does not speak the version.
     let mut spoke: Vec<Option<Protocol>> = vec![None; brokers.len()];
@@ -631,7 +631,6 @@ async fn connect_and_pump(
             }) => {
                 backoff.reset();
                 failing_since = None;
-                unsupported[index] = 0;
                 spoke[index] = Some(protocol);
                 refused.iter_mut().for_each(|r| *r = None);
                 if index == 0 {
@@ -727,21 +726,14 @@ async fn connect_and_pump(
                 why
             }
             Err(failure @ (Failure::Unsupported(_) | Failure::NoConnAck(_)))
-                if auto
-                    && unsupported[index] < 2
-                    && (matches!(failure, Failure::Unsupported(_))
-                        || spoke[index] != Some(protocol)) =>
+                if auto && said_no[index].try_other(&failure, protocol, spoke[index]) =>
             {
                 // Perhaps a broker that does not speak this version: the other next.
-                let other = match protocol {
-                    Protocol::V5 => Protocol::V311,
-                    Protocol::V311 => Protocol::V5,
-                };
+                let other = other_version(protocol);
                 let unsupported_now = matches!(failure, Failure::Unsupported(_));
                 let text = failure.text();
                 tracing::info!(broker = %broker, mqtt = protocol.name(), reason = %text, "trying MQTT {} with this broker next", other.name());
                 versions[index] = other;
-                unsupported[index] += 1;
                 if unsupported_now {
                     continue;
                 }
@@ -809,6 +801,57 @@ async fn connect_and_pump(
         tokio::select! {
             () = shutdown.cancelled() => return Ended::Shutdown,
             () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// The other MQTT version.
+fn other_version(protocol: Protocol) -> Protocol {
+    match protocol {
+        Protocol::V5 => Protocol::V311,
+        Protocol::V311 => Protocol::V5,
+    }
+}
+
+/// The MQTT versions one broker said it does not speak (`auto`).
+#[derive(Clone, Copy, Debug, Default)]
+struct VersionsRefused {
+    v311: bool,
+    v5: bool,
+}
+
+impl VersionsRefused {
+    fn refused(self, protocol: Protocol) -> bool {
+        match protocol {
+            Protocol::V311 => self.v311,
+            Protocol::V5 => self.v5,
+        }
+    }
+
+    /// After an attempt with `protocol` failed with `failure`: whether to try the other
+    /// version next. A refusal of the version ("unacceptable protocol version") is
+    /// remembered and the other is tried unless it was refused too (then the broker speaks
+    /// neither). A connection closed before CONNACK by a broker that never accepted this
+    /// version may be one that does not speak it, or one restarting or overloaded: the
+    /// other is tried, again each time (never one the broker refused), so a broker that
+    /// closes early on both does not leave the gateway on the version it does not speak.
+    fn try_other(
+        &mut self,
+        failure: &Failure,
+        protocol: Protocol,
+        spoke: Option<Protocol>,
+    ) -> bool {
+        let other = other_version(protocol);
+        match failure {
+            Failure::Unsupported(_) => {
+                match protocol {
+                    Protocol::V311 => self.v311 = true,
+                    Protocol::V5 => self.v5 = true,
+                }
+                !self.refused(other)
+            }
+            Failure::NoConnAck(_) => spoke != Some(protocol) && !self.refused(other),
+            _ => false,
         }
     }
 }
@@ -1939,4 +1982,41 @@ async fn announce_lobby(shared: &Arc<Shared>, store: &Store) -> Result<(), Strin
         .enqueue_all(messages)
         .await
         .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod version_tests {
+    use super::{Failure, Protocol, VersionsRefused};
+
+    fn closed() -> Failure {
+        Failure::NoConnAck("closed by peer".into())
+    }
+
+    fn refused() -> Failure {
+        Failure::Unsupported("unacceptable protocol version".into())
+    }
+
+    #[test]
+    fn a_broker_that_closes_early_on_both_versions_is_tried_with_each_in_turn() {
+        // A 3.1.1-only broker under load (NATS 2.9 restarting): it closes before CONNACK
+        // on 5 and on 3.1.1 alike. The gateway must not stay on 5.
+        let mut said = VersionsRefused::default();
+        assert!(said.try_other(&closed(), Protocol::V5, None));
+        assert!(said.try_other(&closed(), Protocol::V311, None));
+        assert!(said.try_other(&closed(), Protocol::V5, None));
+        // Once it says 5 is not spoken, 3.1.1 is kept through early closes.
+        assert!(said.try_other(&refused(), Protocol::V5, None));
+        assert!(!said.try_other(&closed(), Protocol::V311, None));
+        // A broker that accepted 3.1.1 before and closes early now is restarting.
+        let mut fresh = VersionsRefused::default();
+        assert!(!fresh.try_other(&closed(), Protocol::V311, Some(Protocol::V311)));
+    }
+
+    #[test]
+    fn a_broker_that_refuses_both_versions_is_given_up() {
+        let mut said = VersionsRefused::default();
+        assert!(said.try_other(&refused(), Protocol::V5, None));
+        assert!(!said.try_other(&refused(), Protocol::V311, None));
+        assert!(!said.try_other(&Failure::Other("refused".into()), Protocol::V5, None));
+    }
 }

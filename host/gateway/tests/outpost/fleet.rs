@@ -9,7 +9,8 @@
 //! release); here it runs with the debug binaries and this test checks its summary.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 fn binary(name: &str) -> PathBuf {
     let path = Path::new(env!("CARGO_BIN_EXE_outpost")).with_file_name(name);
@@ -30,7 +31,8 @@ fn a_hundred_gateways_on_a_nats_cluster_lose_nothing_when_a_node_and_a_worker_di
     );
     let dir = tempfile::tempdir().unwrap();
     let summary_path = dir.path().join("summary.json");
-    let output = Command::new(binary("fleet-bench"))
+    let log = dir.path().join("fleet-bench.log");
+    let mut child = Command::new(binary("fleet-bench"))
         .arg("--outpost")
         .arg(env!("CARGO_BIN_EXE_outpost"))
         .arg("--cloud-sim")
@@ -48,15 +50,33 @@ fn a_hundred_gateways_on_a_nats_cluster_lose_nothing_when_a_node_and_a_worker_di
             "--summary",
         ])
         .arg(&summary_path)
-        .output()
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(Stdio::inherit())
+        .spawn()
         .unwrap();
-    let printed = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
+    // Bounded: the harness has deadlines of its own; this one stops it (and with it its
+    // nodes, workers and gateways, which die with it) if they fail.
+    let end = Instant::now() + Duration::from_secs(900);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "fleet-bench did not finish within 15 minutes:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let printed = std::fs::read_to_string(&log).unwrap_or_default();
     println!("{printed}");
-    assert!(output.status.success(), "fleet-bench failed:\n{printed}");
+    assert!(
+        status.success(),
+        "fleet-bench failed ({status}):\n{printed}"
+    );
     let summary: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&summary_path).unwrap()).unwrap();
     // Every device's records were acknowledged, and each reached the backend.
@@ -64,18 +84,34 @@ fn a_hundred_gateways_on_a_nats_cluster_lose_nothing_when_a_node_and_a_worker_di
     assert_eq!(summary["lost"], 0, "{summary:#}");
     assert_eq!(summary["unknown"], 0, "{summary:#}");
     assert_eq!(summary["received"], summary["acknowledged"], "{summary:#}");
-    // The faults happened, and every gateway of the killed node came back in time.
-    assert_eq!(summary["killedNode"], "n1", "{summary:#}");
-    assert_eq!(summary["killedWorker"], "w1", "{summary:#}");
-    let reconnected = summary["reconnected"].as_u64().unwrap();
-    assert!(reconnected >= 33, "{summary:#}");
+    // The node died with gateways on it, and each of them was connected to another node
+    // within its backoff bound.
+    let on_node = summary["onKilledNode"].as_u64().unwrap();
+    assert!(
+        on_node > 0,
+        "no gateway was on the killed node: {summary:#}"
+    );
+    assert_eq!(
+        summary["reconnected"].as_u64(),
+        Some(on_node),
+        "{summary:#}"
+    );
     assert!(
         summary["reconnectMaxMs"].as_u64().unwrap() <= summary["backoffMaxMs"].as_u64().unwrap(),
         "{summary:#}"
     );
-    // Each of the three workers took a share while it lived.
+    // The killed worker had taken a share before it died, and the two left went on
+    // taking records after.
+    let killed = summary["killedWorker"].as_str().unwrap();
     let by_worker = summary["byWorker"].as_object().unwrap();
-    assert_eq!(by_worker.len(), 3, "{summary:#}");
+    assert!(by_worker[killed].as_u64().unwrap() > 0, "{summary:#}");
+    let after = summary["byWorkerAfterKill"].as_object().unwrap();
+    for worker in by_worker.keys().filter(|w| *w != killed) {
+        assert!(
+            after.get(worker).and_then(serde_json::Value::as_u64) > Some(0),
+            "{worker} took nothing after {killed} died: {summary:#}"
+        );
+    }
     assert!(
         summary["workerErrors"].as_array().unwrap().is_empty(),
         "{summary:#}"
