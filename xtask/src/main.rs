@@ -355,7 +355,8 @@ fn bench_fleet(args: &[String]) -> anyhow::Result<()> {
     // The gateway as the other benches build it (built together with cloud-sim, cargo
     // would unify other features and build the release gateway a second time).
     build_release_gateway_and_sim(&root)?;
-    build_release(&root, &["cloud-sim", "outpost-fleet-bench"])?;
+    build_release_cloud_sim(&root)?;
+    build_release(&root, &["outpost-fleet-bench"])?;
     let bench_args: Vec<&String> = args.iter().skip_while(|a| *a == "--").collect();
     let status = Command::new(root.join("target/release/fleet-bench"))
         .current_dir(&root)
@@ -740,6 +741,12 @@ fn deb(args: &[String]) -> anyhow::Result<()> {
 /// package set, so cargo unifies features the same way and CI compiles it once.
 fn build_release_gateway_and_sim(root: &Path) -> anyhow::Result<()> {
     build_release(root, &["outpost-gateway", "esp-sim"])
+}
+
+/// The release cloud-sim that bench-fleet and the demo share, built alone: with the gateway
+/// in the same command cargo would unify features differently and rebuild the gateway.
+fn build_release_cloud_sim(root: &Path) -> anyhow::Result<()> {
+    build_release(root, &["cloud-sim"])
 }
 
 /// `cargo build --release --locked -p P...` for this machine.

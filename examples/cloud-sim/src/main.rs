@@ -17,10 +17,11 @@
 //! * **Scale-out**: several cloud-sim processes share a hub's load as workers
 //!   (`--worker NAME`), each gateway message handled by one of them. On an MQTT broker with
 //!   shared subscriptions (`--share GROUP`: `$share/GROUP/outpost/v1/gw/+/#`, Mosquitto,
-//!   EMQX, HiveMQ); on a NATS cluster through JetStream (`--jetstream NAME=nats://…`): a
-//!   stream captures the gateways' subjects and the workers pull from one durable consumer,
-//!   acknowledging each message after handling it, so a killed worker's unacknowledged
-//!   messages go to the others (at-least-once from the stream on, by message id). Each
+//!   EMQX, HiveMQ); on a NATS cluster through JetStream (`--jetstream NAME=nats://…`): the
+//!   workers pull from one durable consumer on the stream NATS's MQTT listener stores every
+//!   QoS 1 message in before its PUBACK (`$MQTT_msgs`), acknowledging each message after
+//!   handling it, so a killed worker's unacknowledged messages go to the others
+//!   (at-least-once from the gateway's PUBACK on, by message id). Each
 //!   worker keeps its own state: its claim CA, the enrollments and desired state it was
 //!   told; a real backend shares those (a database) and de-duplicates on the message id.
 
@@ -88,13 +89,6 @@ struct Args {
     /// connection (to the cluster's MQTT listener) still publishes.
     #[arg(long = "jetstream", value_name = "NAME=URLS")]
     jetstream: Vec<String>,
-    /// Replicas of the JetStream stream cloud-sim creates (at most the cluster's size).
-    #[arg(long, default_value_t = 1)]
-    stream_replicas: usize,
-    /// Where the JetStream stream keeps its messages: `file` or `memory` (replicated in
-    /// memory on each of its replicas: faster, gone if every replica restarts).
-    #[arg(long, default_value = "file", value_parser = ["file", "memory"])]
-    stream_storage: String,
     /// Seconds a JetStream message may stay unacknowledged before it is delivered again
     /// (to any worker).
     #[arg(long, default_value_t = 5)]
@@ -412,20 +406,30 @@ async fn on_hub_message(
 
 /// The name of the JetStream stream that captures the gateways' subjects, and of the
 /// durable consumer the workers share.
-const STREAM: &str = "OUTPOST_UPLINK";
+/// The stream NATS's MQTT listener keeps QoS 1 messages in (nats-server's
+/// `server/README-MQTT.md`): it stores each QoS 1 PUBLISH there as `$MQTT.msgs.<subject>`
+/// and sends the PUBACK only once the store is acknowledged, so a message in it is one the
+/// gateway was told is safe. The stream has interest retention: it keeps a message while a
+/// consumer whose filter matches it has not acknowledged it.
+const MQTT_STREAM: &str = "$MQTT_msgs";
+const MQTT_STREAM_PREFIX: &str = "$MQTT.msgs.";
 const CONSUMER: &str = "cloud-sim";
 
-/// Hub `hub`'s gateway messages from JetStream: the stream `OUTPOST_UPLINK` captures
-/// `outpost.v1.gw.>` (what NATS's MQTT listener publishes for `outpost/v1/gw/#`) as a work
-/// queue, and every worker pulls from the one durable consumer, acknowledging a message
-/// after handling it.
+/// Hub `hub`'s gateway messages from JetStream: every worker pulls from one durable
+/// consumer on NATS's `$MQTT_msgs`, filtered to the gateways' subjects
+/// (`$MQTT.msgs.outpost.v1.gw.>`), and acknowledges a message after handling it.
+///
+/// Why not a stream of our own on `outpost.v1.gw.>`: NATS routes a QoS 1 PUBLISH to the
+/// core subject without waiting for any stream to store it, so while such a stream has no
+/// leader (a node died: Raft takes seconds to elect another) the gateways' records are
+/// acknowledged and never stored. The fleet bench lost thousands that way.
 async fn jetstream_loop(
     cloud: &Arc<Cloud>,
     hub: &str,
     urls: &[String],
     ready: tokio::sync::oneshot::Sender<()>,
 ) -> anyhow::Result<()> {
-    use async_nats::jetstream::{consumer, stream};
+    use async_nats::jetstream::consumer;
     use futures_util::StreamExt as _;
 
     let name = match &cloud.args.worker {
@@ -439,31 +443,27 @@ async fn jetstream_loop(
         .await
         .with_context(|| format!("cannot connect to NATS at {}", urls.join(",")))?;
     let context = async_nats::jetstream::new(client);
-    let config = stream::Config {
-        name: STREAM.into(),
-        subjects: vec![format!("{}.gw.>", contract::ROOT.replace('/', "."))],
-        retention: stream::RetentionPolicy::WorkQueue,
-        storage: if cloud.args.stream_storage == "memory" {
-            stream::StorageType::Memory
-        } else {
-            stream::StorageType::File
-        },
-        num_replicas: cloud.args.stream_replicas,
-        ..Default::default()
-    };
     let consumer_config = consumer::pull::Config {
         durable_name: Some(CONSUMER.into()),
+        filter_subject: format!(
+            "{MQTT_STREAM_PREFIX}{}.gw.>",
+            contract::ROOT.replace('/', ".")
+        ),
         ack_policy: consumer::AckPolicy::Explicit,
         ack_wait: Duration::from_secs(cloud.args.ack_wait_secs),
         max_ack_pending: 20_000,
         ..Default::default()
     };
-    // Workers start together: one creates, the others find (or race and try again while
-    // the cluster elects the stream's leader).
+    // NATS makes `$MQTT_msgs` when the first MQTT client of the account connects (this
+    // hub's own MQTT connection, at the latest); the workers start together: one creates
+    // the consumer, the others find it (or race and try again while the cluster elects its
+    // leader). Once made, the durable consumer outlives the workers: records that arrive
+    // while none runs wait for them. Before it was first made, the stream keeps nothing
+    // (no interest), so the workers start before the gateways.
     let mut attempt = 0;
     let consumer: consumer::PullConsumer = loop {
         let made = async {
-            let stream = context.get_or_create_stream(config.clone()).await?;
+            let stream = context.get_stream(MQTT_STREAM).await?;
             stream
                 .get_or_create_consumer(CONSUMER, consumer_config.clone())
                 .await
@@ -471,50 +471,80 @@ async fn jetstream_loop(
         };
         match made.await {
             Ok(consumer) => break consumer,
-            Err(err) if attempt < 40 => {
+            Err(err) if attempt < 120 => {
                 attempt += 1;
                 if attempt % 10 == 0 {
                     emit(&json!({ "event": "retry", "hub": hub, "message": format!("{err:#}") }));
                 }
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
-            Err(err) => return Err(err.context(format!("cannot make stream {STREAM}"))),
+            Err(err) => {
+                return Err(err.context(format!(
+                    "cannot make consumer {CONSUMER} on NATS's stream {MQTT_STREAM} (is the \
+                     cluster's MQTT listener on, and has an MQTT client connected?)"
+                )));
+            }
         }
     };
     // Small batches and short pulls: a worker holds little that another would have to
-    // wait out (the ack wait) if it dies, and one whose node died notices within seconds
-    // (missed heartbeats) and pulls again through another.
-    let mut messages = consumer
-        .stream()
-        .max_messages_per_batch(100)
-        .expires(Duration::from_secs(4))
-        .heartbeat(Duration::from_secs(1))
-        .messages()
-        .await
-        .context("cannot pull")?;
-    let _ = ready.send(());
-    while let Some(message) = messages.next().await {
-        let message = match message {
-            Ok(message) => message,
+    // wait out (the ack wait) if it dies. A missed heartbeat means the pull this worker
+    // is waiting on is gone (the node holding the consumer's leader died, or this
+    // worker's own node): the client's own next pull would only come when that pull's
+    // expiry runs out, so the worker drops the stream and pulls again at once. Messages
+    // delivered to the dropped stream and not yet handled come back after the ack wait.
+    let mut ready = Some(ready);
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let pulled = consumer
+            .stream()
+            .max_messages_per_batch(100)
+            .expires(Duration::from_secs(4))
+            .heartbeat(Duration::from_secs(1))
+            .messages()
+            .await;
+        let mut messages = match pulled {
+            Ok(messages) => messages,
             Err(err) => {
-                // Missed heartbeats while a node restarts and the like: the client
-                // reconnects and the stream goes on.
-                emit(&json!({ "event": "nats", "hub": hub, "message": err.to_string() }));
+                emit(
+                    &json!({ "event": "nats", "hub": hub, "message": format!("cannot pull: {err}") }),
+                );
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
                 continue;
             }
         };
-        let topic = subject_to_topic(&message.subject);
-        on_hub_message(cloud, hub, &topic, &message.payload, false).await;
-        if let Err(err) = message.ack().await {
-            emit(&json!({ "event": "nats", "hub": hub, "message": format!("ack: {err}") }));
+        if let Some(ready) = ready.take() {
+            let _ = ready.send(());
         }
+        while let Some(message) = messages.next().await {
+            let message = match message {
+                Ok(message) => message,
+                Err(err) => {
+                    emit(
+                        &json!({ "event": "nats", "hub": hub, "message": format!("{err}; pulling again") }),
+                    );
+                    break;
+                }
+            };
+            pause = Duration::from_millis(100);
+            let topic = subject_to_topic(&message.subject);
+            on_hub_message(cloud, hub, &topic, &message.payload, false).await;
+            if let Err(err) = message.ack().await {
+                emit(&json!({ "event": "nats", "hub": hub, "message": format!("ack: {err}") }));
+            }
+        }
+        // The stream ended or failed: a short pause so a consumer that keeps failing
+        // (deleted, a limit refused) does not spin, then a new pull.
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(2));
     }
-    bail!("the JetStream consumer of hub {hub} ended")
 }
 
-/// An MQTT topic back from the NATS subject NATS's MQTT listener published it on: `/` was
-/// made `.`, and a `.` in the topic `//`.
+/// An MQTT topic back from the subject NATS's MQTT listener stored it under in
+/// `$MQTT_msgs` (`$MQTT.msgs.` and the core subject, where `/` was made `.` and a `.` in
+/// the topic `//`).
 fn subject_to_topic(subject: &str) -> String {
+    let subject = subject.strip_prefix(MQTT_STREAM_PREFIX).unwrap_or(subject);
     let mut topic = String::with_capacity(subject.len());
     let mut chars = subject.chars().peekable();
     while let Some(c) = chars.next() {
@@ -877,6 +907,11 @@ mod tests {
         assert_eq!(
             subject_to_topic("outpost.v1.gw.gw-1.telemetry.esp-1"),
             "outpost/v1/gw/gw-1/telemetry/esp-1"
+        );
+        // As stored in NATS's `$MQTT_msgs`, which the workers read.
+        assert_eq!(
+            subject_to_topic("$MQTT.msgs.outpost.v1.gw.gw-1.status"),
+            "outpost/v1/gw/gw-1/status"
         );
         // nats-server 2.10 and later carry a '.' of a topic level as "//".
         assert_eq!(
