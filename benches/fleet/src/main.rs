@@ -48,9 +48,10 @@ const ADMIN: &str = "fleet-admin-token-0123456789abcdef";
 /// gateway may take to be connected again after its node dies.
 const BACKOFF_MAX_MS: u64 = 5_000;
 /// How long NATS's MQTT listener waits on a JetStream request (the session lookup of a
-/// CONNECT) before it gives up and closes the connection (`mqttJSAPITimeout`, 4 s): a
-/// gateway's attempt that began while the cluster could not look sessions up fails that
-/// much later.
+/// CONNECT) before it gives up and closes the connection: a gateway's attempt that began
+/// while the cluster could not look sessions up fails that much later. 4 s is nats-server
+/// 2.9's `mqttJSAPITimeout` (what Debian 12 ships, and what this bench runs); later
+/// versions default to 5 s and make it `mqtt { js_api_timeout }`.
 const NATS_MQTT_API_TIMEOUT_MS: u64 = 4_000;
 /// After a node dies the others take MQTT sessions again only once they elected new
 /// leaders (Raft, 4–9 s in nats-server when the dead node led `$MQTT_sess`). The bench
@@ -118,8 +119,31 @@ fn args() -> Result<Args, Error> {
     Ok(args)
 }
 
+/// A free port for one of our listeners (a node's, a gateway's), below the ephemeral range.
+///
+/// A port the kernel hands out for `bind(0)` comes from the range outgoing connections take
+/// their local ports from, and this harness makes thousands of those (devices, gateways,
+/// workers, probes): between our check and the listener's own bind, or while a killed node
+/// is down, one of them could take it (a gateway once failed to start on "address already
+/// in use"). Below the range only listeners bind; each port is handed out once per run.
 fn free_port() -> Result<u16, Error> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    const BASE: u32 = 10_000;
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let span = low.saturating_sub(BASE).max(1);
+    // Runs side by side (tests) start at different places.
+    let start = std::process::id().wrapping_mul(7_919) % span;
+    for _ in 0..span {
+        let offset = (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        let port = u16::try_from(BASE + offset)?;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(format!("no free port in {BASE}..{low}").into())
 }
 
 fn micros() -> u64 {
@@ -427,24 +451,44 @@ async fn send(
 /// The node that leads the workers' consumer (from a node's `/jsz` monitoring page): the
 /// hardest node to lose, as every worker's waiting pull is held there.
 async fn consumer_leader(nodes: &[Node]) -> Result<usize, Error> {
-    let addr = SocketAddr::from(([127, 0, 0, 1], nodes[0].monitor));
-    let (status, jsz) = request(addr, "GET", "/jsz?consumers=true", "", None).await?;
-    let leader = jsz["account_details"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .flat_map(|account| account["stream_detail"].as_array().into_iter().flatten())
-        .filter(|stream| stream["name"] == "$MQTT_msgs")
-        .flat_map(|stream| stream["consumer_detail"].as_array().into_iter().flatten())
-        .find(|consumer| consumer["name"] == "cloud-sim")
-        .and_then(|consumer| consumer["cluster"]["leader"].as_str())
-        .ok_or_else(|| {
-            format!("/jsz on n1 ({status}) names no leader of consumer cloud-sim: {jsz}")
-        })?;
-    nodes
-        .iter()
-        .position(|node| node.name == leader)
-        .ok_or_else(|| format!("the consumer's leader {leader:?} is none of the nodes").into())
+    // While the consumer elects a leader, `/jsz` names none: ask each node in turn for up
+    // to 10 s.
+    let end = Instant::now() + Duration::from_secs(10);
+    let mut k = 0;
+    loop {
+        let node = &nodes[k % nodes.len()];
+        k += 1;
+        let addr = SocketAddr::from(([127, 0, 0, 1], node.monitor));
+        let answer = request(addr, "GET", "/jsz?consumers=true", "", None).await;
+        let leader = answer.as_ref().ok().and_then(|(_, jsz)| {
+            jsz["account_details"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|account| account["stream_detail"].as_array().into_iter().flatten())
+                .filter(|stream| stream["name"] == "$MQTT_msgs")
+                .flat_map(|stream| stream["consumer_detail"].as_array().into_iter().flatten())
+                .find(|consumer| consumer["name"] == "cloud-sim")
+                .and_then(|consumer| consumer["cluster"]["leader"].as_str())
+                .map(str::to_owned)
+        });
+        if let Some(leader) = leader {
+            return nodes
+                .iter()
+                .position(|node| node.name == leader)
+                .ok_or_else(|| {
+                    format!("the consumer's leader {leader:?} is none of the nodes").into()
+                });
+        }
+        if Instant::now() > end {
+            return Err(format!(
+                "no node's /jsz named a leader of consumer cloud-sim within 10 s (last, from {}: {answer:?})",
+                node.name
+            )
+            .into());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 struct Gateway {
@@ -710,24 +754,23 @@ async fn wait_posted(
 }
 
 /// When the cluster took MQTT sessions again after a node died: probe clients (clean
-/// sessions, MQTT 3.1.1) start every 100 ms on the nodes in `ports` until `stop` is set;
-/// the answer is the start (ms after `since`) of the earliest attempt that got a CONNACK.
-async fn cluster_ready(
-    ports: Vec<u16>,
-    since: Instant,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-) -> Option<u64> {
+/// sessions, MQTT 3.1.1) start every 100 ms on the nodes in `ports` until one gets a
+/// CONNACK (or for 60 s); the answer is the start (ms after `since`) of the earliest
+/// attempt that got one. Each attempt gives up after 6 s, so at most 60 are in flight.
+async fn cluster_ready(ports: Vec<u16>, since: Instant) -> Option<u64> {
+    let answered = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut attempts = Vec::new();
     let mut k = 0usize;
-    while !stop.load(Ordering::Relaxed) && since.elapsed() < Duration::from_secs(120) {
+    while !answered.load(Ordering::Relaxed) && since.elapsed() < Duration::from_secs(60) {
         let port = ports[k % ports.len()];
         let started = u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let answered = Arc::clone(&answered);
         attempts.push(tokio::spawn(async move {
             let mut options =
                 rumqttc::MqttOptions::new(format!("fleet-probe-{k}"), "127.0.0.1", port);
             options.set_keep_alive(Duration::from_secs(30));
             let (client, mut events) = rumqttc::AsyncClient::new(options, 10);
-            let answered = tokio::time::timeout(Duration::from_secs(6), async {
+            let accepted = tokio::time::timeout(Duration::from_secs(6), async {
                 loop {
                     match events.poll().await {
                         Ok(rumqttc::Event::Incoming(rumqttc::Incoming::ConnAck(ack))) => {
@@ -740,13 +783,17 @@ async fn cluster_ready(
             })
             .await
             .unwrap_or(false);
-            let _ = client.disconnect().await;
-            let _ = tokio::time::timeout(Duration::from_millis(200), events.poll()).await;
-            answered.then_some(started)
+            if accepted {
+                answered.store(true, Ordering::Relaxed);
+                let _ = client.disconnect().await;
+                let _ = tokio::time::timeout(Duration::from_millis(200), events.poll()).await;
+            }
+            accepted.then_some(started)
         }));
         k += 1;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // An attempt that started earlier may still answer: the earliest start wins.
     let mut ready = None;
     for attempt in attempts {
         if let Ok(Some(started)) = attempt.await {
@@ -964,12 +1011,11 @@ async fn run(args: &Args, dir: &Path) -> Result<(), Error> {
         on_victim = which.len();
         let kill_at = Instant::now();
         nodes[victim].process.kill();
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let live: Vec<u16> = (0..nodes.len())
             .filter(|&n| n != victim)
             .map(|n| nodes[n].mqtt)
             .collect();
-        let probe = tokio::spawn(cluster_ready(live, kill_at, Arc::clone(&stop)));
+        let probe = tokio::spawn(cluster_ready(live, kill_at));
         let times = reconnect_times(
             &gateways,
             &which,
@@ -978,7 +1024,6 @@ async fn run(args: &Args, dir: &Path) -> Result<(), Error> {
             Duration::from_secs(60),
         )
         .await;
-        stop.store(true, Ordering::Relaxed);
         let ready = probe.await?;
         reconnects = times?;
         cluster_ready_ms = Some(ready.ok_or("no probe client got a CONNACK after the node died")?);
@@ -997,9 +1042,6 @@ async fn run(args: &Args, dir: &Path) -> Result<(), Error> {
         }
     }
     let accepted_in = load_start.elapsed();
-    if let Some(kill) = worker_kill {
-        kill.await??;
-    }
 
     // Every acknowledged record at a worker (a killed worker's unacknowledged ones come
     // again after the consumer's ack wait).
@@ -1022,6 +1064,21 @@ async fn run(args: &Args, dir: &Path) -> Result<(), Error> {
             break (missing, unknown);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // The worker was killed once two thirds of the records had arrived; if they never
+    // did, that is reported after the lost records, which say why.
+    let worker_killed = match worker_kill {
+        None => Ok(()),
+        Some(mut kill) => match tokio::time::timeout(Duration::from_secs(2), &mut kill).await {
+            Ok(joined) => joined.map_err(|e| e.to_string()).and_then(|killed| killed),
+            Err(_) => {
+                kill.abort();
+                Err(
+                    "the workers never had two thirds of the records: no worker was killed"
+                        .to_owned(),
+                )
+            }
+        },
     };
     let mut returned = 0;
     let mut rss = Vec::new();
@@ -1158,6 +1215,7 @@ async fn run(args: &Args, dir: &Path) -> Result<(), Error> {
     if missing > 0 || unknown > 0 {
         return Err(format!("{missing} acknowledged records lost, {unknown} unknown").into());
     }
+    worker_killed?;
     if after_ready.is_some_and(|ms| ms > RECONNECT_BOUND_MS) {
         return Err(format!(
             "a gateway took longer than {RECONNECT_BOUND_MS} ms after the cluster was ready to reconnect"

@@ -489,9 +489,10 @@ async fn jetstream_loop(
     // Small batches and short pulls: a worker holds little that another would have to
     // wait out (the ack wait) if it dies. A missed heartbeat means the pull this worker
     // is waiting on is gone (the node holding the consumer's leader died, or this
-    // worker's own node): the client's own next pull would only come when that pull's
-    // expiry runs out, so the worker drops the stream and pulls again at once. Messages
-    // delivered to the dropped stream and not yet handled come back after the ack wait.
+    // worker's own node): the client's own next pull would only come 5 s after that
+    // pull's expiry (async-nats's fallback timer), 9 s here, so the worker drops the
+    // stream and pulls again at once. Messages delivered to the dropped stream and not yet
+    // handled come back after the ack wait.
     let mut ready = Some(ready);
     let mut pause = Duration::from_millis(100);
     loop {
