@@ -29,7 +29,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -152,13 +152,18 @@ fn micros() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
-fn wait_listening(port: u16, what: &str, within: Duration) -> Result<(), Error> {
+/// Waits until something listens on 127.0.0.1:`port`, without holding up the runtime's
+/// threads (a node is started again while the devices post).
+async fn wait_listening(port: u16, what: &str, within: Duration) -> Result<(), Error> {
     let end = Instant::now() + within;
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
         if Instant::now() > end {
             return Err(format!("{what} did not listen on 127.0.0.1:{port}").into());
         }
-        std::thread::sleep(Duration::from_millis(20));
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(())
 }
@@ -231,7 +236,7 @@ struct Node {
 }
 
 impl Node {
-    fn start(&mut self) -> Result<(), Error> {
+    async fn start(&mut self) -> Result<(), Error> {
         let binary = nats_server()?;
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -245,11 +250,11 @@ impl Node {
                 .stderr(log)
                 .spawn()?,
         ));
-        wait_listening(self.mqtt, &self.name, Duration::from_secs(30))
+        wait_listening(self.mqtt, &self.name, Duration::from_secs(30)).await
     }
 }
 
-fn cluster(dir: &Path) -> Result<Vec<Node>, Error> {
+async fn cluster(dir: &Path) -> Result<Vec<Node>, Error> {
     let mut ports = Vec::new();
     for _ in 0..3 {
         ports.push((free_port()?, free_port()?, free_port()?, free_port()?));
@@ -284,7 +289,7 @@ fn cluster(dir: &Path) -> Result<Vec<Node>, Error> {
         });
     }
     for node in &mut nodes {
-        node.start()?;
+        node.start().await?;
     }
     Ok(nodes)
 }
@@ -312,7 +317,7 @@ struct Worker {
     process: Proc,
 }
 
-fn start_worker(
+async fn start_worker(
     cloud_sim: &Path,
     name: &str,
     nodes: &[Node],
@@ -338,7 +343,8 @@ fn start_worker(
         .spawn()
         .map_err(|e| format!("{}: {e}", cloud_sim.display()))?;
     let stdout = child.stdout.take().ok_or("no stdout")?;
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let mut ready_tx = Some(ready_tx);
     let received = Arc::clone(received);
     let worker = name.to_owned();
     std::thread::spawn(move || {
@@ -349,7 +355,9 @@ fn start_worker(
             };
             match event["event"].as_str() {
                 Some("ready") => {
-                    let _ = ready_tx.send(());
+                    if let Some(ready) = ready_tx.take() {
+                        let _ = ready.send(());
+                    }
                 }
                 Some("telemetry") => {
                     let now = Instant::now();
@@ -390,9 +398,10 @@ fn start_worker(
         }
     });
     let process = Proc(Some(child));
-    ready_rx
-        .recv_timeout(Duration::from_secs(60))
-        .map_err(|_| format!("cloud-sim worker {name} was not ready within 60 s"))?;
+    match tokio::time::timeout(Duration::from_secs(60), ready_rx).await {
+        Ok(Ok(())) => {}
+        _ => return Err(format!("cloud-sim worker {name} was not ready within 60 s").into()),
+    }
     Ok(Worker { process })
 }
 
@@ -868,17 +877,11 @@ async fn run(args: &Args, dir: &Path) -> Result<(), Error> {
     );
     let version = Command::new(nats_server()?).arg("--version").output()?;
     println!("  {}", String::from_utf8_lossy(&version.stdout).trim());
-    let mut nodes = cluster(dir)?;
+    let mut nodes = cluster(dir).await?;
     let received = Arc::new(Mutex::new(Received::default()));
     let mut workers = Vec::new();
     for w in 0..args.workers {
-        workers.push(start_worker(
-            &args.cloud_sim,
-            &format!("w{w}"),
-            &nodes,
-            w,
-            &received,
-        )?);
+        workers.push(start_worker(&args.cloud_sim, &format!("w{w}"), &nodes, w, &received).await?);
     }
 
     // The gateways.
@@ -1027,7 +1030,7 @@ async fn run(args: &Args, dir: &Path) -> Result<(), Error> {
         let ready = probe.await?;
         reconnects = times?;
         cluster_ready_ms = Some(ready.ok_or("no probe client got a CONNACK after the node died")?);
-        nodes[victim].start()?;
+        nodes[victim].start().await?;
     }
     let mut acked = HashSet::with_capacity(total);
     // Which gateway acknowledged each record (to say where a lost one went in).
