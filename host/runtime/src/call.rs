@@ -135,6 +135,9 @@ impl Runtime {
                 log_dropped: 0,
             },
         };
+        // The epoch advances only while some call runs; start it before the deadline is
+        // set, keep it until the store is done.
+        let _ticking = self.ticker.running();
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limiter);
         // Each tick the guest runs costs one tick of its budget; between ticks it yields to

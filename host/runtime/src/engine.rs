@@ -114,43 +114,167 @@ fn pagemap_scan_available() -> bool {
     (major, minor) >= (6, 7)
 }
 
-/// Advances the engine's epoch every tick on its own thread, for as long as the engine
-/// lives; dropping the ticker stops it.
+/// Advances the engine's epoch every tick on its own thread while a call runs, for as
+/// long as the engine lives; dropping the ticker stops it.
+///
+/// With no call running the thread parks: an idle gateway (most of them, most of the
+/// time) would otherwise wake a hundred times a second for nothing. Deadlines are set
+/// relative to the epoch when a call starts ([`Running`] is taken before that), so a
+/// paused epoch cannot shorten or lengthen any call's budget.
 #[derive(Debug)]
 pub(crate) struct EpochTicker {
-    stop: Arc<std::sync::atomic::AtomicBool>,
+    shared: Arc<TickerShared>,
     thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Debug, Default)]
+struct TickerShared {
+    state: std::sync::Mutex<TickerState>,
+    wake: std::sync::Condvar,
+}
+
+#[derive(Debug, Default)]
+struct TickerState {
+    /// Calls running now.
+    running: usize,
+    stop: bool,
+    /// Ticks made so far.
+    ticks: u64,
+}
+
+/// Keeps the epoch advancing while it lives (one per call in flight).
+#[derive(Debug)]
+pub(crate) struct Running {
+    shared: Arc<TickerShared>,
 }
 
 impl EpochTicker {
     pub(crate) fn start(engine: &Engine, tick: Duration) -> Result<Self, RuntimeError> {
         let weak = engine.weak();
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let stopping = Arc::clone(&stop);
+        let shared = Arc::new(TickerShared::default());
+        let ticking = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
             .name("outpost-epoch".into())
             .spawn(move || {
-                while !stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                loop {
+                    {
+                        let state = ticking.state.lock().unwrap_or_else(|p| p.into_inner());
+                        let state = ticking
+                            .wake
+                            .wait_while(state, |state| state.running == 0 && !state.stop)
+                            .unwrap_or_else(|p| p.into_inner());
+                        if state.stop {
+                            break;
+                        }
+                    }
                     std::thread::sleep(tick);
                     match weak.upgrade() {
                         Some(engine) => engine.increment_epoch(),
                         None => break,
                     }
+                    ticking.lock().ticks += 1;
                 }
             })
             .map_err(|err| RuntimeError::Engine(format!("cannot start the epoch ticker: {err}")))?;
         Ok(Self {
-            stop,
+            shared,
             thread: Some(thread),
         })
+    }
+
+    /// Marks a call as running until the returned guard drops; the epoch advances
+    /// meanwhile.
+    pub(crate) fn running(&self) -> Running {
+        let mut state = self.shared.lock();
+        state.running += 1;
+        if state.running == 1 {
+            self.shared.wake.notify_one();
+        }
+        Running {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    /// Ticks made so far.
+    #[cfg(test)]
+    fn ticks(&self) -> u64 {
+        self.shared.lock().ticks
+    }
+}
+
+impl TickerShared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, TickerState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let mut state = self.shared.lock();
+        state.running = state.running.saturating_sub(1);
     }
 }
 
 impl Drop for EpochTicker {
     fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.shared.lock().stop = true;
+        self.shared.wake.notify_one();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Waits (bounded) until the ticker has made more than `than` ticks.
+    fn ticks_past(ticker: &EpochTicker, than: u64) -> u64 {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let ticks = ticker.ticks();
+            if ticks > than {
+                return ticks;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the ticker made no tick in 10 s while a call was running"
+            );
+            std::thread::yield_now();
+        }
+    }
+
+    #[test]
+    fn ticks_only_while_a_call_runs() {
+        let tick = Duration::from_millis(2);
+        let engine = build_engine(&RuntimeConfig::default()).expect("engine");
+        let ticker = EpochTicker::start(&engine, tick).expect("ticker");
+
+        // Idle: a hundred ticks' time passes without one.
+        std::thread::sleep(tick * 100);
+        assert_eq!(ticker.ticks(), 0, "an idle ticker ticked");
+
+        let first = ticker.running();
+        let second = ticker.running();
+        let ticked = ticks_past(&ticker, 3);
+        drop(first);
+        // One call still runs: it keeps ticking.
+        ticks_past(&ticker, ticked);
+        drop(second);
+        // The tick in progress when the last call ended may still land; then none.
+        let parked = ticker.ticks() + 1;
+        std::thread::sleep(tick * 100);
+        assert!(
+            ticker.ticks() <= parked,
+            "the ticker kept ticking with no call running ({} ticks, at most {parked} expected)",
+            ticker.ticks()
+        );
+
+        // And it wakes again.
+        let again = ticker.running();
+        ticks_past(&ticker, parked);
+        drop(again);
+        drop(ticker);
     }
 }

@@ -111,7 +111,7 @@ pub struct Runtime {
     linker: Linker<HostState>,
     config: RuntimeConfig,
     slots: Arc<Semaphore>,
-    _ticker: engine::EpochTicker,
+    ticker: engine::EpochTicker,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -173,7 +173,7 @@ impl Runtime {
             engine,
             linker,
             config,
-            _ticker: ticker,
+            ticker,
         })
     }
 
