@@ -39,6 +39,7 @@ struct Args {
     connections: Vec<usize>,
     batch: usize,
     batch_connections: usize,
+    protocol: String,
 }
 
 fn args() -> Result<Args, Error> {
@@ -48,6 +49,7 @@ fn args() -> Result<Args, Error> {
         connections: vec![64, 128],
         batch: 100,
         batch_connections: 8,
+        protocol: "auto".into(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -72,6 +74,12 @@ fn args() -> Result<Args, Error> {
                 if args.batch_connections == 0 {
                     return Err("--batch-connections takes a count above zero".into());
                 }
+            }
+            "--protocol" => {
+                if !["auto", "3.1.1", "5"].contains(&value.as_str()) {
+                    return Err("--protocol takes auto, 3.1.1 or 5".into());
+                }
+                args.protocol = value;
             }
             other => return Err(format!("unknown argument {other}").into()),
         }
@@ -328,7 +336,8 @@ async fn main() -> Result<(), Error> {
     std::fs::write(
         dir.path().join("outpost.toml"),
         format!(
-            "[gateway]\nid = \"gw-bench\"\nstate_dir = \"state\"\n[api]\nbind = \"127.0.0.1:{api_port}\"\nmax_connections_per_client = 256\nadmin_token = \"bench-admin-token-0123456789abcdef\"\n[cache]\nbind = \"127.0.0.1:0\"\n[ble]\nenabled = false\n[log]\nlevel = \"warn\"\n[uplink]\nbroker = \"mqtt://127.0.0.1:{port}\"\n"
+            "[gateway]\nid = \"gw-bench\"\nstate_dir = \"state\"\n[api]\nbind = \"127.0.0.1:{api_port}\"\nmax_connections_per_client = 256\nadmin_token = \"bench-admin-token-0123456789abcdef\"\n[cache]\nbind = \"127.0.0.1:0\"\n[ble]\nenabled = false\n[log]\nlevel = \"warn\"\n[uplink]\nbroker = \"mqtt://127.0.0.1:{port}\"\nprotocol = \"{}\"\n",
+            args.protocol
         ),
     )?;
     let _gateway = Killed(

@@ -57,6 +57,10 @@ const MIGRATIONS: &[Migration] = &[
         version: 10,
         sql: include_str!("../migrations/0010_outbox_lanes.sql"),
     },
+    Migration {
+        version: 11,
+        sql: include_str!("../migrations/0011_outbox_groups.sql"),
+    },
 ];
 
 /// The schema version this build writes and the newest it can open.

@@ -13,6 +13,8 @@ pub const REFUSED_BY_BROKER: &str = "outpost_uplink_refused_by_broker_total";
 pub const OUTBOX_REFUSED: &str = "outpost_outbox_refused_total";
 /// Messages whose time to live ran out before delivery, by priority.
 pub const OUTBOX_EXPIRED: &str = "outpost_outbox_expired_total";
+/// Outbox rows that could not be read back (damaged; left to expire).
+pub const OUTBOX_UNREADABLE: &str = "outpost_outbox_unreadable_rows_total";
 
 /// Registers the descriptions (the `# HELP` lines).
 pub fn describe() {
@@ -32,5 +34,9 @@ pub fn describe() {
     metrics::describe_counter!(
         OUTBOX_EXPIRED,
         "Messages dropped undelivered when their time to live ran out, by priority."
+    );
+    metrics::describe_counter!(
+        OUTBOX_UNREADABLE,
+        "Outbox rows that could not be read back (damaged); skipped and left to expire."
     );
 }

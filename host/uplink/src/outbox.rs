@@ -16,6 +16,20 @@
 //!   has its telemetry and state in a lane of its own, which only its connection reads
 //!   ([`Outbox::fetch_lane`]); everything else is the gateway's lane ([`Outbox::fetch`]).
 //!   A lane that cannot deliver holds back nothing of the others'.
+//! * **Groups.** The telemetry of one group commit is stored as rows of up to
+//!   [`MAX_GROUP`] messages (per lane and time to live), not a row per message: each
+//!   message keeps its own id, is published on its own and acknowledged on its own, but
+//!   SQLite inserts and deletes one row and its index entries per group. A group row is
+//!   deleted once all its messages are acknowledged; after a reconnect or a restart, its
+//!   messages not yet acknowledged go again (those acknowledged in this process do not).
+//!   Message ids are deduplicated per row: a telemetry id is minted fresh per record by
+//!   the gateway ([`crate::contract::message_id`]), so only the other classes' ids, which
+//!   callers may repeat, need it, and those are never grouped.
+//! * **Paced while connected.** While a publisher drains the gateway's lane
+//!   ([`Outbox::pacing`]), new telemetry waits (at most [`PACE_WAIT`]) while more than
+//!   the pacing bound of committed messages are not yet published: ingest that outruns
+//!   the broker would otherwise only grow a queue, and every record's latency with it.
+//!   With the uplink down nothing waits: the outbox is for outages.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,6 +52,31 @@ const BATCH: usize = 4096;
 const SWEEP_EVERY: Duration = Duration::from_millis(500);
 /// Payload bytes the in-memory tail of fresh commits may hold (see [`Mirror`]).
 const MIRROR_BYTES: usize = 16 * 1024 * 1024;
+/// Bits of a message's key that number it within its row (the rest is the row's seq).
+const GROUP_BITS: u32 = 7;
+/// The most messages one row holds (the schema checks it too).
+pub const MAX_GROUP: usize = 1 << GROUP_BITS;
+/// The most payload bytes one group row holds (a group closes at this size).
+const MAX_GROUP_BYTES: usize = 1024 * 1024;
+
+/// The longest a telemetry write waits for the publisher to catch up (then it is queued
+/// anyway; see [`Outbox::pacing`]).
+pub const PACE_WAIT: Duration = Duration::from_secs(1);
+
+/// The key of message `index` of row `row`: keys sort as the messages were written.
+fn key(row: i64, index: usize) -> i64 {
+    (row << GROUP_BITS) | index as i64
+}
+
+/// The row of a key, and the message's place in it.
+fn split(key: i64) -> (i64, usize) {
+    (key >> GROUP_BITS, (key & (MAX_GROUP as i64 - 1)) as usize)
+}
+
+/// A key past every message of row `row`.
+fn row_end(row: i64) -> i64 {
+    key(row, MAX_GROUP - 1)
+}
 
 /// Delivery class; lower goes first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -105,7 +144,8 @@ pub struct Message {
 /// A queued message, as the publisher takes it.
 #[derive(Clone, Debug)]
 pub struct Queued {
-    /// Position in the outbox (the acknowledgement names it).
+    /// Its key in the outbox: its row and its place in the row's group, in the order of
+    /// writing (the acknowledgement names it).
     pub seq: i64,
     /// The message's unique id (a dialect may carry it beside the payload).
     pub message_id: String,
@@ -187,9 +227,18 @@ struct Write {
 enum Work {
     Write(Write),
     Ack {
-        seqs: Vec<i64>,
+        /// Rows of one message (deleted only if they are that: `batch = 1`).
+        singles: Vec<i64>,
+        /// Group rows whose every message is acknowledged.
+        groups: Vec<i64>,
         done: oneshot::Sender<Result<(), StoreError>>,
     },
+}
+
+/// A group row being delivered: how many messages it holds and which are acknowledged.
+struct Partial {
+    size: usize,
+    acked: u128,
 }
 
 #[derive(Default)]
@@ -210,11 +259,16 @@ struct Mirror {
     classes: [VecDeque<Live>; 3],
     floor: [i64; 3],
     bytes: usize,
+    /// The publisher reads the class from SQLite (below the floor: after a reconnect, a
+    /// restart, an overflow): a backlog it catches up on, which pacing does not wait for.
+    behind: [bool; 3],
 }
 
 struct Live {
     queued: Queued,
     expires_at: i64,
+    /// Messages in its row.
+    group: usize,
 }
 
 impl Mirror {
@@ -234,7 +288,22 @@ impl Mirror {
         }
     }
 
+    /// Notes whether a publisher at `cursor` is behind the tail in class `c`; true when
+    /// it just fell behind (paced writers need not wait for it any more).
+    fn set_behind(&mut self, c: usize, cursor: i64) -> bool {
+        let behind = cursor < self.floor[c];
+        let fell = behind && !self.behind[c];
+        self.behind[c] = behind;
+        fell
+    }
+
+    /// Messages held (committed, not yet served).
+    fn len(&self) -> usize {
+        self.classes.iter().map(VecDeque::len).sum()
+    }
+
     fn take(&mut self, class: usize, live: &Live) {
+        // `seq` is the message's key; the floor is in keys too.
         self.bytes -= live.queued.payload.len();
         self.floor[class] = self.floor[class].max(live.queued.seq);
     }
@@ -249,6 +318,14 @@ struct Inner {
     lane_commits: watch::Sender<u64>,
     usage: Mutex<Usage>,
     mirror: Mutex<Mirror>,
+    /// Group rows served and not yet wholly acknowledged.
+    partial: Mutex<std::collections::HashMap<i64, Partial>>,
+    /// The pacing bound in unpublished messages (0: not pacing).
+    pace: std::sync::atomic::AtomicUsize,
+    /// Signalled when the publisher takes messages, or pacing ends.
+    served: Notify,
+    /// Writers waiting for the publisher now.
+    paced: std::sync::atomic::AtomicUsize,
     writes: mpsc::Sender<Work>,
     ready: Notify,
     refused_unsaved: AtomicU64,
@@ -314,8 +391,9 @@ impl Outbox {
                     tracing::info!(messages = returned, "messages of devices without an identity of their own any more go through the gateway");
                 }
                 let (messages, bytes, high): (i64, i64, i64) = conn.query_row(
-                    "SELECT count(*), coalesce(sum(length(payload)), 0), coalesce(max(seq), 0) \
-                     FROM outbox",
+                    "SELECT coalesce(sum(batch), 0), \
+                     coalesce(sum(coalesce(payload_bytes, length(payload))), 0), \
+                     coalesce(max(seq), 0) FROM outbox",
                     [],
                     |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)),
                 )?;
@@ -348,9 +426,13 @@ impl Outbox {
             }),
             // What is queued already is in SQLite only.
             mirror: Mutex::new(Mirror {
-                floor: [high; 3],
+                floor: [row_end(high); 3],
                 ..Mirror::default()
             }),
+            partial: Mutex::new(std::collections::HashMap::new()),
+            pace: std::sync::atomic::AtomicUsize::new(0),
+            served: Notify::new(),
+            paced: std::sync::atomic::AtomicUsize::new(0),
             writes,
             ready: Notify::new(),
             refused_unsaved: AtomicU64::new(0),
@@ -383,6 +465,11 @@ impl Outbox {
         let count = messages.len() as u64;
         let bytes: u64 = messages.iter().map(|m| m.payload.len() as u64).sum();
         let reserve_allowed = messages.iter().all(|m| m.priority != Priority::Telemetry);
+        // Before anything is reserved: a writer dropped while it waits holds nothing.
+        // Telemetry of a device with a lane of its own is not the gateway publisher's.
+        if !reserve_allowed && messages.iter().any(|m| !self.laned(m)) {
+            self.pace().await;
+        }
         if let Err(full) = self.reserve(count, bytes, reserve_allowed) {
             for message in &messages {
                 metrics::counter!(crate::metrics::OUTBOX_REFUSED, "priority" => message.priority.name())
@@ -405,6 +492,59 @@ impl Outbox {
             return Err(OutboxError::Closed);
         }
         answer.await.map_err(|_| OutboxError::Closed)?
+    }
+
+    /// Paces a telemetry write while a publisher drains the gateway's lane: it waits,
+    /// at most [`PACE_WAIT`], while the committed messages not yet published reach the
+    /// bound. Holding the guard keeps pacing on; dropping it (the connection ended)
+    /// releases every waiting writer.
+    pub fn pacing(&self, backlog: usize) -> Pacing {
+        // A new connection starts below the floor (its cursors at zero): behind until it
+        // has read what SQLite holds.
+        self.inner.mirror.lock().expect("outbox mirror lock").behind = [true; 3];
+        self.inner.pace.store(backlog.max(1), Ordering::Relaxed);
+        Pacing {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+
+    /// Whether `message` goes in a device's lane of its own.
+    fn laned(&self, message: &Message) -> bool {
+        !self.inner.lanes.is_empty()
+            && crate::contract::lane_device(&message.topic)
+                .is_some_and(|device| self.inner.lanes.contains(device))
+    }
+
+    async fn pace(&self) {
+        /// Counts a waiting writer while it waits (also when its future is dropped).
+        struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        let deadline = tokio::time::Instant::now() + PACE_WAIT;
+        let mut counted = None;
+        loop {
+            let served = self.inner.served.notified();
+            tokio::pin!(served);
+            served.as_mut().enable();
+            let bound = self.inner.pace.load(Ordering::Relaxed);
+            let backlogged = {
+                let mirror = self.inner.mirror.lock().expect("outbox mirror lock");
+                !mirror.behind[Priority::Telemetry as usize] && mirror.len() >= bound
+            };
+            if bound == 0 || !backlogged {
+                break;
+            }
+            if counted.is_none() {
+                self.inner.paced.fetch_add(1, Ordering::Relaxed);
+                counted = Some(Waiting(&self.inner.paced));
+            }
+            if tokio::time::timeout_at(deadline, served).await.is_err() {
+                break;
+            }
+        }
     }
 
     fn reserve(&self, count: u64, bytes: u64, reserve_allowed: bool) -> Result<(), OutboxError> {
@@ -494,6 +634,13 @@ impl Outbox {
             let (rows, high) = self.read_class(lane, class, cursors[c], want).await?;
             cursors[c] = cursors[c].max(high);
             out.extend(rows);
+            if lane.is_empty() {
+                // Caught up with the memory tail, or still behind it.
+                let mut mirror = self.inner.mirror.lock().expect("outbox mirror lock");
+                if mirror.set_behind(c, cursors[c]) {
+                    self.inner.served.notify_waiters();
+                }
+            }
         }
         Ok(out)
     }
@@ -509,8 +656,8 @@ impl Outbox {
         self.inner.lanes.contains(device)
     }
 
-    /// Up to `want` unexpired rows of `lane` and `class` after `after`, and the seq up to
-    /// which the class is seen.
+    /// Up to `want` unexpired messages of `lane` and `class` after the key `after`, and
+    /// the key up to which the class is seen.
     async fn read_class(
         &self,
         lane: &str,
@@ -519,41 +666,84 @@ impl Outbox {
         want: usize,
     ) -> Result<(Vec<Queued>, i64), StoreError> {
         let lane = lane.to_owned();
+        let inner = Arc::clone(&self.inner);
         self.inner
             .store
             .call(move |conn| {
                 let now = now_millis();
+                // The row holding `after` may have messages beyond it. Rows are stepped
+                // one at a time and decoded until `want` messages are found.
                 let mut stmt = conn.prepare_cached(
-                    "SELECT seq, topic, payload, retain, message_id, expires_at FROM outbox \
-                     WHERE lane = ?5 AND priority = ?1 AND seq > ?2 AND expires_at > ?3 \
-                     ORDER BY seq LIMIT ?4",
+                    "SELECT seq, topic, payload, retain, message_id, expires_at, batch FROM outbox \
+                     WHERE lane = ?4 AND priority = ?1 AND seq >= ?2 AND expires_at > ?3 \
+                     ORDER BY seq",
                 )?;
-                let mut rows = stmt.query(params![class as i64, after, now, want as i64, lane])?;
+                let (row, index) = split(after);
+                let first = if index == MAX_GROUP - 1 { row + 1 } else { row };
+                let mut rows = stmt.query(params![class as i64, first, now, lane])?;
                 let mut out = Vec::new();
-                let mut last = after;
-                while let Some(row) = rows.next()? {
-                    last = row.get(0)?;
-                    out.push(Queued {
-                        seq: last,
-                        message_id: row.get(4)?,
+                let mut seen = after;
+                let mut full = false;
+                'rows: while let Some(row) = rows.next()? {
+                    let row = Row {
+                        seq: row.get(0)?,
                         topic: row.get(1)?,
-                        payload: Bytes::from(row.get::<_, Vec<u8>>(2)?),
+                        payload: row.get(2)?,
                         retain: row.get::<_, i64>(3)? != 0,
-                        priority: class,
+                        message_id: row.get(4)?,
                         expires_at: row.get(5)?,
-                    });
+                        batch: usize::try_from(row.get::<_, i64>(6)?).unwrap_or(1),
+                    };
+                    let (seq, retain, expires_at) = (row.seq, row.retain, row.expires_at);
+                    let messages = match row.messages() {
+                        Ok(messages) => messages,
+                        Err(err) => {
+                            // Sent again and again it would block the class: it is left
+                            // to expire (and be counted) instead.
+                            tracing::error!(error = %err, "an outbox row cannot be read; it is skipped");
+                            metrics::counter!(crate::metrics::OUTBOX_UNREADABLE).increment(1);
+                            seen = seen.max(row_end(seq));
+                            continue;
+                        }
+                    };
+                    let size = messages.len();
+                    for (index, (message_id, topic, payload)) in messages.into_iter().enumerate() {
+                        let k = key(seq, index);
+                        if k <= after {
+                            continue;
+                        }
+                        if out.len() == want {
+                            full = true;
+                            break 'rows;
+                        }
+                        seen = k;
+                        if size > 1 && !inner.serving(seq, size, index) {
+                            // Acknowledged already (before a reconnect): not again.
+                            continue;
+                        }
+                        out.push(Queued {
+                            seq: k,
+                            message_id,
+                            topic,
+                            payload,
+                            retain,
+                            priority: class,
+                            expires_at,
+                        });
+                    }
+                    seen = seen.max(row_end(seq));
                 }
                 drop(rows);
-                // Nothing more in this class: everything up to the newest row is seen (a
-                // later insert takes a larger seq).
-                let high = if out.len() < want {
-                    conn.query_row("SELECT coalesce(max(seq), 0) FROM outbox", [], |row| {
-                        row.get(0)
-                    })?
-                } else {
-                    last
-                };
-                Ok((out, high))
+                if !full {
+                    // Nothing more in this class: everything up to the newest row is seen
+                    // (a later insert takes a larger seq).
+                    let newest: i64 =
+                        conn.query_row("SELECT coalesce(max(seq), 0) FROM outbox", [], |row| {
+                            row.get(0)
+                        })?;
+                    seen = seen.max(row_end(newest));
+                }
+                Ok((out, seen))
             })
             .await
     }
@@ -568,10 +758,17 @@ impl Outbox {
     ) -> bool {
         let now = now_millis();
         let mut mirror = self.inner.mirror.lock().expect("outbox mirror lock");
-        if *cursor < mirror.floor[c] {
+        if mirror.set_behind(c, *cursor) {
+            self.inner.served.notify_waiters();
+        }
+        if mirror.behind[c] {
             return false;
         }
         let mut taken = 0;
+        if !mirror.classes[c].is_empty() {
+            // Writers paced on the backlog look again.
+            self.inner.served.notify_waiters();
+        }
         while taken < want {
             let Some(live) = mirror.classes[c].pop_front() else {
                 break;
@@ -582,6 +779,10 @@ impl Outbox {
             }
             *cursor = live.queued.seq;
             if live.expires_at > now {
+                if live.group > 1 {
+                    let (row, index) = split(live.queued.seq);
+                    self.inner.serving(row, live.group, index);
+                }
                 out.push(live.queued);
                 taken += 1;
             }
@@ -589,18 +790,46 @@ impl Outbox {
         true
     }
 
-    /// Deletes acknowledged messages (unknown or already expired seqs are ignored);
-    /// returns once the deletion is committed. Deletions ride along with the next group
-    /// commit of new messages: a deletion lost to a crash only means a redelivery, which
-    /// the message id lets the cloud recognise.
+    /// Deletes acknowledged messages (unknown or already expired keys are ignored; a
+    /// group row goes once all its messages are acknowledged); returns once the deletion
+    /// is committed. Deletions ride along with the next group commit of new messages: a
+    /// deletion lost to a crash only means a redelivery, which the message id lets the
+    /// cloud recognise.
     pub async fn ack(&self, seqs: Vec<i64>) -> Result<(), StoreError> {
         if seqs.is_empty() {
+            return Ok(());
+        }
+        let (mut singles, mut groups) = (Vec::new(), Vec::new());
+        {
+            let mut partial = self.inner.partial.lock().expect("outbox groups lock");
+            for seq in seqs {
+                let (row, index) = split(seq);
+                match partial.get_mut(&row) {
+                    Some(group) => {
+                        group.acked |= 1u128 << index;
+                        if group.acked.count_ones() as usize >= group.size {
+                            partial.remove(&row);
+                            groups.push(row);
+                        }
+                    }
+                    // Every group row is registered when it is served, so this is a row
+                    // of one message (or one gone already); the deletion checks which.
+                    None if index == 0 => singles.push(row),
+                    None => {}
+                }
+            }
+        }
+        if singles.is_empty() && groups.is_empty() {
             return Ok(());
         }
         let (done, answer) = oneshot::channel();
         self.inner
             .writes
-            .send(Work::Ack { seqs, done })
+            .send(Work::Ack {
+                singles,
+                groups,
+                done,
+            })
             .await
             .map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
@@ -628,7 +857,8 @@ impl Outbox {
             .store
             .call(|conn| {
                 let mut query = conn.prepare_cached(
-                    "SELECT priority, count(*), coalesce(sum(length(payload)), 0) FROM outbox \
+                    "SELECT priority, sum(batch), \
+                     coalesce(sum(coalesce(payload_bytes, length(payload))), 0) FROM outbox \
                      GROUP BY priority",
                 )?;
                 let rows = query
@@ -656,7 +886,177 @@ impl Outbox {
     }
 }
 
+/// Keeps [`Outbox::pacing`] on while held.
+pub struct Pacing {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Pacing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pacing").finish_non_exhaustive()
+    }
+}
+
+impl Drop for Pacing {
+    fn drop(&mut self) {
+        self.inner.pace.store(0, Ordering::Relaxed);
+        self.inner.served.notify_waiters();
+    }
+}
+
+/// A message waiting in the outbox, as [`waiting`] lists it.
+#[derive(Clone, Debug)]
+pub struct Waiting {
+    /// Its id.
+    pub message_id: String,
+    /// Its topic.
+    pub topic: String,
+    /// Its lane ('' is the gateway's).
+    pub lane: String,
+    /// Its payload.
+    pub payload: Bytes,
+}
+
+/// Every message waiting in the outbox of `store`, in the order of writing within each
+/// row's class (reads the whole table: for inspection and tests, not the hot path).
+pub async fn waiting(store: &Store) -> Result<Vec<Waiting>, StoreError> {
+    let rows = store
+        .call(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT seq, topic, payload, retain, message_id, expires_at, batch, lane \
+                 FROM outbox ORDER BY seq",
+            )?;
+            let rows = stmt
+                .query_map([], |row| {
+                    Ok((
+                        Row {
+                            seq: row.get(0)?,
+                            topic: row.get(1)?,
+                            payload: row.get(2)?,
+                            retain: row.get::<_, i64>(3)? != 0,
+                            message_id: row.get(4)?,
+                            expires_at: row.get(5)?,
+                            batch: usize::try_from(row.get::<_, i64>(6)?).unwrap_or(1),
+                        },
+                        row.get::<_, String>(7)?,
+                    ))
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+        .await?;
+    let mut out = Vec::new();
+    for (row, lane) in rows {
+        for (message_id, topic, payload) in row.messages()? {
+            out.push(Waiting {
+                message_id,
+                topic,
+                lane: lane.clone(),
+                payload,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// A row as read back.
+struct Row {
+    seq: i64,
+    topic: String,
+    payload: Vec<u8>,
+    retain: bool,
+    message_id: String,
+    expires_at: i64,
+    batch: usize,
+}
+
+impl Row {
+    /// Its messages: id, topic, payload.
+    fn messages(self) -> Result<Vec<(String, String, Bytes)>, StoreError> {
+        if self.batch <= 1 {
+            return Ok(vec![(
+                self.message_id,
+                self.topic,
+                Bytes::from(self.payload),
+            )]);
+        }
+        decode_group(&Bytes::from(self.payload), self.batch).map_err(|detail| StoreError::Decode {
+            what: "outbox group",
+            detail: format!("row {}: {detail}", self.seq),
+        })
+    }
+}
+
+/// A group's messages, each as id length (u16), id, topic length (u16), topic, payload
+/// length (u32), payload; big-endian.
+fn encode_group(messages: &[&Message]) -> Vec<u8> {
+    let size: usize = messages
+        .iter()
+        .map(|m| 8 + m.message_id.len() + m.topic.len() + m.payload.len())
+        .sum();
+    let mut out = Vec::with_capacity(size);
+    for message in messages {
+        // Ids and topics are short (contract ids, MQTT topics below 64 KiB); payloads are
+        // bounded by the contract's MAX_PAYLOAD.
+        let id = message.message_id.as_bytes();
+        let topic = message.topic.as_bytes();
+        out.extend_from_slice(&u16::try_from(id.len()).unwrap_or(u16::MAX).to_be_bytes());
+        out.extend_from_slice(&id[..id.len().min(usize::from(u16::MAX))]);
+        out.extend_from_slice(&u16::try_from(topic.len()).unwrap_or(u16::MAX).to_be_bytes());
+        out.extend_from_slice(&topic[..topic.len().min(usize::from(u16::MAX))]);
+        out.extend_from_slice(
+            &u32::try_from(message.payload.len())
+                .unwrap_or(u32::MAX)
+                .to_be_bytes(),
+        );
+        out.extend_from_slice(&message.payload);
+    }
+    out
+}
+
+/// The `count` messages of a group row; the payloads share the row's buffer.
+fn decode_group(blob: &Bytes, count: usize) -> Result<Vec<(String, String, Bytes)>, String> {
+    let mut at = 0usize;
+    let take = |at: &mut usize, n: usize| -> Result<std::ops::Range<usize>, String> {
+        let end = at
+            .checked_add(n)
+            .filter(|end| *end <= blob.len())
+            .ok_or_else(|| format!("ends at byte {} of {}", blob.len(), *at + n))?;
+        let range = *at..end;
+        *at = end;
+        Ok(range)
+    };
+    let text = |range: std::ops::Range<usize>, what: &str| {
+        String::from_utf8(blob[range].to_vec()).map_err(|_| format!("a {what} is not UTF-8"))
+    };
+    let mut out = Vec::with_capacity(count);
+    for _ in 0..count {
+        let n = u16::from_be_bytes(blob[take(&mut at, 2)?].try_into().expect("2 bytes"));
+        let id = text(take(&mut at, usize::from(n))?, "message id")?;
+        let n = u16::from_be_bytes(blob[take(&mut at, 2)?].try_into().expect("2 bytes"));
+        let topic = text(take(&mut at, usize::from(n))?, "topic")?;
+        let n = u32::from_be_bytes(blob[take(&mut at, 4)?].try_into().expect("4 bytes"));
+        let payload = blob.slice(take(&mut at, n as usize)?);
+        out.push((id, topic, payload));
+    }
+    if at != blob.len() {
+        return Err(format!(
+            "{} bytes follow its {count} messages",
+            blob.len() - at
+        ));
+    }
+    Ok(out)
+}
+
 impl Inner {
+    /// Registers message `index` of group row `row` (of `size`) as served; false when it
+    /// was acknowledged already.
+    fn serving(&self, row: i64, size: usize, index: usize) -> bool {
+        let mut partial = self.partial.lock().expect("outbox groups lock");
+        let group = partial.entry(row).or_insert(Partial { size, acked: 0 });
+        group.acked & (1u128 << index) == 0
+    }
+
     fn release(&self, count: u64, bytes: u64) {
         let mut usage = self.usage.lock().expect("outbox usage lock");
         usage.messages = usage.messages.saturating_sub(count);
@@ -694,7 +1094,7 @@ async fn writer(inner: Arc<Inner>, mut inbox: mpsc::Receiver<Work>, shutdown: Ca
 async fn commit(inner: &Arc<Inner>, work: Vec<Work>) {
     let refused = inner.refused_unsaved.swap(0, Ordering::Relaxed);
     let mut dones = Vec::with_capacity(work.len());
-    let mut acked = Vec::new();
+    let (mut singles, mut groups) = (Vec::new(), Vec::new());
     let mut rows = Vec::new();
     let mut acks = Vec::new();
     for item in work {
@@ -703,8 +1103,13 @@ async fn commit(inner: &Arc<Inner>, work: Vec<Work>) {
                 dones.push((write.done, write.messages.len() as u64, write.bytes));
                 rows.extend(write.messages);
             }
-            Work::Ack { seqs, done } => {
-                acked.extend(seqs);
+            Work::Ack {
+                singles: one,
+                groups: whole,
+                done,
+            } => {
+                singles.extend(one);
+                groups.extend(whole);
                 acks.push(done);
             }
         }
@@ -723,6 +1128,7 @@ async fn commit(inner: &Arc<Inner>, work: Vec<Work>) {
             .collect()
     };
     let laned = lanes.iter().any(Option::is_some);
+    let units = group(&rows, &lanes);
     let result = inner
         .store
         .call(move |conn| {
@@ -731,40 +1137,85 @@ async fn commit(inner: &Arc<Inner>, work: Vec<Work>) {
             let mut duplicates = (0u64, 0u64);
             let mut live = Vec::with_capacity(rows.len());
             let mut deleted = (0u64, 0u64);
-            if !acked.is_empty() {
-                let mut stmt = tx.prepare_cached(
-                    "DELETE FROM outbox WHERE seq BETWEEN ?1 AND ?2 RETURNING length(payload)",
-                )?;
-                for (first, last) in runs(acked) {
-                    let (count, bytes) = count_deleted(stmt.query([first, last])?)?;
-                    deleted.0 += count;
-                    deleted.1 += bytes;
+            if !singles.is_empty() || !groups.is_empty() {
+                // A row of one message only if it is that (an unregistered key of a
+                // group row must not delete the group); whole groups as they are.
+                for (seqs, only_single) in [(singles, true), (groups, false)] {
+                    let mut stmt = tx.prepare_cached(if only_single {
+                        "DELETE FROM outbox WHERE seq BETWEEN ?1 AND ?2 AND batch = 1 \
+                         RETURNING batch, coalesce(payload_bytes, length(payload))"
+                    } else {
+                        "DELETE FROM outbox WHERE seq BETWEEN ?1 AND ?2 \
+                         RETURNING batch, coalesce(payload_bytes, length(payload))"
+                    })?;
+                    for (first, last) in runs(seqs) {
+                        let (count, bytes) = count_deleted(stmt.query([first, last])?)?;
+                        deleted.0 += count;
+                        deleted.1 += bytes;
+                    }
                 }
-                drop(stmt);
                 bump(&tx, "delivered", deleted.0)?;
             }
             {
                 let mut stmt = tx.prepare_cached(
                     "INSERT INTO outbox (message_id, topic, payload, qos, priority, created_at, \
-                     expires_at, retain, lane) VALUES (?1, ?2, ?3, 1, ?4, ?5, ?6, ?7, ?8) \
+                     expires_at, retain, lane, batch, payload_bytes) \
+                     VALUES (?1, ?2, ?3, 1, ?4, ?5, ?6, ?7, ?8, ?9, ?10) \
                      ON CONFLICT (message_id) DO NOTHING",
                 )?;
-                for (index, message) in rows.into_iter().enumerate() {
-                    let lane = lanes.get(index).and_then(Option::as_deref);
+                let mut rows: Vec<Option<Message>> = rows.into_iter().map(Some).collect();
+                let mut units: VecDeque<Vec<usize>> = units.into();
+                while let Some(unit) = units.pop_front() {
+                    let first = unit[0];
+                    let lane = lanes.get(first).and_then(Option::as_deref);
+                    let message = rows[first].as_ref().expect("each message in one unit");
                     let ttl = message.ttl.unwrap_or(default_ttl);
                     let expires =
                         now.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX));
-                    let inserted = stmt.execute(params![
-                        message.message_id,
-                        message.topic,
-                        message.payload,
-                        message.priority as i64,
-                        now,
-                        expires,
-                        i64::from(message.retain),
-                        lane.unwrap_or(""),
-                    ])?;
+                    let (priority, retain) = (message.priority, message.retain);
+                    let inserted = if unit.len() > 1 {
+                        let members: Vec<&Message> = unit
+                            .iter()
+                            .map(|at| rows[*at].as_ref().expect("each message in one unit"))
+                            .collect();
+                        let bytes: usize = members.iter().map(|m| m.payload.len()).sum();
+                        stmt.execute(params![
+                            message.message_id,
+                            message.topic,
+                            encode_group(&members),
+                            priority as i64,
+                            now,
+                            expires,
+                            i64::from(retain),
+                            lane.unwrap_or(""),
+                            unit.len() as i64,
+                            bytes as i64,
+                        ])?
+                    } else {
+                        stmt.execute(params![
+                            message.message_id,
+                            message.topic,
+                            message.payload,
+                            priority as i64,
+                            now,
+                            expires,
+                            i64::from(retain),
+                            lane.unwrap_or(""),
+                            1i64,
+                            None::<i64>,
+                        ])?
+                    };
                     if inserted == 0 {
+                        if unit.len() > 1 {
+                            // A group's first id is queued already: its messages go one
+                            // by one, so that each id is checked on its own.
+                            for at in unit.into_iter().rev() {
+                                units.push_front(vec![at]);
+                            }
+                            continue;
+                        }
+                        // Its message id is queued already: the earlier copy stands.
+                        let message = rows[first].take().expect("each message in one unit");
                         duplicates.0 += 1;
                         duplicates.1 += message.payload.len() as u64;
                         continue;
@@ -773,18 +1224,24 @@ async fn commit(inner: &Arc<Inner>, work: Vec<Work>) {
                         // Read from SQLite by its connection; the mirror is the gateway's.
                         continue;
                     }
-                    live.push(Live {
-                        queued: Queued {
-                            seq: tx.last_insert_rowid(),
-                            message_id: message.message_id,
-                            topic: message.topic,
-                            payload: Bytes::from(message.payload),
-                            retain: message.retain,
-                            priority: message.priority,
+                    let row = tx.last_insert_rowid();
+                    let size = unit.len();
+                    for (index, at) in unit.into_iter().enumerate() {
+                        let message = rows[at].take().expect("each message in one unit");
+                        live.push(Live {
+                            queued: Queued {
+                                seq: key(row, index),
+                                message_id: message.message_id,
+                                topic: message.topic,
+                                payload: Bytes::from(message.payload),
+                                retain,
+                                priority,
+                                expires_at: expires,
+                            },
                             expires_at: expires,
-                        },
-                        expires_at: expires,
-                    });
+                            group: size,
+                        });
+                    }
                 }
                 bump(&tx, "refused", refused)?;
             }
@@ -838,37 +1295,55 @@ async fn commit(inner: &Arc<Inner>, work: Vec<Work>) {
 /// Deletes expired messages and saves the refused count.
 async fn housekeeping(inner: &Arc<Inner>) {
     let refused = inner.refused_unsaved.swap(0, Ordering::Relaxed);
+    let held = Arc::clone(inner);
     let result = inner
         .store
         .call(move |conn| {
             let tx = conn.transaction()?;
             let mut by_priority = [0u64; Priority::ALL.len()];
-            let (mut count, mut bytes) = (0u64, 0u64);
+            // Messages and bytes gone, and of those the ones acknowledged already (of
+            // a group row partly delivered): delivered, not expired.
+            let (mut count, mut bytes, mut acked) = (0u64, 0u64, 0u64);
             {
                 let mut delete = tx.prepare_cached(
-                    "DELETE FROM outbox WHERE expires_at <= ?1 RETURNING priority, length(payload)",
+                    "DELETE FROM outbox WHERE expires_at <= ?1 \
+                     RETURNING priority, batch, coalesce(payload_bytes, length(payload)), seq",
                 )?;
                 let mut rows = delete.query([now_millis()])?;
                 while let Some(row) = rows.next()? {
-                    let (priority, length): (i64, i64) = (row.get(0)?, row.get(1)?);
+                    let (priority, batch, length): (i64, i64, i64) =
+                        (row.get(0)?, row.get(1)?, row.get(2)?);
+                    let delivered = if batch > 1 {
+                        let seq: i64 = row.get(3)?;
+                        held.partial
+                            .lock()
+                            .expect("outbox groups lock")
+                            .remove(&seq)
+                            .map_or(0, |group| u64::from(group.acked.count_ones()))
+                    } else {
+                        0
+                    };
+                    let batch = to_u64(batch);
                     if let Some(slot) = usize::try_from(priority)
                         .ok()
                         .and_then(|p| by_priority.get_mut(p))
                     {
-                        *slot += 1;
+                        *slot += batch - delivered;
                     }
-                    count += 1;
-                    bytes += u64::try_from(length).unwrap_or(0);
+                    count += batch;
+                    acked += delivered;
+                    bytes += to_u64(length);
                 }
             }
-            bump(&tx, "expired", count)?;
+            bump(&tx, "expired", count - acked)?;
+            bump(&tx, "delivered", acked)?;
             bump(&tx, "refused", refused)?;
             tx.commit()?;
-            Ok((count, bytes, by_priority))
+            Ok((count, bytes, acked, by_priority))
         })
         .await;
     match result {
-        Ok((count, bytes, by_priority)) => {
+        Ok((count, bytes, acked, by_priority)) => {
             for (priority, expired) in Priority::ALL.into_iter().zip(by_priority) {
                 if expired > 0 {
                     metrics::counter!(crate::metrics::OUTBOX_EXPIRED, "priority" => priority.name())
@@ -877,11 +1352,15 @@ async fn housekeeping(inner: &Arc<Inner>) {
             }
             if count > 0 {
                 inner.release(count, bytes);
+                inner.delivered.fetch_add(acked, Ordering::Relaxed);
+                let count = count - acked;
                 inner.expired.fetch_add(count, Ordering::Relaxed);
-                tracing::warn!(
-                    count,
-                    "outbox messages expired undelivered (time to live ran out)"
-                );
+                if count > 0 {
+                    tracing::warn!(
+                        count,
+                        "outbox messages expired undelivered (time to live ran out)"
+                    );
+                }
             }
         }
         Err(err) => {
@@ -899,14 +1378,47 @@ fn bump(conn: &outpost_store::rusqlite::Connection, name: &str, by: u64) -> Resu
     Ok(())
 }
 
-/// Messages and payload bytes a `DELETE … RETURNING length(payload)` removed.
+/// Messages and payload bytes a `DELETE … RETURNING batch, <payload bytes>` removed.
 fn count_deleted(mut rows: outpost_store::rusqlite::Rows<'_>) -> Result<(u64, u64), StoreError> {
     let (mut count, mut bytes) = (0, 0);
     while let Some(row) = rows.next()? {
-        count += 1;
-        bytes += to_u64(row.get::<_, i64>(0)?);
+        count += to_u64(row.get::<_, i64>(0)?);
+        bytes += to_u64(row.get::<_, i64>(1)?);
     }
     Ok((count, bytes))
+}
+
+/// What telemetry groups by: its lane (`None`: the gateway's) and time to live.
+type GroupKey<'a> = (Option<&'a str>, Option<Duration>);
+
+/// The rows one commit writes, as indexes into `messages` in the order of writing: each
+/// telemetry message joins the open group of its lane and time to live (up to
+/// [`MAX_GROUP`] messages and [`MAX_GROUP_BYTES`]); every other message is a row of its
+/// own. Within a class, lane and time to live the order of writing is kept.
+fn group(messages: &[Message], lanes: &[Option<String>]) -> Vec<Vec<usize>> {
+    let mut units: Vec<Vec<usize>> = Vec::with_capacity(messages.len().min(64));
+    // (lane, ttl) -> (its open unit, payload bytes in it).
+    let mut open: std::collections::HashMap<GroupKey<'_>, (usize, usize)> =
+        std::collections::HashMap::new();
+    for (at, message) in messages.iter().enumerate() {
+        if message.priority != Priority::Telemetry || message.retain {
+            units.push(vec![at]);
+            continue;
+        }
+        let lane = lanes.get(at).and_then(Option::as_deref);
+        let slot = open.entry((lane, message.ttl)).or_insert((usize::MAX, 0));
+        let fits = slot.0 != usize::MAX
+            && units[slot.0].len() < MAX_GROUP
+            && slot.1 + message.payload.len() <= MAX_GROUP_BYTES;
+        if fits {
+            units[slot.0].push(at);
+            slot.1 += message.payload.len();
+        } else {
+            *slot = (units.len(), message.payload.len());
+            units.push(vec![at]);
+        }
+    }
+    units
 }
 
 /// `seqs` as sorted runs of consecutive numbers, `(first, last)` inclusive.

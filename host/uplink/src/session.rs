@@ -977,6 +977,11 @@ async fn pump(
 
     let (acks_tx, acks) = mpsc::unbounded_channel::<i64>();
     let acker = tokio::spawn(acker(outbox.clone(), acks));
+    // While this connection drains the outbox, telemetry is paced to it: a backlog of
+    // one window (on top of the window in flight) keeps the publisher busy without
+    // growing a queue, and every record's latency with it, when devices post faster
+    // than the broker takes.
+    let _pacing = outbox.pacing(window);
     let result = async {
         let subscriptions = match dialect {
             Dialect::Outpost => topics::gateway_subscriptions(&gateway),

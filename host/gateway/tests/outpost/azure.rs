@@ -873,21 +873,20 @@ fn a_device_with_its_own_hub_identity_connects_as_itself_and_a_refused_one_loses
     gateway.stop_cleanly(libc::SIGTERM, &site);
     // esp-1's three records wait in its lane of the outbox.
     let database = site.database();
-    let waiting: i64 = tokio::runtime::Runtime::new().unwrap().block_on(async move {
-        let store = outpost_store::Store::open(database).await.unwrap();
-        let waiting = store
-            .call(|conn| {
-                Ok(conn.query_row(
-                    "SELECT count(*) FROM outbox WHERE lane = 'esp-1' AND topic LIKE '%/telemetry/esp-1'",
-                    [],
-                    |row| row.get(0),
-                )?)
-            })
-            .await
-            .unwrap();
-        store.close().await.unwrap();
-        waiting
-    });
+    let waiting: i64 = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(async move {
+            let store = outpost_store::Store::open(database).await.unwrap();
+            // Messages, not rows (telemetry is stored in groups).
+            let waiting = outpost_uplink::outbox::waiting(&store)
+                .await
+                .unwrap()
+                .into_iter()
+                .filter(|m| m.lane == "esp-1" && m.topic.ends_with("/telemetry/esp-1"))
+                .count();
+            store.close().await.unwrap();
+            waiting as i64
+        });
     assert_eq!(waiting, 3);
     let before = sim.events.drain();
     assert!(

@@ -150,18 +150,10 @@ fn a_full_state_disk_answers_507_loses_nothing_acknowledged_and_recovers_by_itse
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let queued: BTreeSet<String> = runtime.block_on(async move {
         let store = Store::open(database).await.unwrap();
-        let ids = store
-            .call(|conn| {
-                let mut query = conn.prepare("SELECT message_id FROM outbox")?;
-                let ids = query
-                    .query_map([], |row| row.get::<_, String>(0))?
-                    .collect::<Result<Vec<_>, _>>()?;
-                Ok(ids)
-            })
-            .await
-            .unwrap();
+        // Grouped telemetry rows hold many messages: list the messages, not the rows.
+        let waiting = outpost_uplink::outbox::waiting(&store).await.unwrap();
         store.close().await.unwrap();
-        ids.into_iter().collect()
+        waiting.into_iter().map(|m| m.message_id).collect()
     });
     let lost: Vec<_> = acknowledged.difference(&queued).collect();
     assert!(

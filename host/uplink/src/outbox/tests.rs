@@ -472,3 +472,302 @@ async fn a_devices_lane_is_read_by_its_connection_only_and_returns_to_the_gatewa
     );
     close(store, shutdown, writer).await;
 }
+
+async fn rows_in(store: &Store) -> i64 {
+    store
+        .call(|conn| Ok(conn.query_row("SELECT count(*) FROM outbox", [], |row| row.get(0))?))
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_commits_telemetry_is_one_row_whose_messages_are_delivered_and_acknowledged_each() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, outbox, shutdown, writer) = open(&dir, OutboxLimits::default()).await;
+    let batch: Vec<Message> = (0..5)
+        .map(|i| message(&format!("t/{i}"), Priority::Telemetry, &format!("p{i}")))
+        .collect();
+    let ids: Vec<String> = batch.iter().map(|m| m.message_id.clone()).collect();
+    outbox.enqueue_all(batch).await.unwrap();
+    outbox
+        .enqueue(message("s/1", Priority::State, "state"))
+        .await
+        .unwrap();
+    assert_eq!(
+        rows_in(&store).await,
+        2,
+        "one row for the group, one for the state"
+    );
+    assert_eq!(outbox.stats().queued, 6);
+    assert_eq!(outbox.stats().bytes, 15);
+
+    // Each message on its own, with its own id and payload, in order.
+    let mut cursors = [0i64; 3];
+    let first = outbox.fetch(&mut cursors, 3).await.unwrap();
+    assert_eq!(topics_of(&first), ["s/1", "t/0", "t/1"]);
+    let rest = outbox.fetch(&mut cursors, 10).await.unwrap();
+    assert_eq!(topics_of(&rest), ["t/2", "t/3", "t/4"]);
+    let telemetry: Vec<&Queued> = first[1..].iter().chain(&rest).collect();
+    assert_eq!(
+        telemetry
+            .iter()
+            .map(|m| m.message_id.as_str())
+            .collect::<Vec<_>>(),
+        ids
+    );
+    assert_eq!(&telemetry[4].payload[..], b"p4");
+
+    // Acknowledging some leaves the row; a reconnect serves only the others again.
+    outbox
+        .ack(vec![telemetry[0].seq, telemetry[3].seq])
+        .await
+        .unwrap();
+    assert_eq!(rows_in(&store).await, 2);
+    assert_eq!(
+        outbox.stats().queued,
+        6,
+        "a group leaves when all of it is acknowledged"
+    );
+    let again = outbox.fetch(&mut [0; 3], 10).await.unwrap();
+    assert_eq!(topics_of(&again), ["s/1", "t/1", "t/2", "t/4"]);
+    // A key acknowledged twice, or of a message that is not there, changes nothing.
+    outbox
+        .ack(vec![telemetry[0].seq, key(9_999, 3)])
+        .await
+        .unwrap();
+    assert_eq!(rows_in(&store).await, 2);
+
+    let last: Vec<i64> = [1, 2, 4].iter().map(|i| telemetry[*i].seq).collect();
+    outbox.ack(last).await.unwrap();
+    assert_eq!(rows_in(&store).await, 1, "the whole group is acknowledged");
+    assert_eq!(outbox.stats().queued, 1);
+    assert_eq!(outbox.stats().bytes, 5);
+    assert_eq!(outbox.stats().delivered, 5);
+    close(store, shutdown, writer).await;
+}
+
+#[tokio::test]
+async fn a_group_survives_a_restart_whole_and_expires_as_its_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, outbox, shutdown, writer) = open(&dir, OutboxLimits::default()).await;
+    let batch: Vec<Message> = (0..3)
+        .map(|i| message(&format!("t/{i}"), Priority::Telemetry, "xx"))
+        .collect();
+    outbox.enqueue_all(batch).await.unwrap();
+    // One of the group was acknowledged before the restart.
+    let served = outbox.fetch(&mut [0; 3], 1).await.unwrap();
+    outbox.ack(vec![served[0].seq]).await.unwrap();
+    close(store, shutdown, writer).await;
+
+    let (store, outbox, shutdown, writer) = open(&dir, OutboxLimits::default()).await;
+    assert_eq!(outbox.stats().queued, 3);
+    assert_eq!(outbox.stats().bytes, 6);
+    // Every message of the group (what was acknowledged before the restart goes again:
+    // at least once, the same id).
+    let all = outbox.fetch(&mut [0; 3], 10).await.unwrap();
+    assert_eq!(topics_of(&all), ["t/0", "t/1", "t/2"]);
+    assert_eq!(all[0].message_id, served[0].message_id);
+    let listed = waiting(&store).await.unwrap();
+    assert_eq!(rows_in(&store).await, 1);
+    assert_eq!(listed.len(), 3, "every message is listed, not every row");
+    assert_eq!(listed[2].topic, "t/2");
+
+    let short: Vec<Message> = (0..4)
+        .map(|i| Message {
+            ttl: Some(Duration::from_millis(1)),
+            ..message(&format!("e/{i}"), Priority::Telemetry, "yyy")
+        })
+        .collect();
+    outbox.enqueue_all(short).await.unwrap();
+    assert_eq!(outbox.stats().queued, 7);
+    // The sweep drops the expired group and counts its messages.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while outbox.stats().expired < 4 {
+        assert!(std::time::Instant::now() < deadline, "never swept");
+        tokio::time::sleep(SWEEP_EVERY / 5).await;
+    }
+    assert_eq!(outbox.stats().expired, 4);
+    assert_eq!(outbox.stats().queued, 3);
+    assert_eq!(outbox.stats().bytes, 6);
+    close(store, shutdown, writer).await;
+}
+
+#[test]
+fn groups_are_per_lane_and_time_to_live_and_bounded() {
+    let lanes = vec![None, Some("esp-1".to_owned()), None, None, None];
+    let mut messages: Vec<Message> = (0..5)
+        .map(|i| message(&format!("t/{i}"), Priority::Telemetry, "x"))
+        .collect();
+    messages[2].priority = Priority::State;
+    messages[3].ttl = Some(Duration::from_secs(5));
+    assert_eq!(
+        group(&messages, &lanes),
+        [vec![0, 4], vec![1], vec![2], vec![3]]
+    );
+    let many: Vec<Message> = (0..MAX_GROUP + 3)
+        .map(|i| message(&format!("t/{i}"), Priority::Telemetry, "x"))
+        .collect();
+    let units = group(&many, &[]);
+    assert_eq!(units.len(), 2);
+    assert_eq!(units[0].len(), MAX_GROUP);
+    let big = "z".repeat(MAX_GROUP_BYTES / 2 + 1);
+    let large: Vec<Message> = (0..3)
+        .map(|i| message(&format!("t/{i}"), Priority::Telemetry, &big))
+        .collect();
+    assert_eq!(
+        group(&large, &[]).len(),
+        3,
+        "a group closes at its byte bound"
+    );
+}
+
+#[test]
+fn a_group_row_round_trips_and_a_damaged_one_is_named() {
+    let messages: Vec<Message> = (0..3)
+        .map(|i| {
+            message(
+                &format!("topic/{i}"),
+                Priority::Telemetry,
+                &"p".repeat(i * 100),
+            )
+        })
+        .collect();
+    let refs: Vec<&Message> = messages.iter().collect();
+    let blob = encode_group(&refs);
+    let decoded = decode_group(&Bytes::from(blob.clone()), 3).unwrap();
+    for (message, (id, topic, payload)) in messages.iter().zip(&decoded) {
+        assert_eq!(id, &message.message_id);
+        assert_eq!(topic, &message.topic);
+        assert_eq!(&payload[..], &message.payload[..]);
+    }
+    let cut = decode_group(&Bytes::from(blob[..blob.len() - 1].to_vec()), 3).unwrap_err();
+    assert!(cut.contains("ends at byte"), "{cut}");
+    let extra = decode_group(&Bytes::from(blob.clone()), 2).unwrap_err();
+    assert!(extra.contains("follow its 2 messages"), "{extra}");
+    let mut bad = blob;
+    bad[2] = 0xff;
+    assert!(decode_group(&Bytes::from(bad), 3).is_err());
+    // Through the store: a damaged row is a decode error naming it.
+    let row = Row {
+        seq: 42,
+        topic: "t".into(),
+        payload: vec![0, 9, b'x'],
+        retain: false,
+        message_id: "m".into(),
+        expires_at: 0,
+        batch: 2,
+    };
+    let err = row.messages().unwrap_err().to_string();
+    assert!(
+        err.contains("outbox group") && err.contains("row 42"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telemetry_is_paced_to_a_draining_publisher_and_never_waits_longer_than_the_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, outbox, shutdown, writer) = open(&dir, OutboxLimits::default()).await;
+    let telemetry = |n: usize| -> Vec<Message> {
+        (0..n)
+            .map(|i| message(&format!("t/{i}"), Priority::Telemetry, "x"))
+            .collect()
+    };
+    // Not pacing (no publisher): nothing waits, however much is queued.
+    outbox.enqueue_all(telemetry(10)).await.unwrap();
+    let mut cursors = [0i64; 3];
+    assert_eq!(outbox.fetch(&mut cursors, 100).await.unwrap().len(), 10);
+
+    let pacing = outbox.pacing(4);
+    // A new connection is behind until it has read what SQLite holds: not paced yet.
+    outbox.enqueue_all(telemetry(4)).await.unwrap();
+    let mut cursors = [0i64; 3];
+    // (The first ten are not acknowledged: a new connection sends them again.)
+    assert_eq!(outbox.fetch(&mut cursors, 100).await.unwrap().len(), 14);
+    outbox.enqueue_all(telemetry(4)).await.unwrap();
+    // Four committed and not published: the next write waits, at most PACE_WAIT.
+    let started = std::time::Instant::now();
+    outbox.enqueue_all(telemetry(1)).await.unwrap();
+    assert!(started.elapsed() >= PACE_WAIT, "{:?}", started.elapsed());
+
+    // A waiting writer goes on as soon as the publisher takes messages.
+    let waiting = tokio::spawn({
+        let outbox = outbox.clone();
+        async move {
+            let started = std::time::Instant::now();
+            outbox.enqueue_all(telemetry(1)).await.unwrap();
+            started.elapsed()
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while outbox.inner.paced.load(Ordering::Relaxed) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writer never waited"
+        );
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(outbox.fetch(&mut cursors, 100).await.unwrap().len(), 5);
+    let waited = waiting.await.unwrap();
+    assert!(
+        waited < PACE_WAIT,
+        "waited {waited:?} after the publisher took the backlog"
+    );
+
+    // Results and state are never paced; neither is anything once pacing ends.
+    outbox.enqueue_all(telemetry(8)).await.unwrap();
+    let started = std::time::Instant::now();
+    outbox
+        .enqueue(message("r/1", Priority::Control, "result"))
+        .await
+        .unwrap();
+    drop(pacing);
+    outbox.enqueue_all(telemetry(1)).await.unwrap();
+    assert!(started.elapsed() < PACE_WAIT, "{:?}", started.elapsed());
+    close(store, shutdown, writer).await;
+}
+
+#[tokio::test]
+async fn a_group_whose_first_id_is_queued_already_keeps_its_other_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, outbox, shutdown, writer) = open(&dir, OutboxLimits::default()).await;
+    let repeated = message("t/0", Priority::Telemetry, "a");
+    outbox.enqueue(repeated.clone()).await.unwrap();
+    let mut batch = vec![repeated];
+    batch.extend((1..4).map(|i| message(&format!("t/{i}"), Priority::Telemetry, "b")));
+    outbox.enqueue_all(batch).await.unwrap();
+    assert_eq!(
+        outbox.stats().queued,
+        4,
+        "the repeated id once, the other three kept"
+    );
+    let all = outbox.fetch(&mut [0; 3], 10).await.unwrap();
+    assert_eq!(topics_of(&all), ["t/0", "t/1", "t/2", "t/3"]);
+    close(store, shutdown, writer).await;
+}
+
+#[tokio::test]
+async fn a_partly_delivered_group_that_expires_counts_what_was_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, outbox, shutdown, writer) = open(&dir, OutboxLimits::default()).await;
+    let batch: Vec<Message> = (0..5)
+        .map(|i| Message {
+            ttl: Some(Duration::from_millis(300)),
+            ..message(&format!("t/{i}"), Priority::Telemetry, "x")
+        })
+        .collect();
+    outbox.enqueue_all(batch).await.unwrap();
+    let served = outbox.fetch(&mut [0; 3], 10).await.unwrap();
+    outbox
+        .ack(vec![served[0].seq, served[1].seq])
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while outbox.stats().queued > 0 {
+        assert!(std::time::Instant::now() < deadline, "never swept");
+        tokio::time::sleep(SWEEP_EVERY / 5).await;
+    }
+    assert_eq!(outbox.stats().delivered, 2);
+    assert_eq!(outbox.stats().expired, 3);
+    close(store, shutdown, writer).await;
+}
