@@ -16,6 +16,7 @@
 //!    `--batch-connections` connections (default 8): each record still its own message
 //!    with its own id, committed durably as one group.
 //!
+//! Raw runs before and after the gateway; the ratios are to the faster of the two.
 //! Prints each figure and its ratio to raw (goals: per record ≥ 0.5× raw, batched ≥ 1.0×
 //! raw, p99 < 50 ms).
 
@@ -315,8 +316,10 @@ async fn main() -> Result<(), Error> {
         args.messages, args.connections
     );
 
-    let raw_rate = raw(port, args.messages).await?;
-    println!("  raw Mosquitto QoS1 pub -> sub:            {raw_rate:>10.0} msg/s");
+    // Raw Mosquitto is measured before and after the gateway (on this shared VM it varies
+    // from run to run); the ratios are to the faster of the two, the conservative choice.
+    let raw_before = raw(port, args.messages).await?;
+    println!("  raw Mosquitto QoS1 pub -> sub (before):   {raw_before:>10.0} msg/s");
 
     // The gateway, with a device and its token in the store before it starts.
     let state = dir.path().join("state");
@@ -369,28 +372,40 @@ async fn main() -> Result<(), Error> {
     };
     let token = Arc::new(token);
     let n = args.messages;
+    let mut runs = Vec::new();
     for &connections in &args.connections {
         let (rate, accepted, latencies) =
             through_gateway(port, addr, &token, n, connections, 1).await?;
+        runs.push((
+            format!("{connections:>3} connections: POST -> outbox (durable) -> QoS1:"),
+            rate,
+            accepted,
+            latencies,
+        ));
+    }
+    let (rate, accepted, latencies) =
+        through_gateway(port, addr, &token, n, args.batch_connections, args.batch).await?;
+    runs.push((
+        format!(
+            "{:>3} connections x {} records per POST:      ",
+            args.batch_connections, args.batch
+        ),
+        rate,
+        accepted,
+        latencies,
+    ));
+    let raw_after = raw(port, args.messages).await?;
+    println!("  raw Mosquitto QoS1 pub -> sub (after):    {raw_after:>10.0} msg/s");
+    let raw_rate = raw_before.max(raw_after);
+    for (label, rate, accepted, latencies) in runs {
         println!(
-            "  gateway, {connections:>3} connections: POST -> outbox (durable) -> QoS1: {rate:>7.0} msg/s = {:.2}x raw  (accepted in {:.2} s; latency p50 {:.1} ms, p99 {:.1} ms)",
+            "  gateway, {label} {rate:>7.0} msg/s = {:.2}x raw  (accepted in {:.2} s; latency p50 {:.1} ms, p99 {:.1} ms)",
             rate / raw_rate,
             accepted.as_secs_f64(),
             percentile(&latencies, 0.5),
             percentile(&latencies, 0.99),
         );
     }
-    let (rate, accepted, latencies) =
-        through_gateway(port, addr, &token, n, args.batch_connections, args.batch).await?;
-    println!(
-        "  gateway, {:>3} connections x {} records per POST:       {rate:>7.0} msg/s = {:.2}x raw  (accepted in {:.2} s; latency p50 {:.1} ms, p99 {:.1} ms)",
-        args.batch_connections,
-        args.batch,
-        rate / raw_rate,
-        accepted.as_secs_f64(),
-        percentile(&latencies, 0.5),
-        percentile(&latencies, 0.99),
-    );
     println!("  goals: per record >= 0.5x raw, batched >= 1.0x raw, p99 < 50 ms");
     let list: Vec<String> = args.connections.iter().map(ToString::to_string).collect();
     println!(
