@@ -517,8 +517,8 @@ impl Outbox {
 
     async fn pace(&self) {
         /// Counts a waiting writer while it waits (also when its future is dropped).
-        struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
-        impl Drop for Waiting<'_> {
+        struct Counted<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Drop for Counted<'_> {
             fn drop(&mut self) {
                 self.0.fetch_sub(1, Ordering::Relaxed);
             }
@@ -539,7 +539,7 @@ impl Outbox {
             }
             if counted.is_none() {
                 self.inner.paced.fetch_add(1, Ordering::Relaxed);
-                counted = Some(Waiting(&self.inner.paced));
+                counted = Some(Counted(&self.inner.paced));
             }
             if tokio::time::timeout_at(deadline, served).await.is_err() {
                 break;
@@ -685,15 +685,7 @@ impl Outbox {
                 let mut seen = after;
                 let mut full = false;
                 'rows: while let Some(row) = rows.next()? {
-                    let row = Row {
-                        seq: row.get(0)?,
-                        topic: row.get(1)?,
-                        payload: row.get(2)?,
-                        retain: row.get::<_, i64>(3)? != 0,
-                        message_id: row.get(4)?,
-                        expires_at: row.get(5)?,
-                        batch: usize::try_from(row.get::<_, i64>(6)?).unwrap_or(1),
-                    };
+                    let row = Row::read(row)?;
                     let (seq, retain, expires_at) = (row.seq, row.retain, row.expires_at);
                     let messages = match row.messages() {
                         Ok(messages) => messages,
@@ -927,20 +919,7 @@ pub async fn waiting(store: &Store) -> Result<Vec<Waiting>, StoreError> {
                  FROM outbox ORDER BY seq",
             )?;
             let rows = stmt
-                .query_map([], |row| {
-                    Ok((
-                        Row {
-                            seq: row.get(0)?,
-                            topic: row.get(1)?,
-                            payload: row.get(2)?,
-                            retain: row.get::<_, i64>(3)? != 0,
-                            message_id: row.get(4)?,
-                            expires_at: row.get(5)?,
-                            batch: usize::try_from(row.get::<_, i64>(6)?).unwrap_or(1),
-                        },
-                        row.get::<_, String>(7)?,
-                    ))
-                })?
+                .query_map([], |row| Ok((Row::read(row)?, row.get::<_, String>(7)?)))?
                 .collect::<Result<Vec<_>, _>>()?;
             Ok(rows)
         })
@@ -971,6 +950,20 @@ struct Row {
 }
 
 impl Row {
+    /// A row selected as `seq, topic, payload, retain, message_id, expires_at, batch`
+    /// (further columns are the caller's).
+    fn read(row: &outpost_store::rusqlite::Row<'_>) -> outpost_store::rusqlite::Result<Self> {
+        Ok(Self {
+            seq: row.get(0)?,
+            topic: row.get(1)?,
+            payload: row.get(2)?,
+            retain: row.get::<_, i64>(3)? != 0,
+            message_id: row.get(4)?,
+            expires_at: row.get(5)?,
+            batch: usize::try_from(row.get::<_, i64>(6)?).unwrap_or(1),
+        })
+    }
+
     /// Its messages: id, topic, payload.
     fn messages(self) -> Result<Vec<(String, String, Bytes)>, StoreError> {
         if self.batch <= 1 {
