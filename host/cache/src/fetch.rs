@@ -73,59 +73,93 @@ pub(crate) enum AttemptError {
 
 type HttpsClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
 
-/// The HTTP(S) client shared by every download.
+/// The system's CA store plus `extra`, rustls with ring, HTTP/1.1 over TCP or TLS.
+fn build_client(
+    extra: &[rustls_pki_types::CertificateDer<'static>],
+    connect_timeout: Duration,
+) -> Result<HttpsClient, CacheError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for cert in native.certs {
+        // A system store can hold certificates rustls cannot use; skip those.
+        let _ = roots.add(cert);
+    }
+    for cert in extra {
+        roots.add(cert.clone()).map_err(|e| {
+            CacheError::other("adding a CA certificate for", "firmware downloads", e)
+        })?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| CacheError::other("setting up TLS for", "firmware downloads", e))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(Some(connect_timeout));
+    http.set_nodelay(true);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build(https))
+}
+
+/// The HTTP(S) client shared by every download. It is built on the first download: the
+/// system's CA store is read and parsed then, not at every gateway start (a gateway
+/// that never downloads keeps neither the certificates nor the TLS code resident).
 #[derive(Clone)]
 pub(crate) struct Upstream {
-    client: HttpsClient,
+    client: Arc<tokio::sync::OnceCell<HttpsClient>>,
+    /// The certificates of [`FetchConfig::ca_file`], read and checked at start.
+    extra_roots: Arc<[rustls_pki_types::CertificateDer<'static>]>,
     config: Arc<FetchConfig>,
 }
 
 impl Upstream {
+    /// Checks the configured CA file now, so a bad one stops the start with its reason.
     pub(crate) fn new(config: FetchConfig) -> Result<Self, CacheError> {
-        let mut roots = rustls::RootCertStore::empty();
-        let native = rustls_native_certs::load_native_certs();
-        for cert in native.certs {
-            // A system store can hold certificates rustls cannot use; skip those.
-            let _ = roots.add(cert);
-        }
+        let mut extra = Vec::new();
         if let Some(path) = &config.ca_file {
             use rustls_pki_types::pem::PemObject as _;
             let reading = |e: &dyn std::fmt::Display| CacheError::other("reading CA file", path, e);
-            let mut found = 0;
+            let mut check = rustls::RootCertStore::empty();
             for cert in
                 rustls_pki_types::CertificateDer::pem_file_iter(path).map_err(|e| reading(&e))?
             {
-                found += 1;
-                roots
-                    .add(cert.map_err(|e| reading(&e))?)
+                let cert = cert.map_err(|e| reading(&e))?;
+                check
+                    .add(cert.clone())
                     .map_err(|e| CacheError::other("adding a CA certificate from", path, e))?;
+                extra.push(cert);
             }
-            if found == 0 {
+            if extra.is_empty() {
                 return Err(reading(&"it holds no PEM certificate"));
             }
         }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| CacheError::other("setting up TLS for", "firmware downloads", e))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_connect_timeout(Some(config.connect_timeout));
-        http.set_nodelay(true);
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(https);
         Ok(Self {
-            client,
+            client: Arc::new(tokio::sync::OnceCell::new()),
+            extra_roots: extra.into(),
             config: Arc::new(config),
         })
+    }
+
+    /// The client, built on first use (reading the system store off the async workers).
+    async fn client(&self) -> Result<&HttpsClient, AttemptError> {
+        self.client
+            .get_or_try_init(|| async {
+                let extra = Arc::clone(&self.extra_roots);
+                let connect_timeout = self.config.connect_timeout;
+                tokio::task::spawn_blocking(move || build_client(&extra, connect_timeout))
+                    .await
+                    .map_err(|e| AttemptError::Local(CacheError::task(&e)))?
+                    .map_err(AttemptError::Local)
+            })
+            .await
     }
 
     pub(crate) fn config(&self) -> &FetchConfig {
@@ -168,9 +202,10 @@ impl Upstream {
                 .body(Empty::new())
                 .map_err(|e| AttemptError::Discard(format!("bad url {url:?}: {e}")))?;
             let idle = self.config.idle_timeout;
+            let client = self.client().await?;
             let response = tokio::select! {
                 () = cancel.cancelled() => return Err(AttemptError::Cancelled),
-                r = tokio::time::timeout(idle, self.client.request(request)) => r,
+                r = tokio::time::timeout(idle, client.request(request)) => r,
             };
             let response = match response {
                 Err(_) => return Err(AttemptError::Resume(format!("no response within {idle:?}"))),

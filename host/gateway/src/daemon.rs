@@ -161,7 +161,7 @@ async fn start(
     // the gateway serves meanwhile, lists them as compiling, and rollouts wait for them.
     let (handlers, warnings) = outpost_runtime::HandlerRegistry::start(
         config.handlers_dir(),
-        handler_runtime(config)?,
+        handler_runtime(config),
         config.handlers.trusted(),
     )?;
     for warning in warnings {
@@ -501,7 +501,7 @@ pub(crate) async fn open_registry(
 ) -> anyhow::Result<(outpost_runtime::HandlerRegistry, Vec<String>)> {
     Ok(outpost_runtime::HandlerRegistry::open(
         config.handlers_dir(),
-        handler_runtime(config)?,
+        handler_runtime(config),
         config.handlers.trusted(),
     )
     .await?)
@@ -509,8 +509,9 @@ pub(crate) async fn open_registry(
 
 /// The handler runtime of the config. Components are compiled by this binary in a
 /// child process (`outpost compile-handler`), so the compiler's memory (some 300 MB for
-/// a CPython guest) goes back to the system when it exits.
-fn handler_runtime(config: &Config) -> anyhow::Result<Arc<outpost_runtime::Runtime>> {
+/// a CPython guest) goes back to the system when it exits. The engine is set up when the
+/// first handler loads: a gateway without handlers never maps wasmtime's code.
+fn handler_runtime(config: &Config) -> Arc<outpost_runtime::Runtime> {
     let mut settings = config.handlers.runtime_config();
     // /proc/self/exe runs this very build even after a package upgrade replaced the file.
     let this_program = Path::new("/proc/self/exe");
@@ -531,7 +532,7 @@ fn handler_runtime(config: &Config) -> anyhow::Result<Arc<outpost_runtime::Runti
             "cannot find this program to compile handlers in a child; compiling in process"
         ),
     }
-    Ok(Arc::new(outpost_runtime::Runtime::new(settings)?))
+    Arc::new(outpost_runtime::Runtime::deferred(settings))
 }
 
 /// Binds a listener for `what` (the config key `key` sets its address), turning the

@@ -172,7 +172,7 @@ async fn main() {
         Some(sequential(&runtime, &hostile, &services, &one, &update, calls).await)
     };
 
-    let floor = empty_component(runtime.engine(), calls).await;
+    let floor = empty_component(runtime.engine().expect("engine"), calls).await;
 
     let devices: Vec<Device> = (0..SWEEP_DEVICES)
         .map(|n| device(format!("esp-{n:05}")))

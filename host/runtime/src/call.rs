@@ -137,8 +137,12 @@ impl Runtime {
         };
         // The epoch advances only while some call runs; start it before the deadline is
         // set, keep it until the store is done.
-        let _ticking = self.ticker.running();
-        let mut store = Store::new(&self.engine, state);
+        // A handler exists only once its runtime's core does; this cannot fail.
+        let core = self
+            .core()
+            .map_err(|err| CallError::Host(err.to_string()))?;
+        let _ticking = core.ticker.running();
+        let mut store = Store::new(&core.engine, state);
         store.limiter(|state| &mut state.limiter);
         // Each tick the guest runs costs one tick of its budget; between ticks it yields to
         // the async runtime so the wall-clock timeout and other tasks get their turn.

@@ -92,7 +92,7 @@ impl Runtime {
         wasm: &[u8],
     ) -> Result<(Component, CacheOutcome), LoadError> {
         crate::check_header(wasm)?;
-        let path = cache::entry_path(&self.engine, dir, wasm);
+        let path = cache::entry_path(self.engine()?, dir, wasm);
         let outcome = match self.lookup(&path).await? {
             Lookup::Hit(component) => return Ok((component, CacheOutcome::Hit)),
             Lookup::Missing => CacheOutcome::Compiled,
@@ -117,7 +117,7 @@ impl Runtime {
                 ),
             }
         }
-        let (engine, owned) = (self.engine.clone(), wasm.to_vec());
+        let (engine, owned) = (self.engine()?.clone(), wasm.to_vec());
         let component =
             tokio::task::spawn_blocking(move || cache::compile_and_store(&engine, &path, &owned))
                 .await
@@ -128,7 +128,7 @@ impl Runtime {
     /// [`cache::lookup`] on a blocking thread (reading and checking an entry of tens of
     /// MB takes a while).
     async fn lookup(&self, path: &Path) -> Result<Lookup, LoadError> {
-        let (engine, path) = (self.engine.clone(), path.to_path_buf());
+        let (engine, path) = (self.engine()?.clone(), path.to_path_buf());
         tokio::task::spawn_blocking(move || cache::lookup(&engine, &path))
             .await
             .map_err(|err| LoadError::Compiler(format!("the cache lookup failed: {err}")))

@@ -36,6 +36,9 @@ pub enum LoadError {
     /// than the component: it crashed, ran out of time or could not write its output.
     #[error("the handler compiler failed: {0}")]
     Compiler(String),
+    /// The runtime itself could not be set up (see [`crate::Runtime::deferred`]).
+    #[error(transparent)]
+    Setup(#[from] RuntimeError),
 }
 
 /// Why a call into a handler failed. The gateway carries on either way; the store the

@@ -406,9 +406,12 @@ impl HandlerRegistry {
 
     fn prune_plan(&self) -> PrunePlan {
         let cache_dir = self.dir.join(CACHE_DIR);
-        let current = cache::entry_path(self.runtime.engine(), &cache_dir, b"")
-            .parent()
-            .map(Path::to_path_buf);
+        // No engine yet means no handler loaded: nothing of this engine's to keep.
+        let current = self.runtime.built().and_then(|engine| {
+            cache::entry_path(engine, &cache_dir, b"")
+                .parent()
+                .map(Path::to_path_buf)
+        });
         let pending = self
             .pending
             .read()

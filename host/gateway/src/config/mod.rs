@@ -906,7 +906,10 @@ impl CacheSection {
 #[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct HandlersSection {
-    #[serde(default = "default_handler_memory")]
+    #[serde(
+        default = "default_handler_memory",
+        deserialize_with = "handler_memory"
+    )]
     pub(crate) memory_limit_mib: NonZeroU32,
     #[serde(default = "default_handler_cpu")]
     pub(crate) cpu_time_ms: NonZeroU32,
@@ -1038,6 +1041,17 @@ fn handler_wall_time<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u32, 
         )));
     }
     Ok(secs)
+}
+/// A handler is a 32-bit guest: its linear memory ends at 4 GiB, and so does the pool's
+/// reservation for it (the engine, set up when the first handler loads, would refuse more).
+fn handler_memory<'de, D: Deserializer<'de>>(deserializer: D) -> Result<NonZeroU32, D::Error> {
+    let mib = NonZeroU32::deserialize(deserializer)?;
+    if mib.get() > 4096 {
+        return Err(serde::de::Error::custom(format!(
+            "memory_limit_mib {mib}: use 1 to 4096 (a wasm32 handler addresses at most 4 GiB)"
+        )));
+    }
+    Ok(mib)
 }
 fn default_handler_instances() -> NonZeroU32 {
     NonZeroU32::new(4).expect("nonzero")

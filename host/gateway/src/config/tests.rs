@@ -142,6 +142,11 @@ fn invalid_values_are_located() {
             "nonzero",
         ),
         (
+            "[gateway]\nid = \"gw\"\n[handlers]\nmemory_limit_mib = 8192\n",
+            4,
+            "memory_limit_mib 8192: use 1 to 4096",
+        ),
+        (
             "[gateway]\nid = \"gw\"\n[handlers]\nwall_time_secs = 5\n",
             4,
             "wall_time_secs 5: use 11 to 3600",
