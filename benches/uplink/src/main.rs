@@ -18,7 +18,9 @@
 //!
 //! Raw runs before and after the gateway; the ratios are to the faster of the two.
 //! Prints each figure and its ratio to raw (goals: per record ≥ 0.5× raw, batched ≥ 1.0×
-//! raw, p99 < 50 ms).
+//! raw, p99 < 50 ms), and for each run the CPU time per message of the gateway, Mosquitto
+//! and the bench itself (from `/proc/PID/stat`), with how busy Mosquitto's one thread
+//! was: near 100% the broker is the limit.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
@@ -98,6 +100,57 @@ fn micros() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
+/// CPU time (user + system, all threads) process `pid` has used so far.
+fn cpu_time(pid: u32) -> Duration {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return Duration::ZERO;
+    };
+    // The command name (field 2) may hold spaces; count from the `)` that ends it: the
+    // state (field 3) comes first, utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // In clock ticks of USER_HZ, which Linux's ABI fixes at 100 a second for /proc.
+    const USER_HZ: u64 = 100;
+    Duration::from_millis((field(11) + field(12)) * 1000 / USER_HZ)
+}
+
+/// The processes whose CPU time each run reports.
+struct Meter(Vec<(&'static str, u32)>);
+
+impl Meter {
+    fn snapshot(&self) -> Vec<Duration> {
+        self.0.iter().map(|&(_, pid)| cpu_time(pid)).collect()
+    }
+
+    /// `"gateway 12.1 µs, Mosquitto 9.0 µs, bench 7.7 µs per message; Mosquitto busy 97%"`.
+    fn report(&self, before: &[Duration], messages: usize, wall: Duration) -> String {
+        let after = self.snapshot();
+        let mut parts = Vec::new();
+        let mut broker_busy = None;
+        for ((&(name, _), was), now) in self.0.iter().zip(before).zip(&after) {
+            let used = now.saturating_sub(*was);
+            parts.push(format!(
+                "{name} {:.1} µs",
+                used.as_secs_f64() * 1e6 / messages.max(1) as f64
+            ));
+            if name == "Mosquitto" {
+                broker_busy = Some(used.as_secs_f64() / wall.as_secs_f64().max(1e-9) * 100.0);
+            }
+        }
+        format!(
+            "CPU per message: {}; Mosquitto busy {:.0}% of the run",
+            parts.join(", "),
+            broker_busy.unwrap_or(0.0)
+        )
+    }
+}
+
 struct Killed(Child);
 impl Drop for Killed {
     fn drop(&mut self) {
@@ -166,7 +219,7 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
     sorted[index] as f64 / 1000.0
 }
 
-async fn raw(port: u16, n: usize) -> Result<f64, Error> {
+async fn raw(port: u16, n: usize) -> Result<(f64, Duration), Error> {
     let (ready_tx, ready) = tokio::sync::oneshot::channel();
     let sub = tokio::spawn(async move { subscriber(port, "raw/#", ready_tx, n).await });
     ready.await?;
@@ -195,7 +248,7 @@ async fn raw(port: u16, n: usize) -> Result<f64, Error> {
     let (end, _) = sub.await??;
     publisher.await?;
     pump.abort();
-    Ok(n as f64 / (end - start).as_secs_f64())
+    Ok((n as f64 / (end - start).as_secs_f64(), end - start))
 }
 
 async fn post_loop(
@@ -246,8 +299,8 @@ async fn post_loop(
 }
 
 /// One gateway run: `n` records over `connections` HTTP connections; returns msg/s (first
-/// POST to the last receipt), the time until every POST was answered, and the sorted
-/// latencies.
+/// POST to the last receipt), the time until every POST was answered, the sorted
+/// latencies and the run's wall time.
 async fn through_gateway(
     port: u16,
     addr: SocketAddr,
@@ -255,7 +308,7 @@ async fn through_gateway(
     n: usize,
     connections: usize,
     batch: usize,
-) -> Result<(f64, Duration, Vec<u64>), Error> {
+) -> Result<(f64, Duration, Vec<u64>, Duration), Error> {
     let (ready_tx, ready) = tokio::sync::oneshot::channel();
     let sub = tokio::spawn(async move {
         subscriber(port, "outpost/v1/gw/gw-bench/telemetry/#", ready_tx, n).await
@@ -279,7 +332,12 @@ async fn through_gateway(
     let accepted = start.elapsed();
     let (end, mut latencies) = sub.await??;
     latencies.sort_unstable();
-    Ok((n as f64 / (end - start).as_secs_f64(), accepted, latencies))
+    Ok((
+        n as f64 / (end - start).as_secs_f64(),
+        accepted,
+        latencies,
+        end - start,
+    ))
 }
 
 #[tokio::main]
@@ -293,7 +351,7 @@ async fn main() -> Result<(), Error> {
             "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 1000000\nmax_inflight_messages 0\nuser root\n"
         ),
     )?;
-    let _broker = Killed(
+    let broker = Killed(
         Command::new("mosquitto")
             .arg("-c")
             .arg(dir.path().join("mosquitto.conf"))
@@ -318,8 +376,14 @@ async fn main() -> Result<(), Error> {
 
     // Raw Mosquitto is measured before and after the gateway (on this shared VM it varies
     // from run to run); the ratios are to the faster of the two, the conservative choice.
-    let raw_before = raw(port, args.messages).await?;
+    let raw_meter = Meter(vec![
+        ("Mosquitto", broker.0.id()),
+        ("bench", std::process::id()),
+    ]);
+    let cpu = raw_meter.snapshot();
+    let (raw_before, wall) = raw(port, args.messages).await?;
     println!("  raw Mosquitto QoS1 pub -> sub (before):   {raw_before:>10.0} msg/s");
+    println!("    {}", raw_meter.report(&cpu, args.messages, wall));
 
     // The gateway, with a device and its token in the store before it starts.
     let state = dir.path().join("state");
@@ -343,7 +407,7 @@ async fn main() -> Result<(), Error> {
             args.protocol
         ),
     )?;
-    let _gateway = Killed(
+    let gateway = Killed(
         Command::new(&args.outpost)
             .arg("--config")
             .arg(dir.path().join("outpost.toml"))
@@ -372,32 +436,44 @@ async fn main() -> Result<(), Error> {
     };
     let token = Arc::new(token);
     let n = args.messages;
+    let meter = Meter(vec![
+        ("gateway", gateway.0.id()),
+        ("Mosquitto", broker.0.id()),
+        ("bench", std::process::id()),
+    ]);
     let mut runs = Vec::new();
-    for &connections in &args.connections {
-        let (rate, accepted, latencies) =
-            through_gateway(port, addr, &token, n, connections, 1).await?;
-        runs.push((
-            format!("{connections:>3} connections: POST -> outbox (durable) -> QoS1:"),
-            rate,
-            accepted,
-            latencies,
-        ));
-    }
-    let (rate, accepted, latencies) =
-        through_gateway(port, addr, &token, n, args.batch_connections, args.batch).await?;
-    runs.push((
+    let mut plan: Vec<(String, usize, usize)> = args
+        .connections
+        .iter()
+        .map(|&c| {
+            (
+                format!("{c:>3} connections: POST -> outbox (durable) -> QoS1:"),
+                c,
+                1,
+            )
+        })
+        .collect();
+    plan.push((
         format!(
             "{:>3} connections x {} records per POST:      ",
             args.batch_connections, args.batch
         ),
-        rate,
-        accepted,
-        latencies,
+        args.batch_connections,
+        args.batch,
     ));
-    let raw_after = raw(port, args.messages).await?;
+    for (label, connections, batch) in plan {
+        let cpu = meter.snapshot();
+        let (rate, accepted, latencies, wall) =
+            through_gateway(port, addr, &token, n, connections, batch).await?;
+        let cpu = meter.report(&cpu, n, wall);
+        runs.push((label, rate, accepted, latencies, cpu));
+    }
+    let cpu = meter.snapshot();
+    let (raw_after, wall) = raw(port, args.messages).await?;
     println!("  raw Mosquitto QoS1 pub -> sub (after):    {raw_after:>10.0} msg/s");
+    println!("    {}", meter.report(&cpu, args.messages, wall));
     let raw_rate = raw_before.max(raw_after);
-    for (label, rate, accepted, latencies) in runs {
+    for (label, rate, accepted, latencies, cpu) in runs {
         println!(
             "  gateway, {label} {rate:>7.0} msg/s = {:.2}x raw  (accepted in {:.2} s; latency p50 {:.1} ms, p99 {:.1} ms)",
             rate / raw_rate,
@@ -405,6 +481,7 @@ async fn main() -> Result<(), Error> {
             percentile(&latencies, 0.5),
             percentile(&latencies, 0.99),
         );
+        println!("    {cpu}");
     }
     println!("  goals: per record >= 0.5x raw, batched >= 1.0x raw, p99 < 50 ms");
     let list: Vec<String> = args.connections.iter().map(ToString::to_string).collect();
