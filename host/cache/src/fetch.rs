@@ -73,21 +73,17 @@ pub(crate) enum AttemptError {
 
 type HttpsClient = Client<HttpsConnector<HttpConnector>, Empty<Bytes>>;
 
-/// The system's CA store plus `extra`, rustls with ring, HTTP/1.1 over TCP or TLS.
+/// The system's CA store added to `extra` (the configured CA file's, checked at start),
+/// rustls with ring, HTTP/1.1 over TCP or TLS.
 fn build_client(
-    extra: &[rustls_pki_types::CertificateDer<'static>],
+    extra: &rustls::RootCertStore,
     connect_timeout: Duration,
 ) -> Result<HttpsClient, CacheError> {
-    let mut roots = rustls::RootCertStore::empty();
+    let mut roots = extra.clone();
     let native = rustls_native_certs::load_native_certs();
     for cert in native.certs {
         // A system store can hold certificates rustls cannot use; skip those.
         let _ = roots.add(cert);
-    }
-    for cert in extra {
-        roots.add(cert.clone()).map_err(|e| {
-            CacheError::other("adding a CA certificate for", "firmware downloads", e)
-        })?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let tls = rustls::ClientConfig::builder_with_provider(provider)
@@ -115,27 +111,24 @@ fn build_client(
 #[derive(Clone)]
 pub(crate) struct Upstream {
     client: Arc<tokio::sync::OnceCell<HttpsClient>>,
-    /// The certificates of [`FetchConfig::ca_file`], read and checked at start.
-    extra_roots: Arc<[rustls_pki_types::CertificateDer<'static>]>,
+    /// The trust anchors of [`FetchConfig::ca_file`], read and checked at start.
+    extra_roots: Arc<rustls::RootCertStore>,
     config: Arc<FetchConfig>,
 }
 
 impl Upstream {
     /// Checks the configured CA file now, so a bad one stops the start with its reason.
     pub(crate) fn new(config: FetchConfig) -> Result<Self, CacheError> {
-        let mut extra = Vec::new();
+        let mut extra = rustls::RootCertStore::empty();
         if let Some(path) = &config.ca_file {
             use rustls_pki_types::pem::PemObject as _;
             let reading = |e: &dyn std::fmt::Display| CacheError::other("reading CA file", path, e);
-            let mut check = rustls::RootCertStore::empty();
             for cert in
                 rustls_pki_types::CertificateDer::pem_file_iter(path).map_err(|e| reading(&e))?
             {
-                let cert = cert.map_err(|e| reading(&e))?;
-                check
-                    .add(cert.clone())
+                extra
+                    .add(cert.map_err(|e| reading(&e))?)
                     .map_err(|e| CacheError::other("adding a CA certificate from", path, e))?;
-                extra.push(cert);
             }
             if extra.is_empty() {
                 return Err(reading(&"it holds no PEM certificate"));
@@ -143,7 +136,7 @@ impl Upstream {
         }
         Ok(Self {
             client: Arc::new(tokio::sync::OnceCell::new()),
-            extra_roots: extra.into(),
+            extra_roots: Arc::new(extra),
             config: Arc::new(config),
         })
     }
