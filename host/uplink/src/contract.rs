@@ -275,13 +275,13 @@ pub struct LobbyEvent {
 /// `telemetry/{device}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct Telemetry<B = serde_json::Value> {
+pub struct Telemetry<B = serde_json::Value, S = String> {
     /// [`schema::TELEMETRY`].
-    pub schema: String,
+    pub schema: S,
     /// De-duplication id (the cloud may see a message twice, never zero times).
-    pub message_id: String,
+    pub message_id: S,
     /// The device.
-    pub device_id: String,
+    pub device_id: S,
     /// Unix milliseconds when the gateway accepted it.
     pub received_at: i64,
     /// The device's JSON object, as posted (≤ [`MAX_TELEMETRY_BODY`] bytes); the gateway

@@ -275,23 +275,7 @@ impl Events {
     pub(crate) async fn poll(&mut self) -> Result<Event, Failure> {
         match self {
             Self::V311(events) => match events.poll().await {
-                Ok(rumqttc::Event::Incoming(packet)) => Ok(match packet {
-                    rumqttc::Incoming::ConnAck(ack) => Event::ConnAck {
-                        session_present: ack.session_present,
-                        max_packet: None,
-                    },
-                    rumqttc::Incoming::Publish(publish) => Event::Publish {
-                        topic: publish.topic,
-                        payload: publish.payload,
-                    },
-                    rumqttc::Incoming::PubAck(ack) => Event::PubAck {
-                        pkid: ack.pkid,
-                        refused: None,
-                    },
-                    rumqttc::Incoming::Disconnect => Event::Disconnect(None),
-                    _ => Event::Other,
-                }),
-                Ok(rumqttc::Event::Outgoing(outgoing)) => Ok(outgoing_event(&outgoing)),
+                Ok(event) => Ok(from_v311(event)),
                 Err(rumqttc::ConnectionError::ConnectionRefused(code)) => {
                     use rumqttc::ConnectReturnCode as C;
                     let text = format!("{code:?}");
@@ -312,25 +296,7 @@ impl Events {
                 Err(err) => Err(Failure::Other(err.to_string())),
             },
             Self::V5(events) => match events.poll().await {
-                Ok(rumqttc::v5::Event::Incoming(packet)) => Ok(match packet {
-                    v5p::Packet::ConnAck(ack) => Event::ConnAck {
-                        session_present: ack.session_present,
-                        max_packet: ack.properties.as_ref().and_then(|p| p.max_packet_size),
-                    },
-                    v5p::Packet::Publish(publish) => Event::Publish {
-                        topic: String::from_utf8_lossy(&publish.topic).into_owned(),
-                        payload: publish.payload,
-                    },
-                    v5p::Packet::PubAck(ack) => Event::PubAck {
-                        pkid: ack.pkid,
-                        refused: puback_refusal(&ack),
-                    },
-                    v5p::Packet::Disconnect(disconnect) => {
-                        Event::Disconnect(Some(disconnect_reason(&disconnect)))
-                    }
-                    _ => Event::Other,
-                }),
-                Ok(rumqttc::v5::Event::Outgoing(outgoing)) => Ok(outgoing_event(&outgoing)),
+                Ok(event) => Ok(from_v5(event)),
                 Err(rumqttc::v5::ConnectionError::ConnectionRefused(code)) => {
                     use v5p::ConnectReturnCode as C;
                     let text = format!("{code:?}");
@@ -380,6 +346,65 @@ impl Events {
                 Err(err) => Err(Failure::Other(err.to_string())),
             },
         }
+    }
+}
+
+impl Events {
+    /// The next event if rumqttc already holds it: PUBACKs arrive in bunches, and what
+    /// one read brought waits in the event loop's queue. Taking those without a new
+    /// [`poll`](Self::poll) (and the caller's `select!` around it) is cheaper, and safe:
+    /// nothing is read or written.
+    pub(crate) fn queued(&mut self) -> Option<Event> {
+        match self {
+            Self::V311(events) => events.state.events.pop_front().map(from_v311),
+            Self::V5(events) => events.state.events.pop_front().map(from_v5),
+        }
+    }
+}
+
+fn from_v311(event: rumqttc::Event) -> Event {
+    match event {
+        rumqttc::Event::Incoming(packet) => match packet {
+            rumqttc::Incoming::ConnAck(ack) => Event::ConnAck {
+                session_present: ack.session_present,
+                max_packet: None,
+            },
+            rumqttc::Incoming::Publish(publish) => Event::Publish {
+                topic: publish.topic,
+                payload: publish.payload,
+            },
+            rumqttc::Incoming::PubAck(ack) => Event::PubAck {
+                pkid: ack.pkid,
+                refused: None,
+            },
+            rumqttc::Incoming::Disconnect => Event::Disconnect(None),
+            _ => Event::Other,
+        },
+        rumqttc::Event::Outgoing(outgoing) => outgoing_event(&outgoing),
+    }
+}
+
+fn from_v5(event: rumqttc::v5::Event) -> Event {
+    match event {
+        rumqttc::v5::Event::Incoming(packet) => match packet {
+            v5p::Packet::ConnAck(ack) => Event::ConnAck {
+                session_present: ack.session_present,
+                max_packet: ack.properties.as_ref().and_then(|p| p.max_packet_size),
+            },
+            v5p::Packet::Publish(publish) => Event::Publish {
+                topic: String::from_utf8_lossy(&publish.topic).into_owned(),
+                payload: publish.payload,
+            },
+            v5p::Packet::PubAck(ack) => Event::PubAck {
+                pkid: ack.pkid,
+                refused: puback_refusal(&ack),
+            },
+            v5p::Packet::Disconnect(disconnect) => {
+                Event::Disconnect(Some(disconnect_reason(&disconnect)))
+            }
+            _ => Event::Other,
+        },
+        rumqttc::v5::Event::Outgoing(outgoing) => outgoing_event(&outgoing),
     }
 }
 

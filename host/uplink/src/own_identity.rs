@@ -410,6 +410,7 @@ impl Link<'_> {
             handed: VecDeque::new(),
             in_flight: HashMap::new(),
             acks: acks_tx,
+            counts: crate::metrics::Delivery::new(),
             next_rid: 0,
             last_get: 0,
             twin: None,
@@ -443,6 +444,7 @@ struct Conn<'a, 'b> {
     handed: VecDeque<i64>,
     in_flight: HashMap<u16, i64>,
     acks: mpsc::UnboundedSender<i64>,
+    counts: crate::metrics::Delivery,
     next_rid: u64,
     /// The newest twin GET answered.
     last_get: u64,
@@ -566,7 +568,7 @@ impl Conn<'_, '_> {
                         return Ended::Lost("the hub closed the session".into());
                     }
                     Ok(event) => {
-                        if let Some(refused) = session::track(&event, &mut self.handed, &mut self.in_flight, &self.acks) {
+                        if let Some(refused) = session::track(&event, &mut self.handed, &mut self.in_flight, &self.acks, &self.counts) {
                             return Ended::Lost(refused.why);
                         }
                     }
@@ -701,8 +703,13 @@ impl Conn<'_, '_> {
                     self.inbound(&topic, &payload).await;
                 }
                 Ok(Ok(event)) => {
-                    let _ =
-                        session::track(&event, &mut self.handed, &mut self.in_flight, &self.acks);
+                    let _ = session::track(
+                        &event,
+                        &mut self.handed,
+                        &mut self.in_flight,
+                        &self.acks,
+                        &self.counts,
+                    );
                 }
                 Ok(Err(_)) | Err(_) => break,
             }

@@ -960,6 +960,7 @@ async fn pump(
     // `in_flight` maps packet ids to seqs until the PUBACK.
     let mut handed: VecDeque<i64> = VecDeque::new();
     let mut in_flight: HashMap<u16, i64> = HashMap::new();
+    let counts = crate::metrics::Delivery::new();
     let mut cursors = [0i64; 3];
     let mut exhausted = false;
     // IoT Hub's twin requests of this connection: `get-N` and `patch-N`.
@@ -1002,6 +1003,9 @@ async fn pump(
             lock(&shared.twin_devices).reconnected();
         }
         queue_after_connect(shared).await;
+        // Registered once, not at each turn of the loop (a turn per event under load).
+        let cancelled = shutdown.cancelled();
+        tokio::pin!(cancelled);
         loop {
             let room = window.saturating_sub(in_flight.len() + handed.len());
             if !exhausted && room >= window.min(64) {
@@ -1066,8 +1070,8 @@ async fn pump(
                 continue;
             }
             tokio::select! {
-                () = shutdown.cancelled() => {
-                    let book = Book { handed: &mut handed, in_flight: &mut in_flight, acks: &acks_tx };
+                () = &mut cancelled => {
+                    let book = Book { handed: &mut handed, in_flight: &mut in_flight, acks: &acks_tx, counts: &counts };
                     sign_off(shared, client, events, dialect, &rid("patch"), book).await;
                     return Ok(());
                 }
@@ -1086,45 +1090,56 @@ async fn pump(
                         continue;
                     }
                     // Leave as at shutdown, so what arrived is not sent again.
-                    let book = Book { handed: &mut handed, in_flight: &mut in_flight, acks: &acks_tx };
+                    let book = Book { handed: &mut handed, in_flight: &mut in_flight, acks: &acks_tx, counts: &counts };
                     sign_off(shared, client, events, dialect, &rid("patch"), book).await;
                     return Err(Broken::Preferred);
                 }
-                event = events.poll() => match event {
-                    Ok(Event::AwaitAck(pkid)) => {
-                        return Err(format!("packet id {pkid} reused before its acknowledgement; reconnecting").into());
-                    }
-                    Ok(Event::Publish { topic, payload }) => match dialect {
-                        Dialect::Outpost => inbound(shared, &topic, &payload).await,
-                        Dialect::Azure { device_id, .. } => {
-                            let answer = azure_inbound(shared, device_id, &topic, &payload, &mut last_get).await;
-                            for (topic, payload) in answer.publish {
-                                publish_direct(client, &mut handed, topic, payload, false).await?;
+                event = events.poll() => {
+                    let mut event = event;
+                    loop {
+                        match event {
+                            Ok(Event::AwaitAck(pkid)) => {
+                                return Err(format!("packet id {pkid} reused before its acknowledgement; reconnecting").into());
                             }
-                            if answer.get_twin {
-                                let get = outpost_azure::topics::twin_get(&rid("get"));
-                                publish_direct(client, &mut handed, get, Vec::new(), false).await?;
+                            Ok(Event::Publish { topic, payload }) => match dialect {
+                                Dialect::Outpost => inbound(shared, &topic, &payload).await,
+                                Dialect::Azure { device_id, .. } => {
+                                    let answer = azure_inbound(shared, device_id, &topic, &payload, &mut last_get).await;
+                                    for (topic, payload) in answer.publish {
+                                        publish_direct(client, &mut handed, topic, payload, false).await?;
+                                    }
+                                    if answer.get_twin {
+                                        let get = outpost_azure::topics::twin_get(&rid("get"));
+                                        publish_direct(client, &mut handed, get, Vec::new(), false).await?;
+                                    }
+                                    // The summaries wait for the twin's answer after a connect.
+                                    publish_twin_devices(shared, client, &mut handed, &rid("devices")).await?;
+                                    if answer.reprovision {
+                                        return Err(Broken::Reprovision);
+                                    }
+                                }
+                            },
+                            Ok(Event::Disconnect(why)) => {
+                                let why = why.unwrap_or_else(|| "the broker closed the session".to_owned());
+                                return Err(why.into());
                             }
-                            // The summaries wait for the twin's answer after a connect.
-                            publish_twin_devices(shared, client, &mut handed, &rid("devices")).await?;
-                            if answer.reprovision {
-                                return Err(Broken::Reprovision);
+                            Ok(event) => {
+                                if let Some(refused) = track(&event, &mut handed, &mut in_flight, &acks_tx, &counts) {
+                                    return Err(Broken::Refused { seq: refused.seq, why: refused.why });
+                                }
+                            }
+                            Err(failure) => {
+                                return Err(format!("connection lost: {}", failure.text()).into());
                             }
                         }
-                    },
-                    Ok(Event::Disconnect(why)) => {
-                        let why = why.unwrap_or_else(|| "the broker closed the session".to_owned());
-                        return Err(why.into());
-                    }
-                    Ok(event) => {
-                        if let Some(refused) = track(&event, &mut handed, &mut in_flight, &acks_tx) {
-                            return Err(Broken::Refused { seq: refused.seq, why: refused.why });
+                        // What the same read brought (PUBACKs come in bunches) is taken
+                        // here rather than each through a new select.
+                        match events.queued() {
+                            Some(next) => event = Ok(next),
+                            None => break,
                         }
                     }
-                    Err(failure) => {
-                        return Err(format!("connection lost: {}", failure.text()).into());
-                    }
-                },
+                }
             }
         }
     }
@@ -1139,6 +1154,7 @@ struct Book<'a> {
     handed: &'a mut VecDeque<i64>,
     in_flight: &'a mut HashMap<u16, i64>,
     acks: &'a mpsc::UnboundedSender<i64>,
+    counts: &'a crate::metrics::Delivery,
 }
 
 /// Ends a connection on purpose: the offline status, DISCONNECT, and the
@@ -1159,7 +1175,7 @@ async fn sign_off(
     client.disconnect().await;
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         while let Ok(event) = events.poll().await {
-            let _ = track(&event, book.handed, book.in_flight, book.acks);
+            let _ = track(&event, book.handed, book.in_flight, book.acks, book.counts);
         }
     })
     .await;
@@ -1343,17 +1359,18 @@ pub(crate) fn track(
     handed: &mut VecDeque<i64>,
     in_flight: &mut HashMap<u16, i64>,
     acks: &mpsc::UnboundedSender<i64>,
+    counts: &crate::metrics::Delivery,
 ) -> Option<Refused> {
     match event {
         Event::Sent(pkid) => {
-            metrics::counter!(crate::metrics::PUBLISHED).increment(1);
+            counts.published.increment(1);
             if let Some(seq) = handed.pop_front() {
                 in_flight.insert(*pkid, seq);
             }
             None
         }
         Event::PubAck { pkid, refused } => {
-            metrics::counter!(crate::metrics::ACKED).increment(1);
+            counts.acked.increment(1);
             let seq = in_flight.remove(pkid);
             match refused {
                 None => {

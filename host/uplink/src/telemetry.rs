@@ -60,10 +60,10 @@ pub fn messages(
             ));
         }
     };
-    let records: Vec<(String, &RawValue)> = records
+    let records: Vec<(At, &RawValue)> = records
         .into_iter()
         .enumerate()
-        .map(|(index, record)| (format!("record {index}"), record))
+        .map(|(index, record)| (At::Record(index), record))
         .collect();
     to_messages(gateway, device_id, records, now)
 }
@@ -88,7 +88,7 @@ pub fn ndjson_messages(
         if line.trim().is_empty() {
             continue;
         }
-        let at = format!("line {}", index + 1);
+        let at = At::Line(index + 1);
         outpost_serve::json::check_depth(line.as_bytes(), outpost_serve::json::MAX_JSON_DEPTH)
             .map_err(|err| TelemetryError::Malformed(format!("{at}: {err}")))?;
         let record: &RawValue = serde_json::from_str(line).map_err(|err| {
@@ -109,11 +109,31 @@ pub fn ndjson_messages(
     to_messages(gateway, device_id, records, now)
 }
 
-/// One message per record (each named for errors: `record 3`, `line 4`).
+/// Where a record is in its body, for errors: `record 3` (from 0), `line 4` (from 1).
+#[derive(Clone, Copy)]
+enum At {
+    Record(usize),
+    Line(usize),
+}
+
+impl std::fmt::Display for At {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Record(index) => write!(f, "record {index}"),
+            Self::Line(number) => write!(f, "line {number}"),
+        }
+    }
+}
+
+/// The envelope's fixed part, in bytes, short of the ids (reserved with the record so
+/// that serialising does not grow the payload).
+const ENVELOPE: usize = 160;
+
+/// One message per record.
 fn to_messages(
     gateway: &str,
     device_id: &str,
-    records: Vec<(String, &RawValue)>,
+    records: Vec<(At, &RawValue)>,
     now: i64,
 ) -> Result<Vec<Message>, TelemetryError> {
     let topic = topics::telemetry(gateway, device_id);
@@ -131,13 +151,17 @@ fn to_messages(
             )));
         }
         let id = contract::message_id();
-        let payload = serde_json::to_vec(&contract::Telemetry {
-            schema: schema::TELEMETRY.into(),
-            message_id: id.clone(),
-            device_id: device_id.to_owned(),
-            received_at: now,
-            body: record,
-        })
+        let mut payload = Vec::with_capacity(ENVELOPE + id.len() + device_id.len() + size);
+        serde_json::to_writer(
+            &mut payload,
+            &contract::Telemetry::<_, &str> {
+                schema: schema::TELEMETRY,
+                message_id: &id,
+                device_id,
+                received_at: now,
+                body: record,
+            },
+        )
         .expect("serialisable");
         messages.push(Message {
             message_id: id,

@@ -6,7 +6,8 @@
 //! scrape comes (queue depths, the link state, rollout devices by status). Every name is
 //! listed with its meaning in docs/operations.md.
 
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock, PoisonError};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -129,10 +130,25 @@ fn describe() {
     metrics::describe_gauge!(BUILD_INFO, "Always 1; the version is a label.");
 }
 
-/// Counts one API request.
+/// Counts one API request. The handle for each route and status is looked up once and
+/// kept (routes are a fixed set, statuses a few dozen), so a request costs an increment
+/// rather than a registry lookup with its labels built.
 pub(crate) fn count_request(path: &str, status: StatusCode) {
-    metrics::counter!(API_REQUESTS, "route" => route_label(path), "status" => status.as_str().to_owned())
-        .increment(1);
+    type Counters = HashMap<(&'static str, u16), metrics::Counter>;
+    static COUNTERS: OnceLock<Mutex<Counters>> = OnceLock::new();
+    // The recorder is in place before any handle is kept (one from before counts nowhere).
+    handle();
+    let route = route_label(path);
+    let counter = COUNTERS
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .entry((route, status.as_u16()))
+        .or_insert_with(|| {
+            metrics::counter!(API_REQUESTS, "route" => route, "status" => status.as_str().to_owned())
+        })
+        .clone();
+    counter.increment(1);
 }
 
 /// `GET /metrics`.
@@ -197,8 +213,17 @@ pub(crate) async fn render(state: &ApiState) -> Result<Response<Full<Bytes>>, Ap
 
 /// The route a path belongs to, with ids replaced, so labels stay few.
 pub(crate) fn route_label(path: &str) -> &'static str {
-    let parts: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
-    match parts.as_slice() {
+    // No route has more than 7 segments; a longer path is `other` without a list built.
+    let mut parts = [""; 8];
+    let mut count = 0;
+    for part in path.trim_end_matches('/').split('/').skip(1) {
+        if count == parts.len() {
+            return "other";
+        }
+        parts[count] = part;
+        count += 1;
+    }
+    match &parts[..count] {
         [] | [""] => "/",
         ["dashboard"] => "/dashboard",
         ["healthz"] => "/healthz",
@@ -255,5 +280,10 @@ mod tests {
         assert_eq!(route_label("/metrics"), "/metrics");
         assert_eq!(route_label("/api/v1/../../etc/passwd"), "other");
         assert_eq!(route_label("/no/such/thing"), "other");
+        assert_eq!(route_label("/a/b/c/d/e/f/g/h/i"), "other");
+        assert_eq!(
+            route_label("/api/v1/devices/esp-1/telemetry/"),
+            "/api/v1/devices/{id}/telemetry"
+        );
     }
 }
