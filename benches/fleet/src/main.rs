@@ -29,16 +29,17 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
+use outpost_test_support::{free_port, unix_micros as micros};
 use serde_json::json;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -117,39 +118,6 @@ fn args() -> Result<Args, Error> {
         return Err("--faults kills a worker: give --workers 2 or more".into());
     }
     Ok(args)
-}
-
-/// A free port for one of our listeners (a node's, a gateway's), below the ephemeral range.
-///
-/// A port the kernel hands out for `bind(0)` comes from the range outgoing connections take
-/// their local ports from, and this harness makes thousands of those (devices, gateways,
-/// workers, probes): between our check and the listener's own bind, or while a killed node
-/// is down, one of them could take it (a gateway once failed to start on "address already
-/// in use"). Below the range only listeners bind; each port is handed out once per run.
-fn free_port() -> Result<u16, Error> {
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    const BASE: u32 = 10_000;
-    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
-        .unwrap_or(32_768);
-    let span = low.saturating_sub(BASE).max(1);
-    // Runs side by side (tests) start at different places.
-    let start = std::process::id().wrapping_mul(7_919) % span;
-    for _ in 0..span {
-        let offset = (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
-        let port = u16::try_from(BASE + offset)?;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return Ok(port);
-        }
-    }
-    Err(format!("no free port in {BASE}..{low}").into())
-}
-
-fn micros() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
 /// Waits until something listens on 127.0.0.1:`port`, without holding up the runtime's

@@ -22,16 +22,17 @@
 //! and the bench itself (from `/proc/PID/stat`), with how busy Mosquitto's one thread
 //! was: near 100% the broker is the limit.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
+use outpost_test_support::{free_port, unix_micros as micros};
 use rumqttc::{AsyncClient, Event, Incoming, MqttOptions, QoS};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -88,16 +89,6 @@ fn args() -> Result<Args, Error> {
         }
     }
     Ok(args)
-}
-
-fn free_port() -> Result<u16, Error> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn micros() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
 
 /// CPU time (user + system, all threads) process `pid` has used so far.

@@ -19,7 +19,6 @@ pub const OUTBOX_UNREADABLE: &str = "outpost_outbox_unreadable_rows_total";
 /// Handles to the counters every publish and PUBACK moves, taken once per connection
 /// (a `counter!` lookup per message was ~3% of the gateway's CPU under load). Take it
 /// after the process's recorder is installed: a handle from before counts nowhere.
-#[derive(Clone)]
 pub(crate) struct Delivery {
     /// [`PUBLISHED`].
     pub(crate) published: metrics::Counter,

@@ -178,6 +178,9 @@ pub struct OutboxStats {
     pub max_messages: u64,
     /// The byte limit.
     pub max_bytes: u64,
+    /// Telemetry writes waiting now for the publisher to catch up (paced: see
+    /// [`Outbox::pacing`]); each waits at most a second.
+    pub paced: u64,
 }
 
 /// Why a message was not queued.
@@ -523,18 +526,25 @@ impl Outbox {
                 self.0.fetch_sub(1, Ordering::Relaxed);
             }
         }
+        let backlogged = || {
+            let bound = self.inner.pace.load(Ordering::Relaxed);
+            bound != 0 && {
+                let mirror = self.inner.mirror.lock().expect("outbox mirror lock");
+                !mirror.behind[Priority::Telemetry as usize] && mirror.len() >= bound
+            }
+        };
+        // Most writes find no backlog: they go on without registering for a wake-up.
+        if !backlogged() {
+            return;
+        }
         let deadline = tokio::time::Instant::now() + PACE_WAIT;
         let mut counted = None;
         loop {
             let served = self.inner.served.notified();
             tokio::pin!(served);
             served.as_mut().enable();
-            let bound = self.inner.pace.load(Ordering::Relaxed);
-            let backlogged = {
-                let mirror = self.inner.mirror.lock().expect("outbox mirror lock");
-                !mirror.behind[Priority::Telemetry as usize] && mirror.len() >= bound
-            };
-            if bound == 0 || !backlogged {
+            // Looked at again once registered, so a wake-up in between is not missed.
+            if !backlogged() {
                 break;
             }
             if counted.is_none() {
@@ -838,6 +848,7 @@ impl Outbox {
             delivered: self.inner.delivered.load(Ordering::Relaxed),
             max_messages: self.inner.limits.max_messages,
             max_bytes: self.inner.limits.max_bytes,
+            paced: self.inner.paced.load(Ordering::Relaxed) as u64,
         }
     }
 

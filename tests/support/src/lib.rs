@@ -5,14 +5,58 @@
 //! `OUTPOST_BLUEZOO`). A missing part fails the test; it never skips.
 
 use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{self, Receiver};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// How long a test waits for an event: generous, for a cold debug binary on a loaded
 /// 2-core machine.
 pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// A free loopback port for one of the benches' listeners, below the ephemeral range.
+///
+/// A port the kernel hands out for `bind(0)` comes from the range outgoing connections
+/// take their local ports from, and the benches make thousands of those
+/// (devices, gateways, workers, probes): between our check and the listener's own bind,
+/// or while a killed broker is down, one of them could take it (a gateway once failed to
+/// start on "address already in use"). Below the range only listeners bind; each port is
+/// handed out once per process, and processes side by side start at different places.
+pub fn free_port() -> std::io::Result<u16> {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const BASE: u32 = 10_000;
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    if low < BASE + 1_000 {
+        // No room below the ephemeral range here: the kernel's choice, as any listener.
+        return Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port());
+    }
+    let span = low - BASE;
+    let start = std::process::id().wrapping_mul(7_919) % span;
+    for _ in 0..span {
+        let offset = (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        let port = u16::try_from(BASE + offset).map_err(std::io::Error::other)?;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(std::io::Error::new(
+        std::io::ErrorKind::AddrInUse,
+        format!("no free port in {BASE}..{low}"),
+    ))
+}
+
+/// Microseconds since the Unix epoch: the timestamps the benches put in what they send
+/// and read back across processes.
+pub fn unix_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
 
 /// The repository's root.
 pub fn repo_root() -> PathBuf {

@@ -25,6 +25,8 @@ const OUTBOX_MESSAGES: &str = "outpost_outbox_messages";
 const OUTBOX_BYTES: &str = "outpost_outbox_bytes";
 /// Messages delivered since the database was created.
 const OUTBOX_DELIVERED: &str = "outpost_outbox_delivered_total";
+/// Telemetry writes waiting now for the publisher (pacing).
+const OUTBOX_PACED: &str = "outpost_outbox_paced_writers";
 /// 1 while the uplink is connected.
 const UPLINK_UP: &str = "outpost_uplink_up";
 /// 1 for the uplink's current state.
@@ -101,6 +103,10 @@ fn describe() {
         "Messages the broker acknowledged and the outbox deleted, since the state database was created."
     );
     metrics::describe_gauge!(
+        OUTBOX_PACED,
+        "Telemetry writes waiting now (each at most 1 s) because the publisher is a window behind: devices post faster than the broker takes."
+    );
+    metrics::describe_gauge!(
         UPLINK_UP,
         "1 while the uplink is connected to its broker, else 0."
     );
@@ -165,6 +171,7 @@ pub(crate) async fn render(state: &ApiState) -> Result<Response<Full<Bytes>>, Ap
     }
     let stats = state.outbox.stats();
     metrics::counter!(OUTBOX_DELIVERED).absolute(stats.delivered);
+    metrics::gauge!(OUTBOX_PACED).set(stats.paced as f64);
 
     let current = match &state.uplink {
         None => "offline",

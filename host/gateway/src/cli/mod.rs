@@ -308,13 +308,14 @@ pub(crate) async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
                     outln!("uplink:   not configured (offline site)");
                 }
                 outln!(
-                    "outbox:   {} queued ({} bytes) of {} max; {} delivered, {} expired, {} refused",
+                    "outbox:   {} queued ({} bytes) of {} max; {} delivered, {} expired, {} refused; {} telemetry writes paced now",
                     outbox["queued"],
                     outbox["bytes"],
                     outbox["max_messages"],
                     outbox["delivered"],
                     outbox["expired"],
-                    outbox["refused"]
+                    outbox["refused"],
+                    outbox["paced"]
                 );
             }
         }

@@ -700,7 +700,7 @@ async fn telemetry_is_paced_to_a_draining_publisher_and_never_waits_longer_than_
         }
     });
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while outbox.inner.paced.load(Ordering::Relaxed) == 0 {
+    while outbox.stats().paced == 0 {
         assert!(
             std::time::Instant::now() < deadline,
             "the writer never waited"
@@ -709,6 +709,11 @@ async fn telemetry_is_paced_to_a_draining_publisher_and_never_waits_longer_than_
     }
     assert_eq!(outbox.fetch(&mut cursors, 100).await.unwrap().len(), 5);
     let waited = waiting.await.unwrap();
+    assert_eq!(
+        outbox.stats().paced,
+        0,
+        "a writer that went on is not counted"
+    );
     assert!(
         waited < PACE_WAIT,
         "waited {waited:?} after the publisher took the backlog"
