@@ -132,5 +132,14 @@ fn metrics_are_prometheus_text_that_promtool_accepts_and_count_what_happened() {
             assert!(name.ends_with("_total"), "{line}");
         }
     }
+    // The operator's view of the same: the three records queued, no write paced (no
+    // uplink, nothing to pace to).
+    let output = site.command(&["uplink", "status"]);
+    let status = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{status}");
+    assert!(
+        status.contains("outbox:   3 queued") && status.contains("0 telemetry writes paced now"),
+        "{status}"
+    );
     gateway.stop_cleanly(libc::SIGTERM, &site);
 }
