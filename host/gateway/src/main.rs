@@ -11,6 +11,7 @@ mod cli;
 mod config;
 mod daemon;
 mod logging;
+mod malloc;
 mod state_dir;
 
 use std::process::ExitCode;
@@ -19,6 +20,9 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
+    if cli.runs_the_daemon() {
+        malloc::tune();
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("outpost-worker")

@@ -67,7 +67,11 @@ fn output_with_stdin(command: &mut Command, input: &[u8]) -> Output {
 
 fn outpost() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_outpost"));
-    command.env_remove("RUST_LOG").stdin(Stdio::null());
+    command
+        .env_remove("RUST_LOG")
+        .env_remove("GLIBC_TUNABLES")
+        .env_remove("OUTPOST_MALLOC_TUNED")
+        .stdin(Stdio::null());
     command
 }
 
@@ -241,6 +245,16 @@ impl Gateway {
         kib >> 10
     }
 
+    /// The environment the gateway's program started with (after its own re-exec).
+    fn environ(&self) -> Vec<String> {
+        let bytes = std::fs::read(format!("/proc/{}/environ", self.child.id())).unwrap();
+        bytes
+            .split(|b| *b == 0)
+            .filter(|v| !v.is_empty())
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .collect()
+    }
+
     fn signal(&self, signal: libc::c_int) {
         let pid = libc::pid_t::try_from(self.child.id()).unwrap();
         #[allow(unsafe_code)]
@@ -327,6 +341,16 @@ fn run_serves_and_stops_cleanly_on_sigterm() {
     let site = Site::new("");
     let mut gateway = site.run();
     let addr = gateway.ready();
+    // The daemon re-executed itself (same pid) with glibc's malloc cache sized for bursts.
+    assert!(
+        gateway
+            .environ()
+            .contains(&"GLIBC_TUNABLES=glibc.malloc.tcache_count=1000".to_owned()),
+        "{:?}",
+        gateway.environ()
+    );
+    let comm = std::fs::read_to_string(format!("/proc/{}/comm", gateway.child.id())).unwrap();
+    assert_eq!(comm.trim(), "outpost", "the name ps and pgrep show");
 
     let (status, health) = http_get(addr, "/healthz", None);
     assert_eq!(status, 200, "{health}");
@@ -383,8 +407,15 @@ fn sigint_stops_cleanly_and_a_restart_keeps_state_and_token_quiet() {
         DeviceState::Claimed,
     )]);
 
-    let mut second = site.run();
+    // An operator's own malloc tuning is kept as it is.
+    let own = "GLIBC_TUNABLES=glibc.malloc.mxfast=0:glibc.malloc.tcache_count=7";
+    let mut second = Gateway::spawn(&site.config(), &[own.split_once('=').unwrap()]);
     let addr = second.ready();
+    // (glibc splits the value where it parses it, in the process's own copy.)
+    let environ = second.environ().join("\n");
+    assert!(environ.contains("glibc.malloc.tcache_count=7"), "{environ}");
+    assert!(!environ.contains("tcache_count=1000"), "{environ}");
+    assert!(!environ.contains("OUTPOST_MALLOC_TUNED"));
     let token = site.admin_token();
     let (status, body) = http_get(addr, "/api/v1/devices", Some(&token));
     assert_eq!(status, 200);

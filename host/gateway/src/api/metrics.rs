@@ -25,6 +25,8 @@ const OUTBOX_MESSAGES: &str = "outpost_outbox_messages";
 const OUTBOX_BYTES: &str = "outpost_outbox_bytes";
 /// Messages delivered since the database was created.
 const OUTBOX_DELIVERED: &str = "outpost_outbox_delivered_total";
+/// Outbox group commits since start.
+const OUTBOX_COMMITS: &str = "outpost_outbox_commits_total";
 /// Telemetry writes waiting now for the publisher (pacing).
 const OUTBOX_PACED: &str = "outpost_outbox_paced_writers";
 /// 1 while the uplink is connected.
@@ -102,6 +104,10 @@ fn describe() {
         OUTBOX_DELIVERED,
         "Messages the broker acknowledged and the outbox deleted, since the state database was created."
     );
+    metrics::describe_counter!(
+        OUTBOX_COMMITS,
+        "Database commits that wrote or acknowledged outbox messages, since start; each takes every write queued by then."
+    );
     metrics::describe_gauge!(
         OUTBOX_PACED,
         "Telemetry writes waiting now (each at most 1 s) because the publisher is a window behind: devices post faster than the broker takes."
@@ -171,6 +177,7 @@ pub(crate) async fn render(state: &ApiState) -> Result<Response<Full<Bytes>>, Ap
     }
     let stats = state.outbox.stats();
     metrics::counter!(OUTBOX_DELIVERED).absolute(stats.delivered);
+    metrics::counter!(OUTBOX_COMMITS).absolute(stats.commits);
     metrics::gauge!(OUTBOX_PACED).set(stats.paced as f64);
 
     let current = match &state.uplink {

@@ -200,6 +200,13 @@ pub(crate) fn quiet_on_closed_pipe(err: &anyhow::Error) -> bool {
     })
 }
 
+impl Cli {
+    /// Whether this is `outpost run`, the long-lived daemon.
+    pub(crate) fn runs_the_daemon(&self) -> bool {
+        matches!(self.command, Command::Run)
+    }
+}
+
 /// Runs the parsed command.
 pub(crate) async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {

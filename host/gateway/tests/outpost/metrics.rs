@@ -103,6 +103,8 @@ fn metrics_are_prometheus_text_that_promtool_accepts_and_count_what_happened() {
         (r#"outpost_uplink_state{state="connected"}"#, 0.0),
         ("outpost_uplink_up", 0.0),
         ("outpost_outbox_paced_writers", 0.0),
+        // The three records were one POST: one group commit.
+        ("outpost_outbox_commits_total", 1.0),
         (r#"outpost_rollout_devices{status="running"}"#, 0.0),
         ("outpost_cache_used_bytes", 0.0),
         (

@@ -251,6 +251,57 @@ async fn concurrent_writers_share_commits() {
     close(store, shutdown, writer).await;
 }
 
+#[tokio::test]
+async fn writes_ready_while_the_writer_wakes_share_its_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, outbox, shutdown, writer) = open(&dir, OutboxLimits::default()).await;
+    assert_eq!(outbox.stats().commits, 0);
+    // One write wakes the writer; 31 more become ready to run just after it (as requests
+    // whose bodies arrived together would). The writer lets them run before it commits:
+    // one commit, one sync, for all 32.
+    let go = Arc::new(Notify::new());
+    let mut tasks = Vec::new();
+    for i in 1..32 {
+        let (outbox, go) = (outbox.clone(), Arc::clone(&go));
+        tasks.push(tokio::spawn(async move {
+            go.notified().await;
+            outbox
+                .enqueue(message("t", Priority::Telemetry, &i.to_string()))
+                .await
+                .unwrap();
+        }));
+    }
+    let first = outbox.clone();
+    tasks.push(tokio::spawn(async move {
+        let write = first.enqueue(message("t", Priority::Telemetry, "0"));
+        tokio::pin!(write);
+        // Handed to the writer (now woken), then the others are let go.
+        std::future::poll_fn(|cx| {
+            assert!(write.as_mut().poll(cx).is_pending());
+            std::task::Poll::Ready(())
+        })
+        .await;
+        go.notify_waiters();
+        write.await.unwrap();
+    }));
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(outbox.stats().queued, 32);
+    assert_eq!(
+        outbox.stats().commits,
+        1,
+        "the writes that became ready took commits of their own"
+    );
+    // A write alone is committed at once (nothing else is ready): a commit of its own.
+    outbox
+        .enqueue(message("t", Priority::Telemetry, "alone"))
+        .await
+        .unwrap();
+    assert_eq!(outbox.stats().commits, 2);
+    close(store, shutdown, writer).await;
+}
+
 /// SQLite's count of write transactions on this connection is not exposed; the WAL frame
 /// count is a proxy: every commit appends at least one frame.
 async fn commit_count(store: &Store) -> i64 {
