@@ -23,7 +23,7 @@ commands:
                                 missing); bench args: --duration S --rounds N --cold N
   bench-onboard [-- --devices N] onboard N simulated devices (Security 2 + Wi-Fi + claim)
                                 over BlueZoo with the release gateway (default 100)
-  bench-uplink [-- --messages N --connections C[,C..] --protocol P] telemetry through the gateway
+  bench-uplink [-- --messages N --connections C[,C..] --protocol P --rounds R] telemetry through the gateway
                                 (API -> outbox -> Mosquitto QoS1) next to raw Mosquitto
                                 QoS1; connections default 64,128
   bench-fleet [-- --gateways N --devices N --records N --batch N --workers N --faults]

@@ -16,7 +16,10 @@
 //!    `--batch-connections` connections (default 8): each record still its own message
 //!    with its own id, committed durably as one group.
 //!
-//! Raw runs before and after the gateway; the ratios are to the faster of the two.
+//! Raw runs before and after the gateway; the ratios are to the faster of the two. With
+//! `--rounds R` the gateway runs R times, each round followed by raw again (each round's
+//! ratios against the raw runs around it), and the median ratio of each run is printed:
+//! on a shared host whose speed drifts, that says more than any one round.
 //! Prints each figure and its ratio to raw (goals: per record ≥ 0.5× raw, batched ≥ 1.0×
 //! raw, p99 < 50 ms), and for each run the CPU time per message of the gateway, Mosquitto
 //! and the bench itself (from `/proc/PID/stat`), with how busy Mosquitto's one thread
@@ -44,6 +47,7 @@ struct Args {
     batch: usize,
     batch_connections: usize,
     protocol: String,
+    rounds: usize,
 }
 
 fn args() -> Result<Args, Error> {
@@ -54,6 +58,7 @@ fn args() -> Result<Args, Error> {
         batch: 100,
         batch_connections: 8,
         protocol: "auto".into(),
+        rounds: 1,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -77,6 +82,12 @@ fn args() -> Result<Args, Error> {
                 args.batch_connections = value.parse()?;
                 if args.batch_connections == 0 {
                     return Err("--batch-connections takes a count above zero".into());
+                }
+            }
+            "--rounds" => {
+                args.rounds = value.parse()?;
+                if !(1..=9).contains(&args.rounds) {
+                    return Err("--rounds takes 1 to 9".into());
                 }
             }
             "--protocol" => {
@@ -456,7 +467,6 @@ async fn main() -> Result<(), Error> {
         ("Mosquitto", broker.0.id()),
         ("bench", std::process::id()),
     ]);
-    let mut runs = Vec::new();
     let mut plan: Vec<(String, usize, usize)> = args
         .connections
         .iter()
@@ -476,35 +486,64 @@ async fn main() -> Result<(), Error> {
         args.batch_connections,
         args.batch,
     ));
-    for (label, connections, batch) in plan {
+    // Each round runs the plan, then raw Mosquitto again: a round's ratios are to the
+    // faster of the raw runs just before and just after it (the host's speed drifts;
+    // runs close in time are the fair comparison).
+    let mut raw_rates = vec![raw_before];
+    let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); plan.len()];
+    for round in 1..=args.rounds {
+        let mut runs = Vec::new();
+        for (label, connections, batch) in &plan {
+            let cpu = meter.snapshot();
+            let (rate, accepted, latencies, wall) =
+                through_gateway(port, addr, &token, n, *connections, *batch).await?;
+            let cpu = meter.report(&cpu, n, wall);
+            runs.push((label, rate, accepted, latencies, cpu));
+        }
         let cpu = meter.snapshot();
-        let (rate, accepted, latencies, wall) =
-            through_gateway(port, addr, &token, n, connections, batch).await?;
-        let cpu = meter.report(&cpu, n, wall);
-        runs.push((label, rate, accepted, latencies, cpu));
+        let (raw_after, wall) = raw(port, args.messages).await?;
+        let when = if args.rounds == 1 {
+            "after".to_owned()
+        } else {
+            format!("after round {round}")
+        };
+        println!("  raw Mosquitto QoS1 pub -> sub ({when}):    {raw_after:>10.0} msg/s");
+        println!("    {}", meter.report(&cpu, args.messages, wall));
+        let raw_rate = raw_rates[raw_rates.len() - 1].max(raw_after);
+        raw_rates.push(raw_after);
+        for (index, (label, rate, accepted, latencies, cpu)) in runs.into_iter().enumerate() {
+            ratios[index].push(rate / raw_rate);
+            println!(
+                "  gateway, {label} {rate:>7.0} msg/s = {:.2}x raw  (accepted in {:.2} s; latency p50 {:.1} ms, p99 {:.1} ms)",
+                rate / raw_rate,
+                accepted.as_secs_f64(),
+                percentile(&latencies, 0.5),
+                percentile(&latencies, 0.99),
+            );
+            println!("    {cpu}");
+        }
     }
-    let cpu = meter.snapshot();
-    let (raw_after, wall) = raw(port, args.messages).await?;
-    println!("  raw Mosquitto QoS1 pub -> sub (after):    {raw_after:>10.0} msg/s");
-    println!("    {}", meter.report(&cpu, args.messages, wall));
-    let raw_rate = raw_before.max(raw_after);
-    for (label, rate, accepted, latencies, cpu) in runs {
-        println!(
-            "  gateway, {label} {rate:>7.0} msg/s = {:.2}x raw  (accepted in {:.2} s; latency p50 {:.1} ms, p99 {:.1} ms)",
-            rate / raw_rate,
-            accepted.as_secs_f64(),
-            percentile(&latencies, 0.5),
-            percentile(&latencies, 0.99),
-        );
-        println!("    {cpu}");
+    if args.rounds > 1 {
+        for ((label, _, _), mut ratios) in plan.iter().zip(ratios) {
+            ratios.sort_by(f64::total_cmp);
+            let shown: Vec<String> = ratios.iter().map(|r| format!("{r:.2}")).collect();
+            println!(
+                "  median of {} rounds, {}: {:.2}x raw  ({})",
+                args.rounds,
+                label.trim_end_matches(|c: char| c == ':' || c.is_whitespace()),
+                ratios[ratios.len() / 2],
+                shown.join(", ")
+            );
+        }
     }
     println!("  goals: per record >= 0.5x raw, batched >= 1.0x raw, p99 < 50 ms");
     let list: Vec<String> = args.connections.iter().map(ToString::to_string).collect();
     println!(
-        "  rerun: cargo xtask bench-uplink -- --messages {n} --connections {} --batch {} --batch-connections {}",
+        "  rerun: cargo xtask bench-uplink -- --messages {n} --connections {} --batch {} --batch-connections {} --rounds {}",
         list.join(","),
         args.batch,
-        args.batch_connections
+        args.batch_connections,
+        args.rounds
     );
     Ok(())
 }
