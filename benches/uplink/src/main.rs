@@ -531,7 +531,8 @@ async fn main() -> Result<(), Error> {
                 "  median of {} rounds, {}: {:.2}x raw  ({})",
                 args.rounds,
                 label.trim_end_matches(|c: char| c == ':' || c.is_whitespace()),
-                ratios[ratios.len() / 2],
+                // With an even count, the lower of the middle two: never the better half.
+                ratios[(ratios.len() - 1) / 2],
                 shown.join(", ")
             );
         }

@@ -1099,11 +1099,25 @@ fn with_two_brokers_the_gateway_fails_over_under_load_and_returns_to_the_first()
             assert_eq!(copy["hub"], hub, "{copy}");
         }
     }
-    let everything = cloud
-        .seen()
+    // At least once: a copy is only ever a posted record again, whole.
+    let posted_ids: HashSet<&str> = posted
         .iter()
-        .filter(|e| e["kind"] == "telemetry")
-        .count();
+        .chain(&during)
+        .chain(&after)
+        .map(String::as_str)
+        .collect();
+    let copies = cloud.seen();
+    let copies: Vec<&serde_json::Value> =
+        copies.iter().filter(|e| e["kind"] == "telemetry").collect();
+    let mut first_copy: std::collections::HashMap<&str, &serde_json::Value> =
+        std::collections::HashMap::new();
+    for copy in &copies {
+        let id = copy["messageId"].as_str().unwrap();
+        assert!(posted_ids.contains(id), "{id} was never posted: {copy}");
+        let earlier = first_copy.entry(id).or_insert(copy);
+        assert_eq!(earlier["body"], copy["body"], "two copies of {id} differ");
+    }
+    let everything = copies.len();
     println!(
         "failover: {} distinct telemetry messages, {} copies (at least once), failovers {}",
         ids.len(),
@@ -1359,13 +1373,7 @@ fn workers_on_a_shared_subscription_each_take_a_share_and_every_message_once() {
         })
         .collect();
     let site = uplink_site(&format!("broker = \"{}\"", broker.url()), "");
-    let mut gateway = Gateway::spawn(&site.config(), &[]);
-    let addr = gateway.ready();
-    let admin = site.admin_token();
-    wait_uplink(addr, &admin, "connected", |j| {
-        j["link"]["state"] == "connected"
-    });
-    let token = device_token(addr, &admin);
+    let (gateway, addr, token) = connected_gateway(&site);
     let posted = post_telemetry(addr, &token, 300, "shared");
 
     let end = Instant::now() + DEADLINE;
@@ -1400,4 +1408,113 @@ fn workers_on_a_shared_subscription_each_take_a_share_and_every_message_once() {
     assert!(shares.iter().all(|&n| n > 0), "shares {shares:?}");
     println!("shared subscription: 300 messages over 3 workers as {shares:?}");
     gateway.stop_cleanly(libc::SIGTERM, &site);
+}
+
+/// The site's gateway, started and connected to its broker: with its API address and a
+/// token for device `esp-1`.
+fn connected_gateway(site: &Site) -> (Gateway, SocketAddr, String) {
+    let mut gateway = Gateway::spawn(&site.config(), &[]);
+    let addr = gateway.ready();
+    let admin = site.admin_token();
+    wait_uplink(addr, &admin, "connected", |j| {
+        j["link"]["state"] == "connected"
+    });
+    let token = device_token(addr, &admin);
+    (gateway, addr, token)
+}
+
+/// An MQTT 5 client of the test's own on `broker` with client id `id`, once connected.
+fn mqtt5_client(broker: &Mosquitto, id: &str) -> (rumqttc::v5::Client, rumqttc::v5::Connection) {
+    let mut options = rumqttc::v5::MqttOptions::new(id, "127.0.0.1", broker.port);
+    options.set_keep_alive(Duration::from_secs(30));
+    let (client, mut connection) = rumqttc::v5::Client::new(options, 100);
+    mqtt5_event(&mut connection, "the CONNACK", |packet| {
+        matches!(packet, rumqttc::v5::mqttbytes::v5::Packet::ConnAck(_))
+    });
+    (client, connection)
+}
+
+/// The next incoming packet for which `pred` holds, within [`DEADLINE`].
+fn mqtt5_event(
+    connection: &mut rumqttc::v5::Connection,
+    what: &str,
+    pred: impl Fn(&rumqttc::v5::mqttbytes::v5::Packet) -> bool,
+) -> rumqttc::v5::mqttbytes::v5::Packet {
+    let end = Instant::now() + DEADLINE;
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        match connection.recv_timeout(left) {
+            Ok(Ok(rumqttc::v5::Event::Incoming(packet))) if pred(&packet) => return packet,
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => panic!("the test's MQTT 5 client failed before {what}: {err}"),
+            Err(err) => panic!("no {what} within {DEADLINE:?}: {err:?}"),
+        }
+    }
+}
+
+/// MQTT 5 publishes say what they carry in properties, for a backend (or a broker rule)
+/// that routes without parsing the payload: the message id and the schema as user
+/// properties, the outbox's time to live as the message expiry, JSON as the content type.
+/// Over 3.1.1 (the control) the same telemetry arrives with none of them.
+#[test]
+fn mqtt5_publishes_carry_the_message_id_schema_and_expiry_as_properties() {
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    for protocol in ["5", "3.1.1"] {
+        let broker = Mosquitto::start("");
+        let site = uplink_site(
+            &format!("broker = \"{}\"\nprotocol = \"{protocol}\"", broker.url()),
+            "ttl_secs = 600",
+        );
+        let (subscriber, mut events) = mqtt5_client(&broker, "backend");
+        subscriber
+            .subscribe(
+                "outpost/v1/gw/gw-test/telemetry/#",
+                rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            )
+            .unwrap();
+        mqtt5_event(&mut events, "the SUBACK", |p| {
+            matches!(p, Packet::SubAck(_))
+        });
+        let (gateway, addr, token) = connected_gateway(&site);
+        let ids: HashSet<String> = post_telemetry(addr, &token, 3, "properties")
+            .into_iter()
+            .collect();
+        let mut seen = HashSet::new();
+        while seen.len() < ids.len() {
+            let Packet::Publish(publish) = mqtt5_event(&mut events, "the telemetry", |p| {
+                matches!(p, Packet::Publish(_))
+            }) else {
+                unreachable!()
+            };
+            let envelope: serde_json::Value = serde_json::from_slice(&publish.payload).unwrap();
+            let id = envelope["messageId"].as_str().unwrap().to_owned();
+            assert!(ids.contains(&id), "MQTT {protocol}: {id} was not posted");
+            let properties = publish.properties.unwrap_or_default();
+            let user: Vec<(&str, &str)> = properties
+                .user_properties
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            if protocol == "5" {
+                assert_eq!(
+                    user,
+                    [
+                        ("messageId", id.as_str()),
+                        ("schema", envelope["schema"].as_str().unwrap())
+                    ],
+                    "{envelope}"
+                );
+                assert_eq!(envelope["schema"], "outpost.telemetry/1");
+                let expiry = properties.message_expiry_interval.unwrap();
+                assert!((590..=600).contains(&expiry), "expiry {expiry} s of 600");
+                assert_eq!(properties.content_type.as_deref(), Some("application/json"));
+            } else {
+                assert!(user.is_empty(), "MQTT 3.1.1 carried {user:?}");
+                assert_eq!(properties.message_expiry_interval, None);
+            }
+            seen.insert(id);
+        }
+        drop(subscriber);
+        gateway.stop_cleanly(libc::SIGTERM, &site);
+    }
 }
