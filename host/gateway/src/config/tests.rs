@@ -308,6 +308,13 @@ fn several_brokers_are_taken_in_order_and_what_is_wrong_is_said() {
     let brokers: Vec<String> = brokers.iter().map(ToString::to_string).collect();
     assert_eq!(brokers, ["mqtts://a.example:8883", "mqtt://b.example:1884"]);
     let base = "[gateway]\nid = \"gw\"\n[uplink]\n";
+    let seventeen = format!(
+        "brokers = [{}]\n",
+        (1..=17)
+            .map(|n| format!("\"mqtt://node-{n}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     for (uplink, needle) in [
         (
             "broker = \"mqtt://a\"\nbrokers = [\"mqtt://b\"]\n",
@@ -342,6 +349,7 @@ fn several_brokers_are_taken_in_order_and_what_is_wrong_is_said() {
             "brokers = []\n",
             "needs a broker, or an [uplink.registration]",
         ),
+        (seventeen.as_str(), "brokers: at most 16"),
     ] {
         let err = parse(&format!("{base}{uplink}")).unwrap_err();
         assert!(err.to_string().contains(needle), "{needle:?} not in: {err}");
@@ -425,6 +433,10 @@ fn the_azure_iot_profile_takes_dps_or_a_hub_and_says_what_is_wrong() {
         (
             "profile = \"azure-iot\"\npassword = \"x\"\n[uplink.azure]\nhub = \"h\"\nsymmetric_key = \"a2V5\"\n",
             "signs its own SAS tokens",
+        ),
+        (
+            "profile = \"azure-iot\"\nprotocol = \"5\"\n[uplink.azure]\nhub = \"h\"\nsymmetric_key = \"a2V5\"\n",
+            "IoT Hub speaks MQTT 3.1.1",
         ),
         (
             "profile = \"azure-iot\"\n[uplink.azure]\nsymmetric_key = \"a2V5\"\n",

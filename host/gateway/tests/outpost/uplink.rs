@@ -1357,6 +1357,48 @@ fn auto_speaks_3_1_1_to_a_broker_that_refuses_mqtt5() {
     gateway.stop_cleanly(libc::SIGTERM, &site);
 }
 
+/// `uplink.protocol = "5"` with a 3.1.1-only broker: it answers the MQTT 5 CONNECT in
+/// 3.1.1's words and closes, which an MQTT 5 client reads as closed before a CONNACK. The
+/// gateway keeps trying (other causes close early too), says the likely cause and what to
+/// change, and keeps the telemetry posted meanwhile.
+#[test]
+fn mqtt5_only_with_a_3_1_1_broker_says_what_to_change_and_keeps_the_telemetry() {
+    let broker = Mosquitto::start("");
+    let old = Mqtt311Only::start(broker.port);
+    let site = uplink_site(
+        &format!(
+            "broker = \"mqtt://127.0.0.1:{}\"\nprotocol = \"5\"",
+            old.port
+        ),
+        "",
+    );
+    let mut gateway = Gateway::spawn(&site.config(), &[]);
+    let addr = gateway.ready();
+    let admin = site.admin_token();
+    let status = wait_uplink(addr, &admin, "refused twice", |j| {
+        j["link"]["connect_attempts"].as_u64().unwrap_or(0) >= 2
+            && j["link"]["last_error"].is_string()
+    });
+    let why = status["link"]["last_error"].as_str().unwrap();
+    assert!(
+        why.contains("closed the connection before accepting it"),
+        "{why}"
+    );
+    assert!(
+        why.contains("uplink.protocol = \"auto\" falls back to 3.1.1"),
+        "{why}"
+    );
+    assert!(old.refused.load(std::sync::atomic::Ordering::SeqCst) >= 2);
+    let token = device_token(addr, &admin);
+    post_telemetry(addr, &token, 3, "kept");
+    let status = wait_uplink(addr, &admin, "holding the telemetry", |j| {
+        j["outbox"]["queued"] == 3
+    });
+    assert_eq!(status["link"]["state"], "connecting", "{status}");
+    assert_eq!(status["link"]["connections"], 0, "{status}");
+    gateway.stop_cleanly(libc::SIGTERM, &site);
+}
+
 /// cloud-sim as three workers on one shared subscription (`--share`,
 /// `$share/cloud/outpost/v1/gw/+/#` on Mosquitto): each telemetry message reaches exactly
 /// one of them, and each takes a share.
