@@ -761,10 +761,13 @@ async fn connect_and_pump(
                 refused[index] = Some(Ended::Fatal(why.clone()));
                 why
             }
-            Err(Failure::NoConnAck(text)) if protocol == Protocol::V5 && !auto => {
+            Err(Failure::NoConnAck(text))
+                if protocol == Protocol::V5 && !auto && spoke[index] != Some(Protocol::V5) =>
+            {
                 // A 3.1.1-only broker answers an MQTT 5 CONNECT in 3.1.1's words (a CONNACK
                 // an MQTT 5 client cannot read) and closes: it reads as closed before a
-                // CONNACK. Other causes close early too, so this is retried, with the hint.
+                // CONNACK. Other causes close early too, so this is retried, with the hint
+                // (not for a broker that spoke MQTT 5 with the gateway: one restarting).
                 format!(
                     "{broker} closed the connection before accepting it ({text}){}; a broker \
                      that does not speak MQTT 5 does so: uplink.protocol = \"auto\" falls back \

@@ -1,7 +1,7 @@
 //! The cloud uplink against a real Mosquitto (Debian package, started per test on a free
 //! loopback port) and the reference cloud (`cloud-sim`).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -1099,23 +1099,33 @@ fn with_two_brokers_the_gateway_fails_over_under_load_and_returns_to_the_first()
             assert_eq!(copy["hub"], hub, "{copy}");
         }
     }
-    // At least once: a copy is only ever a posted record again, whole.
-    let posted_ids: HashSet<&str> = posted
-        .iter()
-        .chain(&during)
-        .chain(&after)
-        .map(String::as_str)
-        .collect();
+    // At least once: a copy is only ever a posted record again, whole. Each id's record,
+    // from the order the ids were answered in (`post_telemetry` numbers records per call).
+    let mut expected: HashMap<&str, (String, u64)> = HashMap::new();
+    for (index, id) in posted.iter().enumerate() {
+        expected.insert(id, (format!("load-{}", index / 25), (index % 25) as u64));
+    }
+    for (tag, batch) in [("during", &during), ("after", &after)] {
+        for (index, id) in batch.iter().enumerate() {
+            expected.insert(id, (tag.to_owned(), index as u64));
+        }
+    }
     let copies = cloud.seen();
     let copies: Vec<&serde_json::Value> =
         copies.iter().filter(|e| e["kind"] == "telemetry").collect();
-    let mut first_copy: std::collections::HashMap<&str, &serde_json::Value> =
-        std::collections::HashMap::new();
     for copy in &copies {
-        let id = copy["messageId"].as_str().unwrap();
-        assert!(posted_ids.contains(id), "{id} was never posted: {copy}");
-        let earlier = first_copy.entry(id).or_insert(copy);
-        assert_eq!(earlier["body"], copy["body"], "two copies of {id} differ");
+        let id = copy["messageId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("a copy without a messageId: {copy}"));
+        let (tag, seq) = expected
+            .get(id)
+            .unwrap_or_else(|| panic!("{id} was never posted: {copy}"));
+        let record = &copy["body"]["body"];
+        assert_eq!(
+            (record["tag"].as_str(), record["seq"].as_u64()),
+            (Some(tag.as_str()), Some(*seq)),
+            "{id} carries another record: {copy}"
+        );
     }
     let everything = copies.len();
     println!(
@@ -1375,8 +1385,9 @@ fn mqtt5_only_with_a_3_1_1_broker_says_what_to_change_and_keeps_the_telemetry() 
     let mut gateway = Gateway::spawn(&site.config(), &[]);
     let addr = gateway.ready();
     let admin = site.admin_token();
+    // A third attempt under way: the second was refused.
     let status = wait_uplink(addr, &admin, "refused twice", |j| {
-        j["link"]["connect_attempts"].as_u64().unwrap_or(0) >= 2
+        j["link"]["connect_attempts"].as_u64().unwrap_or(0) >= 3
             && j["link"]["last_error"].is_string()
     });
     let why = status["link"]["last_error"].as_str().unwrap();
@@ -1507,6 +1518,8 @@ fn mqtt5_publishes_carry_the_message_id_schema_and_expiry_as_properties() {
             &format!("broker = \"{}\"\nprotocol = \"{protocol}\"", broker.url()),
             "ttl_secs = 600",
         );
+        let (gateway, addr, token) = connected_gateway(&site);
+        // Subscribed before anything is posted (and polled from then on).
         let (subscriber, mut events) = mqtt5_client(&broker, "backend");
         subscriber
             .subscribe(
@@ -1517,7 +1530,6 @@ fn mqtt5_publishes_carry_the_message_id_schema_and_expiry_as_properties() {
         mqtt5_event(&mut events, "the SUBACK", |p| {
             matches!(p, Packet::SubAck(_))
         });
-        let (gateway, addr, token) = connected_gateway(&site);
         let ids: HashSet<String> = post_telemetry(addr, &token, 3, "properties")
             .into_iter()
             .collect();
@@ -1553,6 +1565,7 @@ fn mqtt5_publishes_carry_the_message_id_schema_and_expiry_as_properties() {
             } else {
                 assert!(user.is_empty(), "MQTT 3.1.1 carried {user:?}");
                 assert_eq!(properties.message_expiry_interval, None);
+                assert_eq!(properties.content_type, None);
             }
             seen.insert(id);
         }
