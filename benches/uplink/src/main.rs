@@ -489,7 +489,7 @@ async fn main() -> Result<(), Error> {
     // Each round runs the plan, then raw Mosquitto again: a round's ratios are to the
     // faster of the raw runs just before and just after it (the host's speed drifts;
     // runs close in time are the fair comparison).
-    let mut raw_rates = vec![raw_before];
+    let mut raw_last = raw_before;
     let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); plan.len()];
     for round in 1..=args.rounds {
         let mut runs = Vec::new();
@@ -509,8 +509,8 @@ async fn main() -> Result<(), Error> {
         };
         println!("  raw Mosquitto QoS1 pub -> sub ({when}):    {raw_after:>10.0} msg/s");
         println!("    {}", meter.report(&cpu, args.messages, wall));
-        let raw_rate = raw_rates[raw_rates.len() - 1].max(raw_after);
-        raw_rates.push(raw_after);
+        let raw_rate = raw_last.max(raw_after);
+        raw_last = raw_after;
         for (index, (label, rate, accepted, latencies, cpu)) in runs.into_iter().enumerate() {
             ratios[index].push(rate / raw_rate);
             println!(

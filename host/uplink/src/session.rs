@@ -761,22 +761,23 @@ async fn connect_and_pump(
                 refused[index] = Some(Ended::Fatal(why.clone()));
                 why
             }
-            Err(Failure::NoConnAck(text))
-                if protocol == Protocol::V5 && !auto && spoke[index] != Some(Protocol::V5) =>
-            {
+            Err(Failure::NoConnAck(text)) => {
                 // A 3.1.1-only broker answers an MQTT 5 CONNECT in 3.1.1's words (a CONNACK
-                // an MQTT 5 client cannot read) and closes: it reads as closed before a
-                // CONNACK. Other causes close early too, so this is retried, with the hint
-                // (not for a broker that spoke MQTT 5 with the gateway: one restarting).
+                // an MQTT 5 client cannot read) and closes. Other causes close early too,
+                // so this is retried; with "5" fixed, and a broker that never spoke 5 with
+                // the gateway (not one restarting), the likely cause is said.
+                let hint = if protocol == Protocol::V5 && !auto && spoke[index] != Some(protocol) {
+                    "; a broker that does not speak MQTT 5 does so: uplink.protocol = \"auto\" \
+                     falls back to 3.1.1"
+                } else {
+                    ""
+                };
                 format!(
-                    "{broker} closed the connection before accepting it ({text}){}; a broker \
-                     that does not speak MQTT 5 does so: uplink.protocol = \"auto\" falls back \
-                     to 3.1.1",
+                    "{broker} closed the connection before accepting it ({text}){}{hint}",
                     tls_advice(&text)
                 )
             }
-            Err(failure @ (Failure::NoConnAck(_) | Failure::Other(_))) => {
-                let text = failure.text();
+            Err(Failure::Other(text)) => {
                 format!("cannot reach {broker}: {text}{}", tls_advice(&text))
             }
         };
