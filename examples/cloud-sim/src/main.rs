@@ -16,8 +16,8 @@
 //!   `command`. **Events** as JSON lines on stdout, for tests and demos.
 //! * **Scale-out**: several cloud-sim processes share a hub's load as workers
 //!   (`--worker NAME`), each gateway message handled by one of them. On an MQTT broker with
-//!   shared subscriptions (`--share GROUP`: `$share/GROUP/outpost/v1/gw/+/#`, Mosquitto,
-//!   EMQX, HiveMQ); on a NATS cluster through JetStream (`--jetstream NAME=nats://…`): the
+//!   MQTT 5 shared subscriptions (`--share GROUP`: `$share/GROUP/outpost/v1/gw/+/#` on an
+//!   MQTT 5 connection of the worker's own, Mosquitto, EMQX, HiveMQ); on a NATS cluster through JetStream (`--jetstream NAME=nats://…`): the
 //!   workers pull from one durable consumer on the stream NATS's MQTT listener stores every
 //!   QoS 1 message in before its PUBACK (`$MQTT_msgs`), acknowledging each message after
 //!   handling it, so a killed worker's unacknowledged messages go to the others
@@ -80,8 +80,9 @@ struct Args {
     /// client ids and events.
     #[arg(long, value_name = "NAME")]
     worker: Option<String>,
-    /// Subscribe to the hubs as a member of shared-subscription GROUP
-    /// (`$share/GROUP/...`, clean sessions): each message goes to one worker of the group.
+    /// Subscribe to the hubs as a member of MQTT 5 shared-subscription GROUP
+    /// (`$share/GROUP/...` on an MQTT 5 connection with no kept session; the hub's own
+    /// connection only publishes): each message goes to one worker of the group.
     #[arg(long, value_name = "GROUP")]
     share: Option<String>,
     /// Take hub NAME's gateway messages from JetStream on these NATS servers
@@ -139,6 +140,11 @@ async fn main() -> anyhow::Result<()> {
     if args.share.is_some() && !jetstream.is_empty() {
         bail!("--share and --jetstream are two ways to share the load: use one");
     }
+    if let Some(group) = &args.share
+        && (group.is_empty() || group.contains(['/', '+', '#']))
+    {
+        bail!("--share {group:?}: name the group without '/', '+' or '#'");
+    }
     if (args.share.is_some() || !jetstream.is_empty()) && args.worker.is_none() {
         // Without it every worker connects with the same client id, and the broker keeps
         // taking the connection from one to give it to the next.
@@ -155,8 +161,9 @@ async fn main() -> anyhow::Result<()> {
             Some(worker) => format!("cloud-sim-{name}-{worker}"),
             None => format!("cloud-sim-{name}"),
         };
-        // A shared-subscription member keeps no session: a persistent one would go on
-        // taking its share into a queue while the worker is dead.
+        // A worker's hub connection keeps no session: it takes in nothing (a shared
+        // subscription has a connection of its own; JetStream is pulled), and a kept one
+        // would go on queueing for a dead worker.
         let clean = args.share.is_some() || jetstream.contains_key(name);
         let (client, events) = connect(&client_id, &addr, clean);
         hubs.insert(name.to_owned(), (addr, client));
@@ -226,7 +233,20 @@ async fn main() -> anyhow::Result<()> {
     for (name, events) in loops {
         let (tx, rx) = tokio::sync::oneshot::channel();
         ready.push(rx);
-        let subscribe = !jetstream.contains_key(&name);
+        // A shared-subscription member takes in on an MQTT 5 connection of its own.
+        let subscribe = !jetstream.contains_key(&name) && cloud.args.share.is_none();
+        if let Some(group) = cloud.args.share.clone() {
+            let (share_tx, share_rx) = tokio::sync::oneshot::channel();
+            ready.push(share_rx);
+            let cloud = Arc::clone(&cloud);
+            let name = name.clone();
+            tokio::spawn(async move {
+                if let Err(err) = share_loop(&cloud, &name, &group, share_tx).await {
+                    emit(&json!({ "event": "error", "hub": name, "message": format!("{err:#}") }));
+                    std::process::exit(1);
+                }
+            });
+        }
         tokio::spawn(hub_loop(Arc::clone(&cloud), name, events, subscribe, tx));
     }
     for (name, urls) in jetstream {
@@ -304,10 +324,7 @@ async fn hub_loop(
 ) {
     let mut ready = Some(ready);
     let client = cloud.hubs[&hub].1.clone();
-    let filter = match &cloud.args.share {
-        Some(group) => format!("$share/{group}/{}/gw/+/#", contract::ROOT),
-        None => format!("{}/gw/+/#", contract::ROOT),
-    };
+    let filter = format!("{}/gw/+/#", contract::ROOT);
     loop {
         match events.poll().await {
             Ok(Event::Incoming(Incoming::ConnAck(_))) if !subscribe => {
@@ -334,6 +351,81 @@ async fn hub_loop(
                 .await;
             }
             Ok(_) => {}
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// Hub `hub`'s gateway messages as a member of MQTT 5 shared subscription `group`
+/// (`$share/GROUP/outpost/v1/gw/+/#`): the broker hands each message to one member. The
+/// member keeps no session (clean start, session expiry 0): a kept one would go on taking
+/// its share into a queue while the worker is dead. A broker that refuses the shared
+/// subscription (not MQTT 5, or shared subscriptions switched off) ends the worker with
+/// the reason. After a lost connection it connects and subscribes again.
+async fn share_loop(
+    cloud: &Arc<Cloud>,
+    hub: &str,
+    group: &str,
+    ready: tokio::sync::oneshot::Sender<()>,
+) -> anyhow::Result<()> {
+    use rumqttc::v5::mqttbytes::QoS as QoS5;
+    use rumqttc::v5::mqttbytes::v5::{Packet, SubscribeReasonCode};
+    let filter = format!("$share/{group}/{}/gw/+/#", contract::ROOT);
+    let addr = &cloud.hubs[hub].0;
+    let worker = cloud.args.worker.as_deref().unwrap_or("worker");
+    let mut options = rumqttc::v5::MqttOptions::new(
+        format!("cloud-sim-{hub}-{worker}-share"),
+        addr.host.clone(),
+        addr.port,
+    );
+    options.set_keep_alive(Duration::from_secs(10));
+    options.set_clean_start(true);
+    options.set_session_expiry_interval(Some(0));
+    options.set_max_packet_size(Some(1 << 20));
+    let (client, mut events) = rumqttc::v5::AsyncClient::new(options, 1_000);
+    let mut ready = Some(ready);
+    loop {
+        match events.poll().await {
+            Ok(rumqttc::v5::Event::Incoming(Packet::ConnAck(_))) => {
+                client
+                    .subscribe(filter.as_str(), QoS5::AtLeastOnce)
+                    .await
+                    .context("subscribing")?;
+            }
+            Ok(rumqttc::v5::Event::Incoming(Packet::SubAck(ack))) => {
+                match ack.return_codes.first() {
+                    Some(SubscribeReasonCode::Success(_)) => {}
+                    other => bail!(
+                        "the broker refused shared subscription {filter} ({other:?}): it \
+                         needs MQTT 5 shared subscriptions (Mosquitto 1.6+, EMQX, HiveMQ)"
+                    ),
+                }
+                if let Some(ready) = ready.take() {
+                    let _ = ready.send(());
+                }
+            }
+            Ok(rumqttc::v5::Event::Incoming(Packet::Publish(publish))) => {
+                let topic = String::from_utf8_lossy(&publish.topic);
+                on_hub_message(cloud, hub, &topic, &publish.payload, publish.retain).await;
+            }
+            Ok(_) => {}
+            Err(rumqttc::v5::ConnectionError::ConnectionRefused(code)) => {
+                bail!("the broker refused the shared-subscription member's connection ({code:?})")
+            }
+            // Before the first subscription took, anything but a broker not up yet is a
+            // broker that does not take MQTT 5 (a 3.1.1 one answers and closes).
+            Err(err)
+                if ready.is_some()
+                    && !matches!(&err, rumqttc::v5::ConnectionError::Io(e)
+                        if e.kind() == std::io::ErrorKind::ConnectionRefused) =>
+            {
+                bail!(
+                    "the broker did not accept the shared-subscription member's MQTT 5 \
+                     connection ({err}): --share needs an MQTT 5 broker with shared \
+                     subscriptions (Mosquitto 1.6+, EMQX, HiveMQ)"
+                )
+            }
+            // Once it took: the broker restarts; connect and subscribe again.
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }

@@ -1367,6 +1367,55 @@ fn auto_speaks_3_1_1_to_a_broker_that_refuses_mqtt5() {
     gateway.stop_cleanly(libc::SIGTERM, &site);
 }
 
+/// cloud-sim `--share` with a 3.1.1-only broker: a shared-subscription member needs MQTT 5,
+/// so the worker ends at once, saying so, rather than waiting for a share that never comes.
+#[test]
+fn a_shared_subscription_worker_on_a_3_1_1_broker_says_it_needs_mqtt5() {
+    let broker = Mosquitto::start("");
+    let old = Mqtt311Only::start(broker.port);
+    let mut worker = Command::new(cloud_sim_binary())
+        .args([
+            format!("--hub=a=mqtt://127.0.0.1:{}", old.port),
+            "--share=cloud".to_owned(),
+            "--worker=w0".to_owned(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let end = Instant::now() + DEADLINE;
+    let status = loop {
+        if let Some(status) = worker.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > end {
+            let _ = worker.kill();
+            panic!("the worker still runs after {DEADLINE:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(!status.success());
+    let mut stdout = String::new();
+    worker
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    let error: serde_json::Value = stdout
+        .lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .find(|e: &serde_json::Value| e["event"] == "error")
+        .unwrap_or_else(|| panic!("no error event: {stdout}"));
+    let message = error["message"].as_str().unwrap();
+    assert!(
+        message.contains("--share needs an MQTT 5 broker"),
+        "{message}"
+    );
+    assert!(!stdout.contains("\"ready\""), "{stdout}");
+    assert!(old.refused.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+}
+
 /// `uplink.protocol = "5"` with a 3.1.1-only broker: it answers the MQTT 5 CONNECT in
 /// 3.1.1's words and closes, which an MQTT 5 client reads as closed before a CONNACK. The
 /// gateway keeps trying (other causes close early too), says the likely cause and what to
@@ -1410,29 +1459,30 @@ fn mqtt5_only_with_a_3_1_1_broker_says_what_to_change_and_keeps_the_telemetry() 
     gateway.stop_cleanly(libc::SIGTERM, &site);
 }
 
-/// cloud-sim as three workers on one shared subscription (`--share`,
+/// cloud-sim as three workers on one MQTT 5 shared subscription (`--share`,
 /// `$share/cloud/outpost/v1/gw/+/#` on Mosquitto): each telemetry message reaches exactly
-/// one of them, and each takes a share.
+/// one of them (counted again after a later message arrived, so a late second copy would
+/// show), and each takes a share. A killed worker's share moves to the other two.
 #[test]
 fn workers_on_a_shared_subscription_each_take_a_share_and_every_message_once() {
     let broker = Mosquitto::start("");
-    let mut workers: Vec<Cloud> = (0..3)
+    let mut workers: Vec<Option<Cloud>> = (0..3)
         .map(|w| {
-            Cloud::start(&[
+            Some(Cloud::start(&[
                 format!("--hub=a={}", broker.url()),
                 "--share=cloud".to_owned(),
                 format!("--worker=w{w}"),
-            ])
+            ]))
         })
         .collect();
     let site = uplink_site(&format!("broker = \"{}\"", broker.url()), "");
     let (gateway, addr, token) = connected_gateway(&site);
-    let posted = post_telemetry(addr, &token, 300, "shared");
 
-    let end = Instant::now() + DEADLINE;
-    let copies = loop {
+    // Every telemetry message each live worker handled so far: (worker, message id).
+    let copies = |workers: &mut [Option<Cloud>]| {
         let mut copies: Vec<(usize, String)> = Vec::new();
         for (w, worker) in workers.iter_mut().enumerate() {
+            let Some(worker) = worker else { continue };
             worker.drain();
             copies.extend(
                 worker
@@ -1442,24 +1492,66 @@ fn workers_on_a_shared_subscription_each_take_a_share_and_every_message_once() {
                     .map(|e| (w, e["messageId"].as_str().unwrap().to_owned())),
             );
         }
-        let distinct: HashSet<&str> = copies.iter().map(|(_, id)| id.as_str()).collect();
-        if posted.iter().all(|id| distinct.contains(id.as_str())) {
-            break copies;
-        }
-        assert!(
-            Instant::now() < end,
-            "the workers have {} of {} messages",
-            distinct.len(),
-            posted.len()
-        );
-        std::thread::sleep(Duration::from_millis(50));
+        copies
     };
-    assert_eq!(copies.len(), posted.len(), "a message reached two workers");
-    let shares: Vec<usize> = (0..3)
-        .map(|w| copies.iter().filter(|(at, _)| *at == w).count())
-        .collect();
-    assert!(shares.iter().all(|&n| n > 0), "shares {shares:?}");
-    println!("shared subscription: 300 messages over 3 workers as {shares:?}");
+    // Waits until the workers have every one of `ids`.
+    let arrived = |workers: &mut [Option<Cloud>], ids: &[String]| {
+        let end = Instant::now() + DEADLINE;
+        loop {
+            let copies = copies(workers);
+            let distinct: HashSet<&str> = copies.iter().map(|(_, id)| id.as_str()).collect();
+            if ids.iter().all(|id| distinct.contains(id.as_str())) {
+                return;
+            }
+            assert!(
+                Instant::now() < end,
+                "the workers have {} of {} messages",
+                ids.iter()
+                    .filter(|id| distinct.contains(id.as_str()))
+                    .count(),
+                ids.len()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    // How many copies of `ids` each worker handled, once every one arrived and then a
+    // later message (a fence: a second copy would have come before it).
+    let shares = |workers: &mut [Option<Cloud>], ids: &[String], tag: &str| {
+        arrived(workers, ids);
+        let fence = post_telemetry(addr, &token, 1, &format!("{tag}-fence"));
+        arrived(workers, &fence);
+        let wanted: HashSet<&str> = ids.iter().map(String::as_str).collect();
+        let copies: Vec<(usize, String)> = copies(workers)
+            .into_iter()
+            .filter(|(_, id)| wanted.contains(id.as_str()))
+            .collect();
+        assert_eq!(
+            copies.len(),
+            ids.len(),
+            "{tag}: a message reached two workers"
+        );
+        (0..3)
+            .map(|w| copies.iter().filter(|(at, _)| *at == w).count())
+            .collect::<Vec<usize>>()
+    };
+
+    let posted = post_telemetry(addr, &token, 300, "shared");
+    let first = shares(&mut workers, &posted, "shared");
+    assert!(first.iter().all(|&n| n > 0), "shares {first:?}");
+
+    // Worker w0 dies. Its member connection is then taken over by a client of the test's
+    // own with the same id (and no subscription), so the broker has surely dropped it
+    // before more telemetry comes: its share goes to w1 and w2.
+    drop(workers[0].take());
+    drop(mqtt5_client(&broker, "cloud-sim-a-w0-share"));
+    let posted = post_telemetry(addr, &token, 300, "after");
+    let second = shares(&mut workers, &posted, "after");
+    assert_eq!(second[0], 0, "shares {second:?}");
+    assert!(second[1] > 0 && second[2] > 0, "shares {second:?}");
+    println!(
+        "shared subscription: 300 messages over 3 workers as {first:?}; \
+         300 more after w0 was killed as {second:?}"
+    );
     gateway.stop_cleanly(libc::SIGTERM, &site);
 }
 
