@@ -9,9 +9,9 @@
 //!    connections (devices) POST one telemetry record each per request (local API →
 //!    durable outbox → Mosquitto QoS 1 → the subscriber). Messages/s, and p50/p99 latency
 //!    from the POST to the subscriber's receipt. Run once per connection count in
-//!    `--connections` (default 64 and 128): each device waits for its record to be
-//!    committed before it posts the next, so the count sets how many records one group
-//!    commit can take.
+//!    `--connections` (default 128 and 256, a site's devices): each device waits for its
+//!    record to be committed before it posts the next, so the count sets how many records
+//!    one group commit can take.
 //! 3. **Batched**: the same with `--batch` records (default 100) per POST, a JSON array, over
 //!    `--batch-connections` connections (default 8): each record still its own message
 //!    with its own id, committed durably as one group.
@@ -54,7 +54,7 @@ fn args() -> Result<Args, Error> {
     let mut args = Args {
         outpost: PathBuf::from("target/release/outpost"),
         messages: 200_000,
-        connections: vec![64, 128],
+        connections: vec![128, 256],
         batch: 100,
         batch_connections: 8,
         protocol: "auto".into(),
@@ -69,7 +69,7 @@ fn args() -> Result<Args, Error> {
             "--connections" => {
                 args.connections = value.split(',').map(str::parse).collect::<Result<_, _>>()?;
                 if args.connections.is_empty() || args.connections.contains(&0) {
-                    return Err("--connections takes counts above zero, e.g. 64,128".into());
+                    return Err("--connections takes counts above zero, e.g. 128,256".into());
                 }
             }
             "--batch" => {

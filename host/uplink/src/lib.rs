@@ -4,7 +4,7 @@
 //!   `docs/cloud-contract.md` is its prose.
 //! * [`outbox`]: the durable store-and-forward queue every message for the cloud goes
 //!   through (SQLite, group commit, priorities, TTL, bounds).
-//! * [`Uplink`]: the rumqttc session that drains the outbox with QoS 1, deletes only what
+//! * [`Uplink`]: the MQTT session (our event loop on rumqttc's codec) that drains the outbox with QoS 1, deletes only what
 //!   the broker acknowledged, reconnects with backoff and jitter, stops on refused
 //!   credentials, and registers DPS-style with reprovisioning policies.
 //! * [`inbox`]: deployments from the cloud, handed durably to the rollout engine.

@@ -350,7 +350,6 @@ impl Link<'_> {
             keepalive: shared.settings.keepalive,
             inflight: u16::try_from(WINDOW + 8).unwrap_or(u16::MAX),
             max_packet: contract::MAX_PAYLOAD + 4096,
-            request_capacity: WINDOW + 16,
             credentials: Some((login.username, login.password)),
             will: None,
             tls: Some(tls.clone()),
@@ -440,7 +439,7 @@ struct Conn<'a, 'b> {
     link: &'a Link<'b>,
     client: &'a Client,
     gateway_prefix: String,
-    /// Outbox seqs of the publishes handed to rumqttc, in order (see the session's pump).
+    /// Outbox seqs of the publishes handed to the connection, in order (see the session's pump).
     handed: VecDeque<i64>,
     in_flight: HashMap<u16, i64>,
     acks: mpsc::UnboundedSender<i64>,

@@ -486,7 +486,6 @@ fn mqtt_options(
         keepalive: settings.keepalive,
         inflight: window.saturating_add(8),
         max_packet: contract::MAX_PAYLOAD + 4096,
-        request_capacity: settings.window + 64,
         credentials: None,
         will: None,
         tls: tls.cloned(),
@@ -970,8 +969,8 @@ async fn pump(
     };
     let outbox = &shared.outbox;
     let window = shared.settings.window.max(1);
-    // Every QoS 1 publish we hand to rumqttc gets its packet id in an Outgoing::Publish
-    // event, in the order handed over: `handed` holds the outbox seqs in that order,
+    // Every QoS 1 publish handed to the connection gets its packet id in an Event::Sent,
+    // in the order handed over: `handed` holds the outbox seqs in that order,
     // `in_flight` maps packet ids to seqs until the PUBACK.
     let mut handed: VecDeque<i64> = VecDeque::new();
     let mut in_flight: HashMap<u16, i64> = HashMap::new();
@@ -1113,9 +1112,6 @@ async fn pump(
                     let mut event = event;
                     loop {
                         match event {
-                            Ok(Event::AwaitAck(pkid)) => {
-                                return Err(format!("packet id {pkid} reused before its acknowledgement; reconnecting").into());
-                            }
                             Ok(Event::Publish { topic, payload }) => match dialect {
                                 Dialect::Outpost => inbound(shared, &topic, &payload).await,
                                 Dialect::Azure { device_id, .. } => {
