@@ -122,6 +122,8 @@ pub(crate) struct Events {
     conn: Option<Conn>,
     /// The connection failed or ended; it is not made again (a new client is).
     ended: bool,
+    /// Why it failed, said once the events decoded before are taken.
+    failure: Option<Failure>,
     events: VecDeque<Event>,
 }
 
@@ -149,6 +151,7 @@ pub(crate) fn client(protocol: Protocol, options: Options) -> (Client, Events) {
             queue,
             conn: None,
             ended: false,
+            failure: None,
             events: VecDeque::new(),
         },
     )
@@ -307,8 +310,15 @@ struct Conn {
     max_in: usize,
     keepalive: Duration,
     last_out: Instant,
+    /// When the broker last sent anything.
+    last_in: Instant,
     /// A PINGREQ unanswered since.
     ping_since: Option<Instant>,
+    /// When what is in `output` must be written by (set when it starts, kept across a
+    /// cancelled poll, so a broker that stops reading is noticed within the timeout).
+    write_by: Option<Instant>,
+    /// DISCONNECT is encoded: nothing more is taken or sent after it.
+    closing: bool,
 }
 
 impl Conn {
@@ -349,6 +359,10 @@ impl Conn {
     /// Writes what is encoded, with one flush. Cancel-safe: what is not yet written
     /// stays in `output`.
     async fn write_out(&mut self) -> Result<(), Failure> {
+        let deadline = *self
+            .write_by
+            .get_or_insert_with(|| Instant::now() + NETWORK_TIMEOUT);
+        let pending = self.output.len();
         let write = async {
             while !self.output.is_empty() {
                 let n = self.stream.write(&self.output).await?;
@@ -359,24 +373,37 @@ impl Conn {
             }
             self.stream.flush().await
         };
-        match tokio::time::timeout(NETWORK_TIMEOUT, write).await {
+        match tokio::time::timeout_at(deadline, write).await {
             Ok(Ok(())) => {
                 self.last_out = Instant::now();
+                self.write_by = None;
+                if self.closing {
+                    // MQTT: after DISCONNECT the client closes the connection. The
+                    // broker's last PUBACKs may still come; the read ends at its close.
+                    let _ = self.stream.shutdown().await;
+                }
                 Ok(())
             }
             Ok(Err(err)) => Err(Failure::Other(format!("writing to the broker: {err}"))),
             Err(_) => Err(Failure::Other(format!(
-                "the broker took nothing for {NETWORK_TIMEOUT:?}"
+                "could not write {pending} bytes to the broker within {NETWORK_TIMEOUT:?}"
             ))),
         }
     }
 
-    /// When the keep-alive wants something: a PINGREQ due, or the broker's answer overdue.
+    /// When the keep-alive wants something: the broker's answer to a PINGREQ overdue, or
+    /// a PINGREQ due because either direction was quiet for a keep-alive (MQTT asks for
+    /// one when we sent nothing; one when the broker sent nothing finds a half-open link
+    /// that our writes alone would not, as they land in the kernel's buffer).
     fn keepalive_at(&self) -> Option<Instant> {
-        if self.keepalive.is_zero() {
+        if self.keepalive.is_zero() || self.closing {
             return None;
         }
-        Some(self.ping_since.unwrap_or(self.last_out) + self.keepalive)
+        Some(
+            self.ping_since
+                .unwrap_or_else(|| self.last_out.min(self.last_in))
+                + self.keepalive,
+        )
     }
 }
 
@@ -399,7 +426,10 @@ impl Events {
             return Ok(event);
         }
         if self.ended {
-            return Err(Failure::Other("the connection has ended".to_owned()));
+            return Err(self
+                .failure
+                .take()
+                .unwrap_or_else(|| Failure::Other("the connection has ended".to_owned())));
         }
         let result = match self.conn.as_mut() {
             None => match connect(self.protocol, &self.options).await {
@@ -411,11 +441,22 @@ impl Events {
             },
             Some(conn) => turn(self.protocol, conn, &self.queue, &mut self.events).await,
         };
-        if result.is_err() {
-            self.ended = true;
-            self.conn = None;
+        match result {
+            Err(failure) => {
+                self.ended = true;
+                self.conn = None;
+                // What the broker said before the failure (its PUBACKs, its DISCONNECT
+                // and the reason) comes first; the failure after it.
+                match self.events.pop_front() {
+                    Some(event) => {
+                        self.failure = Some(failure);
+                        Ok(event)
+                    }
+                    None => Err(failure),
+                }
+            }
+            ok => ok,
         }
-        result
     }
 
     /// The next event if the connection already holds it: PUBACKs arrive in bunches,
@@ -529,9 +570,24 @@ async fn connect(protocol: Protocol, options: &Options) -> Result<(Conn, Event),
         max_in: options.max_packet,
         keepalive: options.keepalive,
         last_out: Instant::now(),
+        last_in: Instant::now(),
         ping_since: None,
+        write_by: None,
+        closing: false,
     };
-    conn.write_out().await?;
+    // As a broker that closes at once (one that does not speak this version) may.
+    match tokio::time::timeout(NETWORK_TIMEOUT, conn.stream.write_all(&conn.output)).await {
+        Ok(Ok(())) => conn.output.clear(),
+        Ok(Err(err)) if closed_early(&err) => {
+            return Err(Failure::NoConnAck(format!("I/O: {err}")));
+        }
+        Ok(Err(err)) => return Err(no_connack(format!("I/O: {err}"))),
+        Err(_) => {
+            return Err(Failure::Other(format!(
+                "could not send CONNECT within {NETWORK_TIMEOUT:?}"
+            )));
+        }
+    }
     let ack = tokio::time::timeout(NETWORK_TIMEOUT, async {
         loop {
             match decode(protocol, &mut conn.input, conn.max_in) {
@@ -636,11 +692,27 @@ fn decode(
         Protocol::V311 => match v4p::Packet::read(input, max) {
             Ok(packet) => Ok(Some(Incoming::V311(packet))),
             Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
+            Err(rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(size)) => Err(format!(
+                "the broker sent a packet of {size} bytes, over the gateway's limit of {max}"
+            )),
             Err(err) => Err(format!("the broker sent what is not MQTT 3.1.1: {err}")),
         },
+        // MQTT 5 lets a DISCONNECT with reason 0 leave out its reason and properties;
+        // rumqttc's codec wants them.
+        Protocol::V5 if input.starts_with(&[0xe0, 0x00]) => {
+            input.advance(2);
+            Ok(Some(Incoming::V5(v5p::Packet::Disconnect(
+                v5p::Disconnect::new(v5p::DisconnectReasonCode::NormalDisconnection),
+            ))))
+        }
         Protocol::V5 => match v5p::Packet::read(input, u32::try_from(max).ok()) {
             Ok(packet) => Ok(Some(Incoming::V5(packet))),
             Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
+            Err(rumqttc::v5::mqttbytes::Error::PayloadSizeLimitExceeded {
+                pkt_size: size, ..
+            }) => Err(format!(
+                "the broker sent a packet of {size} bytes, over the gateway's limit of {max}"
+            )),
             Err(err) => Err(format!("the broker sent what is not MQTT 5: {err}")),
         },
     }
@@ -678,9 +750,11 @@ async fn turn(
             conn.input.reserve(8 * 1024);
         }
         tokio::select! {
+            // What arrived first: a PINGRESP waiting to be read must not lose to the timer.
+            biased;
             read = conn.stream.read_buf(&mut conn.input) => match read {
                 Ok(0) => return Err(Failure::Other("the broker closed the connection".to_owned())),
-                Ok(_) => {}
+                Ok(_) => conn.last_in = Instant::now(),
                 Err(err) => return Err(Failure::Other(format!("I/O: {err}"))),
             },
             () = queue.wake.notified() => {}
@@ -723,7 +797,14 @@ fn take_requests(
     let mut requests = lock(&queue.requests);
     // Up to a write's worth at a time: a whole window at once would only grow the buffer
     // (it keeps its size) without saving more syscalls worth having.
-    while conn.in_flight < conn.limit && conn.output.len() < WRITE_BATCH {
+    while !conn.closing && conn.output.len() < WRITE_BATCH {
+        // DISCONNECT takes no packet id: next in the queue, it needs no room in flight.
+        match requests.front() {
+            None => break,
+            Some(Request::Disconnect) => {}
+            Some(_) if conn.in_flight >= conn.limit => break,
+            Some(_) => {}
+        }
         let Some(request) = requests.pop_front() else {
             break;
         };
@@ -782,20 +863,23 @@ fn take_requests(
                     }
                 }
             }
-            Request::Disconnect => match protocol {
-                Protocol::V311 => v4p::Packet::Disconnect
-                    .write(&mut conn.output, usize::MAX)
+            Request::Disconnect => {
+                conn.closing = true;
+                match protocol {
+                    Protocol::V311 => v4p::Packet::Disconnect
+                        .write(&mut conn.output, usize::MAX)
+                        .map_err(|e| e.to_string()),
+                    Protocol::V5 => v5p::Packet::Disconnect(v5p::Disconnect::new(
+                        v5p::DisconnectReasonCode::NormalDisconnection,
+                    ))
+                    .write(&mut conn.output, None)
                     .map_err(|e| e.to_string()),
-                Protocol::V5 => v5p::Packet::Disconnect(v5p::Disconnect::new(
-                    v5p::DisconnectReasonCode::NormalDisconnection,
-                ))
-                .write(&mut conn.output, None)
-                .map_err(|e| e.to_string()),
-            },
+                }
+            }
         };
         written.map_err(|e| Failure::Other(format!("a request cannot be sent: {e}")))?;
     }
-    Ok(conn.in_flight < conn.limit && !requests.is_empty())
+    Ok(!conn.closing && conn.in_flight < conn.limit && !requests.is_empty())
 }
 
 /// Takes one packet from the broker: acknowledgements free their packet ids, a
@@ -824,7 +908,8 @@ fn incoming(
                         Some(v4p::Packet::PubRec(v4p::PubRec::new(publish.pkid)))
                     }
                 };
-                if let Some(ack) = ack {
+                // Nothing goes after our DISCONNECT.
+                if let Some(ack) = ack.filter(|_| !conn.closing) {
                     let _ = ack.write(&mut conn.output, usize::MAX);
                 }
                 events.push_back(Event::Publish {
@@ -832,7 +917,7 @@ fn incoming(
                     payload: publish.payload,
                 });
             }
-            v4p::Packet::PubRel(rel) => {
+            v4p::Packet::PubRel(rel) if !conn.closing => {
                 let _ = v4p::Packet::PubComp(v4p::PubComp::new(rel.pkid))
                     .write(&mut conn.output, usize::MAX);
             }
@@ -847,6 +932,7 @@ fn incoming(
                 }
                 events.push_back(Event::Other);
             }
+            v4p::Packet::PubRel(_) => {}
             v4p::Packet::PingResp => conn.ping_since = None,
             v4p::Packet::Disconnect => events.push_back(Event::Disconnect(None)),
             other => {
@@ -874,7 +960,7 @@ fn incoming(
                         Some(v5p::Packet::PubRec(v5p::PubRec::new(publish.pkid, None)))
                     }
                 };
-                if let Some(ack) = ack {
+                if let Some(ack) = ack.filter(|_| !conn.closing) {
                     let _ = ack.write(&mut conn.output, None);
                 }
                 events.push_back(Event::Publish {
@@ -882,7 +968,7 @@ fn incoming(
                     payload: publish.payload,
                 });
             }
-            v5p::Packet::PubRel(rel) => {
+            v5p::Packet::PubRel(rel) if !conn.closing => {
                 let _ = v5p::Packet::PubComp(v5p::PubComp::new(rel.pkid, None))
                     .write(&mut conn.output, None);
             }
@@ -897,6 +983,7 @@ fn incoming(
                 }
                 events.push_back(Event::Other);
             }
+            v5p::Packet::PubRel(_) => {}
             v5p::Packet::PingResp(_) => conn.ping_since = None,
             v5p::Packet::Disconnect(disconnect) => {
                 events.push_back(Event::Disconnect(Some(disconnect_reason(&disconnect))));
@@ -1038,6 +1125,14 @@ mod tests {
 
         async fn read(&mut self) -> v5p::Packet {
             loop {
+                // A DISCONNECT with reason 0 may be two bytes (rumqttc writes it so and
+                // its reader refuses it), as in `decode`.
+                if self.input.starts_with(&[0xe0, 0x00]) {
+                    self.input.advance(2);
+                    return v5p::Packet::Disconnect(v5p::Disconnect::new(
+                        v5p::DisconnectReasonCode::NormalDisconnection,
+                    ));
+                }
                 match v5p::Packet::read(&mut self.input, None) {
                     Ok(packet) => return packet,
                     Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => {}
@@ -1254,6 +1349,112 @@ mod tests {
             start.elapsed()
         );
         drop(broker.await.unwrap());
+    }
+
+    /// A broker that takes our publishes but never answers (a half-open link: the writes
+    /// land in the kernel's buffer) is pinged although we keep writing, and left when the
+    /// ping goes unanswered.
+    #[tokio::test]
+    async fn a_broker_that_stops_answering_is_pinged_while_we_write_and_left() {
+        let (listener, port) = listener().await;
+        let (client, mut events) = client(Protocol::V5, options(port, Duration::from_secs(1)));
+        let broker = tokio::spawn(async move {
+            let mut broker = Broker::accept(&listener).await;
+            broker.connack(None).await;
+            // Reads all, answers nothing, until a PINGREQ comes.
+            let mut publishes = 0;
+            loop {
+                match broker.read().await {
+                    v5p::Packet::Publish(_) => publishes += 1,
+                    v5p::Packet::PingReq(_) => return (broker, publishes),
+                    other => panic!("{other:?}"),
+                }
+            }
+        });
+        assert!(matches!(events.poll().await, Ok(Event::ConnAck { .. })));
+        let start = Instant::now();
+        // A publish every 200 ms: never a keep-alive without a write.
+        let writer = tokio::spawn(async move {
+            for n in 0..50 {
+                if publish(&client, n).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        let failure = loop {
+            match events.poll().await {
+                Ok(Event::Sent(_)) => {}
+                Ok(other) => panic!("{other:?}"),
+                Err(failure) => break failure.text(),
+            }
+        };
+        assert!(failure.contains("did not answer a ping"), "{failure}");
+        let (_broker, publishes) = broker.await.unwrap();
+        assert!(publishes >= 3, "{publishes} publishes before the ping");
+        assert!(
+            start.elapsed() < Duration::from_secs(4),
+            "{:?}",
+            start.elapsed()
+        );
+        writer.abort();
+    }
+
+    /// DISCONNECT goes after what was queued before it (the offline status the session
+    /// sends first) but needs no room in flight; nothing follows it, and the client closes
+    /// its side. What the broker says as it goes (here MQTT 5's two-byte DISCONNECT, which
+    /// leaves out its reason) comes before the end.
+    #[tokio::test]
+    async fn disconnect_goes_at_once_and_ends_the_connection() {
+        let (listener, port) = listener().await;
+        let mut small = options(port, Duration::from_secs(30));
+        small.inflight = 1;
+        let (client, mut events) = client(Protocol::V5, small);
+        let broker = tokio::spawn(async move {
+            let mut broker = Broker::accept(&listener).await;
+            broker.connack(None).await;
+            let v5p::Packet::Publish(first) = broker.read().await else {
+                panic!("not a publish")
+            };
+            broker
+                .write(v5p::Packet::PubAck(v5p::PubAck::new(first.pkid, None)))
+                .await;
+            assert!(matches!(broker.read().await, v5p::Packet::Publish(_)));
+            // The second is not acknowledged: the DISCONNECT comes all the same.
+            let v5p::Packet::Disconnect(disconnect) = broker.read().await else {
+                panic!("not a DISCONNECT")
+            };
+            assert_eq!(
+                disconnect.reason_code,
+                v5p::DisconnectReasonCode::NormalDisconnection
+            );
+            // The client closed its side: nothing more comes.
+            let mut rest = Vec::new();
+            broker.stream.read_to_end(&mut rest).await.unwrap();
+            assert!(rest.is_empty(), "{rest:?}");
+            broker.stream.write_all(&[0xe0, 0x00]).await.unwrap();
+        });
+        assert!(matches!(events.poll().await, Ok(Event::ConnAck { .. })));
+        publish(&client, 1).await.unwrap();
+        publish(&client, 2).await.unwrap();
+        client.disconnect().await;
+        let mut seen = Vec::new();
+        let why = loop {
+            match events.poll().await {
+                Ok(Event::Disconnect(why)) => break why,
+                Ok(event) => seen.push(format!("{event:?}")),
+                Err(failure) => panic!("{seen:?} then {}", failure.text()),
+            }
+        };
+        assert_eq!(seen.len(), 3, "{seen:?}");
+        match Ok::<_, ()>(Event::Disconnect(why)) {
+            Ok(Event::Disconnect(Some(why))) => {
+                assert!(why.contains("NormalDisconnection"), "{why}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(events.poll().await.is_err());
+        broker.await.unwrap();
     }
 
     /// The refusals a CONNACK can carry, sorted as the session needs them.
