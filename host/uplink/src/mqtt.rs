@@ -119,12 +119,18 @@ pub(crate) struct Events {
     protocol: Protocol,
     options: Options,
     queue: Arc<Queue>,
-    conn: Option<Conn>,
-    /// The connection failed or ended; it is not made again (a new client is).
-    ended: bool,
-    /// Why it failed, said once the events decoded before are taken.
-    failure: Option<Failure>,
+    state: State,
     events: VecDeque<Event>,
+}
+
+/// Where a connection is in its one life.
+enum State {
+    /// Made by the first poll.
+    New,
+    Live(Box<Conn>),
+    /// Failed or ended: not made again (a new client is). Why, once the events decoded
+    /// before it are taken.
+    Ended(Option<Failure>),
 }
 
 impl Drop for Events {
@@ -149,9 +155,7 @@ pub(crate) fn client(protocol: Protocol, options: Options) -> (Client, Events) {
             protocol,
             options,
             queue,
-            conn: None,
-            ended: false,
-            failure: None,
+            state: State::New,
             events: VecDeque::new(),
         },
     )
@@ -334,26 +338,18 @@ impl Conn {
         }
     }
 
-    /// Frees `pkid`; false if it was not in use (an acknowledgement nobody asked for).
-    fn release(&mut self, pkid: u16) -> bool {
+    /// Frees the packet id the broker acknowledged; one not in use (never sent, or
+    /// acknowledged already) breaks the protocol.
+    fn acknowledged(&mut self, pkid: u16, what: &str) -> Result<(), Failure> {
         let (word, bit) = (usize::from(pkid) / 64, pkid % 64);
         if pkid == 0 || self.in_use[word] & (1 << bit) == 0 {
-            return false;
+            return Err(Failure::Other(format!(
+                "the broker acknowledged {what} {pkid}, which was not sent"
+            )));
         }
         self.in_use[word] &= !(1 << bit);
         self.in_flight -= 1;
-        true
-    }
-
-    /// Frees the packet id the broker acknowledged; one never sent breaks the protocol.
-    fn acknowledged(&mut self, pkid: u16, what: &str) -> Result<(), Failure> {
-        if self.release(pkid) {
-            Ok(())
-        } else {
-            Err(Failure::Other(format!(
-                "the broker acknowledged {what} {pkid}, which was not sent"
-            )))
-        }
+        Ok(())
     }
 
     /// Writes what is encoded, with one flush. Cancel-safe: what is not yet written
@@ -425,37 +421,36 @@ impl Events {
         if let Some(event) = self.events.pop_front() {
             return Ok(event);
         }
-        if self.ended {
-            return Err(self
-                .failure
-                .take()
-                .unwrap_or_else(|| Failure::Other("the connection has ended".to_owned())));
-        }
-        let result = match self.conn.as_mut() {
-            None => match connect(self.protocol, &self.options).await {
+        let result = match &mut self.state {
+            State::Ended(failure) => {
+                return Err(failure
+                    .take()
+                    .unwrap_or_else(|| Failure::Other("the connection has ended".to_owned())));
+            }
+            State::New => match connect(self.protocol, &self.options).await {
                 Ok((conn, event)) => {
-                    self.conn = Some(conn);
+                    self.state = State::Live(Box::new(conn));
                     Ok(event)
                 }
                 Err(failure) => Err(failure),
             },
-            Some(conn) => turn(self.protocol, conn, &self.queue, &mut self.events).await,
+            State::Live(conn) => turn(self.protocol, conn, &self.queue, &mut self.events).await,
         };
-        match result {
-            Err(failure) => {
-                self.ended = true;
-                self.conn = None;
-                // What the broker said before the failure (its PUBACKs, its DISCONNECT
-                // and the reason) comes first; the failure after it.
-                match self.events.pop_front() {
-                    Some(event) => {
-                        self.failure = Some(failure);
-                        Ok(event)
-                    }
-                    None => Err(failure),
-                }
+        let failure = match result {
+            Ok(event) => return Ok(event),
+            Err(failure) => failure,
+        };
+        // What the broker said before the failure (its PUBACKs, its DISCONNECT and the
+        // reason) comes first; the failure after it.
+        match self.events.pop_front() {
+            Some(event) => {
+                self.state = State::Ended(Some(failure));
+                Ok(event)
             }
-            ok => ok,
+            None => {
+                self.state = State::Ended(None);
+                Err(failure)
+            }
         }
     }
 
@@ -1125,18 +1120,13 @@ mod tests {
 
         async fn read(&mut self) -> v5p::Packet {
             loop {
-                // A DISCONNECT with reason 0 may be two bytes (rumqttc writes it so and
-                // its reader refuses it), as in `decode`.
-                if self.input.starts_with(&[0xe0, 0x00]) {
-                    self.input.advance(2);
-                    return v5p::Packet::Disconnect(v5p::Disconnect::new(
-                        v5p::DisconnectReasonCode::NormalDisconnection,
-                    ));
-                }
-                match v5p::Packet::read(&mut self.input, None) {
-                    Ok(packet) => return packet,
-                    Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => {}
-                    Err(err) => panic!("the client sent what is not MQTT 5: {err}"),
+                // The client's own reader: it also takes the two-byte DISCONNECT that
+                // rumqttc writes and its reader refuses.
+                match decode(Protocol::V5, &mut self.input, usize::MAX) {
+                    Ok(Some(Incoming::V5(packet))) => return packet,
+                    Ok(Some(Incoming::V311(_))) => unreachable!("read as MQTT 5"),
+                    Ok(None) => {}
+                    Err(err) => panic!("the client sent {err}"),
                 }
                 let n = self.stream.read_buf(&mut self.input).await.unwrap();
                 assert!(n > 0, "the client closed the connection");
